@@ -1,0 +1,1 @@
+"""Agent presets (YAML data, shipped as package data)."""

@@ -1,0 +1,1 @@
+"""Environment presets (YAML data, shipped as package data)."""

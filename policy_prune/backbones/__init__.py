@@ -1,0 +1,104 @@
+"""Frozen-backbone adapters and ``load_backbone``.
+
+A spec is one of:
+- an ``nn.Module`` already in memory (timm VisionTransformer or Hugging Face encoder),
+- ``"timm:<name>"`` or a bare timm model name (``vit_small_patch16_224``), with an optional checkpoint,
+- ``"hf:<id or folder>"`` or a local folder holding a transformers ``config.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from policy_prune.backbones.base import KeepFn, TokenBackbone, TokenState
+from policy_prune.backbones.hf import HFEncoderBackbone
+from policy_prune.backbones.timm_vit import TimmViTBackbone
+from policy_prune.errors import UserError
+
+BACKBONES: dict[str, type[TokenBackbone]] = {
+    TimmViTBackbone.family: TimmViTBackbone,
+    HFEncoderBackbone.family: HFEncoderBackbone,
+}
+
+__all__ = [
+    "BACKBONES",
+    "HFEncoderBackbone",
+    "KeepFn",
+    "TimmViTBackbone",
+    "TokenBackbone",
+    "TokenState",
+    "adapt",
+    "load_backbone",
+]
+
+
+def adapt(model: nn.Module, **kwargs: Any) -> TokenBackbone:
+    """Wrap an in-memory model with the adapter of its family (the model is not modified)."""
+    if isinstance(model, TokenBackbone):
+        return model
+    from timm.models.vision_transformer import VisionTransformer
+
+    if isinstance(model, VisionTransformer):
+        return TimmViTBackbone(model, **kwargs)
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        PreTrainedModel = ()  # type: ignore[assignment,misc]
+    if isinstance(model, PreTrainedModel):
+        return HFEncoderBackbone(model, **kwargs)
+    raise TypeError(f"no token-pruning adapter for {type(model).__name__}: expected a timm ViT or HF encoder")
+
+
+def load_backbone(
+    spec: str | nn.Module,
+    checkpoint: str | Path | None = None,
+    pretrained: bool = False,
+    **model_kwargs: Any,
+) -> TokenBackbone:
+    """Load a frozen backbone from a spec (see module docstring); it is returned in eval mode.
+
+    ``pretrained=True`` lets timm fetch hub weights (users only; nothing in the tests downloads).
+    ``checkpoint`` is a local timm state dict (safetensors or torch file) loaded into the model.
+    """
+    if isinstance(spec, nn.Module):
+        return adapt(spec)
+    pooling = model_kwargs.pop("pooling", None)
+    hf_kwargs = {} if pooling is None else {"pooling": pooling}
+    if spec.startswith("hf:") or (Path(spec).is_dir() and (Path(spec) / "config.json").exists()):
+        model = _load_hf(spec.removeprefix("hf:"))
+        return HFEncoderBackbone(model.eval().requires_grad_(False), name=spec.removeprefix("hf:"), **hf_kwargs)
+    name = spec.removeprefix("timm:")
+    import timm
+
+    if not timm.is_model(name):
+        raise UserError(f"unknown backbone {spec!r}: not a timm model name, 'hf:<id>' or a model folder")
+    model = timm.create_model(name, pretrained=pretrained, **model_kwargs)
+    if checkpoint is not None:
+        model.load_state_dict(_read_state_dict(Path(checkpoint)))
+    return TimmViTBackbone(model.eval().requires_grad_(False), name=name)
+
+
+def _load_hf(name_or_path: str) -> nn.Module:
+    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+
+    config = AutoConfig.from_pretrained(name_or_path)
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForImageClassification") for a in archs):
+        return AutoModelForImageClassification.from_pretrained(name_or_path)
+    return AutoModel.from_pretrained(name_or_path)
+
+
+def _read_state_dict(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise UserError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    import torch
+
+    # weights_only refuses arbitrary pickled objects: loading a checkpoint never runs foreign code.
+    return torch.load(path, map_location="cpu", weights_only=True)

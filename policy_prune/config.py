@@ -1,0 +1,229 @@
+"""Dataclass configs, one per concern, and strict YAML presets.
+
+An env preset (``envs/*.yaml``) fills :class:`EnvConfig`; an agent preset (``agents/*.yaml``) fills
+:class:`AgentConfig`. Unknown keys are user errors (:class:`ConfigError`), never silently ignored.
+The whole resolved config is what a run writes to ``config.yaml`` and logs to W&B.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from policy_prune.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A user mistake in a preset, a --set override or a flag: reported in one line, exit code 2."""
+
+
+@dataclass
+class BackboneConfig:
+    """Which frozen model to prune."""
+
+    spec: str = "digits-vit"
+    """"digits-vit" (embedded, pretrained on first use), a timm name, "hf:<id>" or a model folder."""
+    checkpoint: str | None = None
+    """Local timm state dict (safetensors or torch file) to load into ``spec``."""
+    pretrained: bool = False
+    """Let timm download hub weights for ``spec`` (users only; needs network)."""
+    pooling: str | None = None
+    """HF text encoders: "mean" (sentence-transformers style, default) or "cls"."""
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for ``timm.create_model`` (e.g. num_classes, img_size)."""
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from."""
+
+    dataset: str = "digits-cluttered"
+    """Registry name ("digits-cluttered", "python-docs"), "imagefolder:<path>" or "hf:<name>[:<config>][:<split>]"."""
+    image_size: int | None = None
+    """Resize images to this square size (image folders / HF image datasets); None keeps the model's size."""
+    text_column: str = "text"
+    """Column holding the text of an HF dataset."""
+    image_column: str = "image"
+    """Column holding the image of an HF dataset."""
+    label_column: str | None = "label"
+    """Column holding integer labels (None: the dataset has no labels)."""
+    max_length: int = 128
+    """Tokenizer truncation length for text."""
+    max_samples: int | None = None
+    """Cap on samples per split (None: all)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Dataset-specific options (e.g. canvas size and clutter for digits-cluttered)."""
+
+
+@dataclass
+class RewardConfig:
+    """Reward = task term - lam * FLOPs fraction."""
+
+    task: str = "teacher_kl"
+    """Task term: teacher_kl, teacher_agree, label_ce, label_acc or cosine."""
+    lam: float = 0.3
+    """Weight of the compute penalty; the episode's penalty sums to lam * (used FLOPs / full FLOPs)."""
+
+
+@dataclass
+class EnvConfig:
+    """One environment preset: backbone + data + pruning sites + reward."""
+
+    name: str = "digits-vit"
+    """Preset name, used in run folder names."""
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    """The frozen model."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The samples."""
+    sites: list[int] = field(default_factory=lambda: [1, 3, 5])
+    """Block indices before which the policy prunes (sorted, within the model's depth)."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Reward definition."""
+
+
+@dataclass
+class AgentConfig:
+    """One agent preset: algorithm + hyperparameters + scorer size."""
+
+    algo: str = "ppo"
+    """stable-baselines3 algorithm: ppo or a2c."""
+    n_envs: int = 32
+    """Rows of the batched env advancing in lockstep."""
+    hyperparams: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the SB3 algorithm (n_steps, batch_size, learning_rate, ...)."""
+    scorer_hidden: list[int] = field(default_factory=lambda: [64, 64])
+    """Hidden widths of the per-token scorer MLP."""
+    critic_hidden: list[int] = field(default_factory=lambda: [64])
+    """Hidden widths of the pooled critic MLP."""
+
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
+    """Build a dataclass from a nested dict, rejecting unknown keys and wrong scalar types."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r} in {where or cls.__name__} (allowed: {', '.join(sorted(names))})")
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        hint = hints[key]
+        path = f"{where}.{key}" if where else key
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value, path)  # type: ignore[arg-type]
+        else:
+            kwargs[key] = _check_type(value, hint, path)
+    return cls(**kwargs)
+
+
+def _check_type(value: Any, hint: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path}: {value!r} is not a valid {hint}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_check_type(v, args[0], path) for v in value] if args else value
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return value
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (not isinstance(value, hint) or (hint is int and isinstance(value, bool))):
+        raise ConfigError(f"{path}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain nested dict (YAML / W&B friendly)."""
+    return dataclasses.asdict(cfg)
+
+
+# ---- presets -------------------------------------------------------------------------------------
+PRESET_PACKAGES = {"envs": "policy_prune._presets.envs", "agents": "policy_prune._presets.agents"}
+
+
+def preset_names(kind: str) -> list[str]:
+    """Names of the presets shipped in the wheel for ``kind`` ("envs" or "agents")."""
+    root = resources.files(PRESET_PACKAGES[kind])
+    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def read_preset(kind: str, name_or_path: str) -> tuple[dict[str, Any], str]:
+    """Raw mapping of a shipped preset name or a user's YAML path, and where it came from."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"preset file not found: {path}")
+        text, where = path.read_text(), str(path)
+    else:
+        names = preset_names(kind)
+        if name_or_path not in names:
+            raise ConfigError(f"unknown {kind[:-1]} preset {name_or_path!r} (available: {', '.join(names)})")
+        text = resources.files(PRESET_PACKAGES[kind]).joinpath(f"{name_or_path}.yaml").read_text()
+        where = f"{kind}/{name_or_path}.yaml"
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: a preset must be a mapping")
+    return data, where
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a nested mapping, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a mapping")
+        node[parts[-1]] = value
+    return data
+
+
+def load_env_config(name_or_path: str, overrides: list[str] | None = None) -> EnvConfig:
+    """Resolve an env preset (shipped name or YAML path) plus ``--set`` overrides."""
+    data, where = read_preset("envs", name_or_path)
+    data.setdefault("name", Path(name_or_path).stem)
+    return from_dict(EnvConfig, apply_overrides(data, overrides or []), where)
+
+
+def load_agent_config(name_or_path: str, overrides: list[str] | None = None) -> AgentConfig:
+    """Resolve an agent preset (shipped name or YAML path) plus ``--set`` overrides."""
+    data, where = read_preset("agents", name_or_path)
+    return from_dict(AgentConfig, apply_overrides(data, overrides or []), where)

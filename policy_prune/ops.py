@@ -1,0 +1,118 @@
+"""Pure tensor ops: keep-mask normalisation, gather/pack, masked pooling and analytic FLOPs.
+
+No module state lives here; adapters and the env call these. Shapes are in the docstrings:
+B batch rows, N tokens, D width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def normalize_keep(keep: torch.Tensor, alive: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
+    """Force the pruning contract onto a raw keep mask.
+
+    keep, alive, protected: [B, N] bool. Returns [B, N] bool where dead/padded slots are False and
+    protected tokens that are alive are True. A dropped token never returns because dead stays dead.
+    """
+    return (keep.bool() | protected) & alive
+
+
+def pack_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices that move kept tokens to the front of each row, in their original order.
+
+    keep: [B, N] bool. Returns (index [B, M] long, valid [B, M] bool) with M = max kept per row;
+    index slots past a row's count point at some dropped token and are marked invalid.
+    """
+    counts = keep.sum(dim=1)
+    m = int(counts.max().item()) if keep.numel() else 0
+    # A stable sort on "not kept" puts kept tokens first without reordering them.
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :m]
+    valid = torch.arange(m, device=keep.device).unsqueeze(0) < counts.unsqueeze(1)
+    return order, valid
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Gather along the token dimension.
+
+    x: [B, N, ...]; index: [B, M] long. Returns [B, M, ...].
+    """
+    if x.dim() == 2:
+        return torch.gather(x, 1, index)
+    expand = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return torch.gather(x, 1, expand)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens where mask is True.
+
+    x: [B, N, D]; mask: [B, N] bool. Returns [B, D]; a row with no True tokens gives zeros.
+    """
+    w = mask.to(x.dtype).unsqueeze(-1)
+    return (x * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
+
+
+def scatter_to_grid(values: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, n: int) -> torch.Tensor:
+    """Write per-slot values back to their original token positions.
+
+    values: [B, M]; positions: [B, M] long (original index); valid: [B, M] bool; n: original N.
+    Returns [B, n] with zeros where no valid slot maps.
+    """
+    out = values.new_zeros(values.shape[0], n)
+    v = torch.where(valid, values, torch.zeros_like(values))
+    return out.scatter_add(1, positions, v)
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """The dimensions that fix a transformer block's matmul FLOPs."""
+
+    width: int
+    """Residual width D."""
+    attn_dim: int
+    """Heads x head_dim (q, k and v each have this size)."""
+    mlp_hidden: int
+    """Hidden width of the MLP (e.g. 4 D)."""
+    mlp_matrices: int = 2
+    """Number of D x H matrices in the MLP: 2 for fc1/fc2, 3 for gated (SwiGLU) MLPs."""
+
+
+def block_flops(shape: BlockShape, n_tokens: int | torch.Tensor) -> torch.Tensor | int:
+    """Matmul FLOPs of one block on `n_tokens` tokens (2 x multiply-accumulates).
+
+    Counts what `torch.utils.flop_counter.FlopCounterMode` counts: the q/k/v and output projections,
+    both N^2 attention products (QK^T and AV), and the MLP. Norms, softmax and activations are
+    elementwise and not counted, as in FlopCounterMode. Works on ints or on [B] tensors of counts.
+    """
+    n = n_tokens
+    d, a, h = shape.width, shape.attn_dim, shape.mlp_hidden
+    proj = 2 * n * d * 3 * a + 2 * n * a * d
+    attn = 2 * 2 * n * n * a
+    mlp = 2 * n * d * h * shape.mlp_matrices
+    return proj + attn + mlp
+
+
+def schedule_flops(
+    shape: BlockShape,
+    depth: int,
+    sites: list[int],
+    counts: list[int | torch.Tensor],
+    n_start: int | torch.Tensor,
+) -> torch.Tensor | int:
+    """Block FLOPs of a whole keep schedule.
+
+    sites: sorted layer indices where pruning happens before that block; counts[i] is the number of
+    tokens alive after site i. Blocks before the first site run on `n_start` tokens.
+    """
+    total: torch.Tensor | int = 0
+    n = n_start
+    bounds = list(sites) + [depth]
+    start = 0
+    for i, stop in enumerate(bounds):
+        total = total + block_flops(shape, n) * (stop - start)
+        if i < len(sites):
+            n = counts[i]
+        start = stop
+    return total

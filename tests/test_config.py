@@ -1,0 +1,58 @@
+"""Strict presets and overrides."""
+
+from __future__ import annotations
+
+import pytest
+
+from policy_prune.config import (
+    ConfigError,
+    EnvConfig,
+    apply_overrides,
+    from_dict,
+    load_env_config,
+    preset_names,
+    to_dict,
+)
+
+
+def test_shipped_env_presets_parse() -> None:
+    names = preset_names("envs")
+    assert "digits-vit" in names
+    cfg = load_env_config("digits-vit")
+    assert cfg.name == "digits-vit" and cfg.reward.task and cfg.sites == sorted(cfg.sites)
+
+
+def test_overrides_and_roundtrip() -> None:
+    cfg = load_env_config("digits-vit", ["reward.lam=0.5", "sites=[2, 4]", "backbone.model_kwargs.depth=3"])
+    assert cfg.reward.lam == 0.5 and cfg.sites == [2, 4] and cfg.backbone.model_kwargs == {"depth": 3}
+    assert from_dict(EnvConfig, to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"reward": {"lamda": 0.3}}, "unknown key 'lamda'"),
+        ({"sites": "1,2"}, "expected a list"),
+        ({"reward": {"lam": "high"}}, "reward.lam"),
+        ({"backbone": 3}, "expected a mapping"),
+    ],
+)
+def test_bad_keys_and_types_are_user_errors(data: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        from_dict(EnvConfig, data)
+
+
+def test_bad_preset_names_and_files(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="unknown env preset 'nope'.*digits-vit"):
+        load_env_config("nope")
+    with pytest.raises(ConfigError, match="not found"):
+        load_env_config(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sites: [1, 2\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_env_config(str(bad))
+    own = tmp_path / "mine.yaml"
+    own.write_text("backbone: {spec: vit_tiny_patch16_224}\nsites: [2]\n")
+    assert load_env_config(str(own)).name == "mine"
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, ["reward.lam"])

@@ -1,0 +1,110 @@
+"""Pruned execution equals removing the same tokens by hand; padding never leaks into kept rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from policy_prune.backbones import adapt
+from tests import tiny
+
+
+def _random_keep(seed: int):
+    def keep_fn(state, site_index, layer):
+        g = torch.Generator().manual_seed(seed * 100 + site_index)
+        return torch.rand(state.valid.shape, generator=g) < 0.5  # different counts per row
+
+    return keep_fn
+
+
+def _manual_reference(backbone, x_row, sites, kept_positions):
+    """One row at a time, no masks: drop by hand the tokens the batched run dropped."""
+    state = backbone.embed(x_row)
+    tokens = state.tokens
+    layers = list(range(backbone.depth))
+    alive = torch.arange(state.n_full)
+    start = 0
+    for site, keep_pos in zip(sites, kept_positions, strict=True):
+        state.tokens = tokens
+        tokens = backbone.run_blocks(state, start, site).tokens
+        sel = torch.tensor([i for i, p in enumerate(alive.tolist()) if p in keep_pos])
+        tokens, alive = tokens[:, sel], alive[sel]
+        start = site
+        state.valid = torch.ones(1, len(alive), dtype=torch.bool)
+        state.positions = alive[None]
+    state.tokens = tokens
+    state = backbone.run_blocks(state, start, len(layers))
+    return backbone.head(state)
+
+
+@pytest.mark.parametrize("name", ["timm-vit-cls", "timm-vit-reg-gap", "timm-deit-distilled", "hf-bert", "hf-distilbert",
+                                  "hf-roberta", "hf-vit-classifier"])
+@pytest.mark.parametrize("sites", [[0], [1, 3]])
+def test_pruned_batch_equals_manual_removal(name: str, sites: list[int]) -> None:
+    model = tiny.make(name)
+    backbone = adapt(model)
+    x = tiny.inputs(name, batch=4, seed=1)
+    kept: list[list[list[int]]] = [[] for _ in range(4)]
+
+    def recording_keep(state, i, layer):
+        keep = _random_keep(7)(state, i, layer)
+        pruned = state.prune(keep)
+        for row in range(4):
+            kept[row].append(pruned.positions[row][pruned.valid[row]].tolist())
+        return keep
+
+    with torch.no_grad():
+        out, final, counts = backbone.forward_pruned(x, sites, recording_keep)
+        assert len({int(c) for c in counts[-1]}) > 1, "rows should keep different counts (padding exercised)"
+        assert not bool(final.valid.all())
+        for row in range(4):
+            x_row = {k: v[row:row + 1, : int(x["attention_mask"][row].sum())] for k, v in x.items()} \
+                if isinstance(x, dict) else x[row:row + 1]
+            ref = _manual_reference(backbone, x_row, sites, kept[row])
+            torch.testing.assert_close(out[row:row + 1], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_protected_tokens_survive_drop_all() -> None:
+    backbone = adapt(tiny.make("timm-vit-reg4"))
+    with torch.no_grad():
+        _, final, counts = backbone.forward_pruned(tiny.inputs("timm-vit-reg4"), [0, 2], lambda s, i, layer: torch.zeros_like(s.valid))
+    assert counts[0].tolist() == [5, 5, 5] and counts[1].tolist() == [5, 5, 5]
+    assert final.positions[0].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_dropped_token_never_returns() -> None:
+    backbone = adapt(tiny.make("timm-vit-cls"))
+    seen = []
+
+    def keep_fn(state, i, layer):
+        seen.append(set(state.positions[0][state.valid[0]].tolist()))
+        return torch.ones_like(state.valid) if i else state.positions % 2 == 0
+
+    with torch.no_grad():
+        backbone.forward_pruned(tiny.inputs("timm-vit-cls"), [1, 2], keep_fn)
+    assert seen[1] == {p for p in seen[0] if p % 2 == 0} | {0}
+
+
+def test_padding_changes_nothing_in_kept_rows() -> None:
+    """A row's output is the same alone and inside a batch padded for another, longer row."""
+    backbone = adapt(tiny.make("timm-vit-cls"))
+    x = tiny.inputs("timm-vit-cls", batch=2)
+
+    def keep_fn(state, i, layer):
+        keep = torch.ones_like(state.valid)
+        keep[0, 1:10] = False  # row 0 keeps 8 of 17, row 1 keeps all: row 0 is padded
+        return keep[: state.valid.shape[0]]
+
+    with torch.no_grad():
+        batched, final, _ = backbone.forward_pruned(x, [1], keep_fn)
+        alone, _, _ = backbone.forward_pruned(x[:1], [1], keep_fn)
+    assert final.valid[0].sum() == 8 and final.valid[1].sum() == 17
+    torch.testing.assert_close(batched[:1], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_sites_are_validated() -> None:
+    backbone = adapt(tiny.make("timm-vit-cls"))
+    x = tiny.inputs("timm-vit-cls")
+    for bad in ([4], [-1], [2, 1], [1, 1]):
+        with pytest.raises(ValueError, match="sites"):
+            backbone.forward_pruned(x, bad)
