@@ -84,7 +84,7 @@ def inputs(name: str, batch: int = 3, seed: int = 0) -> torch.Tensor | dict[str,
     ids = torch.randint(5, 120, (batch, length), generator=g)
     mask = torch.ones(batch, length, dtype=torch.long)
     for row in range(1, batch):
-        mask[row, length - 3 * row:] = 0
+        mask[row, length - 3 * (row % 3):] = 0  # lengths 12, 9, 6, 12, 9, 6, ...
     ids = ids.masked_fill(mask == 0, 1 if name == "hf-roberta" else 0)
     return {"input_ids": ids, "attention_mask": mask}
 
@@ -100,3 +100,12 @@ def original_output(name: str, model: nn.Module, x: torch.Tensor | dict[str, tor
     out = model(**x).last_hidden_state
     w = x["attention_mask"].unsqueeze(-1).float()
     return (out * w).sum(1) / w.sum(1)
+
+
+def split(name: str, n: int = 12, seed: int = 0, labels: bool = True):
+    """A small in-memory data split for a tiny model (images or padded token ids)."""
+    from policy_prune.data import Split
+
+    x = inputs(name, batch=n, seed=seed)
+    y = torch.randint(0, 5, (n,), generator=torch.Generator().manual_seed(seed)) if labels else None
+    return Split(name="train", inputs=x, labels=y)

@@ -94,8 +94,11 @@ class TokenBackbone(ABC, nn.Module):
         """[B, N, D] last hidden state after the final norm (what the wrapped model returns)."""
 
     @abstractmethod
-    def attention_qk(self, state: TokenState, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Queries and keys [B, heads, N, head_dim] that block ``layer`` computes on ``state``."""
+    def attention_qk(self, state: TokenState, layer: int, cls_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries [B, heads, N or 1, head_dim] and keys [B, heads, N, head_dim] of block ``layer``.
+
+        cls_only projects only token 0's query (all a CLS row needs: a third of the q/k cost).
+        """
 
     @property
     @abstractmethod
@@ -131,15 +134,12 @@ class TokenBackbone(ABC, nn.Module):
         for models without a CLS token. Computed from the block's own q/k because fused attention
         never materialises the map. Returns [B, N]; invalid slots get 0.
         """
-        q, k = self.attention_qk(state, layer)
+        q, k = self.attention_qk(state, layer, cls_only=query == "cls")
         scale = q.shape[-1] ** -0.5
         valid = state.valid
-        if query == "cls":
-            scores = (q[:, :, :1] @ k.transpose(-2, -1)) * scale  # [B, H, 1, N]
-        else:
-            scores = (q @ k.transpose(-2, -1)) * scale  # [B, H, N, N]
+        scores = (q @ k.transpose(-2, -1)) * scale  # [B, H, 1 or N, N]
         scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-        attn = scores.softmax(dim=-1)
+        attn = scores.softmax(dim=-1).nan_to_num(0.0)  # a row with no valid key gives 0, not NaN
         if query == "cls":
             row = attn[:, :, 0]
         else:

@@ -75,6 +75,8 @@ class HFEncoderBackbone(TokenBackbone):
         self.classifier: nn.Module | None = getattr(model, "classifier", None) if self.is_vision else None
         self.output_kind = "logits" if self.classifier is not None else "embedding"
         self.layers = _find_layers(base)
+        self._qk = [(_find_linear(b, ("q_proj", "query", "q_lin")), _find_linear(b, ("k_proj", "key", "k_lin")))
+                    for b in self.layers]
         self.final_norm: nn.Module = getattr(base, "layernorm", None) or nn.Identity()
         self.name = name or getattr(self.config, "_name_or_path", "") or model_type
         self._create_mask = _mask_fn()
@@ -138,15 +140,14 @@ class HFEncoderBackbone(TokenBackbone):
         pooled = x[:, 0] if self.pooling == "cls" else ops.masked_mean(x, state.valid)
         return self.classifier(pooled) if self.classifier is not None else pooled
 
-    def attention_qk(self, state: TokenState, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention_qk(self, state: TokenState, layer: int, cls_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         blk = self.layers[layer]
         # Pre-norm (ViT) layers normalise before attention; BERT-style layers are post-norm.
         x = blk.layernorm_before(state.tokens) if self.is_vision else state.tokens
-        q_lin = _find_linear(blk, ("q_proj", "query", "q_lin"))
-        k_lin = _find_linear(blk, ("k_proj", "key", "k_lin"))
+        q_lin, k_lin = self._qk[layer]
         b, n, _ = x.shape
         heads = self.heads
-        q = q_lin(x).view(b, n, heads, -1).transpose(1, 2)
+        q = q_lin(x[:, :1] if cls_only else x).view(b, 1 if cls_only else n, heads, -1).transpose(1, 2)
         k = k_lin(x).view(b, n, heads, -1).transpose(1, 2)
         return q, k
 

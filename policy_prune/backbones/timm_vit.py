@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from policy_prune import ops
 from policy_prune.backbones.base import TokenBackbone, TokenState
@@ -72,13 +73,18 @@ class TimmViTBackbone(TokenBackbone):
             return m.head(m.head_drop(m.fc_norm(pooled)))
         return m.forward_head(x)
 
-    def attention_qk(self, state: TokenState, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention_qk(self, state: TokenState, layer: int, cls_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         blk = self.model.blocks[layer]
         attn = blk.attn
         x = blk.norm1(state.tokens)
         b, n, _ = x.shape
-        qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, _ = qkv.unbind(0)
+        a = attn.num_heads * attn.head_dim
+        w, bias = attn.qkv.weight, attn.qkv.bias
+        # Slices of timm's fused qkv projection: rows [0, a) are q, [a, 2a) are k.
+        q = F.linear(x[:, :1] if cls_only else x, w[:a], None if bias is None else bias[:a])
+        k = F.linear(x, w[a : 2 * a], None if bias is None else bias[a : 2 * a])
+        q = q.view(b, -1, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k = k.view(b, n, attn.num_heads, attn.head_dim).transpose(1, 2)
         return attn.q_norm(q), attn.k_norm(k)
 
     # ---- sizes and FLOPs -----------------------------------------------------------------------

@@ -1,0 +1,212 @@
+"""``policy-prune bench``: wall-clock speed of the original model vs pruned execution, measured in one run.
+
+Every variant is timed round-robin (warm-up first, then one call of each per repeat) so that drift in
+machine load hits all of them alike; the median is reported and ratios are taken between medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--what", nargs="+", choices=("exec", "env"), default=["exec"],
+                   help="exec: original vs pruned forward of --model; env: batched-env samples/s vs plain forward on --env")
+    p.add_argument("--model", default="deit_small_patch16_224", help="timm name, hf:<id> or model folder (random init)")
+    p.add_argument("--env", default="digits-vit", help="env preset (name or YAML path) for --what env")
+    p.add_argument("--agent", default="ppo", help="agent preset whose rollout buffer size is measured (--what env)")
+    p.add_argument("--episodes", type=int, default=20, help="batched episodes timed per repeat (--what env)")
+    p.add_argument("--batch", type=int, nargs="+", default=[32], help="batch sizes to measure")
+    p.add_argument("--keep", type=float, default=0.5, help="fraction of prunable tokens kept at the site")
+    p.add_argument("--site", type=int, default=0, help="block index before which tokens are dropped")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="write the measurements as JSON here")
+
+
+def time_round_robin(fns: Mapping[str, Callable[..., Any]], warmup: int, repeats: int, device: str) -> dict[str, float]:
+    """Median seconds per call of each function, timed interleaved."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            samples[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def random_keep_fn(keep: float, seed: int) -> Callable[..., torch.Tensor]:
+    """Keep a fixed fraction of the prunable alive tokens of every row, chosen at random (seeded)."""
+
+    def keep_fn(state: Any, site_index: int, layer: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed + site_index)
+        prunable = state.valid & ~state.protected
+        n_keep = int(round(keep * int(prunable[0].sum())))
+        noise = torch.rand(state.valid.shape, generator=g).to(state.valid.device)
+        noise = noise.masked_fill(~prunable, -1.0)
+        idx = noise.topk(n_keep, dim=1).indices
+        return torch.zeros_like(state.valid).scatter(1, idx, True)
+
+    return keep_fn
+
+
+def bench_pruned_execution(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Original vs adapter (keep-all) vs pruned, per batch size."""
+    from policy_prune.backbones import load_backbone
+
+    torch.manual_seed(args.seed)
+    backbone = load_backbone(args.model).to(args.device)
+    model = backbone.model
+    call_original = (lambda x: model(**x)) if backbone.output_kind == "embedding" else model
+    keep_fn = random_keep_fn(args.keep, args.seed)
+    rows = []
+    for batch in args.batch:
+        x = backbone.example_inputs(batch, torch.Generator().manual_seed(args.seed), args.device)
+        with torch.inference_mode():
+            _, _, counts = backbone.forward_pruned(x, [args.site], keep_fn)
+            fns = {
+                "original": lambda x=x: call_original(x),
+                "adapter_keep_all": lambda x=x: backbone(x),
+                "pruned": lambda x=x: backbone.forward_pruned(x, [args.site], keep_fn),
+            }
+            t = time_round_robin(fns, args.warmup, args.repeats, args.device)
+        n = backbone.embed(x).n_full
+        flops_ratio = backbone.schedule_flops([args.site], [int(counts[0][0])], n) / backbone.full_flops(n)
+        rows.append(
+            {
+                "batch": batch,
+                "tokens_full": n,
+                "tokens_kept": int(counts[0][0]),
+                "flops_ratio": float(flops_ratio),
+                "ms_original": 1e3 * t["original"],
+                "ms_adapter_keep_all": 1e3 * t["adapter_keep_all"],
+                "ms_pruned": 1e3 * t["pruned"],
+                "adapter_overhead": t["adapter_keep_all"] / t["original"] - 1.0,
+                "speedup_pruned": t["original"] / t["pruned"],
+            }
+        )
+    return rows
+
+
+def bench_env(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Batched-env samples/s with random keep actions vs plain forward samples/s, same batch size."""
+    from policy_prune.config import load_agent_config, load_env_config
+    from policy_prune.factory import resolve
+
+    env_cfg = load_env_config(args.env)
+    agent_cfg = load_agent_config(args.agent)
+    backbone, splits = resolve(env_cfg, seed=args.seed, device=args.device)
+    return [_bench_env_batch(args, env_cfg, agent_cfg, backbone, splits["train"], b) for b in args.batch]
+
+
+def _bench_env_batch(args: argparse.Namespace, env_cfg: Any, agent_cfg: Any, backbone: Any, split: Any, batch: int) -> dict[str, Any]:
+    from policy_prune.factory import make_vec_env
+
+    vec = make_vec_env(env_cfg, backbone, split, batch, device=args.device)
+    vec.seed(args.seed)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        vec.core.teacher(torch.arange(len(split)))  # one-time cost, amortised over training
+        teacher_s = time.perf_counter() - t0
+    rng = np.random.default_rng(args.seed)
+    x = split.select(torch.arange(batch) % len(split)).inputs
+    x = {k: v.to(args.device) for k, v in x.items()} if isinstance(x, dict) else x.to(args.device)
+    model = backbone.model
+
+    def forward() -> None:
+        with torch.inference_mode():
+            model(**x) if isinstance(x, dict) else model(x)
+
+    def episodes() -> None:
+        vec.reset()
+        for _ in range(args.episodes * len(env_cfg.sites)):
+            vec.step(rng.integers(0, 2, (batch, vec.core.n_tokens)))
+
+    t = time_round_robin({"forward": forward, "env": episodes}, args.warmup, args.repeats, args.device)
+    forward_sps = batch / t["forward"]
+    env_sps = batch * args.episodes / t["env"]
+    return {
+        "batch": batch,
+        "forward_samples_per_s": forward_sps,
+        "env_samples_per_s": env_sps,
+        "env_vs_forward": env_sps / forward_sps,
+        "teacher_cache_s": teacher_s,
+        "rollout_buffer_mib": rollout_buffer_mib(vec, agent_cfg),
+    }
+
+
+def rollout_buffer_mib(vec: Any, agent_cfg: Any) -> float:
+    """Bytes of SB3's DictRolloutBuffer for the agent preset's n_steps x n_envs on this env's spaces."""
+    from stable_baselines3.common.buffers import DictRolloutBuffer
+
+    n_steps = int(agent_cfg.hyperparams.get("n_steps", 2048))
+    buf = DictRolloutBuffer(n_steps, vec.observation_space, vec.action_space, device="cpu", n_envs=agent_cfg.n_envs)
+    arrays = list(buf.observations.values()) + [v for v in vars(buf).values() if isinstance(v, np.ndarray)]
+    return sum(a.nbytes for a in arrays) / 2**20
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    console = Console()
+    payload: dict[str, Any] = {}
+    if "env" in args.what:
+        payload["env"] = bench_env(args)
+        table = Table(title=f"{args.env}: batched env vs plain forward (median of {args.repeats})")
+        for col in ("batch", "forward samples/s", "env samples/s", "env/forward", "rollout buffer MiB"):
+            table.add_column(col, justify="right")
+        for r in payload["env"]:
+            table.add_row(str(r["batch"]), f"{r['forward_samples_per_s']:.0f}", f"{r['env_samples_per_s']:.0f}",
+                          f"{r['env_vs_forward']:.2f}", f"{r['rollout_buffer_mib']:.0f}")
+        console.print(table)
+    if "exec" in args.what:
+        payload["pruned_execution"] = print_exec(args, console)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")}
+        args.out.write_text(json.dumps({"config": config, **payload}, indent=2))
+    return 0
+
+
+def print_exec(args: argparse.Namespace, console: Any) -> list[dict[str, Any]]:
+    from rich.table import Table
+
+    console.print(f"[bold]bench[/] {args.model} keep={args.keep} at site {args.site}, threads={torch.get_num_threads()}")
+    rows = bench_pruned_execution(args)
+    table = Table(title=f"{args.model}: original vs pruned (median of {args.repeats})")
+    for col in ("batch", "tokens", "FLOPs ratio", "original ms", "adapter ms", "overhead", "pruned ms", "speed-up"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            str(r["batch"]),
+            f"{r['tokens_kept']}/{r['tokens_full']}",
+            f"{r['flops_ratio']:.3f}",
+            f"{r['ms_original']:.1f}",
+            f"{r['ms_adapter_keep_all']:.1f}",
+            f"{100 * r['adapter_overhead']:+.1f}%",
+            f"{r['ms_pruned']:.1f}",
+            f"{r['speedup_pruned']:.2f}x",
+        )
+    console.print(table)
+    return rows

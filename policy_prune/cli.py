@@ -1,0 +1,54 @@
+"""The ``policy-prune`` command line: one verb per module, each with ``add_arguments`` and ``run``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from policy_prune import __version__
+from policy_prune.errors import UserError
+
+# verb -> (module, one-line help). Verb modules keep heavy imports inside run().
+VERBS: dict[str, tuple[str, str]] = {
+    "info": ("policy_prune.info", "show versions, shipped presets and backbone adapters (proves the install)"),
+    "pretrain": ("policy_prune.pretrain", "fit and cache the embedded default backbone of an env"),
+    "bench": ("policy_prune.bench", "measure wall-clock speed of pruned vs original execution"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="policy-prune",
+        description="Learn which tokens a frozen transformer can skip.",
+    )
+    parser.add_argument("--version", action="version", version=f"policy-prune {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb, (module, help_text) in VERBS.items():
+        p = sub.add_parser(verb, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except UserError as exc:
+        print(f"policy-prune {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"policy-prune {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""Token selection as a Gymnasium environment, and the batched SB3 VecEnv that training uses.
+
+One episode = one sample passing through the frozen backbone. At each pruning site the agent sees
+per-token features and returns a keep mask over the embedded token positions; kept tokens are
+gathered and the next blocks run on them. Rewards:
+
+    step t:  -lam * FLOPs(segment run after site t) / FLOPs(full model)   (site 0 also pays the
+             embedding and the blocks before it, the last site the head)
+    end:     + task term against the cached full-model (teacher) output
+
+so the compute penalties of an episode sum to exactly lam * (FLOPs used / full FLOPs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+from gymnasium.utils import seeding
+from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvStepReturn
+
+from policy_prune import ops
+from policy_prune.backbones.base import TokenBackbone, TokenState
+from policy_prune.errors import UserError
+from policy_prune.features import FEATURE_BOUND, FeatureSpec, make_projection, token_features
+
+ENV_ID = "PolicyPrune/TokenPrune-v0"
+TASKS = ("teacher_kl", "teacher_agree", "label_ce", "label_acc", "cosine")
+LOGIT_TASKS = ("teacher_kl", "teacher_agree", "label_ce", "label_acc")
+LABEL_TASKS = ("label_ce", "label_acc")
+TASK_FLOOR = -10.0  # KL / CE terms are clipped here so one bad episode cannot dominate a PPO batch
+
+
+def task_term(task: str, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """Per-row task reward [B] of the pruned output against the teacher (or the label)."""
+    if task == "teacher_kl":
+        kl = (teacher.log_softmax(-1).exp() * (teacher.log_softmax(-1) - student.log_softmax(-1))).sum(-1)
+        return (-kl).clamp_min(TASK_FLOOR)
+    if task == "teacher_agree":
+        return (student.argmax(-1) == teacher.argmax(-1)).float()
+    if task == "label_ce":
+        assert labels is not None
+        ce = torch.nn.functional.cross_entropy(student, labels, reduction="none")
+        return (-ce).clamp_min(TASK_FLOOR)
+    if task == "label_acc":
+        assert labels is not None
+        return (student.argmax(-1) == labels).float()
+    return torch.nn.functional.cosine_similarity(student, teacher, dim=-1)
+
+
+class PruneCore:
+    """The episode mechanics for B rows in lockstep; both env classes delegate here."""
+
+    def __init__(
+        self,
+        backbone: TokenBackbone,
+        split: Any,
+        sites: Sequence[int],
+        lam: float = 0.3,
+        task: str = "teacher_kl",
+        feature_spec: FeatureSpec | None = None,
+        device: str = "cpu",
+    ) -> None:
+        sites = [int(s) for s in sites]
+        if not sites:
+            raise UserError("at least one pruning site is required")
+        if any(s < 0 or s >= backbone.depth for s in sites) or sites != sorted(set(sites)):
+            raise UserError(f"pruning sites {sites} must be strictly increasing block indices in [0, {backbone.depth - 1}]")
+        if not lam >= 0:
+            raise UserError(f"lambda must be >= 0, got {lam}")
+        if task not in TASKS:
+            raise UserError(f"unknown task term {task!r} (choose from {', '.join(TASKS)})")
+        if task in LABEL_TASKS and getattr(split, "labels", None) is None:
+            raise UserError(f"task {task!r} needs labels but dataset split {getattr(split, 'name', '?')!r} has none")
+        if task in LOGIT_TASKS and backbone.output_kind != "logits":
+            raise UserError(f"task {task!r} needs a classifier; this backbone outputs embeddings (use 'cosine')")
+        if len(split) == 0:
+            raise UserError("the dataset split is empty")
+        self.backbone = backbone.to(device)
+        self.split = split
+        self.sites = sites
+        self.lam = float(lam)
+        self.task = task
+        self.device = device
+        self.spec = feature_spec or FeatureSpec()
+        width = backbone.block_shape.width
+        self.projection = make_projection(width, self.spec).to(device)
+        with torch.inference_mode():
+            self.n_tokens = backbone.embed(self._inputs(torch.tensor([0]))).n_full
+        self.full_flops = float(backbone.full_flops(self.n_tokens))
+        self._teacher: torch.Tensor | None = None
+        self._cached = torch.zeros(len(split), dtype=torch.bool)
+        self.observation_space = spaces.Dict(
+            {
+                "tokens": spaces.Box(-FEATURE_BOUND, FEATURE_BOUND, (self.n_tokens, self.spec.dim), np.float32),
+                "alive": spaces.MultiBinary(self.n_tokens),
+                "context": spaces.Box(0.0, 1.0, (len(sites) + 2,), np.float32),
+            }
+        )
+        self.action_space = spaces.MultiBinary(self.n_tokens)
+
+    # ---- data and teacher -----------------------------------------------------------------------
+    def _inputs(self, idx: torch.Tensor) -> Any:
+        x = self.split.select(idx).inputs
+        return {k: v.to(self.device) for k, v in x.items()} if isinstance(x, dict) else x.to(self.device)
+
+    def teacher(self, idx: torch.Tensor) -> torch.Tensor:
+        """Full-model outputs for samples ``idx``, each computed once and cached."""
+        missing = idx[~self._cached[idx]].unique()
+        if len(missing):
+            out = self.backbone(self._inputs(missing))
+            if self._teacher is None:
+                self._teacher = out.new_zeros(len(self.split), out.shape[-1])
+            self._teacher[missing] = out
+            self._cached[missing] = True
+        assert self._teacher is not None
+        return self._teacher[idx]
+
+    # ---- episode --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def begin(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """Start B episodes on samples ``indices``: embed and run up to the first site."""
+        self.idx = torch.as_tensor(indices, dtype=torch.long)
+        state = self.backbone.embed(self._inputs(self.idx))
+        state = self.backbone.run_blocks(state, 0, self.sites[0])
+        b = len(self.idx)
+        n = state.alive_counts.float()
+        pre = self.backbone.embed_flops(self.n_tokens) + self.sites[0] * self.backbone.block_flops(n)
+        # The part before the first site runs whatever the policy does; site 0's reward pays for it.
+        self.pending = torch.as_tensor(pre, dtype=torch.float64).expand(b).clone() / self.full_flops
+        self.spent = torch.zeros(b, dtype=torch.float64)
+        self.t = 0
+        self.keep_ratios: list[torch.Tensor] = []
+        self.state = state
+        return self.observe()
+
+    def observe(self, final: bool = False) -> dict[str, np.ndarray]:
+        """Observation of the current state in embedded-token coordinates."""
+        s = self.state
+        b, n = s.valid.shape[0], self.n_tokens
+        if final:  # no decision left: features are not used (terminated episodes are not bootstrapped)
+            feats = s.tokens.new_zeros(b, s.valid.shape[1], self.spec.dim)
+        else:
+            feats = token_features(self.backbone, s, self.sites[self.t], self.projection, self.spec)
+        tokens = feats.new_zeros(b, n, self.spec.dim)
+        tokens.scatter_add_(1, s.positions.unsqueeze(-1).expand(-1, -1, self.spec.dim), feats)
+        alive = ops.scatter_to_grid(s.valid.float(), s.positions, s.valid, n)
+        context = torch.zeros(b, len(self.sites) + 2)
+        if not final:
+            context[:, self.t] = 1.0
+        context[:, -2] = s.alive_counts.float().cpu() / n
+        context[:, -1] = (self.spent + self.pending).float().clamp(0.0, 1.0)
+        return {
+            "tokens": tokens.cpu().numpy().astype(np.float32),
+            "alive": alive.cpu().numpy().astype(np.int8),
+            "context": context.numpy(),
+        }
+
+    @torch.inference_mode()
+    def advance(self, actions: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, bool, list[dict[str, Any]]]:
+        """Apply keep masks [B, N] at the current site and run to the next one (or to the head)."""
+        keep_grid = torch.as_tensor(np.asarray(actions), device=self.device).reshape(len(self.idx), -1).bool()
+        before = self.state.alive_counts
+        keep_slots = ops.gather_rows(keep_grid, self.state.positions) & self.state.valid
+        self.state = self.state.prune(keep_slots)
+        counts = self.state.alive_counts
+        self.keep_ratios.append((counts.float() / before.float()).cpu())
+        site = self.sites[self.t]
+        last = self.t == len(self.sites) - 1
+        stop = self.backbone.depth if last else self.sites[self.t + 1]
+        self.state = self.backbone.run_blocks(self.state, site, stop)
+        seg = (stop - site) * self.backbone.block_flops(counts.double().cpu())
+        if last:
+            seg = seg + self.backbone.head_flops()
+        cost = self.pending + torch.as_tensor(seg, dtype=torch.float64) / self.full_flops
+        self.pending = torch.zeros_like(self.pending)
+        self.spent = self.spent + cost
+        rewards = -self.lam * cost
+        infos: list[dict[str, Any]] = [{} for _ in range(len(self.idx))]
+        if last:
+            rewards = rewards + self._finish(infos)
+            obs = self.observe(final=True)
+        else:
+            self.t += 1
+            obs = self.observe()
+        return obs, rewards.numpy().astype(np.float32), last, infos
+
+    def _finish(self, infos: list[dict[str, Any]]) -> torch.Tensor:
+        out = self.backbone.head(self.state)
+        teacher = self.teacher(self.idx)
+        labels = None if self.split.labels is None else self.split.labels[self.idx].to(self.device)
+        task = task_term(self.task, out, teacher, labels).double().cpu()
+        agree = (out.argmax(-1) == teacher.argmax(-1)).cpu() if self.backbone.output_kind == "logits" else None
+        correct = (out.argmax(-1).cpu() == labels.cpu()) if labels is not None and agree is not None else None
+        cosine = torch.nn.functional.cosine_similarity(out, teacher, dim=-1).cpu()
+        keep = torch.stack(self.keep_ratios, dim=1)
+        for i, info in enumerate(infos):
+            info.update(
+                {
+                    "task": float(task[i]),
+                    "flops_ratio": float(self.spent[i]),
+                    "keep_ratio": keep[i].tolist(),
+                    "tokens_kept": int(self.state.alive_counts[i]),
+                    "cosine": float(cosine[i]),
+                    "sample": int(self.idx[i]),
+                }
+            )
+            if agree is not None:
+                info["agreement"] = float(agree[i])
+            if correct is not None:
+                info["accuracy"] = float(correct[i])
+        return task
+
+
+class SampleSampler:
+    """Which sample each row takes next: random (seeded per row) or a sequential sweep (evaluation)."""
+
+    def __init__(self, n_rows: int, n_samples: int, sequential: bool) -> None:
+        self.n_samples = n_samples
+        self.sequential = sequential
+        self.cursor = 0
+        self.rngs = [seeding.np_random(None)[0] for _ in range(n_rows)]
+
+    def seed(self, row: int, seed: int | None) -> None:
+        self.rngs[row] = seeding.np_random(seed)[0]
+        self.cursor = 0
+
+    def draw(self, rows: int) -> np.ndarray:
+        if self.sequential:
+            idx = (self.cursor + np.arange(rows)) % self.n_samples
+            self.cursor += rows
+            return idx
+        return np.array([int(self.rngs[i].integers(self.n_samples)) for i in range(rows)])
+
+
+class TokenPruneEnv(gym.Env[dict[str, Any], np.ndarray]):
+    """Single-row view: one sample per episode, one step per pruning site."""
+
+    metadata: dict[str, Any] = {"render_modes": []}
+
+    def __init__(
+        self,
+        backbone: TokenBackbone,
+        split: Any,
+        sites: Sequence[int],
+        lam: float = 0.3,
+        task: str = "teacher_kl",
+        feature_spec: FeatureSpec | None = None,
+        sequential: bool = False,
+        device: str = "cpu",
+    ) -> None:
+        self.core = PruneCore(backbone, split, sites, lam, task, feature_spec, device)
+        self.observation_space = self.core.observation_space  # type: ignore[assignment]
+        self.action_space = self.core.action_space
+        self.sequential = sequential
+        self._cursor = 0
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        super().reset(seed=seed)
+        if self.sequential:
+            if seed is not None:
+                self._cursor = 0
+            idx = self._cursor % len(self.core.split)
+            self._cursor += 1
+        else:
+            idx = int(self.np_random.integers(len(self.core.split)))
+        obs = self.core.begin(np.array([idx]))
+        return {k: v[0] for k, v in obs.items()}, {"sample": idx}
+
+    def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
+        obs, rewards, done, infos = self.core.advance(np.asarray(action)[None])
+        return {k: v[0] for k, v in obs.items()}, float(rewards[0]), done, False, infos[0]
+
+
+class PruneVecEnv(VecEnv):
+    """B rows that advance in lockstep: one transformer call per step serves every row.
+
+    Follows SB3's VecEnv contract: numpy observations, auto-reset with ``terminal_observation`` in the
+    info of the finishing step, seeds from ``seed()`` applied at the next ``reset()``.
+    """
+
+    def __init__(
+        self,
+        backbone: TokenBackbone,
+        split: Any,
+        n_envs: int,
+        sites: Sequence[int],
+        lam: float = 0.3,
+        task: str = "teacher_kl",
+        feature_spec: FeatureSpec | None = None,
+        sequential: bool = False,
+        device: str = "cpu",
+    ) -> None:
+        self.core = PruneCore(backbone, split, sites, lam, task, feature_spec, device)
+        self.sampler = SampleSampler(n_envs, len(split), sequential)
+        self.render_mode = None
+        self._actions: np.ndarray | None = None
+        super().__init__(n_envs, self.core.observation_space, self.core.action_space)
+
+    def reset(self) -> dict[str, np.ndarray]:
+        for row, seed in enumerate(self._seeds):
+            if seed is not None:
+                self.sampler.seed(row, seed)
+        self._reset_seeds()
+        self._reset_options()
+        return self.core.begin(self.sampler.draw(self.num_envs))
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self._actions = actions
+
+    def step_wait(self) -> VecEnvStepReturn:
+        assert self._actions is not None, "step_async must be called first"
+        obs, rewards, done, infos = self.core.advance(self._actions)
+        if done:
+            for i, info in enumerate(infos):
+                info["terminal_observation"] = {k: v[i] for k, v in obs.items()}
+                info["TimeLimit.truncated"] = False
+            obs = self.core.begin(self.sampler.draw(self.num_envs))
+        return obs, rewards, np.full(self.num_envs, done), infos
+
+    def close(self) -> None:
+        return None
+
+    def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
+        return [getattr(self, attr_name) for _ in self._get_indices(indices)]
+
+    def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
+        setattr(self, attr_name, value)
+
+    def env_method(self, method_name: str, *method_args: Any, indices: VecEnvIndices = None, **method_kwargs: Any) -> list[Any]:
+        return [getattr(self, method_name)(*method_args, **method_kwargs) for _ in self._get_indices(indices)]
+
+    def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None) -> list[bool]:
+        return [False for _ in self._get_indices(indices)]
+
+
+def register_envs() -> None:
+    """Register the single-row env with gymnasium (idempotent)."""
+    if ENV_ID not in gym.registry:
+        gym.register(id=ENV_ID, entry_point="policy_prune.env:TokenPruneEnv")
+
+
+register_envs()
+__all__ = ["ENV_ID", "PruneCore", "PruneVecEnv", "TokenPruneEnv", "TokenState", "register_envs", "task_term"]

@@ -1,0 +1,98 @@
+"""Per-token features the policy sees, computed by the same code in the env and at inference.
+
+The feature list is named and versioned (FEATURE_SPEC) and travels inside every scorer artifact with
+its fixed random projection, so an exported scorer reproduces the training-time observation exactly.
+All values are clipped to [-FEATURE_BOUND, FEATURE_BOUND] (finite Box bounds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from policy_prune.backbones.base import TokenBackbone, TokenState
+
+FEATURE_VERSION = 1
+FEATURE_BOUND = 10.0
+BASE_FEATURES = (
+    "cls_attention",  # log(1 + n_alive * attention received from CLS) in the block about to run
+    "norm",  # token L2 norm / mean norm of the row's alive tokens
+    "cos_cls",  # cosine similarity to the CLS token (to the mean token when there is no CLS)
+    "redundancy",  # mean cosine similarity to the other alive tokens (the seed paper's score)
+    "pos_y",  # grid row in [0, 1] (text: relative position)
+    "pos_x",  # grid column in [0, 1] (text: 0)
+    "protected",  # 1 for CLS / distillation / register / [SEP] tokens
+)
+
+
+@dataclass
+class FeatureSpec:
+    """What a scorer's input columns mean; stored in scorer.json."""
+
+    version: int = FEATURE_VERSION
+    names: tuple[str, ...] = BASE_FEATURES
+    projection_dim: int = 8
+    projection_seed: int = 0
+
+    @property
+    def dim(self) -> int:
+        return len(self.names) + self.projection_dim
+
+    def all_names(self) -> list[str]:
+        return list(self.names) + [f"proj_{i}" for i in range(self.projection_dim)]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "names": self.all_names(), "base": list(self.names),
+                "projection_dim": self.projection_dim, "projection_seed": self.projection_seed}
+
+
+def make_projection(width: int, spec: FeatureSpec) -> torch.Tensor:
+    """[D, P] fixed Gaussian projection of the layer-normalised hidden state (seeded, saved with scorers)."""
+    g = torch.Generator().manual_seed(spec.projection_seed)
+    return torch.randn(width, spec.projection_dim, generator=g) / width**0.5
+
+
+def token_positions(backbone: TokenBackbone, state: TokenState) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pos_y, pos_x) in [0, 1] for each slot [B, N]; prefix tokens get 0."""
+    sig = backbone.signature()
+    prefix = int(sig.get("prefix_tokens", 1 if "grid" in sig else 0))
+    if "grid" in sig:
+        gh, gw = sig["grid"]
+        patch = (state.positions - prefix).clamp_min(0)
+        y = (patch // gw).float() / max(gh - 1, 1)
+        x = (patch % gw).float() / max(gw - 1, 1)
+        is_prefix = state.positions < prefix
+        return y.masked_fill(is_prefix, 0.0), x.masked_fill(is_prefix, 0.0)
+    y = state.positions.float() / max(state.n_full - 1, 1)
+    return y, torch.zeros_like(y)
+
+
+def token_features(
+    backbone: TokenBackbone, state: TokenState, layer: int, projection: torch.Tensor, spec: FeatureSpec
+) -> torch.Tensor:
+    """Features [B, N, F] of the state's current slots before block ``layer``; invalid slots are 0."""
+    x = state.tokens
+    valid = state.valid
+    vf = valid.to(x.dtype)
+    n_alive = vf.sum(dim=1, keepdim=True).clamp_min(1.0)
+    has_cls = bool(state.protected[:, 0].all()) and bool((state.positions[:, 0] == 0).all())
+    attn = backbone.attention_from_cls(state, layer, query="cls" if has_cls else "mean")
+    cls_attention = torch.log1p(attn * n_alive)
+
+    norms = x.norm(dim=-1)
+    norm = norms / ((norms * vf).sum(dim=1, keepdim=True) / n_alive).clamp_min(1e-6)
+
+    unit = torch.nn.functional.normalize(x, dim=-1) * vf.unsqueeze(-1)
+    anchor = unit[:, 0] if has_cls else torch.nn.functional.normalize(unit.sum(dim=1), dim=-1)
+    cos_cls = (unit * anchor.unsqueeze(1)).sum(-1)
+    sims = unit @ unit.transpose(1, 2)  # [B, N, N]; padded rows/cols are 0
+    redundancy = (sims.sum(-1) - (unit * unit).sum(-1)) / (n_alive - 1).clamp_min(1.0)
+
+    pos_y, pos_x = token_positions(backbone, state)
+    normed = torch.nn.functional.layer_norm(x, x.shape[-1:])
+    proj = normed @ projection.to(x.dtype)
+    cols = [cls_attention, norm, cos_cls, redundancy, pos_y, pos_x, state.protected.to(x.dtype)]
+    feats = torch.cat([torch.stack(cols, dim=-1), proj], dim=-1)
+    return feats.clamp(-FEATURE_BOUND, FEATURE_BOUND) * vf.unsqueeze(-1)

@@ -1,0 +1,209 @@
+"""The token-pruning env: spaces, SB3/gymnasium checks, reward accounting, batched == single-row."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from stable_baselines3.common.vec_env import VecMonitor
+
+from policy_prune.backbones import adapt
+from policy_prune.env import ENV_ID, PruneVecEnv, TokenPruneEnv, task_term
+from policy_prune.errors import UserError
+from tests import tiny
+
+SITES = [1, 2]
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return adapt(tiny.make("timm-vit-reg4"))
+
+
+@pytest.fixture(scope="module")
+def vit_split():
+    return tiny.split("timm-vit-reg4", n=12)
+
+
+def _run_episode(env: gym.Env, actions) -> tuple[float, dict]:
+    total, info = 0.0, {}
+    for a in actions:
+        _, r, terminated, truncated, info = env.step(a)
+        total += r
+        assert not truncated
+    assert terminated
+    return total, info
+
+
+@pytest.mark.parametrize("name,task", [("timm-vit-reg4", "teacher_kl"), ("timm-deit-distilled", "label_ce"),
+                                       ("hf-bert", "cosine"), ("hf-vit-classifier", "teacher_agree")])
+def test_check_env_passes(name: str, task: str) -> None:
+    from gymnasium.utils.env_checker import check_env as gym_check
+    from stable_baselines3.common.env_checker import check_env as sb3_check
+
+    backbone = adapt(tiny.make(name))
+    split = tiny.split(name, n=6)
+    env = gym.make(ENV_ID, backbone=backbone, split=split, sites=SITES, task=task)
+    gym_check(env.unwrapped, skip_render_check=True)
+    with pytest.warns(UserWarning, match="unconventional shape"):  # token features are [N, F] by design
+        sb3_check(TokenPruneEnv(backbone, split, SITES, task=task))
+
+
+def test_spaces_and_protected_forced(vit, vit_split) -> None:
+    env = TokenPruneEnv(vit, vit_split, SITES)
+    obs, _ = env.reset(seed=3)
+    n = 16 + 5
+    assert obs["tokens"].shape == (n, env.core.spec.dim) and obs["alive"].sum() == n
+    assert np.isfinite(obs["tokens"]).all() and env.observation_space.contains(obs)
+    assert obs["context"].tolist()[:2] == [1.0, 0.0]
+    obs, r, *_ = env.step(np.zeros(n, dtype=np.int8))  # drop everything: protected tokens stay
+    assert obs["alive"].tolist() == [1] * 5 + [0] * 16
+    assert (obs["tokens"][5:] == 0).all()
+    obs, r, *_ = env.step(np.ones(n, dtype=np.int8))  # dead tokens cannot come back
+    assert obs["alive"].sum() == 5
+
+
+def test_keep_all_gives_full_flops_and_agreement(vit, vit_split) -> None:
+    env = TokenPruneEnv(vit, vit_split, SITES, lam=0.25, task="teacher_kl")
+    env.reset(seed=0)
+    total, info = _run_episode(env, [np.ones(21, dtype=np.int8)] * 2)
+    assert info["flops_ratio"] == pytest.approx(1.0, abs=1e-9)
+    assert info["agreement"] == 1.0 and info["keep_ratio"] == [1.0, 1.0] and info["tokens_kept"] == 21
+    assert info["task"] == pytest.approx(0.0, abs=1e-5)
+    assert total == pytest.approx(-0.25, abs=1e-5)
+
+
+def test_drop_all_gives_minimum_schedule_flops(vit, vit_split) -> None:
+    env = TokenPruneEnv(vit, vit_split, SITES, lam=1.0)
+    env.reset(seed=0)
+    _, info = _run_episode(env, [np.zeros(21, dtype=np.int8)] * 2)
+    expected = vit.schedule_flops(SITES, [5, 5], 21) / vit.full_flops(21)
+    assert info["flops_ratio"] == pytest.approx(expected, rel=1e-9)
+    assert info["tokens_kept"] == 5
+
+
+@pytest.mark.parametrize("task", ["teacher_kl", "teacher_agree", "label_ce", "label_acc", "cosine"])
+def test_return_equals_task_minus_lambda_flops(vit, vit_split, task: str) -> None:
+    """Recompute the episode independently with forward_pruned and the analytic schedule FLOPs."""
+    lam = 0.4
+    env = TokenPruneEnv(vit, vit_split, SITES, lam=lam, task=task)
+    _, info0 = env.reset(seed=5)
+    rng = np.random.default_rng(0)
+    actions = [rng.integers(0, 2, 21).astype(np.int8) for _ in SITES]
+    total, info = _run_episode(env, actions)
+
+    idx = torch.tensor([info0["sample"]])
+    x = vit_split.inputs[idx]
+
+    def keep_fn(state, i, layer):
+        return torch.as_tensor(actions[i]).bool()[state.positions]
+
+    with torch.no_grad():
+        out, _, counts = vit.forward_pruned(x, SITES, keep_fn)
+        teacher = vit(x)
+    flops = vit.schedule_flops(SITES, [int(c) for c in counts], 21) / vit.full_flops(21)
+    expected_task = float(task_term(task, out, teacher, vit_split.labels[idx]))
+    assert info["flops_ratio"] == pytest.approx(flops, rel=1e-6)
+    assert info["task"] == pytest.approx(expected_task, abs=1e-5)
+    assert total == pytest.approx(expected_task - lam * flops, abs=1e-5)
+
+
+def test_batched_equals_single_row(vit, vit_split) -> None:
+    n_envs, seed = 3, 11
+    vec = PruneVecEnv(vit, vit_split, n_envs, SITES, lam=0.3)
+    vec.seed(seed)
+    obs = vec.reset()
+    singles = [TokenPruneEnv(vit, vit_split, SITES, lam=0.3) for _ in range(n_envs)]
+    single_obs = [env.reset(seed=seed + i)[0] for i, env in enumerate(singles)]
+    rng = np.random.default_rng(1)
+    for _ in range(2 * len(SITES)):
+        for i in range(n_envs):
+            np.testing.assert_allclose(obs["tokens"][i], single_obs[i]["tokens"], atol=1e-4)
+            assert (obs["alive"][i] == single_obs[i]["alive"]).all()
+        actions = rng.integers(0, 2, (n_envs, 21)).astype(np.int8)
+        obs, rewards, dones, infos = vec.step(actions)
+        for i, env in enumerate(singles):
+            o, r, term, _, info = env.step(actions[i])
+            assert r == pytest.approx(float(rewards[i]), abs=1e-5)
+            assert term == bool(dones[i])
+            if term:
+                assert info["sample"] == infos[i]["sample"]
+                np.testing.assert_allclose(infos[i]["terminal_observation"]["alive"], o["alive"])
+                o, _ = env.reset()
+            single_obs[i] = o
+
+
+def test_vecmonitor_and_seeding(vit, vit_split) -> None:
+    def rollout(seed: int) -> list[float]:
+        vec = VecMonitor(PruneVecEnv(vit, vit_split, 4, SITES))
+        vec.seed(seed)
+        vec.reset()
+        rng = np.random.default_rng(seed)
+        episodes = []
+        for _ in range(2 * len(SITES)):
+            _, _, dones, infos = vec.step(rng.integers(0, 2, (4, 21)))
+            episodes += [info["episode"]["r"] for info in infos if "episode" in info]
+        return episodes
+
+    first = rollout(7)
+    assert len(first) == 8 and first == rollout(7)
+    assert first != rollout(8)
+
+
+def test_teacher_is_cached_once_per_sample(vit, vit_split, monkeypatch) -> None:
+    vec = PruneVecEnv(vit, vit_split, 6, SITES, sequential=True)
+    calls = []
+    original = type(vit).forward
+    monkeypatch.setattr(type(vit), "forward", lambda self, x: calls.append(len(x)) or original(self, x))
+    vec.reset()
+    for _ in range(4 * len(SITES)):  # 4 episodes x 6 rows = 2 sweeps over the 12 samples
+        vec.step(np.ones((6, 21)))
+    assert sum(calls) == 12
+
+
+def test_sequential_sweep_covers_split(vit, vit_split) -> None:
+    vec = PruneVecEnv(vit, vit_split, 4, SITES, sequential=True)
+    vec.reset()
+    seen = []
+    for _ in range(3 * len(SITES)):
+        _, _, dones, infos = vec.step(np.ones((4, 21)))
+        seen += [info["sample"] for info in infos if dones[0]]
+    assert sorted(seen) == list(range(12))
+
+
+def test_text_padding_is_never_alive() -> None:
+    backbone = adapt(tiny.make("hf-bert"))
+    split = tiny.split("hf-bert", n=3, labels=False)
+    vec = PruneVecEnv(backbone, split, 3, SITES, task="cosine", sequential=True)
+    obs = vec.reset()
+    lengths = split.inputs["attention_mask"].sum(1)
+    assert obs["alive"].sum(1).tolist() == lengths.tolist()
+    _, _, _, infos = vec.step(np.ones((3, 12)))
+    _, _, dones, infos = vec.step(np.ones((3, 12)))
+    assert dones.all() and [i["tokens_kept"] for i in infos] == lengths.tolist()
+    assert all(i["cosine"] == pytest.approx(1.0, abs=1e-5) for i in infos)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"sites": [1, 4]}, "sites"),
+        ({"sites": [2, 1]}, "sites"),
+        ({"sites": []}, "site"),
+        ({"lam": -0.1}, "lambda"),
+        ({"task": "accuracy"}, "unknown task"),
+        ({"task": "label_acc", "labels": False}, "needs labels"),
+    ],
+)
+def test_bad_configuration_fails_at_construction(vit, kwargs: dict, match: str) -> None:
+    split = tiny.split("timm-vit-reg4", n=4, labels=kwargs.pop("labels", True))
+    args = {"sites": SITES, **kwargs}
+    with pytest.raises(UserError, match=match):
+        TokenPruneEnv(vit, split, **args)
+
+
+def test_logit_task_on_embedding_model_is_rejected() -> None:
+    backbone = adapt(tiny.make("hf-bert"))
+    with pytest.raises(UserError, match="classifier"):
+        PruneVecEnv(backbone, tiny.split("hf-bert", n=3, labels=False), 2, SITES, task="teacher_kl")
