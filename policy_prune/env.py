@@ -27,6 +27,7 @@ from policy_prune import ops
 from policy_prune.backbones.base import TokenBackbone, TokenState
 from policy_prune.errors import UserError
 from policy_prune.features import FEATURE_BOUND, FeatureSpec, make_projection, token_features
+from policy_prune.scorer import row_full_flops, site_context, spent_fraction
 
 ENV_ID = "PolicyPrune/TokenPrune-v0"
 TASKS = ("teacher_kl", "teacher_agree", "label_ce", "label_acc", "cosine")
@@ -91,7 +92,6 @@ class PruneCore:
         self.projection = make_projection(width, self.spec).to(device)
         with torch.inference_mode():
             self.n_tokens = backbone.embed(self._inputs(torch.tensor([0]))).n_full
-        self.full_flops = float(backbone.full_flops(self.n_tokens))
         self._teacher: torch.Tensor | None = None
         self._cached = torch.zeros(len(split), dtype=torch.bool)
         self.observation_space = spaces.Dict(
@@ -128,10 +128,10 @@ class PruneCore:
         state = self.backbone.embed(self._inputs(self.idx))
         state = self.backbone.run_blocks(state, 0, self.sites[0])
         b = len(self.idx)
-        n = state.alive_counts.float()
-        pre = self.backbone.embed_flops(self.n_tokens) + self.sites[0] * self.backbone.block_flops(n)
+        # Each row's own full cost: text rows differ in length, and padding is not work.
+        self.full = row_full_flops(self.backbone, state.alive_counts, self.n_tokens)
         # The part before the first site runs whatever the policy does; site 0's reward pays for it.
-        self.pending = torch.as_tensor(pre, dtype=torch.float64).expand(b).clone() / self.full_flops
+        self.pending = spent_fraction(self.backbone, self.sites, state.alive_counts, [], self.n_tokens)
         self.spent = torch.zeros(b, dtype=torch.float64)
         self.t = 0
         self.keep_ratios: list[torch.Tensor] = []
@@ -149,15 +149,13 @@ class PruneCore:
         tokens = feats.new_zeros(b, n, self.spec.dim)
         tokens.scatter_add_(1, s.positions.unsqueeze(-1).expand(-1, -1, self.spec.dim), feats)
         alive = ops.scatter_to_grid(s.valid.float(), s.positions, s.valid, n)
-        context = torch.zeros(b, len(self.sites) + 2)
-        if not final:
-            context[:, self.t] = 1.0
-        context[:, -2] = s.alive_counts.float().cpu() / n
-        context[:, -1] = (self.spent + self.pending).float().clamp(0.0, 1.0)
+        context = site_context(s, self.t, len(self.sites), self.spent + self.pending)
+        if final:
+            context[:, self.t] = 0.0  # no site left to decide at
         return {
             "tokens": tokens.cpu().numpy().astype(np.float32),
             "alive": alive.cpu().numpy().astype(np.int8),
-            "context": context.numpy(),
+            "context": context.cpu().numpy(),
         }
 
     @torch.inference_mode()
@@ -176,7 +174,7 @@ class PruneCore:
         seg = (stop - site) * self.backbone.block_flops(counts.double().cpu())
         if last:
             seg = seg + self.backbone.head_flops()
-        cost = self.pending + torch.as_tensor(seg, dtype=torch.float64) / self.full_flops
+        cost = self.pending + torch.as_tensor(seg, dtype=torch.float64) / self.full
         self.pending = torch.zeros_like(self.pending)
         self.spent = self.spent + cost
         rewards = -self.lam * cost

@@ -182,6 +182,7 @@ def test_text_padding_is_never_alive() -> None:
     _, _, _, infos = vec.step(np.ones((3, 12)))
     _, _, dones, infos = vec.step(np.ones((3, 12)))
     assert dones.all() and [i["tokens_kept"] for i in infos] == lengths.tolist()
+    assert all(i["flops_ratio"] == pytest.approx(1.0) for i in infos)  # padding is not counted as work
     assert all(i["cosine"] == pytest.approx(1.0, abs=1e-5) for i in infos)
 
 

@@ -1,0 +1,146 @@
+"""Token scorers and decision rules: the one interface that learned policies and baselines share.
+
+A scorer gives every alive token of a state a score (higher = keep) at a pruning site; a decision
+rule turns scores into a keep mask: ``threshold`` (per-sample counts) or ``keep_ratio`` (fixed counts
+per site: static shapes). ``keep_fn`` adapts a scorer + rule to ``TokenBackbone.forward_pruned``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from policy_prune.backbones.base import KeepFn, TokenBackbone, TokenState
+from policy_prune.features import FeatureSpec, make_projection, token_features
+
+
+class Scorer(Protocol):
+    """Anything that scores tokens at a site (learned scorer or heuristic baseline)."""
+
+    def scores(self, backbone: TokenBackbone, state: TokenState, site_index: int, layer: int) -> torch.Tensor:
+        """[B, N] scores over the state's slots (higher = keep); invalid slots are ignored by rules."""
+        ...
+
+
+class TokenScorer(nn.Module):
+    """The policy's actor: an MLP shared across tokens, [token features | context] -> one keep logit."""
+
+    def __init__(self, feature_dim: int, context_dim: int, hidden: Sequence[int] = (64, 64), init_keep_logit: float = 3.0) -> None:
+        super().__init__()
+        dims = [feature_dim + context_dim, *hidden]
+        layers: list[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:], strict=True):
+            layers += [nn.Linear(a, b), nn.Tanh()]
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Linear(dims[-1], 1)
+        # Start near keep-all (sigmoid(3) = 0.95): early episodes stay accurate and pruning is learned.
+        nn.init.orthogonal_(self.out.weight, gain=0.01)
+        nn.init.constant_(self.out.bias, init_keep_logit)
+        self.feature_dim = feature_dim
+        self.context_dim = context_dim
+        self.hidden = list(hidden)
+
+    def forward(self, tokens: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """tokens [B, N, F], context [B, G] -> logits [B, N]."""
+        ctx = context.unsqueeze(1).expand(-1, tokens.shape[1], -1)
+        return self.out(self.body(torch.cat([tokens, ctx], dim=-1))).squeeze(-1)
+
+
+def site_context(state: TokenState, site_index: int, n_sites: int, spent: torch.Tensor) -> torch.Tensor:
+    """[B, G] context exactly as the env builds it: site one-hot, alive fraction, compute spent."""
+    b = state.valid.shape[0]
+    ctx = torch.zeros(b, n_sites + 2, device=state.tokens.device)
+    ctx[:, site_index] = 1.0
+    ctx[:, -2] = state.alive_counts.float() / state.n_full
+    ctx[:, -1] = spent.float().clamp(0.0, 1.0).to(ctx.device)
+    return ctx
+
+
+def spent_fraction(backbone: TokenBackbone, sites: Sequence[int], n0: torch.Tensor, kept: Sequence[torch.Tensor], n_full: int) -> torch.Tensor:
+    """[B] FLOPs fraction used before the decision at ``sites[len(kept)]``.
+
+    n0: [B] tokens per row at embedding (text rows differ); kept[i]: [B] tokens kept at site i.
+    The env's per-step costs add up to the same number.
+    """
+    n0 = n0.double().cpu()
+    total = backbone.embed_flops(n_full) + sites[0] * backbone.block_flops(n0)
+    for i, k in enumerate(kept):
+        total = total + (sites[i + 1] - sites[i]) * backbone.block_flops(k.double().cpu())
+    return total / row_full_flops(backbone, n0, n_full)
+
+
+def row_full_flops(backbone: TokenBackbone, n0: torch.Tensor, n_full: int) -> torch.Tensor:
+    """[B] FLOPs of the unpruned model on each row's own token count (padding is not work)."""
+    blocks = backbone.depth * backbone.block_flops(n0.double().cpu())
+    return torch.as_tensor(backbone.embed_flops(n_full) + blocks + backbone.head_flops(), dtype=torch.float64)
+
+
+@dataclass
+class LearnedScorer:
+    """A trained TokenScorer with the feature spec and projection it was trained on."""
+
+    net: TokenScorer
+    sites: list[int]
+    spec: FeatureSpec = field(default_factory=FeatureSpec)
+    projection: torch.Tensor | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def scores(self, backbone: TokenBackbone, state: TokenState, site_index: int, layer: int) -> torch.Tensor:
+        """Logits [B, N] from features + context (context assumes earlier sites kept all tokens)."""
+        n0 = state.alive_counts
+        return self.scores_in_episode(backbone, state, site_index, layer, n0, [n0] * site_index)
+
+    def scores_in_episode(self, backbone: TokenBackbone, state: TokenState, site_index: int, layer: int,
+                          n0: torch.Tensor, kept: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Logits [B, N] with the exact compute-spent context of this episode's earlier decisions."""
+        if self.projection is None:
+            self.projection = make_projection(backbone.block_shape.width, self.spec)
+        feats = token_features(backbone, state, layer, self.projection.to(state.tokens.device), self.spec)
+        spent = spent_fraction(backbone, self.sites, n0, kept, state.n_full)
+        return self.net(feats, site_context(state, site_index, len(self.sites), spent))
+
+
+def decide(scores: torch.Tensor, state: TokenState, rule: str, value: float) -> torch.Tensor:
+    """Keep mask [B, N] from scores [B, N].
+
+    rule="threshold": keep where score > value (for a learned scorer's logits, 0 = probability 0.5).
+    rule="keep_ratio": keep the top round(value * prunable) prunable alive tokens of every row, so all
+    rows keep the same count when they have the same number of alive tokens (static shapes).
+    Protected tokens are always kept by the pruning op itself.
+    """
+    prunable = state.valid & ~state.protected
+    if rule == "threshold":
+        return (scores > value) & prunable
+    if rule == "keep_ratio":
+        n_prunable = prunable.sum(dim=1)
+        k = torch.round(value * n_prunable.float()).long()
+        masked = scores.masked_fill(~prunable, float("-inf"))
+        order = masked.argsort(dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+        return (rank < k.unsqueeze(1)) & prunable
+    raise ValueError(f"unknown decision rule {rule!r} (threshold or keep_ratio)")
+
+
+def make_keep_fn(backbone: TokenBackbone, scorer: Any, rule: str, values: float | Sequence[float]) -> KeepFn:
+    """A KeepFn for ``backbone.forward_pruned``: ``values`` is one number or one per site."""
+    per_site = [float(values)] if isinstance(values, (int, float)) else [float(v) for v in values]
+    n0: list[torch.Tensor] = []
+    kept: list[torch.Tensor] = []
+
+    def fn(state: TokenState, site_index: int, layer: int) -> torch.Tensor:
+        if site_index == 0:  # a new forward pass: forget the previous one's counts
+            n0[:] = [state.alive_counts]
+            kept.clear()
+        if isinstance(scorer, LearnedScorer):
+            s = scorer.scores_in_episode(backbone, state, site_index, layer, n0[0], kept)
+        else:
+            s = scorer.scores(backbone, state, site_index, layer)
+        keep = decide(s, state, rule, per_site[min(site_index, len(per_site) - 1)])
+        kept.append((keep | (state.protected & state.valid)).sum(dim=1))
+        return keep
+
+    return fn
