@@ -15,6 +15,7 @@ from policy_prune.errors import UserError
 VERBS: dict[str, tuple[str, str]] = {
     "info": ("policy_prune.info", "show versions, shipped presets and backbone adapters (proves the install)"),
     "pretrain": ("policy_prune.pretrain", "fit and cache the embedded default backbone of an env"),
+    "train": ("policy_prune.train", "train a token-pruning policy (default: digits-vit + ppo)"),
     "bench": ("policy_prune.bench", "measure wall-clock speed of pruned vs original execution"),
 }
 

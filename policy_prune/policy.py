@@ -1,0 +1,197 @@
+"""The SB3 actor-critic whose actor IS the token scorer.
+
+Custom networks enter through SB3's seams: ``policy_kwargs`` (scorer / critic sizes) and a pass-through
+features extractor for the Dict observation. The action distribution is a masked Bernoulli: only alive,
+unprotected tokens are stochastic; dead tokens are always 0 and protected tokens always 1, and neither
+contributes to log-probabilities or entropy.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from gymnasium import spaces
+from stable_baselines3.common.distributions import Distribution
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from torch import nn
+from torch.nn import functional as F
+
+from policy_prune.errors import UserError
+from policy_prune.features import BASE_FEATURES, FeatureSpec
+from policy_prune.scorer import LearnedScorer, TokenScorer
+
+PROTECTED_COLUMN = BASE_FEATURES.index("protected")
+
+
+class TokenObsExtractor(BaseFeaturesExtractor):
+    """Pass the Dict observation through unchanged: the scorer works per token, not on a flat vector."""
+
+    def __init__(self, observation_space: spaces.Dict) -> None:
+        super().__init__(observation_space, features_dim=1)
+
+    def forward(self, observations: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return observations
+
+
+class MaskedBernoulli(Distribution):
+    """Independent Bernoulli keep decisions over the free (alive, unprotected) tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logits: torch.Tensor
+        self.free: torch.Tensor
+        self.protected: torch.Tensor
+
+    def proba_distribution_net(self, *args: Any, **kwargs: Any) -> nn.Module:
+        raise NotImplementedError("the TokenScorer is the distribution's network")
+
+    def proba_distribution(self, logits: torch.Tensor, free: torch.Tensor, protected: torch.Tensor) -> MaskedBernoulli:  # type: ignore[override]
+        """logits, free, protected: [B, N]."""
+        self.logits, self.free, self.protected = logits, free.float(), protected.float()
+        return self
+
+    def log_prob(self, actions: torch.Tensor) -> torch.Tensor:
+        """[B] summed log-probability of the free tokens' decisions."""
+        lp = -F.binary_cross_entropy_with_logits(self.logits, actions.float(), reduction="none")
+        return (lp * self.free).sum(dim=-1)
+
+    def entropy(self) -> torch.Tensor:
+        """[B] summed entropy of the free tokens."""
+        ent = F.binary_cross_entropy_with_logits(self.logits, torch.sigmoid(self.logits), reduction="none")
+        return (ent * self.free).sum(dim=-1)
+
+    def _fill(self, free_actions: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.free.bool(), free_actions, self.protected)
+
+    def sample(self) -> torch.Tensor:
+        return self._fill(torch.bernoulli(torch.sigmoid(self.logits)))
+
+    def mode(self) -> torch.Tensor:
+        return self._fill((self.logits > 0).float())
+
+    def actions_from_params(self, logits: torch.Tensor, free: torch.Tensor, protected: torch.Tensor,  # type: ignore[override]
+                            deterministic: bool = False) -> torch.Tensor:
+        self.proba_distribution(logits, free, protected)
+        return self.get_actions(deterministic=deterministic)
+
+    def log_prob_from_params(self, logits: torch.Tensor, free: torch.Tensor,  # type: ignore[override]
+                             protected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        actions = self.actions_from_params(logits, free, protected)
+        return actions, self.log_prob(actions)
+
+
+class PooledCritic(nn.Module):
+    """Value of a state: per-token embedding, mean-pooled over alive tokens, with the context."""
+
+    def __init__(self, feature_dim: int, context_dim: int, hidden: Sequence[int] = (64,)) -> None:
+        super().__init__()
+        width = hidden[0]
+        self.token = nn.Sequential(nn.Linear(feature_dim, width), nn.Tanh())
+        dims = [width + context_dim, *hidden]
+        layers: list[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:], strict=True):
+            layers += [nn.Linear(a, b), nn.Tanh()]
+        self.body = nn.Sequential(*layers, nn.Linear(dims[-1], 1))
+
+    def forward(self, tokens: torch.Tensor, alive: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """tokens [B, N, F], alive [B, N], context [B, G] -> values [B, 1]."""
+        w = alive.unsqueeze(-1)
+        pooled = (self.token(tokens) * w).sum(1) / w.sum(1).clamp_min(1.0)
+        return self.body(torch.cat([pooled, context], dim=-1))
+
+
+class TokenScorerPolicy(ActorCriticPolicy):
+    """Actor = TokenScorer (shared MLP per token), critic = PooledCritic, masked Bernoulli actions."""
+
+    def __init__(
+        self,
+        observation_space: spaces.Dict,
+        action_space: spaces.MultiBinary,
+        lr_schedule: Any,
+        scorer_hidden: Sequence[int] = (64, 64),
+        critic_hidden: Sequence[int] = (64,),
+        init_keep_logit: float = 3.0,
+        **kwargs: Any,
+    ) -> None:
+        self.scorer_hidden = list(scorer_hidden)
+        self.critic_hidden = list(critic_hidden)
+        self.init_keep_logit = init_keep_logit
+        kwargs.setdefault("features_extractor_class", TokenObsExtractor)
+        super().__init__(observation_space, action_space, lr_schedule, **kwargs)
+
+    def _build(self, lr_schedule: Any) -> None:
+        obs_space: Any = self.observation_space
+        feature_dim = obs_space["tokens"].shape[-1]
+        context_dim = obs_space["context"].shape[0]
+        self.scorer = TokenScorer(feature_dim, context_dim, self.scorer_hidden, self.init_keep_logit)
+        self.critic = PooledCritic(feature_dim, context_dim, self.critic_hidden)
+        self.action_dist = MaskedBernoulli()
+        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)  # type: ignore[call-arg]
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(scorer_hidden=self.scorer_hidden, critic_hidden=self.critic_hidden,
+                    init_keep_logit=self.init_keep_logit)
+        return data
+
+    def _dist(self, obs: dict[str, torch.Tensor]) -> MaskedBernoulli:
+        tokens, alive = obs["tokens"], obs["alive"].float()
+        protected = (tokens[..., PROTECTED_COLUMN] > 0.5) & (alive > 0)
+        logits = self.scorer(tokens, obs["context"])
+        dist: MaskedBernoulli = self.action_dist  # type: ignore[assignment]
+        return dist.proba_distribution(logits, (alive > 0) & ~protected, protected)
+
+    def _values(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.critic(obs["tokens"], obs["alive"].float(), obs["context"])
+
+    def forward(self, obs: Any, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        feats = self.extract_features(obs)
+        dist = self._dist(feats)  # type: ignore[arg-type]
+        actions = dist.get_actions(deterministic=deterministic)
+        return actions, self._values(feats), dist.log_prob(actions)  # type: ignore[arg-type]
+
+    def evaluate_actions(self, obs: Any, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        feats = self.extract_features(obs)
+        dist = self._dist(feats)  # type: ignore[arg-type]
+        return self._values(feats), dist.log_prob(actions), dist.entropy()  # type: ignore[arg-type]
+
+    def get_distribution(self, obs: Any) -> Distribution:
+        return self._dist(self.extract_features(obs))  # type: ignore[arg-type]
+
+    def predict_values(self, obs: Any) -> torch.Tensor:
+        return self._values(self.extract_features(obs))  # type: ignore[arg-type]
+
+    def learned_scorer(self, sites: Sequence[int], spec: FeatureSpec | None = None, projection: torch.Tensor | None = None) -> LearnedScorer:
+        """The actor as a standalone LearnedScorer (a copy on the CPU, in eval mode)."""
+        net = TokenScorer(self.scorer.feature_dim, self.scorer.context_dim, self.scorer.hidden)
+        net.load_state_dict({k: v.detach().cpu() for k, v in self.scorer.state_dict().items()})
+        return LearnedScorer(net.eval(), list(sites), spec or FeatureSpec(), projection)
+
+
+def load_learned_scorer(checkpoint: Path, sites: Sequence[int], spec: FeatureSpec | None = None) -> LearnedScorer:
+    """The scorer inside an SB3 checkpoint zip, read without unpickling.
+
+    SB3 zips hold ``policy.pth`` (a state dict) next to JSON ``data``; the state dict is read with
+    ``torch.load(weights_only=True)``, which refuses arbitrary objects.
+    """
+    try:
+        with zipfile.ZipFile(checkpoint) as zf:
+            state = torch.load(io.BytesIO(zf.read("policy.pth")), map_location="cpu", weights_only=True)
+            data = json.loads(zf.read("data"))
+    except (OSError, KeyError, zipfile.BadZipFile, RuntimeError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read checkpoint {checkpoint}: {exc}") from None
+    kwargs = data.get("policy_kwargs", {})
+    hidden = [int(h) for h in kwargs.get("scorer_hidden", [64, 64])] if isinstance(kwargs, dict) else [64, 64]
+    weights = {k.removeprefix("scorer."): v for k, v in state.items() if k.startswith("scorer.")}
+    in_dim = weights["body.0.weight"].shape[1]
+    spec = spec or FeatureSpec()
+    net = TokenScorer(spec.dim, in_dim - spec.dim, hidden)
+    net.load_state_dict(weights)
+    return LearnedScorer(net.eval(), list(sites), spec)

@@ -1,0 +1,302 @@
+"""``policy-prune train``: learn a token-pruning policy with stable-baselines3 on the batched env.
+
+Writes ``runs/<env>__<agent>__<seed>__<time>/`` with ``config.yaml`` (the complete resolved config),
+``metrics.jsonl`` (SB3 + pruning + validation metrics), ``checkpoints/last.zip`` (atomic), the exported
+``scorer/`` and ``eval/summary.json`` (held-out comparison with keep-all and a random policy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from policy_prune.config import (
+    AgentConfig,
+    ConfigError,
+    EnvConfig,
+    apply_overrides,
+    from_dict,
+    load_agent_config,
+    load_env_config,
+    to_dict,
+)
+from policy_prune.errors import UserError
+
+ALGOS = ("ppo", "a2c")
+
+
+@dataclass
+class TrainConfig:
+    """How long and how a run trains; everything else lives in the env and agent presets."""
+
+    timesteps: int = 150_000
+    """Environment steps (one step = one pruning decision for one row)."""
+    seed: int = 0
+    """Seed of torch, numpy, the env's sample order and SB3."""
+    device: str = "cpu"
+    """Torch device for the backbone and the policy."""
+    eval_every: int = 15_000
+    """Validate the deterministic policy every this many timesteps."""
+    eval_samples: int = 512
+    """Validation samples per periodic evaluation."""
+    test_samples: int = 1024
+    """Test samples for the final comparison with keep-all and random policies."""
+    checkpoint_every: int = 15_000
+    """Save checkpoints/last.zip every this many timesteps (a kill loses at most this much)."""
+    track: str | None = None
+    """"wandb" to track the run in Weights & Biases; None touches nothing."""
+    name: str | None = None
+    """Run folder name (default <env>__<agent>__<seed>__<time>)."""
+    runs_dir: str = "runs"
+    """Folder that holds run folders."""
+    threads: int | None = None
+    """torch intra-op threads (None: torch's default)."""
+
+
+@dataclass
+class RunConfig:
+    """The complete resolved config of a run: written to config.yaml and logged to W&B."""
+
+    env: EnvConfig = field(default_factory=EnvConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    agent_name: str = "ppo"
+    """Name of the agent preset (used in the run folder name)."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--env", default="digits-vit", help="env preset name or YAML path")
+    p.add_argument("--agent", default="ppo", help="agent preset name or YAML path (ppo, a2c)")
+    p.add_argument("--lam", type=float, default=None, help="compute penalty lambda (overrides the env preset)")
+    p.add_argument("--timesteps", type=int, default=None, help="total environment steps")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    p.add_argument("--name", default=None, help="run folder name")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value: env.reward.task=teacher_agree, agent.hyperparams.n_steps=96, train.eval_every=5000")
+    p.add_argument("--device", default=None, help="cpu or cuda")
+    p.add_argument("--track", choices=("wandb",), default=None, help="track the run in Weights & Biases")
+    p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.add_argument("--runs-dir", default=None, help="where run folders are created (default ./runs)")
+
+
+# ---- configuration --------------------------------------------------------------------------------
+def resolve_config(args: argparse.Namespace) -> RunConfig:
+    """Presets + flags + --set overrides -> one validated RunConfig."""
+    env_over: list[str] = []
+    agent_over: list[str] = []
+    train_over: list[str] = []
+    for item in args.overrides:
+        scope, _, rest = item.partition(".")
+        target = {"env": env_over, "agent": agent_over, "train": train_over}.get(scope)
+        if target is None or not rest:
+            raise ConfigError(f"--set {item!r}: keys start with env., agent. or train.")
+        target.append(rest)
+    env_cfg = load_env_config(args.env, env_over)
+    agent_cfg = load_agent_config(args.agent, agent_over)
+    train_raw: dict[str, Any] = {}
+    for flag, key in (("timesteps", "timesteps"), ("seed", "seed"), ("device", "device"), ("track", "track"),
+                      ("name", "name"), ("runs_dir", "runs_dir")):
+        if getattr(args, flag) is not None:
+            train_raw[key] = getattr(args, flag)
+    train_cfg = from_dict(TrainConfig, apply_overrides(train_raw, train_over), "train")
+    if args.lam is not None:
+        env_cfg.reward.lam = args.lam
+    cfg = RunConfig(env_cfg, agent_cfg, train_cfg, Path(args.agent).stem)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    if cfg.agent.algo not in ALGOS:
+        raise ConfigError(f"agent.algo must be one of {', '.join(ALGOS)}, got {cfg.agent.algo!r}")
+    if cfg.train.timesteps <= 0 or cfg.train.eval_every <= 0 or cfg.train.checkpoint_every <= 0:
+        raise ConfigError("train.timesteps, train.eval_every and train.checkpoint_every must be positive")
+    n_steps = cfg.agent.hyperparams.get("n_steps")
+    if n_steps is not None and int(n_steps) % len(cfg.env.sites) != 0:
+        raise ConfigError(f"agent n_steps={n_steps} must be a multiple of the number of sites ({len(cfg.env.sites)})")
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"not a run folder (no config.yaml): {run_dir}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        raise UserError(f"corrupt config.yaml in {run_dir}") from None
+    return from_dict(RunConfig, data, str(path))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write then rename, so a kill never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def new_run_dir(cfg: RunConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = cfg.train.name or f"{cfg.env.name}__{cfg.agent_name}__{cfg.train.seed}__{stamp}"
+    run_dir = Path(cfg.train.runs_dir) / name
+    if run_dir.exists():
+        raise UserError(f"run folder already exists: {run_dir} (use --resume to continue it, or another --name)")
+    (run_dir / "checkpoints").mkdir(parents=True)
+    return run_dir
+
+
+# ---- the run -------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    console = Console()
+    if args.resume is not None:
+        run_dir = args.resume
+        cfg = load_run_config(run_dir)
+        if args.timesteps is not None:
+            cfg.train.timesteps = args.timesteps
+        if not (run_dir / "checkpoints" / "last.zip").is_file():
+            raise UserError(f"no checkpoint to resume from in {run_dir / 'checkpoints'}")
+    else:
+        cfg = resolve_config(args)
+        run_dir = new_run_dir(cfg)
+        write_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    summary = train(cfg, run_dir, console, resume=args.resume is not None)
+    print_summary(console, summary, run_dir)
+    return 0
+
+
+def train(cfg: RunConfig, run_dir: Path, console: Any, resume: bool = False) -> dict[str, Any]:
+    """Train (or resume) the run in ``run_dir``; returns the held-out summary."""
+    import torch
+    from stable_baselines3.common.logger import Logger
+    from stable_baselines3.common.utils import set_random_seed
+    from stable_baselines3.common.vec_env import VecMonitor
+
+    from policy_prune.factory import make_vec_env, resolve
+    from policy_prune.tracking import JsonlFormat, WandbFormat, start_wandb, truncate_metrics
+
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    set_random_seed(cfg.train.seed)
+    backbone, splits = resolve(cfg.env, seed=cfg.train.seed, device=cfg.train.device, console=console)
+    env = VecMonitor(make_vec_env(cfg.env, backbone, splits["train"], cfg.agent.n_envs, device=cfg.train.device))
+    ckpt = run_dir / "checkpoints" / "last.zip"
+    model = load_agent(cfg, env, ckpt) if resume else make_agent(cfg, env)
+    if resume:
+        truncate_metrics(run_dir / "metrics.jsonl", model.num_timesteps)
+        console.print(f"resuming {run_dir.name} at {model.num_timesteps} / {cfg.train.timesteps} timesteps")
+    wandb_run = None
+    formats: list[Any] = [JsonlFormat(run_dir / "metrics.jsonl")]
+    if cfg.train.track == "wandb":
+        wandb_run = start_wandb(to_dict(cfg), run_dir, run_dir.name, console, resume_id=_wandb_id(run_dir))
+        (run_dir / "wandb_id").write_text(wandb_run.id)
+        formats.append(WandbFormat(wandb_run))
+    model.set_logger(Logger(folder=str(run_dir), output_formats=formats))
+
+    from policy_prune.callbacks import make_callbacks
+
+    callbacks, progress = make_callbacks(cfg, run_dir, backbone, splits["val"], console)
+    remaining = max(cfg.train.timesteps - model.num_timesteps, 0)
+    with progress:
+        model.learn(remaining, callback=callbacks, reset_num_timesteps=not resume, log_interval=1)
+    save_checkpoint(model, ckpt)
+    summary = final_evaluation(cfg, model, backbone, splits["test"], run_dir)
+    export_run_scorer(cfg, model, backbone, run_dir, summary)
+    if wandb_run is not None:
+        from policy_prune.tracking import log_summary
+
+        log_summary(wandb_run, run_dir, summary)
+        wandb_run.finish()
+    return summary
+
+
+def _wandb_id(run_dir: Path) -> str | None:
+    path = run_dir / "wandb_id"
+    return path.read_text().strip() if path.exists() else None
+
+
+def make_agent(cfg: RunConfig, env: Any) -> Any:
+    from stable_baselines3 import A2C, PPO
+
+    from policy_prune.policy import TokenScorerPolicy
+
+    algo: Any = {"ppo": PPO, "a2c": A2C}[cfg.agent.algo]
+    hyper = dict(cfg.agent.hyperparams)
+    if cfg.agent.algo == "a2c":
+        for key in ("batch_size", "n_epochs", "clip_range", "target_kl"):  # PPO-only settings
+            hyper.pop(key, None)
+    policy_kwargs = {"scorer_hidden": cfg.agent.scorer_hidden, "critic_hidden": cfg.agent.critic_hidden}
+    try:
+        return algo(TokenScorerPolicy, env, seed=cfg.train.seed, device=cfg.train.device, verbose=0,
+                    policy_kwargs=policy_kwargs, **hyper)
+    except TypeError as exc:
+        raise ConfigError(f"agent.hyperparams: {exc}") from None
+
+
+def load_agent(cfg: RunConfig, env: Any, ckpt: Path) -> Any:
+    from stable_baselines3 import A2C, PPO
+
+    algo: Any = {"ppo": PPO, "a2c": A2C}[cfg.agent.algo]
+    return algo.load(ckpt, env=env, device=cfg.train.device)
+
+
+def save_checkpoint(model: Any, path: Path) -> None:
+    """model.save to a temporary file, then an atomic rename: a kill mid-save keeps the previous one."""
+    tmp = path.with_name("last.tmp.zip")
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+# ---- held-out comparison -------------------------------------------------------------------------
+def final_evaluation(cfg: RunConfig, model: Any, backbone: Any, split: Any, run_dir: Path) -> dict[str, Any]:
+    """Learned policy vs keep-all vs a random policy with the learned policy's keep ratio per site."""
+    from policy_prune.rollout import evaluate_policy_split, keep_all_policy, model_policy, random_policy
+
+    n = min(cfg.train.test_samples, len(split))
+    kwargs = dict(env_cfg=cfg.env, backbone=backbone, split=split, n_samples=n, device=cfg.train.device)
+    learned = evaluate_policy_split(model_policy(model), **kwargs)  # type: ignore[arg-type]
+    keep_all = evaluate_policy_split(keep_all_policy(), **kwargs)  # type: ignore[arg-type]
+    rand = evaluate_policy_split(random_policy(learned["free_keep_ratio"], cfg.train.seed), **kwargs)  # type: ignore[arg-type]
+    summary = {"split": split.name, "samples": n, "lam": cfg.env.reward.lam, "task": cfg.env.reward.task,
+               "timesteps": int(model.num_timesteps),
+               "methods": {"learned": learned, "keep-all": keep_all, "random-same-ratio": rand}}
+    (run_dir / "eval").mkdir(exist_ok=True)
+    write_atomic(run_dir / "eval" / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def export_run_scorer(cfg: RunConfig, model: Any, backbone: Any, run_dir: Path, summary: dict[str, Any]) -> Path | None:
+    """Export the actor as the run's scorer artifact (run_dir/scorer)."""
+    try:
+        from policy_prune.scorer_io import save_scorer
+    except ImportError:  # pragma: no cover - scorer_io ships with the package
+        return None
+    learned = summary["methods"]["learned"]
+    metrics = {k: learned[k] for k in ("return", "task", "flops_ratio", "agreement", "accuracy", "cosine") if k in learned}
+    scorer = model.policy.learned_scorer(cfg.env.sites)
+    rule = {"rule": "threshold", "values": [0.0] * len(cfg.env.sites)}
+    return save_scorer(scorer, run_dir / "scorer", backbone.signature(), cfg.env.reward.lam, metrics, rule)
+
+
+def print_summary(console: Any, summary: dict[str, Any], run_dir: Path) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"held-out {summary['split']} ({summary['samples']} samples, lambda={summary['lam']})")
+    for col in ("policy", "return", "task", "agreement", "accuracy", "FLOPs ratio", "keep ratio per site"):
+        table.add_column(col, justify="right")
+    for name, m in summary["methods"].items():
+        table.add_row(name, f"{m['return']:.4f}", f"{m['task']:.4f}", _fmt(m.get("agreement")), _fmt(m.get("accuracy")),
+                      f"{m['flops_ratio']:.3f}", " ".join(f"{r:.2f}" for r in m["keep_ratio"]))
+    console.print(table)
+    console.print(f"run folder: {run_dir}")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

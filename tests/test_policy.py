@@ -1,0 +1,102 @@
+"""The SB3 token-scorer policy: masked Bernoulli, near keep-all init, save/load, scorer extraction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from stable_baselines3 import A2C, PPO
+
+from policy_prune.backbones import adapt
+from policy_prune.env import PruneVecEnv
+from policy_prune.policy import MaskedBernoulli, TokenScorerPolicy, load_learned_scorer
+from policy_prune.scorer import make_keep_fn
+from tests import tiny
+
+SITES = [1, 2]
+
+
+@pytest.fixture(scope="module")
+def env():
+    return PruneVecEnv(adapt(tiny.make("timm-vit-reg4")), tiny.split("timm-vit-reg4", n=16), 4, SITES, lam=0.5)
+
+
+def test_masked_bernoulli_respects_masks() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(64, 10) * 3
+    free = torch.rand(64, 10) > 0.3
+    protected = ~free & (torch.rand(64, 10) > 0.5)
+    dist = MaskedBernoulli().proba_distribution(logits, free, protected)
+    for _ in range(20):
+        a = dist.sample()
+        assert (a[~free & ~protected] == 0).all(), "a dead token was kept"
+        assert (a[protected] == 1).all()
+    mode = dist.mode()
+    assert torch.equal(mode[free], (logits[free] > 0).float())
+    # Dead/protected logits do not enter log-prob or entropy.
+    other = logits.clone()
+    other[~free] = torch.randn(int((~free).sum())) * 10
+    dist2 = MaskedBernoulli().proba_distribution(other, free, protected)
+    a = dist.sample()
+    torch.testing.assert_close(dist.log_prob(a), dist2.log_prob(a))
+    torch.testing.assert_close(dist.entropy(), dist2.entropy())
+    expected = torch.distributions.Bernoulli(logits=logits).log_prob(a)
+    torch.testing.assert_close(dist.log_prob(a), (expected * free).sum(-1))
+
+
+def test_policy_starts_near_keep_all(env) -> None:
+    model = PPO(TokenScorerPolicy, env, n_steps=4, batch_size=16, seed=0)
+    obs = env.reset()
+    actions, _ = model.predict(obs, deterministic=True)
+    assert (actions == obs["alive"]).all()
+    sampled = np.mean([model.predict(obs)[0][obs["alive"] > 0].mean() for _ in range(5)])
+    assert sampled > 0.9
+
+
+@pytest.mark.parametrize("algo", [PPO, A2C])
+def test_save_load_roundtrip_and_scorer(env, tmp_path, algo) -> None:
+    kwargs = {"n_steps": 4, "batch_size": 16, "n_epochs": 1} if algo is PPO else {"n_steps": 2}
+    model = algo(TokenScorerPolicy, env, seed=0, policy_kwargs={"scorer_hidden": [16, 16]}, **kwargs)
+    model.learn(64)
+    model.save(tmp_path / "m.zip")
+    loaded = algo.load(tmp_path / "m.zip", env=env)
+    obs = env.reset()
+    for a, b in zip(model.policy.state_dict().values(), loaded.policy.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    np.testing.assert_array_equal(model.predict(obs, deterministic=True)[0], loaded.predict(obs, deterministic=True)[0])
+    scorer = load_learned_scorer(tmp_path / "m.zip", SITES)
+    assert scorer.net.hidden == [16, 16]
+    for a, b in zip(scorer.net.state_dict().values(), model.policy.scorer.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_scorer_decisions_match_policy_in_env(env) -> None:
+    """The standalone scorer (inference path) takes the deterministic policy's decisions in the env."""
+    model = PPO(TokenScorerPolicy, env, n_steps=4, batch_size=16, seed=1, policy_kwargs={"init_keep_logit": 0.0})
+    with torch.no_grad():
+        for p in model.policy.scorer.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    scorer = model.policy.learned_scorer(SITES, env.core.spec, env.core.projection)
+    core = env.core
+    obs = env.reset()
+    idx = core.idx.clone()
+    env_actions = []
+    for _ in SITES:
+        a, _ = model.predict(obs, deterministic=True)
+        env_actions.append(a)
+        obs, *_ = env.step(a)
+    keep_fn = make_keep_fn(core.backbone, scorer, "threshold", 0.0)
+    decisions = []
+
+    def recording(state, i, layer):
+        keep = keep_fn(state, i, layer)
+        grid = torch.zeros(state.valid.shape[0], state.n_full, dtype=torch.bool)
+        grid.scatter_(1, state.positions, keep | (state.protected & state.valid))
+        decisions.append(grid)
+        return keep
+
+    with torch.no_grad():
+        core.backbone.forward_pruned(core.split.select(idx).inputs, SITES, recording)
+    for site, a in enumerate(env_actions):
+        assert (decisions[site].numpy() == a.astype(bool)).all()
+    assert 0 < np.mean([a.mean() for a in env_actions]) < 1
