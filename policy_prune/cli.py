@@ -17,6 +17,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "pretrain": ("policy_prune.pretrain", "fit and cache the embedded default backbone of an env"),
     "train": ("policy_prune.train", "train a token-pruning policy (default: digits-vit + ppo)"),
     "bench": ("policy_prune.bench", "measure wall-clock speed of pruned vs original execution"),
+    "eval": ("policy_prune.evaluate", "Pareto of a learned scorer vs baselines at equal FLOPs"),
+    "export": ("policy_prune.export", "export a run's scorer (safetensors + JSON, optional ONNX)"),
 }
 
 

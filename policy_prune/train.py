@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,7 +168,12 @@ def run(args: argparse.Namespace) -> int:
         cfg = resolve_config(args)
         run_dir = new_run_dir(cfg)
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    summary = train(cfg, run_dir, console, resume=args.resume is not None)
+    try:
+        summary = train(cfg, run_dir, console, resume=args.resume is not None)
+    except UserError:
+        if args.resume is None and not (run_dir / "checkpoints" / "last.zip").exists():
+            shutil.rmtree(run_dir)  # a run that never started leaves no folder behind
+        raise
     print_summary(console, summary, run_dir)
     return 0
 

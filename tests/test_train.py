@@ -1,0 +1,141 @@
+"""End-to-end training on a tiny setup: run folder contents, resume after SIGKILL, W&B offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from policy_prune.cli import main
+
+TINY_ENV = {
+    "backbone": {"spec": "vit_tiny_patch16_224",
+                 "model_kwargs": {"img_size": 48, "patch_size": 8, "in_chans": 1, "num_classes": 10,
+                                  "embed_dim": 32, "depth": 4, "num_heads": 2}},
+    "data": {"dataset": "digits-cluttered", "max_samples": 48,
+             "options": {"canvases_train": 1, "canvases_val": 1, "canvases_test": 1}},
+    "sites": [1, 2],
+    "reward": {"task": "teacher_kl", "lam": 0.3},
+}
+TINY_AGENT = {"algo": "ppo", "n_envs": 8, "hyperparams": {"n_steps": 4, "batch_size": 16, "n_epochs": 1},
+              "scorer_hidden": [16], "critic_hidden": [16]}
+
+
+@pytest.fixture()
+def presets(tmp_path: Path) -> tuple[str, str]:
+    env, agent = tmp_path / "tiny-digits.yaml", tmp_path / "tiny-ppo.yaml"
+    env.write_text(yaml.safe_dump(TINY_ENV))
+    agent.write_text(yaml.safe_dump(TINY_AGENT))
+    return str(env), str(agent)
+
+
+def _train_args(presets, runs: Path, *extra: str) -> list[str]:
+    env, agent = presets
+    return ["train", "--env", env, "--agent", agent, "--runs-dir", str(runs), "--seed", "3",
+            "--set", "train.eval_every=32", "--set", "train.eval_samples=16", "--set", "train.test_samples=16",
+            "--set", "train.checkpoint_every=32", *extra]
+
+
+def test_tiny_train_writes_complete_run_folder(presets, tmp_path) -> None:
+    runs = tmp_path / "runs"
+    assert main(_train_args(presets, runs, "--timesteps", "96", "--lam", "0.2")) == 0
+    (run_dir,) = runs.iterdir()
+    assert run_dir.name.startswith("tiny-digits__tiny-ppo__3__")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["env"]["reward"]["lam"] == 0.2 and config["train"]["timesteps"] == 96 and config["train"]["seed"] == 3
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    keys = set().union(*rows)
+    assert {"prune/flops_ratio", "prune/task", "prune/keep_ratio_site0", "eval/return", "eval/flops_ratio",
+            "train/loss", "time/total_timesteps"} <= keys
+    assert (run_dir / "checkpoints" / "last.zip").is_file()
+    assert (run_dir / "scorer" / "scorer.json").is_file() and (run_dir / "scorer" / "scorer.safetensors").is_file()
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    assert set(summary["methods"]) == {"learned", "keep-all", "random-same-ratio"}
+    keep_all = summary["methods"]["keep-all"]
+    assert keep_all["flops_ratio"] == pytest.approx(1.0) and keep_all["return"] == pytest.approx(-0.2, abs=1e-4)
+    assert not list(run_dir.rglob("*.tmp*")), "no temporary files left behind"
+
+
+def test_same_seed_same_result(presets, tmp_path) -> None:
+    def one(name: str) -> dict:
+        assert main(_train_args(presets, tmp_path / "runs", "--timesteps", "64", "--name", name)) == 0
+        return json.loads((tmp_path / "runs" / name / "eval" / "summary.json").read_text())["methods"]["learned"]
+
+    assert one("a") == one("b")
+
+
+def test_resume_after_sigkill(presets, tmp_path) -> None:
+    runs = tmp_path / "runs"
+    args = _train_args(presets, runs, "--timesteps", "4000", "--name", "killed")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "policy_prune.cli", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = runs / "killed" / "checkpoints" / "last.zip"
+    deadline = time.time() + 240
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists(), "no checkpoint was written before the kill"
+    config_before = (runs / "killed" / "config.yaml").read_text()
+    assert main(["train", "--resume", str(runs / "killed"), "--timesteps", "160"]) == 0
+    assert (runs / "killed" / "config.yaml").read_text().replace("timesteps: 4000", "timesteps: 160") == \
+        config_before.replace("timesteps: 4000", "timesteps: 160")
+    rows = [json.loads(line) for line in (runs / "killed" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["timesteps"] for r in rows]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps), "resume must not duplicate metrics rows"
+    assert steps[-1] >= 160
+    assert (runs / "killed" / "scorer" / "scorer.json").is_file()
+
+
+def test_wandb_offline_run_has_pruning_metrics(presets, tmp_path) -> None:
+    wandb_dir = Path(os.environ["WANDB_DIR"])
+    before = set(wandb_dir.rglob("*.wandb"))
+    assert main(_train_args(presets, tmp_path / "runs", "--timesteps", "64", "--track", "wandb")) == 0
+    new = set(wandb_dir.rglob("*.wandb")) - before
+    assert len(new) == 1
+    content = next(iter(new)).read_bytes()
+    for key in (b"prune/flops_ratio", b"prune/task", b"eval/return", b"train/value_loss"):
+        assert key in content
+
+
+def test_no_track_never_touches_wandb(presets, tmp_path) -> None:
+    """timm imports the wandb module itself, so the check is on what W&B would leave: a run, files."""
+    wandb_dir = tmp_path / "wandb-home"
+    wandb_dir.mkdir()
+    env = {**os.environ, "WANDB_DIR": str(wandb_dir)}
+    env.pop("WANDB_MODE")
+    code = ("import sys; from policy_prune.cli import main; "
+            f"rc = main({_train_args(presets, tmp_path / 'runs', '--timesteps', '32')!r}); "
+            "w = sys.modules.get('wandb'); print('RUN' if w is not None and w.run is not None else 'NORUN', rc)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.stdout.strip().splitlines()[-1] == "NORUN 0", out.stderr[-2000:]
+    assert not any(wandb_dir.iterdir())
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert not list(run_dir.rglob("*wandb*"))
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--set", "reward.lam=0.1"], "env., agent. or train."),
+    (["--set", "env.reward.lamda=0.1"], "unknown key 'lamda'"),
+    (["--set", "agent.hyperparams.n_steps=5"], "multiple of the number of sites"),
+])
+def test_user_errors_exit_2_and_leave_no_run(presets, tmp_path, capsys, extra, match) -> None:
+    runs = tmp_path / "runs"
+    assert main(_train_args(presets, runs, *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0]
+    assert not runs.exists() or not any(runs.iterdir())
+
+
+def test_resume_of_non_run_is_user_error(tmp_path, capsys) -> None:
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert "not a run folder" in capsys.readouterr().err
