@@ -87,8 +87,10 @@ def token_features(
     unit = torch.nn.functional.normalize(x, dim=-1) * vf.unsqueeze(-1)
     anchor = unit[:, 0] if has_cls else torch.nn.functional.normalize(unit.sum(dim=1), dim=-1)
     cos_cls = (unit * anchor.unsqueeze(1)).sum(-1)
-    sims = unit @ unit.transpose(1, 2)  # [B, N, N]; padded rows/cols are 0
-    redundancy = (sims.sum(-1) - (unit * unit).sum(-1)) / (n_alive - 1).clamp_min(1.0)
+    # Mean cosine to the other alive tokens: sum_j u_i.u_j = u_i . (sum_j u_j), O(N D) instead of the
+    # O(N^2 D) similarity matrix; padded slots have u = 0 and drop out of the sum.
+    total = unit.sum(dim=1, keepdim=True)
+    redundancy = ((unit * total).sum(-1) - (unit * unit).sum(-1)) / (n_alive - 1).clamp_min(1.0)
 
     pos_y, pos_x = token_positions(backbone, state)
     normed = torch.nn.functional.layer_norm(x, x.shape[-1:])

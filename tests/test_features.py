@@ -1,0 +1,59 @@
+"""Token features: definitions checked against explicit computations, bounds, padding."""
+
+from __future__ import annotations
+
+import torch
+
+from policy_prune.backbones import adapt
+from policy_prune.features import BASE_FEATURES, FEATURE_BOUND, FeatureSpec, make_projection, token_features
+from tests import tiny
+
+
+def _state(name: str):
+    backbone = adapt(tiny.make(name))
+    with torch.no_grad():
+        state = backbone.run_blocks(backbone.embed(tiny.inputs(name, batch=3)), 0, 1)
+        keep = torch.rand(state.valid.shape, generator=torch.Generator().manual_seed(0)) < 0.6
+        return backbone, state.prune(keep)  # rows keep different counts: padding is exercised
+
+
+def test_feature_values_match_definitions() -> None:
+    backbone, state = _state("timm-vit-cls")
+    spec = FeatureSpec()
+    with torch.no_grad():
+        feats = token_features(backbone, state, 1, make_projection(32, spec), spec)
+    col = {name: i for i, name in enumerate(BASE_FEATURES)}
+    for row in range(3):
+        v = state.valid[row]
+        x = state.tokens[row][v]
+        f = feats[row][v]
+        unit = torch.nn.functional.normalize(x, dim=-1)
+        sims = unit @ unit.T
+        n = len(x)
+        torch.testing.assert_close(f[:, col["redundancy"]], (sims.sum(1) - 1) / (n - 1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(f[:, col["cos_cls"]], sims[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(f[:, col["norm"]], x.norm(dim=-1) / x.norm(dim=-1).mean(), atol=1e-5, rtol=1e-5)
+        attn = backbone.attention_from_cls(state, 1)[row][v]
+        torch.testing.assert_close(f[:, col["cls_attention"]], torch.log1p(attn * n), atol=1e-5, rtol=1e-5)
+        assert f[0, col["protected"]] == 1 and (f[1:, col["protected"]] == 0).all()
+        assert (feats[row][~v] == 0).all()
+    assert feats.abs().max() <= FEATURE_BOUND and torch.isfinite(feats).all()
+    assert feats.shape[-1] == spec.dim == len(spec.all_names())
+
+
+def test_positions_follow_the_patch_grid() -> None:
+    backbone, state = _state("timm-vit-reg4")
+    spec = FeatureSpec(projection_dim=0)
+    with torch.no_grad():
+        feats = token_features(backbone, state, 1, make_projection(32, spec), spec)
+    y, x = feats[..., BASE_FEATURES.index("pos_y")], feats[..., BASE_FEATURES.index("pos_x")]
+    patch = state.positions - 5  # 4 registers + CLS come first; grid is 4 x 4
+    is_patch = state.valid & (patch >= 0)
+    torch.testing.assert_close(y[is_patch], (patch[is_patch] // 4).float() / 3)
+    torch.testing.assert_close(x[is_patch], (patch[is_patch] % 4).float() / 3)
+
+
+def test_projection_is_fixed_by_seed() -> None:
+    spec = FeatureSpec(projection_seed=3)
+    assert torch.equal(make_projection(32, spec), make_projection(32, spec))
+    assert not torch.equal(make_projection(32, spec), make_projection(32, FeatureSpec(projection_seed=4)))
