@@ -74,27 +74,26 @@ def token_features(
 ) -> torch.Tensor:
     """Features [B, N, F] of the state's current slots before block ``layer``; invalid slots are 0."""
     x = state.tokens
-    valid = state.valid
-    vf = valid.to(x.dtype)
+    vf = state.valid.to(x.dtype)
     n_alive = vf.sum(dim=1, keepdim=True).clamp_min(1.0)
     has_cls = bool(state.protected[:, 0].all()) and bool((state.positions[:, 0] == 0).all())
     attn = backbone.attention_from_cls(state, layer, query="cls" if has_cls else "mean")
     cls_attention = torch.log1p(attn * n_alive)
 
-    norms = x.norm(dim=-1)
+    norms = x.norm(dim=-1)  # one norm serves the norm feature, the unit vectors and nothing else
     norm = norms / ((norms * vf).sum(dim=1, keepdim=True) / n_alive).clamp_min(1e-6)
-
-    unit = torch.nn.functional.normalize(x, dim=-1) * vf.unsqueeze(-1)
+    unit = x * (vf / norms.clamp_min(1e-12)).unsqueeze(-1)  # padded slots become 0
     anchor = unit[:, 0] if has_cls else torch.nn.functional.normalize(unit.sum(dim=1), dim=-1)
     cos_cls = (unit * anchor.unsqueeze(1)).sum(-1)
     # Mean cosine to the other alive tokens: sum_j u_i.u_j = u_i . (sum_j u_j), O(N D) instead of the
     # O(N^2 D) similarity matrix; padded slots have u = 0 and drop out of the sum.
-    total = unit.sum(dim=1, keepdim=True)
-    redundancy = ((unit * total).sum(-1) - (unit * unit).sum(-1)) / (n_alive - 1).clamp_min(1.0)
+    redundancy = ((unit * unit.sum(dim=1, keepdim=True)).sum(-1) - vf) / (n_alive - 1).clamp_min(1.0)
 
     pos_y, pos_x = token_positions(backbone, state)
-    normed = torch.nn.functional.layer_norm(x, x.shape[-1:])
-    proj = normed @ projection.to(x.dtype)
+    # layer_norm(x) @ P without materialising layer_norm(x): (x @ P - mean(x) * colsum(P)) / std(x).
+    p = projection.to(x.dtype)
+    var, mean = torch.var_mean(x, dim=-1, unbiased=False, keepdim=True)
+    proj = (x @ p - mean * p.sum(dim=0)) * torch.rsqrt(var + 1e-5)
     cols = [cls_attention, norm, cos_cls, redundancy, pos_y, pos_x, state.protected.to(x.dtype)]
     feats = torch.cat([torch.stack(cols, dim=-1), proj], dim=-1)
     return feats.clamp(-FEATURE_BOUND, FEATURE_BOUND) * vf.unsqueeze(-1)

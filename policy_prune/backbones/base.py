@@ -57,6 +57,20 @@ class TokenState:
         )
 
 
+def _folded_cls_scores(x: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor | None, wk: torch.Tensor,
+                       heads: torch.Tensor | int) -> torch.Tensor:
+    """CLS-query attention logits [B, H, 1, N] without projecting every key.
+
+    q_h . (W_k,h x_j + b_k,h) = (W_k,h^T q_h) . x_j + const_h: the key bias adds the same number to a
+    head's whole row, which softmax cancels, so one D-vector per head replaces the N x D x A key matmul.
+    """
+    b, n, d = x.shape
+    h = int(heads)
+    q = torch.nn.functional.linear(x[:, 0], wq, bq).view(b, h, -1)  # [B, H, hd]
+    u = torch.einsum("bhe,hed->bhd", q, wk.view(h, -1, d))  # [B, H, D]
+    return (torch.einsum("bhd,bnd->bhn", u, x) * q.shape[-1] ** -0.5).unsqueeze(2)
+
+
 KeepFn = Callable[[TokenState, int, int], torch.Tensor]
 """(state, site_index, layer) -> keep mask [B, N] over the state's current slots."""
 
@@ -100,6 +114,11 @@ class TokenBackbone(ABC, nn.Module):
         cls_only projects only token 0's query (all a CLS row needs: a third of the q/k cost).
         """
 
+    def qk_weights(self, state: TokenState, layer: int) -> tuple[torch.Tensor, ...] | None:
+        """(attention input [B,N,D], W_q [A,D], b_q [A] or None, W_k [A,D], heads) of block ``layer``,
+        or None where q/k are normalised after projection (then the CLS row cannot be folded)."""
+        return None
+
     @property
     @abstractmethod
     def depth(self) -> int:
@@ -134,10 +153,13 @@ class TokenBackbone(ABC, nn.Module):
         for models without a CLS token. Computed from the block's own q/k because fused attention
         never materialises the map. Returns [B, N]; invalid slots get 0.
         """
-        q, k = self.attention_qk(state, layer, cls_only=query == "cls")
-        scale = q.shape[-1] ** -0.5
+        folded = self.qk_weights(state, layer) if query == "cls" else None
+        if folded is not None:
+            scores = _folded_cls_scores(*folded)  # [B, H, 1, N]
+        else:
+            q, k = self.attention_qk(state, layer, cls_only=query == "cls")
+            scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # [B, H, 1 or N, N]
         valid = state.valid
-        scores = (q @ k.transpose(-2, -1)) * scale  # [B, H, 1 or N, N]
         scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
         attn = scores.softmax(dim=-1).nan_to_num(0.0)  # a row with no valid key gives 0, not NaN
         if query == "cls":

@@ -151,6 +151,12 @@ class HFEncoderBackbone(TokenBackbone):
         k = k_lin(x).view(b, n, heads, -1).transpose(1, 2)
         return q, k
 
+    def qk_weights(self, state: TokenState, layer: int) -> tuple[torch.Tensor, ...] | None:
+        blk = self.layers[layer]
+        x = blk.layernorm_before(state.tokens) if self.is_vision else state.tokens
+        q_lin, k_lin = self._qk[layer]
+        return x, q_lin.weight, q_lin.bias, k_lin.weight, self.heads
+
     # ---- sizes and FLOPs -----------------------------------------------------------------------
     @property
     def heads(self) -> int:

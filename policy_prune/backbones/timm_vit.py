@@ -87,6 +87,15 @@ class TimmViTBackbone(TokenBackbone):
         k = k.view(b, n, attn.num_heads, attn.head_dim).transpose(1, 2)
         return attn.q_norm(q), attn.k_norm(k)
 
+    def qk_weights(self, state: TokenState, layer: int) -> tuple[torch.Tensor, ...] | None:
+        blk = self.model.blocks[layer]
+        attn = blk.attn
+        if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
+            return None
+        a = attn.num_heads * attn.head_dim
+        w, bias = attn.qkv.weight, attn.qkv.bias
+        return blk.norm1(state.tokens), w[:a], None if bias is None else bias[:a], w[a : 2 * a], attn.num_heads
+
     # ---- sizes and FLOPs -----------------------------------------------------------------------
     @property
     def depth(self) -> int:
