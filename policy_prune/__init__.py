@@ -1,7 +1,24 @@
 """policy-prune: learn which tokens a frozen transformer can skip."""
 
+from typing import TYPE_CHECKING, Any
+
 from policy_prune.backbones import TokenBackbone, TokenState, load_backbone
+from policy_prune.scorer_io import load_scorer
+
+if TYPE_CHECKING:
+    from policy_prune.inference import PrunedModel, prune
 
 __version__ = "0.1.0"
 
-__all__ = ["TokenBackbone", "TokenState", "__version__", "load_backbone"]
+__all__ = ["PrunedModel", "TokenBackbone", "TokenState", "__version__", "load_backbone", "load_scorer", "prune"]
+
+# The inference API imports transformers' ModelOutput; load it on first use so `import policy_prune` stays light.
+_LAZY = {"prune": "policy_prune.inference", "PrunedModel": "policy_prune.inference"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'policy_prune' has no attribute {name!r}")

@@ -1,0 +1,248 @@
+"""``policy-prune export RUN_DIR``: a run's trained scorer as a standalone artifact (+ optional ONNX).
+
+The artifact (see ``scorer_io``) is what ``policy_prune.load_scorer`` reads; ``--onnx`` adds
+``scorer.onnx``: the TokenScorer MLP alone (tokens [B, N, F] + context [B, G] -> logits [B, N], with
+dynamic batch and token dimensions), checked against torch with onnxruntime. Token features are still
+computed by ``policy_prune.features`` (they need the backbone's own q/k).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from policy_prune.errors import UserError
+from policy_prune.scorer import LearnedScorer, TokenScorer
+from policy_prune.scorer_io import EXPORT_FILE, META_FILE, ONNX_FILE, save_scorer
+
+Log = Callable[[str], None]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", type=Path, help="run folder (runs/<env>__<agent>__<seed>__<time>)")
+    p.add_argument("--out", type=Path, default=None, help="artifact directory (default: RUN_DIR/scorer)")
+    p.add_argument("--checkpoint", default="last", help="checkpoint name in RUN_DIR/checkpoints (default: last)")
+    rule = p.add_mutually_exclusive_group()
+    rule.add_argument("--threshold", type=float, nargs="+", default=None,
+                      help="default rule: keep tokens whose logit exceeds this (one value or one per site; default 0)")
+    rule.add_argument("--keep-ratio", type=float, nargs="+", default=None,
+                      help="default rule: keep this fraction of prunable tokens at each site (static shapes)")
+    p.add_argument("--onnx", action="store_true", help="also write scorer.onnx (the scorer MLP, dynamic B and N)")
+
+
+def run(args: argparse.Namespace) -> int:
+    run_dir: Path = args.run_dir
+    if not run_dir.is_dir():
+        raise UserError(f"run folder not found: {run_dir}")
+    config = read_run_config(run_dir)
+    scorer = read_run_scorer(run_dir, config, args.checkpoint)
+    rule = {"rule": "keep_ratio", "values": args.keep_ratio} if args.keep_ratio else \
+        {"rule": "threshold", "values": args.threshold or [0.0]}
+    files = export_scorer(scorer, args.out or run_dir / "scorer", run_signature(run_dir, config, scorer),
+                          lam=_lookup(config, ("env", "reward", "lam"), ("reward", "lam"), ("lam",)),
+                          metrics=validation_metrics(run_dir), default_rule=rule, onnx=args.onnx, log=print)
+    for f in files:
+        print(f"wrote {f}")
+    return 0
+
+
+def export_scorer(
+    scorer: LearnedScorer,
+    out_dir: str | Path,
+    backbone_signature: Mapping[str, Any],
+    lam: float | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    default_rule: Mapping[str, Any] | None = None,
+    onnx: bool = False,
+    log: Log | None = None,
+) -> list[Path]:
+    """Write the artifact atomically (ONNX included when asked); returns the files written."""
+    written: list[str] = []
+
+    def add_onnx(tmp: Path) -> None:
+        written.append(export_compiled(scorer.net, tmp, log).name)
+
+    out = save_scorer(scorer, out_dir, backbone_signature, lam=lam, metrics=metrics, default_rule=default_rule,
+                      extra=add_onnx if onnx else None)
+    return [out / "scorer.safetensors", out / "scorer.json", *(out / name for name in written)]
+
+
+# ---- ONNX / torch.export --------------------------------------------------------------------------------
+def export_compiled(net: TokenScorer, out_dir: Path, log: Log | None = None) -> Path:
+    """``scorer.onnx`` (verified with onnxruntime), or ``scorer.pt2`` via torch.export if ONNX export fails."""
+    net = net.eval()
+    example = (torch.randn(2, 5, net.feature_dim), torch.randn(2, net.context_dim))
+    path = out_dir / ONNX_FILE
+    try:
+        export_onnx(net, example, path)
+    except Exception as exc:  # exporter failures come in many types across torch versions
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        path.unlink(missing_ok=True)
+        fallback = export_program(net, example, out_dir / EXPORT_FILE)
+        if log:
+            log(f"ONNX export failed ({reason}); wrote a torch.export program ({fallback.name}) instead")
+        return fallback
+    check_onnx(net, path, log)
+    return path
+
+
+def export_onnx(net: TokenScorer, example: tuple[torch.Tensor, torch.Tensor], path: Path) -> None:
+    """ONNX with dynamic batch and token dims: the dynamo exporter if onnxscript is installed, else TorchScript's."""
+    inputs, outputs = ["tokens", "context"], ["logits"]
+    try:
+        import onnxscript  # noqa: F401  (the dynamo exporter's dependency)
+    except ImportError:
+        axes = {"tokens": {0: "batch", 1: "tokens"}, "context": {0: "batch"}, "logits": {0: "batch", 1: "tokens"}}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter is deprecated, still correct here
+            torch.onnx.export(net, example, str(path), dynamo=False, dynamic_axes=axes, opset_version=17,
+                              input_names=inputs, output_names=outputs)
+        return
+    batch, tokens = torch.export.Dim("batch"), torch.export.Dim("tokens")
+    shapes = ({0: batch, 1: tokens}, {0: batch})
+    torch.onnx.export(net, example, str(path), dynamo=True, dynamic_shapes=shapes, input_names=inputs,
+                      output_names=outputs)
+
+
+def export_program(net: TokenScorer, example: tuple[torch.Tensor, torch.Tensor], path: Path) -> Path:
+    """A ``torch.export`` program with dynamic batch and token dims (load with ``torch.export.load``)."""
+    batch, tokens = torch.export.Dim("batch"), torch.export.Dim("tokens")
+    program = torch.export.export(net, example, dynamic_shapes=({0: batch, 1: tokens}, {0: batch}))
+    torch.export.save(program, str(path))
+    return path
+
+
+def check_onnx(net: TokenScorer, path: Path, log: Log | None = None, shapes: Sequence[tuple[int, int]] = ((1, 7), (3, 50))) -> float:
+    """Max |onnxruntime - torch| over inputs of two (B, N) shapes; raises if they disagree."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        if log:
+            log("onnxruntime is not installed: scorer.onnx was not verified")
+        return float("nan")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for b, n in shapes:
+        tokens, context = torch.randn(b, n, net.feature_dim, generator=g), torch.rand(b, net.context_dim, generator=g)
+        got = session.run(None, {"tokens": tokens.numpy(), "context": context.numpy()})[0]
+        with torch.no_grad():
+            want = net(tokens, context).numpy()
+        worst = max(worst, float(abs(got - want).max()))
+    if not worst <= 1e-4:
+        raise RuntimeError(f"scorer.onnx disagrees with torch (max abs diff {worst:.3g})")
+    return worst
+
+
+# ---- reading a run folder ----------------------------------------------------------------------------------
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """The run's config.yaml as a mapping."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"not a run folder: {path} is missing")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping")
+    return data
+
+
+def read_run_scorer(run_dir: Path, config: Mapping[str, Any], checkpoint: str) -> LearnedScorer:
+    """The actor of the run's SB3 checkpoint as a LearnedScorer (read without unpickling)."""
+    from policy_prune.policy import load_learned_scorer
+
+    sites = _lookup(config, ("env", "sites"), ("sites",))
+    if not isinstance(sites, list) or not sites:
+        raise UserError(f"{run_dir / 'config.yaml'}: no pruning sites (env.sites)")
+    path = run_dir / "checkpoints" / f"{checkpoint.removesuffix('.zip')}.zip"
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    return load_learned_scorer(path, [int(s) for s in sites])
+
+
+def run_signature(run_dir: Path, config: Mapping[str, Any], scorer: LearnedScorer) -> dict[str, Any]:
+    """The trained-on backbone's signature: from the scorer, the run's own artifact, or rebuilt from config."""
+    recorded = scorer.meta.get("backbone") or _artifact_signature(run_dir / "scorer" / META_FILE) \
+        or _lookup(config, ("backbone_signature",))
+    if isinstance(recorded, Mapping):
+        return dict(recorded)
+    from policy_prune.config import EnvConfig, from_dict
+
+    env = from_dict(EnvConfig, _lookup(config, ("env",)) or {}, "env")
+    return _backbone_for(env, int(_lookup(config, ("train", "seed"), ("seed",)) or 0)).signature()
+
+
+def _artifact_signature(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text()).get("backbone")
+    except (OSError, ValueError, AttributeError):
+        return None  # no (readable) artifact yet: fall back to rebuilding the backbone
+
+
+def _backbone_for(env: Any, seed: int) -> Any:
+    try:  # the embedded default (digits-vit) lives behind its own resolver
+        from policy_prune.embedded import resolve_backbone
+    except ImportError:  # pragma: no cover - embedded ships with the package
+        from policy_prune.backbones import load_backbone
+
+        b = env.backbone
+        extra = {} if b.pooling is None else {"pooling": b.pooling}
+        return load_backbone(b.spec, b.checkpoint, b.pretrained, **extra, **b.model_kwargs)
+    return resolve_backbone(env, seed=seed)[0]
+
+
+def validation_metrics(run_dir: Path) -> dict[str, Any]:
+    """Headline metrics: the learned policy in eval/summary.json, else the last validation record
+    ("eval/x", "val/x" keys) of metrics.jsonl, else {}."""
+    summary = _read_json(run_dir / "eval" / "summary.json")
+    learned = _lookup(summary, ("methods", "learned")) if isinstance(summary, dict) else None
+    if isinstance(learned, dict):
+        return {k: v for k, v in learned.items() if isinstance(v, int | float)}
+    path = run_dir / "metrics.jsonl"
+    last: dict[str, Any] = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        record = _loads(line)  # a line cut short by an interrupted run reads as None
+        found = {_strip_val(k): v for k, v in record.items() if _strip_val(k) != k and isinstance(v, int | float)} \
+            if isinstance(record, dict) else {}
+        if found:
+            last = found
+    return last
+
+
+def _read_json(path: Path) -> Any:
+    return _loads(path.read_text()) if path.is_file() else None
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+def _strip_val(key: str) -> str:
+    for prefix in ("eval/", "val/", "val_", "validation/"):
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def _lookup(config: Mapping[str, Any], *paths: tuple[str, ...]) -> Any:
+    """The first value found along any of ``paths`` in a nested mapping, else None."""
+    for path in paths:
+        node: Any = config
+        for key in path:
+            node = node.get(key) if isinstance(node, Mapping) else None
+        if node is not None:
+            return node
+    return None

@@ -1,0 +1,329 @@
+"""``prune(model, scorer) -> PrunedModel``: the user's own model, called as before, on fewer tokens.
+
+    scorer = policy_prune.load_scorer("runs/.../scorer")
+    fast = policy_prune.prune(model, scorer)            # threshold rule from scorer.json
+    logits = fast(images)                               # or fast(**tokenizer(texts, ...))
+
+The model is wrapped through its TokenBackbone adapter and never modified. Kept tokens are gathered
+(really removed), so measured speed follows FLOPs. Decisions come from ``make_keep_fn``: the same code
+path and the same decisions as the trained policy's deterministic mode in the env.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import ModelOutput
+
+from policy_prune.backbones import HFEncoderBackbone, KeepFn, TokenBackbone, TokenState, adapt
+from policy_prune.errors import UserError
+from policy_prune.scorer import LearnedScorer, TokenScorer, make_keep_fn
+from policy_prune.scorer_io import RULES, check_signature, load_scorer, normalize_rule
+
+TEXT_ARGS = ("input_ids", "attention_mask", "token_type_ids")
+# Accepted for call compatibility with HF models; only their default (off) values are supported.
+OFF_FLAGS = ("output_attentions", "output_hidden_states", "interpolate_pos_encoding")
+
+
+@dataclass
+class PrunedEncoderOutput(ModelOutput):
+    """What a pruned HF encoder returns, shaped like the original ``BaseModelOutputWithPooling``.
+
+    ``last_hidden_state`` [B, N, D] is scattered back to the ORIGINAL token positions: kept tokens hold
+    their final hidden state, pruned and padding positions hold zeros, so ``[:, 0]`` is still [CLS].
+    Pool with ``kept_mask`` [B, N] (not the tokenizer's attention_mask), or use ``sentence_embedding``
+    [B, D]: the backbone's pooling (mean over kept tokens for text, CLS for ViT). ``pooler_output`` is
+    the model's own pooler on [CLS] when it has one (as in the original output), else None.
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    pooler_output: torch.Tensor | None = None
+    sentence_embedding: torch.Tensor | None = None
+    kept_mask: torch.Tensor | None = None
+
+
+@dataclass
+class PrunedClassifierOutput(ModelOutput):
+    """What a pruned HF image classifier returns: ``logits`` [B, C] and ``kept_mask`` [B, N]."""
+
+    logits: torch.Tensor | None = None
+    kept_mask: torch.Tensor | None = None
+
+
+class PrunedModel(nn.Module):
+    """The user's model run with a scorer pruning tokens at its sites; called exactly like the model.
+
+    timm ViT: ``pruned(images) -> logits``. HF text encoder: ``pruned(**tokenizer_output)`` ->
+    :class:`PrunedEncoderOutput`. HF ViT classifier: ``pruned(pixel_values) -> PrunedClassifierOutput``.
+    The wrapped model's parameters are shared, not copied; ``run`` gives the raw head output, the
+    final TokenState and the per-site alive counts.
+    """
+
+    def __init__(self, backbone: TokenBackbone, scorer: LearnedScorer, rule: str, values: Sequence[float]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.scorer_net: TokenScorer = scorer.net  # registered so .to() / .eval() reach the scorer too
+        self.scorer = scorer
+        self.rule = rule
+        self.values = [float(v) for v in values]
+        self.sites = list(scorer.sites)
+
+    def extra_repr(self) -> str:
+        return f"sites={self.sites}, rule={self.rule!r}, values={self.values}"
+
+    def keep_fn(self) -> KeepFn:
+        """A fresh KeepFn for one forward pass (it tracks the pass's compute spent)."""
+        return make_keep_fn(self.backbone, self.scorer, self.rule, self.values)
+
+    def run(self, inputs: Any, keep_fn: KeepFn | None = None) -> tuple[torch.Tensor, TokenState, list[torch.Tensor]]:
+        """(head output, final state, per-site alive counts [B]) for adapter-style ``inputs``."""
+        return self.backbone.forward_pruned(inputs, self.sites, keep_fn or self.keep_fn())
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return_dict = kwargs.pop("return_dict", None)
+        inputs = self._inputs(args, kwargs)
+        out, state, _ = self.run(inputs)
+        result = self._format(out, state)
+        return result.to_tuple() if return_dict is False and isinstance(result, ModelOutput) else result
+
+    # ---- calling conventions ------------------------------------------------------------------------
+    def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The adapter's inputs from the original model's call arguments."""
+        for flag in OFF_FLAGS:
+            if kwargs.pop(flag, None):
+                raise TypeError(f"PrunedModel does not support {flag}=True")
+        b = self.backbone
+        if isinstance(b, HFEncoderBackbone) and not b.is_vision:
+            named = dict(zip(TEXT_ARGS, args, strict=False))
+            extra = set(kwargs) - set(TEXT_ARGS) - {"special_tokens_mask"}
+            if len(args) > len(TEXT_ARGS) or extra or set(named) & set(kwargs):
+                raise TypeError(f"PrunedModel takes input_ids, attention_mask, token_type_ids, special_tokens_mask; "
+                                f"got unsupported arguments {sorted(extra) or 'positional'}")
+            inputs = {**named, **kwargs}
+            if inputs.get("input_ids") is None:
+                raise TypeError("PrunedModel needs input_ids")
+            return {k: v for k, v in inputs.items() if v is not None}
+        key = "pixel_values" if isinstance(b, HFEncoderBackbone) else "x"
+        if len(args) + len(kwargs) != 1 or (kwargs and key not in kwargs):
+            raise TypeError(f"PrunedModel takes one input ({key}), got {len(args)} positional and {sorted(kwargs)}")
+        return args[0] if args else kwargs[key]
+
+    def _format(self, out: torch.Tensor, state: TokenState) -> Any:
+        b = self.backbone
+        if not isinstance(b, HFEncoderBackbone):
+            return out  # timm and other adapters: the head output is what the model returns
+        kept = scatter_tokens(state.valid.unsqueeze(-1).float(), state, state.n_full).squeeze(-1) > 0
+        if b.output_kind == "logits":
+            return PrunedClassifierOutput(logits=out, kept_mask=kept)
+        hidden = scatter_tokens(b.final_hidden(state), state, state.n_full)
+        pooler = getattr(b.base, "pooler", None)
+        pooled = pooler(hidden) if isinstance(pooler, nn.Module) else None
+        return PrunedEncoderOutput(last_hidden_state=hidden, pooler_output=pooled, sentence_embedding=out,
+                                   kept_mask=kept)
+
+
+def scatter_tokens(x: torch.Tensor, state: TokenState, n: int) -> torch.Tensor:
+    """Per-slot values back at their original token positions.
+
+    x: [B, M, D] over the state's slots; returns [B, n, D] with zeros where no alive token maps.
+    Slot positions within a row are distinct, so adding is writing.
+    """
+    src = x * state.valid.unsqueeze(-1).to(x.dtype)
+    index = state.positions.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+    return x.new_zeros(x.shape[0], n, x.shape[-1]).scatter_add(1, index, src)
+
+
+# ---- the public entry point -----------------------------------------------------------------------------
+def prune(
+    model: nn.Module,
+    scorer: LearnedScorer | str | Path,
+    rule: str | None = None,
+    keep_ratio: float | Sequence[float] | None = None,
+    threshold: float | Sequence[float] | None = None,
+    strict: bool = True,
+) -> PrunedModel:
+    """Wrap ``model`` (timm ViT or HF encoder, in memory) so that ``scorer`` prunes its tokens.
+
+    ``scorer`` is a LearnedScorer or the path of an exported artifact. The rule is ``threshold`` (keep
+    tokens whose logit > value; per-sample counts, rows packed with a padding mask) or ``keep_ratio``
+    (keep that fraction of the prunable alive tokens at each site; fixed counts, static shapes).
+    Values are one number or one per site; with neither given, scorer.json's default rule is used.
+    A scorer trained for another backbone raises ScorerMismatchError (``strict=False`` tolerates a
+    different architecture name or class count when every shape matches).
+    """
+    if isinstance(model, PrunedModel):
+        raise TypeError("the model is already a PrunedModel; pass the original model")
+    if isinstance(scorer, str | Path):
+        scorer = load_scorer(scorer)
+    backbone = _adapt_for(model, scorer)
+    check_signature(scorer, backbone.signature(), strict=strict)
+    try:
+        backbone.check_sites(scorer.sites)
+    except ValueError as exc:
+        raise UserError(f"scorer does not fit this model: {exc}") from None
+    name, values = resolve_rule(scorer, rule, keep_ratio, threshold)
+    return PrunedModel(backbone, scorer, name, values)
+
+
+def _adapt_for(model: nn.Module, scorer: LearnedScorer) -> TokenBackbone:
+    """The model's adapter, with the text pooling the scorer was trained with."""
+    backbone = adapt(model)
+    stored = scorer.meta.get("backbone") or {}
+    pooling = stored.get("pooling")
+    if isinstance(backbone, HFEncoderBackbone) and not backbone.is_vision and pooling in ("mean", "cls") \
+            and pooling != backbone.pooling:
+        backbone = adapt(model, pooling=pooling)
+    return backbone
+
+
+def resolve_rule(
+    scorer: LearnedScorer,
+    rule: str | None,
+    keep_ratio: float | Sequence[float] | None,
+    threshold: float | Sequence[float] | None,
+) -> tuple[str, list[float]]:
+    """(rule name, one value per site) from ``prune``'s arguments and the scorer's default rule."""
+    if keep_ratio is not None and threshold is not None:
+        raise UserError("give keep_ratio or threshold, not both")
+    if rule is None:
+        rule = "keep_ratio" if keep_ratio is not None else "threshold" if threshold is not None else None
+    default = scorer.meta.get("default_rule") or {"rule": "threshold", "values": [0.0]}
+    rule = rule or default["rule"]
+    if rule not in RULES:
+        raise UserError(f"unknown decision rule {rule!r} (threshold or keep_ratio)")
+    if (rule == "threshold" and keep_ratio is not None) or (rule == "keep_ratio" and threshold is not None):
+        raise UserError(f"rule={rule!r} does not take {'keep_ratio' if keep_ratio is not None else 'threshold'}")
+    value = keep_ratio if rule == "keep_ratio" else threshold
+    if value is None:
+        if rule == default["rule"]:
+            value = default["values"]
+        elif rule == "threshold":
+            value = 0.0  # the policy's deterministic decision: keep probability > 0.5
+        else:
+            raise UserError("rule='keep_ratio' needs keep_ratio=... (this scorer's default rule is threshold)")
+    # Infinite thresholds are legitimate here (-inf keeps everything), unlike in a saved default rule.
+    checked = normalize_rule({"rule": rule, "values": value}, len(scorer.sites), finite=rule == "keep_ratio")
+    return checked["rule"], checked["values"]
+
+
+# ---- speed benchmark (wired into ``policy-prune bench``; never a unit test) ------------------------------
+def random_scorer(backbone: TokenBackbone, sites: Sequence[int], seed: int = 0, hidden: Sequence[int] = (64, 64)) -> LearnedScorer:
+    """A LearnedScorer with random weights for ``backbone`` (its logits spread around 0)."""
+    from policy_prune.features import FeatureSpec, make_projection
+
+    spec = FeatureSpec()
+    torch.manual_seed(seed)
+    net = TokenScorer(spec.dim, len(sites) + 2, hidden)
+    nn.init.normal_(net.out.weight, std=1.0)
+    nn.init.zeros_(net.out.bias)
+    projection = make_projection(backbone.block_shape.width, spec)
+    return LearnedScorer(net.eval(), list(sites), spec, projection, {"backbone": backbone.signature()})
+
+
+def keep_ratio_for_flops(backbone: TokenBackbone, sites: Sequence[int], target: float, n_tokens: int, n_protected: int) -> float:
+    """The keep_ratio (same at every site, compounding) whose schedule uses ``target`` of the full FLOPs."""
+
+    def flops_ratio(r: float) -> float:
+        counts, prunable = [], n_tokens - n_protected
+        for _ in sites:
+            prunable = round(r * prunable)
+            counts.append(prunable + n_protected)
+        return float(backbone.schedule_flops(sites, counts, n_tokens)) / backbone.full_flops(n_tokens)
+
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if flops_ratio(mid) > target else (mid, hi)
+    return lo
+
+
+def bench_pruned_model(
+    model: str | nn.Module = "deit_small_patch16_224",
+    scorer: LearnedScorer | None = None,
+    batch_sizes: Sequence[int] = (64, 1),
+    sites: Sequence[int] = (0,),
+    flops_target: float = 0.5,
+    warmup: int = 2,
+    repeats: int = 9,
+    seed: int = 0,
+    threads: int | None = None,
+) -> list[dict[str, Any]]:
+    """Original model vs ``PrunedModel`` (keep_ratio rule at ~``flops_target`` of the FLOPs), per batch size.
+
+    ``model`` is a timm name (random init, no download) or a module; ``scorer`` defaults to random
+    weights. Variants are timed interleaved after warm-up; medians are reported. ``scorer_share`` is
+    the median fraction of a pruned forward spent in the scorer (features + context + MLP + rule).
+    ``threads`` sets torch's intra-op threads for the run (restored after): on a shared CPU, fewer
+    threads than busy cores avoids OpenMP spin-wait collapse and gives steadier ratios.
+    """
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _bench_batches(model, scorer, batch_sizes, sites, flops_target, warmup, repeats, seed)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _bench_batches(model: str | nn.Module, scorer: LearnedScorer | None, batch_sizes: Sequence[int],
+                   sites: Sequence[int], flops_target: float, warmup: int, repeats: int, seed: int) -> list[dict[str, Any]]:
+    if isinstance(model, str):
+        import timm
+
+        model = timm.create_model(model, pretrained=False)
+    model = model.eval()
+    backbone = adapt(model)
+    scorer = scorer or random_scorer(backbone, sites, seed)
+    gen = torch.Generator().manual_seed(seed)
+    return [_bench_batch(model, backbone, scorer, backbone.example_inputs(b, gen), flops_target, warmup, repeats)
+            for b in batch_sizes]
+
+
+@torch.inference_mode()
+def _bench_batch(model: nn.Module, backbone: TokenBackbone, scorer: LearnedScorer, x: Any, flops_target: float,
+                 warmup: int, repeats: int) -> dict[str, Any]:
+    from policy_prune.bench import time_round_robin
+
+    state = backbone.embed(x)
+    n = state.n_full
+    ratio = keep_ratio_for_flops(backbone, scorer.sites, flops_target, n, int(state.protected[0].sum()))
+    pruned = prune(model, scorer, keep_ratio=ratio, strict=False)
+    shares: list[float] = []
+    fns = {"original": _caller(model, x), "pruned": _caller(pruned, x),
+           "pruned_timed": lambda: shares.append(_scorer_share(pruned, x))}
+    t = time_round_robin(fns, warmup, repeats, "cpu")
+    kept = [int(c[0]) for c in pruned.run(x)[2]]
+    flops = float(backbone.schedule_flops(scorer.sites, kept, n)) / backbone.full_flops(n)
+    return {"batch": int(state.tokens.shape[0]), "sites": list(scorer.sites), "keep_ratio": ratio, "tokens_full": n,
+            "tokens_kept": kept, "flops_ratio": flops, "ms_original": 1e3 * t["original"],
+            "ms_pruned": 1e3 * t["pruned"], "speedup": t["original"] / t["pruned"],
+            "scorer_share": statistics.median(shares[warmup:]), "threads": torch.get_num_threads()}
+
+
+def _caller(model: nn.Module, x: Any) -> Callable[[], Any]:
+    return (lambda: model(**x)) if isinstance(x, dict) else (lambda: model(x))
+
+
+def _scorer_share(pruned: PrunedModel, x: Any) -> float:
+    """Fraction of one pruned forward's wall time spent inside the keep function."""
+    inner = pruned.keep_fn()
+    spent = [0.0]
+
+    def timed(state: TokenState, site_index: int, layer: int) -> torch.Tensor:
+        t0 = time.perf_counter()
+        keep = inner(state, site_index, layer)
+        spent[0] += time.perf_counter() - t0
+        return keep
+
+    t0 = time.perf_counter()
+    pruned.run(x, keep_fn=timed)
+    total = time.perf_counter() - t0
+    return spent[0] / total if total > 0 and math.isfinite(total) else 0.0

@@ -1,0 +1,356 @@
+"""The scorer artifact: a directory with ``scorer.safetensors`` (weights) and ``scorer.json`` (everything else).
+
+Nothing on the load path unpickles: tensors come from ``safetensors.torch.load_file`` and the rest from
+JSON. Every way an artifact can be broken (missing, truncated, edited, from another version, trained for
+another backbone) is a :class:`ScorerFileError` / :class:`ScorerMismatchError` with one line that names
+the file and the problem.
+
+``scorer.json`` (format_version 1)::
+
+    format_version  1
+    feature_spec    FeatureSpec.to_json(): version, names, base, projection_dim, projection_seed
+    sites           block indices before which the scorer prunes
+    layer_sizes     {feature_dim, context_dim, hidden}: the TokenScorer's constructor arguments
+    backbone        the backbone's signature() it was trained on (checked by ``prune``)
+    default_rule    {"rule": "threshold" | "keep_ratio", "values": [one per site]}
+    lam             training lambda (compute penalty), or null
+    metrics         headline validation metrics, e.g. {"agreement": 0.97, "flops_ratio": 0.52}
+    created         {"time", "policy_prune", "torch"}
+    meta            free-form extra metadata of the LearnedScorer (JSON values)
+
+``scorer.safetensors`` holds ``net.<name>`` for every TokenScorer parameter and ``projection`` [D, P].
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from policy_prune.errors import UserError
+from policy_prune.features import BASE_FEATURES, FEATURE_VERSION, FeatureSpec, make_projection
+from policy_prune.scorer import LearnedScorer, TokenScorer
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "scorer.safetensors"
+META_FILE = "scorer.json"
+ONNX_FILE = "scorer.onnx"
+EXPORT_FILE = "scorer.pt2"
+ARTIFACT_FILES = frozenset({WEIGHTS_FILE, META_FILE, ONNX_FILE, EXPORT_FILE})
+REQUIRED_KEYS = ("format_version", "feature_spec", "sites", "layer_sizes", "backbone", "default_rule")
+RULES = ("threshold", "keep_ratio")
+# Signature keys whose mismatch makes features meaningless or shapes wrong: always an error.
+STRUCTURAL_KEYS = ("family", "width", "depth", "heads", "grid", "prefix_tokens", "pooling")
+
+
+class ScorerFileError(UserError):
+    """A scorer artifact that is missing, corrupt, or written by an incompatible version."""
+
+
+class ScorerMismatchError(UserError):
+    """A scorer trained for a different backbone than the model it is applied to."""
+
+
+# ---- save --------------------------------------------------------------------------------------------
+def save_scorer(
+    scorer: LearnedScorer,
+    out_dir: str | Path,
+    backbone_signature: Mapping[str, Any],
+    lam: float | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    default_rule: Mapping[str, Any] | None = None,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write ``scorer`` as an artifact directory, atomically.
+
+    Files are written to a temporary sibling directory that is renamed onto ``out_dir`` only when
+    complete, so a crash never leaves a half-written artifact. An existing ``out_dir`` is replaced only
+    if it holds nothing but artifact files. ``default_rule`` defaults to the policy's deterministic
+    decision (threshold 0 on the keep logit at every site). ``extra(tmp_dir)`` may add files (ONNX)
+    before the rename. Returns ``out_dir``.
+    """
+    out = Path(out_dir)
+    _check_replaceable(out)
+    rule = normalize_rule(default_rule or {"rule": "threshold", "values": [0.0]}, len(scorer.sites))
+    tensors = artifact_tensors(scorer, int(backbone_signature["width"]))
+    meta = artifact_json(scorer, backbone_signature, lam, metrics, rule)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        _write_files(tmp, tensors, meta)
+        if extra is not None:
+            extra(tmp)
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def artifact_tensors(scorer: LearnedScorer, width: int) -> dict[str, torch.Tensor]:
+    """``net.<param>`` for every TokenScorer tensor plus ``projection`` [width, P], contiguous on the CPU."""
+    projection = scorer.projection if scorer.projection is not None else make_projection(width, scorer.spec)
+    tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in scorer.net.state_dict().items()}
+    tensors["projection"] = projection.detach().cpu().float().contiguous()
+    return tensors
+
+
+def artifact_json(
+    scorer: LearnedScorer,
+    signature: Mapping[str, Any],
+    lam: float | None,
+    metrics: Mapping[str, Any] | None,
+    rule: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The content of ``scorer.json`` (plain JSON values only)."""
+    import policy_prune
+
+    net = scorer.net
+    return {
+        "format_version": FORMAT_VERSION,
+        "feature_spec": scorer.spec.to_json(),
+        "sites": [int(s) for s in scorer.sites],
+        "layer_sizes": {"feature_dim": int(net.feature_dim), "context_dim": int(net.context_dim),
+                        "hidden": [int(h) for h in net.hidden]},
+        "backbone": _plain(dict(signature)),
+        "default_rule": dict(rule),
+        "lam": None if lam is None else float(lam),
+        "metrics": _plain(dict(metrics or {})),
+        "created": {"time": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "policy_prune": policy_prune.__version__, "torch": torch.__version__},
+        "meta": _plain({k: v for k, v in scorer.meta.items() if k not in _LOADED_META_KEYS}),
+    }
+
+
+def normalize_rule(rule: Mapping[str, Any], n_sites: int, finite: bool = True) -> dict[str, Any]:
+    """Validate a decision rule {"rule", "values"} and expand its values to one per site.
+
+    ``finite=False`` admits infinite thresholds (e.g. -inf: keep everything); NaN is never valid.
+    """
+    name = rule.get("rule")
+    if name not in RULES:
+        raise UserError(f"unknown decision rule {name!r} (threshold or keep_ratio)")
+    raw = rule.get("values")
+    values = [raw] if isinstance(raw, int | float) else list(raw) if isinstance(raw, Sequence) else None
+    if not values or len(values) not in (1, n_sites) or not all(isinstance(v, int | float) for v in values):
+        raise UserError(f"decision rule values must be one number or one per site ({n_sites}), got {raw!r}")
+    values = [float(v) for v in values] * (n_sites if len(values) == 1 else 1)
+    if any(math.isnan(v) or (finite and math.isinf(v)) for v in values):
+        raise UserError(f"decision rule values must be {'finite numbers' if finite else 'numbers'}, got {values}")
+    if name == "keep_ratio" and not all(0.0 <= v <= 1.0 for v in values):
+        raise UserError(f"keep_ratio values must lie in [0, 1], got {values}")
+    return {"rule": name, "values": values}
+
+
+def _plain(x: Any) -> Any:
+    """JSON-safe copy: tensors / numpy scalars become numbers, non-finite floats become null."""
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    if hasattr(x, "tolist"):  # torch tensors and numpy arrays / scalars
+        return _plain(x.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if x is None or isinstance(x, bool | int | float | str):
+        return x
+    return str(x)
+
+
+def _check_replaceable(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"cannot write a scorer to {out}: it is a file, not a directory")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in ARTIFACT_FILES)
+        if foreign:
+            raise UserError(f"refusing to replace {out}: it holds files that are not a scorer artifact ({foreign[0]})")
+
+
+def _write_files(tmp: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "policy-prune-scorer",
+                                                          "format_version": str(FORMAT_VERSION)})
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` onto ``out``; an old ``out`` is moved aside first and restored if the rename fails."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- load --------------------------------------------------------------------------------------------
+_LOADED_META_KEYS = ("backbone", "default_rule", "lam", "metrics", "created", "format_version", "path")
+
+
+def load_scorer(path: str | Path) -> LearnedScorer:
+    """Read a scorer artifact directory (or a file inside it) without unpickling anything.
+
+    The returned scorer's ``meta`` holds ``backbone`` (signature), ``default_rule``, ``lam``,
+    ``metrics``, ``created``, ``format_version`` and ``path``, plus the artifact's own ``meta``.
+    """
+    root = Path(path)
+    if root.is_file() and root.name in ARTIFACT_FILES:
+        root = root.parent
+    if not root.is_dir():
+        raise ScorerFileError(f"scorer not found: {root} is not a directory")
+    meta = read_meta(root / META_FILE)
+    where = root / META_FILE
+    spec = _spec_from_json(meta["feature_spec"], where)
+    sites = _sites(meta["sites"], where)
+    net = _build_net(meta["layer_sizes"], spec, len(sites), where)
+    tensors = read_tensors(root / WEIGHTS_FILE)
+    _load_weights(net, tensors, root / WEIGHTS_FILE)
+    projection = _projection(tensors, meta["backbone"], spec, root / WEIGHTS_FILE)
+    try:
+        rule = normalize_rule(meta["default_rule"], len(sites))
+    except UserError as exc:
+        raise ScorerFileError(f"{where}: bad default_rule: {exc}") from None
+    extra: dict[str, Any] = meta["meta"] if isinstance(meta.get("meta"), dict) else {}
+    info = {**extra, "backbone": meta["backbone"], "default_rule": rule, "lam": meta.get("lam"),
+            "metrics": meta.get("metrics") or {}, "created": meta.get("created"),
+            "format_version": meta["format_version"], "path": str(root)}
+    return LearnedScorer(net.eval(), sites, spec, projection, info)
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """``scorer.json`` as a dict with every required key and a known format_version."""
+    if not path.is_file():
+        raise ScorerFileError(f"scorer file missing: {path}")
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ScorerFileError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ScorerFileError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise ScorerFileError(f"{path}: missing key {missing[0]!r} (required: {', '.join(REQUIRED_KEYS)})")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise ScorerFileError(f"{path}: unknown format_version {meta['format_version']!r} "
+                              f"(this policy-prune reads version {FORMAT_VERSION}; upgrade policy-prune)")
+    if not isinstance(meta["backbone"], dict) or "width" not in meta["backbone"]:
+        raise ScorerFileError(f"{path}: 'backbone' must be a signature object with a width")
+    return meta
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file (no pickle); corrupt or truncated files are ScorerFileErrors."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ScorerFileError(f"scorer file missing: {path}")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own SafetensorError (and OSError) on bad bytes
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ScorerFileError(f"{path}: corrupt or truncated safetensors file ({first})") from None
+
+
+def _spec_from_json(data: Any, where: Path) -> FeatureSpec:
+    try:
+        spec = FeatureSpec(version=int(data["version"]), names=tuple(data["base"]),
+                           projection_dim=int(data["projection_dim"]), projection_seed=int(data["projection_seed"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ScorerFileError(f"{where}: bad feature_spec ({exc!r})") from None
+    if spec.version != FEATURE_VERSION:
+        raise ScorerFileError(f"{where}: feature spec version {spec.version}, but this policy-prune computes "
+                              f"version {FEATURE_VERSION} features; re-export the scorer with a matching version")
+    if spec.names != BASE_FEATURES or list(data.get("names", [])) != spec.all_names():
+        raise ScorerFileError(f"{where}: feature names {list(data.get('names', data['base']))} differ from "
+                              f"this policy-prune's version {FEATURE_VERSION} features {spec.all_names()}")
+    return spec
+
+
+def _sites(data: Any, where: Path) -> list[int]:
+    ok = isinstance(data, list) and data and all(isinstance(s, int) and s >= 0 for s in data)
+    if not ok or data != sorted(set(data)):
+        raise ScorerFileError(f"{where}: sites must be a non-empty increasing list of block indices, got {data!r}")
+    return list(data)
+
+
+def _build_net(sizes: Any, spec: FeatureSpec, n_sites: int, where: Path) -> TokenScorer:
+    try:
+        feature_dim, context_dim = int(sizes["feature_dim"]), int(sizes["context_dim"])
+        hidden = [int(h) for h in sizes["hidden"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ScorerFileError(f"{where}: bad layer_sizes ({exc!r})") from None
+    if feature_dim != spec.dim or context_dim != n_sites + 2:
+        raise ScorerFileError(f"{where}: layer_sizes feature_dim={feature_dim}, context_dim={context_dim} do not "
+                              f"match the feature spec ({spec.dim}) and {n_sites} sites ({n_sites + 2})")
+    return TokenScorer(feature_dim, context_dim, hidden)
+
+
+def _load_weights(net: TokenScorer, tensors: Mapping[str, torch.Tensor], where: Path) -> None:
+    expected = net.state_dict()
+    got = {k.removeprefix("net."): v for k, v in tensors.items() if k.startswith("net.")}
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    if missing or unexpected:
+        what = f"missing tensor net.{missing[0]}" if missing else f"unexpected tensor net.{unexpected[0]}"
+        raise ScorerFileError(f"{where}: {what} for the layer sizes in {META_FILE}")
+    for k, v in expected.items():
+        if got[k].shape != v.shape:
+            raise ScorerFileError(f"{where}: tensor net.{k} has shape {list(got[k].shape)}, "
+                                  f"but {META_FILE} layer sizes need {list(v.shape)}")
+    net.load_state_dict({k: v.float() for k, v in got.items()})
+
+
+def _projection(tensors: Mapping[str, torch.Tensor], signature: Mapping[str, Any], spec: FeatureSpec,
+                where: Path) -> torch.Tensor:
+    if "projection" not in tensors:
+        raise ScorerFileError(f"{where}: missing tensor 'projection'")
+    projection = tensors["projection"].float()
+    want = [int(signature["width"]), spec.projection_dim]
+    if list(projection.shape) != want:
+        raise ScorerFileError(f"{where}: projection has shape {list(projection.shape)}, but backbone width and "
+                              f"projection_dim in {META_FILE} need {want}")
+    return projection
+
+
+# ---- signature check (used by ``prune``) ------------------------------------------------------------------
+def check_signature(scorer: LearnedScorer, signature: Mapping[str, Any], strict: bool = True) -> list[str]:
+    """Compare the scorer's stored backbone signature with ``signature``; returns the differing keys.
+
+    Structural keys (width, depth, grid, ...) always raise ScorerMismatchError; other keys
+    (architecture name, class count, vocabulary) raise only when ``strict``.
+    """
+    stored = scorer.meta.get("backbone")
+    if not isinstance(stored, Mapping):
+        return []  # an in-memory scorer that was never exported: nothing to check against
+    differ = [k for k in stored if _norm(stored[k]) != _norm(signature.get(k))]
+    hard = [k for k in differ if k in STRUCTURAL_KEYS or strict]
+    if hard:
+        raise ScorerMismatchError(
+            f"scorer was trained for {_describe(stored)} but the model is {_describe(signature)} "
+            f"(differs in {', '.join(hard)})"
+        )
+    return differ
+
+
+def _norm(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _describe(sig: Mapping[str, Any]) -> str:
+    shape = ", ".join(f"{k} {sig[k]}" for k in ("width", "depth", "grid") if k in sig)
+    return f"{sig.get('family', '?')} {sig.get('architecture', '?')} ({shape})"

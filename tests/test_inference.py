@@ -1,0 +1,201 @@
+"""prune(model, scorer): the user's call signature, the env's decisions, keep-all == original, no mutation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from policy_prune import PrunedModel, load_scorer, prune
+from policy_prune.backbones import adapt
+from policy_prune.env import PruneCore
+from policy_prune.errors import UserError
+from policy_prune.inference import keep_ratio_for_flops, random_scorer
+from policy_prune.scorer import make_keep_fn
+from policy_prune.scorer_io import save_scorer
+from tests import tiny
+
+FAMILIES = ["timm-vit-cls", "hf-bert", "hf-vit-classifier"]
+SITES = [1, 2]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _call(model, x):
+    return model(**x) if isinstance(x, dict) else model(x)
+
+
+def _main_output(name: str, out):
+    """The tensor the adapter's head gives, from the pruned model's user-facing output."""
+    if name.startswith("timm"):
+        return out
+    return out.logits if name == "hf-vit-classifier" else out.sentence_embedding
+
+
+def _scorer(name: str, seed: int = 0):
+    model = tiny.make(name)
+    return model, random_scorer(adapt(model), SITES, seed=seed)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("rule,value", [("threshold", 0.0), ("keep_ratio", 0.5)])
+def test_pruned_model_equals_keep_fn_on_the_adapter(name: str, rule: str, value: float) -> None:
+    model, scorer = _scorer(name)
+    pruned = prune(model, scorer, **{rule: value})
+    backbone = adapt(model)
+    x = tiny.inputs(name, batch=4, seed=1)
+    with torch.no_grad():
+        out = _call(pruned, x)
+        ref, state, counts = backbone.forward_pruned(x, SITES, make_keep_fn(backbone, scorer, rule, value))
+    torch.testing.assert_close(_main_output(name, out), ref, rtol=0, atol=0)
+    assert int(counts[-1].min()) > 0 and int(counts[-1].max()) < state.n_full
+    if rule == "threshold" and name == "hf-bert":
+        assert len(set(counts[-1].tolist())) > 1, "per-sample counts: rows packed with a padding mask"
+    if rule == "keep_ratio" and name != "hf-bert":
+        assert len(set(counts[-1].tolist())) == 1, "fixed counts per site: static shapes"
+    if not name.startswith("timm"):
+        kept = torch.zeros(4, state.n_full, dtype=torch.bool)
+        for row in range(4):
+            kept[row, state.positions[row][state.valid[row]]] = True
+        assert torch.equal(out.kept_mask, kept)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("keep_all", [{"threshold": float("-inf")}, {"keep_ratio": 1.0}])
+def test_keep_all_reproduces_original_output(name: str, keep_all: dict) -> None:
+    model, scorer = _scorer(name)
+    x = tiny.inputs(name, batch=3)
+    with torch.no_grad():
+        out = _call(prune(model, scorer, **keep_all), x)
+        torch.testing.assert_close(_main_output(name, out), tiny.original_output(name, model, x))
+        if name == "hf-bert":  # the encoder output fields match where tokens exist
+            original = model(**x)
+            mask = x["attention_mask"].bool()
+            torch.testing.assert_close(out.last_hidden_state[mask], original.last_hidden_state[mask])
+            assert torch.equal(out.kept_mask, mask) and not out.last_hidden_state[~mask].any()
+            torch.testing.assert_close(out.pooler_output, original.pooler_output)
+
+
+def test_model_is_never_mutated() -> None:
+    model, scorer = _scorer("hf-bert")
+    x = tiny.inputs("hf-bert")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types = [type(m) for m in model.modules()]
+    with torch.no_grad():
+        reference = model(**x).last_hidden_state
+        _call(prune(model, scorer, keep_ratio=0.3), x)
+        after = model(**x).last_hidden_state
+    assert torch.equal(reference, after) and [type(m) for m in model.modules()] == types
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_call_conventions() -> None:
+    model, scorer = _scorer("hf-bert")
+    pruned = prune(model, scorer)
+    x = tiny.inputs("hf-bert")
+    with torch.no_grad():
+        by_name = pruned(**x)
+        positional = pruned(x["input_ids"], x["attention_mask"])
+        as_tuple = pruned(**x, return_dict=False)
+    assert torch.equal(by_name.sentence_embedding, positional.sentence_embedding)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], by_name.last_hidden_state)
+    assert by_name.last_hidden_state.shape == (3, 12, 32)
+    with pytest.raises(TypeError, match="position_ids"):
+        pruned(**x, position_ids=x["input_ids"])
+    with pytest.raises(TypeError, match="output_hidden_states"):
+        pruned(**x, output_hidden_states=True)
+    vit, vit_scorer = _scorer("hf-vit-classifier")
+    images = tiny.inputs("hf-vit-classifier")
+    with torch.no_grad():
+        assert torch.equal(prune(vit, vit_scorer)(pixel_values=images).logits, prune(vit, vit_scorer)(images).logits)
+    assert isinstance(pruned, PrunedModel) and "rule='threshold'" in repr(pruned)
+
+
+def test_rules_resolve_from_arguments_and_scorer_json(tmp_path) -> None:
+    model, scorer = _scorer("timm-vit-cls")
+    sig = adapt(model).signature()
+    path = save_scorer(scorer, tmp_path / "s", sig, default_rule={"rule": "keep_ratio", "values": [0.5, 0.25]})
+    assert (prune(model, path).rule, prune(model, path).values) == ("keep_ratio", [0.5, 0.25])
+    assert prune(model, path, rule="threshold").values == [0.0, 0.0]
+    assert prune(model, path, threshold=[1.0, 2.0]).values == [1.0, 2.0]
+    with pytest.raises(UserError, match="not both"):
+        prune(model, path, threshold=0.0, keep_ratio=0.5)
+    with pytest.raises(UserError, match="one per site"):
+        prune(model, path, keep_ratio=[0.5, 0.5, 0.5])
+    with pytest.raises(UserError, match=r"\[0, 1\]"):
+        prune(model, path, keep_ratio=1.5)
+    with pytest.raises(UserError, match="needs keep_ratio"):
+        prune(model, scorer, rule="keep_ratio")
+    with pytest.raises(UserError, match="unknown decision rule"):
+        prune(model, scorer, rule="top-k")
+
+
+@pytest.mark.parametrize("name,task", [("timm-vit-cls", "teacher_kl"), ("hf-bert", "cosine")])
+def test_threshold_zero_takes_the_env_policy_decisions(name: str, task: str) -> None:
+    """The deterministic policy in the env (keep where logit > 0) drops exactly what prune() drops."""
+    model, scorer = _scorer(name, seed=4)
+    split = tiny.split(name, n=4, seed=2, labels=False)
+    core = PruneCore(adapt(model), split, SITES, task=task, feature_spec=scorer.spec)
+    obs = core.begin(np.arange(4))
+    with torch.no_grad():
+        for _ in SITES:
+            logits = scorer.net(torch.from_numpy(obs["tokens"]), torch.from_numpy(obs["context"]))
+            obs, _, done, _ = core.advance(((logits > 0) & torch.from_numpy(obs["alive"]).bool()).numpy())
+        _, state, _ = prune(model, scorer).run(split.inputs)
+    env_kept = [sorted(core.state.positions[r][core.state.valid[r]].tolist()) for r in range(4)]
+    assert done and env_kept == [sorted(state.positions[r][state.valid[r]].tolist()) for r in range(4)]
+
+
+SUBPROCESS = """
+import sys, torch
+from safetensors.torch import save_file
+from policy_prune import load_scorer, prune
+from tests import tiny
+out = {}
+for name, rule, value in [(n, r, v) for n in sys.argv[2].split(",") for r, v in (("threshold", 0.0), ("keep_ratio", 0.5))]:
+    model, x = tiny.make(name), tiny.inputs(name, batch=4, seed=1)
+    pruned = prune(model, load_scorer(f"{sys.argv[1]}/{name}"), **{rule: value})
+    with torch.no_grad():
+        main, state, _ = pruned.run(x)
+    out[f"{name}/{rule}/out"] = main
+    out[f"{name}/{rule}/positions"] = torch.where(state.valid, state.positions, -1)
+save_file(out, f"{sys.argv[1]}/result.safetensors")
+"""
+
+
+def test_exported_scorer_in_a_fresh_process(tmp_path) -> None:
+    """Export here, load + prune in a new interpreter: the same decisions and outputs as in-process."""
+    expected = {}
+    for name in FAMILIES:
+        model, scorer = _scorer(name, seed=5)
+        save_scorer(scorer, tmp_path / name, adapt(model).signature())
+        x = tiny.inputs(name, batch=4, seed=1)
+        for rule, value in (("threshold", 0.0), ("keep_ratio", 0.5)):
+            with torch.no_grad():
+                main, state, _ = prune(model, scorer, **{rule: value}).run(x)
+            expected[f"{name}/{rule}/out"] = main
+            expected[f"{name}/{rule}/positions"] = torch.where(state.valid, state.positions, -1)
+    proc = subprocess.run([sys.executable, "-c", SUBPROCESS, str(tmp_path), ",".join(FAMILIES)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = load_file(str(tmp_path / "result.safetensors"))
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+
+
+def test_keep_ratio_for_flops_hits_the_target() -> None:
+    backbone = adapt(tiny.make("timm-vit-cls"))
+    ratio = keep_ratio_for_flops(backbone, [0], 0.5, 17, 1)
+    kept = 1 + round(ratio * 16)
+    assert abs(float(backbone.schedule_flops([0], [kept], 17)) / backbone.full_flops(17) - 0.5) < 0.05
+
+
+def test_load_scorer_is_the_public_loader(tmp_path) -> None:
+    model, scorer = _scorer("timm-vit-cls")
+    save_scorer(scorer, tmp_path / "s", adapt(model).signature())
+    assert load_scorer(tmp_path / "s").sites == SITES

@@ -1,0 +1,249 @@
+"""Scorer artifacts: round trip, atomic writes, every broken artifact rejected in one line, no pickle, export."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import pickle
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from policy_prune import export
+from policy_prune.backbones import adapt
+from policy_prune.errors import UserError
+from policy_prune.export import export_scorer, validation_metrics
+from policy_prune.inference import prune, random_scorer
+from policy_prune.scorer import make_keep_fn
+from policy_prune.scorer_io import (
+    META_FILE,
+    WEIGHTS_FILE,
+    ScorerFileError,
+    ScorerMismatchError,
+    load_scorer,
+    save_scorer,
+)
+from tests import tiny
+
+SITES = [1, 2]
+
+
+@pytest.fixture(scope="module")
+def vit():
+    model = tiny.make("timm-vit-cls")
+    return model, adapt(model)
+
+
+@pytest.fixture
+def artifact(tmp_path, vit) -> Path:
+    _, backbone = vit
+    scorer = random_scorer(backbone, SITES, seed=1)
+    return save_scorer(scorer, tmp_path / "scorer", backbone.signature(), lam=0.25,
+                       metrics={"agreement": torch.tensor(0.875), "flops_ratio": 0.5, "bad": float("nan")})
+
+
+def test_round_trip(artifact, vit) -> None:
+    _, backbone = vit
+    scorer = load_scorer(artifact)
+    again = load_scorer(artifact / META_FILE)  # a file inside the artifact works too
+    original = random_scorer(backbone, SITES, seed=1)
+    for k, v in original.net.state_dict().items():
+        assert torch.equal(scorer.net.state_dict()[k], v) and torch.equal(again.net.state_dict()[k], v)
+    assert scorer.projection is not None and original.projection is not None
+    assert torch.equal(scorer.projection, original.projection)
+    assert scorer.sites == SITES and scorer.spec == original.spec
+    meta = scorer.meta
+    assert meta["backbone"] == backbone.signature() and meta["lam"] == 0.25
+    assert meta["metrics"] == {"agreement": 0.875, "flops_ratio": 0.5, "bad": None}
+    assert meta["default_rule"] == {"rule": "threshold", "values": [0.0, 0.0]}
+    written = json.loads((artifact / META_FILE).read_text())
+    assert written["format_version"] == 1 and written["layer_sizes"]["hidden"] == [64, 64]
+    assert set(written["created"]) == {"time", "policy_prune", "torch"}
+
+
+def test_save_is_atomic_and_never_clobbers_foreign_dirs(artifact, vit) -> None:
+    _, backbone = vit
+    scorer = load_scorer(artifact)
+    before = (artifact / WEIGHTS_FILE).read_bytes()
+
+    def crash(tmp: Path) -> None:
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_scorer(scorer, artifact, backbone.signature(), extra=crash)
+    assert (artifact / WEIGHTS_FILE).read_bytes() == before  # the old artifact is untouched
+    assert [p.name for p in artifact.parent.iterdir()] == ["scorer"]  # no temp dir left behind
+    save_scorer(scorer, artifact, backbone.signature(), default_rule={"rule": "keep_ratio", "values": [0.5, 0.25]})
+    assert load_scorer(artifact).meta["default_rule"] == {"rule": "keep_ratio", "values": [0.5, 0.25]}
+    (artifact.parent / "run").mkdir()
+    (artifact.parent / "run" / "config.yaml").write_text("a: 1\n")
+    with pytest.raises(UserError, match="refusing to replace"):
+        save_scorer(scorer, artifact.parent / "run", backbone.signature())
+    with pytest.raises(UserError, match="values must be one number or one per site"):
+        save_scorer(scorer, artifact, backbone.signature(), default_rule={"rule": "threshold", "values": [1, 2, 3]})
+
+
+def _edit_json(path: Path, **changes: object) -> None:
+    meta = json.loads(path.read_text())
+    for key, value in changes.items():
+        node, *rest = key.split("__")
+        if rest:
+            meta[node][rest[0]] = value
+        elif value is None:
+            del meta[node]
+        else:
+            meta[node] = value
+    path.write_text(json.dumps(meta))
+
+
+BREAKAGES = {
+    "missing dir": (lambda a: a.rename(a.with_name("gone")), "scorer not found"),
+    "deleted json": (lambda a: (a / META_FILE).unlink(), "scorer file missing"),
+    "deleted weights": (lambda a: (a / WEIGHTS_FILE).unlink(), "scorer file missing"),
+    "truncated weights": (lambda a: (a / WEIGHTS_FILE).write_bytes((a / WEIGHTS_FILE).read_bytes()[:200]),
+                          "corrupt or truncated safetensors"),
+    "garbage weights": (lambda a: (a / WEIGHTS_FILE).write_bytes(b"\x00" * 64), "corrupt or truncated safetensors"),
+    "garbage json": (lambda a: (a / META_FILE).write_text("{not json"), "not valid JSON"),
+    "json not an object": (lambda a: (a / META_FILE).write_text("[1, 2]"), "expected a JSON object"),
+    "format_version 99": (lambda a: _edit_json(a / META_FILE, format_version=99), "unknown format_version 99"),
+    "missing key": (lambda a: _edit_json(a / META_FILE, sites=None), "missing key 'sites'"),
+    "feature version": (lambda a: _edit_json(a / META_FILE, feature_spec__version=2), "feature spec version 2"),
+    "feature names": (lambda a: _edit_json(a / META_FILE, feature_spec__base=["norm"]), "feature names"),
+    "hidden size": (lambda a: _edit_json(a / META_FILE, layer_sizes__hidden=[32, 64]), "has shape"),
+    "depth of net": (lambda a: _edit_json(a / META_FILE, layer_sizes__hidden=[64]), "unexpected tensor"),
+    "context size": (lambda a: _edit_json(a / META_FILE, sites=[1, 2, 3]), "do not match the feature spec"),
+    "projection width": (lambda a: _edit_json(a / META_FILE, backbone__width=48), "projection has shape"),
+    "bad rule": (lambda a: _edit_json(a / META_FILE, default_rule={"rule": "topk", "values": [1]}), "bad default_rule"),
+}
+
+
+@pytest.mark.parametrize("breakage", list(BREAKAGES))
+def test_broken_artifacts_are_rejected_in_one_line(artifact, breakage: str) -> None:
+    breaker, message = BREAKAGES[breakage]
+    breaker(artifact)
+    with pytest.raises(ScorerFileError) as exc:
+        load_scorer(artifact)
+    text = str(exc.value)
+    assert message in text and "\n" not in text
+
+
+def test_wrong_backbone_names_both_architectures(artifact) -> None:
+    bert = tiny.make("hf-bert")
+    with pytest.raises(ScorerMismatchError) as exc:
+        prune(bert, artifact)
+    text = str(exc.value)
+    assert "timm-vit" in text and "bert:BertModel" in text and "width" not in text.split("differs in")[1] \
+        and "family" in text
+
+
+def test_architecture_name_only_mismatch(artifact) -> None:
+    _edit_json(artifact / META_FILE, backbone__architecture="vit_renamed")
+    model = tiny.make("timm-vit-cls")
+    with pytest.raises(ScorerMismatchError, match="differs in architecture"):
+        prune(model, artifact)
+    assert prune(model, artifact, strict=False).sites == SITES  # same shapes: allowed when not strict
+
+
+def test_load_and_prune_never_unpickle(artifact, monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle used on the load path")
+
+    for target, name in [(torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")]:
+        monkeypatch.setattr(target, name, refuse)
+    model = tiny.make("timm-vit-cls")
+    with torch.no_grad():
+        out = prune(model, load_scorer(artifact))(tiny.inputs("timm-vit-cls"))
+    assert out.shape == (3, 5)
+
+
+def test_export_onnx_matches_torch(tmp_path, vit) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    model, backbone = vit
+    scorer = random_scorer(backbone, SITES, seed=2)
+    files = export_scorer(scorer, tmp_path / "s", backbone.signature(), onnx=True)
+    assert [f.name for f in files] == ["scorer.safetensors", "scorer.json", "scorer.onnx"]
+    session = ort.InferenceSession(str(files[-1]), providers=["CPUExecutionProvider"])
+    loaded = load_scorer(tmp_path / "s")
+    seen: list[tuple[torch.Tensor, ...]] = []
+    hook = loaded.net.register_forward_hook(lambda module, args, out: seen.append(args))
+    with torch.no_grad():
+        for batch in (1, 4):  # real features and contexts of two (B, N) shapes
+            x = tiny.inputs("timm-vit-cls", batch=batch, seed=batch)
+            backbone.forward_pruned(x, SITES, make_keep_fn(backbone, loaded, "threshold", 0.0))
+        hook.remove()
+        assert len({t.shape[:2] for t, _ in seen}) >= 2
+        for tokens, context in seen:
+            got = session.run(None, {"tokens": tokens.numpy(), "context": context.numpy()})[0]
+            torch.testing.assert_close(torch.from_numpy(got), loaded.net(tokens, context), rtol=1e-4, atol=1e-5)
+
+
+def _fake_run(root: Path, scorer, model_dir: Path) -> Path:
+    """A run folder as train writes it: config.yaml, metrics.jsonl and an SB3-style checkpoint zip."""
+    run = root / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    config = {"env": {"name": "tiny", "backbone": {"spec": str(model_dir)}, "sites": SITES,
+                      "reward": {"lam": 0.4, "task": "cosine"}}, "agent": {"algo": "ppo"}, "seed": 0}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    records = [{"step": 10, "eval/cosine": 0.5}, {"step": 20, "train/loss": 1.0},
+               {"step": 30, "eval/cosine": 0.9, "eval/flops_ratio": 0.6}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n{\"step\": 4")
+    state = {f"scorer.{k}": v for k, v in scorer.net.state_dict().items()} | {"critic.w": torch.zeros(2)}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    with zipfile.ZipFile(run / "checkpoints" / "last.zip", "w") as zf:
+        zf.writestr("policy.pth", buf.getvalue())
+        zf.writestr("data", json.dumps({"policy_kwargs": {"scorer_hidden": scorer.net.hidden}}))
+    return run
+
+
+def _export_verb(argv: list[str]) -> int:
+    """The verb as ``policy-prune export`` runs it (parser + run), independent of the other verbs."""
+    parser = argparse.ArgumentParser()
+    export.add_arguments(parser)
+    return export.run(parser.parse_args(argv))
+
+
+def test_export_verb_on_a_run_folder(tmp_path) -> None:
+    pytest.importorskip("policy_prune.policy").load_learned_scorer  # noqa: B018
+    model = tiny.make("hf-bert")
+    model.save_pretrained(tmp_path / "bert")
+    backbone = adapt(model)
+    scorer = random_scorer(backbone, SITES, seed=3)
+    run = _fake_run(tmp_path, scorer, tmp_path / "bert")
+    assert _export_verb([str(run), "--keep-ratio", "0.5"]) == 0
+    loaded = load_scorer(run / "scorer")
+    assert loaded.meta["lam"] == 0.4 and loaded.meta["backbone"] == backbone.signature()
+    assert loaded.meta["metrics"] == {"cosine": 0.9, "flops_ratio": 0.6}
+    assert loaded.meta["default_rule"] == {"rule": "keep_ratio", "values": [0.5, 0.5]}
+    for k, v in scorer.net.state_dict().items():
+        assert torch.equal(loaded.net.state_dict()[k], v)
+    with pytest.raises(UserError, match="run folder not found"):
+        _export_verb([str(tmp_path / "missing")])
+    (run / "checkpoints" / "last.zip").unlink()
+    with pytest.raises(UserError, match="checkpoint not found"):
+        _export_verb([str(run)])
+    assert validation_metrics(tmp_path) == {}
+    (run / "eval").mkdir()
+    (run / "eval" / "summary.json").write_text(json.dumps({"methods": {"learned": {"agreement": 0.8, "x": "y"}}}))
+    assert validation_metrics(run) == {"agreement": 0.8}
+
+
+def test_torch_export_fallback_when_onnx_fails(tmp_path, vit, monkeypatch) -> None:
+    _, backbone = vit
+    scorer = random_scorer(backbone, SITES, seed=2)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("exporter unavailable")
+
+    monkeypatch.setattr(export, "export_onnx", broken)
+    said: list[str] = []
+    files = export_scorer(scorer, tmp_path / "s", backbone.signature(), onnx=True, log=said.append)
+    assert files[-1].name == "scorer.pt2" and "ONNX export failed (exporter unavailable)" in said[0]
+    program = torch.export.load(str(files[-1])).module()
+    for b, n in ((1, 7), (3, 11)):
+        tokens, context = torch.randn(b, n, scorer.net.feature_dim), torch.rand(b, scorer.net.context_dim)
+        torch.testing.assert_close(program(tokens, context), scorer.net(tokens, context), rtol=1e-5, atol=1e-6)
