@@ -37,7 +37,10 @@ class BackboneConfig:
     pooling: str | None = None
     """HF text encoders: "mean" (sentence-transformers style, default) or "cls"."""
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    """Extra keyword arguments for ``timm.create_model`` (e.g. num_classes, img_size)."""
+    """Extra keyword arguments for ``timm.create_model`` (e.g. num_classes, img_size); for digits-vit, the
+    VisionTransformer's (embed_dim, depth, num_heads, mlp_ratio, patch_size)."""
+    pretrain: dict[str, Any] = field(default_factory=dict)
+    """digits-vit only: training settings for ``policy-prune pretrain`` (epochs, batch_size, lr, ...)."""
 
 
 @dataclass

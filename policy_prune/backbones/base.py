@@ -114,7 +114,7 @@ class TokenBackbone(ABC, nn.Module):
         cls_only projects only token 0's query (all a CLS row needs: a third of the q/k cost).
         """
 
-    def qk_weights(self, state: TokenState, layer: int) -> tuple[torch.Tensor, ...] | None:
+    def qk_weights(self, state: TokenState, layer: int) -> tuple[Any, ...] | None:
         """(attention input [B,N,D], W_q [A,D], b_q [A] or None, W_k [A,D], heads) of block ``layer``,
         or None where q/k are normalised after projection (then the CLS row cannot be folded)."""
         return None

@@ -151,7 +151,7 @@ class HFEncoderBackbone(TokenBackbone):
         k = k_lin(x).view(b, n, heads, -1).transpose(1, 2)
         return q, k
 
-    def qk_weights(self, state: TokenState, layer: int) -> tuple[torch.Tensor, ...] | None:
+    def qk_weights(self, state: TokenState, layer: int) -> tuple[Any, ...] | None:
         blk = self.layers[layer]
         x = blk.layernorm_before(state.tokens) if self.is_vision else state.tokens
         q_lin, k_lin = self._qk[layer]

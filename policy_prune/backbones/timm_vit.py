@@ -87,7 +87,7 @@ class TimmViTBackbone(TokenBackbone):
         k = k.view(b, n, attn.num_heads, attn.head_dim).transpose(1, 2)
         return attn.q_norm(q), attn.k_norm(k)
 
-    def qk_weights(self, state: TokenState, layer: int) -> tuple[torch.Tensor, ...] | None:
+    def qk_weights(self, state: TokenState, layer: int) -> tuple[Any, ...] | None:
         blk = self.model.blocks[layer]
         attn = blk.attn
         if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):

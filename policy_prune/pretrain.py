@@ -1,0 +1,402 @@
+"""``policy-prune pretrain``: fit the embedded digits-vit backbone on digits-cluttered, then cache it frozen.
+
+The model is a plain timm ``VisionTransformer`` (48x48x1 input, patch 4: 144 patch tokens + CLS, 6
+blocks). Training draws fresh canvases of the train source digits every epoch (augmentation that costs
+nothing: the data is procedural) and ramps the clutter in over the first epochs (a curriculum: a small
+ViT from scratch first has to find digits at all). The checkpoint lands in the user cache
+(``$POLICY_PRUNE_CACHE`` or ``~/.cache/policy-prune``) under a hash of everything that shaped it, written
+atomically, so every later call (and every run) reuses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from policy_prune.config import EnvConfig, from_dict
+from policy_prune.errors import UserError
+
+EMBEDDED_SPEC = "digits-vit"
+FORMAT_VERSION = 1
+WEIGHTS, META = "model.safetensors", "model.json"
+
+
+@dataclass
+class DigitsViTConfig:
+    """Architecture of digits-vit (``backbone.model_kwargs``); image size and channels follow the data."""
+
+    embed_dim: int = 64
+    """Token width."""
+    depth: int = 6
+    """Transformer blocks (the digits-vit preset prunes before blocks 1, 3 and 5)."""
+    num_heads: int = 4
+    """Attention heads."""
+    mlp_ratio: float = 2.0
+    """MLP hidden width / token width (2 rather than timm's 4: most of the CPU budget goes to steps)."""
+    patch_size: int = 4
+    """Patch side in pixels: a 48 px canvas gives 12 x 12 = 144 patch tokens."""
+
+
+@dataclass
+class PretrainConfig:
+    """How digits-vit is fitted (``backbone.pretrain``)."""
+
+    epochs: int = 20
+    """Passes over the train source digits, each on freshly drawn canvases."""
+    canvases_per_source: int = 2
+    """Canvases drawn per train source digit per epoch."""
+    batch_size: int = 32
+    """Images per optimiser step."""
+    lr: float = 1e-3
+    """Peak AdamW learning rate (linear warm-up, then cosine decay to 0)."""
+    warmup_steps: int = 50
+    """Steps of linear learning-rate warm-up."""
+    weight_decay: float = 0.05
+    """AdamW weight decay."""
+    label_smoothing: float = 0.1
+    """Cross-entropy label smoothing."""
+    clutter_ramp: float = 0.25
+    """Share of the epochs over which the distractor count ramps from 0 to ``n_distractors``."""
+    max_train: int | None = None
+    """Cap on training canvases per epoch (None: all; small values are for tests)."""
+    max_eval: int | None = None
+    """Cap on val/test canvases evaluated (None: all)."""
+
+
+@dataclass
+class PretrainResult:
+    """What :func:`pretrain` returns."""
+
+    backbone: Any
+    """The frozen TimmViTBackbone (eval mode, no gradients)."""
+    path: Path
+    """Cache folder holding ``model.safetensors`` and ``model.json``."""
+    metrics: dict[str, Any]
+    """Accuracies, sizes and timings recorded with the checkpoint."""
+    cached: bool
+    """True when the checkpoint was already in the cache (nothing was trained)."""
+
+
+# ---- configs and cache ---------------------------------------------------------------------------------
+def configs(env_cfg: EnvConfig, epochs: int | None = None) -> tuple[DigitsViTConfig, PretrainConfig]:
+    """The architecture and training configs of an env's digits-vit (strictly parsed)."""
+    model_cfg = from_dict(DigitsViTConfig, env_cfg.backbone.model_kwargs, "backbone.model_kwargs")
+    train_cfg = from_dict(PretrainConfig, env_cfg.backbone.pretrain, "backbone.pretrain")
+    if epochs is not None:
+        train_cfg = dataclasses.replace(train_cfg, epochs=epochs)
+    return model_cfg, train_cfg
+
+
+def cache_root() -> Path:
+    """``$POLICY_PRUNE_CACHE`` if set, else ``~/.cache/policy-prune``."""
+    env = os.environ.get("POLICY_PRUNE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "policy-prune"
+
+
+def cache_record(model_cfg: DigitsViTConfig, train_cfg: PretrainConfig, data_options: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Everything that shapes the checkpoint: hashed into its folder name and stored beside it."""
+    from policy_prune.data import digits
+
+    return {
+        "format": FORMAT_VERSION,
+        "spec": EMBEDDED_SPEC,
+        "model": dataclasses.asdict(model_cfg),
+        "train": dataclasses.asdict(train_cfg),
+        "data": digits.options_dict(data_options),
+        "seed": seed,
+    }
+
+
+def cache_path(record: dict[str, Any]) -> Path:
+    """``<cache root>/digits-vit/<16 hex digits of the record's sha256>``."""
+    digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_root() / EMBEDDED_SPEC / digest
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_checkpoint(folder: Path, model: Any, record: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """Weights then JSON (the JSON's presence marks a complete checkpoint), each written atomically."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    _write_atomic(folder / WEIGHTS, lambda tmp: save_file(state, tmp))
+    text = json.dumps({**record, "metrics": metrics}, indent=2, sort_keys=True)
+    _write_atomic(folder / META, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_meta(folder: Path) -> dict[str, Any] | None:
+    """The checkpoint's JSON, or None if the checkpoint is missing or incomplete."""
+    try:
+        meta = json.loads((folder / META).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if (folder / WEIGHTS).is_file() and meta.get("format") == FORMAT_VERSION else None
+
+
+# ---- model ----------------------------------------------------------------------------------------------
+def build_model(model_cfg: DigitsViTConfig, canvas: int, num_classes: int = 10) -> Any:
+    """A fresh timm VisionTransformer for ``canvas`` x ``canvas`` single-channel images.
+
+    ``weight_init="jax"`` (xavier linears, zero head): timm's default N(0, 0.02) is tuned for width 768
+    and leaves a 64-wide model's residual branches almost silent, which stalls training from scratch.
+    """
+    from timm.models.vision_transformer import VisionTransformer
+
+    if canvas % model_cfg.patch_size:
+        raise UserError(f"canvas {canvas} is not a multiple of patch_size {model_cfg.patch_size}")
+    return VisionTransformer(
+        img_size=canvas,
+        patch_size=model_cfg.patch_size,
+        in_chans=1,
+        num_classes=num_classes,
+        embed_dim=model_cfg.embed_dim,
+        depth=model_cfg.depth,
+        num_heads=model_cfg.num_heads,
+        mlp_ratio=model_cfg.mlp_ratio,
+        weight_init="jax",
+    )
+
+
+def load_cached(folder: Path) -> Any:
+    """The frozen TimmViTBackbone stored in a cache folder (safetensors: no pickle on the load path)."""
+    from safetensors.torch import load_file
+
+    from policy_prune.backbones import TimmViTBackbone
+
+    meta = read_meta(folder)
+    if meta is None:
+        raise UserError(f"no complete digits-vit checkpoint in {folder}")
+    model = build_model(DigitsViTConfig(**meta["model"]), int(meta["data"]["canvas"]))
+    model.load_state_dict(load_file(str(folder / WEIGHTS)))
+    return TimmViTBackbone(model.requires_grad_(False), name=EMBEDDED_SPEC).eval()
+
+
+# ---- training ---------------------------------------------------------------------------------------------
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up to 1 over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def epoch_batches(
+    epoch: int, seed: int, data: dict[str, Any], options: Any, train_cfg: PretrainConfig
+) -> Iterator[tuple[Any, Any]]:
+    """Fresh canvases of the train source digits for one epoch, shuffled into batches (images, labels)."""
+    import torch
+
+    from policy_prune.data import digits
+
+    ramp_epochs = train_cfg.clutter_ramp * train_cfg.epochs
+    if epoch < ramp_epochs:
+        n = int(options.n_distractors * epoch / ramp_epochs)
+        options = dataclasses.replace(options, n_distractors=n)
+    rng = np.random.default_rng([seed, epoch, 1])
+    src = rng.permutation(np.tile(data["train_idx"], train_cfg.canvases_per_source))[: train_cfg.max_train]
+    event_seed = int(rng.integers(2**31))
+    images = digits.make_images(data["glyphs"], src, data["train_idx"], options, event_seed)
+    labels = torch.from_numpy(data["labels"][src])
+    for start in range(0, len(src) - train_cfg.batch_size + 1, train_cfg.batch_size):
+        yield images[start : start + train_cfg.batch_size], labels[start : start + train_cfg.batch_size]
+
+
+def steps_per_epoch(n_sources: int, train_cfg: PretrainConfig) -> int:
+    n = n_sources * train_cfg.canvases_per_source
+    if train_cfg.max_train is not None:
+        n = min(n, train_cfg.max_train)
+    return n // train_cfg.batch_size
+
+
+def accuracy(model: Any, images: Any, labels: Any, batch: int = 256) -> float:
+    """Top-1 accuracy of ``model`` on images [M, C, H, W] with labels [M]."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for start in range(0, len(images), batch):
+            pred = model(images[start : start + batch]).argmax(dim=-1)
+            correct += int((pred == labels[start : start + batch]).sum())
+    model.train(was_training)
+    return correct / max(1, len(images))
+
+
+def _progress(console: Any) -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]pretrain digits-vit[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def fit(
+    model: Any, data: dict[str, Any], options: Any, train_cfg: PretrainConfig, seed: int, console: Any
+) -> dict[str, Any]:
+    """Train ``model`` in place; returns loss and val accuracy per epoch."""
+    import torch
+    import torch.nn.functional as F
+
+    per_epoch = steps_per_epoch(len(data["train_idx"]), train_cfg)
+    total = per_epoch * train_cfg.epochs
+    if total == 0:
+        raise UserError("pretrain: no training steps (raise epochs or max_train, or lower batch_size)")
+    opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, train_cfg.warmup_steps))
+    history: dict[str, list[float]] = {"loss": [], "val_acc": []}
+    model.train()
+    with _progress(console) as progress:
+        task = progress.add_task("fit", total=total, status="")
+        for epoch in range(train_cfg.epochs):
+            losses = []
+            for x, y in epoch_batches(epoch, seed, data, options, train_cfg):
+                loss = F.cross_entropy(model(x), y, label_smoothing=train_cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+                progress.update(task, advance=1, status=f"epoch {epoch + 1}/{train_cfg.epochs} loss {losses[-1]:.3f}")
+            history["loss"].append(float(np.mean(losses)))
+            history["val_acc"].append(accuracy(model, *data["val"]))
+            progress.update(task, status=f"epoch {epoch + 1}/{train_cfg.epochs} val acc {history['val_acc'][-1]:.3f}")
+    return history
+
+
+def load_data(data_options: dict[str, Any], max_eval: int | None) -> dict[str, Any]:
+    """Source glyphs, the train source indices and the fixed val/test canvases of digits-cluttered."""
+    import torch
+
+    from policy_prune.data import digits
+
+    opts = digits.parse_options(data_options)
+    glyphs, labels = digits.load_glyphs()
+    idx = digits.split_sources(labels, opts)
+    data: dict[str, Any] = {"glyphs": glyphs, "labels": labels, "train_idx": idx["train"], "options": opts}
+    for split in ("val", "test"):
+        src = digits.sources_for(split, idx[split], opts)[:max_eval]
+        images = digits.make_images(glyphs, src, idx[split], opts, digits.split_seed(split, 0, opts))
+        data[split] = (images, torch.from_numpy(labels[src]))
+    return data
+
+
+# ---- public entry points ------------------------------------------------------------------------------------
+def pretrain(
+    env_cfg: EnvConfig, seed: int = 0, force: bool = False, epochs: int | None = None, console: Any = None
+) -> PretrainResult:
+    """Get digits-vit from the cache, or fit and cache it (``force``: fit again regardless)."""
+    import torch
+    from rich.console import Console
+
+    from policy_prune.backbones import TimmViTBackbone
+
+    console = console or Console()
+    if env_cfg.backbone.spec != EMBEDDED_SPEC:
+        raise UserError(f"pretrain fits the embedded {EMBEDDED_SPEC!r} backbone; env {env_cfg.name!r} uses {env_cfg.backbone.spec!r}")
+    if env_cfg.data.dataset != "digits-cluttered":
+        raise UserError(f"{EMBEDDED_SPEC} is fitted on digits-cluttered, not {env_cfg.data.dataset!r}")
+    model_cfg, train_cfg = configs(env_cfg, epochs)
+    record = cache_record(model_cfg, train_cfg, env_cfg.data.options, seed)
+    folder = cache_path(record)
+    meta = None if force else read_meta(folder)
+    if meta is not None:
+        return PretrainResult(load_cached(folder), folder, meta["metrics"], cached=True)
+
+    start = time.perf_counter()
+    data = load_data(env_cfg.data.options, train_cfg.max_eval)
+    # A private RNG stream: pretraining is reproducible from its seed and leaves the caller's RNG alone.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(model_cfg, data["options"].canvas)
+        history = fit(model, data, data["options"], train_cfg, seed, console)
+    model.eval().requires_grad_(False)
+    metrics = {
+        "test_acc": accuracy(model, *data["test"]),
+        "val_acc": history["val_acc"][-1],
+        "history": history,
+        "params": sum(p.numel() for p in model.parameters()),
+        "tokens": int(model.patch_embed.num_patches + model.num_prefix_tokens),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    save_checkpoint(folder, model, record, metrics)
+    return PretrainResult(TimmViTBackbone(model, name=EMBEDDED_SPEC).eval(), folder, metrics, cached=False)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--env", default="digits-vit", help="env preset name or YAML path (its backbone must be digits-vit)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model initialisation and training canvases")
+    p.add_argument("--force", action="store_true", help="fit again even if a cached checkpoint exists")
+    p.add_argument("--epochs", type=int, default=None, help="override backbone.pretrain.epochs")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a preset key, e.g. --set backbone.pretrain.lr=0.002 (repeatable)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from policy_prune.config import load_env_config
+
+    console = Console()
+    env_cfg = load_env_config(args.env, args.overrides)
+    if env_cfg.backbone.spec != EMBEDDED_SPEC:
+        console.print(f"env {env_cfg.name!r} uses backbone {env_cfg.backbone.spec!r}: nothing to pretrain "
+                      f"(only the embedded {EMBEDDED_SPEC!r} is fitted here)")
+        return 0
+    if args.epochs is not None and args.epochs < 1:
+        raise UserError("--epochs must be at least 1")
+    result = pretrain(env_cfg, seed=args.seed, force=args.force, epochs=args.epochs, console=console)
+    m = result.metrics
+    if result.cached:
+        console.print(f"cached: {result.path} (trained in {m['seconds']} s); use --force to fit again")
+    table = Table(title=f"digits-vit (seed {args.seed})", show_header=False)
+    table.add_row("test accuracy", f"{m['test_acc']:.4f}")
+    table.add_row("val accuracy", f"{m['val_acc']:.4f}")
+    table.add_row("tokens", f"{m['tokens']} (patches + CLS)")
+    table.add_row("parameters", f"{m['params']:,}")
+    table.add_row("fit time", f"{m['seconds']} s")
+    table.add_row("checkpoint", str(result.path))
+    console.print(table)
+    if m["test_acc"] < 0.9:
+        console.print(f"[yellow]warning: test accuracy {m['test_acc']:.3f} is below 0.90; "
+                      "consider more epochs (--epochs) before training pruning policies[/]")
+    return 0

@@ -1,0 +1,139 @@
+"""digits-vit pretraining: cache files, reuse without retraining, exact reload, CLI, embedded resolution."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from policy_prune import cli
+from policy_prune.backbones import TimmViTBackbone
+from policy_prune.config import BackboneConfig, DataConfig, EnvConfig, load_env_config
+from policy_prune.embedded import resolve_backbone
+from policy_prune.errors import UserError
+from policy_prune.pretrain import META, WEIGHTS, cache_root, load_cached, lr_factor, pretrain
+
+TINY_MODEL = {"embed_dim": 16, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0, "patch_size": 8}
+TINY_TRAIN = {"epochs": 1, "batch_size": 16, "max_train": 48, "max_eval": 24, "warmup_steps": 1}
+TINY_DATA = {"canvas": 32, "digit_size": 16, "canvases_val": 1, "canvases_test": 1}
+
+
+def tiny_env(**train) -> EnvConfig:
+    return EnvConfig(
+        name="tiny-digits",
+        backbone=BackboneConfig(spec="digits-vit", model_kwargs=TINY_MODEL, pretrain={**TINY_TRAIN, **train}),
+        data=DataConfig(options=TINY_DATA),
+        sites=[1],
+    )
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("POLICY_PRUNE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def quiet() -> Console:
+    return Console(quiet=True)
+
+
+def test_pretrain_writes_cache_then_reuses_it(cache) -> None:
+    first = pretrain(tiny_env(), seed=0, console=quiet())
+    assert not first.cached and first.path.parent == cache / "digits-vit"
+    assert {p.name for p in first.path.iterdir()} == {WEIGHTS, META}  # no temporary files left behind
+    meta = json.loads((first.path / META).read_text())
+    assert meta["seed"] == 0 and meta["model"]["embed_dim"] == 16 and meta["data"]["canvas"] == 32
+    assert meta["metrics"]["tokens"] == 17 and 0.0 <= meta["metrics"]["test_acc"] <= 1.0
+    stamp = (first.path / WEIGHTS).stat().st_mtime_ns
+
+    second = pretrain(tiny_env(), seed=0, console=quiet())
+    assert second.cached and second.path == first.path and second.metrics == meta["metrics"]
+    assert (first.path / WEIGHTS).stat().st_mtime_ns == stamp  # nothing retrained or rewritten
+
+    x = torch.randn(5, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = first.backbone.model(x)
+        torch.testing.assert_close(second.backbone(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(load_cached(first.path)(x), expected, rtol=0, atol=0)
+
+
+def test_cache_key_follows_config_and_seed(cache) -> None:
+    a = pretrain(tiny_env(), seed=0, console=quiet())
+    b = pretrain(tiny_env(), seed=1, console=quiet())
+    c = pretrain(tiny_env(lr=0.002), seed=0, console=quiet())
+    assert len({a.path, b.path, c.path}) == 3 and not (b.cached or c.cached)
+    forced = pretrain(tiny_env(), seed=0, force=True, console=quiet())
+    assert not forced.cached and forced.path == a.path
+    # Training is reproducible from its seed: the forced refit equals the first fit.
+    for (k, v), w in zip(a.backbone.model.state_dict().items(), forced.backbone.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(v, w, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_incomplete_cache_is_refitted(cache) -> None:
+    first = pretrain(tiny_env(), seed=0, console=quiet())
+    (first.path / META).write_text("{not json")
+    again = pretrain(tiny_env(), seed=0, console=quiet())
+    assert not again.cached and json.loads((first.path / META).read_text())["seed"] == 0
+
+
+def test_pretrain_leaves_the_global_rng_alone(cache) -> None:
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    pretrain(tiny_env(), seed=0, console=quiet())
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
+def test_resolve_backbone_gets_or_fits_digits_vit(cache) -> None:
+    backbone, tokenizer = resolve_backbone(tiny_env(), seed=0)
+    assert tokenizer is None and isinstance(backbone, TimmViTBackbone)
+    assert not backbone.training and not any(p.requires_grad for p in backbone.parameters())
+    assert backbone.signature()["grid"] == [4, 4] and backbone.depth == 2
+    assert len(list((cache / "digits-vit").iterdir())) == 1
+
+
+def test_bad_settings_are_user_errors(cache) -> None:
+    with pytest.raises(UserError, match="unknown key 'epoch'"):
+        pretrain(tiny_env(epoch=3), console=quiet())
+    with pytest.raises(UserError, match="fitted on digits-cluttered, not .python-docs."):
+        pretrain(EnvConfig(data=DataConfig(dataset="python-docs")), console=quiet())
+    with pytest.raises(UserError, match="no training steps"):
+        pretrain(tiny_env(max_train=4), console=quiet())
+
+
+def test_lr_schedule_warms_up_then_decays() -> None:
+    assert lr_factor(0, 100, 10) == pytest.approx(0.1) and lr_factor(9, 100, 10) == 1.0
+    assert lr_factor(55, 100, 10) == pytest.approx(0.5) and lr_factor(100, 100, 10) == 0.0
+
+
+def test_cache_root_default(monkeypatch) -> None:
+    monkeypatch.delenv("POLICY_PRUNE_CACHE", raising=False)
+    assert cache_root() == Path.home() / ".cache" / "policy-prune"
+
+
+def test_cli_pretrain_then_cached(cache, tmp_path, capsys) -> None:
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(
+        f"backbone: {{spec: digits-vit, model_kwargs: {json.dumps(TINY_MODEL)}, pretrain: {json.dumps(TINY_TRAIN)}}}\n"
+        f"data: {{options: {json.dumps(TINY_DATA)}}}\nsites: [1]\n"
+    )
+    assert cli.main(["pretrain", "--env", str(preset), "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "cached:" not in out and "below 0.90" in out  # a 1-epoch toy
+    assert cli.main(["pretrain", "--env", str(preset), "--epochs", "1"]) == 0
+    assert "cached:" in capsys.readouterr().out
+    assert cli.main(["pretrain", "--env", str(preset), "--set", "backbone.pretrain.epoch=2"]) == 2
+    assert "unknown key 'epoch'" in capsys.readouterr().err
+
+
+def test_cli_pretrain_other_backbone_is_a_no_op(capsys) -> None:
+    assert cli.main(["pretrain", "--env", "minilm-text"]) == 0
+    assert "nothing to pretrain" in capsys.readouterr().out
+
+
+@pytest.mark.expensive
+def test_default_digits_vit_reaches_90_percent(cache) -> None:
+    result = pretrain(load_env_config("digits-vit"), seed=0, console=quiet())
+    assert result.metrics["test_acc"] >= 0.9 and result.metrics["tokens"] == 145
