@@ -19,8 +19,9 @@ import torch
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--what", nargs="+", choices=("exec", "env"), default=["exec"],
-                   help="exec: original vs pruned forward of --model; env: batched-env samples/s vs plain forward on --env")
+    p.add_argument("--what", nargs="+", choices=("exec", "env", "flops"), default=["exec"],
+                   help="exec: original vs pruned forward of --model; env: batched-env samples/s vs plain forward "
+                        "on --env; flops: analytic FLOPs of --model vs torch's FlopCounterMode")
     p.add_argument("--model", default="deit_small_patch16_224", help="timm name, hf:<id> or model folder (random init)")
     p.add_argument("--env", default="digits-vit", help="env preset (name or YAML path) for --what env")
     p.add_argument("--agent", default="ppo", help="agent preset whose rollout buffer size is measured (--what env)")
@@ -153,6 +154,34 @@ def _bench_env_batch(args: argparse.Namespace, env_cfg: Any, agent_cfg: Any, bac
     }
 
 
+def flops_agreement(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Analytic block / schedule FLOPs vs FlopCounterMode on the real shapes, several token counts.
+
+    CPU flash attention is invisible to FlopCounterMode, so SDPA runs on its math backend here: the two
+    N^2 attention matmuls are then counted rather than assumed.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from policy_prune.backbones import load_backbone
+
+    backbone = load_backbone(args.model)
+    x = backbone.example_inputs(1, torch.Generator().manual_seed(args.seed))
+    state = backbone.embed(x)
+    n_full = state.n_full
+    rows = []
+    for frac in (1.0, 0.75, 0.5, 0.25):
+        kept = state.prune(torch.arange(n_full)[None] < max(1, round(frac * n_full)))
+        n = int(kept.alive_counts[0])  # protected tokens ([SEP] at the end) are kept too
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            backbone.run_blocks(kept, 0, backbone.depth)
+        counted = counter.get_total_flops()
+        analytic = backbone.depth * backbone.block_flops(n)
+        rows.append({"tokens": n, "analytic_gflops": analytic / 1e9, "counted_gflops": counted / 1e9,
+                     "rel_error": abs(analytic - counted) / counted})
+    return rows
+
+
 def rollout_buffer_mib(vec: Any, agent_cfg: Any) -> float:
     """Bytes of SB3's DictRolloutBuffer for the agent preset's n_steps x n_envs on this env's spaces."""
     from stable_baselines3.common.buffers import DictRolloutBuffer
@@ -179,6 +208,14 @@ def run(args: argparse.Namespace) -> int:
         for r in payload["env"]:
             table.add_row(str(r["batch"]), f"{r['forward_samples_per_s']:.0f}", f"{r['env_samples_per_s']:.0f}",
                           f"{r['env_vs_forward']:.2f}", f"{r['rollout_buffer_mib']:.0f}")
+        console.print(table)
+    if "flops" in args.what:
+        payload["flops"] = flops_agreement(args)
+        table = Table(title=f"{args.model}: analytic FLOPs of all blocks vs FlopCounterMode (per sample)")
+        for col in ("tokens", "analytic GFLOPs", "counted GFLOPs", "relative error"):
+            table.add_column(col, justify="right")
+        for r in payload["flops"]:
+            table.add_row(str(r["tokens"]), f"{r['analytic_gflops']:.4f}", f"{r['counted_gflops']:.4f}", f"{r['rel_error']:.2e}")
         console.print(table)
     if "exec" in args.what:
         payload["pruned_execution"] = print_exec(args, console)

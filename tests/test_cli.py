@@ -44,3 +44,12 @@ def test_console_script_user_error_is_one_line(tmp_path) -> None:
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "unknown backbone" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_bench_flops_agreement(tmp_path) -> None:
+    tiny.make("hf-bert").save_pretrained(tmp_path / "bert")
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--what", "flops", "--model", str(tmp_path / "bert"), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["flops"]
+    assert len(rows) == 4 and rows[0]["tokens"] > rows[-1]["tokens"]
+    assert all(r["rel_error"] <= 0.02 for r in rows)
