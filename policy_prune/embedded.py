@@ -53,17 +53,17 @@ def _tokenizer_for(backbone: TokenBackbone, spec: str) -> Any:
     return AutoTokenizer.from_pretrained(spec.removeprefix("hf:"))
 
 
-def resolve_backbone(env_cfg: EnvConfig, seed: int = 0, console: Any = None) -> tuple[TokenBackbone, Any]:
+def resolve_backbone(env_cfg: EnvConfig, console: Any = None) -> tuple[TokenBackbone, Any]:
     """(frozen backbone, tokenizer or None) for an env preset.
 
-    ``seed`` is the pretraining seed of digits-vit (each seed is its own cached checkpoint, fitted on
-    first use); other backbones ignore it.
+    digits-vit is fitted with its own ``backbone.pretrain.seed`` (not a run's seed: every RL seed
+    prunes the same cached backbone) and cached; other backbones are loaded as they are.
     """
     cfg = env_cfg.backbone
     if cfg.spec == "digits-vit":
         from policy_prune.pretrain import pretrain
 
-        result = pretrain(env_cfg, seed=seed, console=console)
+        result = pretrain(env_cfg, console=console)
         if not result.cached and console is not None:
             console.print(f"digits-vit fitted: test accuracy {result.metrics['test_acc']:.3f}, cached in {result.path}")
         return result.backbone, None

@@ -179,7 +179,7 @@ def run_signature(run_dir: Path, config: Mapping[str, Any], scorer: LearnedScore
     from policy_prune.config import EnvConfig, from_dict
 
     env = from_dict(EnvConfig, _lookup(config, ("env",)) or {}, "env")
-    return _backbone_for(env, int(_lookup(config, ("train", "seed"), ("seed",)) or 0)).signature()
+    return _backbone_for(env).signature()
 
 
 def _artifact_signature(path: Path) -> Any:
@@ -189,16 +189,10 @@ def _artifact_signature(path: Path) -> Any:
         return None  # no (readable) artifact yet: fall back to rebuilding the backbone
 
 
-def _backbone_for(env: Any, seed: int) -> Any:
-    try:  # the embedded default (digits-vit) lives behind its own resolver
-        from policy_prune.embedded import resolve_backbone
-    except ImportError:  # pragma: no cover - embedded ships with the package
-        from policy_prune.backbones import load_backbone
+def _backbone_for(env: Any) -> Any:
+    from policy_prune.embedded import resolve_backbone
 
-        b = env.backbone
-        extra = {} if b.pooling is None else {"pooling": b.pooling}
-        return load_backbone(b.spec, b.checkpoint, b.pretrained, **extra, **b.model_kwargs)
-    return resolve_backbone(env, seed=seed)[0]
+    return resolve_backbone(env)[0]
 
 
 def validation_metrics(run_dir: Path) -> dict[str, Any]:

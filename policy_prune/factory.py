@@ -13,7 +13,7 @@ def resolve(env_cfg: EnvConfig, seed: int = 0, device: str = "cpu", console: Any
     from policy_prune.data import load_splits
     from policy_prune.embedded import resolve_backbone
 
-    backbone, tokenizer = resolve_backbone(env_cfg, seed=seed, console=console)
+    backbone, tokenizer = resolve_backbone(env_cfg, console=console)
     splits = load_splits(env_cfg, seed=seed, backbone=backbone, tokenizer=tokenizer)
     return backbone.to(device), splits
 

@@ -107,7 +107,7 @@ def test_load_backbone_specs(tmp_path) -> None:
 
     backbone = load_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=3)
     assert isinstance(backbone, TimmViTBackbone) and backbone.depth == 2
-    assert not backbone.model.training
+    assert not backbone.training and not backbone.model.training  # the adapter reports eval mode too
     ckpt = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() + 1 for k, v in backbone.model.state_dict().items()}, str(ckpt))
     again = load_backbone("timm:vit_tiny_patch16_224", checkpoint=ckpt, img_size=32, patch_size=8, depth=2, num_classes=3)

@@ -90,9 +90,11 @@ def test_clutter_adds_ink_and_stays_off_the_digit() -> None:
     assert (b.sum(axis=(1, 2)) > a.sum(axis=(1, 2)) + 1).all()
     # Same rng stream start: the digit is at the same place; fragments stay off its box (bilinear
     # smear reaches ~1.25 px past a fragment's box, hence the 2 px margin).
-    assert np.array_equal(xy, xy_busy) and xy.min() >= 0 and xy.max() <= 48 - 20
+    size = busy.digit_size
+    assert np.array_equal(xy, xy_busy) and xy.min() >= 0 and xy.max() <= 48 - size and (xy % busy.snap == 0).all()
     for i, (x, y) in enumerate(xy):
-        np.testing.assert_allclose(b[i, y + 2 : y + 18, x + 2 : x + 18], a[i, y + 2 : y + 18, x + 2 : x + 18], atol=1e-6)
+        inner = (slice(y + 2, y + size - 2), slice(x + 2, x + size - 2))
+        np.testing.assert_allclose(b[i][inner], a[i][inner], atol=1e-6)
 
 
 def test_fragment_positions_avoid_digit_box() -> None:
@@ -119,6 +121,9 @@ def test_load_splits_caps_and_registry() -> None:
     splits = load_splits(cfg, seed=0)
     assert set(splits) == {"train", "val", "test"} and all(len(s) == 40 for s in splits.values())
     assert set(splits["test"].labels.tolist()) >= set(range(8))  # a random subset, not the first rows
+    other = load_splits(cfg, seed=1)
+    assert torch.equal(other["test"].inputs, splits["test"].inputs)  # held-out rows do not follow the run seed
+    assert not torch.equal(other["train"].inputs, splits["train"].inputs)
     assert {"digits-cluttered", "python-docs"} <= set(DATASETS)
     with pytest.raises(UserError, match=r"unknown dataset 'mnist'.*digits-cluttered.*imagefolder:<path>"):
         load_splits(EnvConfig(data=DataConfig(dataset="mnist")), seed=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from rich.console import Console
@@ -65,6 +66,9 @@ def test_cache_key_follows_config_and_seed(cache) -> None:
     b = pretrain(tiny_env(), seed=1, console=quiet())
     c = pretrain(tiny_env(lr=0.002), seed=0, console=quiet())
     assert len({a.path, b.path, c.path}) == 3 and not (b.cached or c.cached)
+    more_rl_data = tiny_env()
+    more_rl_data.data.options = {**TINY_DATA, "canvases_train": 7}  # sizes the env's split, not the fit
+    assert pretrain(more_rl_data, seed=0, console=quiet()).cached
     forced = pretrain(tiny_env(), seed=0, force=True, console=quiet())
     assert not forced.cached and forced.path == a.path
     # Training is reproducible from its seed: the forced refit equals the first fit.
@@ -87,7 +91,7 @@ def test_pretrain_leaves_the_global_rng_alone(cache) -> None:
 
 
 def test_resolve_backbone_gets_or_fits_digits_vit(cache) -> None:
-    backbone, tokenizer = resolve_backbone(tiny_env(), seed=0)
+    backbone, tokenizer = resolve_backbone(tiny_env())
     assert tokenizer is None and isinstance(backbone, TimmViTBackbone)
     assert not backbone.training and not any(p.requires_grad for p in backbone.parameters())
     assert backbone.signature()["grid"] == [4, 4] and backbone.depth == 2
@@ -101,6 +105,25 @@ def test_bad_settings_are_user_errors(cache) -> None:
         pretrain(EnvConfig(data=DataConfig(dataset="python-docs")), console=quiet())
     with pytest.raises(UserError, match="no training steps"):
         pretrain(tiny_env(max_train=4), console=quiet())
+
+
+def test_context_curriculum_masks() -> None:
+    from policy_prune.data.digits import parse_options
+    from policy_prune.pretrain import PretrainConfig, context_fraction, context_keep, digit_tokens
+
+    opts = parse_options({"canvas": 48, "digit_size": 12, "snap": 4})
+    blocks = digit_tokens(np.array([[0, 0], [36, 8]]), opts, patch=4)  # (x, y) corners
+    assert blocks[0].tolist() == [0, 1, 2, 12, 13, 14, 24, 25, 26]  # 3 x 3 patches from the top-left
+    assert blocks[1].tolist()[:3] == [2 * 12 + 9, 2 * 12 + 10, 2 * 12 + 11]
+    unaligned = digit_tokens(np.array([[45, 45]]), parse_options({"digit_size": 12, "snap": 1}), patch=4)
+    assert unaligned.shape == (1, 16) and int(unaligned.max()) == 143  # one more row/column, kept on the grid
+    g = torch.Generator().manual_seed(0)
+    keep = context_keep(blocks, 0.0, 144, 1, g)
+    assert keep.shape == (2, 145) and keep.sum(1).tolist() == [10, 10] and keep[:, 0].all()
+    half = context_keep(blocks, 0.5, 144, 1, g)
+    assert half.sum(1).tolist() == [10 + 68, 10 + 68] and (half & keep).sum() == keep.sum()
+    cfg = PretrainConfig(context_start=0.25, context_end=0.75)
+    assert [context_fraction(s, 100, cfg) for s in (0, 25, 50, 75, 99)] == [0.0, 0.0, 0.5, 1.0, 1.0]
 
 
 def test_lr_schedule_warms_up_then_decays() -> None:
@@ -137,3 +160,14 @@ def test_cli_pretrain_other_backbone_is_a_no_op(capsys) -> None:
 def test_default_digits_vit_reaches_90_percent(cache) -> None:
     result = pretrain(load_env_config("digits-vit"), seed=0, console=quiet())
     assert result.metrics["test_acc"] >= 0.9 and result.metrics["tokens"] == 145
+
+
+def test_run_seed_does_not_refit_the_backbone(cache) -> None:
+    from policy_prune.factory import resolve
+
+    a, _ = resolve(tiny_env(), seed=0)
+    b, _ = resolve(tiny_env(), seed=7)  # another RL seed: the same cached backbone
+    assert len(list((cache / "digits-vit").iterdir())) == 1
+    torch.testing.assert_close(a.state_dict(), b.state_dict(), rtol=0, atol=0)
+    other = pretrain(tiny_env(seed=3), console=quiet())  # the backbone's own seed is a new checkpoint
+    assert not other.cached and other.seed == 3 and len(list((cache / "digits-vit").iterdir())) == 2

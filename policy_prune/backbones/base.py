@@ -89,6 +89,7 @@ class TokenBackbone(ABC, nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.training = model.training  # the wrapper reports the wrapped model's mode (never changes it)
 
     # ---- the contract -------------------------------------------------------------------------
     @abstractmethod

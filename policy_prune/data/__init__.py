@@ -90,12 +90,13 @@ def load_splits(env_cfg: EnvConfig, seed: int, backbone: Any = None, tokenizer: 
     """Train/val/test splits of ``env_cfg.data``, each capped at ``max_samples`` rows.
 
     ``backbone`` supplies image size / normalisation for users' image data; ``tokenizer`` is needed
-    for text. The cap keeps a seeded random subset so that a capped split still covers every class.
+    for text. The cap keeps a seeded random subset so that a capped split still covers every class:
+    seeded by ``seed`` for train, fixed for val/test so that every run is evaluated on the same rows.
     """
     cfg = env_cfg.data
     splits = get_builder(cfg.dataset)(cfg, seed, backbone, tokenizer)
     if cfg.max_samples is not None:
-        splits = {k: cap(s, cfg.max_samples, seed) for k, s in splits.items()}
+        splits = {k: cap(s, cfg.max_samples, seed if k == "train" else 0) for k, s in splits.items()}
     return splits
 
 
