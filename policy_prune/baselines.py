@@ -158,6 +158,9 @@ class ScorerMethod:
     sweeps: bool = True
     operating_point: tuple[str, float] | None = None
     """The method's own (rule, value), evaluated besides the FLOPs-matched sweep (learned: threshold 0)."""
+    sweep_rule: str = "keep_ratio"
+    """Rule the FLOPs-matched sweep varies: "keep_ratio" (one constant ratio at every site) or "threshold"
+    (a learned scorer's own per-sample, per-site allocation, its logit threshold solved for the target)."""
 
     def forward(self, backbone: TokenBackbone, inputs: Any, sites: Sequence[int], rule: str, value: float) -> Output:
         keep_fn = make_keep_fn(backbone, self.scorer, rule, value)

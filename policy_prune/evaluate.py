@@ -86,6 +86,34 @@ def solve_keep_ratio(fn: Callable[[float], float], target: float, iters: int = 4
     return lo if abs(fn(lo) - target) <= abs(fn(hi) - target) else hi
 
 
+def solve_threshold(fn: Callable[[float], float], target: float, iters: int = 16, tol: float = 0.002) -> float:
+    """The threshold t whose FLOPs ratio fn(t) (non-increasing in t) is nearest ``target``.
+
+    Brackets by doubling from [-1, 1] (logits are unbounded), then bisects; stops early within ``tol``.
+    Each fn value is computed once (a call runs the pruned model over the split).
+    """
+    seen: dict[float, float] = {}
+
+    def gap(t: float) -> float:
+        if t not in seen:
+            seen[t] = fn(t)
+        return seen[t] - target
+
+    lo, hi = -1.0, 1.0
+    while gap(lo) < 0 and lo > -64:
+        lo *= 2
+    while gap(hi) > 0 and hi < 64:
+        hi *= 2
+    if gap(lo) < 0 or gap(hi) > 0:  # the target is out of reach: the nearest end
+        return lo if abs(gap(lo)) <= abs(gap(hi)) else hi
+    for _ in range(iters):  # invariant: gap(lo) >= 0 >= gap(hi)
+        mid = 0.5 * (lo + hi)
+        if abs(gap(mid)) <= tol:
+            break
+        lo, hi = (mid, hi) if gap(mid) > 0 else (lo, mid)
+    return min(seen, key=lambda t: abs(seen[t] - target))
+
+
 def keep_ratio_for(backbone: TokenBackbone, sites: Sequence[int], tc: TokenCounts, target: float) -> float:
     """Constant per-site keep ratio that brings this split to ``target`` FLOPs ratio."""
     return solve_keep_ratio(lambda r: flops_ratio(backbone, sites, ratio_counts(sites, tc, r), tc), target)
@@ -165,7 +193,7 @@ def evaluate_methods(
         tc = token_counts(backbone, batches)
         teacher = torch.cat([backbone(x).float().cpu() for x, _ in batches])
         labels = None if split.labels is None else split.labels.cpu()
-        plan = budgets(backbone, sites, methods, targets, tc)
+        plan = budgets(backbone, sites, methods, targets, tc, batches)
         rows = []
         for budget in plan:
             m = methods[budget.method]
@@ -178,16 +206,34 @@ def evaluate_methods(
             "results": rows}
 
 
+def threshold_for(backbone: TokenBackbone, method: Method, sites: Sequence[int], tc: TokenCounts,
+                  batches: Sequence[tuple[Any, Any]], target: float) -> float:
+    """Logit threshold at which ``method`` runs ``target`` FLOPs ratio on these batches (measured counts)."""
+    def measured(value: float) -> float:
+        _, counts = run_budget(backbone, method, sites, Budget(method.name, "threshold", value, target), batches)
+        return flops_ratio(backbone, sites, counts, tc)
+
+    return solve_threshold(measured, target)
+
+
 def budgets(backbone: TokenBackbone, sites: Sequence[int], methods: Mapping[str, Method],
-            targets: Sequence[float], tc: TokenCounts) -> list[Budget]:
-    """The operating points: unswept methods once, the others at each target plus their own point."""
+            targets: Sequence[float], tc: TokenCounts, batches: Sequence[tuple[Any, Any]] = ()) -> list[Budget]:
+    """The operating points: unswept methods once, the others at each target plus their own point.
+
+    keep_ratio sweeps are solved analytically from the token counts; threshold sweeps (learned scorers)
+    by bisection on the FLOPs measured over ``batches`` (label-free: only token counts are used).
+    """
     plan = []
     for name, m in methods.items():
         if not m.sweeps:
             plan.append(Budget(name, "none", 1.0, None))
             continue
+        msites = m.sites or sites
         for t in targets:
-            plan.append(Budget(name, "keep_ratio", keep_ratio_for(backbone, m.sites or sites, tc, t), t))
+            if getattr(m, "sweep_rule", "keep_ratio") == "threshold":
+                plan.append(Budget(name, "threshold", threshold_for(backbone, m, msites, tc, batches, t), t))
+            else:
+                plan.append(Budget(name, "keep_ratio", keep_ratio_for(backbone, msites, tc, t), t))
         point = getattr(m, "operating_point", None)
         if point is not None:
             plan.append(Budget(name, point[0], point[1], None))
@@ -371,10 +417,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_methods(names: Sequence[str], options: BaselineOptions, scorer: Any = None) -> dict[str, Method]:
-    """Baselines by name, plus the learned scorer (FLOPs-matched sweep and threshold 0) when given."""
+    """Baselines by name, plus the learned scorer when given, twice: "learned" sweeps its logit threshold
+    (its own per-sample, per-site allocation) to each FLOPs target and also runs its trained operating
+    point (threshold 0); "learned-topk" ranks tokens by the same logits with the baselines' constant
+    keep ratio per site (static shapes)."""
     methods: dict[str, Method] = {}
     if scorer is not None:
-        methods["learned"] = ScorerMethod("learned", scorer, sites=list(scorer.sites), operating_point=("threshold", 0.0))
+        methods["learned"] = ScorerMethod("learned", scorer, sites=list(scorer.sites), operating_point=("threshold", 0.0),
+                                          sweep_rule="threshold")
+        methods["learned-topk"] = ScorerMethod("learned-topk", scorer, sites=list(scorer.sites))
     for name in names:
         methods[name] = make_baseline(name, options)
     return methods
