@@ -19,10 +19,15 @@ import torch
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--what", nargs="+", choices=("exec", "env", "flops"), default=["exec"],
-                   help="exec: original vs pruned forward of --model; env: batched-env samples/s vs plain forward "
-                        "on --env; flops: analytic FLOPs of --model vs torch's FlopCounterMode")
-    p.add_argument("--model", default="deit_small_patch16_224", help="timm name, hf:<id> or model folder (random init)")
+    p.add_argument("--what", nargs="+", choices=("exec", "model", "env", "flops"), default=["exec"],
+                   help="exec: original vs pruned forward of --model (random keep); model: original vs "
+                        "PrunedModel with a scorer (--scorer, else random weights) at --flops; env: batched-env "
+                        "samples/s vs plain forward on --env; flops: analytic FLOPs of --model vs FlopCounterMode")
+    p.add_argument("--model", default="deit_small_patch16_224",
+                   help="timm name (random init), hf:<id>, model folder, or digits-vit (the cached embedded backbone)")
+    p.add_argument("--scorer", type=Path, default=None, help="scorer folder for --what model (default: random weights)")
+    p.add_argument("--flops", type=float, default=0.5, help="FLOPs ratio of the keep_ratio schedule (--what model)")
+    p.add_argument("--sites", type=int, nargs="+", default=[0], help="pruning sites of the random scorer (--what model)")
     p.add_argument("--env", default="digits-vit", help="env preset (name or YAML path) for --what env")
     p.add_argument("--agent", default="ppo", help="agent preset whose rollout buffer size is measured (--what env)")
     p.add_argument("--episodes", type=int, default=20, help="batched episodes timed per repeat (--what env)")
@@ -219,6 +224,8 @@ def run(args: argparse.Namespace) -> int:
         console.print(table)
     if "exec" in args.what:
         payload["pruned_execution"] = print_exec(args, console)
+    if "model" in args.what:
+        payload["pruned_model"] = print_model(args, console)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")}
@@ -245,5 +252,45 @@ def print_exec(args: argparse.Namespace, console: Any) -> list[dict[str, Any]]:
             f"{r['ms_pruned']:.1f}",
             f"{r['speedup_pruned']:.2f}x",
         )
+    console.print(table)
+    return rows
+
+
+def bench_model(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Original model vs PrunedModel (load_scorer + prune, keep_ratio at ``--flops``), per batch size."""
+    from policy_prune.inference import bench_pruned_model
+
+    scorer = None
+    if args.scorer is not None:
+        from policy_prune.scorer_io import load_scorer
+
+        scorer = load_scorer(args.scorer)
+    if args.model == "digits-vit":
+        from policy_prune.config import load_env_config
+        from policy_prune.embedded import resolve_backbone
+
+        model: Any = resolve_backbone(load_env_config("digits-vit"))[0].model
+    else:
+        from policy_prune.backbones import load_backbone
+
+        torch.manual_seed(args.seed)
+        model = load_backbone(args.model).model
+    sites = scorer.sites if scorer is not None else args.sites
+    return bench_pruned_model(model, scorer, args.batch, sites, args.flops, args.warmup, args.repeats, args.seed,
+                              args.threads)
+
+
+def print_model(args: argparse.Namespace, console: Any) -> list[dict[str, Any]]:
+    from rich.table import Table
+
+    rows = bench_model(args)
+    source = args.scorer or "random scorer"
+    table = Table(title=f"{args.model}: original vs PrunedModel ({source}, median of {args.repeats})")
+    for col in ("batch", "sites", "tokens kept", "FLOPs ratio", "original ms", "pruned ms", "speed-up", "scorer share"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["batch"]), " ".join(map(str, r["sites"])), " ".join(map(str, r["tokens_kept"])) + f" /{r['tokens_full']}",
+                      f"{r['flops_ratio']:.3f}", f"{r['ms_original']:.2f}", f"{r['ms_pruned']:.2f}",
+                      f"{r['speedup']:.2f}x", f"{100 * r['scorer_share']:.1f}%")
     console.print(table)
     return rows

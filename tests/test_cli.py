@@ -53,3 +53,22 @@ def test_bench_flops_agreement(tmp_path) -> None:
     rows = json.loads(out.read_text())["flops"]
     assert len(rows) == 4 and rows[0]["tokens"] > rows[-1]["tokens"]
     assert all(r["rel_error"] <= 0.02 for r in rows)
+
+
+def test_bench_pruned_model_with_saved_and_random_scorer(tmp_path) -> None:
+    from policy_prune.backbones import load_backbone
+    from policy_prune.inference import random_scorer
+    from policy_prune.scorer_io import save_scorer
+
+    tiny.make("hf-bert").save_pretrained(tmp_path / "bert")
+    backbone = load_backbone(str(tmp_path / "bert"))
+    save_scorer(random_scorer(backbone, [1], seed=3), tmp_path / "scorer", backbone.signature())
+    for extra in ([], ["--scorer", str(tmp_path / "scorer")]):
+        out = tmp_path / "bench.json"
+        assert main(["bench", "--what", "model", "--model", str(tmp_path / "bert"), "--batch", "4", "1", "--sites", "1",
+                     "--flops", "0.6", "--warmup", "0", "--repeats", "2", "--out", str(out), *extra]) == 0
+        rows = json.loads(out.read_text())["pruned_model"]
+        assert [r["batch"] for r in rows] == [4, 1] and all(r["sites"] == [1] for r in rows)
+        for r in rows:  # the keep_ratio schedule is solved for the FLOPs target (coarse on a tiny sequence)
+            assert abs(r["flops_ratio"] - 0.6) < 0.15 and r["tokens_kept"][0] < r["tokens_full"]
+            assert 0 < r["scorer_share"] < 1 and r["speedup"] > 0
