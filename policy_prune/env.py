@@ -44,9 +44,13 @@ def task_term(task: str, student: torch.Tensor, teacher: torch.Tensor, labels: t
     if task == "teacher_agree":
         return (student.argmax(-1) == teacher.argmax(-1)).float()
     if task == "label_ce":
+        # The cross-entropy gained over the unpruned model: its own CE is a per-sample baseline that does
+        # not depend on the actions (the same policy gradient as -CE, without the variance of sample
+        # difficulty). Positive where pruning helps, e.g. by dropping distractors.
         assert labels is not None
         ce = torch.nn.functional.cross_entropy(student, labels, reduction="none")
-        return (-ce).clamp_min(TASK_FLOOR)
+        ref = torch.nn.functional.cross_entropy(teacher, labels, reduction="none")
+        return (ref - ce).clamp_min(TASK_FLOOR)
     if task == "label_acc":
         assert labels is not None
         return (student.argmax(-1) == labels).float()

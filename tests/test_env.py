@@ -208,3 +208,15 @@ def test_logit_task_on_embedding_model_is_rejected() -> None:
     backbone = adapt(tiny.make("hf-bert"))
     with pytest.raises(UserError, match="classifier"):
         PruneVecEnv(backbone, tiny.split("hf-bert", n=3, labels=False), 2, SITES, task="teacher_kl")
+
+
+def test_label_ce_is_relative_to_the_unpruned_model() -> None:
+    teacher = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    student = torch.tensor([[1.0, 0.5, -1.0], [0.0, 3.0, 0.0]])
+    labels = torch.tensor([0, 1])
+    assert torch.equal(task_term("label_ce", teacher, teacher, labels), torch.zeros(2))  # keep-all scores 0
+    ce = torch.nn.functional.cross_entropy
+    expected = ce(teacher, labels, reduction="none") - ce(student, labels, reduction="none")
+    got = task_term("label_ce", student, teacher, labels)
+    torch.testing.assert_close(got, expected)
+    assert got[0] < 0 < got[1]  # worse than the unpruned model on row 0, better on row 1
