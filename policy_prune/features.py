@@ -55,17 +55,23 @@ def make_projection(width: int, spec: FeatureSpec) -> torch.Tensor:
 
 
 def token_positions(backbone: TokenBackbone, state: TokenState) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pos_y, pos_x) in [0, 1] for each slot [B, N]; prefix tokens get 0."""
+    """(pos_y, pos_x) in [0, 1] for each slot [B, N]; prefix tokens get 0.
+
+    Float arithmetic (floor of a division) rather than integer // and %: several times faster on CPU
+    and exact for any realistic grid.
+    """
     sig = backbone.signature()
     prefix = int(sig.get("prefix_tokens", 1 if "grid" in sig else 0))
+    pos = state.positions.float()
     if "grid" in sig:
         gh, gw = sig["grid"]
-        patch = (state.positions - prefix).clamp_min(0)
-        y = (patch // gw).float() / max(gh - 1, 1)
-        x = (patch % gw).float() / max(gw - 1, 1)
-        is_prefix = state.positions < prefix
+        patch = (pos - prefix).clamp_min(0.0)
+        row = torch.floor(patch / gw)
+        y = row / max(gh - 1, 1)
+        x = (patch - row * gw) / max(gw - 1, 1)
+        is_prefix = pos < prefix
         return y.masked_fill(is_prefix, 0.0), x.masked_fill(is_prefix, 0.0)
-    y = state.positions.float() / max(state.n_full - 1, 1)
+    y = pos / max(state.n_full - 1, 1)
     return y, torch.zeros_like(y)
 
 
@@ -90,10 +96,9 @@ def token_features(
     redundancy = ((unit * unit.sum(dim=1, keepdim=True)).sum(-1) - vf) / (n_alive - 1).clamp_min(1.0)
 
     pos_y, pos_x = token_positions(backbone, state)
-    # layer_norm(x) @ P without materialising layer_norm(x): (x @ P - mean(x) * colsum(P)) / std(x).
-    p = projection.to(x.dtype)
-    var, mean = torch.var_mean(x, dim=-1, unbiased=False, keepdim=True)
-    proj = (x @ p - mean * p.sum(dim=0)) * torch.rsqrt(var + 1e-5)
+    # layer_norm(x) @ P. (Folding the normalisation into the projection via torch.var_mean was 8x
+    # slower on CPU: var_mean over the last dim has no fast kernel there, layer_norm has.)
+    proj = torch.nn.functional.layer_norm(x, x.shape[-1:], eps=1e-5) @ projection.to(x.dtype)
     cols = [cls_attention, norm, cos_cls, redundancy, pos_y, pos_x, state.protected.to(x.dtype)]
     feats = torch.cat([torch.stack(cols, dim=-1), proj], dim=-1)
     return feats.clamp(-FEATURE_BOUND, FEATURE_BOUND) * vf.unsqueeze(-1)

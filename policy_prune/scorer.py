@@ -45,9 +45,16 @@ class TokenScorer(nn.Module):
         self.hidden = list(hidden)
 
     def forward(self, tokens: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """tokens [B, N, F], context [B, G] -> logits [B, N]."""
-        ctx = context.unsqueeze(1).expand(-1, tokens.shape[1], -1)
-        return self.out(self.body(torch.cat([tokens, ctx], dim=-1))).squeeze(-1)
+        """tokens [B, N, F], context [B, G] -> logits [B, N].
+
+        The first layer sees [token | context]; its context half is applied once per row and broadcast
+        over the tokens (the same weights and result as concatenating, without an [B, N, G] copy).
+        """
+        first: nn.Linear = self.body[0]  # type: ignore[assignment]
+        w_tok, w_ctx = first.weight[:, : self.feature_dim], first.weight[:, self.feature_dim :]
+        row = torch.nn.functional.linear(context, w_ctx, first.bias).unsqueeze(1)  # [B, 1, H]
+        h = self.body[1:](torch.nn.functional.linear(tokens, w_tok) + row)
+        return self.out(h).squeeze(-1)
 
 
 def site_context(state: TokenState, site_index: int, n_sites: int, spent: torch.Tensor) -> torch.Tensor:
