@@ -86,12 +86,11 @@ def block_flops(shape: BlockShape, n_tokens: int | torch.Tensor) -> torch.Tensor
     both N^2 attention products (QK^T and AV), and the MLP. Norms, softmax and activations are
     elementwise and not counted, as in FlopCounterMode. Works on ints or on [B] tensors of counts.
     """
-    n = n_tokens
     d, a, h = shape.width, shape.attn_dim, shape.mlp_hidden
-    proj = 2 * n * d * 3 * a + 2 * n * a * d
-    attn = 2 * 2 * n * n * a
-    mlp = 2 * n * d * h * shape.mlp_matrices
-    return proj + attn + mlp
+    linear = 2 * d * 3 * a + 2 * a * d + 2 * d * h * shape.mlp_matrices  # q/k/v, output projection, MLP
+    quadratic = 2 * 2 * a  # QK^T and AV
+    # n * (linear + quadratic * n): three tensor ops for [B] counts (every term is an exact integer).
+    return n_tokens * (linear + quadratic * n_tokens)
 
 
 def schedule_flops(
