@@ -206,12 +206,25 @@ def evaluate_methods(
             "results": rows}
 
 
+SOLVE_SAMPLES = 512
+"""Samples on which a threshold is solved (label-free: only token counts); the row is then measured on all."""
+
+
 def threshold_for(backbone: TokenBackbone, method: Method, sites: Sequence[int], tc: TokenCounts,
                   batches: Sequence[tuple[Any, Any]], target: float) -> float:
-    """Logit threshold at which ``method`` runs ``target`` FLOPs ratio on these batches (measured counts)."""
+    """Logit threshold at which ``method`` runs ``target`` FLOPs ratio, solved on the first SOLVE_SAMPLES
+    samples of the batches (each bisection step runs the pruned model on them)."""
+    head, rows = [], 0
+    for x, y in batches:
+        if rows >= SOLVE_SAMPLES:
+            break
+        head.append((x, y))
+        rows += len(next(iter(x.values())) if isinstance(x, dict) else x)
+    head_tc = TokenCounts(tc.n0[:rows], tc.protected[:rows], tc.n_full)
+
     def measured(value: float) -> float:
-        _, counts = run_budget(backbone, method, sites, Budget(method.name, "threshold", value, target), batches)
-        return flops_ratio(backbone, sites, counts, tc)
+        _, counts = run_budget(backbone, method, sites, Budget(method.name, "threshold", value, target), head)
+        return flops_ratio(backbone, sites, counts, head_tc)
 
     return solve_threshold(measured, target)
 
