@@ -66,10 +66,11 @@ def _folded_cls_scores(x: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor | Non
     """
     b, n, d = x.shape
     h = int(heads)
-    q = torch.nn.functional.linear(x[:, 0], wq, bq).view(b, h, 1, -1)  # [B, H, 1, hd]
-    # Plain matmuls rather than einsum: the same products without einsum's per-call parsing (batch 1).
-    u = q @ wk.view(h, -1, d)  # [B, H, 1, D]
-    return (u @ x.transpose(1, 2).unsqueeze(1)) * q.shape[-1] ** -0.5  # [B, H, 1, N]
+    q = torch.nn.functional.linear(x[:, 0], wq, bq).view(b, h, -1)  # [B, H, hd]
+    # Two plain bmm's (batched over heads, then over rows) rather than einsum: the same products without
+    # einsum's per-call parsing, and no broadcast that would copy the weights or tokens per head or row.
+    u = torch.bmm(q.transpose(0, 1), wk.view(h, -1, d)).transpose(0, 1)  # [B, H, D]
+    return (torch.bmm(u, x.transpose(1, 2)) * q.shape[-1] ** -0.5).unsqueeze(2)  # [B, H, 1, N]
 
 
 KeepFn = Callable[[TokenState, int, int], torch.Tensor]
