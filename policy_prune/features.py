@@ -14,7 +14,7 @@ import torch
 
 from policy_prune.backbones.base import TokenBackbone, TokenState
 
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2
 FEATURE_BOUND = 10.0
 BASE_FEATURES = (
     "cls_attention",  # log(1 + n_alive * attention received from CLS) in the block about to run
@@ -24,6 +24,7 @@ BASE_FEATURES = (
     "pos_y",  # grid row in [0, 1] (text: relative position)
     "pos_x",  # grid column in [0, 1] (text: 0)
     "protected",  # 1 for CLS / distillation / register / [SEP] tokens
+    "local_norm",  # mean "norm" over the alive tokens of the 3 x 3 neighbourhood (text: 3-token window)
 )
 
 
@@ -75,6 +76,27 @@ def token_positions(backbone: TokenBackbone, state: TokenState) -> tuple[torch.T
     return y, torch.zeros_like(y)
 
 
+def local_mean(backbone: TokenBackbone, state: TokenState, value: torch.Tensor) -> torch.Tensor:
+    """[B, N] mean of ``value`` over each token's 3 x 3 grid neighbourhood (text: 3-token window).
+
+    Pruned and prefix tokens count as 0, so the feature says how much alive content surrounds a token:
+    a patch inside a large object has more than an isolated fragment of the same look.
+    """
+    sig = backbone.signature()
+    grid = sig.get("grid")
+    prefix = int(sig.get("prefix_tokens", 1 if grid else 0))
+    b = value.shape[0]
+    cells = grid[0] * grid[1] if grid else state.n_full
+    slot = (state.positions - prefix).clamp_min(0)
+    inside = state.valid & (state.positions >= prefix)
+    canvas = value.new_zeros(b, cells).scatter_add_(1, slot, value * inside)
+    if grid:
+        pooled = torch.nn.functional.avg_pool2d(canvas.view(b, 1, grid[0], grid[1]), 3, 1, 1, count_include_pad=True)
+    else:
+        pooled = torch.nn.functional.avg_pool1d(canvas.view(b, 1, cells), 3, 1, 1, count_include_pad=True)
+    return pooled.view(b, cells).gather(1, slot) * inside
+
+
 def token_features(
     backbone: TokenBackbone, state: TokenState, layer: int, projection: torch.Tensor, spec: FeatureSpec
 ) -> torch.Tensor:
@@ -99,6 +121,7 @@ def token_features(
     # layer_norm(x) @ P. (Folding the normalisation into the projection via torch.var_mean was 8x
     # slower on CPU: var_mean over the last dim has no fast kernel there, layer_norm has.)
     proj = torch.nn.functional.layer_norm(x, x.shape[-1:], eps=1e-5) @ projection.to(x.dtype)
-    cols = [cls_attention, norm, cos_cls, redundancy, pos_y, pos_x, state.protected.to(x.dtype)]
+    cols = [cls_attention, norm, cos_cls, redundancy, pos_y, pos_x, state.protected.to(x.dtype),
+            local_mean(backbone, state, norm * vf)]
     feats = torch.cat([torch.stack(cols, dim=-1), proj], dim=-1)
     return feats.clamp(-FEATURE_BOUND, FEATURE_BOUND) * vf.unsqueeze(-1)

@@ -57,3 +57,43 @@ def test_projection_is_fixed_by_seed() -> None:
     spec = FeatureSpec(projection_seed=3)
     assert torch.equal(make_projection(32, spec), make_projection(32, spec))
     assert not torch.equal(make_projection(32, spec), make_projection(32, FeatureSpec(projection_seed=4)))
+
+
+def test_local_norm_is_the_mean_over_the_alive_grid_neighbourhood() -> None:
+    backbone, state = _state("timm-vit-reg4")  # 4 x 4 grid after CLS + 4 registers
+    spec = FeatureSpec(projection_dim=0)
+    with torch.no_grad():
+        feats = token_features(backbone, state, 1, make_projection(32, spec), spec)
+    norm, local = feats[..., BASE_FEATURES.index("norm")], feats[..., BASE_FEATURES.index("local_norm")]
+    for row in range(3):
+        grid = torch.zeros(4, 4)  # pruned patches stay 0
+        for slot in range(state.valid.shape[1]):
+            p = int(state.positions[row, slot]) - 5
+            if state.valid[row, slot] and p >= 0:
+                grid[p // 4, p % 4] = norm[row, slot]
+        for slot in range(state.valid.shape[1]):
+            p = int(state.positions[row, slot]) - 5
+            if not state.valid[row, slot] or p < 0:
+                assert local[row, slot] == 0  # prefix tokens and padding
+                continue
+            r, c = p // 4, p % 4
+            expected = grid[max(r - 1, 0): r + 2, max(c - 1, 0): c + 2].sum() / 9
+            torch.testing.assert_close(local[row, slot], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_local_norm_on_text_uses_a_three_token_window() -> None:
+    backbone, state = _state("hf-bert")
+    spec = FeatureSpec(projection_dim=0)
+    with torch.no_grad():
+        feats = token_features(backbone, state, 1, make_projection(32, spec), spec)
+    norm, local = feats[..., BASE_FEATURES.index("norm")], feats[..., BASE_FEATURES.index("local_norm")]
+    line = torch.zeros(state.n_full)
+    row = 0
+    for slot in range(state.valid.shape[1]):
+        if state.valid[row, slot]:
+            line[int(state.positions[row, slot])] = norm[row, slot]
+    for slot in range(state.valid.shape[1]):
+        if state.valid[row, slot]:
+            p = int(state.positions[row, slot])
+            expected = line[max(p - 1, 0): p + 2].sum() / 3
+            torch.testing.assert_close(local[row, slot], expected, atol=1e-5, rtol=1e-5)

@@ -52,7 +52,7 @@ def test_pruned_model_equals_keep_fn_on_the_adapter(name: str, rule: str, value:
         out = _call(pruned, x)
         ref, state, counts = backbone.forward_pruned(x, SITES, make_keep_fn(backbone, scorer, rule, value))
     torch.testing.assert_close(_main_output(name, out), ref, rtol=0, atol=0)
-    assert int(counts[-1].min()) > 0 and int(counts[-1].max()) < state.n_full
+    assert int(counts[-1].min()) > 0 and int(counts[-1].min()) < state.n_full  # something was pruned
     if rule == "threshold" and name == "hf-bert":
         assert len(set(counts[-1].tolist())) > 1, "per-sample counts: rows packed with a padding mask"
     if rule == "keep_ratio" and name != "hf-bert":

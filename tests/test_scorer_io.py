@@ -111,7 +111,7 @@ BREAKAGES = {
     "json not an object": (lambda a: (a / META_FILE).write_text("[1, 2]"), "expected a JSON object"),
     "format_version 99": (lambda a: _edit_json(a / META_FILE, format_version=99), "unknown format_version 99"),
     "missing key": (lambda a: _edit_json(a / META_FILE, sites=None), "missing key 'sites'"),
-    "feature version": (lambda a: _edit_json(a / META_FILE, feature_spec__version=2), "feature spec version 2"),
+    "feature version": (lambda a: _edit_json(a / META_FILE, feature_spec__version=1), "feature spec version 1"),
     "feature names": (lambda a: _edit_json(a / META_FILE, feature_spec__base=["norm"]), "feature names"),
     "hidden size": (lambda a: _edit_json(a / META_FILE, layer_sizes__hidden=[32, 64]), "has shape"),
     "depth of net": (lambda a: _edit_json(a / META_FILE, layer_sizes__hidden=[64]), "unexpected tensor"),
