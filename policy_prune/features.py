@@ -55,17 +55,26 @@ def make_projection(width: int, spec: FeatureSpec) -> torch.Tensor:
     return torch.randn(width, spec.projection_dim, generator=g) / width**0.5
 
 
-def token_positions(backbone: TokenBackbone, state: TokenState) -> tuple[torch.Tensor, torch.Tensor]:
+def token_layout(backbone: TokenBackbone) -> tuple[int, tuple[int, int] | None]:
+    """(prefix tokens, patch grid (rows, cols) or None for sequences) from the backbone's signature."""
+    sig = backbone.signature()
+    grid = (int(sig["grid"][0]), int(sig["grid"][1])) if "grid" in sig else None
+    return int(sig.get("prefix_tokens", 1 if grid else 0)), grid
+
+
+def token_positions(
+    backbone: TokenBackbone, state: TokenState, layout: tuple[int, tuple[int, int] | None] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(pos_y, pos_x) in [0, 1] for each slot [B, N]; prefix tokens get 0.
 
     Float arithmetic (floor of a division) rather than integer // and %: several times faster on CPU
     and exact for any realistic grid.
+    ``layout``: :func:`token_layout` of the backbone when the caller has it already.
     """
-    sig = backbone.signature()
-    prefix = int(sig.get("prefix_tokens", 1 if "grid" in sig else 0))
+    prefix, grid = layout or token_layout(backbone)
     pos = state.positions.float()
-    if "grid" in sig:
-        gh, gw = sig["grid"]
+    if grid is not None:
+        gh, gw = grid
         patch = (pos - prefix).clamp_min(0.0)
         row = torch.floor(patch / gw)
         y = row / max(gh - 1, 1)
@@ -76,15 +85,14 @@ def token_positions(backbone: TokenBackbone, state: TokenState) -> tuple[torch.T
     return y, torch.zeros_like(y)
 
 
-def local_mean(backbone: TokenBackbone, state: TokenState, value: torch.Tensor) -> torch.Tensor:
+def local_mean(state: TokenState, value: torch.Tensor, layout: tuple[int, tuple[int, int] | None]) -> torch.Tensor:
     """[B, N] mean of ``value`` over each token's 3 x 3 grid neighbourhood (text: 3-token window).
 
     Pruned and prefix tokens count as 0, so the feature says how much alive content surrounds a token:
     a patch inside a large object has more than an isolated fragment of the same look.
+    ``layout``: :func:`token_layout` of the backbone.
     """
-    sig = backbone.signature()
-    grid = sig.get("grid")
-    prefix = int(sig.get("prefix_tokens", 1 if grid else 0))
+    prefix, grid = layout
     b = value.shape[0]
     cells = grid[0] * grid[1] if grid else state.n_full
     slot = (state.positions - prefix).clamp_min(0)
@@ -117,11 +125,12 @@ def token_features(
     # O(N^2 D) similarity matrix; padded slots have u = 0 and drop out of the sum.
     redundancy = ((unit * unit.sum(dim=1, keepdim=True)).sum(-1) - vf) / (n_alive - 1).clamp_min(1.0)
 
-    pos_y, pos_x = token_positions(backbone, state)
+    layout = token_layout(backbone)
+    pos_y, pos_x = token_positions(backbone, state, layout)
     # layer_norm(x) @ P. (Folding the normalisation into the projection via torch.var_mean was 8x
     # slower on CPU: var_mean over the last dim has no fast kernel there, layer_norm has.)
     proj = torch.nn.functional.layer_norm(x, x.shape[-1:], eps=1e-5) @ projection.to(x.dtype)
     cols = [cls_attention, norm, cos_cls, redundancy, pos_y, pos_x, state.protected.to(x.dtype),
-            local_mean(backbone, state, norm * vf)]
+            local_mean(state, norm * vf, layout)]
     feats = torch.cat([torch.stack(cols, dim=-1), proj], dim=-1)
     return feats.clamp(-FEATURE_BOUND, FEATURE_BOUND) * vf.unsqueeze(-1)
