@@ -146,6 +146,11 @@ def _to(x: Any, device: str) -> Any:
     return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
 
 
+def _rows(x: Any) -> int:
+    """Batch size of adapter inputs (a tensor or a tokenizer-style dict of tensors)."""
+    return len(next(iter(x.values())) if isinstance(x, dict) else x)
+
+
 def _batches(split: Any, batch_size: int, device: str) -> list[tuple[Any, torch.Tensor | None]]:
     idx = torch.arange(len(split))
     parts = [split.select(i) for i in idx.split(batch_size)]
@@ -219,7 +224,7 @@ def threshold_for(backbone: TokenBackbone, method: Method, sites: Sequence[int],
         if rows >= SOLVE_SAMPLES:
             break
         head.append((x, y))
-        rows += len(next(iter(x.values())) if isinstance(x, dict) else x)
+        rows += _rows(x)
     head_tc = TokenCounts(tc.n0[:rows], tc.protected[:rows], tc.n_full)
 
     def measured(value: float) -> float:
@@ -274,7 +279,7 @@ def add_throughput(backbone: TokenBackbone, sites: Sequence[int], methods: Mappi
     """samples/s of every row, timed round-robin with the unpruned model per target group (one batch)."""
     from policy_prune.bench import time_round_robin
 
-    batch = len(next(iter(x.values())) if isinstance(x, dict) else x)
+    batch = _rows(x)
     groups: dict[Any, list[int]] = {}
     for i, b in enumerate(plan):
         groups.setdefault(b.target, []).append(i)
