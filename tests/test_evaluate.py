@@ -23,8 +23,8 @@ from policy_prune.evaluate import (
     ratio_counts,
     write_outputs,
 )
-from policy_prune.features import FeatureSpec
-from policy_prune.scorer import LearnedScorer, TokenScorer
+from policy_prune.inference import random_scorer
+from policy_prune.scorer import LearnedScorer
 from tests import tiny
 
 SITES = [1, 2]
@@ -60,12 +60,8 @@ def test_threshold_solver_brackets_and_bisects() -> None:
 
 
 def _learned(backbone, sites) -> LearnedScorer:
-    spec = FeatureSpec()
-    torch.manual_seed(0)
-    net = TokenScorer(spec.dim, len(sites) + 2, (16,))
-    torch.nn.init.normal_(net.out.weight, std=1.0)  # logits spread around 0: threshold 0 prunes some
-    torch.nn.init.zeros_(net.out.bias)
-    return LearnedScorer(net.eval(), list(sites), spec)
+    # A small scorer with random weights: logits spread around 0, so threshold 0 prunes some.
+    return random_scorer(backbone, sites, seed=0, hidden=(16,))
 
 
 @pytest.fixture(scope="module")
