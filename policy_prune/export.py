@@ -167,7 +167,11 @@ def read_run_scorer(run_dir: Path, config: Mapping[str, Any], checkpoint: str) -
     path = run_dir / "checkpoints" / f"{checkpoint.removesuffix('.zip')}.zip"
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
-    return load_learned_scorer(path, [int(s) for s in sites])
+    scorer = load_learned_scorer(path, [int(s) for s in sites])
+    if scorer.projection is None:
+        raise UserError(f"{path}: no feature projection in this checkpoint (written by an older policy-prune "
+                        "with other features); train the run again to export it")
+    return scorer
 
 
 def run_signature(run_dir: Path, config: Mapping[str, Any], scorer: LearnedScorer) -> dict[str, Any]:

@@ -224,7 +224,7 @@ def random_scorer(backbone: TokenBackbone, sites: Sequence[int], seed: int = 0, 
     net = TokenScorer(spec.dim, len(sites) + 2, hidden)
     nn.init.normal_(net.out.weight, std=1.0)
     nn.init.zeros_(net.out.bias)
-    projection = make_projection(backbone.block_shape.width, spec)
+    projection = make_projection(backbone, spec)
     return LearnedScorer(net.eval(), list(sites), spec, projection, {"backbone": backbone.signature()})
 
 

@@ -118,9 +118,11 @@ class TokenScorerPolicy(ActorCriticPolicy):
         scorer_hidden: Sequence[int] = (64, 64),
         critic_hidden: Sequence[int] = (64,),
         init_keep_logit: float = 3.0,
+        projection_shape: Sequence[int] | None = None,
         **kwargs: Any,
     ) -> None:
         self.scorer_hidden = list(scorer_hidden)
+        self.projection_shape = None if projection_shape is None else [int(d) for d in projection_shape]
         self.critic_hidden = list(critic_hidden)
         self.init_keep_logit = init_keep_logit
         kwargs.setdefault("features_extractor_class", TokenObsExtractor)
@@ -133,13 +135,22 @@ class TokenScorerPolicy(ActorCriticPolicy):
         self.scorer = TokenScorer(feature_dim, context_dim, self.scorer_hidden, self.init_keep_logit)
         self.critic = PooledCritic(feature_dim, context_dim, self.critic_hidden)
         self.action_dist = MaskedBernoulli()
+        if self.projection_shape is not None:
+            # The env's feature projection, kept in the checkpoint so an export needs no backbone:
+            # a buffer (saved and loaded with the weights, never trained). Filled by set_projection.
+            self.register_buffer("projection", torch.zeros(self.projection_shape))
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)  # type: ignore[call-arg]
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
         data.update(scorer_hidden=self.scorer_hidden, critic_hidden=self.critic_hidden,
-                    init_keep_logit=self.init_keep_logit)
+                    init_keep_logit=self.init_keep_logit, projection_shape=self.projection_shape)
         return data
+
+    def set_projection(self, projection: torch.Tensor) -> None:
+        """Record the feature projection [D, P] the env computes observations with."""
+        self.projection_shape = list(projection.shape)
+        self.register_buffer("projection", projection.detach().to(self.device, torch.float32).clone())
 
     def _dist(self, obs: dict[str, torch.Tensor]) -> MaskedBernoulli:
         tokens, alive = obs["tokens"], obs["alive"].float()
@@ -172,6 +183,9 @@ class TokenScorerPolicy(ActorCriticPolicy):
         """The actor as a standalone LearnedScorer (a copy on the CPU, in eval mode)."""
         net = TokenScorer(self.scorer.feature_dim, self.scorer.context_dim, self.scorer.hidden)
         net.load_state_dict({k: v.detach().cpu() for k, v in self.scorer.state_dict().items()})
+        stored = getattr(self, "projection", None)
+        if projection is None and isinstance(stored, torch.Tensor):
+            projection = stored.detach().cpu().clone()
         return LearnedScorer(net.eval(), list(sites), spec or FeatureSpec(), projection)
 
 
@@ -194,4 +208,5 @@ def load_learned_scorer(checkpoint: Path, sites: Sequence[int], spec: FeatureSpe
     spec = spec or FeatureSpec()
     net = TokenScorer(spec.dim, in_dim - spec.dim, hidden)
     net.load_state_dict(weights)
-    return LearnedScorer(net.eval(), list(sites), spec)
+    projection = state.get("projection")
+    return LearnedScorer(net.eval(), list(sites), spec, None if projection is None else projection.float())

@@ -105,7 +105,7 @@ class LearnedScorer:
                           n0: torch.Tensor, kept: Sequence[torch.Tensor]) -> torch.Tensor:
         """Logits [B, N] with the exact compute-spent context of this episode's earlier decisions."""
         if self.projection is None:
-            self.projection = make_projection(backbone.block_shape.width, self.spec)
+            self.projection = make_projection(backbone, self.spec)
         feats = token_features(backbone, state, layer, self.projection.to(state.tokens.device), self.spec)
         spent = spent_fraction(backbone, self.sites, n0, kept, state.n_full)
         return self.net(feats, site_context(state, site_index, len(self.sites), spent))

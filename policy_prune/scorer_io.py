@@ -8,7 +8,7 @@ the file and the problem.
 ``scorer.json`` (format_version 1)::
 
     format_version  1
-    feature_spec    FeatureSpec.to_json(): version, names, base, projection_dim, projection_seed
+    feature_spec    FeatureSpec.to_json(): version, names, base, projection_dim, projection_seed, projection_kind
     sites           block indices before which the scorer prunes
     layer_sizes     {feature_dim, context_dim, hidden}: the TokenScorer's constructor arguments
     backbone        the backbone's signature() it was trained on (checked by ``prune``)
@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from policy_prune.errors import UserError
-from policy_prune.features import BASE_FEATURES, FEATURE_VERSION, FeatureSpec, make_projection
+from policy_prune.features import BASE_FEATURES, FEATURE_VERSION, FeatureSpec
 from policy_prune.scorer import LearnedScorer, TokenScorer
 
 FORMAT_VERSION = 1
@@ -98,7 +98,11 @@ def save_scorer(
 
 def artifact_tensors(scorer: LearnedScorer, width: int) -> dict[str, torch.Tensor]:
     """``net.<param>`` for every TokenScorer tensor plus ``projection`` [width, P], contiguous on the CPU."""
-    projection = scorer.projection if scorer.projection is not None else make_projection(width, scorer.spec)
+    projection = scorer.projection
+    if projection is None:
+        raise ValueError("the scorer has no feature projection: build it with make_projection(backbone, spec)")
+    if projection.shape[0] != width:
+        raise ValueError(f"projection has {projection.shape[0]} rows for a backbone of width {width}")
     tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in scorer.net.state_dict().items()}
     tensors["projection"] = projection.detach().cpu().float().contiguous()
     return tensors
@@ -269,7 +273,8 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 def _spec_from_json(data: Any, where: Path) -> FeatureSpec:
     try:
         spec = FeatureSpec(version=int(data["version"]), names=tuple(data["base"]),
-                           projection_dim=int(data["projection_dim"]), projection_seed=int(data["projection_seed"]))
+                           projection_dim=int(data["projection_dim"]), projection_seed=int(data["projection_seed"]),
+                           projection_kind=str(data["projection_kind"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise ScorerFileError(f"{where}: bad feature_spec ({exc!r})") from None
     if spec.version != FEATURE_VERSION:

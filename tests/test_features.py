@@ -54,9 +54,23 @@ def test_positions_follow_the_patch_grid() -> None:
 
 
 def test_projection_is_fixed_by_seed() -> None:
-    spec = FeatureSpec(projection_seed=3)
+    spec = FeatureSpec(projection_seed=3, projection_kind="random")
     assert torch.equal(make_projection(32, spec), make_projection(32, spec))
     assert not torch.equal(make_projection(32, spec), make_projection(32, FeatureSpec(projection_seed=4)))
+
+
+def test_weights_projection_spans_what_the_blocks_read() -> None:
+    """"weights": orthonormal top right-singular vectors of the blocks' width-D Linear weights."""
+    backbone = adapt(tiny.make("timm-vit-cls"))
+    spec = FeatureSpec(projection_dim=4)
+    p = make_projection(backbone, spec)
+    assert p.shape == (32, 4) and torch.equal(p, make_projection(backbone, spec))
+    torch.testing.assert_close(p.T @ p, torch.eye(4), atol=1e-5, rtol=0)
+    rows = torch.cat([m.weight for blk in backbone.block_modules() for m in blk.modules()
+                      if isinstance(m, torch.nn.Linear) and m.in_features == 32]).detach()
+    energy = (rows @ p).square().sum(0)  # each direction captures a top singular value squared
+    s = torch.linalg.svdvals(rows)[:4]
+    torch.testing.assert_close(energy, s.square(), rtol=1e-4, atol=1e-4)
 
 
 def test_local_norm_is_the_mean_over_the_alive_grid_neighbourhood() -> None:
@@ -79,6 +93,31 @@ def test_local_norm_is_the_mean_over_the_alive_grid_neighbourhood() -> None:
             r, c = p // 4, p % 4
             expected = grid[max(r - 1, 0): r + 2, max(c - 1, 0): c + 2].sum() / 9
             torch.testing.assert_close(local[row, slot], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_neighbourhood_projection_is_the_local_mean_of_the_projection() -> None:
+    backbone, state = _state("timm-vit-reg4")  # 4 x 4 grid after CLS + 4 registers
+    spec = FeatureSpec(projection_dim=3)
+    with torch.no_grad():
+        feats = token_features(backbone, state, 1, make_projection(backbone, spec), spec)
+    names = spec.all_names()
+    proj = feats[..., names.index("proj_0"): names.index("proj_0") + 3]
+    nbr = feats[..., names.index("nbr_proj_0"): names.index("nbr_proj_0") + 3]
+    for row in range(3):
+        grid = torch.zeros(4, 4, 3)
+        cells = {}
+        for slot in range(state.valid.shape[1]):
+            p = int(state.positions[row, slot]) - 5
+            if state.valid[row, slot] and p >= 0:
+                grid[p // 4, p % 4] = proj[row, slot]
+                cells[slot] = (p // 4, p % 4)
+        for slot in range(state.valid.shape[1]):
+            if slot not in cells:
+                assert (nbr[row, slot] == 0).all()
+                continue
+            r, c = cells[slot]
+            expected = grid[max(r - 1, 0): r + 2, max(c - 1, 0): c + 2].sum((0, 1)) / 9
+            torch.testing.assert_close(nbr[row, slot], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_local_norm_on_text_uses_a_three_token_window() -> None:

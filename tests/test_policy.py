@@ -70,13 +70,31 @@ def test_save_load_roundtrip_and_scorer(env, tmp_path, algo) -> None:
         assert torch.equal(a, b)
 
 
+def test_checkpoint_carries_the_env_projection(env, tmp_path) -> None:
+    """The env's feature projection travels in the checkpoint, so export needs no backbone."""
+    shape = list(env.core.projection.shape)
+    model = PPO(TokenScorerPolicy, env, n_steps=4, batch_size=16, seed=0, policy_kwargs={"projection_shape": shape})
+    model.policy.set_projection(env.core.projection)
+    model.learn(16)
+    model.save(tmp_path / "m.zip")
+    assert torch.equal(load_learned_scorer(tmp_path / "m.zip", SITES).projection, env.core.projection)
+    assert torch.equal(PPO.load(tmp_path / "m.zip").policy.learned_scorer(SITES).projection, env.core.projection)
+    assert load_learned_scorer(_plain_checkpoint(env, tmp_path), SITES).projection is None
+
+
+def _plain_checkpoint(env, tmp_path):
+    PPO(TokenScorerPolicy, env, n_steps=4, batch_size=16, seed=0).save(tmp_path / "plain.zip")
+    return tmp_path / "plain.zip"
+
+
 def test_scorer_decisions_match_policy_in_env(env) -> None:
     """The standalone scorer (inference path) takes the deterministic policy's decisions in the env."""
     model = PPO(TokenScorerPolicy, env, n_steps=4, batch_size=16, seed=1, policy_kwargs={"init_keep_logit": 0.0})
+    model.policy.set_projection(env.core.projection)
     with torch.no_grad():
         for p in model.policy.scorer.parameters():
             p.add_(torch.randn_like(p) * 0.5)
-    scorer = model.policy.learned_scorer(SITES, env.core.spec, env.core.projection)
+    scorer = model.policy.learned_scorer(SITES, env.core.spec)
     core = env.core
     obs = env.reset()
     idx = core.idx.clone()

@@ -181,7 +181,7 @@ def test_export_onnx_matches_torch(tmp_path, vit) -> None:
             torch.testing.assert_close(torch.from_numpy(got), loaded.net(tokens, context), rtol=1e-4, atol=1e-5)
 
 
-def _fake_run(root: Path, scorer, model_dir: Path) -> Path:
+def _fake_run(root: Path, scorer, model_dir: Path, projection: bool = True) -> Path:
     """A run folder as train writes it: config.yaml, metrics.jsonl and an SB3-style checkpoint zip."""
     run = root / "run"
     (run / "checkpoints").mkdir(parents=True)
@@ -192,6 +192,8 @@ def _fake_run(root: Path, scorer, model_dir: Path) -> Path:
                {"step": 30, "eval/cosine": 0.9, "eval/flops_ratio": 0.6}]
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n{\"step\": 4")
     state = {f"scorer.{k}": v for k, v in scorer.net.state_dict().items()} | {"critic.w": torch.zeros(2)}
+    if projection:  # the policy's buffer: the env's feature projection
+        state["projection"] = scorer.projection
     buf = io.BytesIO()
     torch.save(state, buf)
     with zipfile.ZipFile(run / "checkpoints" / "last.zip", "w") as zf:
@@ -221,6 +223,10 @@ def test_export_verb_on_a_run_folder(tmp_path) -> None:
     assert loaded.meta["default_rule"] == {"rule": "keep_ratio", "values": [0.5, 0.5]}
     for k, v in scorer.net.state_dict().items():
         assert torch.equal(loaded.net.state_dict()[k], v)
+    assert torch.equal(loaded.projection, scorer.projection)
+    old = _fake_run(tmp_path / "old", scorer, tmp_path / "bert", projection=False)
+    with pytest.raises(UserError, match="no feature projection"):
+        _export_verb([str(old)])
     with pytest.raises(UserError, match="run folder not found"):
         _export_verb([str(tmp_path / "missing")])
     (run / "checkpoints" / "last.zip").unlink()

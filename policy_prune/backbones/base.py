@@ -122,6 +122,10 @@ class TokenBackbone(ABC, nn.Module):
         or None where q/k are normalised after projection (then the CLS row cannot be folded)."""
         return None
 
+    def block_modules(self) -> Sequence[nn.Module]:
+        """The transformer blocks as modules (their Linear layers set the features' projection)."""
+        return []
+
     @property
     @abstractmethod
     def depth(self) -> int:

@@ -6,7 +6,7 @@ Drives the model's own embeddings and layer modules and builds masks with transf
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -158,6 +158,9 @@ class HFEncoderBackbone(TokenBackbone):
         return x, q_lin.weight, q_lin.bias, k_lin.weight, self.heads
 
     # ---- sizes and FLOPs -----------------------------------------------------------------------
+    def block_modules(self) -> Sequence[nn.Module]:
+        return list(self.layers)
+
     @property
     def heads(self) -> int:
         c = self.config

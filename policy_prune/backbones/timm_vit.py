@@ -5,6 +5,7 @@ Drives timm's own modules (patch_embed, _pos_embed, blocks, norm, forward_head);
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -97,6 +98,9 @@ class TimmViTBackbone(TokenBackbone):
         return blk.norm1(state.tokens), w[:a], None if bias is None else bias[:a], w[a : 2 * a], attn.num_heads
 
     # ---- sizes and FLOPs -----------------------------------------------------------------------
+    def block_modules(self) -> Sequence[nn.Module]:
+        return list(self.model.blocks)
+
     @property
     def depth(self) -> int:
         return len(self.model.blocks)
