@@ -36,7 +36,7 @@ class PruneMetricsCallback(BaseCallback):
         keep = np.mean([i["keep_ratio"] for i in self.buffer], axis=0)
         for site, ratio in enumerate(keep):
             self.logger.record(f"prune/keep_ratio_site{site}", float(ratio))
-        ret = [i["episode"]["r"] for i in self.buffer if "episode" in i]
+        ret = [i["return"] for i in self.buffer if "return" in i]  # the env's own, before any group baseline
         self.last = {"ret": float(np.mean(ret)) if ret else float("nan"),
                      "task": float(np.mean([i["task"] for i in self.buffer])),
                      "flops": float(np.mean([i["flops_ratio"] for i in self.buffer]))}

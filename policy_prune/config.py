@@ -105,6 +105,10 @@ class AgentConfig:
     """Hidden widths of the per-token scorer MLP."""
     critic_hidden: list[int] = field(default_factory=lambda: [64])
     """Hidden widths of the pooled critic MLP."""
+    group_size: int = 1
+    """Rows that prune the same sample in one training batch. Above 1, each row's final reward is
+    baselined by the mean return of the other rows of its group (leave-one-out, as in RLOO): the
+    sample's difficulty cancels, the gradient stays unbiased. Must divide n_envs."""
 
 
 T = TypeVar("T")

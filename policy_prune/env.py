@@ -92,8 +92,7 @@ class PruneCore:
         self.task = task
         self.device = device
         self.spec = feature_spec or FeatureSpec()
-        width = backbone.block_shape.width
-        self.projection = make_projection(width, self.spec).to(device)
+        self.projection = make_projection(backbone, self.spec).to(device)
         with torch.inference_mode():
             self.n_tokens = backbone.embed(self._inputs(torch.tensor([0]))).n_full
         self._teacher: torch.Tensor | None = None
@@ -204,6 +203,7 @@ class PruneCore:
             info.update(
                 {
                     "task": float(task[i]),
+                    "return": float(task[i] - self.lam * self.spent[i]),
                     "flops_ratio": float(self.spent[i]),
                     "keep_ratio": keep[i].tolist(),
                     "tokens_kept": int(self.state.alive_counts[i]),
@@ -216,6 +216,12 @@ class PruneCore:
             if correct is not None:
                 info["accuracy"] = float(correct[i])
         return task
+
+
+def leave_one_out_mean(returns: np.ndarray, group_size: int) -> np.ndarray:
+    """[B] mean of the other rows' returns within each group of ``group_size`` consecutive rows."""
+    groups = returns.reshape(-1, group_size)
+    return ((groups.sum(axis=1, keepdims=True) - groups) / (group_size - 1)).reshape(-1).astype(np.float32)
 
 
 class SampleSampler:
@@ -296,20 +302,28 @@ class PruneVecEnv(VecEnv):
         feature_spec: FeatureSpec | None = None,
         sequential: bool = False,
         device: str = "cpu",
+        group_size: int = 1,
     ) -> None:
+        if group_size < 1 or n_envs % group_size:
+            raise UserError(f"group_size {group_size} must be a positive divisor of n_envs {n_envs}")
         self.core = PruneCore(backbone, split, sites, lam, task, feature_spec, device)
-        self.sampler = SampleSampler(n_envs, len(split), sequential)
+        self.group_size = group_size
+        self.sampler = SampleSampler(n_envs // group_size, len(split), sequential)
         self.render_mode = None
         self._actions: np.ndarray | None = None
         super().__init__(n_envs, self.core.observation_space, self.core.action_space)
 
     def reset(self) -> dict[str, np.ndarray]:
-        for row, seed in enumerate(self._seeds):
+        for row, seed in enumerate(self._seeds[: self.num_envs // self.group_size]):  # one sampler per group
             if seed is not None:
                 self.sampler.seed(row, seed)
         self._reset_seeds()
         self._reset_options()
-        return self.core.begin(self.sampler.draw(self.num_envs))
+        return self.core.begin(self._draw())
+
+    def _draw(self) -> np.ndarray:
+        """Sample of each row: groups of ``group_size`` consecutive rows share one."""
+        return np.repeat(self.sampler.draw(self.num_envs // self.group_size), self.group_size)
 
     def step_async(self, actions: np.ndarray) -> None:
         self._actions = actions
@@ -318,10 +332,12 @@ class PruneVecEnv(VecEnv):
         assert self._actions is not None, "step_async must be called first"
         obs, rewards, done, infos = self.core.advance(self._actions)
         if done:
+            if self.group_size > 1:
+                rewards = rewards - leave_one_out_mean(np.array([i["return"] for i in infos]), self.group_size)
             for i, info in enumerate(infos):
                 info["terminal_observation"] = {k: v[i] for k, v in obs.items()}
                 info["TimeLimit.truncated"] = False
-            obs = self.core.begin(self.sampler.draw(self.num_envs))
+            obs = self.core.begin(self._draw())
         return obs, rewards, np.full(self.num_envs, done), infos
 
     def close(self) -> None:

@@ -26,6 +26,7 @@ def make_vec_env(
     sequential: bool = False,
     device: str = "cpu",
     lam: float | None = None,
+    group_size: int = 1,
 ) -> PruneVecEnv:
     """The batched env of an env preset on one split (``lam`` overrides the preset's lambda)."""
     reward = env_cfg.reward
@@ -38,4 +39,5 @@ def make_vec_env(
         task=reward.task,
         sequential=sequential,
         device=device,
+        group_size=group_size,
     )

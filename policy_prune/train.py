@@ -192,7 +192,8 @@ def train(cfg: RunConfig, run_dir: Path, console: Any, resume: bool = False) -> 
         torch.set_num_threads(cfg.train.threads)
     set_random_seed(cfg.train.seed)
     backbone, splits = resolve(cfg.env, seed=cfg.train.seed, device=cfg.train.device, console=console)
-    env = VecMonitor(make_vec_env(cfg.env, backbone, splits["train"], cfg.agent.n_envs, device=cfg.train.device))
+    env = VecMonitor(make_vec_env(cfg.env, backbone, splits["train"], cfg.agent.n_envs, device=cfg.train.device,
+                                  group_size=cfg.agent.group_size))
     ckpt = run_dir / "checkpoints" / "last.zip"
     model = load_agent(cfg, env, ckpt) if resume else make_agent(cfg, env)
     if resume:
@@ -238,12 +239,16 @@ def make_agent(cfg: RunConfig, env: Any) -> Any:
     if cfg.agent.algo == "a2c":
         for key in ("batch_size", "n_epochs", "clip_range", "target_kl"):  # PPO-only settings
             hyper.pop(key, None)
-    policy_kwargs = {"scorer_hidden": cfg.agent.scorer_hidden, "critic_hidden": cfg.agent.critic_hidden}
+    projection = env.unwrapped.core.projection
+    policy_kwargs = {"scorer_hidden": cfg.agent.scorer_hidden, "critic_hidden": cfg.agent.critic_hidden,
+                     "projection_shape": list(projection.shape)}
     try:
-        return algo(TokenScorerPolicy, env, seed=cfg.train.seed, device=cfg.train.device, verbose=0,
-                    policy_kwargs=policy_kwargs, **hyper)
+        model = algo(TokenScorerPolicy, env, seed=cfg.train.seed, device=cfg.train.device, verbose=0,
+                     policy_kwargs=policy_kwargs, **hyper)
     except TypeError as exc:
         raise ConfigError(f"agent.hyperparams: {exc}") from None
+    model.policy.set_projection(projection)
+    return model
 
 
 def load_agent(cfg: RunConfig, env: Any, ckpt: Path) -> Any:

@@ -220,3 +220,27 @@ def test_label_ce_is_relative_to_the_unpruned_model() -> None:
     got = task_term("label_ce", student, teacher, labels)
     torch.testing.assert_close(got, expected)
     assert got[0] < 0 < got[1]  # worse than the unpruned model on row 0, better on row 1
+
+
+def test_group_rows_share_a_sample_and_get_a_leave_one_out_baseline(vit, vit_split) -> None:
+    """group_size K: K consecutive rows prune one sample; the final reward subtracts the others' mean return."""
+    env = PruneVecEnv(vit, vit_split, 8, SITES, lam=0.4, group_size=4)
+    env.seed(3)
+    env.reset()
+    idx = env.core.idx.numpy()
+    assert (idx.reshape(2, 4) == idx.reshape(2, 4)[:, :1]).all(), "rows of a group share a sample"
+    rng = np.random.default_rng(0)
+    total = np.zeros(8)
+    for _ in SITES:
+        _, rewards, dones, infos = env.step(rng.integers(0, 2, (8, 21)).astype(np.int8))
+        total += rewards
+    assert dones.all()
+    raw = np.array([i["return"] for i in infos])
+    assert raw == pytest.approx([i["task"] - 0.4 * i["flops_ratio"] for i in infos], abs=1e-6)
+    for g in range(2):
+        rows = slice(4 * g, 4 * g + 4)
+        others = (raw[rows].sum() - raw[rows]) / 3
+        assert total[rows] == pytest.approx(raw[rows] - others, abs=1e-5)
+        assert total[rows].sum() == pytest.approx(0.0, abs=1e-5)
+    with pytest.raises(UserError, match="group_size"):
+        PruneVecEnv(vit, vit_split, 6, SITES, group_size=4)
