@@ -79,20 +79,27 @@ def test_local_norm_is_the_mean_over_the_alive_grid_neighbourhood() -> None:
     with torch.no_grad():
         feats = token_features(backbone, state, 1, make_projection(32, spec), spec)
     norm, local = feats[..., BASE_FEATURES.index("norm")], feats[..., BASE_FEATURES.index("local_norm")]
-    for row in range(3):
-        grid = torch.zeros(4, 4)  # pruned patches stay 0
+    _assert_grid_neighbourhood_mean(state, norm.unsqueeze(-1), local.unsqueeze(-1))
+
+
+def _assert_grid_neighbourhood_mean(state, values, pooled) -> None:
+    """pooled [B, N, C] is the mean of values [B, N, C] over each patch's 3 x 3 neighbourhood of a 4 x 4 grid
+    after 5 prefix tokens, pruned patches counting 0; prefix tokens and padding get 0."""
+    for row in range(state.valid.shape[0]):
+        grid = torch.zeros(4, 4, values.shape[-1])  # pruned patches stay 0
+        cells = {}
         for slot in range(state.valid.shape[1]):
             p = int(state.positions[row, slot]) - 5
             if state.valid[row, slot] and p >= 0:
-                grid[p // 4, p % 4] = norm[row, slot]
+                grid[p // 4, p % 4] = values[row, slot]
+                cells[slot] = (p // 4, p % 4)
         for slot in range(state.valid.shape[1]):
-            p = int(state.positions[row, slot]) - 5
-            if not state.valid[row, slot] or p < 0:
-                assert local[row, slot] == 0  # prefix tokens and padding
+            if slot not in cells:
+                assert (pooled[row, slot] == 0).all()  # prefix tokens and padding
                 continue
-            r, c = p // 4, p % 4
-            expected = grid[max(r - 1, 0): r + 2, max(c - 1, 0): c + 2].sum() / 9
-            torch.testing.assert_close(local[row, slot], expected, atol=1e-5, rtol=1e-5)
+            r, c = cells[slot]
+            expected = grid[max(r - 1, 0): r + 2, max(c - 1, 0): c + 2].sum((0, 1)) / 9
+            torch.testing.assert_close(pooled[row, slot], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_neighbourhood_projection_is_the_local_mean_of_the_projection() -> None:
@@ -103,21 +110,7 @@ def test_neighbourhood_projection_is_the_local_mean_of_the_projection() -> None:
     names = spec.all_names()
     proj = feats[..., names.index("proj_0"): names.index("proj_0") + 3]
     nbr = feats[..., names.index("nbr_proj_0"): names.index("nbr_proj_0") + 3]
-    for row in range(3):
-        grid = torch.zeros(4, 4, 3)
-        cells = {}
-        for slot in range(state.valid.shape[1]):
-            p = int(state.positions[row, slot]) - 5
-            if state.valid[row, slot] and p >= 0:
-                grid[p // 4, p % 4] = proj[row, slot]
-                cells[slot] = (p // 4, p % 4)
-        for slot in range(state.valid.shape[1]):
-            if slot not in cells:
-                assert (nbr[row, slot] == 0).all()
-                continue
-            r, c = cells[slot]
-            expected = grid[max(r - 1, 0): r + 2, max(c - 1, 0): c + 2].sum((0, 1)) / 9
-            torch.testing.assert_close(nbr[row, slot], expected, atol=1e-5, rtol=1e-5)
+    _assert_grid_neighbourhood_mean(state, proj, nbr)
 
 
 def test_local_norm_on_text_uses_a_three_token_window() -> None:
