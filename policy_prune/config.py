@@ -109,6 +109,10 @@ class AgentConfig:
     """Rows that prune the same sample in one training batch. Above 1, each row's final reward is
     baselined by the mean return of the other rows of its group (leave-one-out, as in RLOO): the
     sample's difficulty cancels, the gradient stays unbiased. Must divide n_envs."""
+    credit: str = "step"
+    """"step": SB3's own update, one advantage per step shared by all its token decisions; "token"
+    (ppo only): each token decision gets its own advantage, the other tokens' predicted contributions
+    taken out by a per-token critic head (policy_prune.token_ppo)."""
 
 
 T = TypeVar("T")

@@ -88,9 +88,13 @@ class MaskedBernoulli(Distribution):
 
 
 class PooledCritic(nn.Module):
-    """Value of a state: per-token embedding, mean-pooled over alive tokens, with the context."""
+    """Value of a state: per-token embedding, mean-pooled over alive tokens, with the context.
 
-    def __init__(self, feature_dim: int, context_dim: int, hidden: Sequence[int] = (64,)) -> None:
+    With ``token_baseline`` it also predicts, per token, how much keeping that token adds to the
+    return (``token_values``): the action-dependent part of the baseline that per-token credit uses.
+    """
+
+    def __init__(self, feature_dim: int, context_dim: int, hidden: Sequence[int] = (64,), token_baseline: bool = False) -> None:
         super().__init__()
         width = hidden[0]
         self.token = nn.Sequential(nn.Linear(feature_dim, width), nn.Tanh())
@@ -99,12 +103,31 @@ class PooledCritic(nn.Module):
         for a, b in zip(dims[:-1], dims[1:], strict=True):
             layers += [nn.Linear(a, b), nn.Tanh()]
         self.body = nn.Sequential(*layers, nn.Linear(dims[-1], 1))
+        # Per-token head on [token embedding | row's pooled embedding | context]; starts at 0 (no credit).
+        self.keep_gain: nn.Sequential | None = None
+        if token_baseline:
+            last = nn.Linear(width, 1)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+            self.keep_gain = nn.Sequential(nn.Linear(2 * width + context_dim, width), nn.Tanh(), last)
+
+    def _embed(self, tokens: torch.Tensor, alive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = alive.unsqueeze(-1)
+        h = self.token(tokens)
+        return h, (h * w).sum(1) / w.sum(1).clamp_min(1.0)
 
     def forward(self, tokens: torch.Tensor, alive: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """tokens [B, N, F], alive [B, N], context [B, G] -> values [B, 1]."""
-        w = alive.unsqueeze(-1)
-        pooled = (self.token(tokens) * w).sum(1) / w.sum(1).clamp_min(1.0)
-        return self.body(torch.cat([pooled, context], dim=-1))
+        return self.body(torch.cat([self._embed(tokens, alive)[1], context], dim=-1))
+
+    def token_values(self, tokens: torch.Tensor, alive: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values [B], keep gains [B, N]): the return is modelled as V + sum_i (keep_i - p_i) * gain_i."""
+        if self.keep_gain is None:
+            raise RuntimeError("this critic was built without token_baseline")
+        h, pooled = self._embed(tokens, alive)
+        values = self.body(torch.cat([pooled, context], dim=-1)).squeeze(-1)
+        row = torch.cat([pooled, context], dim=-1).unsqueeze(1).expand(-1, h.shape[1], -1)
+        return values, self.keep_gain(torch.cat([h, row], dim=-1)).squeeze(-1)
 
 
 class TokenScorerPolicy(ActorCriticPolicy):
@@ -119,8 +142,10 @@ class TokenScorerPolicy(ActorCriticPolicy):
         critic_hidden: Sequence[int] = (64,),
         init_keep_logit: float = 3.0,
         projection_shape: Sequence[int] | None = None,
+        token_baseline: bool = False,
         **kwargs: Any,
     ) -> None:
+        self.token_baseline = token_baseline
         self.scorer_hidden = list(scorer_hidden)
         self.projection_shape = None if projection_shape is None else [int(d) for d in projection_shape]
         self.critic_hidden = list(critic_hidden)
@@ -133,7 +158,7 @@ class TokenScorerPolicy(ActorCriticPolicy):
         feature_dim = obs_space["tokens"].shape[-1]
         context_dim = obs_space["context"].shape[0]
         self.scorer = TokenScorer(feature_dim, context_dim, self.scorer_hidden, self.init_keep_logit)
-        self.critic = PooledCritic(feature_dim, context_dim, self.critic_hidden)
+        self.critic = PooledCritic(feature_dim, context_dim, self.critic_hidden, self.token_baseline)
         self.action_dist = MaskedBernoulli()
         if self.projection_shape is not None:
             # The env's feature projection, kept in the checkpoint so an export needs no backbone:
@@ -144,7 +169,8 @@ class TokenScorerPolicy(ActorCriticPolicy):
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
         data.update(scorer_hidden=self.scorer_hidden, critic_hidden=self.critic_hidden,
-                    init_keep_logit=self.init_keep_logit, projection_shape=self.projection_shape)
+                    init_keep_logit=self.init_keep_logit, projection_shape=self.projection_shape,
+                    token_baseline=self.token_baseline)
         return data
 
     def set_projection(self, projection: torch.Tensor) -> None:
@@ -161,6 +187,12 @@ class TokenScorerPolicy(ActorCriticPolicy):
 
     def _values(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.critic(obs["tokens"], obs["alive"].float(), obs["context"])
+
+    def token_terms(self, obs: Any) -> tuple[MaskedBernoulli, torch.Tensor, torch.Tensor]:
+        """(action distribution, values [B], per-token keep gains [B, N]) for per-token credit."""
+        feats: dict[str, torch.Tensor] = self.extract_features(obs)  # type: ignore[assignment]
+        values, gains = self.critic.token_values(feats["tokens"], feats["alive"].float(), feats["context"])
+        return self._dist(feats), values, gains
 
     def forward(self, obs: Any, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         feats = self.extract_features(obs)

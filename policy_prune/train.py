@@ -31,6 +31,7 @@ from policy_prune.config import (
 from policy_prune.errors import UserError
 
 ALGOS = ("ppo", "a2c")
+CREDITS = ("step", "token")
 
 
 @dataclass
@@ -117,6 +118,10 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
 def validate(cfg: RunConfig) -> None:
     if cfg.agent.algo not in ALGOS:
         raise ConfigError(f"agent.algo must be one of {', '.join(ALGOS)}, got {cfg.agent.algo!r}")
+    if cfg.agent.credit not in CREDITS:
+        raise ConfigError(f"agent.credit must be one of {', '.join(CREDITS)}, got {cfg.agent.credit!r}")
+    if cfg.agent.credit == "token" and cfg.agent.algo != "ppo":
+        raise ConfigError(f"agent.credit 'token' needs algo ppo, got {cfg.agent.algo!r}")
     if cfg.train.timesteps <= 0 or cfg.train.eval_every <= 0 or cfg.train.checkpoint_every <= 0:
         raise ConfigError("train.timesteps, train.eval_every and train.checkpoint_every must be positive")
     n_steps = cfg.agent.hyperparams.get("n_steps")
@@ -229,19 +234,27 @@ def _wandb_id(run_dir: Path) -> str | None:
     return path.read_text().strip() if path.exists() else None
 
 
-def make_agent(cfg: RunConfig, env: Any) -> Any:
+def algorithm_class(cfg: RunConfig) -> Any:
     from stable_baselines3 import A2C, PPO
 
+    from policy_prune.token_ppo import TokenCreditPPO
+
+    if cfg.agent.credit == "token":
+        return TokenCreditPPO
+    return {"ppo": PPO, "a2c": A2C}[cfg.agent.algo]
+
+
+def make_agent(cfg: RunConfig, env: Any) -> Any:
     from policy_prune.policy import TokenScorerPolicy
 
-    algo: Any = {"ppo": PPO, "a2c": A2C}[cfg.agent.algo]
+    algo = algorithm_class(cfg)
     hyper = dict(cfg.agent.hyperparams)
     if cfg.agent.algo == "a2c":
         for key in ("batch_size", "n_epochs", "clip_range", "target_kl"):  # PPO-only settings
             hyper.pop(key, None)
     projection = env.unwrapped.core.projection
     policy_kwargs = {"scorer_hidden": cfg.agent.scorer_hidden, "critic_hidden": cfg.agent.critic_hidden,
-                     "projection_shape": list(projection.shape)}
+                     "projection_shape": list(projection.shape), "token_baseline": cfg.agent.credit == "token"}
     try:
         model = algo(TokenScorerPolicy, env, seed=cfg.train.seed, device=cfg.train.device, verbose=0,
                      policy_kwargs=policy_kwargs, **hyper)
@@ -252,10 +265,7 @@ def make_agent(cfg: RunConfig, env: Any) -> Any:
 
 
 def load_agent(cfg: RunConfig, env: Any, ckpt: Path) -> Any:
-    from stable_baselines3 import A2C, PPO
-
-    algo: Any = {"ppo": PPO, "a2c": A2C}[cfg.agent.algo]
-    return algo.load(ckpt, env=env, device=cfg.train.device)
+    return algorithm_class(cfg).load(ckpt, env=env, device=cfg.train.device)
 
 
 def save_checkpoint(model: Any, path: Path) -> None:

@@ -1,0 +1,125 @@
+"""PPO with per-token credit: each keep decision gets its own advantage.
+
+Plain PPO gives every token of a step the step's one advantage, so a token's gradient carries the
+noise of all the other tokens' random decisions. On digits-vit dropping one digit patch moves the
+cross-entropy by about 0.17 and dropping one clutter fragment by about 0.01: the fragments' signal
+drowns and the policy learns "keep ink" instead of "keep the object".
+
+Here the critic also predicts a keep gain g_i per token, and the return is modelled as
+
+    R ~ V(s) + sum_i (a_i - p_i) g_i          (p_i: the rollout policy's keep probability)
+
+Token i's advantage is R - V(s) - sum_{j != i} (a_j - p_j) g_j: the other tokens' predicted
+contributions are taken out. They are independent of a_i given the state (the decisions of a step
+are independent Bernoullis), so the policy gradient stays unbiased (an action-dependent factorised
+baseline, Wu et al., ICLR 2018) while most of the other tokens' noise cancels. The surrogate is
+PPO's clipped one, per token (ratio of token i's own decision probabilities), averaged over the free
+tokens; ``target_kl`` bounds the mean per-token KL.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from stable_baselines3 import PPO
+from stable_baselines3.common.utils import explained_variance
+from torch.nn import functional as F
+
+from policy_prune.policy import TokenScorerPolicy
+
+
+def _rows(obs: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {k: v[idx] for k, v in obs.items()}
+
+
+def token_advantages(returns: torch.Tensor, values: torch.Tensor, actions: torch.Tensor, p_keep: torch.Tensor,
+                     gains: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
+    """[B, N] per-token advantages R - V - sum_{j != i} (a_j - p_j) g_j (free tokens only; others 0)."""
+    contrib = free * (actions - p_keep) * gains
+    shared = returns - values - contrib.sum(dim=1)
+    return (shared.unsqueeze(1) + contrib) * free
+
+
+class TokenCreditPPO(PPO):
+    """SB3 PPO whose update uses per-token advantages (rollout collection is PPO's own)."""
+
+    policy: TokenScorerPolicy
+
+    def train(self) -> None:
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.optimizer)
+        clip_range = self.clip_range(self._current_progress_remaining)  # type: ignore[operator]
+        data = next(self.rollout_buffer.get(batch_size=None))  # the whole rollout, flattened
+        obs: dict[str, torch.Tensor] = data.observations  # type: ignore[assignment]
+        actions, returns = data.actions.float(), data.returns.flatten()
+        n = len(returns)
+        batches = torch.randperm(n, device=returns.device)
+        # The rollout policy's probabilities and the critic's gains, before any update changes them.
+        with torch.no_grad():
+            parts = []
+            for idx in torch.arange(n, device=returns.device).split(self.batch_size):
+                dist, v, g = self.policy.token_terms(_rows(obs, idx))  # ``dist`` is reused: copy out now
+                parts.append((dist.logits, dist.free, v, g))
+            old_logits, free, values, gains = (torch.cat(t) for t in zip(*parts, strict=True))
+            p_keep = torch.sigmoid(old_logits)
+            old_logp = -F.binary_cross_entropy_with_logits(old_logits, actions, reduction="none")
+            advantages = token_advantages(returns, values, actions, p_keep, gains, free)
+
+        pg_losses, value_losses, entropy_losses, clip_fractions, kls = [], [], [], [], []
+        loss = torch.zeros(())
+        continue_training = True
+        for _ in range(self.n_epochs):
+            for idx in batches.split(self.batch_size):
+                dist, v, g = self.policy.token_terms(_rows(obs, idx))
+                logits, f, a = dist.logits, free[idx], actions[idx]
+                n_free = f.sum().clamp_min(1.0)
+                adv = advantages[idx]
+                if self.normalize_advantage:
+                    mean = adv.sum() / n_free
+                    std = (((adv - mean) * f).pow(2).sum() / n_free).sqrt()
+                    adv = (adv - mean) / (std + 1e-8) * f
+                log_ratio = -F.binary_cross_entropy_with_logits(logits, a, reduction="none") - old_logp[idx]
+                ratio = torch.exp(log_ratio)
+                surrogate = torch.min(adv * ratio, adv * torch.clamp(ratio, 1 - clip_range, 1 + clip_range))
+                policy_loss = -(surrogate * f).sum() / n_free
+                predicted = v + (f * (a - p_keep[idx]) * g).sum(dim=1)
+                value_loss = F.mse_loss(returns[idx], predicted)
+                entropy = (dist.entropy().sum() / n_free) if self.ent_coef else torch.zeros(())
+                loss = policy_loss - self.ent_coef * entropy + self.vf_coef * value_loss
+                with torch.no_grad():
+                    kl = float((((ratio - 1) - log_ratio) * f).sum() / n_free)
+                    clip_fractions.append(float((((ratio - 1).abs() > clip_range).float() * f).sum() / n_free))
+                pg_losses.append(policy_loss.item())
+                value_losses.append(value_loss.item())
+                entropy_losses.append(-entropy.item())
+                kls.append(kl)
+                if self.target_kl is not None and kl > 1.5 * self.target_kl:
+                    continue_training = False
+                    break
+                self.policy.optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+                self.policy.optimizer.step()
+            self._n_updates += 1
+            if not continue_training:
+                break
+
+        with torch.no_grad():
+            modelled = values + (free * (actions - p_keep) * gains).sum(dim=1)
+        record: dict[str, Any] = {
+            "train/entropy_loss": np.mean(entropy_losses),
+            "train/policy_gradient_loss": np.mean(pg_losses),
+            "train/value_loss": np.mean(value_losses),
+            "train/approx_kl": np.mean(kls),
+            "train/clip_fraction": np.mean(clip_fractions),
+            "train/loss": loss.item(),
+            "train/explained_variance": explained_variance(values.cpu().numpy(), returns.cpu().numpy()),
+            # How much of the return the per-token gains explain beyond V: the noise they remove.
+            "train/explained_variance_tokens": explained_variance(modelled.cpu().numpy(), returns.cpu().numpy()),
+            "train/clip_range": clip_range,
+        }
+        for key, value in record.items():
+            self.logger.record(key, value)
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
