@@ -222,6 +222,18 @@ def test_label_ce_is_relative_to_the_unpruned_model() -> None:
     assert got[0] < 0 < got[1]  # worse than the unpruned model on row 0, better on row 1
 
 
+def test_label_prob_is_the_true_class_probability_gained_and_bounded() -> None:
+    teacher = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0], [9.0, -9.0, -9.0]])
+    student = torch.tensor([[1.0, 0.5, -1.0], [0.0, 3.0, 0.0], [-9.0, 9.0, -9.0]])
+    labels = torch.tensor([0, 1, 0])
+    assert torch.equal(task_term("label_prob", teacher, teacher, labels), torch.zeros(3))
+    expected = (student.softmax(-1) - teacher.softmax(-1))[torch.arange(3), labels]
+    got = task_term("label_prob", student, teacher, labels)
+    torch.testing.assert_close(got, expected)
+    assert got[0] < 0 < got[1]
+    assert -1.0 <= got[2] < -0.99  # a flipped confident prediction costs at most 1 (the CE would cost ~18)
+
+
 def test_group_rows_share_a_sample_and_get_a_leave_one_out_baseline(vit, vit_split) -> None:
     """group_size K: K consecutive rows prune one sample; the final reward subtracts the others' mean return."""
     env = PruneVecEnv(vit, vit_split, 8, SITES, lam=0.4, group_size=4)
