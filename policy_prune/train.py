@@ -38,7 +38,7 @@ CREDITS = ("step", "token")
 class TrainConfig:
     """How long and how a run trains; everything else lives in the env and agent presets."""
 
-    timesteps: int = 200_000
+    timesteps: int = 1_200_000
     """Environment steps (one step = one pruning decision for one row)."""
     seed: int = 0
     """Seed of torch, numpy, the env's sample order and SB3."""
