@@ -125,9 +125,9 @@ class PooledCritic(nn.Module):
         if self.keep_gain is None:
             raise RuntimeError("this critic was built without token_baseline")
         h, pooled = self._embed(tokens, alive)
-        values = self.body(torch.cat([pooled, context], dim=-1)).squeeze(-1)
-        row = torch.cat([pooled, context], dim=-1).unsqueeze(1).expand(-1, h.shape[1], -1)
-        return values, self.keep_gain(torch.cat([h, row], dim=-1)).squeeze(-1)
+        row = torch.cat([pooled, context], dim=-1)
+        values = self.body(row).squeeze(-1)
+        return values, self.keep_gain(torch.cat([h, row.unsqueeze(1).expand(-1, h.shape[1], -1)], dim=-1)).squeeze(-1)
 
 
 class TokenScorerPolicy(ActorCriticPolicy):

@@ -34,10 +34,15 @@ def _rows(obs: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Te
     return {k: v[idx] for k, v in obs.items()}
 
 
+def keep_contributions(actions: torch.Tensor, p_keep: torch.Tensor, gains: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
+    """[B, N] (a_i - p_i) g_i on the free tokens: each decision's modelled share of the return beyond V."""
+    return free * (actions - p_keep) * gains
+
+
 def token_advantages(returns: torch.Tensor, values: torch.Tensor, actions: torch.Tensor, p_keep: torch.Tensor,
                      gains: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
     """[B, N] per-token advantages R - V - sum_{j != i} (a_j - p_j) g_j (free tokens only; others 0)."""
-    contrib = free * (actions - p_keep) * gains
+    contrib = keep_contributions(actions, p_keep, gains, free)
     shared = returns - values - contrib.sum(dim=1)
     return (shared.unsqueeze(1) + contrib) * free
 
@@ -84,7 +89,7 @@ class TokenCreditPPO(PPO):
                 ratio = torch.exp(log_ratio)
                 surrogate = torch.min(adv * ratio, adv * torch.clamp(ratio, 1 - clip_range, 1 + clip_range))
                 policy_loss = -(surrogate * f).sum() / n_free
-                predicted = v + (f * (a - p_keep[idx]) * g).sum(dim=1)
+                predicted = v + keep_contributions(a, p_keep[idx], g, f).sum(dim=1)
                 value_loss = F.mse_loss(returns[idx], predicted)
                 entropy = (dist.entropy().sum() / n_free) if self.ent_coef else torch.zeros(())
                 loss = policy_loss - self.ent_coef * entropy + self.vf_coef * value_loss
@@ -107,7 +112,7 @@ class TokenCreditPPO(PPO):
                 break
 
         with torch.no_grad():
-            modelled = values + (free * (actions - p_keep) * gains).sum(dim=1)
+            modelled = values + keep_contributions(actions, p_keep, gains, free).sum(dim=1)
         record: dict[str, Any] = {
             "train/entropy_loss": np.mean(entropy_losses),
             "train/policy_gradient_loss": np.mean(pg_losses),
