@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from policy_prune.backbones.base import TokenBackbone, TokenState
+from policy_prune.backbones.base import TokenBackbone, TokenState, cls_row_attention
 
 FEATURE_VERSION = 3
 FEATURE_BOUND = 10.0
@@ -85,10 +85,16 @@ def make_projection(backbone: TokenBackbone | int, spec: FeatureSpec) -> torch.T
 
 
 def token_layout(backbone: TokenBackbone) -> tuple[int, tuple[int, int] | None]:
-    """(prefix tokens, patch grid (rows, cols) or None for sequences) from the backbone's signature."""
-    sig = backbone.signature()
-    grid = (int(sig["grid"][0]), int(sig["grid"][1])) if "grid" in sig else None
-    return int(sig.get("prefix_tokens", 1 if grid else 0)), grid
+    """(prefix tokens, patch grid (rows, cols) or None for sequences) from the backbone's signature.
+
+    Cached on the backbone: it is read at every pruning site and the architecture does not change.
+    """
+    cached = backbone.__dict__.get("_token_layout")
+    if cached is None:
+        sig = backbone.signature()
+        grid = (int(sig["grid"][0]), int(sig["grid"][1])) if "grid" in sig else None
+        cached = backbone.__dict__["_token_layout"] = (int(sig.get("prefix_tokens", 1 if grid else 0)), grid)
+    return cached
 
 
 def token_positions(
@@ -122,45 +128,105 @@ def local_mean(state: TokenState, value: torch.Tensor, layout: tuple[int, tuple[
     ``layout``: :func:`token_layout` of the backbone.
     """
     prefix, grid = layout
-    b, _, c = value.shape
+    b, n, c = value.shape
     cells = grid[0] * grid[1] if grid else state.n_full
-    inside = state.valid & (state.positions >= prefix)
-    slot = (state.positions - prefix).clamp_min(0).unsqueeze(1).expand(b, c, -1)  # [B, C, N]
-    canvas = value.new_zeros(b, c, cells).scatter_add_(2, slot, (value * inside.unsqueeze(-1)).transpose(1, 2))
+    inside = state.positions >= prefix
+    if not state.dense:
+        inside = inside & state.valid
+    slot = (state.positions - prefix).clamp_min(0)  # [B, N]
+    # The canvas is [B, cells, C]: pooled channels-last, the fast layout of CPU avg_pool2d for few channels.
+    canvas = value.new_zeros(b, cells, c).scatter_add_(1, slot.unsqueeze(-1).expand(b, n, c), value * inside.unsqueeze(-1))
     if grid:
-        pooled = torch.nn.functional.avg_pool2d(canvas.view(b, c, grid[0], grid[1]), 3, 1, 1, count_include_pad=True)
+        nchw = canvas.view(b, grid[0], grid[1], c).permute(0, 3, 1, 2)
+        pooled = torch.nn.functional.avg_pool2d(nchw, 3, 1, 1, count_include_pad=True).permute(0, 2, 3, 1).reshape(b, cells, c)
     else:
-        pooled = torch.nn.functional.avg_pool1d(canvas, 3, 1, 1, count_include_pad=True)
-    return pooled.view(b, c, cells).gather(2, slot).transpose(1, 2) * inside.unsqueeze(-1)
+        pooled = torch.nn.functional.avg_pool1d(canvas.transpose(1, 2), 3, 1, 1, count_include_pad=True).transpose(1, 2)
+    rows = torch.arange(b, device=value.device).unsqueeze(1)
+    return pooled[rows, slot] * inside.unsqueeze(-1)
+
+
+def position_table(backbone: TokenBackbone, n_full: int, device: torch.device) -> torch.Tensor:
+    """[n_full, 2] (pos_y, pos_x) of every embedded token position, by :func:`token_positions`.
+
+    Cached per (n_full, device) on the backbone, so a site reads its slots' positions with one gather.
+    """
+    tables: dict[Any, torch.Tensor] = backbone.__dict__.setdefault("_position_tables", {})
+    key = (n_full, str(device))
+    if key not in tables:
+        pos = torch.arange(n_full, device=device).unsqueeze(0)
+        one = TokenState(pos.unsqueeze(-1).float(), pos < 0, pos >= 0, pos, n_full)
+        with torch.inference_mode(False), torch.no_grad():
+            tables[key] = torch.stack(token_positions(backbone, one), dim=-1)[0]
+    return tables[key]
 
 
 def token_features(
     backbone: TokenBackbone, state: TokenState, layer: int, projection: torch.Tensor, spec: FeatureSpec
 ) -> torch.Tensor:
-    """Features [B, N, F] of the state's current slots before block ``layer``; invalid slots are 0."""
+    """Features [B, N, F] of the state's current slots before block ``layer``; invalid slots are 0.
+
+    Written for few tensor ops (each costs a fixed overhead that dominates small models at batch 1):
+    one layer norm serves the projection and the folded CLS query, one bmm computes both, and one
+    more gives every token's dot product with the CLS token and with the sum of all unit tokens.
+    A dense state (no padding) skips every mask and never syncs with the device.
+    """
     x = state.tokens
-    vf = state.valid.to(x.dtype)
-    n_alive = vf.sum(dim=1, keepdim=True).clamp_min(1.0)
-    has_cls = bool(state.protected[:, 0].all()) and bool((state.positions[:, 0] == 0).all())
-    attn = backbone.attention_from_cls(state, layer, query="cls" if has_cls else "mean")
+    b, n, d = x.shape
+    dense = state.dense
+    vf = None if dense else state.valid.to(x.dtype)
+    n_alive: torch.Tensor | float = float(n) if vf is None else vf.sum(dim=1, keepdim=True).clamp_min(1.0)
+    layout = token_layout(backbone)
+    has_cls = layout[0] > 0 if dense else bool(state.protected[:, 0].all()) and bool((state.positions[:, 0] == 0).all())
+    folded = backbone.cls_query(layer) if has_cls else None
+    pre_norm = folded is not None and folded.eps is not None
+
+    norms = x.norm(dim=-1)  # [B, N]
+    inv = 1.0 / norms.clamp_min(1e-12)  # unit token u_i = x_i * inv_i (0 on padded slots)
+    if vf is not None:
+        inv = inv * vf
+    unit_sum = torch.bmm(inv.unsqueeze(1), x)  # [B, 1, D]: sum of the unit tokens
+    anchor = x[:, :1] * inv[:, :1, None] if has_cls else torch.nn.functional.normalize(unit_sum, dim=-1)
+
+    # Every product with the tokens in one bmm, x @ [P | CLS-query directions | anchor | unit sum | 1]:
+    # - layer_norm(x) @ M = (x @ M - mean(x) 1^T M) / std(x), with mean from the column of ones and
+    #   std from the norms already taken, so the normalised tokens are never materialised;
+    # - the CLS row's attention logits read the block's own normalisation (its eps) when it is
+    #   pre-norm, the raw tokens when post-norm; other backbones take the generic q / k path.
+    eps = folded.eps if pre_norm and folded is not None and folded.eps is not None else 1e-5
+    proj_w = projection.to(x.dtype).expand(b, d, -1)
+    k = proj_w.shape[2]
+    cols = [proj_w]
+    if folded is not None:
+        cls_in = torch.nn.functional.layer_norm(x[:, 0], (d,), eps=eps) if pre_norm else x[:, 0]
+        cols.append(folded.directions(cls_in))
+    normed = sum(c.shape[2] for c in cols)  # columns read through the layer norm (or raw, post-norm)
+    cols += [anchor.transpose(1, 2), unit_sum.transpose(1, 2), x.new_ones(b, d, 1)]
+    m = torch.cat(cols, dim=2)
+    r = torch.bmm(x, m)  # [B, N, normed + 3]
+    mean = r[..., -1:] / d
+    rstd = torch.rsqrt((norms.square().unsqueeze(-1) / d - mean.square()).clamp_min(0.0) + eps)
+    z = (r[..., :normed] - mean * m[:, :, :normed].sum(dim=1, keepdim=True)) * rstd
+    proj = z[..., :k]
+    if folded is not None:
+        attn = cls_row_attention(z[..., k:] if pre_norm else r[..., k:normed], state)
+    else:
+        attn = backbone.attention_from_cls(state, layer, query="cls" if has_cls else "mean")
     cls_attention = torch.log1p(attn * n_alive)
 
-    norms = x.norm(dim=-1)  # one norm serves the norm feature, the unit vectors and nothing else
-    norm = norms / ((norms * vf).sum(dim=1, keepdim=True) / n_alive).clamp_min(1e-6)
-    unit = x * (vf / norms.clamp_min(1e-12)).unsqueeze(-1)  # padded slots become 0
-    anchor = unit[:, 0] if has_cls else torch.nn.functional.normalize(unit.sum(dim=1), dim=-1)
-    cos_cls = (unit * anchor.unsqueeze(1)).sum(-1)
+    mean_norm = norms.mean(dim=1, keepdim=True) if vf is None else (norms * vf).sum(dim=1, keepdim=True) / n_alive
+    norm = norms / mean_norm.clamp_min(1e-6)
     # Mean cosine to the other alive tokens: sum_j u_i.u_j = u_i . (sum_j u_j), O(N D) instead of the
-    # O(N^2 D) similarity matrix; padded slots have u = 0 and drop out of the sum.
-    redundancy = ((unit * unit.sum(dim=1, keepdim=True)).sum(-1) - vf) / (n_alive - 1).clamp_min(1.0)
+    # O(N^2 D) similarity matrix.
+    dots = r[..., normed:normed + 2] * inv.unsqueeze(-1)  # [B, N, 2]: cosine to CLS, dot with the unit sum
+    if isinstance(n_alive, torch.Tensor) and vf is not None:
+        redundancy = (dots[..., 1] - vf) / (n_alive - 1.0).clamp_min(1.0)
+    else:
+        redundancy = (dots[..., 1] - 1.0) / max(n - 1.0, 1.0)
 
-    layout = token_layout(backbone)
-    pos_y, pos_x = token_positions(backbone, state, layout)
-    # layer_norm(x) @ P. (Folding the normalisation into the projection via torch.var_mean was 8x
-    # slower on CPU: var_mean over the last dim has no fast kernel there, layer_norm has.)
-    proj = torch.nn.functional.layer_norm(x, x.shape[-1:], eps=1e-5) @ projection.to(x.dtype)
+    pos = position_table(backbone, state.n_full, x.device)[state.positions].to(x.dtype)  # [B, N, 2]
     # One pooling pass serves local_norm and the neighbourhood half of the projection.
-    local = local_mean(state, torch.cat([(norm * vf).unsqueeze(-1), proj], dim=-1), layout)
-    cols = [cls_attention, norm, cos_cls, redundancy, pos_y, pos_x, state.protected.to(x.dtype)]
-    feats = torch.cat([torch.stack(cols, dim=-1), local[..., :1], proj, local[..., 1:]], dim=-1)
-    return feats.clamp(-FEATURE_BOUND, FEATURE_BOUND) * vf.unsqueeze(-1)
+    local = local_mean(state, torch.cat([(norm if vf is None else norm * vf).unsqueeze(-1), proj], dim=-1), layout)
+    scalars = torch.stack([cls_attention, norm, dots[..., 0], redundancy], dim=-1)
+    feats = torch.cat([scalars, pos, state.protected.to(x.dtype).unsqueeze(-1), local[..., :1], proj, local[..., 1:]], dim=-1)
+    feats = feats.clamp(-FEATURE_BOUND, FEATURE_BOUND)
+    return feats if vf is None else feats * vf.unsqueeze(-1)

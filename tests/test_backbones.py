@@ -142,3 +142,20 @@ def test_signature_describes_architecture() -> None:
     assert sig["prefix_tokens"] == 5
     sig = adapt(tiny.make("hf-bert")).signature()
     assert sig["family"] == "hf-encoder" and sig["vocab_size"] == 120 and sig["pooling"] == "mean"
+
+
+def test_folded_cls_query_follows_weight_changes() -> None:
+    """The folded CLS query is cached per layer and rebuilt when the model's weights change in place."""
+    model = tiny.make("timm-vit-cls")
+    backbone = adapt(model)
+    x = tiny.inputs("timm-vit-cls")
+    with torch.no_grad():
+        state = backbone.run_blocks(backbone.embed(x), 0, 1)
+        before = backbone.attention_from_cls(state, 1)
+        assert backbone.cls_query(1) is backbone.cls_query(1)  # cached
+        model.blocks[1].norm1.weight.mul_(3.0)
+        model.blocks[1].attn.qkv.weight[:8].mul_(-2.0)
+        after = backbone.attention_from_cls(state, 1)
+        ref = _reference_attention_timm(model, x, 1)[:, :, 0].mean(1)
+    torch.testing.assert_close(after, ref, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(before, after)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from policy_prune.backbones import adapt
@@ -129,3 +130,35 @@ def test_local_norm_on_text_uses_a_three_token_window() -> None:
             p = int(state.positions[row, slot])
             expected = line[max(p - 1, 0): p + 2].sum() / 3
             torch.testing.assert_close(local[row, slot], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["timm-vit-cls", "hf-bert", "hf-vit"])
+def test_projection_is_the_layer_normalised_tokens_times_the_projection(name: str) -> None:
+    """The features never materialise layer_norm(x): check the folded algebra against it, padding included."""
+    backbone, state = _state(name)
+    spec = FeatureSpec(projection_dim=5, projection_kind="random")
+    projection = make_projection(backbone, spec)
+    folded = backbone.cls_query(1)
+    eps = folded.eps if folded is not None and folded.eps is not None else 1e-5
+    with torch.no_grad():
+        feats = token_features(backbone, state, 1, projection, spec)
+        expected = torch.nn.functional.layer_norm(state.tokens, state.tokens.shape[-1:], eps=eps) @ projection
+    names = spec.all_names()
+    got = feats[..., names.index("proj_0"): names.index("proj_0") + 5]
+    v = state.valid
+    torch.testing.assert_close(got[v], expected[v].clamp(-FEATURE_BOUND, FEATURE_BOUND), atol=1e-4, rtol=1e-4)
+    assert (got[~v] == 0).all()
+
+
+def test_dense_and_padded_states_give_the_same_features() -> None:
+    """The dense fast path (no masks) equals the masked path on the same all-alive tokens."""
+    from dataclasses import replace
+
+    backbone = adapt(tiny.make("timm-vit-reg4"))
+    spec = FeatureSpec(projection_dim=4)
+    with torch.no_grad():
+        state = backbone.run_blocks(backbone.embed(tiny.inputs("timm-vit-reg4", batch=2)), 0, 1)
+        dense = token_features(backbone, state, 1, make_projection(backbone, spec), spec)
+        masked = token_features(backbone, replace(state, dense=False), 1, make_projection(backbone, spec), spec)
+    assert state.dense
+    torch.testing.assert_close(dense, masked, atol=1e-6, rtol=1e-6)

@@ -108,3 +108,33 @@ def test_sites_are_validated() -> None:
     for bad in ([4], [-1], [2, 1], [1, 1]):
         with pytest.raises(ValueError, match="sites"):
             backbone.forward_pruned(x, bad)
+
+
+@pytest.mark.parametrize("name", ["timm-vit-cls", "timm-deit-distilled", "timm-vit-reg4", "hf-vit-classifier"])
+def test_keep_top_equals_prune_with_the_keep_ratio_rule(name: str) -> None:
+    from policy_prune.scorer import decide
+
+    backbone = adapt(tiny.make(name))
+    with torch.no_grad():
+        state = backbone.run_blocks(backbone.embed(tiny.inputs(name, batch=3)), 0, 1)
+    assert state.dense and state.key_padding_mask() is None
+    n_protected = int(state.protected[0].sum())
+    g = torch.Generator().manual_seed(0)
+    random = torch.randn(state.valid.shape, generator=g)
+    tied = torch.randint(0, 3, state.valid.shape, generator=g).float()  # ties: the earlier slot wins in both
+    for scores in (random, tied, torch.zeros(state.valid.shape)):
+        for ratio in (0.0, 0.3, 1.0):
+            mask_path = state.prune(decide(scores, state, "keep_ratio", ratio))
+            k = int(mask_path.alive_counts[0])
+            static = state.keep_top(scores, k)
+            assert static.dense and not mask_path.dense and k >= n_protected
+            assert torch.equal(static.positions, mask_path.positions) and torch.equal(static.tokens, mask_path.tokens)
+            assert torch.equal(static.protected, mask_path.protected) and bool(static.valid.all())
+
+
+def test_keep_top_refuses_padded_states() -> None:
+    backbone = adapt(tiny.make("hf-bert"))
+    state = backbone.embed(tiny.inputs("hf-bert", batch=3))
+    assert not state.dense  # text rows carry padding
+    with pytest.raises(ValueError, match="dense"):
+        state.keep_top(torch.zeros(state.valid.shape), 2)

@@ -31,6 +31,9 @@ class TokenState:
     """[B, N] long: index of the token in the embedded (unpruned) sequence."""
     n_full: int
     """Token count of the embedded sequence (N before any pruning)."""
+    dense: bool = False
+    """Every slot is known, without reading ``valid``, to be a real alive token (images, static
+    top-k pruning). Dense states skip the padding mask and its device sync: the compile-friendly path."""
 
     @property
     def alive_counts(self) -> torch.Tensor:
@@ -39,7 +42,11 @@ class TokenState:
 
     def key_padding_mask(self) -> torch.Tensor | None:
         """[B, N] bool (True = attend) or None when every slot is a real token (fast path)."""
-        return None if bool(self.valid.all()) else self.valid
+        return None if self.dense or bool(self.valid.all()) else self.valid
+
+    def with_tokens(self, tokens: torch.Tensor) -> TokenState:
+        """The same slots holding new hidden states (after running blocks)."""
+        return replace(self, tokens=tokens)
 
     def prune(self, keep: torch.Tensor) -> TokenState:
         """Keep the tokens where ``keep`` [B, N] is True (protected forced on, dead forced off).
@@ -54,23 +61,99 @@ class TokenState:
             protected=ops.gather_rows(self.protected, index) & valid,
             valid=valid,
             positions=ops.gather_rows(self.positions, index),
+            dense=False,
+        )
+
+    def keep_top(self, scores: torch.Tensor, count: int) -> TokenState:
+        """Keep ``count`` slots of every row: the protected tokens, then the best-scored others.
+
+        Only for dense states whose rows have the same number of protected tokens (images), with
+        ``count`` at least that number. The decisions are those of ``decide(..., "keep_ratio")`` (a
+        stable descending sort: ties go to the earlier slot) and kept tokens stay in their original
+        order, so this equals ``self.prune(decide(...))`` without its count sync; the state stays dense.
+        """
+        if not self.dense:
+            raise ValueError("keep_top needs a dense state (no padding); use prune(keep) instead")
+        ranked = scores.masked_fill(self.protected, float("inf")).argsort(dim=1, descending=True, stable=True)
+        index = ranked[:, :count].sort(dim=1).values
+        return replace(
+            self,
+            tokens=ops.gather_rows(self.tokens, index),
+            protected=ops.gather_rows(self.protected, index),
+            valid=self.valid[:, : index.shape[1]],
+            positions=ops.gather_rows(self.positions, index),
         )
 
 
-def _folded_cls_scores(x: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor | None, wk: torch.Tensor,
-                       heads: torch.Tensor | int) -> torch.Tensor:
-    """CLS-query attention logits [B, H, 1, N] without projecting every key.
+@dataclass(frozen=True)
+class ClsQuery:
+    """A block's attention folded for the one query row of CLS: logits over all keys in two bmm's.
 
-    q_h . (W_k,h x_j + b_k,h) = (W_k,h^T q_h) . x_j + const_h: the key bias adds the same number to a
+    q . (W_k,h y_j + b_k,h) = (W_k,h^T q_h) . y_j + const_h: the key bias adds the same number to a
     head's whole row, which softmax cancels, so one D-vector per head replaces the N x D x A key matmul.
+    A LayerNorm before attention is folded in too (its gain into W_q and W_k, its shift into b_q), so
+    the input is the tokens normalised without affine: the same normalised tokens the features project.
     """
-    b, n, d = x.shape
-    h = int(heads)
-    q = torch.nn.functional.linear(x[:, 0], wq, bq).view(b, h, -1)  # [B, H, hd]
-    # Two plain bmm's (batched over heads, then over rows) rather than einsum: the same products without
-    # einsum's per-call parsing, and no broadcast that would copy the weights or tokens per head or row.
-    u = torch.bmm(q.transpose(0, 1), wk.view(h, -1, d)).transpose(0, 1)  # [B, H, D]
-    return (torch.bmm(u, x.transpose(1, 2)) * q.shape[-1] ** -0.5).unsqueeze(2)  # [B, H, 1, N]
+
+    eps: float | None
+    """The pre-attention LayerNorm's eps; None when attention reads the tokens as they are (post-norm)."""
+    wq: torch.Tensor
+    """[A, D] query weights (gain folded in)."""
+    bq: torch.Tensor
+    """[A] query bias (shift folded in)."""
+    wk: torch.Tensor
+    """[H, head_dim, D] key weights per head (gain and the 1/sqrt(head_dim) scale folded in)."""
+
+    @property
+    def heads(self) -> int:
+        return int(self.wk.shape[0])
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention input this query reads: [B, N, D] tokens, normalised without affine if pre-norm."""
+        return x if self.eps is None else torch.nn.functional.layer_norm(x, x.shape[-1:], eps=self.eps)
+
+    def directions(self, cls_input: torch.Tensor) -> torch.Tensor:
+        """[B, D, H]: per row, the vector each head's CLS-row logit takes a dot product with.
+
+        ``cls_input`` [B, D] is ``normalize(tokens)[:, 0]``; the logits are ``bmm(normalize(tokens), directions)``.
+        """
+        b = cls_input.shape[0]
+        q = torch.nn.functional.linear(cls_input, self.wq, self.bq).view(b, self.heads, -1)  # [B, H, hd]
+        # Batched over heads: no broadcast copies the weights per row.
+        return torch.bmm(q.transpose(0, 1), self.wk).permute(1, 2, 0)  # [H, B, D] -> [B, D, H]
+
+    @staticmethod
+    def fold(norm: nn.Module | None, wq: torch.Tensor, bq: torch.Tensor | None, wk: torch.Tensor,
+             heads: int) -> ClsQuery | None:
+        """From the block's pre-attention norm (nn.LayerNorm or None) and its q / k weights [A, D]."""
+        if norm is not None and not isinstance(norm, nn.LayerNorm):
+            return None  # e.g. RMSNorm: not folded (the generic q / k path serves it)
+        a, d = wq.shape
+        bias = torch.zeros(a, dtype=wq.dtype, device=wq.device) if bq is None else bq.detach()
+        gain = shift = None
+        if norm is not None:
+            gain = norm.weight.detach() if norm.weight is not None else None
+            shift = norm.bias.detach() if norm.bias is not None else None
+        wq_f, wk_f = wq.detach(), wk.detach()
+        if shift is not None:
+            bias = bias + wq_f @ shift
+        if gain is not None:
+            wq_f, wk_f = wq_f * gain, wk_f * gain
+        wk_f = wk_f.reshape(heads, a // heads, d) * (a // heads) ** -0.5
+        eps = None if norm is None else float(norm.eps)
+        return ClsQuery(eps, wq_f, bias, wk_f.contiguous())
+
+
+def cls_row_attention(logits: torch.Tensor, state: TokenState) -> torch.Tensor:
+    """[B, N] attention each slot receives from CLS, averaged over heads, from logits [B, N, H].
+
+    Padded slots take no attention and get 0 (a dense state skips the masking: it has none).
+    """
+    if state.dense:
+        return logits.softmax(dim=1).mean(dim=-1)
+    valid = state.valid
+    attn = logits.masked_fill(~valid.unsqueeze(-1), float("-inf")).softmax(dim=1).nan_to_num(0.0)
+    return attn.mean(dim=-1) * valid
 
 
 KeepFn = Callable[[TokenState, int, int], torch.Tensor]
@@ -117,10 +200,28 @@ class TokenBackbone(ABC, nn.Module):
         cls_only projects only token 0's query (all a CLS row needs: a third of the q/k cost).
         """
 
-    def qk_weights(self, state: TokenState, layer: int) -> tuple[Any, ...] | None:
-        """(attention input [B,N,D], W_q [A,D], b_q [A] or None, W_k [A,D], heads) of block ``layer``,
-        or None where q/k are normalised after projection (then the CLS row cannot be folded)."""
+    def cls_query_parts(self, layer: int) -> tuple[nn.Module | None, torch.Tensor, torch.Tensor | None, torch.Tensor, int] | None:
+        """(pre-attention LayerNorm or None, W_q [A, D], b_q [A] or None, W_k [A, D], heads) of block
+        ``layer``, or None where q/k are normalised after projection (then the CLS row is not folded)."""
         return None
+
+    def cls_query(self, layer: int) -> ClsQuery | None:
+        """Block ``layer``'s folded CLS query (cached; rebuilt when the model's weights change)."""
+        parts = self.cls_query_parts(layer)
+        if parts is None:
+            return None
+        if torch.compiler.is_compiling():  # traced into the graph, where weight folding is constant work
+            return ClsQuery.fold(*parts)
+        norm = parts[0]
+        sources = [t for t in (*parts[1:4], getattr(norm, "weight", None), getattr(norm, "bias", None))
+                   if isinstance(t, torch.Tensor)]
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+        cache: dict[int, tuple[Any, ClsQuery | None]] = self.__dict__.setdefault("_cls_query_cache", {})
+        hit = cache.get(layer)
+        if hit is None or hit[0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # usable inside and outside inference mode
+                hit = cache[layer] = (key, ClsQuery.fold(*parts))
+        return hit[1]
 
     def block_modules(self) -> Sequence[nn.Module]:
         """The transformer blocks as modules (their Linear layers set the features' projection)."""
@@ -160,12 +261,12 @@ class TokenBackbone(ABC, nn.Module):
         for models without a CLS token. Computed from the block's own q/k because fused attention
         never materialises the map. Returns [B, N]; invalid slots get 0.
         """
-        folded = self.qk_weights(state, layer) if query == "cls" else None
+        folded = self.cls_query(layer) if query == "cls" else None
         if folded is not None:
-            scores = _folded_cls_scores(*folded)  # [B, H, 1, N]
-        else:
-            q, k = self.attention_qk(state, layer, cls_only=query == "cls")
-            scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # [B, H, 1 or N, N]
+            y = folded.normalize(state.tokens)
+            return cls_row_attention(torch.bmm(y, folded.directions(y[:, 0])), state)
+        q, k = self.attention_qk(state, layer, cls_only=query == "cls")
+        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # [B, H, 1 or N, N]
         valid = state.valid
         scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
         attn = scores.softmax(dim=-1).nan_to_num(0.0)  # a row with no valid key gives 0, not NaN
@@ -198,14 +299,23 @@ class TokenBackbone(ABC, nn.Module):
 
         Returns (output, final state, per-site alive counts [B]). With keep_fn None nothing is pruned.
         """
+        if keep_fn is None:
+            return self.forward_sites(inputs, sites, lambda state, i, layer: state)
+        return self.forward_sites(inputs, sites, lambda state, i, layer: state.prune(keep_fn(state, i, layer)))
+
+    def forward_sites(
+        self, inputs: Any, sites: Sequence[int], step: Callable[[TokenState, int, int], TokenState]
+    ) -> tuple[torch.Tensor, TokenState, list[torch.Tensor]]:
+        """Run the whole model, replacing the state by ``step(state, site_index, layer)`` before each site.
+
+        Returns (output, final state, per-site alive counts [B]).
+        """
         self.check_sites(sites)
         state = self.embed(inputs)
         counts: list[torch.Tensor] = []
         start = 0
         for i, site in enumerate(sites):
-            state = self.run_blocks(state, start, site)
-            if keep_fn is not None:
-                state = state.prune(keep_fn(state, i, site))
+            state = step(self.run_blocks(state, start, site), i, site)
             counts.append(state.alive_counts)
             start = site
         state = self.run_blocks(state, start, self.depth)

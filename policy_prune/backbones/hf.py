@@ -101,7 +101,7 @@ class HFEncoderBackbone(TokenBackbone):
             valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
             protected = self._special_tokens(inputs, valid)
         positions = torch.arange(n, device=x.device).expand(b, n)
-        return TokenState(x, protected & valid, valid, positions, n)
+        return TokenState(x, protected & valid, valid, positions, n, dense=self.is_vision)
 
     @staticmethod
     def _special_tokens(inputs: Mapping[str, torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
@@ -130,7 +130,7 @@ class HFEncoderBackbone(TokenBackbone):
         for layer in self.layers[start:stop]:
             out = layer(x, mask)
             x = out[0] if isinstance(out, tuple) else out
-        return TokenState(x, state.protected, state.valid, state.positions, state.n_full)
+        return state.with_tokens(x)
 
     def final_hidden(self, state: TokenState) -> torch.Tensor:
         return self.final_norm(state.tokens)
@@ -151,11 +151,10 @@ class HFEncoderBackbone(TokenBackbone):
         k = k_lin(x).view(b, n, heads, -1).transpose(1, 2)
         return q, k
 
-    def qk_weights(self, state: TokenState, layer: int) -> tuple[Any, ...] | None:
-        blk = self.layers[layer]
-        x = blk.layernorm_before(state.tokens) if self.is_vision else state.tokens
+    def cls_query_parts(self, layer: int) -> tuple[Any, ...] | None:
+        norm = self.layers[layer].layernorm_before if self.is_vision else None
         q_lin, k_lin = self._qk[layer]
-        return x, q_lin.weight, q_lin.bias, k_lin.weight, self.heads
+        return norm, q_lin.weight, q_lin.bias, k_lin.weight, self.heads
 
     # ---- sizes and FLOPs -----------------------------------------------------------------------
     def block_modules(self) -> Sequence[nn.Module]:

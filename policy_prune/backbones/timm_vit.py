@@ -48,7 +48,7 @@ class TimmViTBackbone(TokenBackbone):
         positions = torch.arange(n, device=x.device).expand(b, n)
         protected = positions < self.num_prefix
         valid = torch.ones(b, n, dtype=torch.bool, device=x.device)
-        return TokenState(x, protected, valid, positions, n)
+        return TokenState(x, protected, valid, positions, n, dense=True)
 
     def run_blocks(self, state: TokenState, start: int, stop: int) -> TokenState:
         mask = state.key_padding_mask()
@@ -57,7 +57,7 @@ class TimmViTBackbone(TokenBackbone):
         x = state.tokens
         for blk in self.model.blocks[start:stop]:
             x = blk(x) if attn_mask is None else blk(x, attn_mask=attn_mask)
-        return TokenState(x, state.protected, state.valid, state.positions, state.n_full)
+        return state.with_tokens(x)
 
     def final_hidden(self, state: TokenState) -> torch.Tensor:
         return self.model.norm(state.tokens)
@@ -88,14 +88,13 @@ class TimmViTBackbone(TokenBackbone):
         k = k.view(b, n, attn.num_heads, attn.head_dim).transpose(1, 2)
         return attn.q_norm(q), attn.k_norm(k)
 
-    def qk_weights(self, state: TokenState, layer: int) -> tuple[Any, ...] | None:
-        blk = self.model.blocks[layer]
-        attn = blk.attn
+    def cls_query_parts(self, layer: int) -> tuple[Any, ...] | None:
+        attn = self.model.blocks[layer].attn
         if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
             return None
         a = attn.num_heads * attn.head_dim
         w, bias = attn.qkv.weight, attn.qkv.bias
-        return blk.norm1(state.tokens), w[:a], None if bias is None else bias[:a], w[a : 2 * a], attn.num_heads
+        return self.model.blocks[layer].norm1, w[:a], None if bias is None else bias[:a], w[a : 2 * a], attn.num_heads
 
     # ---- sizes and FLOPs -----------------------------------------------------------------------
     def block_modules(self) -> Sequence[nn.Module]:
