@@ -25,7 +25,15 @@ from transformers.utils import ModelOutput
 
 from policy_prune.backbones import HFEncoderBackbone, KeepFn, TokenBackbone, TokenState, adapt
 from policy_prune.errors import UserError
-from policy_prune.scorer import LearnedScorer, TokenScorer, make_keep_fn
+from policy_prune.features import token_layout
+from policy_prune.scorer import (
+    LearnedScorer,
+    TokenScorer,
+    context_rows,
+    keep_count,
+    make_keep_fn,
+    spent_fraction,
+)
 from policy_prune.scorer_io import RULES, check_signature, load_scorer, normalize_rule
 
 TEXT_ARGS = ("input_ids", "attention_mask", "token_type_ids")
@@ -83,9 +91,56 @@ class PrunedModel(nn.Module):
         """A fresh KeepFn for one forward pass (it tracks the pass's compute spent)."""
         return make_keep_fn(self.backbone, self.scorer, self.rule, self.values)
 
+    def step_fn(self, keep_fn: KeepFn | None = None) -> Callable[[TokenState, int, int], TokenState]:
+        """The per-site pruning step of one forward pass (``TokenBackbone.forward_sites``).
+
+        keep_ratio on a dense state (images) takes the static path: a fixed count and context per
+        site, planned once per input size, then top-k and gather (no device sync, fixed shapes:
+        what ``torch.compile`` wants). Everything else goes through the keep mask of ``keep_fn``.
+        Both give the same decisions.
+        """
+        fn = keep_fn or self.keep_fn()
+        static = keep_fn is None and self.rule == "keep_ratio"
+
+        def step(state: TokenState, site_index: int, layer: int) -> TokenState:
+            if static and state.dense:
+                count, context = self._plan(state)[site_index]
+                scores = self.scorer.logits(self.backbone, state, layer, context.expand(state.tokens.shape[0], -1))
+                return state.keep_top(scores, count)
+            return state.prune(fn(state, site_index, layer))
+
+        return step
+
+    def _plan(self, state: TokenState) -> list[tuple[int, torch.Tensor]]:
+        """Per site: (slots kept, context row [1, G]) of the keep_ratio schedule on a dense input.
+
+        Computed with the mask path's own formulas (keep_count, spent_fraction, context_rows) for a
+        row with every token alive, so the static path sees the same context and keeps the same count.
+        """
+        key = (state.n_full, str(state.tokens.device))
+        plans: dict[Any, list[tuple[int, torch.Tensor]]] = self.__dict__.setdefault("_plans", {})
+        if key not in plans:
+            n_protected = token_layout(self.backbone)[0]  # dense states come from images: the prefix tokens
+            n0 = torch.tensor([state.n_full])
+            alive, kept, plan = n0, list[torch.Tensor](), list[tuple[int, torch.Tensor]]()
+            for i, value in enumerate(self._site_values()):
+                spent = spent_fraction(self.backbone, self.sites, n0, kept, state.n_full)
+                context = context_rows(i, len(self.sites), alive.float() / state.n_full, spent, state.tokens.device)
+                alive = keep_count(value, alive - n_protected) + n_protected
+                kept.append(alive)
+                plan.append((int(alive), context))
+            plans[key] = plan
+        return plans[key]
+
+    def _site_values(self) -> list[float]:
+        return [self.values[min(i, len(self.values) - 1)] for i in range(len(self.sites))]
+
     def run(self, inputs: Any, keep_fn: KeepFn | None = None) -> tuple[torch.Tensor, TokenState, list[torch.Tensor]]:
-        """(head output, final state, per-site alive counts [B]) for adapter-style ``inputs``."""
-        return self.backbone.forward_pruned(inputs, self.sites, keep_fn or self.keep_fn())
+        """(head output, final state, per-site alive counts [B]) for adapter-style ``inputs``.
+
+        ``keep_fn`` replaces the scorer's decisions (then every state takes the keep-mask path).
+        """
+        return self.backbone.forward_sites(inputs, self.sites, self.step_fn(keep_fn))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return_dict = kwargs.pop("return_dict", None)
@@ -255,12 +310,17 @@ def bench_pruned_model(
     repeats: int = 9,
     seed: int = 0,
     threads: int | None = None,
+    compile: bool = False,
 ) -> list[dict[str, Any]]:
     """Original model vs ``PrunedModel`` (keep_ratio rule at ~``flops_target`` of the FLOPs), per batch size.
 
     ``model`` is a timm name (random init, no download) or a module; ``scorer`` defaults to random
     weights. Variants are timed interleaved after warm-up; medians are reported. ``scorer_share`` is
-    the median fraction of a pruned forward spent in the scorer (features + context + MLP + rule).
+    the fraction of a pruned forward spent in its pruning steps (features + context + MLP + rule +
+    gather): timed inside the forward in eager mode; with ``compile`` (original and pruned both
+    ``torch.compile``'d, static shapes) it is 1 - t(free)/t(pruned). "free" is the same schedule
+    keeping each site's first tokens without scoring them (compiled too under ``compile``): its
+    speed-up is the most pruning can give at this schedule on this machine.
     ``threads`` sets torch's intra-op threads for the run (restored after): on a shared CPU, fewer
     threads than busy cores avoids OpenMP spin-wait collapse and gives steadier ratios.
     """
@@ -268,13 +328,14 @@ def bench_pruned_model(
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _bench_batches(model, scorer, batch_sizes, sites, flops_target, warmup, repeats, seed)
+        return _bench_batches(model, scorer, batch_sizes, sites, flops_target, warmup, repeats, seed, compile)
     finally:
         torch.set_num_threads(previous)
 
 
 def _bench_batches(model: str | nn.Module, scorer: LearnedScorer | None, batch_sizes: Sequence[int],
-                   sites: Sequence[int], flops_target: float, warmup: int, repeats: int, seed: int) -> list[dict[str, Any]]:
+                   sites: Sequence[int], flops_target: float, warmup: int, repeats: int, seed: int,
+                   compile: bool) -> list[dict[str, Any]]:
     if isinstance(model, str):
         import timm
 
@@ -283,47 +344,73 @@ def _bench_batches(model: str | nn.Module, scorer: LearnedScorer | None, batch_s
     backbone = adapt(model)
     scorer = scorer or random_scorer(backbone, sites, seed)
     gen = torch.Generator().manual_seed(seed)
-    return [_bench_batch(model, backbone, scorer, backbone.example_inputs(b, gen), flops_target, warmup, repeats)
+    return [_bench_batch(model, backbone, scorer, backbone.example_inputs(b, gen), flops_target, warmup, repeats, compile)
             for b in batch_sizes]
 
 
 @torch.inference_mode()
 def _bench_batch(model: nn.Module, backbone: TokenBackbone, scorer: LearnedScorer, x: Any, flops_target: float,
-                 warmup: int, repeats: int) -> dict[str, Any]:
+                 warmup: int, repeats: int, compile: bool) -> dict[str, Any]:
     from policy_prune.bench import time_round_robin
 
     state = backbone.embed(x)
     n = state.n_full
     ratio = keep_ratio_for_flops(backbone, scorer.sites, flops_target, n, int(state.protected[0].sum()))
     pruned = prune(model, scorer, keep_ratio=ratio, strict=False)
-    shares: list[float] = []
-    fns = {"original": _caller(model, x), "pruned": _caller(pruned, x),
-           "pruned_timed": lambda: shares.append(_scorer_share(pruned, x))}
-    t = time_round_robin(fns, warmup, repeats, "cpu")
     kept = [int(c[0]) for c in pruned.run(x)[2]]
+    shares: list[float] = []
+    if compile:
+        torch.compiler.reset()
+        fns = {"original": _caller(torch.compile(model, dynamic=False), x),
+               "pruned": _caller(torch.compile(pruned, dynamic=False), x),
+               "free": _free_schedule(pruned, x, kept, compile=True)}
+    else:
+        fns = {"original": _caller(model, x), "pruned": _caller(pruned, x), "free": _free_schedule(pruned, x, kept),
+               "pruned_timed": lambda: shares.append(_scorer_share(pruned, x))}
+    t = time_round_robin(fns, warmup, repeats, "cpu")
+    share = 1.0 - t["free"] / t["pruned"] if compile else statistics.median(shares[warmup:])
     flops = float(backbone.schedule_flops(scorer.sites, kept, n)) / backbone.full_flops(n)
     return {"batch": int(state.tokens.shape[0]), "sites": list(scorer.sites), "keep_ratio": ratio, "tokens_full": n,
             "tokens_kept": kept, "flops_ratio": flops, "ms_original": 1e3 * t["original"],
-            "ms_pruned": 1e3 * t["pruned"], "speedup": t["original"] / t["pruned"],
-            "scorer_share": statistics.median(shares[warmup:]), "threads": torch.get_num_threads()}
+            "ms_pruned": 1e3 * t["pruned"], "speedup": t["original"] / t["pruned"], "scorer_share": share,
+            "ms_free": 1e3 * t["free"], "speedup_free": t["original"] / t["free"],
+            "share_method": "1 - free/pruned (compiled)" if compile else "timed steps", "compiled": compile,
+            "threads": torch.get_num_threads()}
 
 
-def _caller(model: nn.Module, x: Any) -> Callable[[], Any]:
+def _free_schedule(pruned: PrunedModel, x: Any, kept: Sequence[int], compile: bool = False) -> Callable[[], Any]:
+    """The pruned model's schedule with free decisions: keep each site's first ``kept[i]`` slots (views,
+    no scoring, no gather). Its time is what pruning could give at this schedule with a free scorer."""
+    from dataclasses import replace
+
+    def step(state: TokenState, site_index: int, layer: int) -> TokenState:
+        c = kept[site_index]
+        return replace(state, tokens=state.tokens[:, :c], protected=state.protected[:, :c], valid=state.valid[:, :c],
+                       positions=state.positions[:, :c])
+
+    def forward(inputs: Any) -> torch.Tensor:
+        return pruned.backbone.forward_sites(inputs, pruned.sites, step)[0]
+
+    run = torch.compile(forward, dynamic=False) if compile else forward
+    return lambda: run(x)
+
+
+def _caller(model: Callable[..., Any], x: Any) -> Callable[[], Any]:
     return (lambda: model(**x)) if isinstance(x, dict) else (lambda: model(x))
 
 
 def _scorer_share(pruned: PrunedModel, x: Any) -> float:
-    """Fraction of one pruned forward's wall time spent inside the keep function."""
-    inner = pruned.keep_fn()
+    """Fraction of one pruned forward's wall time spent in its pruning steps (features, scorer, rule, gather)."""
+    inner = pruned.step_fn()
     spent = [0.0]
 
-    def timed(state: TokenState, site_index: int, layer: int) -> torch.Tensor:
+    def timed(state: TokenState, site_index: int, layer: int) -> TokenState:
         t0 = time.perf_counter()
-        keep = inner(state, site_index, layer)
+        out = inner(state, site_index, layer)
         spent[0] += time.perf_counter() - t0
-        return keep
+        return out
 
     t0 = time.perf_counter()
-    pruned.run(x, keep_fn=timed)
+    pruned.backbone.forward_sites(x, pruned.sites, timed)
     total = time.perf_counter() - t0
     return spent[0] / total if total > 0 and math.isfinite(total) else 0.0

@@ -59,11 +59,16 @@ class TokenScorer(nn.Module):
 
 def site_context(state: TokenState, site_index: int, n_sites: int, spent: torch.Tensor) -> torch.Tensor:
     """[B, G] context exactly as the env builds it: site one-hot, alive fraction, compute spent."""
-    b = state.valid.shape[0]
-    ctx = torch.zeros(b, n_sites + 2, device=state.tokens.device)
+    return context_rows(site_index, n_sites, state.alive_counts.float() / state.n_full, spent, state.tokens.device)
+
+
+def context_rows(site_index: int, n_sites: int, alive: torch.Tensor, spent: torch.Tensor,
+                 device: torch.device) -> torch.Tensor:
+    """[B, G] context rows from the [B] alive fractions and [B] compute spent before the site."""
+    ctx = torch.zeros(alive.shape[0], n_sites + 2, device=device)
     ctx[:, site_index] = 1.0
-    ctx[:, -2] = state.alive_counts.float() / state.n_full
-    ctx[:, -1] = spent.float().clamp(0.0, 1.0).to(ctx.device)
+    ctx[:, -2] = alive.to(device)
+    ctx[:, -1] = spent.float().clamp(0.0, 1.0).to(device)
     return ctx
 
 
@@ -104,11 +109,22 @@ class LearnedScorer:
     def scores_in_episode(self, backbone: TokenBackbone, state: TokenState, site_index: int, layer: int,
                           n0: torch.Tensor, kept: Sequence[torch.Tensor]) -> torch.Tensor:
         """Logits [B, N] with the exact compute-spent context of this episode's earlier decisions."""
+        spent = spent_fraction(backbone, self.sites, n0, kept, state.n_full)
+        return self.logits(backbone, state, layer, site_context(state, site_index, len(self.sites), spent))
+
+    def logits(self, backbone: TokenBackbone, state: TokenState, layer: int, context: torch.Tensor) -> torch.Tensor:
+        """Logits [B, N] of the state's slots before block ``layer`` given the [B, G] context rows."""
         if self.projection is None:
             self.projection = make_projection(backbone, self.spec)
-        feats = token_features(backbone, state, layer, self.projection.to(state.tokens.device), self.spec)
-        spent = spent_fraction(backbone, self.sites, n0, kept, state.n_full)
-        return self.net(feats, site_context(state, site_index, len(self.sites), spent))
+        device = state.tokens.device
+        if self.projection.device != device:
+            self.projection = self.projection.to(device)
+        return self.net(token_features(backbone, state, layer, self.projection, self.spec), context)
+
+
+def keep_count(value: float, n_prunable: torch.Tensor) -> torch.Tensor:
+    """How many of ``n_prunable`` [B] tokens the keep_ratio rule keeps at ratio ``value`` (rounded)."""
+    return torch.round(value * n_prunable.float()).long()
 
 
 def decide(scores: torch.Tensor, state: TokenState, rule: str, value: float) -> torch.Tensor:
@@ -123,8 +139,7 @@ def decide(scores: torch.Tensor, state: TokenState, rule: str, value: float) -> 
     if rule == "threshold":
         return (scores > value) & prunable
     if rule == "keep_ratio":
-        n_prunable = prunable.sum(dim=1)
-        k = torch.round(value * n_prunable.float()).long()
+        k = keep_count(value, prunable.sum(dim=1))
         masked = scores.masked_fill(~prunable, float("-inf"))
         order = masked.argsort(dim=1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))

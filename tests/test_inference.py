@@ -199,3 +199,30 @@ def test_load_scorer_is_the_public_loader(tmp_path) -> None:
     model, scorer = _scorer("timm-vit-cls")
     save_scorer(scorer, tmp_path / "s", adapt(model).signature())
     assert load_scorer(tmp_path / "s").sites == SITES
+
+
+@pytest.mark.parametrize("name", ["timm-vit-cls", "hf-vit-classifier"])
+def test_keep_ratio_pruned_model_compiles_as_one_graph(name: str) -> None:
+    """keep_ratio on images is the static path: torch.compile captures it whole (fullgraph, no sync)."""
+    model, scorer = _scorer(name)
+    pruned = prune(model, scorer, keep_ratio=0.5)
+    x = tiny.inputs(name, batch=2, seed=3)
+    torch.compiler.reset()
+    compiled = torch.compile(pruned, fullgraph=True, dynamic=False, backend="aot_eager")
+    with torch.no_grad():
+        expected = _main_output(name, _call(pruned, x))
+        got = _main_output(name, _call(compiled, x))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_speed_benchmark_runs_and_reports_the_free_schedule() -> None:
+    """``bench --what model --compile``: original and pruned compiled (inductor), share from the free schedule."""
+    from policy_prune.inference import bench_pruned_model
+
+    model = tiny.make("timm-vit-cls")
+    rows = bench_pruned_model(model, None, batch_sizes=(2,), sites=(1,), flops_target=0.6, warmup=1, repeats=2,
+                              compile=True)
+    (row,) = rows
+    assert row["compiled"] and row["share_method"].startswith("1 - free")
+    assert row["tokens_kept"][0] < row["tokens_full"] and row["ms_free"] > 0 and row["ms_pruned"] > 0
+    assert row["scorer_share"] == pytest.approx(1 - row["ms_free"] / row["ms_pruned"])
