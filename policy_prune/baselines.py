@@ -20,7 +20,7 @@ Registry (``BASELINES``, string names):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -28,7 +28,7 @@ import torch
 from policy_prune import merge, ops
 from policy_prune.backbones.base import TokenBackbone, TokenState
 from policy_prune.errors import UserError
-from policy_prune.features import token_positions
+from policy_prune.features import position_table
 from policy_prune.scorer import Scorer, make_keep_fn
 
 Output = tuple[torch.Tensor, list[torch.Tensor]]
@@ -130,8 +130,8 @@ class SimilarityScorer:
         score = -redundancy(state.tokens, eligible)
         if self.diversity <= 0:
             return score
-        y, x = token_positions(backbone, state)
-        return diverse_order(score, torch.stack([y, x], dim=-1).float(), eligible, self.diversity)
+        yx = position_table(backbone, state.n_full, state.tokens.device)[state.positions]  # [B, N, 2]
+        return diverse_order(score, yx, eligible, self.diversity)
 
 
 # ---- methods ---------------------------------------------------------------------------------------
@@ -203,7 +203,7 @@ def run_blocks_sized(backbone: TokenBackbone, state: TokenState, size: torch.Ten
     x = state.tokens
     for block in _host_blocks(backbone)[start:stop]:
         x = _call_block(backbone, block, x, bias)
-    return replace(state, tokens=x)
+    return state.with_tokens(x)
 
 
 def _host_blocks(backbone: TokenBackbone) -> Any:
@@ -245,7 +245,7 @@ def merge_tokens(
         if not bool(merged.any()):
             break  # nothing left to pair (one eligible token per row)
         tokens, size = merge.merge_wavg(state.tokens, size, dst)
-        state, size = _pack(replace(state, tokens=tokens), size, state.valid & ~merged)
+        state, size = _pack(state.with_tokens(tokens), size, state.valid & ~merged)
     return state, size
 
 

@@ -166,8 +166,8 @@ def token_features(
     """Features [B, N, F] of the state's current slots before block ``layer``; invalid slots are 0.
 
     Written for few tensor ops (each costs a fixed overhead that dominates small models at batch 1):
-    one layer norm serves the projection and the folded CLS query, one bmm computes both, and one
-    more gives every token's dot product with the CLS token and with the sum of all unit tokens.
+    one bmm sums the unit tokens, and one more gives the projection of the layer-normalised tokens,
+    the CLS row's attention logits and every token's dot product with CLS and with that sum.
     A dense state (no padding) skips every mask and never syncs with the device.
     """
     x = state.tokens
@@ -178,7 +178,8 @@ def token_features(
     layout = token_layout(backbone)
     has_cls = layout[0] > 0 if dense else bool(state.protected[:, 0].all()) and bool((state.positions[:, 0] == 0).all())
     folded = backbone.cls_query(layer) if has_cls else None
-    pre_norm = folded is not None and folded.eps is not None
+    block_eps = folded.eps if folded is not None else None
+    pre_norm = block_eps is not None  # the block normalises before attention
 
     norms = x.norm(dim=-1)  # [B, N]
     inv = 1.0 / norms.clamp_min(1e-12)  # unit token u_i = x_i * inv_i (0 on padded slots)
@@ -192,7 +193,7 @@ def token_features(
     #   std from the norms already taken, so the normalised tokens are never materialised;
     # - the CLS row's attention logits read the block's own normalisation (its eps) when it is
     #   pre-norm, the raw tokens when post-norm; other backbones take the generic q / k path.
-    eps = folded.eps if pre_norm and folded is not None and folded.eps is not None else 1e-5
+    eps = block_eps if block_eps is not None else 1e-5
     proj_w = projection.to(x.dtype).expand(b, d, -1)
     k = proj_w.shape[2]
     cols = [proj_w]
