@@ -236,7 +236,7 @@ def load_learned_scorer(checkpoint: Path, sites: Sequence[int], spec: FeatureSpe
     kwargs = data.get("policy_kwargs", {})
     hidden = [int(h) for h in kwargs.get("scorer_hidden", [64, 64])] if isinstance(kwargs, dict) else [64, 64]
     weights = {k.removeprefix("scorer."): v for k, v in state.items() if k.startswith("scorer.")}
-    in_dim = weights["body.0.weight"].shape[1]
+    in_dim = weights["body.0.weight" if hidden else "out.weight"].shape[1]  # the first layer reads [features | context]
     spec = spec or FeatureSpec()
     net = TokenScorer(spec.dim, in_dim - spec.dim, hidden)
     net.load_state_dict(weights)

@@ -26,6 +26,20 @@ class Scorer(Protocol):
         ...
 
 
+class Tanh(nn.Tanh):
+    """tanh; under torch.compile written as 2 sigmoid(2x) - 1 (the same function, within 2e-7).
+
+    Inductor's CPU code for tanh ran 3.6x slower than eager ATen's (0.92 vs 0.26 ms on [9280, 64]);
+    the sigmoid form compiles to 0.35 ms. At batch 64 the scorer's tanh layers were the largest part
+    of its compiled time on digits-vit.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return 2.0 * torch.sigmoid(2.0 * x) - 1.0
+        return torch.tanh(x)
+
+
 class TokenScorer(nn.Module):
     """The policy's actor: an MLP shared across tokens, [token features | context] -> one keep logit."""
 
@@ -34,7 +48,7 @@ class TokenScorer(nn.Module):
         dims = [feature_dim + context_dim, *hidden]
         layers: list[nn.Module] = []
         for a, b in zip(dims[:-1], dims[1:], strict=True):
-            layers += [nn.Linear(a, b), nn.Tanh()]
+            layers += [nn.Linear(a, b), Tanh()]
         self.body = nn.Sequential(*layers)
         self.out = nn.Linear(dims[-1], 1)
         # Start near keep-all (sigmoid(3) = 0.95): early episodes stay accurate and pruning is learned.
@@ -50,11 +64,13 @@ class TokenScorer(nn.Module):
         The first layer sees [token | context]; its context half is applied once per row and broadcast
         over the tokens (the same weights and result as concatenating, without an [B, N, G] copy).
         """
-        first: nn.Linear = self.body[0]  # type: ignore[assignment]
+        first: nn.Linear = self.body[0] if len(self.body) else self.out  # type: ignore[assignment]
         w_tok, w_ctx = first.weight[:, : self.feature_dim], first.weight[:, self.feature_dim :]
         row = torch.nn.functional.linear(context, w_ctx, first.bias).unsqueeze(1)  # [B, 1, H]
-        h = self.body[1:](torch.nn.functional.linear(tokens, w_tok) + row)
-        return self.out(h).squeeze(-1)
+        h = torch.nn.functional.linear(tokens, w_tok) + row
+        if len(self.body):  # hidden layers; with none the scorer is linear in its features
+            h = self.out(self.body[1:](h))
+        return h.squeeze(-1)
 
 
 def site_context(state: TokenState, site_index: int, n_sites: int, spent: torch.Tensor) -> torch.Tensor:

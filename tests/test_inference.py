@@ -226,3 +226,15 @@ def test_compiled_speed_benchmark_runs_and_reports_the_free_schedule() -> None:
     assert row["compiled"] and row["share_method"].startswith("1 - free")
     assert row["tokens_kept"][0] < row["tokens_full"] and row["ms_free"] > 0 and row["ms_pruned"] > 0
     assert row["scorer_share"] == pytest.approx(1 - row["ms_free"] / row["ms_pruned"])
+
+
+def test_scorer_tanh_is_exact_eager_and_the_sigmoid_form_compiled() -> None:
+    """Tanh: torch.tanh as called; under torch.compile 2 sigmoid(2x) - 1 (inductor's CPU tanh is slow)."""
+    from policy_prune.scorer import Tanh
+
+    x = torch.linspace(-20, 20, 4001)
+    assert torch.equal(Tanh()(x), torch.tanh(x))
+    torch.compiler.reset()
+    got = torch.compile(Tanh(), backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(got, torch.tanh(x), rtol=0, atol=3e-7)
+    assert not torch.equal(got, torch.tanh(x))  # the compiled branch ran

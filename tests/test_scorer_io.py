@@ -253,3 +253,27 @@ def test_torch_export_fallback_when_onnx_fails(tmp_path, vit, monkeypatch) -> No
     for b, n in ((1, 7), (3, 11)):
         tokens, context = torch.randn(b, n, scorer.net.feature_dim), torch.rand(b, scorer.net.context_dim)
         torch.testing.assert_close(program(tokens, context), scorer.net(tokens, context), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("hidden", [[], [16]])
+def test_any_scorer_depth_round_trips(tmp_path, vit, hidden: list[int]) -> None:
+    """Narrow and linear scorers (no hidden layer) save, load and score like the one that was saved."""
+    model, backbone = vit
+    scorer = random_scorer(backbone, SITES, seed=2, hidden=hidden)
+    loaded = load_scorer(save_scorer(scorer, tmp_path / "s", backbone.signature()))
+    assert loaded.net.hidden == hidden
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        state = backbone.run_blocks(backbone.embed(x), 0, SITES[0])
+        context = torch.rand(3, len(SITES) + 2)
+        got = loaded.logits(backbone, state, SITES[0], context)
+        want = scorer.logits(backbone, state, SITES[0], context)
+        if not hidden:  # linear: the logits are one affine map of [features | context]
+            from policy_prune.features import token_features
+
+            feats = token_features(backbone, state, SITES[0], scorer.projection, scorer.spec)
+            full = torch.cat([feats, context.unsqueeze(1).expand(-1, feats.shape[1], -1)], dim=-1)
+            torch.testing.assert_close(got, scorer.net.out(full).squeeze(-1))
+    assert got.shape == state.tokens.shape[:2] and got.std() > 0
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.equal(prune(model, loaded, keep_ratio=0.5)(x), prune(model, scorer, keep_ratio=0.5)(x))
