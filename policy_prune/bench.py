@@ -37,8 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--compile", action="store_true",
-                   help="--what model: time torch.compile'd original and pruned models (inductor, static shapes)")
+    p.add_argument("--compile", nargs="?", const="", default=None, metavar="OPTIONS",
+                   help="--what model: time torch.compile'd original and pruned models (inductor, static shapes); "
+                        "OPTIONS: inductor options for both, comma-separated, e.g. freezing,cpp_wrapper (CPU "
+                        "inference) or max_autotune=true")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write the measurements as JSON here")
@@ -262,6 +264,7 @@ def bench_model(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Original model vs PrunedModel (load_scorer + prune, keep_ratio at ``--flops``), per batch size."""
     from policy_prune.inference import bench_pruned_model
 
+    options = None if args.compile is None else compile_options(args.compile)  # a typo fails before any loading
     scorer = None
     if args.scorer is not None:
         from policy_prune.scorer_io import load_scorer
@@ -279,7 +282,24 @@ def bench_model(args: argparse.Namespace) -> list[dict[str, Any]]:
         model = load_backbone(args.model).model
     sites = scorer.sites if scorer is not None else args.sites
     return bench_pruned_model(model, scorer, args.batch, sites, args.flops, args.warmup, args.repeats, args.seed,
-                              args.threads, compile=args.compile)
+                              args.threads, compile=options is not None, compile_options=options)
+
+
+def compile_options(text: str) -> dict[str, Any]:
+    """Inductor options from ``name[=value],...`` (a bare name is True; values are read as YAML scalars)."""
+    import yaml
+    from torch._inductor import list_options
+
+    from policy_prune.config import ConfigError
+
+    known = set(list_options())
+    options: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, raw = item.partition("=")
+        if name not in known:
+            raise ConfigError(f"--compile: {name!r} is not an inductor option (see torch._inductor.list_options())")
+        options[name] = yaml.safe_load(raw) if raw else True
+    return options
 
 
 def print_model(args: argparse.Namespace, console: Any) -> list[dict[str, Any]]:
@@ -287,7 +307,7 @@ def print_model(args: argparse.Namespace, console: Any) -> list[dict[str, Any]]:
 
     rows = bench_model(args)
     source = args.scorer or "random scorer"
-    mode = "torch.compile'd, " if args.compile else ""
+    mode = "" if args.compile is None else f"torch.compile'd{' with ' + args.compile if args.compile else ''}, "
     table = Table(title=f"{args.model}: original vs PrunedModel ({mode}{source}, median of {args.repeats}, "
                         f"{rows[0]['threads'] if rows else '?'} threads)")
     for col in ("batch", "sites", "tokens kept", "FLOPs ratio", "original ms", "pruned ms", "speed-up", "scorer share",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -311,6 +311,7 @@ def bench_pruned_model(
     seed: int = 0,
     threads: int | None = None,
     compile: bool = False,
+    compile_options: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Original model vs ``PrunedModel`` (keep_ratio rule at ~``flops_target`` of the FLOPs), per batch size.
 
@@ -320,7 +321,8 @@ def bench_pruned_model(
     gather): timed inside the forward in eager mode; with ``compile`` (original and pruned both
     ``torch.compile``'d, static shapes) it is 1 - t(free)/t(pruned). "free" is the same schedule
     keeping each site's first tokens without scoring them (compiled too under ``compile``): its
-    speed-up is the most pruning can give at this schedule on this machine.
+    speed-up is the most pruning can give at this schedule on this machine. ``compile_options`` are
+    inductor options set while all three compile and run (e.g. ``{"freezing": True, "cpp_wrapper": True}``).
     ``threads`` sets torch's intra-op threads for the run (restored after): on a shared CPU, fewer
     threads than busy cores avoids OpenMP spin-wait collapse and gives steadier ratios.
     """
@@ -328,14 +330,15 @@ def bench_pruned_model(
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _bench_batches(model, scorer, batch_sizes, sites, flops_target, warmup, repeats, seed, compile)
+        options = dict(compile_options or {}) if compile else None
+        return _bench_batches(model, scorer, batch_sizes, sites, flops_target, warmup, repeats, seed, options)
     finally:
         torch.set_num_threads(previous)
 
 
 def _bench_batches(model: str | nn.Module, scorer: LearnedScorer | None, batch_sizes: Sequence[int],
                    sites: Sequence[int], flops_target: float, warmup: int, repeats: int, seed: int,
-                   compile: bool) -> list[dict[str, Any]]:
+                   options: dict[str, Any] | None) -> list[dict[str, Any]]:
     if isinstance(model, str):
         import timm
 
@@ -344,13 +347,14 @@ def _bench_batches(model: str | nn.Module, scorer: LearnedScorer | None, batch_s
     backbone = adapt(model)
     scorer = scorer or random_scorer(backbone, sites, seed)
     gen = torch.Generator().manual_seed(seed)
-    return [_bench_batch(model, backbone, scorer, backbone.example_inputs(b, gen), flops_target, warmup, repeats, compile)
+    return [_bench_batch(model, backbone, scorer, backbone.example_inputs(b, gen), flops_target, warmup, repeats, options)
             for b in batch_sizes]
 
 
 @torch.inference_mode()
 def _bench_batch(model: nn.Module, backbone: TokenBackbone, scorer: LearnedScorer, x: Any, flops_target: float,
-                 warmup: int, repeats: int, compile: bool) -> dict[str, Any]:
+                 warmup: int, repeats: int, options: dict[str, Any] | None) -> dict[str, Any]:
+    """One batch size; ``options`` None = eager, else the inductor options of torch.compile (may be empty)."""
     from policy_prune.bench import time_round_robin
 
     state = backbone.embed(x)
@@ -359,6 +363,7 @@ def _bench_batch(model: nn.Module, backbone: TokenBackbone, scorer: LearnedScore
     pruned = prune(model, scorer, keep_ratio=ratio, strict=False)
     kept = [int(c[0]) for c in pruned.run(x)[2]]
     shares: list[float] = []
+    compile = options is not None
     if compile:
         torch.compiler.reset()
         fns = {"original": _caller(torch.compile(model, dynamic=False), x),
@@ -367,7 +372,12 @@ def _bench_batch(model: nn.Module, backbone: TokenBackbone, scorer: LearnedScore
     else:
         fns = {"original": _caller(model, x), "pruned": _caller(pruned, x), "free": _free_schedule(pruned, x, kept),
                "pruned_timed": lambda: shares.append(_scorer_share(pruned, x))}
-    t = time_round_robin(fns, warmup, repeats, "cpu")
+    # Set globally while compiling and running, not as torch.compile(options=...): Dynamo reads some of
+    # them (freezing) from the global config, so per-call options were silently ignored.
+    from torch._inductor import config as inductor_config
+
+    with inductor_config.patch(options or {}):
+        t = time_round_robin(fns, warmup, repeats, "cpu")
     share = 1.0 - t["free"] / t["pruned"] if compile else statistics.median(shares[warmup:])
     flops = float(backbone.schedule_flops(scorer.sites, kept, n)) / backbone.full_flops(n)
     return {"batch": int(state.tokens.shape[0]), "sites": list(scorer.sites), "keep_ratio": ratio, "tokens_full": n,
@@ -375,7 +385,7 @@ def _bench_batch(model: nn.Module, backbone: TokenBackbone, scorer: LearnedScore
             "ms_pruned": 1e3 * t["pruned"], "speedup": t["original"] / t["pruned"], "scorer_share": share,
             "ms_free": 1e3 * t["free"], "speedup_free": t["original"] / t["free"],
             "share_method": "1 - free/pruned (compiled)" if compile else "timed steps", "compiled": compile,
-            "threads": torch.get_num_threads()}
+            "compile_options": options, "threads": torch.get_num_threads()}
 
 
 def _free_schedule(pruned: PrunedModel, x: Any, kept: Sequence[int], compile: bool = False) -> Callable[[], Any]:

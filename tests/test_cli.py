@@ -46,6 +46,17 @@ def test_console_script_user_error_is_one_line(tmp_path) -> None:
     assert len(lines) == 1 and "unknown backbone" in lines[0] and "Traceback" not in proc.stderr
 
 
+def test_bench_compile_options_are_parsed_and_checked(capsys) -> None:
+    from policy_prune.bench import compile_options
+
+    assert compile_options("") == {}
+    assert compile_options("freezing, cpp_wrapper=false,max_autotune_gemm_backends=CPP") == {
+        "freezing": True, "cpp_wrapper": False, "max_autotune_gemm_backends": "CPP"}
+    assert main(["bench", "--what", "model", "--model", "digits-vit", "--compile", "freezing,no_such_knob"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'no_such_knob' is not an inductor option" in err[0]
+
+
 def test_bench_flops_agreement(tmp_path) -> None:
     tiny.make("hf-bert").save_pretrained(tmp_path / "bert")
     out = tmp_path / "bench.json"

@@ -221,9 +221,9 @@ def test_compiled_speed_benchmark_runs_and_reports_the_free_schedule() -> None:
 
     model = tiny.make("timm-vit-cls")
     rows = bench_pruned_model(model, None, batch_sizes=(2,), sites=(1,), flops_target=0.6, warmup=1, repeats=2,
-                              compile=True)
+                              compile=True, compile_options={"freezing": True})
     (row,) = rows
-    assert row["compiled"] and row["share_method"].startswith("1 - free")
+    assert row["compiled"] and row["share_method"].startswith("1 - free") and row["compile_options"] == {"freezing": True}
     assert row["tokens_kept"][0] < row["tokens_full"] and row["ms_free"] > 0 and row["ms_pruned"] > 0
     assert row["scorer_share"] == pytest.approx(1 - row["ms_free"] / row["ms_pruned"])
 
