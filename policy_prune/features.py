@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from policy_prune import ops
 from policy_prune.backbones.base import TokenBackbone, TokenState, cls_row_attention
 
 FEATURE_VERSION = 3
@@ -141,8 +142,7 @@ def local_mean(state: TokenState, value: torch.Tensor, layout: tuple[int, tuple[
         pooled = torch.nn.functional.avg_pool2d(nchw, 3, 1, 1, count_include_pad=True).permute(0, 2, 3, 1).reshape(b, cells, c)
     else:
         pooled = torch.nn.functional.avg_pool1d(canvas.transpose(1, 2), 3, 1, 1, count_include_pad=True).transpose(1, 2)
-    rows = torch.arange(b, device=value.device).unsqueeze(1)
-    return pooled[rows, slot] * inside.unsqueeze(-1)
+    return ops.gather_rows(pooled, slot) * inside.unsqueeze(-1)
 
 
 def position_table(backbone: TokenBackbone, n_full: int, device: torch.device) -> torch.Tensor:
@@ -198,8 +198,7 @@ def token_features(
     k = proj_w.shape[2]
     cols = [proj_w]
     if folded is not None:
-        cls_in = torch.nn.functional.layer_norm(x[:, 0], (d,), eps=eps) if pre_norm else x[:, 0]
-        cols.append(folded.directions(cls_in))
+        cols.append(folded.directions(folded.normalize(x[:, 0])))
     normed = sum(c.shape[2] for c in cols)  # columns read through the layer norm (or raw, post-norm)
     cols += [anchor.transpose(1, 2), unit_sum.transpose(1, 2), x.new_ones(b, d, 1)]
     m = torch.cat(cols, dim=2)

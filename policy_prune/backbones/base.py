@@ -267,15 +267,13 @@ class TokenBackbone(ABC, nn.Module):
             return cls_row_attention(torch.bmm(y, folded.directions(y[:, 0])), state)
         q, k = self.attention_qk(state, layer, cls_only=query == "cls")
         scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # [B, H, 1 or N, N]
+        if query == "cls":
+            return cls_row_attention(scores[:, :, 0].transpose(1, 2), state)
         valid = state.valid
         scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
         attn = scores.softmax(dim=-1).nan_to_num(0.0)  # a row with no valid key gives 0, not NaN
-        if query == "cls":
-            row = attn[:, :, 0]
-        else:
-            w = valid[:, None, :, None].to(attn.dtype)
-            row = (attn * w).sum(dim=2) / w.sum(dim=2).clamp_min(1.0)
-        return row.mean(dim=1) * valid
+        w = valid[:, None, :, None].to(attn.dtype)
+        return ((attn * w).sum(dim=2) / w.sum(dim=2).clamp_min(1.0)).mean(dim=1) * valid
 
     def block_flops(self, n_tokens: int | torch.Tensor) -> torch.Tensor | int:
         """Matmul FLOPs of one block on ``n_tokens`` tokens."""
