@@ -14,10 +14,10 @@ from policy_prune.errors import UserError
 # verb -> (module, one-line help). Verb modules keep heavy imports inside run().
 VERBS: dict[str, tuple[str, str]] = {
     "info": ("policy_prune.info", "show versions, shipped presets and backbone adapters (proves the install)"),
-    "pretrain": ("policy_prune.pretrain", "fit and cache the embedded default backbone of an env"),
-    "train": ("policy_prune.train", "train a token-pruning policy (default: digits-vit + ppo)"),
-    "bench": ("policy_prune.bench", "measure wall-clock speed of pruned vs original execution"),
-    "eval": ("policy_prune.evaluate", "Pareto of a learned scorer vs baselines at equal FLOPs"),
+    "pretrain": ("policy_prune.training.pretrain", "fit and cache the embedded default backbone of an env"),
+    "train": ("policy_prune.training.train", "train a token-pruning policy (default: digits-vit + ppo)"),
+    "bench": ("policy_prune.evaluation.bench", "measure wall-clock speed of pruned vs original execution"),
+    "eval": ("policy_prune.evaluation.evaluate", "Pareto of a learned scorer vs baselines at equal FLOPs"),
     "export": ("policy_prune.export", "export a run's scorer (safetensors + JSON, optional ONNX)"),
 }
 

@@ -112,7 +112,7 @@ class AgentConfig:
     credit: str = "step"
     """"step": SB3's own update, one advantage per step shared by all its token decisions; "token"
     (ppo only): each token decision gets its own advantage, the other tokens' predicted contributions
-    taken out by a per-token critic head (policy_prune.token_ppo)."""
+    taken out by a per-token critic head (policy_prune.training.token_ppo)."""
 
 
 T = TypeVar("T")

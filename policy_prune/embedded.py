@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from policy_prune.backbones import TokenBackbone
 from policy_prune.config import BackboneConfig, EnvConfig
+from policy_prune.core.backbones import TokenBackbone
 from policy_prune.errors import UserError
 
 MINILM_SPECS = ("minilm", "all-MiniLM-L6-v2")
@@ -32,7 +32,7 @@ def load_minilm(cfg: BackboneConfig) -> tuple[TokenBackbone, Any]:
     """Frozen all-MiniLM-L6-v2 (mean pooling unless ``cfg.pooling``) and its tokenizer, from local files."""
     from transformers import AutoModel, AutoTokenizer
 
-    from policy_prune.backbones import HFEncoderBackbone
+    from policy_prune.core.backbones import HFEncoderBackbone
 
     path = minilm_path()
     # local_files_only: the folder is complete; never fall back to the hub.
@@ -44,7 +44,7 @@ def load_minilm(cfg: BackboneConfig) -> tuple[TokenBackbone, Any]:
 
 def _tokenizer_for(backbone: TokenBackbone, spec: str) -> Any:
     """The tokenizer stored with an HF text encoder (same id or folder), None for vision models."""
-    from policy_prune.backbones import HFEncoderBackbone
+    from policy_prune.core.backbones import HFEncoderBackbone
 
     if not isinstance(backbone, HFEncoderBackbone) or backbone.is_vision:
         return None
@@ -61,7 +61,7 @@ def resolve_backbone(env_cfg: EnvConfig, console: Any = None) -> tuple[TokenBack
     """
     cfg = env_cfg.backbone
     if cfg.spec == "digits-vit":
-        from policy_prune.pretrain import pretrain
+        from policy_prune.training.pretrain import pretrain
 
         result = pretrain(env_cfg, console=console)
         if not result.cached and console is not None:
@@ -73,7 +73,7 @@ def resolve_backbone(env_cfg: EnvConfig, console: Any = None) -> tuple[TokenBack
 
 
 def _load_user_backbone(cfg: BackboneConfig) -> tuple[TokenBackbone, Any]:
-    from policy_prune.backbones import load_backbone
+    from policy_prune.core.backbones import load_backbone
 
     extra = {} if cfg.pooling is None else {"pooling": cfg.pooling}
     try:
@@ -83,3 +83,12 @@ def _load_user_backbone(cfg: BackboneConfig) -> tuple[TokenBackbone, Any]:
         # A wrong name, folder or kwarg in the preset: one line, not a traceback.
         raise UserError(f"cannot load backbone {cfg.spec!r}: {str(exc).splitlines()[0]}") from None
     return backbone, tokenizer
+
+
+def resolve(env_cfg: EnvConfig, seed: int = 0, device: str = "cpu", console: Any = None) -> tuple[Any, dict[str, Any]]:
+    """The frozen backbone (pretrained first if it is the embedded default) and its train/val/test splits."""
+    from policy_prune.data import load_splits
+
+    backbone, tokenizer = resolve_backbone(env_cfg, console=console)
+    splits = load_splits(env_cfg, seed=seed, backbone=backbone, tokenizer=tokenizer)
+    return backbone.to(device), splits

@@ -1,9 +1,9 @@
 """``policy-prune export RUN_DIR``: a run's trained scorer as a standalone artifact (+ optional ONNX).
 
-The artifact (see ``scorer_io``) is what ``policy_prune.load_scorer`` reads; ``--onnx`` adds
+The artifact (see ``core.artifact``) is what ``policy_prune.load_scorer`` reads; ``--onnx`` adds
 ``scorer.onnx``: the TokenScorer MLP alone (tokens [B, N, F] + context [B, G] -> logits [B, N], with
 dynamic batch and token dimensions), checked against torch with onnxruntime. Token features are still
-computed by ``policy_prune.features`` (they need the backbone's own q/k).
+computed by ``policy_prune.core.features`` (they need the backbone's own q/k).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
+from policy_prune.core.artifact import EXPORT_FILE, META_FILE, ONNX_FILE, save_scorer
+from policy_prune.core.scorer import LearnedScorer, TokenScorer
 from policy_prune.errors import UserError
-from policy_prune.scorer import LearnedScorer, TokenScorer
-from policy_prune.scorer_io import EXPORT_FILE, META_FILE, ONNX_FILE, save_scorer
 
 Log = Callable[[str], None]
 
@@ -159,7 +159,7 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
 
 def read_run_scorer(run_dir: Path, config: Mapping[str, Any], checkpoint: str) -> LearnedScorer:
     """The actor of the run's SB3 checkpoint as a LearnedScorer (read without unpickling)."""
-    from policy_prune.policy import load_learned_scorer
+    from policy_prune.training.policy import load_learned_scorer
 
     sites = _lookup(config, ("env", "sites"), ("sites",))
     if not isinstance(sites, list) or not sites:

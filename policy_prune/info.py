@@ -14,8 +14,8 @@ def self_check(seed: int) -> tuple[float, float]:
     import torch
     from timm.models.vision_transformer import VisionTransformer
 
-    from policy_prune.backbones import adapt
-    from policy_prune.bench import random_keep_fn
+    from policy_prune.core.backbones import adapt
+    from policy_prune.evaluation.bench import random_keep_fn
 
     torch.manual_seed(seed)
     model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3).eval()
@@ -38,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from policy_prune import __version__
-    from policy_prune.backbones import BACKBONES
     from policy_prune.config import preset_names
+    from policy_prune.core.backbones import BACKBONES
 
     table = Table(title=f"policy-prune {__version__}", show_header=False)
     for name, mod in (("torch", torch), ("timm", timm), ("transformers", transformers),

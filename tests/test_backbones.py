@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from policy_prune.backbones import HFEncoderBackbone, TimmViTBackbone, adapt, load_backbone
+from policy_prune.core.backbones import HFEncoderBackbone, TimmViTBackbone, adapt, load_backbone
 from policy_prune.errors import UserError
 from tests import tiny
 

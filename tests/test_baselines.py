@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from policy_prune.backbones import adapt
-from policy_prune.baselines import (
+from policy_prune.core.backbones import adapt
+from policy_prune.errors import UserError
+from policy_prune.evaluation.baselines import (
     BASELINES,
     BaselineOptions,
     SimilarityScorer,
@@ -14,7 +15,6 @@ from policy_prune.baselines import (
     make_baseline,
     redundancy,
 )
-from policy_prune.errors import UserError
 from tests import tiny
 
 FAMILIES = ["timm-vit-cls", "timm-vit-reg-gap", "timm-deit-distilled", "hf-bert", "hf-vit-classifier"]

@@ -47,7 +47,7 @@ def test_console_script_user_error_is_one_line(tmp_path) -> None:
 
 
 def test_bench_compile_options_are_parsed_and_checked(capsys) -> None:
-    from policy_prune.bench import compile_options
+    from policy_prune.evaluation.bench import compile_options
 
     assert compile_options("") == {}
     assert compile_options("freezing, cpp_wrapper=false,max_autotune_gemm_backends=CPP") == {
@@ -67,9 +67,9 @@ def test_bench_flops_agreement(tmp_path) -> None:
 
 
 def test_bench_pruned_model_with_saved_and_random_scorer(tmp_path) -> None:
-    from policy_prune.backbones import load_backbone
-    from policy_prune.inference import random_scorer
-    from policy_prune.scorer_io import save_scorer
+    from policy_prune.core.artifact import save_scorer
+    from policy_prune.core.backbones import load_backbone
+    from policy_prune.core.scorer import random_scorer
 
     tiny.make("hf-bert").save_pretrained(tmp_path / "bert")
     backbone = load_backbone(str(tmp_path / "bert"))

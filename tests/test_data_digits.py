@@ -151,6 +151,6 @@ def test_split_select_on_tensors_and_dicts() -> None:
 
 
 def tiny_backbone():
-    from policy_prune.backbones import adapt
+    from policy_prune.core.backbones import adapt
 
     return adapt(tiny.make("timm-vit-cls"))

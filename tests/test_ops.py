@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from policy_prune import ops
+from policy_prune.core import ops
 
 
 def test_normalize_keep_forces_contract() -> None:

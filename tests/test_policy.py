@@ -7,10 +7,10 @@ import pytest
 import torch
 from stable_baselines3 import A2C, PPO
 
-from policy_prune.backbones import adapt
-from policy_prune.env import PruneVecEnv
-from policy_prune.policy import MaskedBernoulli, TokenScorerPolicy, load_learned_scorer
-from policy_prune.scorer import make_keep_fn
+from policy_prune.core.backbones import adapt
+from policy_prune.core.scorer import make_keep_fn
+from policy_prune.training.env import PruneVecEnv
+from policy_prune.training.policy import MaskedBernoulli, TokenScorerPolicy, load_learned_scorer
 from tests import tiny
 
 SITES = [1, 2]

@@ -11,11 +11,11 @@ import torch
 from rich.console import Console
 
 from policy_prune import cli
-from policy_prune.backbones import TimmViTBackbone
 from policy_prune.config import BackboneConfig, DataConfig, EnvConfig, load_env_config
+from policy_prune.core.backbones import TimmViTBackbone
 from policy_prune.embedded import resolve_backbone
 from policy_prune.errors import UserError
-from policy_prune.pretrain import META, WEIGHTS, cache_root, load_cached, lr_factor, pretrain
+from policy_prune.training.pretrain import META, WEIGHTS, cache_root, load_cached, lr_factor, pretrain
 
 TINY_MODEL = {"embed_dim": 16, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0, "patch_size": 8}
 TINY_TRAIN = {"epochs": 1, "batch_size": 16, "max_train": 48, "max_eval": 24, "warmup_steps": 1}
@@ -109,7 +109,7 @@ def test_bad_settings_are_user_errors(cache) -> None:
 
 def test_context_curriculum_masks() -> None:
     from policy_prune.data.digits import parse_options
-    from policy_prune.pretrain import PretrainConfig, context_fraction, context_keep, digit_tokens
+    from policy_prune.training.pretrain import PretrainConfig, context_fraction, context_keep, digit_tokens
 
     opts = parse_options({"canvas": 48, "digit_size": 12, "snap": 4})
     blocks = digit_tokens(np.array([[0, 0], [36, 8]]), opts, patch=4)  # (x, y) corners
@@ -163,7 +163,7 @@ def test_default_digits_vit_reaches_90_percent(cache) -> None:
 
 
 def test_run_seed_does_not_refit_the_backbone(cache) -> None:
-    from policy_prune.factory import resolve
+    from policy_prune.embedded import resolve
 
     a, _ = resolve(tiny_env(), seed=0)
     b, _ = resolve(tiny_env(), seed=7)  # another RL seed: the same cached backbone

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from policy_prune.backbones import adapt
+from policy_prune.core.backbones import adapt
 from tests import tiny
 
 
@@ -112,7 +112,7 @@ def test_sites_are_validated() -> None:
 
 @pytest.mark.parametrize("name", ["timm-vit-cls", "timm-deit-distilled", "timm-vit-reg4", "hf-vit-classifier"])
 def test_keep_top_equals_prune_with_the_keep_ratio_rule(name: str) -> None:
-    from policy_prune.scorer import decide
+    from policy_prune.core.scorer import decide
 
     backbone = adapt(tiny.make(name))
     with torch.no_grad():

@@ -12,9 +12,9 @@ from gymnasium import spaces
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv
 
 from policy_prune.cli import main
-from policy_prune.features import FeatureSpec
-from policy_prune.policy import PROTECTED_COLUMN, TokenScorerPolicy
-from policy_prune.token_ppo import TokenCreditPPO, token_advantages
+from policy_prune.core.features import FeatureSpec
+from policy_prune.training.policy import PROTECTED_COLUMN, TokenScorerPolicy
+from policy_prune.training.token_ppo import TokenCreditPPO, token_advantages
 from tests.test_train import _train_args, presets  # noqa: F401  (pytest fixture)
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from policy_prune.policy import PROTECTED_COLUMN
+from policy_prune.training.policy import PROTECTED_COLUMN
 
 PolicyFn = Callable[[dict[str, np.ndarray], int], np.ndarray]
 """(observation batch, site index) -> keep actions [B, N]."""
@@ -46,7 +46,7 @@ def evaluate_policy_split(
     lam: float | None = None,
 ) -> dict[str, Any]:
     """Mean episode metrics of ``policy`` over the first ``n_samples`` samples of ``split`` (each once)."""
-    from policy_prune.factory import make_vec_env
+    from policy_prune.training.factory import make_vec_env
 
     n_samples = min(n_samples, len(split))
     n_envs = min(batch, n_samples)

@@ -14,12 +14,7 @@ import torch
 import yaml
 
 from policy_prune import export
-from policy_prune.backbones import adapt
-from policy_prune.errors import UserError
-from policy_prune.export import export_scorer, validation_metrics
-from policy_prune.inference import prune, random_scorer
-from policy_prune.scorer import make_keep_fn
-from policy_prune.scorer_io import (
+from policy_prune.core.artifact import (
     META_FILE,
     WEIGHTS_FILE,
     ScorerFileError,
@@ -27,6 +22,11 @@ from policy_prune.scorer_io import (
     load_scorer,
     save_scorer,
 )
+from policy_prune.core.backbones import adapt
+from policy_prune.core.inference import prune
+from policy_prune.core.scorer import make_keep_fn, random_scorer
+from policy_prune.errors import UserError
+from policy_prune.export import export_scorer, validation_metrics
 from tests import tiny
 
 SITES = [1, 2]
@@ -210,7 +210,7 @@ def _export_verb(argv: list[str]) -> int:
 
 
 def test_export_verb_on_a_run_folder(tmp_path) -> None:
-    pytest.importorskip("policy_prune.policy").load_learned_scorer  # noqa: B018
+    pytest.importorskip("policy_prune.training.policy").load_learned_scorer  # noqa: B018
     model = tiny.make("hf-bert")
     model.save_pretrained(tmp_path / "bert")
     backbone = adapt(model)
@@ -269,7 +269,7 @@ def test_any_scorer_depth_round_trips(tmp_path, vit, hidden: list[int]) -> None:
         got = loaded.logits(backbone, state, SITES[0], context)
         want = scorer.logits(backbone, state, SITES[0], context)
         if not hidden:  # linear: the logits are one affine map of [features | context]
-            from policy_prune.features import token_features
+            from policy_prune.core.features import token_features
 
             feats = token_features(backbone, state, SITES[0], scorer.projection, scorer.spec)
             full = torch.cat([feats, context.unsqueeze(1).expand(-1, feats.shape[1], -1)], dim=-1)

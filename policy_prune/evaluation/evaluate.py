@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
-from policy_prune import ops
-from policy_prune.backbones.base import TokenBackbone
-from policy_prune.baselines import BASELINES, BaselineOptions, Method, ScorerMethod, make_baseline
+from policy_prune.core import ops
+from policy_prune.core.backbones.base import TokenBackbone
+from policy_prune.core.scorer import row_full_flops
 from policy_prune.errors import UserError
-from policy_prune.metrics import cosine_fidelity, recall_at_k
-from policy_prune.scorer import row_full_flops
+from policy_prune.evaluation.baselines import BASELINES, BaselineOptions, Method, ScorerMethod, make_baseline
+from policy_prune.evaluation.metrics import cosine_fidelity, recall_at_k
 
 DEFAULT_TARGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.42, 0.35)
 METRICS = ("accuracy", "agreement", "cosine", "recall@10")
@@ -277,7 +277,7 @@ def add_throughput(backbone: TokenBackbone, sites: Sequence[int], methods: Mappi
                    plan: Sequence[Budget], rows: list[dict[str, Any]], x: Any, warmup: int, repeats: int,
                    device: str) -> None:
     """samples/s of every row, timed round-robin with the unpruned model per target group (one batch)."""
-    from policy_prune.bench import time_round_robin
+    from policy_prune.evaluation.bench import time_round_robin
 
     batch = _rows(x)
     groups: dict[Any, list[int]] = {}
@@ -473,7 +473,7 @@ def resolve_target(args: argparse.Namespace) -> tuple[Any, Any, Path]:
         raise UserError("give a RUN_DIR or --env ENV")
     scorer = None
     if args.run_dir is not None:
-        from policy_prune.scorer_io import load_scorer
+        from policy_prune.core.artifact import load_scorer
 
         scorer = load_scorer(args.run_dir / "scorer")
     env_cfg = load_env_config(args.env) if args.env else _run_env_config(args.run_dir)
@@ -485,7 +485,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from policy_prune.data import cap
-    from policy_prune.factory import resolve
+    from policy_prune.embedded import resolve
 
     console = Console()
     env_cfg, scorer, out_dir = resolve_target(args)
@@ -494,7 +494,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     backbone, splits = resolve(env_cfg, seed=args.seed, device=args.device, console=console)
     if scorer is not None:
-        from policy_prune.scorer_io import check_signature
+        from policy_prune.core.artifact import check_signature
 
         check_signature(scorer, backbone.signature(), strict=False)
     test = splits["test"] if args.max_samples is None else cap(splits["test"], args.max_samples, args.seed)

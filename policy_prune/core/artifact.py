@@ -36,9 +36,9 @@ from typing import Any
 
 import torch
 
+from policy_prune.core.features import BASE_FEATURES, FEATURE_VERSION, FeatureSpec
+from policy_prune.core.scorer import LearnedScorer, TokenScorer
 from policy_prune.errors import UserError
-from policy_prune.features import BASE_FEATURES, FEATURE_VERSION, FeatureSpec
-from policy_prune.scorer import LearnedScorer, TokenScorer
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "scorer.safetensors"

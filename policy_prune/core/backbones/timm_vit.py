@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from policy_prune import ops
-from policy_prune.backbones.base import TokenBackbone, TokenState
+from policy_prune.core import ops
+from policy_prune.core.backbones.base import TokenBackbone, TokenState
 
 SUPPORTED_POOLS = ("token", "avg", "")
 

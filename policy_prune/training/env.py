@@ -23,11 +23,11 @@ from gymnasium import spaces
 from gymnasium.utils import seeding
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvStepReturn
 
-from policy_prune import ops
-from policy_prune.backbones.base import TokenBackbone, TokenState
+from policy_prune.core import ops
+from policy_prune.core.backbones.base import TokenBackbone, TokenState
+from policy_prune.core.features import FEATURE_BOUND, FeatureSpec, make_projection, token_features
+from policy_prune.core.scorer import row_full_flops, site_context, spent_fraction
 from policy_prune.errors import UserError
-from policy_prune.features import FEATURE_BOUND, FeatureSpec, make_projection, token_features
-from policy_prune.scorer import row_full_flops, site_context, spent_fraction
 
 ENV_ID = "PolicyPrune/TokenPrune-v0"
 TASKS = ("teacher_kl", "teacher_agree", "label_ce", "label_prob", "label_acc", "cosine")
@@ -366,7 +366,7 @@ class PruneVecEnv(VecEnv):
 def register_envs() -> None:
     """Register the single-row env with gymnasium (idempotent)."""
     if ENV_ID not in gym.registry:
-        gym.register(id=ENV_ID, entry_point="policy_prune.env:TokenPruneEnv")
+        gym.register(id=ENV_ID, entry_point="policy_prune.training.env:TokenPruneEnv")
 
 
 register_envs()

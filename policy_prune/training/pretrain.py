@@ -198,7 +198,7 @@ def load_cached(folder: Path) -> Any:
     """The frozen TimmViTBackbone stored in a cache folder (safetensors: no pickle on the load path)."""
     from safetensors.torch import load_file
 
-    from policy_prune.backbones import TimmViTBackbone
+    from policy_prune.core.backbones import TimmViTBackbone
 
     meta = read_meta(folder)
     if meta is None:
@@ -342,7 +342,7 @@ def fit(model: Any, data: dict[str, Any], train_cfg: PretrainConfig, seed: int, 
     import torch
     import torch.nn.functional as F
 
-    from policy_prune.backbones import TimmViTBackbone
+    from policy_prune.core.backbones import TimmViTBackbone
 
     per_epoch = steps_per_epoch(len(data["train_idx"]), train_cfg)
     total = per_epoch * train_cfg.epochs
@@ -412,7 +412,7 @@ def pretrain(
     import torch
     from rich.console import Console
 
-    from policy_prune.backbones import TimmViTBackbone
+    from policy_prune.core.backbones import TimmViTBackbone
 
     console = console or Console()
     if env_cfg.backbone.spec != EMBEDDED_SPEC:

@@ -23,9 +23,9 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 from torch.nn import functional as F
 
+from policy_prune.core.features import BASE_FEATURES, FeatureSpec
+from policy_prune.core.scorer import LearnedScorer, TokenScorer
 from policy_prune.errors import UserError
-from policy_prune.features import BASE_FEATURES, FeatureSpec
-from policy_prune.scorer import LearnedScorer, TokenScorer
 
 PROTECTED_COLUMN = BASE_FEATURES.index("protected")
 

@@ -2,7 +2,7 @@
 
 Every baseline is a :class:`Method`: given sites and a decision rule + value it runs the whole
 backbone and returns the output and the per-site alive counts, from which the FLOPs follow exactly
-as for a learned scorer. Pruning baselines are :class:`~policy_prune.scorer.Scorer` s driven by
+as for a learned scorer. Pruning baselines are :class:`~policy_prune.core.scorer.Scorer` s driven by
 ``make_keep_fn`` + ``forward_pruned``; ToMe is a merge mode (it carries token sizes through blocks).
 
 Registry (``BASELINES``, string names):
@@ -25,11 +25,12 @@ from typing import Any, Protocol
 
 import torch
 
-from policy_prune import merge, ops
-from policy_prune.backbones.base import TokenBackbone, TokenState
+from policy_prune.core import ops
+from policy_prune.core.backbones.base import TokenBackbone, TokenState
+from policy_prune.core.features import position_table
+from policy_prune.core.scorer import Scorer, make_keep_fn
 from policy_prune.errors import UserError
-from policy_prune.features import position_table
-from policy_prune.scorer import Scorer, make_keep_fn
+from policy_prune.evaluation import merge
 
 Output = tuple[torch.Tensor, list[torch.Tensor]]
 """(model output [B, C] or [B, D], alive counts [B] after each site)."""
@@ -207,7 +208,7 @@ def run_blocks_sized(backbone: TokenBackbone, state: TokenState, size: torch.Ten
 
 
 def _host_blocks(backbone: TokenBackbone) -> Any:
-    from policy_prune.backbones import HFEncoderBackbone, TimmViTBackbone
+    from policy_prune.core.backbones import HFEncoderBackbone, TimmViTBackbone
 
     if isinstance(backbone, TimmViTBackbone):
         return backbone.model.blocks

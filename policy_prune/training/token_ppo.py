@@ -27,7 +27,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.utils import explained_variance
 from torch.nn import functional as F
 
-from policy_prune.policy import TokenScorerPolicy
+from policy_prune.training.policy import TokenScorerPolicy
 
 
 def _rows(obs: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,21 +1,11 @@
-"""Glue from configs to live objects: backbone + data splits + batched env."""
+"""Glue from configs to the batched env of a split."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from policy_prune.config import EnvConfig
-from policy_prune.env import PruneVecEnv
-
-
-def resolve(env_cfg: EnvConfig, seed: int = 0, device: str = "cpu", console: Any = None) -> tuple[Any, dict[str, Any]]:
-    """The frozen backbone (pretrained first if it is the embedded default) and its train/val/test splits."""
-    from policy_prune.data import load_splits
-    from policy_prune.embedded import resolve_backbone
-
-    backbone, tokenizer = resolve_backbone(env_cfg, console=console)
-    splits = load_splits(env_cfg, seed=seed, backbone=backbone, tokenizer=tokenizer)
-    return backbone.to(device), splits
+from policy_prune.training.env import PruneVecEnv
 
 
 def make_vec_env(

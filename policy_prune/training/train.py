@@ -190,8 +190,9 @@ def train(cfg: RunConfig, run_dir: Path, console: Any, resume: bool = False) -> 
     from stable_baselines3.common.utils import set_random_seed
     from stable_baselines3.common.vec_env import VecMonitor
 
-    from policy_prune.factory import make_vec_env, resolve
-    from policy_prune.tracking import JsonlFormat, WandbFormat, start_wandb, truncate_metrics
+    from policy_prune.embedded import resolve
+    from policy_prune.training.factory import make_vec_env
+    from policy_prune.training.tracking import JsonlFormat, WandbFormat, start_wandb, truncate_metrics
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -212,7 +213,7 @@ def train(cfg: RunConfig, run_dir: Path, console: Any, resume: bool = False) -> 
         formats.append(WandbFormat(wandb_run))
     model.set_logger(Logger(folder=str(run_dir), output_formats=formats))
 
-    from policy_prune.callbacks import make_callbacks
+    from policy_prune.training.callbacks import make_callbacks
 
     callbacks, progress = make_callbacks(cfg, run_dir, backbone, splits["val"], console)
     remaining = max(cfg.train.timesteps - model.num_timesteps, 0)
@@ -222,7 +223,7 @@ def train(cfg: RunConfig, run_dir: Path, console: Any, resume: bool = False) -> 
     summary = final_evaluation(cfg, model, backbone, splits["test"], run_dir)
     export_run_scorer(cfg, model, backbone, run_dir, summary)
     if wandb_run is not None:
-        from policy_prune.tracking import log_summary
+        from policy_prune.training.tracking import log_summary
 
         log_summary(wandb_run, run_dir, summary)
         wandb_run.finish()
@@ -237,7 +238,7 @@ def _wandb_id(run_dir: Path) -> str | None:
 def algorithm_class(cfg: RunConfig) -> Any:
     from stable_baselines3 import A2C, PPO
 
-    from policy_prune.token_ppo import TokenCreditPPO
+    from policy_prune.training.token_ppo import TokenCreditPPO
 
     if cfg.agent.credit == "token":
         return TokenCreditPPO
@@ -245,7 +246,7 @@ def algorithm_class(cfg: RunConfig) -> Any:
 
 
 def make_agent(cfg: RunConfig, env: Any) -> Any:
-    from policy_prune.policy import TokenScorerPolicy
+    from policy_prune.training.policy import TokenScorerPolicy
 
     algo = algorithm_class(cfg)
     hyper = dict(cfg.agent.hyperparams)
@@ -278,7 +279,12 @@ def save_checkpoint(model: Any, path: Path) -> None:
 # ---- held-out comparison -------------------------------------------------------------------------
 def final_evaluation(cfg: RunConfig, model: Any, backbone: Any, split: Any, run_dir: Path) -> dict[str, Any]:
     """Learned policy vs keep-all vs a random policy with the learned policy's keep ratio per site."""
-    from policy_prune.rollout import evaluate_policy_split, keep_all_policy, model_policy, random_policy
+    from policy_prune.training.rollout import (
+        evaluate_policy_split,
+        keep_all_policy,
+        model_policy,
+        random_policy,
+    )
 
     n = min(cfg.train.test_samples, len(split))
     kwargs = dict(env_cfg=cfg.env, backbone=backbone, split=split, n_samples=n, device=cfg.train.device)
@@ -296,8 +302,8 @@ def final_evaluation(cfg: RunConfig, model: Any, backbone: Any, split: Any, run_
 def export_run_scorer(cfg: RunConfig, model: Any, backbone: Any, run_dir: Path, summary: dict[str, Any]) -> Path | None:
     """Export the actor as the run's scorer artifact (run_dir/scorer)."""
     try:
-        from policy_prune.scorer_io import save_scorer
-    except ImportError:  # pragma: no cover - scorer_io ships with the package
+        from policy_prune.core.artifact import save_scorer
+    except ImportError:  # pragma: no cover - core.artifact ships with the package
         return None
     learned = summary["methods"]["learned"]
     metrics = {k: learned[k] for k in ("return", "task", "flops_ratio", "agreement", "accuracy", "cosine") if k in learned}

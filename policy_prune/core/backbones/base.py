@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from policy_prune import ops
+from policy_prune.core import ops
 
 
 @dataclass

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from policy_prune import ops
-from policy_prune.backbones.base import TokenBackbone, TokenState, cls_row_attention
+from policy_prune.core import ops
+from policy_prune.core.backbones.base import TokenBackbone, TokenState, cls_row_attention
 
 FEATURE_VERSION = 3
 FEATURE_BOUND = 10.0

@@ -14,8 +14,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from policy_prune.backbones.base import KeepFn, TokenBackbone, TokenState
-from policy_prune.features import FeatureSpec, make_projection, token_features
+from policy_prune.core.backbones.base import KeepFn, TokenBackbone, TokenState
+from policy_prune.core.features import FeatureSpec, make_projection, token_features
 
 
 class Scorer(Protocol):
@@ -182,3 +182,14 @@ def make_keep_fn(backbone: TokenBackbone, scorer: Any, rule: str, values: float 
         return keep
 
     return fn
+
+
+def random_scorer(backbone: TokenBackbone, sites: Sequence[int], seed: int = 0, hidden: Sequence[int] = (64, 64)) -> LearnedScorer:
+    """A LearnedScorer with random weights for ``backbone`` (its logits spread around 0)."""
+    spec = FeatureSpec()
+    torch.manual_seed(seed)
+    net = TokenScorer(spec.dim, len(sites) + 2, hidden)
+    nn.init.normal_(net.out.weight, std=1.0)
+    nn.init.zeros_(net.out.bias)
+    projection = make_projection(backbone, spec)
+    return LearnedScorer(net.eval(), list(sites), spec, projection, {"backbone": backbone.signature()})

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from policy_prune import ops
-from policy_prune.backbones.base import TokenBackbone, TokenState
+from policy_prune.core import ops
+from policy_prune.core.backbones.base import TokenBackbone, TokenState
 
 TEXT_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "camembert", "electra")
 VISION_TYPES = ("vit",)

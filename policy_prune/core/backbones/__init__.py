@@ -13,9 +13,9 @@ from typing import Any
 
 from torch import nn
 
-from policy_prune.backbones.base import KeepFn, TokenBackbone, TokenState
-from policy_prune.backbones.hf import HFEncoderBackbone
-from policy_prune.backbones.timm_vit import TimmViTBackbone
+from policy_prune.core.backbones.base import KeepFn, TokenBackbone, TokenState
+from policy_prune.core.backbones.hf import HFEncoderBackbone
+from policy_prune.core.backbones.timm_vit import TimmViTBackbone
 from policy_prune.errors import UserError
 
 BACKBONES: dict[str, type[TokenBackbone]] = {

@@ -11,10 +11,7 @@ path and the same decisions as the trained policy's deterministic mode in the en
 
 from __future__ import annotations
 
-import math
-import statistics
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +20,10 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from policy_prune.backbones import HFEncoderBackbone, KeepFn, TokenBackbone, TokenState, adapt
-from policy_prune.errors import UserError
-from policy_prune.features import token_layout
-from policy_prune.scorer import (
+from policy_prune.core.artifact import RULES, check_signature, load_scorer, normalize_rule
+from policy_prune.core.backbones import HFEncoderBackbone, KeepFn, TokenBackbone, TokenState, adapt
+from policy_prune.core.features import token_layout
+from policy_prune.core.scorer import (
     LearnedScorer,
     TokenScorer,
     context_rows,
@@ -34,7 +31,7 @@ from policy_prune.scorer import (
     make_keep_fn,
     spent_fraction,
 )
-from policy_prune.scorer_io import RULES, check_signature, load_scorer, normalize_rule
+from policy_prune.errors import UserError
 
 TEXT_ARGS = ("input_ids", "attention_mask", "token_type_ids")
 # Accepted for call compatibility with HF models; only their default (off) values are supported.
@@ -267,160 +264,3 @@ def resolve_rule(
     # Infinite thresholds are legitimate here (-inf keeps everything), unlike in a saved default rule.
     checked = normalize_rule({"rule": rule, "values": value}, len(scorer.sites), finite=rule == "keep_ratio")
     return checked["rule"], checked["values"]
-
-
-# ---- speed benchmark (wired into ``policy-prune bench``; never a unit test) ------------------------------
-def random_scorer(backbone: TokenBackbone, sites: Sequence[int], seed: int = 0, hidden: Sequence[int] = (64, 64)) -> LearnedScorer:
-    """A LearnedScorer with random weights for ``backbone`` (its logits spread around 0)."""
-    from policy_prune.features import FeatureSpec, make_projection
-
-    spec = FeatureSpec()
-    torch.manual_seed(seed)
-    net = TokenScorer(spec.dim, len(sites) + 2, hidden)
-    nn.init.normal_(net.out.weight, std=1.0)
-    nn.init.zeros_(net.out.bias)
-    projection = make_projection(backbone, spec)
-    return LearnedScorer(net.eval(), list(sites), spec, projection, {"backbone": backbone.signature()})
-
-
-def keep_ratio_for_flops(backbone: TokenBackbone, sites: Sequence[int], target: float, n_tokens: int, n_protected: int) -> float:
-    """The keep_ratio (same at every site, compounding) whose schedule uses ``target`` of the full FLOPs."""
-
-    def flops_ratio(r: float) -> float:
-        counts, prunable = [], n_tokens - n_protected
-        for _ in sites:
-            prunable = round(r * prunable)
-            counts.append(prunable + n_protected)
-        return float(backbone.schedule_flops(sites, counts, n_tokens)) / backbone.full_flops(n_tokens)
-
-    lo, hi = 0.0, 1.0
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if flops_ratio(mid) > target else (mid, hi)
-    return lo
-
-
-def bench_pruned_model(
-    model: str | nn.Module = "deit_small_patch16_224",
-    scorer: LearnedScorer | None = None,
-    batch_sizes: Sequence[int] = (64, 1),
-    sites: Sequence[int] = (0,),
-    flops_target: float = 0.5,
-    warmup: int = 2,
-    repeats: int = 9,
-    seed: int = 0,
-    threads: int | None = None,
-    compile: bool = False,
-    compile_options: Mapping[str, Any] | None = None,
-) -> list[dict[str, Any]]:
-    """Original model vs ``PrunedModel`` (keep_ratio rule at ~``flops_target`` of the FLOPs), per batch size.
-
-    ``model`` is a timm name (random init, no download) or a module; ``scorer`` defaults to random
-    weights. Variants are timed interleaved after warm-up; medians are reported. ``scorer_share`` is
-    the fraction of a pruned forward spent in its pruning steps (features + context + MLP + rule +
-    gather): timed inside the forward in eager mode; with ``compile`` (original and pruned both
-    ``torch.compile``'d, static shapes) it is 1 - t(free)/t(pruned). "free" is the same schedule
-    keeping each site's first tokens without scoring them (compiled too under ``compile``): its
-    speed-up is the most pruning can give at this schedule on this machine. ``compile_options`` are
-    inductor options set while all three compile and run (e.g. ``{"freezing": True, "cpp_wrapper": True}``).
-    ``threads`` sets torch's intra-op threads for the run (restored after): on a shared CPU, fewer
-    threads than busy cores avoids OpenMP spin-wait collapse and gives steadier ratios.
-    """
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        options = dict(compile_options or {}) if compile else None
-        return _bench_batches(model, scorer, batch_sizes, sites, flops_target, warmup, repeats, seed, options)
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _bench_batches(model: str | nn.Module, scorer: LearnedScorer | None, batch_sizes: Sequence[int],
-                   sites: Sequence[int], flops_target: float, warmup: int, repeats: int, seed: int,
-                   options: dict[str, Any] | None) -> list[dict[str, Any]]:
-    if isinstance(model, str):
-        import timm
-
-        model = timm.create_model(model, pretrained=False)
-    model = model.eval()
-    backbone = adapt(model)
-    scorer = scorer or random_scorer(backbone, sites, seed)
-    gen = torch.Generator().manual_seed(seed)
-    return [_bench_batch(model, backbone, scorer, backbone.example_inputs(b, gen), flops_target, warmup, repeats, options)
-            for b in batch_sizes]
-
-
-@torch.inference_mode()
-def _bench_batch(model: nn.Module, backbone: TokenBackbone, scorer: LearnedScorer, x: Any, flops_target: float,
-                 warmup: int, repeats: int, options: dict[str, Any] | None) -> dict[str, Any]:
-    """One batch size; ``options`` None = eager, else the inductor options of torch.compile (may be empty)."""
-    from policy_prune.bench import time_round_robin
-
-    state = backbone.embed(x)
-    n = state.n_full
-    ratio = keep_ratio_for_flops(backbone, scorer.sites, flops_target, n, int(state.protected[0].sum()))
-    pruned = prune(model, scorer, keep_ratio=ratio, strict=False)
-    kept = [int(c[0]) for c in pruned.run(x)[2]]
-    shares: list[float] = []
-    compile = options is not None
-    if compile:
-        torch.compiler.reset()
-        fns = {"original": _caller(torch.compile(model, dynamic=False), x),
-               "pruned": _caller(torch.compile(pruned, dynamic=False), x),
-               "free": _free_schedule(pruned, x, kept, compile=True)}
-    else:
-        fns = {"original": _caller(model, x), "pruned": _caller(pruned, x), "free": _free_schedule(pruned, x, kept),
-               "pruned_timed": lambda: shares.append(_scorer_share(pruned, x))}
-    # Set globally while compiling and running, not as torch.compile(options=...): Dynamo reads some of
-    # them (freezing) from the global config, so per-call options were silently ignored.
-    from torch._inductor import config as inductor_config
-
-    with inductor_config.patch(options or {}):
-        t = time_round_robin(fns, warmup, repeats, "cpu")
-    share = 1.0 - t["free"] / t["pruned"] if compile else statistics.median(shares[warmup:])
-    flops = float(backbone.schedule_flops(scorer.sites, kept, n)) / backbone.full_flops(n)
-    return {"batch": int(state.tokens.shape[0]), "sites": list(scorer.sites), "keep_ratio": ratio, "tokens_full": n,
-            "tokens_kept": kept, "flops_ratio": flops, "ms_original": 1e3 * t["original"],
-            "ms_pruned": 1e3 * t["pruned"], "speedup": t["original"] / t["pruned"], "scorer_share": share,
-            "ms_free": 1e3 * t["free"], "speedup_free": t["original"] / t["free"],
-            "share_method": "1 - free/pruned (compiled)" if compile else "timed steps", "compiled": compile,
-            "compile_options": options, "threads": torch.get_num_threads()}
-
-
-def _free_schedule(pruned: PrunedModel, x: Any, kept: Sequence[int], compile: bool = False) -> Callable[[], Any]:
-    """The pruned model's schedule with free decisions: keep each site's first ``kept[i]`` slots (views,
-    no scoring, no gather). Its time is what pruning could give at this schedule with a free scorer."""
-    from dataclasses import replace
-
-    def step(state: TokenState, site_index: int, layer: int) -> TokenState:
-        c = kept[site_index]
-        return replace(state, tokens=state.tokens[:, :c], protected=state.protected[:, :c], valid=state.valid[:, :c],
-                       positions=state.positions[:, :c])
-
-    def forward(inputs: Any) -> torch.Tensor:
-        return pruned.backbone.forward_sites(inputs, pruned.sites, step)[0]
-
-    run = torch.compile(forward, dynamic=False) if compile else forward
-    return lambda: run(x)
-
-
-def _caller(model: Callable[..., Any], x: Any) -> Callable[[], Any]:
-    return (lambda: model(**x)) if isinstance(x, dict) else (lambda: model(x))
-
-
-def _scorer_share(pruned: PrunedModel, x: Any) -> float:
-    """Fraction of one pruned forward's wall time spent in its pruning steps (features, scorer, rule, gather)."""
-    inner = pruned.step_fn()
-    spent = [0.0]
-
-    def timed(state: TokenState, site_index: int, layer: int) -> TokenState:
-        t0 = time.perf_counter()
-        out = inner(state, site_index, layer)
-        spent[0] += time.perf_counter() - t0
-        return out
-
-    t0 = time.perf_counter()
-    pruned.backbone.forward_sites(x, pruned.sites, timed)
-    total = time.perf_counter() - t0
-    return spent[0] / total if total > 0 and math.isfinite(total) else 0.0

@@ -58,7 +58,7 @@ class ValidationCallback(BaseCallback):
         if self.num_timesteps < self.next_at:
             return
         self.next_at = (self.num_timesteps // self.every + 1) * self.every
-        from policy_prune.rollout import evaluate_policy_split, model_policy
+        from policy_prune.training.rollout import evaluate_policy_split, model_policy
 
         result = evaluate_policy_split(model_policy(self.model), self.cfg.env, self.backbone, self.split,
                                        self.cfg.train.eval_samples, device=self.cfg.train.device)
@@ -82,7 +82,7 @@ class CheckpointCallback(BaseCallback):
 
     def _on_rollout_end(self) -> None:
         if self.num_timesteps >= self.next_at:
-            from policy_prune.train import save_checkpoint
+            from policy_prune.training.train import save_checkpoint
 
             self.next_at = (self.num_timesteps // self.every + 1) * self.every
             save_checkpoint(self.model, self.path)

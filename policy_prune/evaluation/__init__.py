@@ -1,0 +1,1 @@
+"""Evaluation: heuristic baselines, token merging, metrics, the eval and bench verbs."""

@@ -1,0 +1,1 @@
+"""Training: the token-pruning env, the SB3 policy, per-token-credit PPO, rollouts, callbacks, tracking."""
