@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from policy_prune import __version__
-from policy_prune.errors import UserError
+from policy_prune.errors import PolicyPruneError, missing_train_packages
 
 # verb -> (module, one-line help). Verb modules keep heavy imports inside run().
 VERBS: dict[str, tuple[str, str]] = {
@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    missing = missing_train_packages()
+    if missing:  # the inference install: the verbs' modules would fail to import
+        print(f"policy-prune: the command line needs the train extra: pip install 'policy-prune[train]' "
+              f"(missing: {', '.join(missing)})", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.verb is None:
@@ -44,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
-    except UserError as exc:
+    except PolicyPruneError as exc:  # UserError, ConfigError, UsageError, scorer file / mismatch errors
         print(f"policy-prune {args.verb}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

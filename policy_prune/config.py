@@ -15,8 +15,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
 from policy_prune.errors import UserError
 
 
@@ -187,6 +185,8 @@ def preset_names(kind: str) -> list[str]:
 
 def read_preset(kind: str, name_or_path: str) -> tuple[dict[str, Any], str]:
     """Raw mapping of a shipped preset name or a user's YAML path, and where it came from."""
+    import yaml  # the training extra: the inference core reads no YAML
+
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
@@ -209,6 +209,8 @@ def read_preset(kind: str, name_or_path: str) -> tuple[dict[str, Any], str]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key.sub=value`` overrides (values parsed as YAML) to a nested mapping, in place."""
+    import yaml
+
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
@@ -238,3 +240,30 @@ def load_agent_config(name_or_path: str, overrides: list[str] | None = None) -> 
     """Resolve an agent preset (shipped name or YAML path) plus ``--set`` overrides."""
     data, where = read_preset("agents", name_or_path)
     return from_dict(AgentConfig, apply_overrides(data, overrides or []), where)
+
+
+# ---- run folders ---------------------------------------------------------------------------------
+RUN_CONFIG_FILE = "config.yaml"
+"""The resolved config a run folder records (written by ``train``, read by ``train --resume``, ``export``, ``eval``)."""
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """A run folder's ``config.yaml`` as a mapping: the one reader of it."""
+    import yaml
+
+    path = Path(run_dir) / RUN_CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"not a run folder (no {RUN_CONFIG_FILE}): {run_dir}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping")
+    return data
+
+
+def run_env_config(run_dir: str | Path) -> EnvConfig:
+    """The env config a run was trained with (its ``config.yaml``'s ``env`` mapping)."""
+    data = read_run_config(run_dir)
+    return from_dict(EnvConfig, data.get("env", data), str(Path(run_dir) / RUN_CONFIG_FILE))

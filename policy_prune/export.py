@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from policy_prune.config import read_run_config
 from policy_prune.core.artifact import EXPORT_FILE, META_FILE, ONNX_FILE, save_scorer
 from policy_prune.core.scorer import LearnedScorer, TokenScorer
 from policy_prune.errors import UserError
@@ -141,22 +142,6 @@ def check_onnx(net: TokenScorer, path: Path, log: Log | None = None, shapes: Seq
 
 
 # ---- reading a run folder ----------------------------------------------------------------------------------
-def read_run_config(run_dir: Path) -> dict[str, Any]:
-    """The run's config.yaml as a mapping."""
-    import yaml
-
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"not a run folder: {path} is missing")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping")
-    return data
-
-
 def read_run_scorer(run_dir: Path, config: Mapping[str, Any], checkpoint: str) -> LearnedScorer:
     """The actor of the run's SB3 checkpoint as a LearnedScorer (read without unpickling)."""
     from policy_prune.training.policy import load_learned_scorer

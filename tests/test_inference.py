@@ -238,3 +238,85 @@ def test_scorer_tanh_is_exact_eager_and_the_sigmoid_form_compiled() -> None:
     got = torch.compile(Tanh(), backend="aot_eager", fullgraph=True)(x)
     torch.testing.assert_close(got, torch.tanh(x), rtol=0, atol=3e-7)
     assert not torch.equal(got, torch.tanh(x))  # the compiled branch ran
+
+
+@pytest.mark.parametrize("name", ["timm-vit-cls", "hf-bert"])
+def test_to_moves_every_tensor_including_the_projection(name: str) -> None:
+    """.to(dtype) / .half() / .to(device) reach the model, the scorer MLP and the projection buffer; the
+    scorer passed to prune() keeps its own projection."""
+    model, scorer = _scorer(name)
+    original = scorer.projection
+    pruned = prune(model, scorer, keep_ratio=0.5)
+    x = tiny.inputs(name, batch=2)
+    with torch.no_grad():
+        reference = _main_output(name, _call(pruned, x))
+        pruned.to(torch.float64)
+        assert {t.dtype for t in pruned.state_dict().values() if t.is_floating_point()} == {torch.float64}
+        assert "projection" in pruned.state_dict() and pruned.scorer.projection is pruned.projection
+        assert scorer.projection is original and original.dtype == torch.float32
+        got = _main_output(name, _call(pruned, x if isinstance(x, dict) else x.double()))
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got.float(), reference, rtol=1e-4, atol=1e-5)
+        pruned.half()
+        assert pruned.projection.dtype == torch.float16 and pruned.scorer.projection is pruned.projection
+        pruned.to("meta")  # a device move, without a GPU
+    assert pruned.projection.device.type == "meta" and pruned.scorer.projection.device.type == "meta"
+    assert all(t.device.type == "meta" for t in pruned.state_dict().values())
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("rule,value", [("threshold", 0.0), ("keep_ratio", 0.5)])
+def test_return_kept_gives_the_kept_tokens_for_every_family(name: str, rule: str, value: float) -> None:
+    model, scorer = _scorer(name)
+    pruned = prune(model, scorer, **{rule: value})
+    x = tiny.inputs(name, batch=3, seed=2)
+    with torch.no_grad():
+        plain = _call(pruned, x)
+        out, kept = pruned(**x, return_kept=True) if isinstance(x, dict) else pruned(x, return_kept=True)
+        _, state, _ = pruned.run(x)
+    torch.testing.assert_close(_main_output(name, out), _main_output(name, plain), rtol=0, atol=0)
+    assert kept.dtype == torch.bool and kept.shape == (3, state.n_full)
+    for row in range(3):
+        assert sorted(kept[row].nonzero().squeeze(1).tolist()) == sorted(state.positions[row][state.valid[row]].tolist())
+    if not name.startswith("timm"):
+        assert torch.equal(out.kept_mask, kept)
+
+
+def test_library_errors_are_value_and_type_errors() -> None:
+    """What prune / load_scorer raise for a caller's mistake is a ValueError or TypeError (and a PolicyPruneError)."""
+    from policy_prune.errors import PolicyPruneError
+
+    model, scorer = _scorer("timm-vit-cls")
+    with pytest.raises(ValueError, match=r"\[0, 1\]") as bad_value:
+        prune(model, scorer, keep_ratio=1.5)
+    with pytest.raises(TypeError, match="no token-pruning adapter for Linear") as bad_model:
+        prune(torch.nn.Linear(3, 3), scorer)
+    with pytest.raises(TypeError, match="already a PrunedModel") as wrapped:
+        prune(prune(model, scorer), scorer)
+    with pytest.raises(ValueError, match="scorer not found") as missing:
+        load_scorer("/nonexistent/scorer")
+    for exc in (bad_value, bad_model, wrapped, missing):
+        assert isinstance(exc.value, PolicyPruneError)
+
+
+def test_mask_path_context_is_the_env_context_at_every_site() -> None:
+    """The compute-spent context the scorer sees at a later site counts what the earlier sites really kept
+    (the env's number), not a keep-all assumption."""
+    from policy_prune.core.scorer import LearnedScorer
+
+    assert not hasattr(LearnedScorer, "scores")  # the keep-all context it computed is gone
+    model, scorer = _scorer("timm-vit-cls", seed=4)
+    split = tiny.split("timm-vit-cls", n=4, seed=2, labels=False)
+    seen: list[torch.Tensor] = []
+    hook = scorer.net.register_forward_pre_hook(lambda module, args: seen.append(args[1].clone()))
+    with torch.no_grad():
+        _, _, counts = prune(model, scorer, threshold=0.0).run(split.inputs)
+    hook.remove()
+    core = PruneCore(adapt(model), split, SITES, feature_spec=scorer.spec)
+    obs = core.begin(np.arange(4))
+    with torch.no_grad():
+        for site_index in range(len(SITES)):
+            torch.testing.assert_close(seen[site_index], torch.from_numpy(obs["context"]))
+            logits = scorer.net(torch.from_numpy(obs["tokens"]), torch.from_numpy(obs["context"]))
+            obs, *_ = core.advance(((logits > 0) & torch.from_numpy(obs["alive"]).bool()).numpy())
+    assert int(counts[0].max()) < 17  # site 0 pruned, so keep-all would have overstated the spent compute

@@ -44,6 +44,17 @@ def test_scatter_to_grid_roundtrip() -> None:
     assert ops.scatter_to_grid(values, positions, valid, 4).tolist() == [[0.25, 0.0, 0.0, 0.5]]
 
 
+def test_scatter_to_grid_of_vectors_is_the_inverse_of_the_prune_gather() -> None:
+    """[B, M, D] values (hidden states, features) go back to their positions; invalid slots, even NaN, add 0."""
+    x = torch.randn(2, 6, 3)
+    keep = torch.tensor([[1, 0, 1, 1, 0, 0], [0, 0, 0, 1, 0, 0]], dtype=torch.bool)
+    index, valid = ops.pack_indices(keep)
+    packed = ops.gather_rows(x, index)
+    packed[~valid] = float("nan")
+    grid = ops.scatter_to_grid(packed, index, valid, 6)
+    assert torch.equal(grid, x * keep.unsqueeze(-1))
+
+
 def test_schedule_flops_is_sum_of_blocks() -> None:
     shape = ops.BlockShape(width=8, attn_dim=8, mlp_hidden=32)
     total = ops.schedule_flops(shape, depth=4, sites=[1, 3], counts=[5, 2], n_start=10)

@@ -13,9 +13,10 @@ from rich.console import Console
 from policy_prune import cli
 from policy_prune.config import BackboneConfig, DataConfig, EnvConfig, load_env_config
 from policy_prune.core.backbones import TimmViTBackbone
+from policy_prune.core.embedded_models import META, WEIGHTS, cache_root
 from policy_prune.embedded import resolve_backbone
 from policy_prune.errors import UserError
-from policy_prune.training.pretrain import META, WEIGHTS, cache_root, load_cached, lr_factor, pretrain
+from policy_prune.training.pretrain import load_cached, lr_factor, pretrain
 
 TINY_MODEL = {"embed_dim": 16, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0, "patch_size": 8}
 TINY_TRAIN = {"epochs": 1, "batch_size": 16, "max_train": 48, "max_eval": 24, "warmup_steps": 1}

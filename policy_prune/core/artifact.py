@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from policy_prune.core.embedded_models import DIGITS_VIT
 from policy_prune.core.features import BASE_FEATURES, FEATURE_VERSION, FeatureSpec
 from policy_prune.core.scorer import LearnedScorer, TokenScorer
 from policy_prune.errors import UserError
@@ -337,19 +338,28 @@ def check_signature(scorer: LearnedScorer, signature: Mapping[str, Any], strict:
     """Compare the scorer's stored backbone signature with ``signature``; returns the differing keys.
 
     Structural keys (width, depth, grid, ...) always raise ScorerMismatchError; other keys
-    (architecture name, class count, vocabulary) raise only when ``strict``.
+    (architecture name, class count, vocabulary) raise only when ``strict``. The message names each
+    differing value and what to do about it.
     """
     stored = scorer.meta.get("backbone")
     if not isinstance(stored, Mapping):
         return []  # an in-memory scorer that was never exported: nothing to check against
     differ = [k for k in stored if _norm(stored[k]) != _norm(signature.get(k))]
-    hard = [k for k in differ if k in STRUCTURAL_KEYS or strict]
-    if hard:
-        raise ScorerMismatchError(
-            f"scorer was trained for {_describe(stored)} but the model is {_describe(signature)} "
-            f"(differs in {', '.join(hard)})"
-        )
+    structural = [k for k in differ if k in STRUCTURAL_KEYS]
+    if structural or (differ and strict):
+        what = "; ".join(f"{k} {stored[k]!r} vs {signature.get(k)!r}" for k in (structural or differ))
+        raise ScorerMismatchError(f"scorer was trained for {_describe(stored)}, not this {_describe(signature)} "
+                                  f"(scorer vs model: {what}); {_advice(stored, bool(structural))}")
     return differ
+
+
+def _advice(stored: Mapping[str, Any], structural: bool) -> str:
+    if not structural:
+        return "every shape matches: if it is the same model under another name, pass strict=False to prune()"
+    arch = stored.get("architecture")
+    if arch == DIGITS_VIT:
+        return "prune the model it was trained for, policy_prune.load_backbone('digits-vit'), or train a scorer for this one"
+    return f"prune the model it was trained for ({arch}), or train a scorer for this one (policy-prune train)"
 
 
 def _norm(v: Any) -> Any:

@@ -11,18 +11,18 @@ path and the same decisions as the trained policy's deterministic mode in the en
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers.utils import ModelOutput
 
+from policy_prune.core import ops
 from policy_prune.core.artifact import RULES, check_signature, load_scorer, normalize_rule
 from policy_prune.core.backbones import HFEncoderBackbone, KeepFn, TokenBackbone, TokenState, adapt
-from policy_prune.core.features import token_layout
+from policy_prune.core.features import make_projection, token_layout
 from policy_prune.core.scorer import (
     LearnedScorer,
     TokenScorer,
@@ -31,55 +31,59 @@ from policy_prune.core.scorer import (
     make_keep_fn,
     spent_fraction,
 )
-from policy_prune.errors import UserError
+from policy_prune.errors import UsageError, UserError
 
 TEXT_ARGS = ("input_ids", "attention_mask", "token_type_ids")
 # Accepted for call compatibility with HF models; only their default (off) values are supported.
 OFF_FLAGS = ("output_attentions", "output_hidden_states", "interpolate_pos_encoding")
+HF_OUTPUTS = ("PrunedEncoderOutput", "PrunedClassifierOutput")
 
 
-@dataclass
-class PrunedEncoderOutput(ModelOutput):
-    """What a pruned HF encoder returns, shaped like the original ``BaseModelOutputWithPooling``.
+def __getattr__(name: str) -> Any:
+    # The HF output classes subclass transformers' ModelOutput: import them (and transformers) only when
+    # asked for, so that pruning a timm model never imports transformers.
+    if name in HF_OUTPUTS:
+        from policy_prune.core import hf_outputs
 
-    ``last_hidden_state`` [B, N, D] is scattered back to the ORIGINAL token positions: kept tokens hold
-    their final hidden state, pruned and padding positions hold zeros, so ``[:, 0]`` is still [CLS].
-    Pool with ``kept_mask`` [B, N] (not the tokenizer's attention_mask), or use ``sentence_embedding``
-    [B, D]: the backbone's pooling (mean over kept tokens for text, CLS for ViT). ``pooler_output`` is
-    the model's own pooler on [CLS] when it has one (as in the original output), else None.
-    """
-
-    last_hidden_state: torch.Tensor | None = None
-    pooler_output: torch.Tensor | None = None
-    sentence_embedding: torch.Tensor | None = None
-    kept_mask: torch.Tensor | None = None
-
-
-@dataclass
-class PrunedClassifierOutput(ModelOutput):
-    """What a pruned HF image classifier returns: ``logits`` [B, C] and ``kept_mask`` [B, N]."""
-
-    logits: torch.Tensor | None = None
-    kept_mask: torch.Tensor | None = None
+        return getattr(hf_outputs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class PrunedModel(nn.Module):
     """The user's model run with a scorer pruning tokens at its sites; called exactly like the model.
 
     timm ViT: ``pruned(images) -> logits``. HF text encoder: ``pruned(**tokenizer_output)`` ->
-    :class:`PrunedEncoderOutput`. HF ViT classifier: ``pruned(pixel_values) -> PrunedClassifierOutput``.
-    The wrapped model's parameters are shared, not copied; ``run`` gives the raw head output, the
-    final TokenState and the per-site alive counts.
+    ``PrunedEncoderOutput``. HF ViT classifier: ``pruned(pixel_values) -> PrunedClassifierOutput``.
+
+    Kept tokens, the same way for every family: ``output, kept = pruned(..., return_kept=True)``, where
+    ``kept`` [B, N] bool marks the tokens of the embedded sequence (prefix / special tokens included,
+    text padding False) that reached the last block.
+
+    The wrapped model's parameters are shared, not copied. ``.to()``, ``.half()``, ``.cuda()`` move the
+    model, the scorer's MLP and the feature projection (a buffer of this module; the scorer passed to
+    ``prune`` keeps its own). ``run`` gives the raw head output, the final TokenState and the per-site
+    alive counts.
     """
+
+    projection: torch.Tensor
 
     def __init__(self, backbone: TokenBackbone, scorer: LearnedScorer, rule: str, values: Sequence[float]) -> None:
         super().__init__()
         self.backbone = backbone
         self.scorer_net: TokenScorer = scorer.net  # registered so .to() / .eval() reach the scorer too
-        self.scorer = scorer
+        projection = scorer.projection if scorer.projection is not None else make_projection(backbone, scorer.spec)
+        self.register_buffer("projection", projection.detach().clone())
+        # A private copy of the scorer that reads this module's buffer (kept in step by _apply).
+        self.scorer = dataclasses.replace(scorer, projection=self.projection)
         self.rule = rule
         self.values = [float(v) for v in values]
         self.sites = list(scorer.sites)
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> PrunedModel:
+        super()._apply(fn, recurse)
+        self.scorer.projection = self.projection  # .to() / .half() replaced the buffer: follow it
+        self.__dict__.pop("_plans", None)  # planned contexts live on the old device
+        return self
 
     def extra_repr(self) -> str:
         return f"sites={self.sites}, rule={self.rule!r}, values={self.values}"
@@ -139,58 +143,56 @@ class PrunedModel(nn.Module):
         """
         return self.backbone.forward_sites(inputs, self.sites, self.step_fn(keep_fn))
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, return_kept: bool = False, **kwargs: Any) -> Any:
+        """The wrapped model's output on pruned tokens; with ``return_kept``, ``(output, kept [B, N] bool)``."""
         return_dict = kwargs.pop("return_dict", None)
         inputs = self._inputs(args, kwargs)
         out, state, _ = self.run(inputs)
         result = self._format(out, state)
-        return result.to_tuple() if return_dict is False and isinstance(result, ModelOutput) else result
+        if return_dict is False and hasattr(result, "to_tuple"):
+            result = result.to_tuple()
+        return (result, kept_mask(state)) if return_kept else result
 
     # ---- calling conventions ------------------------------------------------------------------------
     def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The adapter's inputs from the original model's call arguments."""
         for flag in OFF_FLAGS:
             if kwargs.pop(flag, None):
-                raise TypeError(f"PrunedModel does not support {flag}=True")
+                raise UsageError(f"PrunedModel does not support {flag}=True")
         b = self.backbone
         if isinstance(b, HFEncoderBackbone) and not b.is_vision:
             named = dict(zip(TEXT_ARGS, args, strict=False))
             extra = set(kwargs) - set(TEXT_ARGS) - {"special_tokens_mask"}
             if len(args) > len(TEXT_ARGS) or extra or set(named) & set(kwargs):
-                raise TypeError(f"PrunedModel takes input_ids, attention_mask, token_type_ids, special_tokens_mask; "
+                raise UsageError(f"PrunedModel takes input_ids, attention_mask, token_type_ids, special_tokens_mask; "
                                 f"got unsupported arguments {sorted(extra) or 'positional'}")
             inputs = {**named, **kwargs}
             if inputs.get("input_ids") is None:
-                raise TypeError("PrunedModel needs input_ids")
+                raise UsageError("PrunedModel needs input_ids")
             return {k: v for k, v in inputs.items() if v is not None}
         key = "pixel_values" if isinstance(b, HFEncoderBackbone) else "x"
         if len(args) + len(kwargs) != 1 or (kwargs and key not in kwargs):
-            raise TypeError(f"PrunedModel takes one input ({key}), got {len(args)} positional and {sorted(kwargs)}")
+            raise UsageError(f"PrunedModel takes one input ({key}), got {len(args)} positional and {sorted(kwargs)}")
         return args[0] if args else kwargs[key]
 
     def _format(self, out: torch.Tensor, state: TokenState) -> Any:
         b = self.backbone
         if not isinstance(b, HFEncoderBackbone):
             return out  # timm and other adapters: the head output is what the model returns
-        kept = scatter_tokens(state.valid.unsqueeze(-1).float(), state, state.n_full).squeeze(-1) > 0
+        from policy_prune.core.hf_outputs import PrunedClassifierOutput, PrunedEncoderOutput
+
         if b.output_kind == "logits":
-            return PrunedClassifierOutput(logits=out, kept_mask=kept)
-        hidden = scatter_tokens(b.final_hidden(state), state, state.n_full)
+            return PrunedClassifierOutput(logits=out, kept_mask=kept_mask(state))
+        hidden = ops.scatter_to_grid(b.final_hidden(state), state.positions, state.valid, state.n_full)
         pooler = getattr(b.base, "pooler", None)
         pooled = pooler(hidden) if isinstance(pooler, nn.Module) else None
         return PrunedEncoderOutput(last_hidden_state=hidden, pooler_output=pooled, sentence_embedding=out,
-                                   kept_mask=kept)
+                                   kept_mask=kept_mask(state))
 
 
-def scatter_tokens(x: torch.Tensor, state: TokenState, n: int) -> torch.Tensor:
-    """Per-slot values back at their original token positions.
-
-    x: [B, M, D] over the state's slots; returns [B, n, D] with zeros where no alive token maps.
-    Slot positions within a row are distinct, so adding is writing.
-    """
-    src = x * state.valid.unsqueeze(-1).to(x.dtype)
-    index = state.positions.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-    return x.new_zeros(x.shape[0], n, x.shape[-1]).scatter_add(1, index, src)
+def kept_mask(state: TokenState) -> torch.Tensor:
+    """[B, n_full] bool: the embedded-sequence tokens alive in ``state``."""
+    return ops.scatter_to_grid(state.valid.float(), state.positions, state.valid, state.n_full) > 0
 
 
 # ---- the public entry point -----------------------------------------------------------------------------
@@ -212,7 +214,7 @@ def prune(
     different architecture name or class count when every shape matches).
     """
     if isinstance(model, PrunedModel):
-        raise TypeError("the model is already a PrunedModel; pass the original model")
+        raise UsageError("the model is already a PrunedModel; pass the original model")
     if isinstance(scorer, str | Path):
         scorer = load_scorer(scorer)
     backbone = _adapt_for(model, scorer)

@@ -57,14 +57,16 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def scatter_to_grid(values: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, n: int) -> torch.Tensor:
-    """Write per-slot values back to their original token positions.
+    """Write per-slot values back to their original token positions (the inverse of a prune's gather).
 
-    values: [B, M]; positions: [B, M] long (original index); valid: [B, M] bool; n: original N.
-    Returns [B, n] with zeros where no valid slot maps.
+    values: [B, M] or [B, M, D]; positions: [B, M] long (original index); valid: [B, M] bool; n: original N.
+    Returns [B, n] or [B, n, D] with zeros where no valid slot maps. Valid slots of a row hold distinct
+    positions and invalid ones add zeros, so adding is writing.
     """
-    out = values.new_zeros(values.shape[0], n)
-    v = torch.where(valid, values, torch.zeros_like(values))
-    return out.scatter_add(1, positions, v)
+    extra = (1,) * (values.dim() - 2)
+    v = torch.where(valid.view(*valid.shape, *extra), values, torch.zeros((), dtype=values.dtype, device=values.device))
+    index = positions.view(*positions.shape, *extra).expand_as(values)
+    return values.new_zeros(values.shape[0], n, *values.shape[2:]).scatter_add(1, index, v)
 
 
 @dataclass(frozen=True)

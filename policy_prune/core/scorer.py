@@ -66,7 +66,7 @@ class TokenScorer(nn.Module):
         """
         first: nn.Linear = self.body[0] if len(self.body) else self.out  # type: ignore[assignment]
         w_tok, w_ctx = first.weight[:, : self.feature_dim], first.weight[:, self.feature_dim :]
-        row = torch.nn.functional.linear(context, w_ctx, first.bias).unsqueeze(1)  # [B, 1, H]
+        row = torch.nn.functional.linear(context.to(w_ctx.dtype), w_ctx, first.bias).unsqueeze(1)  # [B, 1, H]
         h = torch.nn.functional.linear(tokens, w_tok) + row
         if len(self.body):  # hidden layers; with none the scorer is linear in its features
             h = self.out(self.body[1:](h))
@@ -109,18 +109,17 @@ def row_full_flops(backbone: TokenBackbone, n0: torch.Tensor, n_full: int) -> to
 
 @dataclass
 class LearnedScorer:
-    """A trained TokenScorer with the feature spec and projection it was trained on."""
+    """A trained TokenScorer with the feature spec and projection it was trained on.
+
+    Not a :class:`Scorer`: its context holds the compute spent so far, which depends on what the earlier
+    sites of the same pass kept, so it scores through ``make_keep_fn`` (``scores_in_episode``).
+    """
 
     net: TokenScorer
     sites: list[int]
     spec: FeatureSpec = field(default_factory=FeatureSpec)
     projection: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
-
-    def scores(self, backbone: TokenBackbone, state: TokenState, site_index: int, layer: int) -> torch.Tensor:
-        """Logits [B, N] from features + context (context assumes earlier sites kept all tokens)."""
-        n0 = state.alive_counts
-        return self.scores_in_episode(backbone, state, site_index, layer, n0, [n0] * site_index)
 
     def scores_in_episode(self, backbone: TokenBackbone, state: TokenState, site_index: int, layer: int,
                           n0: torch.Tensor, kept: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -130,12 +129,9 @@ class LearnedScorer:
 
     def logits(self, backbone: TokenBackbone, state: TokenState, layer: int, context: torch.Tensor) -> torch.Tensor:
         """Logits [B, N] of the state's slots before block ``layer`` given the [B, G] context rows."""
-        if self.projection is None:
-            self.projection = make_projection(backbone, self.spec)
-        device = state.tokens.device
-        if self.projection.device != device:
-            self.projection = self.projection.to(device)
-        return self.net(token_features(backbone, state, layer, self.projection, self.spec), context)
+        # Read, never written back: a PrunedModel moves its own copy of the projection (a buffer).
+        projection = self.projection if self.projection is not None else make_projection(backbone, self.spec)
+        return self.net(token_features(backbone, state, layer, projection.to(state.tokens.device), self.spec), context)
 
 
 def keep_count(value: float, n_prunable: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch
 from policy_prune.core import ops
 from policy_prune.core.backbones.base import TokenBackbone, TokenState
 from policy_prune.core.features import position_table
-from policy_prune.core.scorer import Scorer, make_keep_fn
+from policy_prune.core.scorer import LearnedScorer, Scorer, make_keep_fn
 from policy_prune.errors import UserError
 from policy_prune.evaluation import merge
 
@@ -154,7 +154,7 @@ class ScorerMethod:
     """Prune with a scorer and a decision rule through ``forward_pruned``."""
 
     name: str
-    scorer: Scorer
+    scorer: Scorer | LearnedScorer
     sites: list[int] | None = None
     sweeps: bool = True
     operating_point: tuple[str, float] | None = None

@@ -449,25 +449,9 @@ def build_methods(names: Sequence[str], options: BaselineOptions, scorer: Any = 
     return methods
 
 
-def _run_env_config(run_dir: Path) -> Any:
-    """The env config a run was trained with (its config.yaml: an ``env`` mapping or the env itself)."""
-    import yaml
-
-    from policy_prune.config import EnvConfig, from_dict
-
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not a run folder (no config.yaml); pass --env to evaluate baselines only")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
-        raise UserError(f"corrupt config.yaml in {run_dir}") from None
-    return from_dict(EnvConfig, data.get("env", data) if isinstance(data, dict) else data, str(path))
-
-
 def resolve_target(args: argparse.Namespace) -> tuple[Any, Any, Path]:
     """(env config, learned scorer or None, output folder) from RUN_DIR and/or --env."""
-    from policy_prune.config import load_env_config
+    from policy_prune.config import load_env_config, run_env_config
 
     if args.run_dir is None and args.env is None:
         raise UserError("give a RUN_DIR or --env ENV")
@@ -476,7 +460,7 @@ def resolve_target(args: argparse.Namespace) -> tuple[Any, Any, Path]:
         from policy_prune.core.artifact import load_scorer
 
         scorer = load_scorer(args.run_dir / "scorer")
-    env_cfg = load_env_config(args.env) if args.env else _run_env_config(args.run_dir)
+    env_cfg = load_env_config(args.env) if args.env else run_env_config(args.run_dir)
     default = args.run_dir / "eval" if args.run_dir else Path("runs") / f"eval__{env_cfg.name}__{int(time.time())}" / "eval"
     return env_cfg, scorer, args.out or default
 

@@ -156,8 +156,7 @@ class PruneCore:
             feats = s.tokens.new_zeros(b, s.valid.shape[1], self.spec.dim)
         else:
             feats = token_features(self.backbone, s, self.sites[self.t], self.projection, self.spec)
-        tokens = feats.new_zeros(b, n, self.spec.dim)
-        tokens.scatter_add_(1, s.positions.unsqueeze(-1).expand(-1, -1, self.spec.dim), feats)
+        tokens = ops.scatter_to_grid(feats, s.positions, s.valid, n)
         alive = ops.scatter_to_grid(s.valid.float(), s.positions, s.valid, n)
         context = site_context(s, self.t, len(self.sites), self.spent + self.pending)
         if final:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -26,31 +25,24 @@ from typing import Any
 import numpy as np
 
 from policy_prune.config import EnvConfig, from_dict
+from policy_prune.core.embedded_models import (
+    CACHE_FORMAT,
+    DIGITS_VIT,
+    META,
+    WEIGHTS,
+    DigitsViTConfig,
+    build_digits_vit,
+    cache_path,
+    load_digits_vit,
+    read_meta,
+)
 from policy_prune.errors import UserError
 
-EMBEDDED_SPEC = "digits-vit"
-FORMAT_VERSION = 1
-WEIGHTS, META = "model.safetensors", "model.json"
+EMBEDDED_SPEC = DIGITS_VIT
 EVAL_ONLY_OPTIONS = ("canvases_train", "canvases_val", "canvases_test")
 """Data options that size the env's splits but never change the fitted weights: not part of the cache key."""
 VAL_PEEK = 256
 """Val images scored after each epoch (progress display only)."""
-
-
-@dataclass
-class DigitsViTConfig:
-    """Architecture of digits-vit (``backbone.model_kwargs``); image size and channels follow the data."""
-
-    embed_dim: int = 64
-    """Token width."""
-    depth: int = 6
-    """Transformer blocks (the digits-vit preset prunes before blocks 1, 3 and 5)."""
-    num_heads: int = 4
-    """Attention heads."""
-    mlp_ratio: float = 4.0
-    """MLP hidden width / token width."""
-    patch_size: int = 4
-    """Patch side in pixels: a 48 px canvas gives 12 x 12 = 144 patch tokens."""
 
 
 @dataclass
@@ -110,31 +102,19 @@ def configs(env_cfg: EnvConfig, epochs: int | None = None) -> tuple[DigitsViTCon
     return model_cfg, train_cfg
 
 
-def cache_root() -> Path:
-    """``$POLICY_PRUNE_CACHE`` if set, else ``~/.cache/policy-prune``."""
-    env = os.environ.get("POLICY_PRUNE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "policy-prune"
-
-
 def cache_record(model_cfg: DigitsViTConfig, train_cfg: PretrainConfig, data_options: dict[str, Any], seed: int) -> dict[str, Any]:
     """Everything that shapes the checkpoint: hashed into its folder name and stored beside it."""
     from policy_prune.data import digits
 
     data = {k: v for k, v in digits.options_dict(data_options).items() if k not in EVAL_ONLY_OPTIONS}
     return {
-        "format": FORMAT_VERSION,
+        "format": CACHE_FORMAT,
         "spec": EMBEDDED_SPEC,
         "model": dataclasses.asdict(model_cfg),
         "train": dataclasses.asdict(train_cfg),
         "data": data,
         "seed": seed,
     }
-
-
-def cache_path(record: dict[str, Any]) -> Path:
-    """``<cache root>/digits-vit/<16 hex digits of the record's sha256>``."""
-    digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_root() / EMBEDDED_SPEC / digest
 
 
 def _write_atomic(path: Path, write: Any) -> None:
@@ -161,51 +141,12 @@ def save_checkpoint(folder: Path, model: Any, record: dict[str, Any], metrics: d
     _write_atomic(folder / META, lambda tmp: Path(tmp).write_text(text))
 
 
-def read_meta(folder: Path) -> dict[str, Any] | None:
-    """The checkpoint's JSON, or None if the checkpoint is missing or incomplete."""
-    try:
-        meta = json.loads((folder / META).read_text())
-    except (OSError, ValueError):
-        return None
-    return meta if (folder / WEIGHTS).is_file() and meta.get("format") == FORMAT_VERSION else None
-
-
 # ---- model ----------------------------------------------------------------------------------------------
-def build_model(model_cfg: DigitsViTConfig, canvas: int, num_classes: int = 10) -> Any:
-    """A fresh timm VisionTransformer for ``canvas`` x ``canvas`` single-channel images.
-
-    ``weight_init="jax"`` (xavier linears, zero head): timm's default N(0, 0.02) is tuned for width 768
-    and leaves a 64-wide model's residual branches almost silent, which stalls training from scratch.
-    """
-    from timm.models.vision_transformer import VisionTransformer
-
-    if canvas % model_cfg.patch_size:
-        raise UserError(f"canvas {canvas} is not a multiple of patch_size {model_cfg.patch_size}")
-    return VisionTransformer(
-        img_size=canvas,
-        patch_size=model_cfg.patch_size,
-        in_chans=1,
-        num_classes=num_classes,
-        embed_dim=model_cfg.embed_dim,
-        depth=model_cfg.depth,
-        num_heads=model_cfg.num_heads,
-        mlp_ratio=model_cfg.mlp_ratio,
-        weight_init="jax",
-    )
-
-
 def load_cached(folder: Path) -> Any:
     """The frozen TimmViTBackbone stored in a cache folder (safetensors: no pickle on the load path)."""
-    from safetensors.torch import load_file
-
     from policy_prune.core.backbones import TimmViTBackbone
 
-    meta = read_meta(folder)
-    if meta is None:
-        raise UserError(f"no complete digits-vit checkpoint in {folder}")
-    model = build_model(DigitsViTConfig(**meta["model"]), int(meta["data"]["canvas"]))
-    model.load_state_dict(load_file(str(folder / WEIGHTS)))
-    return TimmViTBackbone(model.requires_grad_(False), name=EMBEDDED_SPEC).eval()
+    return TimmViTBackbone(load_digits_vit(folder), name=EMBEDDED_SPEC).eval()
 
 
 # ---- training ---------------------------------------------------------------------------------------------
@@ -402,19 +343,12 @@ def load_data(data_options: dict[str, Any], max_eval: int | None) -> dict[str, A
 
 
 # ---- public entry points ------------------------------------------------------------------------------------
-def pretrain(
-    env_cfg: EnvConfig, seed: int | None = None, force: bool = False, epochs: int | None = None, console: Any = None
-) -> PretrainResult:
-    """Get digits-vit from the cache, or fit and cache it (``force``: fit again regardless).
+def checkpoint_for(env_cfg: EnvConfig, seed: int | None = None,
+                   epochs: int | None = None) -> tuple[DigitsViTConfig, PretrainConfig, dict[str, Any], Path]:
+    """(architecture, training settings, cache record, cache folder) of an env's digits-vit.
 
-    ``seed`` overrides ``backbone.pretrain.seed`` (default 0).
+    ``seed`` overrides ``backbone.pretrain.seed`` (default 0), ``epochs`` ``backbone.pretrain.epochs``.
     """
-    import torch
-    from rich.console import Console
-
-    from policy_prune.core.backbones import TimmViTBackbone
-
-    console = console or Console()
     if env_cfg.backbone.spec != EMBEDDED_SPEC:
         raise UserError(f"pretrain fits the embedded {EMBEDDED_SPEC!r} backbone; env {env_cfg.name!r} uses {env_cfg.backbone.spec!r}")
     if env_cfg.data.dataset != "digits-cluttered":
@@ -422,19 +356,46 @@ def pretrain(
     model_cfg, train_cfg = configs(env_cfg, epochs)
     if seed is not None:
         train_cfg = dataclasses.replace(train_cfg, seed=seed)
-    seed = train_cfg.seed
-    record = cache_record(model_cfg, train_cfg, env_cfg.data.options, seed)
-    folder = cache_path(record)
-    meta = None if force else read_meta(folder)
-    if meta is not None:
-        return PretrainResult(load_cached(folder), folder, meta["metrics"], cached=True, seed=seed)
+    record = cache_record(model_cfg, train_cfg, env_cfg.data.options, train_cfg.seed)
+    return model_cfg, train_cfg, record, cache_path(record)
 
+
+def cached(env_cfg: EnvConfig, seed: int | None = None, epochs: int | None = None) -> PretrainResult | None:
+    """The env's digits-vit from the cache, or None if it was never fitted with these settings.
+
+    Needs only the inference install (no rich, no scikit-learn): ``policy_prune.load_backbone`` calls it.
+    """
+    _, train_cfg, _, folder = checkpoint_for(env_cfg, seed, epochs)
+    meta = read_meta(folder)
+    if meta is None:
+        return None
+    return PretrainResult(load_cached(folder), folder, meta["metrics"], cached=True, seed=train_cfg.seed)
+
+
+def pretrain(
+    env_cfg: EnvConfig, seed: int | None = None, force: bool = False, epochs: int | None = None, console: Any = None
+) -> PretrainResult:
+    """Get digits-vit from the cache, or fit and cache it (``force``: fit again regardless).
+
+    ``seed`` overrides ``backbone.pretrain.seed`` (default 0).
+    """
+    hit = None if force else cached(env_cfg, seed, epochs)
+    if hit is not None:
+        return hit
+    import torch
+    from rich.console import Console
+
+    from policy_prune.core.backbones import TimmViTBackbone
+
+    console = console or Console()
+    model_cfg, train_cfg, record, folder = checkpoint_for(env_cfg, seed, epochs)
+    seed = train_cfg.seed
     start = time.perf_counter()
     data = load_data(env_cfg.data.options, train_cfg.max_eval)
     # A private RNG stream: pretraining is reproducible from its seed and leaves the caller's RNG alone.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_model(model_cfg, data["options"].canvas)
+        model = build_digits_vit(model_cfg, data["options"].canvas)
         history = fit(model, data, train_cfg, seed, console)
     model.eval().requires_grad_(False)
     metrics = {

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from policy_prune.config import (
+    RUN_CONFIG_FILE,
     AgentConfig,
     ConfigError,
     EnvConfig,
@@ -26,6 +27,7 @@ from policy_prune.config import (
     from_dict,
     load_agent_config,
     load_env_config,
+    read_run_config,
     to_dict,
 )
 from policy_prune.errors import UserError
@@ -130,14 +132,7 @@ def validate(cfg: RunConfig) -> None:
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"not a run folder (no config.yaml): {run_dir}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
-        raise UserError(f"corrupt config.yaml in {run_dir}") from None
-    return from_dict(RunConfig, data, str(path))
+    return from_dict(RunConfig, read_run_config(run_dir), str(run_dir / RUN_CONFIG_FILE))
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -8,6 +8,7 @@ A spec is one of:
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from torch import nn
 from policy_prune.core.backbones.base import KeepFn, TokenBackbone, TokenState
 from policy_prune.core.backbones.hf import HFEncoderBackbone
 from policy_prune.core.backbones.timm_vit import TimmViTBackbone
-from policy_prune.errors import UserError
+from policy_prune.errors import UsageError, UserError
 
 BACKBONES: dict[str, type[TokenBackbone]] = {
     TimmViTBackbone.family: TimmViTBackbone,
@@ -39,17 +40,21 @@ def adapt(model: nn.Module, **kwargs: Any) -> TokenBackbone:
     """Wrap an in-memory model with the adapter of its family (the model is not modified)."""
     if isinstance(model, TokenBackbone):
         return model
-    from timm.models.vision_transformer import VisionTransformer
-
-    if isinstance(model, VisionTransformer):
+    # A model of a host library's class exists only if that library was imported: look the base class
+    # up in sys.modules instead of importing timm for an HF model (or transformers for a timm one).
+    vit = _loaded_class("timm.models.vision_transformer", "VisionTransformer")
+    if vit is not None and isinstance(model, vit):
         return TimmViTBackbone(model, **kwargs)
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover - transformers is a hard dependency
-        PreTrainedModel = ()  # type: ignore[assignment,misc]
-    if isinstance(model, PreTrainedModel):
+    hf = _loaded_class("transformers.modeling_utils", "PreTrainedModel")
+    if hf is not None and isinstance(model, hf):
         return HFEncoderBackbone(model, **kwargs)
-    raise TypeError(f"no token-pruning adapter for {type(model).__name__}: expected a timm ViT or HF encoder")
+    raise UsageError(f"no token-pruning adapter for {type(model).__name__}: expected a timm ViT or HF encoder")
+
+
+def _loaded_class(module: str, name: str) -> type | None:
+    """``module.name`` if that module is already imported, else None (importing it would not help)."""
+    found = getattr(sys.modules.get(module), name, None)
+    return found if isinstance(found, type) else None
 
 
 def load_backbone(

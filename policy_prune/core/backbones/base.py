@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from policy_prune.core import ops
+from policy_prune.errors import UserError
 
 
 @dataclass
@@ -326,6 +327,6 @@ class TokenBackbone(ABC, nn.Module):
     def check_sites(self, sites: Sequence[int]) -> None:
         """Sites must be strictly increasing block indices in [0, depth)."""
         if any(s < 0 or s >= self.depth for s in sites):
-            raise ValueError(f"pruning sites {list(sites)} must lie in [0, {self.depth - 1}]")
+            raise UserError(f"pruning sites {list(sites)} must lie in [0, {self.depth - 1}]")
         if list(sites) != sorted(set(sites)):
-            raise ValueError(f"pruning sites {list(sites)} must be strictly increasing")
+            raise UserError(f"pruning sites {list(sites)} must be strictly increasing")

@@ -14,6 +14,7 @@ from torch import nn
 
 from policy_prune.core import ops
 from policy_prune.core.backbones.base import TokenBackbone, TokenState
+from policy_prune.errors import UsageError, UserError
 
 TEXT_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "camembert", "electra")
 VISION_TYPES = ("vit",)
@@ -35,7 +36,7 @@ def _find_layers(base: nn.Module) -> nn.ModuleList:
             obj = getattr(obj, part, None)
         if isinstance(obj, nn.ModuleList):
             return obj
-    raise TypeError(f"cannot find the transformer layers of {type(base).__name__}")
+    raise UsageError(f"cannot find the transformer layers of {type(base).__name__}")
 
 
 def _find_linear(block: nn.Module, names: tuple[str, ...]) -> nn.Linear:
@@ -43,7 +44,7 @@ def _find_linear(block: nn.Module, names: tuple[str, ...]) -> nn.Linear:
     for path, module in block.named_modules():
         if path.rsplit(".", 1)[-1] in names and isinstance(module, nn.Linear):
             return module
-    raise TypeError(f"cannot find a projection named {names} in {type(block).__name__}")
+    raise UsageError(f"cannot find a projection named {names} in {type(block).__name__}")
 
 
 class HFEncoderBackbone(TokenBackbone):
@@ -63,9 +64,9 @@ class HFEncoderBackbone(TokenBackbone):
         base = getattr(model, "base_model", model)
         model_type = getattr(getattr(base, "config", None), "model_type", None)
         if model_type not in TEXT_TYPES + VISION_TYPES:
-            raise TypeError(f"unsupported Hugging Face model type {model_type!r}")
+            raise UsageError(f"unsupported Hugging Face model type {model_type!r}")
         if pooling not in ("mean", "cls"):
-            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+            raise UserError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
         super().__init__(model)
         self.base = base
         self.config = base.config

@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from policy_prune.core import ops
 from policy_prune.core.backbones.base import TokenBackbone, TokenState
+from policy_prune.errors import UsageError, UserError
 
 SUPPORTED_POOLS = ("token", "avg", "")
 
@@ -28,11 +29,11 @@ class TimmViTBackbone(TokenBackbone):
         from timm.models.vision_transformer import VisionTransformer
 
         if not isinstance(model, VisionTransformer):
-            raise TypeError(f"expected a timm VisionTransformer, got {type(model).__name__}")
+            raise UsageError(f"expected a timm VisionTransformer, got {type(model).__name__}")
         if getattr(model, "attn_pool", None) is not None or model.global_pool not in SUPPORTED_POOLS:
-            raise ValueError(f"timm global_pool={model.global_pool!r} is not supported (use 'token' or 'avg')")
+            raise UserError(f"timm global_pool={model.global_pool!r} is not supported (use 'token' or 'avg')")
         if getattr(model, "dynamic_img_size", False):
-            raise ValueError("timm models with dynamic_img_size=True are not supported")
+            raise UserError("timm models with dynamic_img_size=True are not supported")
         super().__init__(model)
         self.name = name or getattr(model, "default_cfg", {}).get("architecture", type(model).__name__)
         self.num_prefix = int(model.num_prefix_tokens)
