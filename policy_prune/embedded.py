@@ -13,10 +13,10 @@ from typing import Any
 
 from torch import nn
 
-from policy_prune.config import BackboneConfig, EnvConfig
+from policy_prune.config import BackboneConfig, EnvConfig, from_dict
 from policy_prune.core import embedded_models
 from policy_prune.core.backbones import TokenBackbone
-from policy_prune.core.embedded_models import DIGITS_VIT, MINILM_NAME, MINILM_SPECS
+from policy_prune.core.embedded_models import DIGITS_VIT, MINILM_DEPTH, MINILM_NAME, MINILM_SPECS
 from policy_prune.errors import UserError, require_train_extra
 
 
@@ -88,6 +88,49 @@ def resolve_backbone(env_cfg: EnvConfig, console: Any = None) -> tuple[TokenBack
     if cfg.spec in MINILM_SPECS:
         return load_minilm(cfg)
     return _load_user_backbone(cfg)
+
+
+def describe_backbone(cfg: BackboneConfig) -> tuple[str | None, int | None]:
+    """(output kind "logits" / "embedding", depth) of a preset's backbone, without fitting it or loading
+    weights: digits-vit from its model_kwargs, MiniLM by name, a timm model built on the meta device, an
+    HF model from its config.json. None where it cannot be told (then the backbone's own checks apply)."""
+    if cfg.spec == DIGITS_VIT:
+        from policy_prune.core.embedded_models import DigitsViTConfig
+
+        return "logits", from_dict(DigitsViTConfig, cfg.model_kwargs, "backbone.model_kwargs").depth
+    if cfg.spec in MINILM_SPECS:
+        return "embedding", MINILM_DEPTH
+    if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_file():
+        raise UserError(f"backbone.checkpoint not found: {cfg.checkpoint}")
+    try:
+        if cfg.spec.startswith("hf:") or (Path(cfg.spec) / "config.json").is_file():
+            return _describe_hf(cfg.spec.removeprefix("hf:"))
+        return _describe_timm(cfg.spec.removeprefix("timm:"), cfg.model_kwargs)
+    except (OSError, ValueError, TypeError) as exc:
+        if isinstance(exc, UserError):
+            raise
+        raise UserError(f"cannot load backbone {cfg.spec!r}: {str(exc).splitlines()[0]}") from None
+
+
+def _describe_timm(name: str, model_kwargs: dict[str, Any]) -> tuple[str | None, int | None]:
+    import timm
+    import torch
+
+    if not timm.is_model(name):
+        raise UserError(f"unknown backbone {name!r}: not a timm model name, 'hf:<id>' or a model folder")
+    with torch.device("meta"):  # the architecture without allocating or initialising weights
+        model = timm.create_model(name, pretrained=False, **model_kwargs)
+    blocks = getattr(model, "blocks", None)
+    return "logits", len(blocks) if isinstance(blocks, nn.Sequential | nn.ModuleList) else None
+
+
+def _describe_hf(name_or_path: str) -> tuple[str | None, int | None]:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name_or_path)
+    classifier = any(a.endswith("ForImageClassification") for a in getattr(config, "architectures", None) or [])
+    depth = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers", None)
+    return ("logits" if classifier else "embedding"), depth
 
 
 def _load_user_backbone(cfg: BackboneConfig) -> tuple[TokenBackbone, Any]:

@@ -31,6 +31,8 @@ DIGITS_VIT = "digits-vit"
 MINILM_SPECS = ("minilm", "all-MiniLM-L6-v2")
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 """The name the MiniLM adapter reports in signatures (never the machine-specific folder)."""
+MINILM_DEPTH = 6
+"""Transformer layers of all-MiniLM-L6-v2 (known without reading its weights)."""
 CACHE_FORMAT = 1
 WEIGHTS, META = "model.safetensors", "model.json"
 

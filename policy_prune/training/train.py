@@ -126,9 +126,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"agent.credit 'token' needs algo ppo, got {cfg.agent.algo!r}")
     if cfg.train.timesteps <= 0 or cfg.train.eval_every <= 0 or cfg.train.checkpoint_every <= 0:
         raise ConfigError("train.timesteps, train.eval_every and train.checkpoint_every must be positive")
-    n_steps = cfg.agent.hyperparams.get("n_steps")
-    if n_steps is not None and int(n_steps) % len(cfg.env.sites) != 0:
-        raise ConfigError(f"agent n_steps={n_steps} must be a multiple of the number of sites ({len(cfg.env.sites)})")
+    from policy_prune.training.checks import check_run_config
+
+    check_run_config(cfg, algorithm_class(cfg))  # everything else that can be checked before any work
 
 
 def load_run_config(run_dir: Path) -> RunConfig:

@@ -1,0 +1,156 @@
+"""Every mistake in a run's config that can be seen without fitting or loading a backbone, caught before any work.
+
+``check_run_config`` runs when ``train`` resolves its config, before the run folder exists: a typo in a
+hyperparameter, a negative lambda or a site past the model's last block costs one line, not a backbone fit.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from policy_prune.config import ConfigError
+
+PPO_ONLY = ("batch_size", "n_epochs", "clip_range", "clip_range_vf", "target_kl")
+"""PPO settings an a2c agent drops (so one hyperparameter file can serve both)."""
+SET_BY_TRAIN = {"policy": "agent.scorer_hidden / critic_hidden", "env": "--env", "seed": "--seed",
+                "device": "--device", "verbose": None, "policy_kwargs": "agent.scorer_hidden / critic_hidden",
+                "_init_setup_model": None}
+"""Constructor arguments ``train`` sets itself, and where the user sets them instead."""
+
+
+def check_run_config(cfg: Any, algo_class: type) -> None:
+    """Raise ConfigError (one line) for the first mistake in a RunConfig; ``algo_class`` is its SB3 algorithm."""
+    params = init_parameters(algo_class)
+    check_hyperparams(cfg.agent.hyperparams, params, cfg.agent.algo, algo_class.__name__)
+    check_rollout(cfg, params)
+    check_env(cfg.env)
+    check_train(cfg.train)
+
+
+def init_parameters(cls: type) -> dict[str, inspect.Parameter]:
+    """Named constructor parameters of ``cls``, following ``**kwargs`` up the MRO (subclasses that pass them on)."""
+    params: dict[str, inspect.Parameter] = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        sig = inspect.signature(klass.__init__)  # type: ignore[misc]
+        for name, p in sig.parameters.items():
+            if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                params.setdefault(name, p)
+        if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+            break
+    return params
+
+
+def check_hyperparams(hyper: dict[str, Any], params: dict[str, inspect.Parameter], algo: str, algo_name: str) -> None:
+    """Names against the algorithm's constructor, values of the common ones against their ranges."""
+    allowed = set(params) - set(SET_BY_TRAIN) | (set(PPO_ONLY) if algo == "a2c" else set())
+    for key in hyper:
+        if key in SET_BY_TRAIN:
+            where = SET_BY_TRAIN[key]
+            raise ConfigError(f"agent.hyperparams.{key} is set by policy-prune" + (f" (use {where})" if where else ""))
+        if key not in allowed:
+            raise ConfigError(f"agent.hyperparams: unknown key {key!r} for {algo_name}{_did_you_mean(key, allowed)}")
+    _positive_int(hyper, "n_steps", "n_epochs")
+    if "batch_size" in hyper and not (_is_int(hyper["batch_size"]) and hyper["batch_size"] >= 2):
+        raise ConfigError(f"agent.hyperparams.batch_size must be an integer >= 2, got {hyper['batch_size']!r}")
+    for key in ("gamma", "gae_lambda"):
+        if key in hyper and not (_is_number(hyper[key]) and 0.0 <= hyper[key] <= 1.0):
+            raise ConfigError(f"agent.hyperparams.{key} must lie in [0, 1], got {hyper[key]!r}")
+    for key in ("learning_rate", "clip_range"):
+        if key in hyper and _is_number(hyper[key]) and not hyper[key] > 0:
+            raise ConfigError(f"agent.hyperparams.{key} must be positive, got {hyper[key]!r}")
+
+
+def check_rollout(cfg: Any, params: dict[str, inspect.Parameter]) -> None:
+    """Env rows, groups and rollout length against each other and against the step budget."""
+    agent = cfg.agent
+    if agent.n_envs < 1:
+        raise ConfigError(f"agent.n_envs must be at least 1, got {agent.n_envs}")
+    if agent.group_size < 1 or agent.n_envs % agent.group_size:
+        raise ConfigError(f"agent.group_size {agent.group_size} must be a positive divisor of agent.n_envs {agent.n_envs}")
+    if any(h < 1 for h in [*agent.scorer_hidden, *agent.critic_hidden]):
+        raise ConfigError(f"agent.scorer_hidden / critic_hidden widths must be positive, got "
+                          f"{agent.scorer_hidden} / {agent.critic_hidden}")
+    n_steps = int(agent.hyperparams.get("n_steps", params["n_steps"].default))
+    n_sites = len(cfg.env.sites)
+    if n_sites and n_steps % n_sites:
+        raise ConfigError(f"agent n_steps={n_steps} must be a multiple of the number of sites ({n_sites})")
+    rollout = agent.n_envs * n_steps
+    if cfg.train.timesteps < rollout:
+        raise ConfigError(f"train.timesteps {cfg.train.timesteps} is below one rollout (n_envs {agent.n_envs} x "
+                          f"n_steps {n_steps} = {rollout}): nothing would be learned")
+
+
+def check_env(env: Any) -> None:
+    """Reward, sites and data of an env preset; the backbone is described, never loaded."""
+    from policy_prune.data import get_builder
+    from policy_prune.embedded import describe_backbone
+    from policy_prune.training.env import LOGIT_TASKS, TASKS
+
+    lam = env.reward.lam
+    if not (math.isfinite(lam) and lam >= 0):
+        raise ConfigError(f"env.reward.lam (lambda) must be a finite number >= 0, got {lam}")
+    if env.reward.task not in TASKS:
+        raise ConfigError(f"unknown env.reward.task {env.reward.task!r}{_did_you_mean(env.reward.task, TASKS)} "
+                          f"(choose from {', '.join(TASKS)})")
+    sites = env.sites
+    if not sites or any(s < 0 for s in sites) or sites != sorted(set(sites)):
+        raise ConfigError(f"env.sites {sites} must be a non-empty, strictly increasing list of block indices")
+    if env.data.max_samples is not None and env.data.max_samples < 1:
+        raise ConfigError(f"env.data.max_samples must be at least 1, got {env.data.max_samples}")
+    get_builder(env.data.dataset)  # an unknown dataset name fails here, listing the choices
+    if env.backbone.spec == "digits-vit":
+        from policy_prune.training.pretrain import checkpoint_for
+
+        checkpoint_for(env)  # parses backbone.model_kwargs / pretrain and the digits options strictly
+    kind, depth = describe_backbone(env.backbone)
+    if depth is not None and sites[-1] >= depth:
+        raise ConfigError(f"env.sites {sites}: {env.backbone.spec} has {depth} blocks, so sites must lie in [0, {depth - 1}]")
+    task = env.reward.task
+    if kind == "embedding" and task in LOGIT_TASKS:
+        raise ConfigError(f"env.reward.task {task!r} needs a classifier; {env.backbone.spec} outputs embeddings (use 'cosine')")
+    if kind == "logits" and task == "cosine":
+        raise ConfigError(f"env.reward.task 'cosine' is for embedding models; {env.backbone.spec} is a classifier "
+                          f"(use one of {', '.join(LOGIT_TASKS)})")
+    folder = env.data.dataset.removeprefix("imagefolder:")
+    if folder != env.data.dataset and not Path(folder).is_dir():
+        raise ConfigError(f"env.data.dataset: image folder not found: {folder}")
+
+
+def check_train(train: Any) -> None:
+    import torch
+
+    for key in ("eval_samples", "test_samples"):
+        if getattr(train, key) < 1:
+            raise ConfigError(f"train.{key} must be at least 1, got {getattr(train, key)}")
+    try:
+        device = torch.device(train.device)
+    except RuntimeError:
+        raise ConfigError(f"train.device {train.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device {train.device!r}: no CUDA device is available here (use --device cpu)")
+
+
+def _did_you_mean(key: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _positive_int(hyper: dict[str, Any], *keys: str) -> None:
+    for key in keys:
+        if key in hyper and not (_is_int(hyper[key]) and hyper[key] >= 1):
+            raise ConfigError(f"agent.hyperparams.{key} must be a positive integer, got {hyper[key]!r}")

@@ -1,0 +1,101 @@
+"""User mistakes: one line and exit code 2 from the CLI, a ValueError / TypeError from the library, and all of
+them before any backbone is fitted or loaded (the loaders are replaced by traps here)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import policy_prune
+from policy_prune.cli import main
+from policy_prune.errors import PolicyPruneError
+
+TRAIN_MISTAKES = {
+    "unknown hyperparameter": (["--set", "agent.hyperparams.n_stepz=3"],
+                               "unknown key 'n_stepz' for TokenCreditPPO (did you mean 'n_steps'?)"),
+    "negative lambda": (["--lam", "-1"], "lambda) must be a finite number >= 0"),
+    "site past the last block": (["--set", "env.sites=[1,3,9]"], "digits-vit has 6 blocks"),
+    "site past a timm model's blocks": (["--env", "custom-timm-imagefolder", "--set", "env.sites=[3,6,12]"],
+                                        "deit_tiny_patch16_224 has 12 blocks"),
+    "missing image folder": (["--env", "custom-timm-imagefolder"], "image folder not found: /path/to/your/images"),
+    "sites not increasing": (["--set", "env.sites=[3,1]"], "strictly increasing"),
+    "timesteps below one rollout": (["--timesteps", "1000"], "below one rollout (n_envs 64 x n_steps 48 = 3072)"),
+    "cosine task on a classifier": (["--set", "env.reward.task=cosine"], "'cosine' is for embedding models"),
+    "logit task on an encoder": (["--env", "minilm-text", "--set", "env.reward.task=label_prob"], "needs a classifier"),
+    "unknown reward task": (["--set", "env.reward.task=teacher_kll"], "(did you mean 'teacher_kl'?)"),
+    "group size not dividing n_envs": (["--set", "agent.group_size=3"], "must be a positive divisor of agent.n_envs 64"),
+    "gamma out of range": (["--set", "agent.hyperparams.gamma=1.5"], "gamma must lie in [0, 1]"),
+    "hyperparameter train sets": (["--set", "agent.hyperparams.seed=3"], "is set by policy-prune (use --seed)"),
+    "unknown algorithm": (["--set", "agent.algo=dqn"], "agent.algo must be one of ppo, a2c"),
+    "unknown env preset": (["--env", "no-such-env"], "unknown env preset 'no-such-env'"),
+    "unknown dataset": (["--set", "env.data.dataset=mnist"], "unknown dataset 'mnist'"),
+    "unknown pretrain key": (["--set", "env.backbone.pretrain.epoch=2"], "unknown key 'epoch' in backbone.pretrain"),
+    "n_steps not a multiple of sites": (["--set", "agent.hyperparams.n_steps=50"], "multiple of the number of sites (3)"),
+    "missing timm checkpoint": (["--set", "env.backbone.spec=vit_small_patch16_224", "--set",
+                                 "env.backbone.checkpoint=/nowhere/w.safetensors"], "checkpoint not found"),
+}
+if not torch.cuda.is_available():
+    TRAIN_MISTAKES["cuda without a GPU"] = (["--device", "cuda"], "no CUDA device is available here")
+OTHER_MISTAKES = {
+    "eval of a folder without a scorer": (["eval", "/nonexistent/run"], "scorer not found"),
+    "export of a missing run": (["export", "/nonexistent/run"], "run folder not found"),
+    "bench with an unknown inductor option": (["bench", "--what", "model", "--model", "digits-vit", "--compile", "frezing"],
+                                              "'frezing' is not an inductor option"),
+}
+
+
+@pytest.fixture
+def no_backbone_work(monkeypatch):
+    """Fitting or loading any backbone fails the test."""
+    from policy_prune import embedded
+    from policy_prune.core import backbones, embedded_models
+    from policy_prune.training import pretrain
+
+    def trap(*args, **kwargs):
+        raise AssertionError("a backbone was fitted or loaded")
+
+    for module, name in [(embedded, "resolve"), (embedded, "resolve_backbone"), (embedded, "digits_vit"),
+                         (pretrain, "pretrain"), (pretrain, "fit"), (backbones, "load_backbone"),
+                         (embedded_models, "load_digits_vit"), (embedded_models, "load_minilm")]:
+        monkeypatch.setattr(module, name, trap)
+
+
+@pytest.mark.parametrize("case", list(TRAIN_MISTAKES))
+def test_train_mistakes_fail_in_one_line_before_any_work(case, tmp_path, capsys, no_backbone_work) -> None:
+    argv, message = TRAIN_MISTAKES[case]
+    runs = tmp_path / "runs"
+    assert main(["train", *argv, "--runs-dir", str(runs)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and message in err[0], err
+    assert not runs.exists()  # no run folder, not even an empty one
+
+
+@pytest.mark.parametrize("case", list(OTHER_MISTAKES))
+def test_other_verbs_mistakes_fail_in_one_line(case, capsys, no_backbone_work) -> None:
+    argv, message = OTHER_MISTAKES[case]
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_library_mistakes_are_value_or_type_errors(tmp_path) -> None:
+    from timm.models.vision_transformer import VisionTransformer
+
+    from policy_prune.core.backbones import adapt
+    from policy_prune.core.scorer import random_scorer
+
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
+    scorer = random_scorer(adapt(model), [1, 2])
+    cases = [
+        (ValueError, "keep_ratio values must lie in [0, 1]", lambda: policy_prune.prune(model, scorer, keep_ratio=1.5)),
+        (ValueError, "give keep_ratio or threshold, not both",
+         lambda: policy_prune.prune(model, scorer, keep_ratio=0.5, threshold=0.0)),
+        (TypeError, "no token-pruning adapter for Linear", lambda: policy_prune.prune(torch.nn.Linear(2, 2), scorer)),
+        (ValueError, "scorer not found", lambda: policy_prune.load_scorer(tmp_path / "nothing")),
+        (ValueError, "unknown decision rule 'top-k'", lambda: policy_prune.prune(model, scorer, rule="top-k")),
+        (ValueError, "unknown backbone 'no_such_model'", lambda: policy_prune.load_backbone("no_such_model")),
+    ]
+    for kind, message, call in cases:
+        with pytest.raises(kind) as exc:
+            call()
+        assert isinstance(exc.value, PolicyPruneError) and message in str(exc.value)
