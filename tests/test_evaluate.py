@@ -10,20 +10,13 @@ import pytest
 import torch
 
 from policy_prune.core.backbones import adapt
+from policy_prune.core.schedule import TokenCounts, flops_ratio, keep_ratio_for, ratio_counts
 from policy_prune.core.scorer import LearnedScorer, random_scorer
 from policy_prune.data import Split
 from policy_prune.errors import UserError
 from policy_prune.evaluation import evaluate
 from policy_prune.evaluation.baselines import BASELINES, BaselineOptions
-from policy_prune.evaluation.evaluate import (
-    TokenCounts,
-    build_methods,
-    evaluate_methods,
-    flops_ratio,
-    keep_ratio_for,
-    ratio_counts,
-    write_outputs,
-)
+from policy_prune.evaluation.evaluate import build_methods, evaluate_methods, write_outputs
 from tests import tiny
 
 SITES = [1, 2]

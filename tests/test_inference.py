@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from policy_prune import PrunedModel, load_scorer, prune
 from policy_prune.core.artifact import save_scorer
 from policy_prune.core.backbones import adapt
+from policy_prune.core.schedule import TokenCounts, keep_ratio_for
 from policy_prune.core.scorer import make_keep_fn, random_scorer
 from policy_prune.errors import UserError
-from policy_prune.evaluation.bench import keep_ratio_for_flops
 from policy_prune.training.env import PruneCore
 from tests import tiny
 
@@ -190,7 +190,7 @@ def test_exported_scorer_in_a_fresh_process(tmp_path) -> None:
 
 def test_keep_ratio_for_flops_hits_the_target() -> None:
     backbone = adapt(tiny.make("timm-vit-cls"))
-    ratio = keep_ratio_for_flops(backbone, [0], 0.5, 17, 1)
+    ratio = keep_ratio_for(backbone, [0], TokenCounts.dense(17, 1), 0.5)
     kept = 1 + round(ratio * 16)
     assert abs(float(backbone.schedule_flops([0], [kept], 17)) / backbone.full_flops(17) - 0.5) < 0.05
 

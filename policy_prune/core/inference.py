@@ -23,11 +23,11 @@ from policy_prune.core import ops
 from policy_prune.core.artifact import RULES, check_signature, load_scorer, normalize_rule
 from policy_prune.core.backbones import HFEncoderBackbone, KeepFn, TokenBackbone, TokenState, adapt
 from policy_prune.core.features import make_projection, token_layout
+from policy_prune.core.schedule import keep_schedule
 from policy_prune.core.scorer import (
     LearnedScorer,
     TokenScorer,
     context_rows,
-    keep_count,
     make_keep_fn,
     spent_fraction,
 )
@@ -115,22 +115,21 @@ class PrunedModel(nn.Module):
     def _plan(self, state: TokenState) -> list[tuple[int, torch.Tensor]]:
         """Per site: (slots kept, context row [1, G]) of the keep_ratio schedule on a dense input.
 
-        Computed with the mask path's own formulas (keep_count, spent_fraction, context_rows) for a
+        Computed with the mask path's own formulas (keep_schedule, spent_fraction, context_rows) for a
         row with every token alive, so the static path sees the same context and keeps the same count.
         """
         key = (state.n_full, str(state.tokens.device))
         plans: dict[Any, list[tuple[int, torch.Tensor]]] = self.__dict__.setdefault("_plans", {})
         if key not in plans:
-            n_protected = token_layout(self.backbone)[0]  # dense states come from images: the prefix tokens
             n0 = torch.tensor([state.n_full])
-            alive, kept, plan = n0, list[torch.Tensor](), list[tuple[int, torch.Tensor]]()
-            for i, value in enumerate(self._site_values()):
-                spent = spent_fraction(self.backbone, self.sites, n0, kept, state.n_full)
-                context = context_rows(i, len(self.sites), alive.float() / state.n_full, spent, state.tokens.device)
-                alive = keep_count(value, alive - n_protected) + n_protected
-                kept.append(alive)
-                plan.append((int(alive), context))
-            plans[key] = plan
+            # Dense states come from images: their protected tokens are the prefix tokens.
+            kept = keep_schedule(self._site_values(), n0, token_layout(self.backbone)[0])
+            plans[key] = [
+                (int(kept[i]), context_rows(i, len(self.sites), (kept[i - 1] if i else n0).float() / state.n_full,
+                                            spent_fraction(self.backbone, self.sites, n0, kept[:i], state.n_full),
+                                            state.tokens.device))
+                for i in range(len(kept))
+            ]
         return plans[key]
 
     def _site_values(self) -> list[float]:

@@ -28,7 +28,7 @@ import torch
 from policy_prune.core import ops
 from policy_prune.core.backbones.base import TokenBackbone, TokenState
 from policy_prune.core.features import position_table
-from policy_prune.core.scorer import LearnedScorer, Scorer, make_keep_fn
+from policy_prune.core.scorer import LearnedScorer, Scorer, keep_count, make_keep_fn
 from policy_prune.errors import UserError
 from policy_prune.evaluation import merge
 
@@ -186,12 +186,6 @@ class TomeMethod:
 
 
 # ---- ToMe merge mode: size bookkeeping through the host's own blocks ---------------------------------
-def kept_prunable(state: TokenState, value: float) -> torch.Tensor:
-    """[B] prunable tokens the keep_ratio rule keeps: round(value * prunable), as ``decide`` rounds."""
-    n_prunable = (state.valid & ~state.protected).sum(dim=1)
-    return torch.round(value * n_prunable.float()).long()
-
-
 def run_blocks_sized(backbone: TokenBackbone, state: TokenState, size: torch.Tensor | None, start: int, stop: int) -> TokenState:
     """Blocks[start:stop] with proportional attention: log(size) added to every key's logits.
 
@@ -278,7 +272,7 @@ def forward_merged(
     start = 0
     for site, value in zip(sites, per_site, strict=True):
         state = run_blocks_sized(backbone, state, size if prop_attn else None, start, site)
-        state, size = merge_tokens(backbone, state, size, site, kept_prunable(state, value))
+        state, size = merge_tokens(backbone, state, size, site, keep_count(value, (state.valid & ~state.protected).sum(dim=1)))
         counts.append(state.alive_counts)
         start = site
     state = run_blocks_sized(backbone, state, size if prop_attn else None, start, backbone.depth)

@@ -21,6 +21,7 @@ from torch import nn
 
 from policy_prune.core.backbones import TokenBackbone, TokenState, adapt
 from policy_prune.core.inference import PrunedModel, prune
+from policy_prune.core.schedule import TokenCounts, keep_ratio_for
 from policy_prune.core.scorer import LearnedScorer, random_scorer
 
 
@@ -327,23 +328,6 @@ def print_model(args: argparse.Namespace, console: Any) -> list[dict[str, Any]]:
 
 
 # ---- PrunedModel speed (--what model) ---------------------------------------------------------------
-def keep_ratio_for_flops(backbone: TokenBackbone, sites: Sequence[int], target: float, n_tokens: int, n_protected: int) -> float:
-    """The keep_ratio (same at every site, compounding) whose schedule uses ``target`` of the full FLOPs."""
-
-    def flops_ratio(r: float) -> float:
-        counts, prunable = [], n_tokens - n_protected
-        for _ in sites:
-            prunable = round(r * prunable)
-            counts.append(prunable + n_protected)
-        return float(backbone.schedule_flops(sites, counts, n_tokens)) / backbone.full_flops(n_tokens)
-
-    lo, hi = 0.0, 1.0
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if flops_ratio(mid) > target else (mid, hi)
-    return lo
-
-
 def bench_pruned_model(
     model: str | nn.Module = "deit_small_patch16_224",
     scorer: LearnedScorer | None = None,
@@ -401,7 +385,7 @@ def _bench_batch(model: nn.Module, backbone: TokenBackbone, scorer: LearnedScore
     """One batch size; ``options`` None = eager, else the inductor options of torch.compile (may be empty)."""
     state = backbone.embed(x)
     n = state.n_full
-    ratio = keep_ratio_for_flops(backbone, scorer.sites, flops_target, n, int(state.protected[0].sum()))
+    ratio = keep_ratio_for(backbone, scorer.sites, TokenCounts.dense(n, int(state.protected[0].sum())), flops_target)
     pruned = prune(model, scorer, keep_ratio=ratio, strict=False)
     kept = [int(c[0]) for c in pruned.run(x)[2]]
     shares: list[float] = []

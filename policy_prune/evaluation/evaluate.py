@@ -23,9 +23,8 @@ from typing import Any
 
 import torch
 
-from policy_prune.core import ops
 from policy_prune.core.backbones.base import TokenBackbone
-from policy_prune.core.scorer import row_full_flops
+from policy_prune.core.schedule import TokenCounts, flops_per_row, flops_ratio, keep_ratio_for
 from policy_prune.errors import UserError
 from policy_prune.evaluation.baselines import BASELINES, BaselineOptions, Method, ScorerMethod, make_baseline
 from policy_prune.evaluation.metrics import cosine_fidelity, recall_at_k
@@ -37,55 +36,7 @@ TARGET_TOLERANCE = 0.02
 """A row whose measured FLOPs ratio is further than this from its target is flagged (unreachable budget)."""
 
 
-# ---- budgets: FLOPs of a constant keep ratio, solved for a target ------------------------------------
-@dataclass
-class TokenCounts:
-    """Per-row token counts of a split at embedding, enough for analytic FLOPs."""
-
-    n0: torch.Tensor
-    """[M] alive tokens per row (text rows differ; padding is not work)."""
-    protected: torch.Tensor
-    """[M] protected tokens per row (never pruned)."""
-    n_full: int
-    """Embedded sequence length."""
-
-
-def flops_per_row(backbone: TokenBackbone, sites: Sequence[int], counts: Sequence[torch.Tensor], tc: TokenCounts) -> torch.Tensor:
-    """[M] FLOPs of each row given the alive counts [M] after each site."""
-    blocks = ops.schedule_flops(backbone.block_shape, backbone.depth, list(sites),
-                                [c.double().cpu() for c in counts], tc.n0.double())
-    return torch.as_tensor(blocks + backbone.embed_flops(tc.n_full) + backbone.head_flops(), dtype=torch.float64)
-
-
-def flops_ratio(backbone: TokenBackbone, sites: Sequence[int], counts: Sequence[torch.Tensor], tc: TokenCounts) -> float:
-    """Total FLOPs over total unpruned FLOPs of the rows."""
-    full = row_full_flops(backbone, tc.n0, tc.n_full).expand(len(tc.n0))
-    return float(flops_per_row(backbone, sites, counts, tc).sum() / full.sum())
-
-
-def ratio_counts(sites: Sequence[int], tc: TokenCounts, ratio: float) -> list[torch.Tensor]:
-    """Alive counts [M] after each site under keep_ratio ``ratio``, rounded exactly as ``decide`` rounds."""
-    prunable = tc.n0 - tc.protected
-    counts = []
-    for _ in sites:
-        prunable = torch.round(ratio * prunable.float()).long()
-        counts.append(tc.protected + prunable)
-    return counts
-
-
-def solve_keep_ratio(fn: Callable[[float], float], target: float, iters: int = 40) -> float:
-    """The r in [0, 1] whose FLOPs ratio fn(r) (non-decreasing, a step function) is nearest ``target``."""
-    lo, hi = 0.0, 1.0
-    if fn(hi) <= target:
-        return hi
-    if fn(lo) >= target:
-        return lo
-    for _ in range(iters):  # invariant: fn(lo) < target <= fn(hi)
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if fn(mid) < target else (lo, mid)
-    return lo if abs(fn(lo) - target) <= abs(fn(hi) - target) else hi
-
-
+# ---- budgets: keep_ratio schedules (core.schedule) and logit thresholds solved for a FLOPs target ----
 def solve_threshold(fn: Callable[[float], float], target: float, iters: int = 16, tol: float = 0.002) -> float:
     """The threshold t whose FLOPs ratio fn(t) (non-increasing in t) is nearest ``target``.
 
@@ -112,11 +63,6 @@ def solve_threshold(fn: Callable[[float], float], target: float, iters: int = 16
             break
         lo, hi = (mid, hi) if gap(mid) > 0 else (lo, mid)
     return min(seen, key=lambda t: abs(seen[t] - target))
-
-
-def keep_ratio_for(backbone: TokenBackbone, sites: Sequence[int], tc: TokenCounts, target: float) -> float:
-    """Constant per-site keep ratio that brings this split to ``target`` FLOPs ratio."""
-    return solve_keep_ratio(lambda r: flops_ratio(backbone, sites, ratio_counts(sites, tc, r), tc), target)
 
 
 # ---- metrics -----------------------------------------------------------------------------------------
@@ -404,18 +350,6 @@ def print_table(results: dict[str, Any], console: Any) -> None:
     for row in body:
         table.add_row(*row)
     console.print(table)
-
-
-def log_to_wandb(run: Any, results: dict[str, Any], out_dir: Path | None = None) -> None:
-    """Log the Pareto rows as a W&B table (and the plot when ``out_dir`` holds it) to an active run."""
-    import wandb
-
-    header, body = table_rows(results)
-    columns: list[Any] = list(header)
-    payload: dict[str, Any] = {"eval/pareto": wandb.Table(columns=columns, data=body)}
-    if out_dir is not None and (out_dir / "pareto.png").exists():
-        payload["eval/pareto_plot"] = wandb.Image(str(out_dir / "pareto.png"))
-    run.log(payload)
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------

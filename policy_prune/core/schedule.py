@@ -1,0 +1,82 @@
+"""keep_ratio schedules: the token counts a constant ratio leaves after each site, their FLOPs, and the ratio
+that meets a FLOPs target. One implementation for ``prune``'s static plan, ``eval``'s budgets and ``bench``.
+
+Counts compound: site i keeps ``round(ratio * prunable)`` of the prunable tokens that site i - 1 left
+(``scorer.keep_count``, the rounding ``decide`` applies), and every protected token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from policy_prune.core import ops
+from policy_prune.core.backbones.base import TokenBackbone
+from policy_prune.core.scorer import keep_count, row_full_flops
+
+
+@dataclass
+class TokenCounts:
+    """Per-row token counts at embedding, enough for analytic FLOPs."""
+
+    n0: torch.Tensor
+    """[M] alive tokens per row (text rows differ; padding is not work)."""
+    protected: torch.Tensor
+    """[M] protected tokens per row (never pruned)."""
+    n_full: int
+    """Embedded sequence length."""
+
+    @classmethod
+    def dense(cls, n_tokens: int, n_protected: int) -> TokenCounts:
+        """One row of ``n_tokens`` tokens, ``n_protected`` of them protected (an image)."""
+        return cls(torch.tensor([n_tokens]), torch.tensor([n_protected]), n_tokens)
+
+
+def keep_schedule(values: Sequence[float], n_alive: torch.Tensor, n_protected: torch.Tensor | int) -> list[torch.Tensor]:
+    """[M] alive counts after each site when site i keeps ratio ``values[i]`` of the prunable alive tokens.
+
+    n_alive: [M] alive tokens before the first site; n_protected: [M] (or one number) never pruned.
+    """
+    counts, alive = [], n_alive
+    for value in values:
+        alive = keep_count(value, alive - n_protected) + n_protected
+        counts.append(alive)
+    return counts
+
+
+def flops_per_row(backbone: TokenBackbone, sites: Sequence[int], counts: Sequence[torch.Tensor], tc: TokenCounts) -> torch.Tensor:
+    """[M] FLOPs of each row given the alive counts [M] after each site."""
+    blocks = ops.schedule_flops(backbone.block_shape, backbone.depth, list(sites),
+                                [c.double().cpu() for c in counts], tc.n0.double())
+    return torch.as_tensor(blocks + backbone.embed_flops(tc.n_full) + backbone.head_flops(), dtype=torch.float64)
+
+
+def flops_ratio(backbone: TokenBackbone, sites: Sequence[int], counts: Sequence[torch.Tensor], tc: TokenCounts) -> float:
+    """Total FLOPs over total unpruned FLOPs of the rows."""
+    full = row_full_flops(backbone, tc.n0, tc.n_full).expand(len(tc.n0))
+    return float(flops_per_row(backbone, sites, counts, tc).sum() / full.sum())
+
+
+def ratio_counts(sites: Sequence[int], tc: TokenCounts, ratio: float) -> list[torch.Tensor]:
+    """Alive counts [M] after each site under one constant keep ratio."""
+    return keep_schedule([ratio] * len(sites), tc.n0, tc.protected)
+
+
+def solve_keep_ratio(fn: Callable[[float], float], target: float, iters: int = 40) -> float:
+    """The r in [0, 1] whose FLOPs ratio fn(r) (non-decreasing, a step function) is nearest ``target``."""
+    lo, hi = 0.0, 1.0
+    if fn(hi) <= target:
+        return hi
+    if fn(lo) >= target:
+        return lo
+    for _ in range(iters):  # invariant: fn(lo) < target <= fn(hi)
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if fn(mid) < target else (lo, mid)
+    return lo if abs(fn(lo) - target) <= abs(fn(hi) - target) else hi
+
+
+def keep_ratio_for(backbone: TokenBackbone, sites: Sequence[int], tc: TokenCounts, target: float) -> float:
+    """The constant per-site keep ratio whose schedule runs these rows nearest ``target`` of their FLOPs."""
+    return solve_keep_ratio(lambda r: flops_ratio(backbone, sites, ratio_counts(sites, tc, r), tc), target)
