@@ -3,6 +3,7 @@
     scorer = policy_prune.load_scorer("runs/.../scorer")
     fast = policy_prune.prune(model, scorer)            # threshold rule from scorer.json
     logits = fast(images)                               # or fast(**tokenizer(texts, ...))
+    logits, kept = fast(images, return_kept=True)       # kept [B, N]: the tokens that reached the end
 
 The model is wrapped through its TokenBackbone adapter and never modified. Kept tokens are gathered
 (really removed), so measured speed follows FLOPs. Decisions come from ``make_keep_fn``: the same code
