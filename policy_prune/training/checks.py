@@ -97,8 +97,8 @@ def check_env(env: Any) -> None:
     if not (math.isfinite(lam) and lam >= 0):
         raise ConfigError(f"env.reward.lam (lambda) must be a finite number >= 0, got {lam}")
     if env.reward.task not in TASKS:
-        raise ConfigError(f"unknown env.reward.task {env.reward.task!r}{_did_you_mean(env.reward.task, TASKS)} "
-                          f"(choose from {', '.join(TASKS)})")
+        raise ConfigError(f"unknown env.reward.task {env.reward.task!r}: choose from {', '.join(TASKS)}"
+                          f"{_did_you_mean(env.reward.task, TASKS)}")
     sites = env.sites
     if not sites or any(s < 0 for s in sites) or sites != sorted(set(sites)):
         raise ConfigError(f"env.sites {sites} must be a non-empty, strictly increasing list of block indices")
