@@ -91,6 +91,8 @@ def test_corpus_options_choose_sources_queries_and_caps() -> None:
     capped = tx.corpus({"max_passages": {"train": 500}})
     full = tx.corpus({})
     assert 450 <= len(capped["train"].passages) <= 500 and capped["test"] == full["test"]
+    other = tx.corpus({"split_seed": 1})
+    assert set(other["test"].passages) != set(full["test"].passages) and other == tx.corpus({"split_seed": 1})
     got, all_items = set(capped["train"].passages), tx.items(tx.TextOptions())
     assert got < set(full["train"].passages)
     assert all(set(all_items[g].passages) <= got for g in set(capped["train"].groups))  # whole items
@@ -148,8 +150,10 @@ def test_minilm_embeddings_match_sentence_transformers_encode(minilm) -> None:
     from policy_prune.embedded import minilm_path
 
     backbone, tokenizer = minilm
-    texts = tx.corpus({"sources": ["topics"]})["test"].passages[:6] + ["json.dumps", "Return the square root of x."]
-    ref = st.SentenceTransformer(str(minilm_path()), device="cpu").encode(texts, convert_to_tensor=True)
+    texts = tx.corpus({"sources": ["topics"]})["test"].passages[:12] + ["json.dumps", "Return the square root of x."]
+    model = st.SentenceTransformer(str(minilm_path()), device="cpu")
+    model.max_seq_length = 128  # the env's max_length (sentence-transformers' default for this model is 256)
+    ref = model.encode(texts, convert_to_tensor=True)
     with torch.no_grad():
         emb = backbone(tx.tokenize(texts, tokenizer, 128))  # padded to the longest: pooling must ignore padding
     assert float(torch.nn.functional.cosine_similarity(emb, ref.cpu()).min()) > 0.9999
