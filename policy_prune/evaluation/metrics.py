@@ -36,3 +36,48 @@ def recall_at_k(pruned_emb: torch.Tensor, full_emb: torch.Tensor, k: int = 10) -
     found = neighbours(pruned_emb, full_emb, k)  # [M, k]
     hits = (truth[:, :, None] == found[:, None, :]).any(dim=-1).sum(dim=-1)  # [M]
     return float(hits.float().mean() / k)
+
+
+# ---- retrieval: queries against a passage corpus, binary relevance ------------------------------------
+def rank(query_emb: torch.Tensor, passage_emb: torch.Tensor, k: int, chunk: int = 256) -> torch.Tensor:
+    """Rows [Q, k] of the k passages [M, D] most cosine-similar to each query [Q, D], best first.
+
+    Equal scores rank the lower passage row first (a stable sort), so rankings are deterministic.
+    """
+    p = F.normalize(passage_emb.float(), dim=-1)
+    k = min(k, p.shape[0])
+    out = []
+    for q in F.normalize(query_emb.float(), dim=-1).split(chunk):
+        order = torch.sort(q @ p.T, dim=-1, descending=True, stable=True).indices  # [chunk, M]
+        out.append(order[:, :k])
+    return torch.cat(out) if out else torch.zeros(0, k, dtype=torch.long)
+
+
+def retrieval_scores(query_emb: torch.Tensor, passage_emb: torch.Tensor, relevant: torch.Tensor,
+                     k: int = 10) -> dict[str, torch.Tensor]:
+    """Per-query recall@k and nDCG@k [Q] of ranking passages [M, D] for queries [Q, D] by cosine.
+
+    ``relevant``: [R, 2] long (query row, passage row) pairs, binary relevance, every query at least one.
+    recall@k = relevant passages in the top k / min(|relevant|, k), so a perfect ranking scores 1 even
+    when a query has more than k relevant passages; nDCG@k = sum over relevant ranks r <= k of
+    1 / log2(r + 1), over its ideal, the sum for ranks 1..min(|relevant|, k).
+    """
+    n_q, n_p = query_emb.shape[0], passage_emb.shape[0]
+    n_rel = torch.bincount(relevant[:, 0], minlength=n_q)
+    if (n_rel == 0).any():
+        raise ValueError(f"{int((n_rel == 0).sum())} queries have no relevant passage")
+    top = rank(query_emb, passage_emb, k)  # [Q, k']
+    keys = torch.arange(n_q)[:, None] * n_p + top
+    hits = torch.isin(keys, relevant[:, 0] * n_p + relevant[:, 1]).float()  # [Q, k']
+    discount = 1.0 / torch.log2(torch.arange(2, top.shape[1] + 2, dtype=torch.float32))  # [k']
+    ideal = discount.cumsum(0)[n_rel.clamp(max=top.shape[1]) - 1]  # [Q]
+    return {
+        f"recall@{k}": hits.sum(1) / n_rel.clamp(max=k).float(),
+        f"ndcg@{k}": (hits * discount).sum(1) / ideal,
+    }
+
+
+def retrieval_at_k(query_emb: torch.Tensor, passage_emb: torch.Tensor, relevant: torch.Tensor,
+                   k: int = 10) -> dict[str, float]:
+    """Mean recall@k and nDCG@k over the queries (see :func:`retrieval_scores`)."""
+    return {key: float(v.mean()) for key, v in retrieval_scores(query_emb, passage_emb, relevant, k).items()}
