@@ -68,9 +68,18 @@ class RewardConfig:
     """Reward = task term - lam * FLOPs fraction."""
 
     task: str = "teacher_kl"
-    """Task term: teacher_kl, teacher_agree, label_ce, label_acc or cosine."""
+    """Task term: teacher_kl, teacher_agree, label_ce, label_prob, label_acc or cosine."""
     lam: float = 0.3
-    """Weight of the compute penalty; the episode's penalty sums to lam * (used FLOPs / full FLOPs)."""
+    """Weight of the compute penalty; the episode's penalty sums to lam * (used FLOPs / full FLOPs). With a
+    ``budget``, the starting value of every budget's multiplier."""
+    budget: list[float] | None = None
+    """[low, high]: train one scorer for every budget. Each episode draws a target FLOPs ratio from this
+    range, the policy sees it, and its compute is charged at a multiplier lambda(target) that dual ascent
+    moves until the mean FLOPs ratio meets the target (policy_prune/training/budget.py). None: one lambda."""
+    budget_knots: int = 8
+    """Knots of the piecewise-linear lambda(target) curve."""
+    budget_lr: float = 0.05
+    """Dual-ascent step: each knot moves by this times (mean FLOPs ratio - target) after every rollout."""
 
 
 @dataclass

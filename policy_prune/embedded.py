@@ -40,7 +40,7 @@ def load_backbone(spec: str, checkpoint: str | Path | None = None, pretrained: b
     return load_adapter(spec, checkpoint, pretrained, **model_kwargs).model.requires_grad_(False).eval()
 
 
-def digits_vit(env_cfg: EnvConfig, console: Any = None) -> TokenBackbone:
+def digits_vit(env_cfg: EnvConfig, console: Any = None, progress: Any = None) -> TokenBackbone:
     """The env's digits-vit (the defaults of EnvConfig are the digits-vit preset's): cached, else fitted.
 
     digits-vit is fitted with its own ``backbone.pretrain.seed`` (not a run's seed: every RL seed prunes
@@ -52,7 +52,7 @@ def digits_vit(env_cfg: EnvConfig, console: Any = None) -> TokenBackbone:
     if hit is not None:
         return hit.backbone
     require_train_extra(f"digits-vit is not in the cache ({embedded_models.cache_root()}) and fitting it")
-    result = pretrain.pretrain(env_cfg, console=console)
+    result = pretrain.pretrain(env_cfg, console=console, progress=progress)
     if console is not None:
         console.print(f"digits-vit fitted: test accuracy {result.metrics['test_acc']:.3f}, cached in {result.path}")
     return result.backbone
@@ -80,11 +80,11 @@ def _tokenizer_for(backbone: TokenBackbone, spec: str) -> Any:
     return AutoTokenizer.from_pretrained(spec.removeprefix("hf:"))
 
 
-def resolve_backbone(env_cfg: EnvConfig, console: Any = None) -> tuple[TokenBackbone, Any]:
+def resolve_backbone(env_cfg: EnvConfig, console: Any = None, progress: Any = None) -> tuple[TokenBackbone, Any]:
     """(frozen backbone, tokenizer or None) for an env preset; digits-vit is fitted first if not cached."""
     cfg = env_cfg.backbone
     if cfg.spec == DIGITS_VIT:
-        return digits_vit(env_cfg, console), None
+        return digits_vit(env_cfg, console, progress), None
     if cfg.spec in MINILM_SPECS:
         return load_minilm(cfg)
     return _load_user_backbone(cfg)
@@ -146,10 +146,14 @@ def _load_user_backbone(cfg: BackboneConfig) -> tuple[TokenBackbone, Any]:
     return backbone, tokenizer
 
 
-def resolve(env_cfg: EnvConfig, seed: int = 0, device: str = "cpu", console: Any = None) -> tuple[Any, dict[str, Any]]:
-    """The frozen backbone (pretrained first if it is the embedded default) and its train/val/test splits."""
+def resolve(env_cfg: EnvConfig, seed: int = 0, device: str = "cpu", console: Any = None,
+            progress: Any = None) -> tuple[Any, dict[str, Any]]:
+    """The frozen backbone (pretrained first if it is the embedded default) and its train/val/test splits.
+
+    ``progress``: a rich Progress that shows the fitting, if any (else fitting makes its own display).
+    """
     from policy_prune.data import load_splits
 
-    backbone, tokenizer = resolve_backbone(env_cfg, console=console)
+    backbone, tokenizer = resolve_backbone(env_cfg, console=console, progress=progress)
     splits = load_splits(env_cfg, seed=seed, backbone=backbone, tokenizer=tokenizer)
     return backbone.to(device), splits

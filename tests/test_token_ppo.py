@@ -112,9 +112,15 @@ def test_token_credit_ppo_learns_a_per_token_rule() -> None:
 
 def test_token_critic_needs_token_baseline() -> None:
     env = RuleEnv(n_envs=2)
-    model = TokenCreditPPO(TokenScorerPolicy, env, n_steps=2, batch_size=4, seed=0)
+    model = TokenCreditPPO(TokenScorerPolicy, env, n_steps=2, batch_size=4, seed=0, gae_lambda=1.0)
     with pytest.raises(RuntimeError, match="token_baseline"):
         model.policy.token_terms(model.policy.obs_to_tensor(env.reset())[0])
+
+
+def test_token_credit_refuses_bootstrapped_returns() -> None:
+    # Its per-token decomposition models Monte Carlo returns: GAE lambda < 1 would bootstrap from the critic.
+    with pytest.raises(ValueError, match="gae_lambda=1"):
+        TokenCreditPPO(TokenScorerPolicy, RuleEnv(n_envs=2), n_steps=2, batch_size=4, seed=0, gae_lambda=0.95)
 
 
 def test_train_cli_with_token_credit_and_resume(presets, tmp_path) -> None:  # noqa: F811

@@ -39,7 +39,7 @@ def presets(tmp_path: Path) -> tuple[str, str]:
 def _train_args(presets, runs: Path, *extra: str) -> list[str]:
     env, agent = presets
     return ["train", "--env", env, "--agent", agent, "--runs-dir", str(runs), "--seed", "3",
-            "--set", "train.eval_every=32", "--set", "train.eval_samples=16", "--set", "train.test_samples=16",
+            "--set", "train.eval_every=32", "--set", "train.eval_samples=16", "--set", "train.final_samples=16",
             "--set", "train.checkpoint_every=32", *extra]
 
 

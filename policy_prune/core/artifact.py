@@ -13,6 +13,9 @@ the file and the problem.
     layer_sizes     {feature_dim, context_dim, hidden}: the TokenScorer's constructor arguments
     backbone        the backbone's signature() it was trained on (checked by ``prune``)
     default_rule    {"rule": "threshold" | "keep_ratio", "values": [one per site]}
+    budget          null, or the budget input of a budget-conditioned scorer (``core.budget.BudgetInput``):
+                    {"input": "flops", "low", "high", "default", "calibration": [{"flops", "threshold",
+                    "keep_ratio"}, ...]}; its TokenScorer reads one more context column (the target)
     lam             training lambda (compute penalty), or null
     metrics         headline validation metrics, e.g. {"agreement": 0.97, "flops_ratio": 0.52}
     created         {"time", "policy_prune", "torch"}
@@ -36,9 +39,10 @@ from typing import Any
 
 import torch
 
+from policy_prune.core.budget import BudgetInput
 from policy_prune.core.embedded_models import DIGITS_VIT
 from policy_prune.core.features import BASE_FEATURES, FEATURE_VERSION, FeatureSpec
-from policy_prune.core.scorer import LearnedScorer, TokenScorer
+from policy_prune.core.scorer import LearnedScorer, TokenScorer, context_width
 from policy_prune.errors import UserError
 
 FORMAT_VERSION = 1
@@ -128,6 +132,7 @@ def artifact_json(
                         "hidden": [int(h) for h in net.hidden]},
         "backbone": _plain(dict(signature)),
         "default_rule": dict(rule),
+        "budget": None if scorer.budget is None else scorer.budget.to_json(),
         "lam": None if lam is None else float(lam),
         "metrics": _plain(dict(metrics or {})),
         "created": {"time": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -204,7 +209,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
 
 
 # ---- load --------------------------------------------------------------------------------------------
-_LOADED_META_KEYS = ("backbone", "default_rule", "lam", "metrics", "created", "format_version", "path")
+_LOADED_META_KEYS = ("backbone", "default_rule", "lam", "metrics", "created", "format_version", "path", "budget")
 
 
 def load_scorer(path: str | Path) -> LearnedScorer:
@@ -222,7 +227,8 @@ def load_scorer(path: str | Path) -> LearnedScorer:
     where = root / META_FILE
     spec = _spec_from_json(meta["feature_spec"], where)
     sites = _sites(meta["sites"], where)
-    net = _build_net(meta["layer_sizes"], spec, len(sites), where)
+    budget = _budget(meta.get("budget"), where)
+    net = _build_net(meta["layer_sizes"], spec, len(sites), budget is not None, where)
     tensors = read_tensors(root / WEIGHTS_FILE)
     _load_weights(net, tensors, root / WEIGHTS_FILE)
     projection = _projection(tensors, meta["backbone"], spec, root / WEIGHTS_FILE)
@@ -234,7 +240,7 @@ def load_scorer(path: str | Path) -> LearnedScorer:
     info = {**extra, "backbone": meta["backbone"], "default_rule": rule, "lam": meta.get("lam"),
             "metrics": meta.get("metrics") or {}, "created": meta.get("created"),
             "format_version": meta["format_version"], "path": str(root)}
-    return LearnedScorer(net.eval(), sites, spec, projection, info)
+    return LearnedScorer(net.eval(), sites, spec, projection, info, budget)
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -294,15 +300,26 @@ def _sites(data: Any, where: Path) -> list[int]:
     return list(data)
 
 
-def _build_net(sizes: Any, spec: FeatureSpec, n_sites: int, where: Path) -> TokenScorer:
+def _budget(data: Any, where: Path) -> BudgetInput | None:
+    if data is None:
+        return None
+    try:
+        return BudgetInput.from_json(data)
+    except ValueError as exc:
+        raise ScorerFileError(f"{where}: bad budget ({exc})") from None
+
+
+def _build_net(sizes: Any, spec: FeatureSpec, n_sites: int, budgeted: bool, where: Path) -> TokenScorer:
     try:
         feature_dim, context_dim = int(sizes["feature_dim"]), int(sizes["context_dim"])
         hidden = [int(h) for h in sizes["hidden"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise ScorerFileError(f"{where}: bad layer_sizes ({exc!r})") from None
-    if feature_dim != spec.dim or context_dim != n_sites + 2:
+    want = context_width(n_sites, budgeted)
+    if feature_dim != spec.dim or context_dim != want:
         raise ScorerFileError(f"{where}: layer_sizes feature_dim={feature_dim}, context_dim={context_dim} do not "
-                              f"match the feature spec ({spec.dim}) and {n_sites} sites ({n_sites + 2})")
+                              f"match the feature spec ({spec.dim}) and {n_sites} sites"
+                              f"{' with a budget input' if budgeted else ''} ({want})")
     return TokenScorer(feature_dim, context_dim, hidden)
 
 

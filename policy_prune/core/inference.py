@@ -23,6 +23,7 @@ from torch import nn
 from policy_prune.core import ops
 from policy_prune.core.artifact import RULES, check_signature, load_scorer, normalize_rule
 from policy_prune.core.backbones import HFEncoderBackbone, KeepFn, TokenBackbone, TokenState, adapt
+from policy_prune.core.budget import keep_ratios_for_flops
 from policy_prune.core.features import make_projection, token_layout
 from policy_prune.core.schedule import keep_schedule
 from policy_prune.core.scorer import (
@@ -35,6 +36,8 @@ from policy_prune.core.scorer import (
 from policy_prune.errors import UsageError, UserError
 
 TEXT_ARGS = ("input_ids", "attention_mask", "token_type_ids")
+TEXT_PLAN_TOKENS = 128
+"""Text length for which ``flops=`` solves keep ratios (the ratio of a schedule barely depends on it)."""
 # Accepted for call compatibility with HF models; only their default (off) values are supported.
 OFF_FLAGS = ("output_attentions", "output_hidden_states", "interpolate_pos_encoding")
 HF_OUTPUTS = ("PrunedEncoderOutput", "PrunedClassifierOutput")
@@ -128,7 +131,7 @@ class PrunedModel(nn.Module):
             plans[key] = [
                 (int(kept[i]), context_rows(i, len(self.sites), (kept[i - 1] if i else n0).float() / state.n_full,
                                             spent_fraction(self.backbone, self.sites, n0, kept[:i], state.n_full),
-                                            state.tokens.device))
+                                            state.tokens.device, self.scorer.budget_value))
                 for i in range(len(kept))
             ]
         return plans[key]
@@ -203,6 +206,7 @@ def prune(
     keep_ratio: float | Sequence[float] | None = None,
     threshold: float | Sequence[float] | None = None,
     strict: bool = True,
+    flops: float | None = None,
 ) -> PrunedModel:
     """Wrap ``model`` (timm ViT or HF encoder, in memory) so that ``scorer`` prunes its tokens.
 
@@ -210,6 +214,14 @@ def prune(
     tokens whose logit > value; per-sample counts, rows packed with a padding mask) or ``keep_ratio``
     (keep that fraction of the prunable alive tokens at each site; fixed counts, static shapes).
     Values are one number or one per site; with neither given, scorer.json's default rule is used.
+
+    ``flops`` asks for a FLOPs ratio instead (e.g. 0.5: half the unpruned model's FLOPs). A
+    budget-conditioned scorer is told that budget and meets it with the threshold calibrated on
+    validation data (the default rule: per-sample counts, the mean meets ``flops``) or, with
+    ``rule="keep_ratio"``, with fixed per-site counts (its calibrated allocation, scaled so that the
+    analytic FLOPs of a full-length input equal ``flops``). A scorer without a budget input meets it
+    with one constant keep_ratio at every site. See :mod:`policy_prune.core.budget`.
+
     A scorer trained for another backbone raises ScorerMismatchError (``strict=False`` tolerates a
     different architecture name or class count when every shape matches).
     """
@@ -223,8 +235,39 @@ def prune(
         backbone.check_sites(scorer.sites)
     except ValueError as exc:
         raise UserError(f"scorer does not fit this model: {exc}") from None
-    name, values = resolve_rule(scorer, rule, keep_ratio, threshold)
+    if flops is not None:
+        if keep_ratio is not None or threshold is not None:
+            raise UserError("give one of flops, keep_ratio or threshold")
+        name, values, scorer = rule_for_flops(backbone, scorer, float(flops), rule)
+    else:
+        scorer = scorer.at(None)
+        name, values = resolve_rule(scorer, rule, keep_ratio, threshold)
     return PrunedModel(backbone, scorer, name, values)
+
+
+def rule_for_flops(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
+                   rule: str | None = None) -> tuple[str, list[float], LearnedScorer]:
+    """(rule, one value per site, the scorer told its budget) that run ``scorer`` at ``flops``."""
+    if not 0.0 < flops <= 1.0:
+        raise UserError(f"flops must be a FLOPs ratio in (0, 1], got {flops:g}")
+    budget = scorer.budget
+    if rule not in (None, *RULES):
+        raise UserError(f"unknown decision rule {rule!r} (threshold or keep_ratio)")
+    try:
+        told = scorer.at(flops) if budget is not None else scorer
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if budget is not None and rule in (None, "threshold"):
+        return "threshold", [budget.threshold(flops)] * len(scorer.sites), told
+    if rule == "threshold":
+        raise UserError("this scorer has no budget input, so no threshold is calibrated for a FLOPs target: "
+                        "use rule='keep_ratio' (or no rule) with flops=...")
+    prefix, grid = token_layout(backbone)
+    n_full = prefix + grid[0] * grid[1] if grid else TEXT_PLAN_TOKENS
+    n_protected = prefix if grid else 2  # [CLS] and [SEP]
+    profile = budget.keep_ratios(flops) if budget is not None else None
+    ratios = keep_ratios_for_flops(backbone, scorer.sites, flops, n_full, n_protected, profile)
+    return "keep_ratio", ratios, told
 
 
 def _adapt_for(model: nn.Module, scorer: LearnedScorer) -> TokenBackbone:

@@ -8,13 +8,14 @@ per site: static shapes). ``keep_fn`` adapts a scorer + rule to ``TokenBackbone.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from policy_prune.core.backbones.base import KeepFn, TokenBackbone, TokenState
+from policy_prune.core.budget import BudgetInput
 from policy_prune.core.features import FeatureSpec, make_projection, token_features
 
 
@@ -73,18 +74,28 @@ class TokenScorer(nn.Module):
         return h.squeeze(-1)
 
 
-def site_context(state: TokenState, site_index: int, n_sites: int, spent: torch.Tensor) -> torch.Tensor:
-    """[B, G] context exactly as the env builds it: site one-hot, alive fraction, compute spent."""
-    return context_rows(site_index, n_sites, state.alive_counts.float() / state.n_full, spent, state.tokens.device)
+def site_context(state: TokenState, site_index: int, n_sites: int, spent: torch.Tensor,
+                 budget: torch.Tensor | float | None = None) -> torch.Tensor:
+    """[B, G] context exactly as the env builds it: site one-hot, alive fraction, compute spent[, budget]."""
+    return context_rows(site_index, n_sites, state.alive_counts.float() / state.n_full, spent, state.tokens.device,
+                        budget)
+
+
+def context_width(n_sites: int, budgeted: bool) -> int:
+    """G: site one-hot, alive fraction, compute spent, and the target FLOPs ratio of a budgeted scorer."""
+    return n_sites + 2 + int(budgeted)
 
 
 def context_rows(site_index: int, n_sites: int, alive: torch.Tensor, spent: torch.Tensor,
-                 device: torch.device) -> torch.Tensor:
-    """[B, G] context rows from the [B] alive fractions and [B] compute spent before the site."""
-    ctx = torch.zeros(alive.shape[0], n_sites + 2, device=device)
+                 device: torch.device, budget: torch.Tensor | float | None = None) -> torch.Tensor:
+    """[B, G] context rows from the [B] alive fractions, [B] compute spent before the site and, for a
+    budget-conditioned scorer, the target FLOPs ratio ([B] or one number)."""
+    ctx = torch.zeros(alive.shape[0], context_width(n_sites, budget is not None), device=device)
     ctx[:, site_index] = 1.0
-    ctx[:, -2] = alive.to(device)
-    ctx[:, -1] = spent.float().clamp(0.0, 1.0).to(device)
+    ctx[:, n_sites] = alive.to(device)
+    ctx[:, n_sites + 1] = spent.float().clamp(0.0, 1.0).to(device)
+    if budget is not None:
+        ctx[:, n_sites + 2] = torch.as_tensor(budget, dtype=ctx.dtype).to(device)
     return ctx
 
 
@@ -120,12 +131,39 @@ class LearnedScorer:
     spec: FeatureSpec = field(default_factory=FeatureSpec)
     projection: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    budget: BudgetInput | None = None
+    """The budget input of a budget-conditioned scorer (None: trained at one lambda)."""
+    target: float | None = None
+    """The target FLOPs ratio this scorer is told (budget-conditioned scorers; see :meth:`at`)."""
+
+    def at(self, flops: float | None) -> LearnedScorer:
+        """This scorer told to run at ``flops`` (a shallow copy; the weights are shared).
+
+        ``None`` = the budget's default. ValueError for a scorer without a budget input.
+        """
+        if self.budget is None:
+            if flops is None:
+                return self
+            raise ValueError("this scorer has no budget input (it was trained at one lambda): meet a FLOPs "
+                             "target with the keep_ratio rule instead")
+        return replace(self, target=self.budget.check(self.budget.default if flops is None else flops))
+
+    @property
+    def budget_value(self) -> float | None:
+        """The budget column of this scorer's context (None for a scorer without a budget input)."""
+        if self.budget is None:
+            return None
+        return self.budget.default if self.target is None else self.target
+
+    def context(self, state: TokenState, site_index: int, spent: torch.Tensor) -> torch.Tensor:
+        """[B, G] context of this scorer at ``site_index`` given the [B] compute spent before it."""
+        return site_context(state, site_index, len(self.sites), spent, self.budget_value)
 
     def scores_in_episode(self, backbone: TokenBackbone, state: TokenState, site_index: int, layer: int,
                           n0: torch.Tensor, kept: Sequence[torch.Tensor]) -> torch.Tensor:
         """Logits [B, N] with the exact compute-spent context of this episode's earlier decisions."""
         spent = spent_fraction(backbone, self.sites, n0, kept, state.n_full)
-        return self.logits(backbone, state, layer, site_context(state, site_index, len(self.sites), spent))
+        return self.logits(backbone, state, layer, self.context(state, site_index, spent))
 
     def logits(self, backbone: TokenBackbone, state: TokenState, layer: int, context: torch.Tensor) -> torch.Tensor:
         """Logits [B, N] of the state's slots before block ``layer`` given the [B, G] context rows."""
@@ -180,12 +218,14 @@ def make_keep_fn(backbone: TokenBackbone, scorer: Any, rule: str, values: float 
     return fn
 
 
-def random_scorer(backbone: TokenBackbone, sites: Sequence[int], seed: int = 0, hidden: Sequence[int] = (64, 64)) -> LearnedScorer:
-    """A LearnedScorer with random weights for ``backbone`` (its logits spread around 0)."""
+def random_scorer(backbone: TokenBackbone, sites: Sequence[int], seed: int = 0, hidden: Sequence[int] = (64, 64),
+                  budget: BudgetInput | None = None) -> LearnedScorer:
+    """A LearnedScorer with random weights for ``backbone`` (its logits spread around 0); with ``budget``
+    it takes the budget input like a budget-conditioned scorer."""
     spec = FeatureSpec()
     torch.manual_seed(seed)
-    net = TokenScorer(spec.dim, len(sites) + 2, hidden)
+    net = TokenScorer(spec.dim, context_width(len(sites), budget is not None), hidden)
     nn.init.normal_(net.out.weight, std=1.0)
     nn.init.zeros_(net.out.bias)
     projection = make_projection(backbone, spec)
-    return LearnedScorer(net.eval(), list(sites), spec, projection, {"backbone": backbone.signature()})
+    return LearnedScorer(net.eval(), list(sites), spec, projection, {"backbone": backbone.signature()}, budget)

@@ -14,6 +14,7 @@ so the compute penalties of an episode sum to exactly lam * (FLOPs used / full F
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import gymnasium as gym
@@ -26,8 +27,9 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices,
 from policy_prune.core import ops
 from policy_prune.core.backbones.base import TokenBackbone, TokenState
 from policy_prune.core.features import FEATURE_BOUND, FeatureSpec, make_projection, token_features
-from policy_prune.core.scorer import row_full_flops, site_context, spent_fraction
+from policy_prune.core.scorer import context_width, row_full_flops, site_context, spent_fraction
 from policy_prune.errors import UserError
+from policy_prune.training.budget import BudgetController
 
 ENV_ID = "PolicyPrune/TokenPrune-v0"
 TASKS = ("teacher_kl", "teacher_agree", "label_ce", "label_prob", "label_acc", "cosine")
@@ -76,14 +78,18 @@ class PruneCore:
         task: str = "teacher_kl",
         feature_spec: FeatureSpec | None = None,
         device: str = "cpu",
+        budget: Sequence[float] | None = None,
+        controller: BudgetController | None = None,
     ) -> None:
         sites = [int(s) for s in sites]
         if not sites:
             raise UserError("at least one pruning site is required")
         if any(s < 0 or s >= backbone.depth for s in sites) or sites != sorted(set(sites)):
             raise UserError(f"pruning sites {sites} must be strictly increasing block indices in [0, {backbone.depth - 1}]")
-        if not lam >= 0:
+        if not lam >= 0 and budget is None:
             raise UserError(f"lambda must be >= 0, got {lam}")
+        if budget is not None and not (len(budget) == 2 and 0.0 < budget[0] <= budget[1] <= 1.0):
+            raise UserError(f"budget must be [low, high] FLOPs ratios with 0 < low <= high <= 1, got {list(budget)}")
         if task not in TASKS:
             raise UserError(f"unknown task term {task!r} (choose from {', '.join(TASKS)})")
         if task in LABEL_TASKS and getattr(split, "labels", None) is None:
@@ -96,6 +102,10 @@ class PruneCore:
         self.split = split
         self.sites = sites
         self.lam = float(lam)
+        self.budget = None if budget is None else (float(budget[0]), float(budget[1]))
+        if self.budget is not None and controller is None:
+            controller = BudgetController(*self.budget, init_lam=self.lam)
+        self.controller = controller
         self.task = task
         self.device = device
         self.spec = feature_spec or FeatureSpec()
@@ -108,7 +118,7 @@ class PruneCore:
             {
                 "tokens": spaces.Box(-FEATURE_BOUND, FEATURE_BOUND, (self.n_tokens, self.spec.dim), np.float32),
                 "alive": spaces.MultiBinary(self.n_tokens),
-                "context": spaces.Box(0.0, 1.0, (len(sites) + 2,), np.float32),
+                "context": spaces.Box(0.0, 1.0, (context_width(len(sites), self.budget is not None),), np.float32),
             }
         )
         self.action_space = spaces.MultiBinary(self.n_tokens)
@@ -132,12 +142,25 @@ class PruneCore:
 
     # ---- episode --------------------------------------------------------------------------------
     @torch.inference_mode()
-    def begin(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        """Start B episodes on samples ``indices``: embed and run up to the first site."""
+    def begin(self, indices: np.ndarray, targets: np.ndarray | None = None, group: int = 1) -> dict[str, np.ndarray]:
+        """Start B episodes on samples ``indices``: embed and run up to the first site.
+
+        ``targets`` [B]: the target FLOPs ratio of each row (budget-conditioned envs only).
+        ``group``: consecutive rows of a group prune the same sample, so the part before the first site
+        (embedding, blocks, site-0 features) runs once per group and is repeated for its rows.
+        """
         self.idx = torch.as_tensor(indices, dtype=torch.long)
-        state = self.backbone.embed(self._inputs(self.idx))
-        state = self.backbone.run_blocks(state, 0, self.sites[0])
         b = len(self.idx)
+        self._set_budget(targets, b)
+        head = self.idx
+        if group > 1:
+            head = self.idx[::group]
+            if not bool((self.idx.view(-1, group) == head.unsqueeze(1)).all()):
+                raise ValueError("rows of a group must share their sample")
+        state = self.backbone.run_blocks(self.backbone.embed(self._inputs(head)), 0, self.sites[0])
+        feats = token_features(self.backbone, state, self.sites[0], self.projection, self.spec)
+        if group > 1:
+            state, feats = repeat_rows(state, group), feats.repeat_interleave(group, dim=0)
         # Each row's own full cost: text rows differ in length, and padding is not work.
         self.full = row_full_flops(self.backbone, state.alive_counts, self.n_tokens)
         # The part before the first site runs whatever the policy does; site 0's reward pays for it.
@@ -146,19 +169,30 @@ class PruneCore:
         self.t = 0
         self.keep_ratios: list[torch.Tensor] = []
         self.state = state
-        return self.observe()
+        return self.observe(feats=feats)
 
-    def observe(self, final: bool = False) -> dict[str, np.ndarray]:
-        """Observation of the current state in embedded-token coordinates."""
+    def _set_budget(self, targets: np.ndarray | None, b: int) -> None:
+        """Each row's target (budget-conditioned) and the multiplier its compute is charged at."""
+        if self.budget is None or self.controller is None:
+            self.targets: torch.Tensor | None = None
+            self.lam_rows = torch.full((b,), self.lam, dtype=torch.float64)
+            return
+        if targets is None or len(targets) != b:
+            raise ValueError("a budget-conditioned env needs one target FLOPs ratio per row")
+        self.targets = torch.as_tensor(np.asarray(targets, dtype=np.float64))
+        self.lam_rows = torch.as_tensor(self.controller.lam_at(np.asarray(targets)), dtype=torch.float64)
+
+    def observe(self, final: bool = False, feats: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+        """Observation of the current state in embedded-token coordinates (``feats``: given, not computed)."""
         s = self.state
         b, n = s.valid.shape[0], self.n_tokens
         if final:  # no decision left: features are not used (terminated episodes are not bootstrapped)
             feats = s.tokens.new_zeros(b, s.valid.shape[1], self.spec.dim)
-        else:
+        elif feats is None:
             feats = token_features(self.backbone, s, self.sites[self.t], self.projection, self.spec)
         tokens = ops.scatter_to_grid(feats, s.positions, s.valid, n)
         alive = ops.scatter_to_grid(s.valid.float(), s.positions, s.valid, n)
-        context = site_context(s, self.t, len(self.sites), self.spent + self.pending)
+        context = site_context(s, self.t, len(self.sites), self.spent + self.pending, self.targets)
         if final:
             context[:, self.t] = 0.0  # no site left to decide at
         return {
@@ -186,7 +220,7 @@ class PruneCore:
         cost = self.pending + torch.as_tensor(seg, dtype=torch.float64) / self.full
         self.pending = torch.zeros_like(self.pending)
         self.spent = self.spent + cost
-        rewards = -self.lam * cost
+        rewards = -self.lam_rows * cost
         infos: list[dict[str, Any]] = [{} for _ in range(len(self.idx))]
         if last:
             rewards = rewards + self._finish(infos)
@@ -209,7 +243,7 @@ class PruneCore:
             info.update(
                 {
                     "task": float(task[i]),
-                    "return": float(task[i] - self.lam * self.spent[i]),
+                    "return": float(task[i] - self.lam_rows[i] * self.spent[i]),
                     "flops_ratio": float(self.spent[i]),
                     "keep_ratio": keep[i].tolist(),
                     "tokens_kept": int(self.state.alive_counts[i]),
@@ -217,11 +251,22 @@ class PruneCore:
                     "sample": int(self.idx[i]),
                 }
             )
+            if self.targets is not None:
+                info["target"] = float(self.targets[i])
+                info["lam"] = float(self.lam_rows[i])
             if agree is not None:
                 info["agreement"] = float(agree[i])
             if correct is not None:
                 info["accuracy"] = float(correct[i])
         return task
+
+
+def repeat_rows(state: TokenState, times: int) -> TokenState:
+    """Each row of ``state`` repeated ``times`` times in place (rows r*times ... (r+1)*times - 1)."""
+    return replace(state, tokens=state.tokens.repeat_interleave(times, dim=0),
+                   protected=state.protected.repeat_interleave(times, dim=0),
+                   valid=state.valid.repeat_interleave(times, dim=0),
+                   positions=state.positions.repeat_interleave(times, dim=0))
 
 
 def leave_one_out_mean(returns: np.ndarray, group_size: int) -> np.ndarray:
@@ -250,6 +295,10 @@ class SampleSampler:
             return idx
         return np.array([int(self.rngs[i].integers(self.n_samples)) for i in range(rows)])
 
+    def draw_targets(self, rows: int, low: float, high: float) -> np.ndarray:
+        """[rows] target FLOPs ratios drawn uniformly from [low, high] (each row's own generator)."""
+        return np.array([float(self.rngs[i].uniform(low, high)) for i in range(rows)])
+
 
 class TokenPruneEnv(gym.Env[dict[str, Any], np.ndarray]):
     """Single-row view: one sample per episode, one step per pruning site."""
@@ -266,8 +315,9 @@ class TokenPruneEnv(gym.Env[dict[str, Any], np.ndarray]):
         feature_spec: FeatureSpec | None = None,
         sequential: bool = False,
         device: str = "cpu",
+        budget: Sequence[float] | None = None,
     ) -> None:
-        self.core = PruneCore(backbone, split, sites, lam, task, feature_spec, device)
+        self.core = PruneCore(backbone, split, sites, lam, task, feature_spec, device, budget)
         self.observation_space = self.core.observation_space  # type: ignore[assignment]
         self.action_space = self.core.action_space
         self.sequential = sequential
@@ -282,8 +332,13 @@ class TokenPruneEnv(gym.Env[dict[str, Any], np.ndarray]):
             self._cursor += 1
         else:
             idx = int(self.np_random.integers(len(self.core.split)))
-        obs = self.core.begin(np.array([idx]))
-        return {k: v[0] for k, v in obs.items()}, {"sample": idx}
+        targets = None
+        if self.core.budget is not None:  # options={"target": f} fixes the budget of this episode
+            target = (options or {}).get("target")
+            targets = np.array([float(self.np_random.uniform(*self.core.budget)) if target is None else float(target)])
+        obs = self.core.begin(np.array([idx]), targets)
+        info: dict[str, Any] = {"sample": idx} if targets is None else {"sample": idx, "target": float(targets[0])}
+        return {k: v[0] for k, v in obs.items()}, info
 
     def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
         obs, rewards, done, infos = self.core.advance(np.asarray(action)[None])
@@ -309,10 +364,15 @@ class PruneVecEnv(VecEnv):
         sequential: bool = False,
         device: str = "cpu",
         group_size: int = 1,
+        budget: Sequence[float] | None = None,
+        target: float | None = None,
+        controller: BudgetController | None = None,
     ) -> None:
         if group_size < 1 or n_envs % group_size:
             raise UserError(f"group_size {group_size} must be a positive divisor of n_envs {n_envs}")
-        self.core = PruneCore(backbone, split, sites, lam, task, feature_spec, device)
+        self.core = PruneCore(backbone, split, sites, lam, task, feature_spec, device, budget, controller)
+        self.target = target
+        """Fixed target FLOPs ratio of every row (evaluation); None draws one per group (training)."""
         self.group_size = group_size
         self.sampler = SampleSampler(n_envs // group_size, len(split), sequential)
         self.render_mode = None
@@ -325,11 +385,18 @@ class PruneVecEnv(VecEnv):
                 self.sampler.seed(row, seed)
         self._reset_seeds()
         self._reset_options()
-        return self.core.begin(self._draw())
+        return self._begin()
 
-    def _draw(self) -> np.ndarray:
-        """Sample of each row: groups of ``group_size`` consecutive rows share one."""
-        return np.repeat(self.sampler.draw(self.num_envs // self.group_size), self.group_size)
+    def _begin(self) -> dict[str, np.ndarray]:
+        """New episodes: groups of ``group_size`` consecutive rows share a sample (and a target)."""
+        groups = self.num_envs // self.group_size
+        idx = np.repeat(self.sampler.draw(groups), self.group_size)
+        targets = None
+        if self.core.budget is not None:
+            drawn = self.sampler.draw_targets(groups, *self.core.budget) if self.target is None \
+                else np.full(groups, float(self.target))
+            targets = np.repeat(drawn, self.group_size)
+        return self.core.begin(idx, targets, self.group_size)
 
     def step_async(self, actions: np.ndarray) -> None:
         self._actions = actions
@@ -343,7 +410,7 @@ class PruneVecEnv(VecEnv):
             for i, info in enumerate(infos):
                 info["terminal_observation"] = {k: v[i] for k, v in obs.items()}
                 info["TimeLimit.truncated"] = False
-            obs = self.core.begin(self._draw())
+            obs = self._begin()
         return obs, rewards, np.full(self.num_envs, done), infos
 
     def close(self) -> None:

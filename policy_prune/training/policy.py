@@ -23,6 +23,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 from torch.nn import functional as F
 
+from policy_prune.core.budget import BudgetInput
 from policy_prune.core.features import BASE_FEATURES, FeatureSpec
 from policy_prune.core.scorer import LearnedScorer, TokenScorer
 from policy_prune.errors import UserError
@@ -143,9 +144,11 @@ class TokenScorerPolicy(ActorCriticPolicy):
         init_keep_logit: float = 3.0,
         projection_shape: Sequence[int] | None = None,
         token_baseline: bool = False,
+        budget_knots: int = 0,
         **kwargs: Any,
     ) -> None:
         self.token_baseline = token_baseline
+        self.budget_knots = int(budget_knots)
         self.scorer_hidden = list(scorer_hidden)
         self.projection_shape = None if projection_shape is None else [int(d) for d in projection_shape]
         self.critic_hidden = list(critic_hidden)
@@ -164,13 +167,17 @@ class TokenScorerPolicy(ActorCriticPolicy):
             # The env's feature projection, kept in the checkpoint so an export needs no backbone:
             # a buffer (saved and loaded with the weights, never trained). Filled by set_projection.
             self.register_buffer("projection", torch.zeros(self.projection_shape))
+        if self.budget_knots:
+            # The budget multipliers lambda(f) (training/budget.py), saved with every checkpoint so a
+            # resumed run continues with them: a buffer, never trained by the optimiser.
+            self.register_buffer("budget_lam", torch.zeros(self.budget_knots, dtype=torch.float64))
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)  # type: ignore[call-arg]
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
         data.update(scorer_hidden=self.scorer_hidden, critic_hidden=self.critic_hidden,
                     init_keep_logit=self.init_keep_logit, projection_shape=self.projection_shape,
-                    token_baseline=self.token_baseline)
+                    token_baseline=self.token_baseline, budget_knots=self.budget_knots)
         return data
 
     def set_projection(self, projection: torch.Tensor) -> None:
@@ -211,14 +218,16 @@ class TokenScorerPolicy(ActorCriticPolicy):
     def predict_values(self, obs: Any) -> torch.Tensor:
         return self._values(self.extract_features(obs))  # type: ignore[arg-type]
 
-    def learned_scorer(self, sites: Sequence[int], spec: FeatureSpec | None = None, projection: torch.Tensor | None = None) -> LearnedScorer:
-        """The actor as a standalone LearnedScorer (a copy on the CPU, in eval mode)."""
+    def learned_scorer(self, sites: Sequence[int], spec: FeatureSpec | None = None, projection: torch.Tensor | None = None,
+                       budget: BudgetInput | None = None) -> LearnedScorer:
+        """The actor as a standalone LearnedScorer (a copy on the CPU, in eval mode); ``budget`` for a
+        budget-conditioned policy."""
         net = TokenScorer(self.scorer.feature_dim, self.scorer.context_dim, self.scorer.hidden)
         net.load_state_dict({k: v.detach().cpu() for k, v in self.scorer.state_dict().items()})
         stored = getattr(self, "projection", None)
         if projection is None and isinstance(stored, torch.Tensor):
             projection = stored.detach().cpu().clone()
-        return LearnedScorer(net.eval(), list(sites), spec or FeatureSpec(), projection)
+        return LearnedScorer(net.eval(), list(sites), spec or FeatureSpec(), projection, budget=budget)
 
 
 def load_learned_scorer(checkpoint: Path, sites: Sequence[int], spec: FeatureSpec | None = None) -> LearnedScorer:

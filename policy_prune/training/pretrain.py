@@ -18,6 +18,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -272,7 +273,8 @@ def _progress(console: Any) -> Any:
     )
 
 
-def fit(model: Any, data: dict[str, Any], train_cfg: PretrainConfig, seed: int, console: Any) -> dict[str, Any]:
+def fit(model: Any, data: dict[str, Any], train_cfg: PretrainConfig, seed: int, console: Any,
+        progress: Any = None) -> dict[str, Any]:
     """Train ``model`` in place with the context curriculum; returns loss and val accuracy per epoch.
 
     Early steps see only the tokens of the digit's block (through the TimmViTBackbone's own prune
@@ -297,8 +299,9 @@ def fit(model: Any, data: dict[str, Any], train_cfg: PretrainConfig, seed: int, 
     history: dict[str, list[float]] = {"loss": [], "val_acc": []}
     step, peek = 0, ""
     model.train()
-    with _progress(console) as progress:
-        task = progress.add_task("fit", total=total, status="")
+    # ``progress``: a caller's rich Progress (``policy-prune train`` shows fitting and training on one display).
+    with nullcontext(progress) if progress is not None else _progress(console) as progress:
+        task = progress.add_task(f"fit {EMBEDDED_SPEC}", total=total, status="")
         for epoch in range(train_cfg.epochs):
             losses = []
             for x, y, corners in epoch_batches(epoch, seed, data, train_cfg):
@@ -373,11 +376,13 @@ def cached(env_cfg: EnvConfig, seed: int | None = None, epochs: int | None = Non
 
 
 def pretrain(
-    env_cfg: EnvConfig, seed: int | None = None, force: bool = False, epochs: int | None = None, console: Any = None
+    env_cfg: EnvConfig, seed: int | None = None, force: bool = False, epochs: int | None = None, console: Any = None,
+    progress: Any = None,
 ) -> PretrainResult:
     """Get digits-vit from the cache, or fit and cache it (``force``: fit again regardless).
 
-    ``seed`` overrides ``backbone.pretrain.seed`` (default 0).
+    ``seed`` overrides ``backbone.pretrain.seed`` (default 0); ``progress``: a rich Progress to show the
+    fitting on (``policy-prune train`` shows fitting and training on one display).
     """
     hit = None if force else cached(env_cfg, seed, epochs)
     if hit is not None:
@@ -396,7 +401,7 @@ def pretrain(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_digits_vit(model_cfg, data["options"].canvas)
-        history = fit(model, data, train_cfg, seed, console)
+        history = fit(model, data, train_cfg, seed, console, progress)
     model.eval().requires_grad_(False)
     metrics = {
         "test_acc": accuracy(model, *data["test"]),

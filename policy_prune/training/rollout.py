@@ -35,6 +35,16 @@ def free_mask(obs: dict[str, np.ndarray]) -> np.ndarray:
     return (obs["alive"] > 0) & ~(obs["tokens"][..., PROTECTED_COLUMN] > 0.5)
 
 
+def evaluation_env(env_cfg: Any, backbone: Any, split: Any, n_samples: int, device: str = "cpu", batch: int = 64,
+                   lam: float | None = None, controller: Any = None) -> Any:
+    """A sequential batched env over the first ``n_samples`` samples of ``split`` (reusable: its
+    teacher outputs are cached; set ``.target`` to evaluate a budget-conditioned policy at a budget)."""
+    from policy_prune.training.factory import make_vec_env
+
+    n_envs = min(batch, n_samples, len(split))
+    return make_vec_env(env_cfg, backbone, split, n_envs, sequential=True, device=device, lam=lam, controller=controller)
+
+
 def evaluate_policy_split(
     policy: PolicyFn,
     env_cfg: Any,
@@ -44,13 +54,19 @@ def evaluate_policy_split(
     device: str = "cpu",
     batch: int = 64,
     lam: float | None = None,
+    target: float | None = None,
+    vec: Any = None,
 ) -> dict[str, Any]:
-    """Mean episode metrics of ``policy`` over the first ``n_samples`` samples of ``split`` (each once)."""
-    from policy_prune.training.factory import make_vec_env
+    """Mean episode metrics of ``policy`` over the first ``n_samples`` samples of ``split`` (each once).
 
+    ``target``: the budget every row is told (budget-conditioned envs); ``vec``: an env from
+    :func:`evaluation_env` to reuse (else one is made).
+    """
     n_samples = min(n_samples, len(split))
-    n_envs = min(batch, n_samples)
-    vec = make_vec_env(env_cfg, backbone, split, n_envs, sequential=True, device=device, lam=lam)
+    if vec is None:
+        vec = evaluation_env(env_cfg, backbone, split, n_samples, device, batch, lam)
+    vec.target = target
+    n_envs = vec.num_envs
     n_sites = len(env_cfg.sites)
     episodes: dict[int, dict[str, Any]] = {}
     kept_free, free_total = np.zeros(n_sites), np.zeros(n_sites)

@@ -52,6 +52,13 @@ class TokenCreditPPO(PPO):
 
     policy: TokenScorerPolicy
 
+    def _setup_model(self) -> None:
+        super()._setup_model()  # runs at construction and after ``load`` restored the saved settings
+        # The per-token decomposition models the Monte Carlo return of the episode; GAE with
+        # lambda < 1 would bootstrap part of it from the step critic, which the token gains do not model.
+        if self.gae_lambda != 1.0:
+            raise ValueError(f"per-token credit needs gae_lambda=1 (Monte Carlo returns), got {self.gae_lambda}")
+
     def train(self) -> None:
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
@@ -60,7 +67,6 @@ class TokenCreditPPO(PPO):
         obs: dict[str, torch.Tensor] = data.observations  # type: ignore[assignment]
         actions, returns = data.actions.float(), data.returns.flatten()
         n = len(returns)
-        batches = torch.randperm(n, device=returns.device)
         # The rollout policy's probabilities and the critic's gains, before any update changes them.
         with torch.no_grad():
             parts = []
@@ -76,7 +82,7 @@ class TokenCreditPPO(PPO):
         loss = torch.zeros(())
         continue_training = True
         for _ in range(self.n_epochs):
-            for idx in batches.split(self.batch_size):
+            for idx in torch.randperm(n, device=returns.device).split(self.batch_size):  # a new order each epoch
                 dist, v, g = self.policy.token_terms(_rows(obs, idx))
                 logits, f, a = dist.logits, free[idx], actions[idx]
                 n_free = f.sum().clamp_min(1.0)

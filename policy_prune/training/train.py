@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import time
@@ -50,8 +51,15 @@ class TrainConfig:
     """Validate the deterministic policy every this many timesteps."""
     eval_samples: int = 512
     """Validation samples per periodic evaluation."""
-    test_samples: int = 1024
-    """Test samples for the final comparison with keep-all and random policies."""
+    final_samples: int = 1024
+    """Validation samples for the end-of-run comparison with keep-all and random policies (the test split
+    is left to ``policy-prune eval --split test``: defaults are chosen on validation only)."""
+    eval_targets: list[float] = field(default_factory=lambda: [0.7, 0.5, 0.35])
+    """Budget-conditioned runs: the target FLOPs ratios validation and the final summary are run at."""
+    calibration_samples: int = 512
+    """Budget-conditioned runs: validation samples on which the exported scorer's thresholds are solved."""
+    calibration_step: float = 0.05
+    """Budget-conditioned runs: spacing of the calibrated targets over the trained range."""
     checkpoint_every: int = 15_000
     """Save checkpoints/last.zip every this many timesteps (a kill loses at most this much)."""
     track: str | None = None
@@ -181,20 +189,48 @@ def run(args: argparse.Namespace) -> int:
 def train(cfg: RunConfig, run_dir: Path, console: Any, resume: bool = False) -> dict[str, Any]:
     """Train (or resume) the run in ``run_dir``; returns the held-out summary."""
     import torch
-    from stable_baselines3.common.logger import Logger
     from stable_baselines3.common.utils import set_random_seed
-    from stable_baselines3.common.vec_env import VecMonitor
 
     from policy_prune.embedded import resolve
-    from policy_prune.training.factory import make_vec_env
-    from policy_prune.training.tracking import JsonlFormat, WandbFormat, start_wandb, truncate_metrics
+    from policy_prune.training.callbacks import RunProgress
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     set_random_seed(cfg.train.seed)
-    backbone, splits = resolve(cfg.env, seed=cfg.train.seed, device=cfg.train.device, console=console)
-    env = VecMonitor(make_vec_env(cfg.env, backbone, splits["train"], cfg.agent.n_envs, device=cfg.train.device,
-                                  group_size=cfg.agent.group_size))
+    with RunProgress(console) as progress:
+        backbone, splits = resolve(cfg.env, seed=cfg.train.seed, device=cfg.train.device, console=console,
+                                   progress=progress.progress)
+        model, callbacks, wandb_run = _setup(cfg, run_dir, console, backbone, splits, resume, progress)
+        rollout = model.n_steps * model.n_envs
+        remaining = max(cfg.train.timesteps - model.num_timesteps, 0)
+        # SB3 learns in whole rollouts: the bar's total is the number of steps the run will really take.
+        progress.start(model.num_timesteps + math.ceil(remaining / rollout) * rollout, model.num_timesteps)
+        model.learn(remaining, callback=callbacks, reset_num_timesteps=not resume, log_interval=1)
+    save_checkpoint(model, run_dir / "checkpoints" / "last.zip")
+    with console.status("final validation and scorer export"):
+        summary = final_evaluation(cfg, model, backbone, splits["val"], run_dir)
+        export_run_scorer(cfg, model, backbone, run_dir, summary, splits["val"])
+    if wandb_run is not None:
+        from policy_prune.training.tracking import log_summary
+
+        log_summary(wandb_run, run_dir, summary)
+        wandb_run.finish()
+    return summary
+
+
+def _setup(cfg: RunConfig, run_dir: Path, console: Any, backbone: Any, splits: dict[str, Any], resume: bool,
+           progress: Any) -> tuple[Any, Any, Any]:
+    """The agent on its env, its logger (metrics.jsonl, W&B) and its callbacks."""
+    from stable_baselines3.common.logger import Logger
+    from stable_baselines3.common.vec_env import VecMonitor
+
+    from policy_prune.training.callbacks import make_callbacks
+    from policy_prune.training.factory import make_vec_env
+    from policy_prune.training.tracking import JsonlFormat, WandbFormat, start_wandb, truncate_metrics
+
+    vec = make_vec_env(cfg.env, backbone, splits["train"], cfg.agent.n_envs, device=cfg.train.device,
+                       group_size=cfg.agent.group_size)
+    env = VecMonitor(vec)
     ckpt = run_dir / "checkpoints" / "last.zip"
     model = load_agent(cfg, env, ckpt) if resume else make_agent(cfg, env)
     if resume:
@@ -207,22 +243,9 @@ def train(cfg: RunConfig, run_dir: Path, console: Any, resume: bool = False) -> 
         (run_dir / "wandb_id").write_text(wandb_run.id)
         formats.append(WandbFormat(wandb_run))
     model.set_logger(Logger(folder=str(run_dir), output_formats=formats))
-
-    from policy_prune.training.callbacks import make_callbacks
-
-    callbacks, progress = make_callbacks(cfg, run_dir, backbone, splits["val"], console)
-    remaining = max(cfg.train.timesteps - model.num_timesteps, 0)
-    with progress:
-        model.learn(remaining, callback=callbacks, reset_num_timesteps=not resume, log_interval=1)
-    save_checkpoint(model, ckpt)
-    summary = final_evaluation(cfg, model, backbone, splits["test"], run_dir)
-    export_run_scorer(cfg, model, backbone, run_dir, summary)
-    if wandb_run is not None:
-        from policy_prune.training.tracking import log_summary
-
-        log_summary(wandb_run, run_dir, summary)
-        wandb_run.finish()
-    return summary
+    controller = vec.core.controller
+    callbacks = make_callbacks(cfg, run_dir, backbone, splits["val"], progress, controller)
+    return model, callbacks, wandb_run
 
 
 def _wandb_id(run_dir: Path) -> str | None:
@@ -248,13 +271,16 @@ def make_agent(cfg: RunConfig, env: Any) -> Any:
     if cfg.agent.algo == "a2c":
         for key in ("batch_size", "n_epochs", "clip_range", "target_kl"):  # PPO-only settings
             hyper.pop(key, None)
+    if cfg.agent.credit == "token":
+        hyper.setdefault("gae_lambda", 1.0)  # per-token credit models Monte Carlo returns
     projection = env.unwrapped.core.projection
     policy_kwargs = {"scorer_hidden": cfg.agent.scorer_hidden, "critic_hidden": cfg.agent.critic_hidden,
-                     "projection_shape": list(projection.shape), "token_baseline": cfg.agent.credit == "token"}
+                     "projection_shape": list(projection.shape), "token_baseline": cfg.agent.credit == "token",
+                     "budget_knots": 0 if cfg.env.reward.budget is None else len(env.unwrapped.core.controller.knots)}
     try:
         model = algo(TokenScorerPolicy, env, seed=cfg.train.seed, device=cfg.train.device, verbose=0,
                      policy_kwargs=policy_kwargs, **hyper)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"agent.hyperparams: {exc}") from None
     model.policy.set_projection(projection)
     return model
@@ -271,46 +297,90 @@ def save_checkpoint(model: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-# ---- held-out comparison -------------------------------------------------------------------------
+# ---- end-of-run comparison and export ---------------------------------------------------------------
 def final_evaluation(cfg: RunConfig, model: Any, backbone: Any, split: Any, run_dir: Path) -> dict[str, Any]:
-    """Learned policy vs keep-all vs a random policy with the learned policy's keep ratio per site."""
+    """Learned policy vs keep-all vs a random policy with the learned policy's keep ratio per site, on
+    the validation split (a budget-conditioned policy at each of ``train.eval_targets``)."""
+    from policy_prune.training.callbacks import eval_targets
     from policy_prune.training.rollout import (
         evaluate_policy_split,
+        evaluation_env,
         keep_all_policy,
         model_policy,
         random_policy,
     )
 
-    n = min(cfg.train.test_samples, len(split))
-    kwargs = dict(env_cfg=cfg.env, backbone=backbone, split=split, n_samples=n, device=cfg.train.device)
-    learned = evaluate_policy_split(model_policy(model), **kwargs)  # type: ignore[arg-type]
-    keep_all = evaluate_policy_split(keep_all_policy(), **kwargs)  # type: ignore[arg-type]
-    rand = evaluate_policy_split(random_policy(learned["free_keep_ratio"], cfg.train.seed), **kwargs)  # type: ignore[arg-type]
-    summary = {"split": split.name, "samples": n, "lam": cfg.env.reward.lam, "task": cfg.env.reward.task,
-               "timesteps": int(model.num_timesteps),
-               "methods": {"learned": learned, "keep-all": keep_all, "random-same-ratio": rand}}
+    n = min(cfg.train.final_samples, len(split))
+    env: Any = model.get_env()
+    controller = env.unwrapped.core.controller
+    vec = evaluation_env(cfg.env, backbone, split, n, cfg.train.device, controller=controller)
+
+    def run(policy: Any, target: float | None) -> dict[str, Any]:
+        return evaluate_policy_split(policy, cfg.env, backbone, split, n, device=cfg.train.device, target=target, vec=vec)
+
+    methods: dict[str, Any] = {}
+    for t in eval_targets(cfg) if controller is not None else [None]:
+        tag = "" if t is None else f"@{t:g}"
+        learned = methods[f"learned{tag}"] = run(model_policy(model), t)
+        methods[f"random-same-ratio{tag}"] = run(random_policy(learned["free_keep_ratio"], cfg.train.seed), t)
+    methods["keep-all"] = run(keep_all_policy(), eval_targets(cfg)[0] if controller is not None else None)
+    lam: Any = cfg.env.reward.lam if controller is None else {f"{k:g}": float(v) for k, v in zip(controller.knots, controller.lam, strict=True)}
+    summary = {"split": split.name, "samples": n, "lam": lam, "task": cfg.env.reward.task,
+               "timesteps": int(model.num_timesteps), "methods": methods}
     (run_dir / "eval").mkdir(exist_ok=True)
     write_atomic(run_dir / "eval" / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
-def export_run_scorer(cfg: RunConfig, model: Any, backbone: Any, run_dir: Path, summary: dict[str, Any]) -> Path | None:
-    """Export the actor as the run's scorer artifact (run_dir/scorer)."""
-    try:
-        from policy_prune.core.artifact import save_scorer
-    except ImportError:  # pragma: no cover - core.artifact ships with the package
-        return None
-    learned = summary["methods"]["learned"]
+def export_run_scorer(cfg: RunConfig, model: Any, backbone: Any, run_dir: Path, summary: dict[str, Any],
+                      val: Any = None) -> Path:
+    """Export the actor as the run's scorer artifact (run_dir/scorer).
+
+    A budget-conditioned scorer is calibrated first: at targets every ``train.calibration_step`` over its
+    range, the threshold that meets the target on ``train.calibration_samples`` validation samples.
+    """
+    from policy_prune.core.artifact import save_scorer
+
+    reward = cfg.env.reward
+    budget = None
+    if reward.budget is not None:
+        budget = calibrated_budget(cfg, model.policy.learned_scorer(cfg.env.sites), backbone, val)
+    scorer = model.policy.learned_scorer(cfg.env.sites, budget=budget)
+    learned = next(m for name, m in summary["methods"].items() if name.startswith("learned"))
     metrics = {k: learned[k] for k in ("return", "task", "flops_ratio", "agreement", "accuracy", "cosine") if k in learned}
-    scorer = model.policy.learned_scorer(cfg.env.sites)
-    rule = {"rule": "threshold", "values": [0.0] * len(cfg.env.sites)}
-    return save_scorer(scorer, run_dir / "scorer", backbone.signature(), cfg.env.reward.lam, metrics, rule)
+    threshold = 0.0 if budget is None else budget.threshold(budget.default)
+    rule = {"rule": "threshold", "values": [threshold] * len(cfg.env.sites)}
+    lam = reward.lam if budget is None else None
+    return save_scorer(scorer, run_dir / "scorer", backbone.signature(), lam, metrics, rule)
+
+
+def calibrated_budget(cfg: RunConfig, scorer: Any, backbone: Any, val: Any) -> Any:
+    """The BudgetInput of a budget-conditioned run's scorer, calibrated on the validation split."""
+    import numpy as np
+    import torch
+
+    from policy_prune.core.budget import BudgetInput
+    from policy_prune.core.calibration import calibrate
+
+    low, high = cfg.env.reward.budget  # type: ignore[misc]
+    default = float(min(max(0.5, low), high))
+    scorer.budget = BudgetInput(low, high, default)
+    n = min(cfg.train.calibration_samples, len(val))
+    inputs = [_to_device(val.select(idx).inputs, cfg.train.device) for idx in torch.arange(n).split(64)]
+    steps = max(int(round((high - low) / cfg.train.calibration_step)), 1)
+    targets = [round(float(t), 6) for t in np.linspace(low, high, steps + 1)]
+    return BudgetInput(low, high, default, calibrate(backbone, scorer, inputs, targets))
+
+
+def _to_device(x: Any, device: str) -> Any:
+    return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
 
 
 def print_summary(console: Any, summary: dict[str, Any], run_dir: Path) -> None:
     from rich.table import Table
 
-    table = Table(title=f"held-out {summary['split']} ({summary['samples']} samples, lambda={summary['lam']})")
+    lam = summary["lam"] if not isinstance(summary["lam"], dict) else "per budget"
+    table = Table(title=f"{summary['split']} split ({summary['samples']} samples, lambda={lam})")
     for col in ("policy", "return", "task", "agreement", "accuracy", "FLOPs ratio", "keep ratio per site"):
         table.add_column(col, justify="right")
     for name, m in summary["methods"].items():

@@ -1,0 +1,95 @@
+"""Measure a scorer's FLOPs on data and solve the threshold that meets a target (calibration).
+
+Used after training (the calibration stored in a budget-conditioned scorer, measured on validation
+data) and by evaluation (thresholds solved on the validation split). Label-free: only token counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from policy_prune.core.backbones.base import TokenBackbone
+from policy_prune.core.budget import CalibrationPoint, schedule_flops_rows
+from policy_prune.core.scorer import LearnedScorer, make_keep_fn
+
+
+@dataclass
+class Measured:
+    """What a scorer + rule did over some inputs."""
+
+    flops_ratio: float
+    """Total FLOPs over total unpruned FLOPs."""
+    keep_ratio: list[float]
+    """Per site: kept prunable tokens over the prunable alive tokens before the site (ratio of sums)."""
+
+
+@torch.inference_mode()
+def measure(backbone: TokenBackbone, scorer: Any, inputs: Sequence[Any], rule: str, values: float | Sequence[float],
+            sites: Sequence[int] | None = None) -> Measured:
+    """Run ``scorer`` with ``rule``/``values`` over every batch of ``inputs`` and sum the counts."""
+    sites = list(sites if sites is not None else scorer.sites)
+    flops = full = 0.0
+    kept = torch.zeros(len(sites), dtype=torch.float64)
+    before = torch.zeros(len(sites), dtype=torch.float64)
+    for x in inputs:
+        start = backbone.embed(x)
+        n0, prot = start.alive_counts.cpu(), (start.protected & start.valid).sum(dim=1).cpu()
+        _, _, counts = backbone.forward_pruned(x, sites, make_keep_fn(backbone, scorer, rule, values))
+        f, u = schedule_flops_rows(backbone, sites, counts, n0, start.n_full)
+        flops, full = flops + float(f.sum()), full + float(u.sum())
+        prev = n0
+        for i, c in enumerate(counts):
+            c = c.cpu()
+            kept[i] += float((c - prot).sum())
+            before[i] += float((prev - prot).sum())
+            prev = c
+    shares = (kept / before.clamp_min(1.0)).tolist()
+    return Measured(flops / max(full, 1.0), shares)
+
+
+def solve_threshold(fn: Callable[[float], float], target: float, iters: int = 16, tol: float = 0.002) -> float:
+    """The threshold t whose FLOPs ratio fn(t) (non-increasing in t) is nearest ``target``.
+
+    Brackets by doubling from [-1, 1] (logits are unbounded), then bisects; stops early within ``tol``.
+    Each fn value is computed once (a call runs the pruned model over the data).
+    """
+    seen: dict[float, float] = {}
+
+    def gap(t: float) -> float:
+        if t not in seen:
+            seen[t] = fn(t)
+        return seen[t] - target
+
+    lo, hi = -1.0, 1.0
+    while gap(lo) < 0 and lo > -64:
+        lo *= 2
+    while gap(hi) > 0 and hi < 64:
+        hi *= 2
+    if gap(lo) < 0 or gap(hi) > 0:  # the target is out of reach: the nearest end
+        return lo if abs(gap(lo)) <= abs(gap(hi)) else hi
+    for _ in range(iters):  # invariant: gap(lo) >= 0 >= gap(hi)
+        mid = 0.5 * (lo + hi)
+        if abs(gap(mid)) <= tol:
+            break
+        lo, hi = (mid, hi) if gap(mid) > 0 else (lo, mid)
+    return min(seen, key=lambda t: abs(seen[t] - target))
+
+
+def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[Any], targets: Sequence[float],
+              tol: float = 0.002) -> list[CalibrationPoint]:
+    """For each target f: the threshold at which ``scorer`` told f meets f on ``inputs``, and the
+    per-site keep shares it then has (a budget-conditioned scorer's calibration)."""
+    points = []
+    for f in sorted(targets):
+        told = scorer.at(f)
+
+        def flops_at(t: float, told: LearnedScorer = told) -> float:
+            return measure(backbone, told, inputs, "threshold", t).flops_ratio
+
+        t = solve_threshold(flops_at, f, tol=tol)
+        points.append(CalibrationPoint(float(f), float(t), measure(backbone, told, inputs, "threshold", t).keep_ratio))
+    return points

@@ -1,0 +1,64 @@
+"""Budget-conditioned training: a target FLOPs ratio per episode and the multiplier that enforces it.
+
+Each group of rows draws a target f uniformly from the preset's range; the policy sees f in its context
+(``core.scorer.context_rows``) and the episode pays ``lambda(f)`` per unit of FLOPs ratio:
+
+    return = task - lambda(f) * FLOPs ratio
+
+``lambda(f)`` is a Lagrange multiplier for the constraint "mean FLOPs ratio at target f equals f",
+kept per knot of a piecewise-linear curve over the range and moved by dual ascent after every
+rollout (Lagrangian relaxation of an average-cost constraint, as in constrained policy optimisation).
+The policy thus learns, for every f, the lambda-optimal trade-off whose mean cost is f: per-sample
+adaptivity stays (hard samples may spend more than f, easy ones less). A multiplier may go negative
+where the task alone would spend less than f (the policy is paid to keep its least harmful tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+class BudgetController:
+    """Multipliers lambda(f) at ``knots`` evenly spaced targets in [low, high], linear in between."""
+
+    def __init__(self, low: float, high: float, knots: int = 8, init_lam: float = 0.0, lr: float = 0.05,
+                 bound: float = 1.0) -> None:
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"budget range must satisfy 0 < low <= high <= 1, got [{low}, {high}]")
+        self.low, self.high = float(low), float(high)
+        self.knots = np.linspace(self.low, self.high, max(int(knots), 1) if high > low else 1)
+        self.lam = np.full(len(self.knots), float(init_lam))
+        self.lr = float(lr)
+        self.bound = float(bound)
+
+    def weights(self, targets: np.ndarray) -> np.ndarray:
+        """[M, K] linear-interpolation weights of each target on the knots (rows sum to 1)."""
+        t = np.clip(np.asarray(targets, dtype=float), self.low, self.high)
+        if len(self.knots) == 1:
+            return np.ones((len(t), 1))
+        pos = (t - self.low) / (self.high - self.low) * (len(self.knots) - 1)
+        left = np.minimum(np.floor(pos).astype(int), len(self.knots) - 2)
+        frac = pos - left
+        w = np.zeros((len(t), len(self.knots)))
+        rows = np.arange(len(t))
+        w[rows, left] = 1.0 - frac
+        w[rows, left + 1] += frac
+        return w
+
+    def lam_at(self, targets: np.ndarray) -> np.ndarray:
+        """[M] multipliers at the [M] targets."""
+        return self.weights(targets) @ self.lam
+
+    def update(self, targets: Sequence[float], flops: Sequence[float]) -> np.ndarray:
+        """One dual-ascent step from finished episodes: each knot moves by lr * the weighted mean of
+        (FLOPs ratio - target) of the episodes near it. Returns that mean error per knot [K]."""
+        if len(targets) == 0:
+            return np.zeros(len(self.knots))
+        w = self.weights(np.asarray(targets))
+        err = np.asarray(flops, dtype=float) - np.asarray(targets, dtype=float)
+        mass = w.sum(axis=0)
+        knot_err = np.where(mass > 0, (w * err[:, None]).sum(axis=0) / np.maximum(mass, 1e-12), 0.0)
+        self.lam = np.clip(self.lam + self.lr * knot_err, -self.bound, self.bound)
+        return knot_err

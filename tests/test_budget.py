@@ -1,0 +1,205 @@
+"""One scorer for every budget: the target input, its multipliers, calibration, and ``prune(flops=f)``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from policy_prune.cli import main
+from policy_prune.core.artifact import ScorerFileError, load_scorer, save_scorer
+from policy_prune.core.backbones import adapt
+from policy_prune.core.budget import (
+    BudgetInput,
+    CalibrationPoint,
+    keep_ratios_for_flops,
+    ratio_schedule_counts,
+    schedule_flops_ratio,
+)
+from policy_prune.core.calibration import calibrate, measure
+from policy_prune.core.inference import prune
+from policy_prune.core.scorer import random_scorer
+from policy_prune.errors import UserError
+from policy_prune.training.budget import BudgetController
+from policy_prune.training.env import PruneVecEnv, TokenPruneEnv
+from tests import tiny
+from tests.test_train import TINY_AGENT, TINY_ENV
+
+SITES = [1, 2]
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return adapt(tiny.make("timm-vit-cls").eval())
+
+
+@pytest.fixture(scope="module")
+def vit_split():
+    return tiny.split("timm-vit-cls", n=16)
+
+
+# ---- the multipliers -------------------------------------------------------------------------------
+def test_controller_interpolates_and_moves_towards_the_target() -> None:
+    c = BudgetController(0.3, 0.9, knots=4, init_lam=0.1, lr=0.5)
+    assert c.weights(np.array([0.3, 0.5, 0.9, 0.1])).sum(axis=1).tolist() == pytest.approx([1, 1, 1, 1])
+    c.lam = np.array([0.0, 0.3, 0.6, 0.9])
+    assert c.lam_at(np.array([0.3, 0.4, 0.9])) == pytest.approx([0.0, 0.15, 0.9])
+    c.lam[:] = 0.1
+    # Episodes near 0.3 spend too much (0.5), near 0.9 too little (0.7): lambda up there, down here.
+    err = c.update([0.3, 0.3, 0.9, 0.9], [0.5, 0.5, 0.7, 0.7])
+    assert err[0] == pytest.approx(0.2) and err[-1] == pytest.approx(-0.2)
+    assert c.lam[0] == pytest.approx(0.2) and c.lam[-1] == pytest.approx(0.0) and c.lam[1] == pytest.approx(0.1)
+    c.update([0.3], [1.0] * 1)
+    c.lr = 100.0
+    c.update([0.3], [1.0])
+    assert c.lam[0] == c.bound  # clipped
+
+
+# ---- the env ----------------------------------------------------------------------------------------
+def test_env_shows_the_target_and_charges_its_multiplier(vit, vit_split) -> None:
+    env = TokenPruneEnv(vit, vit_split, SITES, lam=0.2, task="teacher_kl", budget=[0.3, 0.9])
+    env.core.controller.lam[:] = np.linspace(0.0, 0.7, len(env.core.controller.knots))
+    obs, info = env.reset(seed=1, options={"target": 0.6})
+    assert info["target"] == 0.6 and obs["context"][-1] == pytest.approx(0.6) and len(obs["context"]) == len(SITES) + 3
+    total = 0.0
+    for _ in SITES:
+        obs, r, done, _, info = env.step(np.ones_like(obs["alive"]))
+        total += r
+    lam = float(env.core.controller.lam_at(np.array([0.6]))[0])
+    assert info["lam"] == pytest.approx(lam) and info["target"] == 0.6
+    assert total == pytest.approx(info["task"] - lam * info["flops_ratio"], abs=1e-5)
+    obs, info = env.reset()
+    assert 0.3 <= info["target"] <= 0.9
+
+
+def test_groups_share_sample_target_and_the_pre_site_work(vit, vit_split) -> None:
+    grouped = PruneVecEnv(vit, vit_split, 8, SITES, budget=[0.3, 0.9], group_size=4)
+    grouped.seed(5)
+    obs = grouped.reset()
+    targets = obs["context"][:, -1]
+    assert len(set(targets[:4])) == 1 and len(set(targets[4:])) == 1 and targets[0] != targets[4]
+    # The grouped path (pre-site blocks and site-0 features once per group) equals running every row.
+    idx = grouped.core.idx.numpy()
+    alone = PruneVecEnv(vit, vit_split, 8, SITES, budget=[0.3, 0.9])
+    ref = alone.core.begin(idx, targets.astype(np.float64), group=1)
+    for key in obs:
+        np.testing.assert_allclose(obs[key], ref[key], atol=1e-5)
+
+
+def test_a_group_must_share_its_sample(vit, vit_split) -> None:
+    env = PruneVecEnv(vit, vit_split, 4, SITES, group_size=2)
+    with pytest.raises(ValueError, match="share their sample"):
+        env.core.begin(np.array([0, 1, 2, 2]), group=2)
+
+
+# ---- calibration and prune(flops=f) ------------------------------------------------------------------
+def _budget_scorer(backbone, inputs, targets=(0.35, 0.5, 0.7)):
+    scorer = random_scorer(backbone, SITES, seed=0, hidden=(16,), budget=BudgetInput(0.3, 0.9, 0.5))
+    scorer.budget = BudgetInput(0.3, 0.9, 0.5, calibrate(backbone, scorer, inputs, targets))
+    return scorer
+
+
+def test_calibration_meets_each_target(vit, vit_split) -> None:
+    inputs = [vit_split.inputs[:8], vit_split.inputs[8:]]
+    scorer = _budget_scorer(vit, inputs)
+    for point in scorer.budget.calibration:
+        got = measure(vit, scorer.at(point.flops), inputs, "threshold", point.threshold)
+        # Token counts are integers: 16 rows x 17 tokens give FLOPs steps of ~0.01 at the first site.
+        assert got.flops_ratio == pytest.approx(point.flops, abs=0.02)
+        assert got.keep_ratio == point.keep_ratio
+    assert [p.flops for p in scorer.budget.calibration] == [0.35, 0.5, 0.7]
+
+
+def test_prune_at_a_flops_target(vit, vit_split) -> None:
+    inputs = [vit_split.inputs]
+    scorer = _budget_scorer(vit, inputs)
+    model = vit.model
+    fast = prune(model, scorer, flops=0.5, strict=False)
+    assert fast.rule == "threshold" and fast.values == [scorer.budget.threshold(0.5)] * 2
+    assert fast.scorer.target == 0.5 and scorer.target is None  # told its budget, the caller's scorer unchanged
+    _, _, counts = fast.run(vit_split.inputs)
+    got = schedule_flops_ratio(vit, SITES, counts, torch.full((16,), 17), 17)
+    assert got == pytest.approx(0.5, abs=0.02)
+    static = prune(model, scorer, flops=0.5, rule="keep_ratio", strict=False)
+    _, _, counts = static.run(vit_split.inputs)
+    assert schedule_flops_ratio(vit, SITES, counts, torch.full((16,), 17), 17) == pytest.approx(0.5, abs=0.03)
+    with pytest.raises(UserError, match="outside the budgets"):
+        prune(model, scorer, flops=0.2, strict=False)
+    with pytest.raises(UserError, match="one of flops"):
+        prune(model, scorer, flops=0.5, keep_ratio=0.3, strict=False)
+
+
+def test_prune_at_flops_without_a_budget_input(vit, vit_split) -> None:
+    scorer = random_scorer(vit, SITES, seed=0, hidden=(16,))
+    fast = prune(vit.model, scorer, flops=0.6, strict=False)
+    assert fast.rule == "keep_ratio" and len(set(fast.values)) == 1
+    with pytest.raises(UserError, match="no budget input"):
+        prune(vit.model, scorer, flops=0.6, rule="threshold", strict=False)
+
+
+def test_keep_ratios_for_flops_follows_a_profile(vit) -> None:
+    # This tiny model runs 0.36 of its FLOPs with every prunable token dropped at both sites.
+    for target, shape_kept in ((0.45, True), (0.5, True), (0.9, False)):
+        ratios = keep_ratios_for_flops(vit, SITES, target, 17, 1, profile=[0.4, 0.8])
+        counts = ratio_schedule_counts(ratios, 16, 1)
+        # One token at the first site is ~0.035 of this model's FLOPs: the solver lands within a token.
+        assert schedule_flops_ratio(vit, SITES, counts, 17, 17) == pytest.approx(target, abs=0.035)
+        if shape_kept:  # below the profile's own FLOPs: the profile scaled down
+            assert ratios[0] / ratios[1] == pytest.approx(0.5)
+        else:  # above it: each share raised towards keep-all
+            assert ratios[0] > 0.4 and ratios[1] > 0.8
+    assert keep_ratios_for_flops(vit, SITES, 0.6, 17, 1) == [pytest.approx(0.6, abs=0.1)] * 2
+
+
+# ---- the artifact -----------------------------------------------------------------------------------
+def test_budget_round_trips_through_the_artifact(vit, tmp_path) -> None:
+    budget = BudgetInput(0.3, 0.9, 0.5, [CalibrationPoint(0.4, 1.5, [0.3, 0.9]), CalibrationPoint(0.7, -0.5, [0.8, 1.0])])
+    scorer = random_scorer(vit, SITES, seed=1, hidden=(16,), budget=budget)
+    save_scorer(scorer, tmp_path / "s", vit.signature())
+    loaded = load_scorer(tmp_path / "s")
+    assert loaded.budget == budget and loaded.net.context_dim == len(SITES) + 3
+    assert loaded.budget.threshold(0.55) == pytest.approx(0.5) and loaded.budget.keep_ratios(0.55) == pytest.approx([0.55, 0.95])
+    meta = json.loads((tmp_path / "s" / "scorer.json").read_text())
+    meta["budget"]["low"] = 0.95
+    (tmp_path / "s" / "scorer.json").write_text(json.dumps(meta))
+    with pytest.raises(ScorerFileError, match="bad budget"):
+        load_scorer(tmp_path / "s")
+    meta["budget"] = None  # a budget scorer's weights read one more context column than a plain one
+    (tmp_path / "s" / "scorer.json").write_text(json.dumps(meta))
+    with pytest.raises(ScorerFileError, match="context_dim"):
+        load_scorer(tmp_path / "s")
+
+
+# ---- a budget-conditioned run -------------------------------------------------------------------------
+def test_budget_run_validates_calibrates_and_resumes(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "240")  # room for the whole progress line
+    env = {**TINY_ENV, "reward": {"task": "teacher_kl", "lam": 0.3, "budget": [0.3, 0.9]}}
+    agent = {**TINY_AGENT, "group_size": 4}
+    (tmp_path / "env.yaml").write_text(yaml.safe_dump(env))
+    (tmp_path / "agent.yaml").write_text(yaml.safe_dump(agent))
+    runs = tmp_path / "runs"
+    args = ["train", "--env", str(tmp_path / "env.yaml"), "--agent", str(tmp_path / "agent.yaml"), "--runs-dir",
+            str(runs), "--name", "b", "--timesteps", "40", "--set", "train.eval_every=32", "--set", "train.eval_samples=8",
+            "--set", "train.final_samples=8", "--set", "train.checkpoint_every=32", "--set", "train.calibration_samples=8",
+            "--set", "train.calibration_step=0.3"]
+    assert main(args) == 0
+    assert "64/64" in capsys.readouterr().out  # 40 steps asked, whole rollouts of 32 run: the bar says 64
+    run = runs / "b"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    keys = set().union(*rows)
+    assert {"eval/accuracy@0.7", "eval/flops_ratio@0.35", "budget/lam_0", "budget/flops_gap_7"} <= keys
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    assert summary["split"] == "val" and {"learned@0.7", "learned@0.5", "learned@0.35", "keep-all"} <= set(summary["methods"])
+    scorer = load_scorer(run / "scorer")
+    assert [p.flops for p in scorer.budget.calibration] == [0.3, 0.6, 0.9]
+    lam_before = [rows[-1][f"budget/lam_{k}"] for k in range(8)]
+    assert main(["train", "--resume", str(run), "--timesteps", "96"]) == 0
+    resumed = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    first_new = next(r for r in resumed if r["timesteps"] > 64 and "budget/lam_0" in r)
+    moved = [first_new[f"budget/lam_{k}"] - lam_before[k] for k in range(8)]
+    # The resumed run continues from the checkpoint's multipliers: one dual step of lr * gap from them.
+    assert moved == pytest.approx([0.05 * first_new[f"budget/flops_gap_{k}"] for k in range(8)], abs=1e-9)
+    assert lam_before != pytest.approx([0.3] * 8)
