@@ -65,10 +65,22 @@ class TokenScorer(nn.Module):
         The first layer sees [token | context]; its context half is applied once per row and broadcast
         over the tokens (the same weights and result as concatenating, without an [B, N, G] copy).
         """
+        return self._head(self._first(tokens, context, None))
+
+    def forward_packed(self, tokens: torch.Tensor, rows: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """tokens [M, F] of the rows ``rows`` [M] (long), context [B, G] -> logits [M].
+
+        The same function as :meth:`forward` on only the tokens given (training packs the alive ones).
+        """
+        return self._head(self._first(tokens, context, rows))
+
+    def _first(self, tokens: torch.Tensor, context: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         first: nn.Linear = self.body[0] if len(self.body) else self.out  # type: ignore[assignment]
         w_tok, w_ctx = first.weight[:, : self.feature_dim], first.weight[:, self.feature_dim :]
-        row = torch.nn.functional.linear(context.to(w_ctx.dtype), w_ctx, first.bias).unsqueeze(1)  # [B, 1, H]
-        h = torch.nn.functional.linear(tokens, w_tok) + row
+        row = torch.nn.functional.linear(context.to(w_ctx.dtype), w_ctx, first.bias)  # [B, H]
+        return torch.nn.functional.linear(tokens, w_tok) + (row.unsqueeze(1) if rows is None else row[rows])
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
         if len(self.body):  # hidden layers; with none the scorer is linear in its features
             h = self.out(self.body[1:](h))
         return h.squeeze(-1)
