@@ -31,6 +31,9 @@ TRAIN_MISTAKES = {
     "unknown dataset": (["--set", "env.data.dataset=mnist"], "unknown dataset 'mnist'"),
     "unknown pretrain key": (["--set", "env.backbone.pretrain.epoch=2"], "unknown key 'epoch' in backbone.pretrain"),
     "n_steps not a multiple of sites": (["--set", "agent.hyperparams.n_steps=50"], "multiple of the number of sites (3)"),
+    "budget range upside down": (["--set", "env.reward.budget=[0.9,0.3]"], "env.reward.budget must be [low, high]"),
+    "budget outside (0, 1]": (["--set", "env.reward.budget=[0.3,1.5]"], "0 < low <= high <= 1"),
+    "validation budget out of range": (["--set", "train.eval_targets=[0.5,2]"], "train.eval_targets must be FLOPs ratios"),
     "missing timm checkpoint": (["--set", "env.backbone.spec=vit_small_patch16_224", "--set",
                                  "env.backbone.checkpoint=/nowhere/w.safetensors"], "checkpoint not found"),
 }
@@ -94,6 +97,8 @@ def test_library_mistakes_are_value_or_type_errors(tmp_path) -> None:
         (ValueError, "scorer not found", lambda: policy_prune.load_scorer(tmp_path / "nothing")),
         (ValueError, "unknown decision rule 'top-k'", lambda: policy_prune.prune(model, scorer, rule="top-k")),
         (ValueError, "unknown backbone 'no_such_model'", lambda: policy_prune.load_backbone("no_such_model")),
+        (ValueError, "flops must be a FLOPs ratio in (0, 1]", lambda: policy_prune.prune(model, scorer, flops=1.5)),
+        (ValueError, "no budget input", lambda: policy_prune.prune(model, scorer, flops=0.5, rule="threshold")),
     ]
     for kind, message, call in cases:
         with pytest.raises(kind) as exc:

@@ -96,6 +96,7 @@ def check_env(env: Any) -> None:
     lam = env.reward.lam
     if not (math.isfinite(lam) and lam >= 0):
         raise ConfigError(f"env.reward.lam (lambda) must be a finite number >= 0, got {lam}")
+    check_budget(env.reward)
     if env.reward.task not in TASKS:
         raise ConfigError(f"unknown env.reward.task {env.reward.task!r}: choose from {', '.join(TASKS)}"
                           f"{_did_you_mean(env.reward.task, TASKS)}")
@@ -123,12 +124,29 @@ def check_env(env: Any) -> None:
         raise ConfigError(f"env.data.dataset: image folder not found: {folder}")
 
 
+def check_budget(reward: Any) -> None:
+    """A budget-conditioned reward: the range of target FLOPs ratios and its multipliers' settings."""
+    if reward.budget is None:
+        return
+    budget = reward.budget
+    if len(budget) != 2 or not all(_is_number(b) for b in budget) or not 0.0 < budget[0] <= budget[1] <= 1.0:
+        raise ConfigError(f"env.reward.budget must be [low, high] FLOPs ratios with 0 < low <= high <= 1, got {budget}")
+    if reward.budget_knots < 1:
+        raise ConfigError(f"env.reward.budget_knots must be at least 1, got {reward.budget_knots}")
+    if not (math.isfinite(reward.budget_lr) and reward.budget_lr > 0):
+        raise ConfigError(f"env.reward.budget_lr must be a positive number, got {reward.budget_lr}")
+
+
 def check_train(train: Any) -> None:
     import torch
 
-    for key in ("eval_samples", "test_samples"):
+    for key in ("eval_samples", "final_samples", "calibration_samples"):
         if getattr(train, key) < 1:
             raise ConfigError(f"train.{key} must be at least 1, got {getattr(train, key)}")
+    if not train.eval_targets or not all(_is_number(t) and 0.0 < t <= 1.0 for t in train.eval_targets):
+        raise ConfigError(f"train.eval_targets must be FLOPs ratios in (0, 1], got {train.eval_targets}")
+    if not (_is_number(train.calibration_step) and 0.0 < train.calibration_step <= 1.0):
+        raise ConfigError(f"train.calibration_step must lie in (0, 1], got {train.calibration_step}")
     try:
         device = torch.device(train.device)
     except RuntimeError:
