@@ -231,8 +231,8 @@ def stdlib_items(opts: TextOptions) -> list[Item]:
 
 def stdlib_cache_path() -> Path:
     """``<cache root>/python-docs/stdlib-<hash of the walk format and this Python build>.json``."""
-    from policy_prune.data.stdlib_docs import FORMAT
     from policy_prune.core.embedded_models import cache_root
+    from policy_prune.data.stdlib_docs import FORMAT
 
     key = hashlib.sha256(f"{FORMAT}|{sys.version}|{sys.platform}".encode()).hexdigest()[:16]
     return cache_root() / "python-docs" / f"stdlib-{key}.json"
