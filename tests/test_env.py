@@ -256,3 +256,39 @@ def test_group_rows_share_a_sample_and_get_a_leave_one_out_baseline(vit, vit_spl
         assert total[rows].sum() == pytest.approx(0.0, abs=1e-5)
     with pytest.raises(UserError, match="group_size"):
         PruneVecEnv(vit, vit_split, 6, SITES, group_size=4)
+
+
+@pytest.mark.parametrize("name", ["timm-vit-reg4", "hf-bert"])
+def test_start_states_are_computed_once_per_sample(name) -> None:
+    """The state before the first site is kept per sample: a later episode on it computes nothing and sees
+    what a fresh computation gives (text rows padded to another batch's width included)."""
+    backbone = adapt(tiny.make(name))
+    split = tiny.split(name, n=12)
+    task = "cosine" if backbone.output_kind == "embedding" else "teacher_kl"
+    env = PruneVecEnv(backbone, split, 4, SITES, task=task)
+    calls = []
+    compute = env.core.starts.compute
+    env.core.starts.compute = lambda idx: calls.append(idx.tolist()) or compute(idx)
+    first = env.core.begin(np.array([0, 1, 2, 3]))
+    again = env.core.begin(np.array([3, 0, 0, 5]))
+    assert calls == [[0, 1, 2, 3], [5]]
+    fresh = PruneVecEnv(backbone, split, 4, SITES, task=task, cache_bytes=0).core.begin(np.array([3, 0, 0, 5]))
+    assert fresh["tokens"].shape == again["tokens"].shape
+    for key in again:
+        np.testing.assert_allclose(again[key], fresh[key], atol=1e-5)
+    np.testing.assert_allclose(again["tokens"][1], first["tokens"][0], atol=1e-5)
+
+
+def test_text_features_do_not_depend_on_padding() -> None:
+    from policy_prune.core.features import FeatureSpec, make_projection, token_features
+
+    backbone = adapt(tiny.make("hf-bert"))
+    split = tiny.split("hf-bert", n=4)
+    x = split.inputs
+    wide = {k: torch.nn.functional.pad(v, (0, 9)) for k, v in x.items()}  # 9 more padding columns
+    spec = FeatureSpec()
+    proj = make_projection(backbone, spec)
+    with torch.inference_mode():
+        a = token_features(backbone, backbone.run_blocks(backbone.embed(x), 0, 1), 1, proj, spec)
+        b = token_features(backbone, backbone.run_blocks(backbone.embed(wide), 0, 1), 1, proj, spec)
+    torch.testing.assert_close(b[:, : a.shape[1]], a, atol=1e-5, rtol=1e-5)

@@ -21,14 +21,14 @@ import torch
 from policy_prune.core import ops
 from policy_prune.core.backbones.base import TokenBackbone, TokenState, cls_row_attention
 
-FEATURE_VERSION = 3
+FEATURE_VERSION = 4
 FEATURE_BOUND = 10.0
 BASE_FEATURES = (
     "cls_attention",  # log(1 + n_alive * attention received from CLS) in the block about to run
     "norm",  # token L2 norm / mean norm of the row's alive tokens
     "cos_cls",  # cosine similarity to the CLS token (to the mean token when there is no CLS)
     "redundancy",  # mean cosine similarity to the other alive tokens (the seed paper's score)
-    "pos_y",  # grid row in [0, 1] (text: relative position)
+    "pos_y",  # grid row in [0, 1] (text: position / position of the row's last alive token, [SEP])
     "pos_x",  # grid column in [0, 1] (text: 0)
     "protected",  # 1 for CLS / distillation / register / [SEP] tokens
     "local_norm",  # mean "norm" over the alive tokens of the 3 x 3 neighbourhood (text: 3-token window)
@@ -160,6 +160,21 @@ def position_table(backbone: TokenBackbone, n_full: int, device: torch.device) -
     return tables[key]
 
 
+def token_yx(backbone: TokenBackbone, state: TokenState, layout: tuple[int, tuple[int, int] | None]) -> torch.Tensor:
+    """[B, N, 2] (pos_y, pos_x) of the state's slots.
+
+    Images: the cached grid table. Text: the position over the row's last alive position (its protected
+    [SEP]), so the feature does not depend on how far the batch was padded (version 3 divided by the
+    padded length: the same sentence got other features in another batch).
+    """
+    if layout[1] is not None:
+        return position_table(backbone, state.n_full, state.tokens.device)[state.positions]
+    pos = state.positions.to(state.tokens.dtype)
+    alive = pos if state.dense else pos.masked_fill(~state.valid, 0.0)
+    y = pos / alive.amax(dim=1, keepdim=True).clamp_min(1.0)
+    return torch.stack([y, torch.zeros_like(y)], dim=-1)
+
+
 def token_features(
     backbone: TokenBackbone, state: TokenState, layer: int, projection: torch.Tensor, spec: FeatureSpec
 ) -> torch.Tensor:
@@ -223,7 +238,7 @@ def token_features(
     else:
         redundancy = (dots[..., 1] - 1.0) / max(n - 1.0, 1.0)
 
-    pos = position_table(backbone, state.n_full, x.device)[state.positions].to(x.dtype)  # [B, N, 2]
+    pos = token_yx(backbone, state, layout).to(x.dtype)  # [B, N, 2]
     # One pooling pass serves local_norm and the neighbourhood half of the projection.
     local = local_mean(state, torch.cat([(norm if vf is None else norm * vf).unsqueeze(-1), proj], dim=-1), layout)
     scalars = torch.stack([cls_attention, norm, dots[..., 0], redundancy], dim=-1)

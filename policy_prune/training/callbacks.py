@@ -43,8 +43,8 @@ class PruneMetricsCallback(BaseCallback):
             self.logger.record(f"prune/keep_ratio_site{site}", float(ratio))
         if self.progress is not None:
             ret = [i["return"] for i in self.buffer if "return" in i]  # the env's own, before any group baseline
-            self.progress.update(self.num_timesteps, ret=float(np.mean(ret)) if ret else float("nan"),
-                                 flops=float(np.mean([i["flops_ratio"] for i in self.buffer])))
+            self.progress.rollout(self.num_timesteps, ret=float(np.mean(ret)) if ret else float("nan"),
+                                  flops=float(np.mean([i["flops_ratio"] for i in self.buffer])))
         self.buffer = []
 
 
@@ -177,19 +177,28 @@ class RunProgress:
     def __exit__(self, *exc: Any) -> None:
         self.progress.__exit__(*exc)
 
-    def fitting(self, description: str, total: int) -> Any:
-        """A task for a fitting phase (e.g. the embedded backbone's epochs) on the same display."""
-        return self.progress.add_task(description, total=total, status="")
+    # The rich Progress calls a fitting phase makes (pretrain.fit): they drive the same one bar.
+    def add_task(self, description: str, total: float | None = None, **fields: Any) -> Any:
+        """The run's bar, showing a fitting phase first (e.g. the embedded backbone's steps)."""
+        self.task = self.progress.add_task(description, total=total, status="", **fields)
+        return self.task
 
     def start(self, total: int, done: int = 0) -> None:
-        """The steps phase: ``total`` is the real number of environment steps the run will have taken."""
-        self.task = self.progress.add_task("train", total=total, completed=done, status="")
+        """The steps phase on the same bar: ``total`` is the real number of steps the run will have taken."""
+        if self.task is None:
+            self.task = self.progress.add_task("train", total=total, completed=done, status="")
+        else:
+            self.progress.reset(self.task, total=total, completed=done, description="train", status="")
 
     def advance(self, steps: int) -> None:
         if self.task is not None:
             self.progress.update(self.task, completed=steps)
 
-    def update(self, steps: int, ret: float, flops: float) -> None:
+    def update(self, task: Any, **kwargs: Any) -> None:
+        """rich's ``Progress.update`` (what a fitting phase calls)."""
+        self.progress.update(task, **kwargs)
+
+    def rollout(self, steps: int, ret: float, flops: float) -> None:
         self.fields["ret"] = f"return {ret:+.3f}  FLOPs {flops:.3f}"
         self._refresh(steps)
 

@@ -14,7 +14,6 @@ so the compute penalties of an episode sum to exactly lam * (FLOPs used / full F
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 import gymnasium as gym
@@ -80,6 +79,7 @@ class PruneCore:
         device: str = "cpu",
         budget: Sequence[float] | None = None,
         controller: BudgetController | None = None,
+        cache_bytes: int = 4 << 30,
     ) -> None:
         sites = [int(s) for s in sites]
         if not sites:
@@ -111,9 +111,13 @@ class PruneCore:
         self.spec = feature_spec or FeatureSpec()
         self.projection = make_projection(backbone, self.spec).to(device)
         with torch.inference_mode():
-            self.n_tokens = backbone.embed(self._inputs(torch.tensor([0]))).n_full
+            # The observation grid spans the split's full (padded) width: every row's positions fit in it.
+            self.n_tokens = backbone.embed(move(split.select(torch.tensor([0])).inputs, device)).n_full
         self._teacher: torch.Tensor | None = None
         self._cached = torch.zeros(len(split), dtype=torch.bool)
+        # The blocks before the first site do not depend on any action: each sample's state there is
+        # computed once and reused by every later episode on it (and by every row of a group).
+        self.starts = StartCache(self._start, len(split), cache_bytes)
         self.observation_space = spaces.Dict(
             {
                 "tokens": spaces.Box(-FEATURE_BOUND, FEATURE_BOUND, (self.n_tokens, self.spec.dim), np.float32),
@@ -125,8 +129,13 @@ class PruneCore:
 
     # ---- data and teacher -----------------------------------------------------------------------
     def _inputs(self, idx: torch.Tensor) -> Any:
-        x = self.split.select(idx).inputs
-        return {k: v.to(self.device) for k, v in x.items()} if isinstance(x, dict) else x.to(self.device)
+        """Adapter inputs of samples ``idx``; text is cut after its longest row (padding is not work)."""
+        return trim_padding(self.split.select(idx).inputs, self.device)
+
+    def _start(self, idx: torch.Tensor) -> tuple[TokenState, torch.Tensor]:
+        """The state before the first site and its features, computed for samples ``idx``."""
+        state = self.backbone.run_blocks(self.backbone.embed(self._inputs(idx)), 0, self.sites[0])
+        return state, token_features(self.backbone, state, self.sites[0], self.projection, self.spec)
 
     def teacher(self, idx: torch.Tensor) -> torch.Tensor:
         """Full-model outputs for samples ``idx``, each computed once and cached."""
@@ -142,25 +151,15 @@ class PruneCore:
 
     # ---- episode --------------------------------------------------------------------------------
     @torch.inference_mode()
-    def begin(self, indices: np.ndarray, targets: np.ndarray | None = None, group: int = 1) -> dict[str, np.ndarray]:
-        """Start B episodes on samples ``indices``: embed and run up to the first site.
+    def begin(self, indices: np.ndarray, targets: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Start B episodes on samples ``indices``: the state at the first site and its features.
 
         ``targets`` [B]: the target FLOPs ratio of each row (budget-conditioned envs only).
-        ``group``: consecutive rows of a group prune the same sample, so the part before the first site
-        (embedding, blocks, site-0 features) runs once per group and is repeated for its rows.
         """
         self.idx = torch.as_tensor(indices, dtype=torch.long)
         b = len(self.idx)
         self._set_budget(targets, b)
-        head = self.idx
-        if group > 1:
-            head = self.idx[::group]
-            if not bool((self.idx.view(-1, group) == head.unsqueeze(1)).all()):
-                raise ValueError("rows of a group must share their sample")
-        state = self.backbone.run_blocks(self.backbone.embed(self._inputs(head)), 0, self.sites[0])
-        feats = token_features(self.backbone, state, self.sites[0], self.projection, self.spec)
-        if group > 1:
-            state, feats = repeat_rows(state, group), feats.repeat_interleave(group, dim=0)
+        state, feats = self.starts.get(self.idx)
         # Each row's own full cost: text rows differ in length, and padding is not work.
         self.full = row_full_flops(self.backbone, state.alive_counts, self.n_tokens)
         # The part before the first site runs whatever the policy does; site 0's reward pays for it.
@@ -261,12 +260,64 @@ class PruneCore:
         return task
 
 
-def repeat_rows(state: TokenState, times: int) -> TokenState:
-    """Each row of ``state`` repeated ``times`` times in place (rows r*times ... (r+1)*times - 1)."""
-    return replace(state, tokens=state.tokens.repeat_interleave(times, dim=0),
-                   protected=state.protected.repeat_interleave(times, dim=0),
-                   valid=state.valid.repeat_interleave(times, dim=0),
-                   positions=state.positions.repeat_interleave(times, dim=0))
+def move(inputs: Any, device: str | torch.device) -> Any:
+    """Adapter inputs (a tensor or a tokenizer batch) on ``device``."""
+    return {k: v.to(device) for k, v in inputs.items()} if isinstance(inputs, dict) else inputs.to(device)
+
+
+def trim_padding(inputs: Any, device: str | torch.device) -> Any:
+    """Inputs on ``device``; a tokenizer batch loses the trailing columns that are padding in every row."""
+    if not isinstance(inputs, dict) or inputs.get("attention_mask") is None:
+        return move(inputs, device)
+    mask = inputs["attention_mask"]
+    used = mask.any(dim=0).nonzero()
+    width = int(used.max()) + 1 if len(used) else mask.shape[1]
+    return {k: (v[:, :width] if v.dim() == 2 and v.shape[1] == mask.shape[1] else v).to(device) for k, v in inputs.items()}
+
+
+class StartCache:
+    """Each sample's token state before the first pruning site and its features there, kept once computed.
+
+    Rows are stored without their padding ([n_i, ...] for the n_i real tokens of sample i) and padded
+    again to the batch's longest row when assembled, so a batch costs what its rows need. Above
+    ``max_bytes`` for the whole split nothing is kept (every batch is computed afresh).
+    """
+
+    def __init__(self, compute: Any, n_samples: int, max_bytes: int) -> None:
+        self.compute = compute
+        self.rows: list[tuple[torch.Tensor, ...] | None] = [None] * n_samples
+        self.max_bytes = max_bytes
+        self.keep: bool | None = None  # decided on the first batch, from its size per sample
+
+    def get(self, idx: torch.Tensor) -> tuple[TokenState, torch.Tensor]:
+        """(state [B, W, D], features [B, W, F]) of samples ``idx`` (repeats allowed)."""
+        if self.keep is False:
+            return self.compute(idx)
+        missing = [i for i in dict.fromkeys(idx.tolist()) if self.rows[i] is None]
+        if missing:
+            state, feats = self.compute(torch.tensor(missing))
+            parts = (state.tokens, state.protected, state.positions, feats)
+            if self.keep is None:
+                per_sample = sum(p[0].numel() * p.element_size() for p in parts)
+                self.keep = per_sample * len(self.rows) <= self.max_bytes
+                if not self.keep:
+                    return self.compute(idx)
+            for j, i in enumerate(missing):
+                valid = state.valid[j]
+                self.rows[i] = tuple(p[j][valid].clone() for p in parts)
+                self.n_full = state.n_full
+                self.dense = state.dense
+        return self._assemble([self.rows[i] for i in idx.tolist()])  # type: ignore[misc]
+
+    def _assemble(self, rows: list[tuple[torch.Tensor, ...]]) -> tuple[TokenState, torch.Tensor]:
+        lengths = torch.tensor([r[0].shape[0] for r in rows])
+        width = int(lengths.max())
+        padded = [torch.nn.utils.rnn.pad_sequence([r[k] for r in rows], batch_first=True) for k in range(4)]
+        valid = torch.arange(width) < lengths.unsqueeze(1)
+        dense = self.dense and bool((lengths == width).all())
+        state = TokenState(padded[0], padded[1], valid.to(padded[0].device), padded[2], self.n_full if dense else
+                           max(width, int(padded[2].max()) + 1), dense=dense)
+        return state, padded[3]
 
 
 def leave_one_out_mean(returns: np.ndarray, group_size: int) -> np.ndarray:
@@ -367,10 +418,11 @@ class PruneVecEnv(VecEnv):
         budget: Sequence[float] | None = None,
         target: float | None = None,
         controller: BudgetController | None = None,
+        cache_bytes: int = 4 << 30,
     ) -> None:
         if group_size < 1 or n_envs % group_size:
             raise UserError(f"group_size {group_size} must be a positive divisor of n_envs {n_envs}")
-        self.core = PruneCore(backbone, split, sites, lam, task, feature_spec, device, budget, controller)
+        self.core = PruneCore(backbone, split, sites, lam, task, feature_spec, device, budget, controller, cache_bytes)
         self.target = target
         """Fixed target FLOPs ratio of every row (evaluation); None draws one per group (training)."""
         self.group_size = group_size
@@ -396,7 +448,7 @@ class PruneVecEnv(VecEnv):
             drawn = self.sampler.draw_targets(groups, *self.core.budget) if self.target is None \
                 else np.full(groups, float(self.target))
             targets = np.repeat(drawn, self.group_size)
-        return self.core.begin(idx, targets, self.group_size)
+        return self.core.begin(idx, targets)
 
     def step_async(self, actions: np.ndarray) -> None:
         self._actions = actions

@@ -199,7 +199,7 @@ def train(cfg: RunConfig, run_dir: Path, console: Any, resume: bool = False) -> 
     set_random_seed(cfg.train.seed)
     with RunProgress(console) as progress:
         backbone, splits = resolve(cfg.env, seed=cfg.train.seed, device=cfg.train.device, console=console,
-                                   progress=progress.progress)
+                                   progress=progress)
         model, callbacks, wandb_run = _setup(cfg, run_dir, console, backbone, splits, resume, progress)
         rollout = model.n_steps * model.n_envs
         remaining = max(cfg.train.timesteps - model.num_timesteps, 0)
