@@ -96,6 +96,11 @@ class EnvConfig:
     """Block indices before which the policy prunes (sorted, within the model's depth)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     """Reward definition."""
+    agent: str | None = None
+    """Agent preset this env trains with when ``--agent`` is not given (None: ppo)."""
+    train: dict[str, Any] = field(default_factory=dict)
+    """Train settings this env recommends (``train.*`` keys, e.g. timesteps): applied before the command
+    line's flags and ``--set train.*``, which win."""
 
 
 @dataclass

@@ -193,3 +193,20 @@ def test_budget_run_validates_calibrates_and_resumes(tmp_path, capsys, monkeypat
     # The resumed run continues from the checkpoint's multipliers: one dual step of lr * gap from them.
     assert moved == pytest.approx([0.05 * first_new[f"budget/flops_gap_{k}"] for k in range(8)], abs=1e-9)
     assert lam_before != pytest.approx([0.3] * 8)
+
+
+def test_env_preset_recommends_agent_and_train_settings(tmp_path) -> None:
+    from argparse import Namespace
+
+    from policy_prune.training.train import resolve_config
+
+    env = {**TINY_ENV, "agent": str(tmp_path / "agent.yaml"), "train": {"timesteps": 4096, "eval_every": 64}}
+    (tmp_path / "env.yaml").write_text(yaml.safe_dump(env))
+    (tmp_path / "agent.yaml").write_text(yaml.safe_dump(TINY_AGENT))
+    args = dict(env=str(tmp_path / "env.yaml"), agent=None, lam=None, timesteps=None, seed=None, name=None,
+                overrides=[], device=None, track=None, resume=None, runs_dir=None)
+    cfg = resolve_config(Namespace(**args))
+    assert cfg.train.timesteps == 4096 and cfg.train.eval_every == 64 and cfg.agent.n_envs == TINY_AGENT["n_envs"]
+    assert cfg.agent_name == "agent"
+    cfg = resolve_config(Namespace(**{**args, "timesteps": 256, "overrides": ["train.eval_every=32"]}))
+    assert cfg.train.timesteps == 256 and cfg.train.eval_every == 32  # the command line wins

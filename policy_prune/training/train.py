@@ -85,7 +85,7 @@ class RunConfig:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--env", default="digits-vit", help="env preset name or YAML path")
-    p.add_argument("--agent", default="ppo", help="agent preset name or YAML path (ppo, a2c)")
+    p.add_argument("--agent", default=None, help="agent preset name or YAML path (ppo, a2c; default: the env's own, else ppo)")
     p.add_argument("--lam", type=float, default=None, help="compute penalty lambda (overrides the env preset)")
     p.add_argument("--timesteps", type=int, default=None, help="total environment steps")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
@@ -111,8 +111,9 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
             raise ConfigError(f"--set {item!r}: keys start with env., agent. or train.")
         target.append(rest)
     env_cfg = load_env_config(args.env, env_over)
-    agent_cfg = load_agent_config(args.agent, agent_over)
-    train_raw: dict[str, Any] = {}
+    agent_name = args.agent or env_cfg.agent or "ppo"
+    agent_cfg = load_agent_config(agent_name, agent_over)
+    train_raw: dict[str, Any] = dict(env_cfg.train)  # the env's recommended settings; flags and --set win
     for flag, key in (("timesteps", "timesteps"), ("seed", "seed"), ("device", "device"), ("track", "track"),
                       ("name", "name"), ("runs_dir", "runs_dir")):
         if getattr(args, flag) is not None:
@@ -120,7 +121,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     train_cfg = from_dict(TrainConfig, apply_overrides(train_raw, train_over), "train")
     if args.lam is not None:
         env_cfg.reward.lam = args.lam
-    cfg = RunConfig(env_cfg, agent_cfg, train_cfg, Path(args.agent).stem)
+    cfg = RunConfig(env_cfg, agent_cfg, train_cfg, Path(agent_name).stem)
     validate(cfg)
     return cfg
 
