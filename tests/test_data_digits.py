@@ -154,3 +154,27 @@ def tiny_backbone():
     from policy_prune.core.backbones import adapt
 
     return adapt(tiny.make("timm-vit-cls"))
+
+
+def test_source_groups_follow_the_canvases() -> None:
+    """Each canvas carries its source digit: the unit confidence intervals resample (#15)."""
+    opts = {"canvases_train": 1, "canvases_val": 3, "canvases_test": 2}
+    groups = dg.source_groups(opts)
+    splits = dg.build_splits(opts, seed=0)
+    glyph_labels = torch.from_numpy(dg.load_glyphs()[1])
+    for name, (_, y) in splits.items():
+        g = groups[name]
+        assert len(g) == len(y) and torch.equal(glyph_labels[g], y)  # a canvas's label is its source's label
+    val = groups["val"]
+    n = len(val) // 3
+    assert torch.equal(val[:n], val[n : 2 * n]) and len(val.unique()) == n
+    assert not set(groups["val"].tolist()) & set(groups["test"].tolist())
+
+
+def test_split_select_and_cap_carry_groups() -> None:
+    from policy_prune.data import cap
+
+    split = Split("test", torch.zeros(6, 1, 2, 2), torch.arange(6), torch.tensor([0, 0, 1, 1, 2, 2]))
+    assert split.select(torch.tensor([1, 4])).groups.tolist() == [0, 2]
+    assert cap(split, 4, seed=0).group_ids().shape == (4,)
+    assert Split("x", torch.zeros(3, 1), None).group_ids().tolist() == [0, 1, 2]

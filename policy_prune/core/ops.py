@@ -83,18 +83,27 @@ class BlockShape:
     """Number of D x H matrices in the MLP: 2 for fc1/fc2, 3 for gated (SwiGLU) MLPs."""
 
 
+def attention_flops(shape: BlockShape, n_tokens: int | torch.Tensor) -> torch.Tensor | int:
+    """Matmul FLOPs of a block's attention half on ``n_tokens`` tokens: q/k/v and output projections plus
+    both N^2 products (QK^T and AV). Works on ints or on [B] tensors of counts."""
+    d, a = shape.width, shape.attn_dim
+    return n_tokens * (2 * d * 3 * a + 2 * a * d + 2 * 2 * a * n_tokens)
+
+
+def mlp_flops(shape: BlockShape, n_tokens: int | torch.Tensor) -> torch.Tensor | int:
+    """Matmul FLOPs of a block's MLP half on ``n_tokens`` tokens."""
+    return n_tokens * (2 * shape.width * shape.mlp_hidden * shape.mlp_matrices)
+
+
 def block_flops(shape: BlockShape, n_tokens: int | torch.Tensor) -> torch.Tensor | int:
     """Matmul FLOPs of one block on `n_tokens` tokens (2 x multiply-accumulates).
 
     Counts what `torch.utils.flop_counter.FlopCounterMode` counts: the q/k/v and output projections,
     both N^2 attention products (QK^T and AV), and the MLP. Norms, softmax and activations are
     elementwise and not counted, as in FlopCounterMode. Works on ints or on [B] tensors of counts.
+    The two halves are :func:`attention_flops` and :func:`mlp_flops` (ToMe merges between them).
     """
-    d, a, h = shape.width, shape.attn_dim, shape.mlp_hidden
-    linear = 2 * d * 3 * a + 2 * a * d + 2 * d * h * shape.mlp_matrices  # q/k/v, output projection, MLP
-    quadratic = 2 * 2 * a  # QK^T and AV
-    # n * (linear + quadratic * n): three tensor ops for [B] counts (every term is an exact integer).
-    return n_tokens * (linear + quadratic * n_tokens)
+    return attention_flops(shape, n_tokens) + mlp_flops(shape, n_tokens)
 
 
 def schedule_flops(

@@ -32,8 +32,9 @@ class Split:
     labels: torch.Tensor | None
     """[M] long class labels, or None for label-free data."""
     groups: torch.Tensor | None = None
-    """[M] long: the source item of each row (a passage's docstring or help-topic section); rows of one
-    item are resampled together in paired bootstraps. None: every row is its own item."""
+    """[M] long: the source item of each row (a passage's docstring or help-topic section; the source
+    digit drawn on a digits-cluttered canvas); rows of one item are resampled together in paired
+    bootstraps. None: every row is its own item."""
     kinds: list[str] | None = None
     """Per row, what the row is (retrieval queries: "title", "summary", "name"), or None."""
     queries: Split | None = None
@@ -66,6 +67,10 @@ class Split:
                      None if self.groups is None else self.groups[idx],
                      None if self.kinds is None else [self.kinds[i] for i in idx.tolist()], queries, relevant)
 
+    def group_ids(self) -> torch.Tensor:
+        """[M] long source-item id of every row (each row its own item when the dataset has no groups)."""
+        return self.groups if self.groups is not None else torch.arange(len(self))
+
     def _follow(self, idx: torch.Tensor, queries: Split, relevant: torch.Tensor) -> tuple[Split, torch.Tensor]:
         """The queries and [R', 2] relevant pairs of the passages ``idx`` [K] (long)."""
         new_row = torch.full((len(self),), -1, dtype=torch.long)
@@ -90,7 +95,8 @@ def _digits(cfg: DataConfig, seed: int, backbone: Any, tokenizer: Any) -> dict[s
     from policy_prune.data import digits
 
     splits = digits.build_splits(cfg.options, seed)
-    return {name: Split(name, digits.match_backbone(x, backbone), y) for name, (x, y) in splits.items()}
+    groups = digits.source_groups(cfg.options)
+    return {name: Split(name, digits.match_backbone(x, backbone), y, groups[name]) for name, (x, y) in splits.items()}
 
 
 def _python_docs(cfg: DataConfig, seed: int, backbone: Any, tokenizer: Any) -> dict[str, Split]:

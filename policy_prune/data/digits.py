@@ -249,6 +249,17 @@ def build_splits(options: dict[str, Any] | None, seed: int) -> dict[str, tuple[t
     return out
 
 
+def source_groups(options: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+    """[M] long source-digit index of every canvas, per split, in the row order of :func:`build_splits`.
+
+    A source is drawn on several canvases (``canvases_<split>``), so its rows are not independent samples:
+    confidence intervals resample sources, not canvases.
+    """
+    opts = parse_options(options)
+    _, labels = load_glyphs()
+    return {split: torch.from_numpy(sources_for(split, idx, opts)) for split, idx in split_sources(labels, opts).items()}
+
+
 def options_dict(options: dict[str, Any] | None) -> dict[str, Any]:
     """The fully resolved options (defaults filled in): what cache keys and run records use."""
     return dataclasses.asdict(parse_options(options))
