@@ -1,4 +1,5 @@
-"""Baselines run through the same execution: keep-all is the unpruned model; budgets are honoured."""
+"""Baselines run through the same execution: keep-all is the unpruned model; budgets are honoured; the
+analytic Work of a point equals what its forward ran."""
 
 from __future__ import annotations
 
@@ -10,12 +11,19 @@ from policy_prune.errors import UserError
 from policy_prune.evaluation.baselines import (
     BASELINES,
     BaselineOptions,
+    EvitMethod,
     SimilarityScorer,
     diverse_order,
     make_baseline,
     redundancy,
 )
+from policy_prune.evaluation.solve import Point, TokenCounts
 from tests import tiny
+
+
+def keep_all(name: str, depth: int) -> Point:
+    return Point("none") if name == "none" else Point("tome-r", [0] * depth) if name == "tome-native" else \
+        Point("keep_ratio", [1.0, 1.0])
 
 FAMILIES = ["timm-vit-cls", "timm-vit-reg-gap", "timm-deit-distilled", "hf-bert", "hf-vit-classifier"]
 
@@ -25,29 +33,75 @@ FAMILIES = ["timm-vit-cls", "timm-vit-reg-gap", "timm-deit-distilled", "hf-bert"
 def test_keep_all_equals_unpruned(name: str, baseline: str) -> None:
     backbone = adapt(tiny.make(name))
     x = tiny.inputs(name)
-    method = make_baseline(baseline, BaselineOptions(diversity=0.5))
+    method = make_baseline(baseline, [1, 3], BaselineOptions(diversity=0.5))
     with torch.no_grad():
-        out, counts = method.forward(backbone, x, [1, 3], "keep_ratio", 1.0)
+        out, work = method.forward(backbone, x, keep_all(baseline, backbone.depth))
         assert torch.allclose(out, backbone(x), atol=1e-5)
-    assert torch.equal(counts[-1], backbone.embed(x).alive_counts)
+    assert torch.equal(work.mlp[:, -1], backbone.embed(x).alive_counts)
 
 
-@pytest.mark.parametrize("baseline", [b for b in BASELINES if b != "none"])
+@pytest.mark.parametrize("baseline", [b for b in BASELINES if b not in ("none", "tome-native")])
 def test_same_counts_at_a_ratio(baseline: str) -> None:
-    """Every method keeps the keep_ratio rule's counts: protected + round(r * prunable) per site."""
-    backbone = adapt(tiny.make("timm-vit-cls"))  # 16 patches + CLS
-    method = make_baseline(baseline)
+    """Site methods keep the keep_ratio rule's counts: protected + round(r * prunable) per site (EViT one
+    more: its fused token)."""
+    backbone = adapt(tiny.make("timm-vit-cls"))  # 16 patches + CLS, depth 4
+    method = make_baseline(baseline, [1, 3])
     with torch.no_grad():
-        _, counts = method.forward(backbone, tiny.inputs("timm-vit-cls"), [1, 3], "keep_ratio", 0.5)
-    expected = [9] if baseline == "similarity-pre" else [9, 5]
-    assert [int(c[0]) for c in counts] == expected and all(bool((c == c[0]).all()) for c in counts)
+        _, work = method.forward(backbone, tiny.inputs("timm-vit-cls"), Point("keep_ratio", [0.5, 0.5]))
+    expected = {"similarity-pre": [9, 9, 9, 9], "evit": [17, 10, 10, 6]}.get(baseline, [17, 9, 9, 5])
+    assert work.attn[0].tolist() == expected and bool((work.attn == work.attn[0]).all())
+
+
+@pytest.mark.parametrize("name", ["timm-vit-cls", "hf-bert", "timm-deit-distilled"])
+@pytest.mark.parametrize("baseline", list(BASELINES))
+def test_predicted_work_equals_the_forward(name: str, baseline: str) -> None:
+    """The analytic Work the solver uses is exactly what the forward runs (counts and selection FLOPs),
+    text rows of different lengths included."""
+    backbone = adapt(tiny.make(name))
+    x = tiny.inputs(name, batch=4)
+    method = make_baseline(baseline, [1, 2])
+    point = {"none": Point("none"), "tome-native": Point("tome-r", [3, 1, 4, 2])}.get(baseline, Point("keep_ratio", [0.6, 0.3]))
+    with torch.no_grad():
+        _, work = method.forward(backbone, x, point)
+        state = backbone.embed(x)
+    tc = TokenCounts(state.alive_counts, (state.protected & state.valid).sum(dim=1), torch.zeros(4, dtype=torch.long), state.n_full)
+    predicted = method.predict(backbone, tc, point)
+    assert torch.equal(predicted.attn, work.attn) and torch.equal(predicted.mlp, work.mlp)
+    assert torch.allclose(predicted.selection, work.selection)
+
+
+def test_evit_fuses_the_dropped_tokens_weighted_by_cls_attention() -> None:
+    """EViT's extra token is sum_j a_j x_j over the dropped tokens (a_j: attention from CLS), protected."""
+    backbone = adapt(tiny.make("timm-vit-cls"))
+    x = tiny.inputs("timm-vit-cls", batch=2)
+    with torch.no_grad():
+        state = backbone.run_blocks(backbone.embed(x), 0, 1)
+        attn = backbone.attention_from_cls(state, 1)
+        keep = __import__("policy_prune.core.scorer", fromlist=["decide"]).decide(attn, state, "keep_ratio", 0.25)
+        dropped = state.valid & ~state.protected & ~keep
+        expected = (attn * dropped).unsqueeze(-1).mul(state.tokens).sum(dim=1)  # [B, D]
+        seen: list = []
+        method = EvitMethod([1])
+        orig = backbone.forward_sites
+
+        def spy(inputs, sites, step):
+            return orig(inputs, sites, lambda s, i, layer: seen.append(step(s, i, layer)) or seen[-1])
+
+        backbone.forward_sites = spy  # type: ignore[method-assign]
+        method.forward(backbone, x, Point("keep_ratio", [0.25]))
+        del backbone.forward_sites
+    after = seen[0]
+    assert after.alive_counts.tolist() == [1 + 4 + 1] * 2  # CLS, 4 kept, the fused token
+    fused = after.protected & (after.positions != 0)
+    assert fused.sum(dim=1).tolist() == [1, 1]
+    assert torch.allclose(after.tokens[fused], expected, atol=1e-5)
 
 
 def test_random_is_seeded() -> None:
     backbone = adapt(tiny.make("timm-vit-cls"))
     x = tiny.inputs("timm-vit-cls")
     with torch.no_grad():
-        a, b, c = (make_baseline("random", BaselineOptions(seed=s)).forward(backbone, x, [1], "keep_ratio", 0.3)[0]
+        a, b, c = (make_baseline("random", [1], BaselineOptions(seed=s)).forward(backbone, x, Point("keep_ratio", [0.3]))[0]
                    for s in (0, 0, 1))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
@@ -79,4 +133,6 @@ def test_similarity_with_diversity_keeps_protected_and_counts() -> None:
 
 def test_unknown_baseline_is_a_user_error() -> None:
     with pytest.raises(UserError, match="cls-attention"):
-        make_baseline("attention-rollout")
+        make_baseline("attention-rollout", [1])
+    with pytest.raises(UserError, match="tome-native"):
+        make_baseline("tome", [1])

@@ -1,25 +1,29 @@
-"""policy-prune eval: FLOPs-matched budgets, the Pareto payload and its three files."""
+"""policy-prune eval: points solved on val, several seeds, intervals over groups, the four output files."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 
 import pytest
 import torch
 
 from policy_prune.core.backbones import adapt
-from policy_prune.core.schedule import TokenCounts, flops_ratio, keep_ratio_for, ratio_counts
-from policy_prune.core.scorer import LearnedScorer, random_scorer
+from policy_prune.core.scorer import random_scorer
 from policy_prune.data import Split
 from policy_prune.errors import UserError
-from policy_prune.evaluation import evaluate
-from policy_prune.evaluation.baselines import BASELINES, BaselineOptions
-from policy_prune.evaluation.evaluate import build_methods, evaluate_methods, write_outputs
+from policy_prune.evaluation import evaluate, report, vis
+from policy_prune.evaluation.baselines import BASELINES, learned_methods, make_baseline
+from policy_prune.evaluation.evaluate import score
 from tests import tiny
 
 SITES = [1, 2]
+TARGETS = [0.7, 0.5]
+
+
+def _split(name: str, n: int, seed: int, split: str, labels: bool = True) -> Split:
+    s = tiny.split(name, n, seed=seed, labels=labels)
+    return Split(split, s.inputs, s.labels, torch.arange(n) // 2)  # two rows per source item
 
 
 @pytest.fixture(scope="module")
@@ -27,91 +31,110 @@ def vit():
     return adapt(tiny.make("timm-vit-cls"))
 
 
-@pytest.mark.parametrize("sites", [[0], [1, 2], [1, 2, 3]])
-@pytest.mark.parametrize("target", [0.9, 0.7, 0.5, 0.35])
-def test_solver_hits_target_flops(vit, sites, target) -> None:
-    # ViT-B/16-like sequence (196 patches + CLS) on the tiny blocks: fine enough steps for a 1% tolerance.
-    tc = TokenCounts(torch.full((4,), 197), torch.ones(4, dtype=torch.long), 197)
-    r = keep_ratio_for(vit, sites, tc, target)
-    assert 0.0 <= r <= 1.0
-    assert abs(flops_ratio(vit, sites, ratio_counts(sites, tc, r), tc) - target) < 0.01
+@pytest.fixture(scope="module")
+def splits():
+    return {"val": _split("timm-vit-cls", 12, 1, "val"), "test": _split("timm-vit-cls", 16, 2, "test")}
 
 
-def test_threshold_solver_brackets_and_bisects() -> None:
-    calls: list[float] = []
-
-    def fn(t: float) -> float:  # a step function falling from 1 to 0 around t = 5.3
-        calls.append(t)
-        return 1.0 if t < 5.3 else (0.5 if t < 5.31 else 0.0)
-
-    assert 5.3 <= evaluate.solve_threshold(fn, 0.5) < 5.31
-    assert len(calls) == len(set(calls))  # every value measured once
-    calls.clear()
-    flat = evaluate.solve_threshold(lambda t: calls.append(t) or 0.2, 0.5)  # unreachable target: terminates
-    assert flat in (-64.0, 1.0) and len(calls) == 8  # -1 .. -64, then 1: no bisection
-
-
-def _learned(backbone, sites) -> LearnedScorer:
-    # A small scorer with random weights: logits spread around 0, so threshold 0 prunes some.
-    return random_scorer(backbone, sites, seed=0, hidden=(16,))
+def _methods(backbone, runs=(0, 1)):
+    methods = [m for s in runs for m in learned_methods(random_scorer(backbone, SITES, seed=s, hidden=(16,)), f"seed {s}")]
+    return methods + [make_baseline(n, SITES) for n in BASELINES]
 
 
 @pytest.fixture(scope="module")
-def results(vit):
-    methods = build_methods(list(BASELINES), BaselineOptions(diversity=0.5), _learned(vit, SITES))
-    return evaluate_methods(vit, tiny.split("timm-vit-cls", 10), SITES, methods, [0.7, 0.5], batch_size=4,
-                            repeats=1, warmup=0)
+def results(vit, splits):
+    res = evaluate.evaluate(vit, splits, _methods(vit), TARGETS, "test", batch_size=4, repeats=1, n_boot=200)
+    res["env"] = "tiny"
+    return res
 
 
-def test_every_method_at_every_target_with_measured_flops(vit, results) -> None:
+def test_every_method_at_every_target_per_seed(results) -> None:
     rows = results["results"]
-    by = {(r["method"], r["target"], r["rule"]): r for r in rows}
-    assert by[("none", None, "none")]["flops_ratio"] == pytest.approx(1.0)
-    assert by[("none", None, "none")]["agreement"] == 1.0
-    for target in (0.7, 0.5):
+    assert results["runs"] == ["seed 0", "seed 1"] and results["n_groups"] == 8 and results["n_samples"] == 16
+    for target in TARGETS:
         at = [r for r in rows if r["target"] == target]
         assert {r["method"] for r in at} == set(BASELINES) - {"none"} | {"learned", "learned-topk"}
-        # Constant-ratio methods at the same sites keep the same counts, so their FLOPs are identical
-        # (ToMe included); the learned threshold sweep allocates per sample and only lands near them.
-        same_sites = {r["flops_ratio"] for r in at if r["sites"] == SITES and r["rule"] == "keep_ratio"}
-        assert len(same_sites) == 1
-        for r in at:  # 16 patches: one token at a site is a coarse step, hence the tolerance
-            assert abs(r["flops_ratio"] - target) < 0.08
-            assert 0 <= r["accuracy"] <= 1 and 0 <= r["agreement"] <= 1 and r["samples_per_s"] > 0
-    own = by[("learned", None, "threshold")]
-    assert own["value"] == 0.0 and 0 < own["flops_ratio"] < 1
+        assert sorted(r["run"] for r in at if r["method"] == "learned") == ["seed 0", "seed 1"]
+        for r in at:
+            f = r["flops"]
+            assert f["total"] == pytest.approx(f["executed"] + f["selection"]) and f["executed"] >= f["block"] - 1e-12
+            assert f["total"] <= target + 1e-9 or not r["on_target"]
+            assert r["interval"]["lo"] <= r["accuracy"] <= r["interval"]["hi"]
+            assert r["ms_b64"] > 0 and r["ms_b1"] > 0
+    own = [r for r in rows if r["target"] is None and r["rule"] == "threshold"]
+    assert len(own) == 2 and all(r["values"] == [0.0, 0.0] for r in own)
+    none = next(r for r in rows if r["method"] == "none")
+    assert none["flops"]["total"] == pytest.approx(1.0) and none["agreement"] == 1.0
 
 
-def test_measured_flops_equal_the_analytic_schedule(vit, results) -> None:
-    tc = TokenCounts(torch.full((10,), 17), torch.ones(10, dtype=torch.long), 17)
-    for r in results["results"]:
-        if r["target"] is not None and r["rule"] == "keep_ratio":
-            expected = flops_ratio(vit, r["sites"], ratio_counts(r["sites"], tc, r["value"]), tc)
-            assert r["flops_ratio"] == pytest.approx(expected)
+def test_points_are_solved_on_val_only(vit, splits) -> None:
+    """Scoring another test split changes no operating point: nothing is solved on the reported split."""
+    other = {"val": splits["val"], "test": _split("timm-vit-cls", 20, 7, "test")}
+    methods = _methods(vit, runs=(0,))
+    a = evaluate.evaluate(vit, splits, methods, [0.5], "test", batch_size=4, repeats=0, n_boot=50)
+    b = evaluate.evaluate(vit, other, methods, [0.5], "test", batch_size=4, repeats=0, n_boot=50)
+    points = lambda res: [(r["method"], r["values"], r["solved_val"]) for r in res["results"]]  # noqa: E731
+    assert points(a) == points(b)
+    assert a["n_samples"] == 16 and b["n_samples"] == 20
 
 
-def test_text_embedding_model_reports_cosine() -> None:
+def test_best_baseline_is_chosen_on_val(vit, splits, results) -> None:
+    val = evaluate.prepare(vit, splits["val"], 4, "cpu")
+    from policy_prune.evaluation.solve import SolveContext
+
+    ctx = SolveContext(vit, val.counts, val.batches)
+    for target in TARGETS:
+        scores = {}
+        for name in BASELINES:
+            m = make_baseline(name, SITES)
+            if m.sweeps:
+                scores[name] = float(score(vit, m, m.solve(ctx, target), val).values["accuracy"].mean())
+        chosen = {c["baseline"] for c in results["comparisons"] if c["target"] == target}
+        assert chosen == {max(scores, key=scores.get)}  # the first of the best on ties, as registered
+    for c in results["comparisons"]:
+        assert c["verdict"] in ("better", "worse", "unclear") and c["n_runs"] == 2
+
+
+def test_text_embedding_model_reports_cosine_and_pictures_words(tmp_path) -> None:
     backbone = adapt(tiny.make("hf-bert"))
-    methods = build_methods(["none", "similarity", "tome"], BaselineOptions())
-    res = evaluate_methods(backbone, tiny.split("hf-bert", 6, labels=False), SITES, methods, [0.6],
-                           batch_size=3, repeats=0)
+    splits = {"val": _split("hf-bert", 6, 1, "val", labels=False), "test": _split("hf-bert", 6, 2, "test", labels=False)}
+    methods = [make_baseline(n, SITES) for n in ("none", "similarity", "evit", "tome-sites", "tome-native")]
+    res = evaluate.evaluate(backbone, splits, methods, [0.6], "val", batch_size=3, repeats=0, n_boot=50)
+    assert res["primary"] == "cosine" and res["split"] == "val"
     for r in res["results"]:
-        assert -1 <= r["cosine"] <= 1.0 + 1e-6 and 0 <= r["recall@10"] <= 1
-        assert "accuracy" not in r and "samples_per_s" not in r
-    assert res["results"][0]["cosine"] == pytest.approx(1.0) and res["results"][0]["recall@10"] == 1.0
+        assert -1 <= r["cosine"] <= 1.0 + 1e-6 and 0 <= r["recall@10"] <= 1 and "accuracy" not in r
+    assert res["results"][0]["cosine"] == pytest.approx(1.0)
+    page = vis.draw_kept(backbone, methods, res, splits["val"], 0.6, SITES, tmp_path, 2, None)
+    assert page.name == "kept.html" and "line-through" in page.read_text() and "tome-native" in page.read_text()
 
 
-def test_writes_the_three_files(results, tmp_path) -> None:
-    write_outputs(results, tmp_path / "eval")
-    payload = json.loads((tmp_path / "eval" / "pareto.json").read_text())
-    assert len(payload["results"]) == len(results["results"])
-    table = (tmp_path / "eval" / "table.md").read_text()
-    assert "| method |" in table and "tome" in table and "similarity-pre" in table
-    assert (tmp_path / "eval" / "pareto.png").stat().st_size > 1000
+def test_writes_the_four_files(vit, splits, results, tmp_path) -> None:
+    report.write_outputs(results, tmp_path)
+    picture = vis.draw_kept(vit, _methods(vit), results, splits["val"], 0.5, SITES, tmp_path, 2)
+    payload = json.loads((tmp_path / "pareto.json").read_text())
+    assert len(payload["results"]) == len(results["results"]) and payload["comparisons"]
+    table = (tmp_path / "table.md").read_text()
+    assert "| 0.70 | learned | seed 1 |" in table and "| 0.70 | learned | mean |" in table
+    assert "Learned minus the best baseline" in table and "tome-native" in table and "evit" in table
+    assert (tmp_path / "pareto.png").stat().st_size > 1000 and picture.stat().st_size > 1000
 
 
+def test_groupings_show_merges_and_drops(vit, splits, results) -> None:
+    x = splits["val"].inputs[:2]
+    for method, point in vis.method_points(_methods(vit), results, 0.5):
+        name = method.name
+        first, last = vis.groupings(vit, method, point, x, SITES)
+        alive = [int(r.max()) + 1 for r in last]  # slots in use entering the last site's block
+        if name in ("tome-sites", "tome-native"):
+            assert bool((last >= 0).all())  # merging drops nothing: every token lives in some slot
+        elif name == "evit":
+            assert bool((last == -2).any())
+        else:
+            assert bool((last == -1).any()) and min(alive) <= 17
+
+
+# ---- CLI -----------------------------------------------------------------------------------------------
 def _cli(argv: list[str]) -> int:
-    # The verb's own parser and run(): independent of the other verbs cli.main imports.
     parser = argparse.ArgumentParser()
     evaluate.add_arguments(parser)
     return evaluate.run(parser.parse_args(argv))
@@ -122,45 +145,65 @@ def test_eval_needs_a_run_or_an_env() -> None:
         _cli([])
 
 
-def _fake_resolve(name: str):
-    backbone = adapt(tiny.make(name))
+@pytest.fixture()
+def fake_env(monkeypatch, vit, splits):
+    from policy_prune import data, embedded
 
-    def resolve(env_cfg, seed=0, device="cpu", console=None):
-        split = tiny.split(name, 8)
-        return backbone, {"test": Split("test", split.inputs, split.labels)}
-
-    return backbone, resolve
+    monkeypatch.setattr(embedded, "resolve_backbone", lambda env_cfg, console=None: (vit, None))
+    monkeypatch.setattr(data, "load_splits", lambda env_cfg, seed, backbone=None, tokenizer=None: dict(splits))
+    return vit
 
 
-def test_eval_run_dir_evaluates_the_saved_scorer(tmp_path, monkeypatch) -> None:
-    from policy_prune import embedded
+def _run_dir(tmp_path, backbone, seed: int, sites=SITES, name: str | None = None):
     from policy_prune.core.artifact import save_scorer
 
-    backbone, resolve = _fake_resolve("timm-vit-cls")
-    monkeypatch.setattr(embedded, "resolve", resolve)
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / (name or f"run{seed}")
     run_dir.mkdir()
-    (run_dir / "config.yaml").write_text("env:\n  name: tiny\n  sites: [1, 2]\nagent_name: ppo\n")
-    save_scorer(_learned(backbone, SITES), run_dir / "scorer", backbone.signature())
-    assert _cli([str(run_dir), "--methods", "none", "tome", "--targets", "0.6", "--repeats", "0"]) == 0
-    payload = json.loads((run_dir / "eval" / "pareto.json").read_text())
-    assert {(r["method"], r["rule"]) for r in payload["results"]} == {
-        ("none", "none"), ("tome", "keep_ratio"), ("learned-topk", "keep_ratio"), ("learned", "threshold")}
-    assert {p.name for p in (run_dir / "eval").iterdir()} == {"pareto.json", "table.md", "pareto.png"}
+    (run_dir / "config.yaml").write_text(f"env:\n  name: tiny\n  sites: {sites}\ntrain:\n  seed: {seed}\n")
+    save_scorer(random_scorer(backbone, sites, seed=seed, hidden=(16,)), run_dir / "scorer", backbone.signature())
+    return run_dir
 
 
-@pytest.mark.skipif(importlib.util.find_spec("policy_prune.embedded") is None, reason="embedded backbones not built yet")
+def test_eval_two_runs_writes_one_table(tmp_path, fake_env, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    runs = [_run_dir(tmp_path, fake_env, s) for s in (0, 1)]
+    out = tmp_path / "out"
+    assert _cli([*map(str, runs), "--methods", "none", "random", "evit", "--targets", "0.6", "--repeats", "0",
+                 "--bootstrap", "50", "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"pareto.json", "table.md", "pareto.png", "kept.png"}
+    payload = json.loads((out / "pareto.json").read_text())
+    assert payload["runs"] == ["seed 0", "seed 1"] and payload["split"] == "test"
+    assert {c["baseline"] for c in payload["comparisons"]} <= {"random", "evit"}
+
+
+def test_eval_one_run_val_split_goes_to_eval_val(tmp_path, fake_env) -> None:
+    run = _run_dir(tmp_path, fake_env, 0)
+    assert _cli([str(run), "--split", "val", "--methods", "none", "tome-native", "--targets", "0.6", "--repeats", "0",
+                 "--bootstrap", "50"]) == 0
+    assert json.loads((run / "eval-val" / "pareto.json").read_text())["split"] == "val"
+    assert not (run / "eval").exists()
+
+
+def test_runs_of_different_sites_are_one_clear_error(tmp_path, fake_env) -> None:
+    a = _run_dir(tmp_path, fake_env, 0)
+    b = _run_dir(tmp_path, fake_env, 1, sites=[1, 3])
+    with pytest.raises(UserError, match="do not share one env: .*sites"):
+        _cli([str(a), str(b), "--repeats", "0"])
+
+
 def test_eval_env_cli_writes_files(tmp_path) -> None:
     preset = tmp_path / "tiny-digits.yaml"
     preset.write_text(
         "backbone:\n  spec: vit_tiny_patch16_224\n"
         "  model_kwargs: {img_size: 32, patch_size: 8, depth: 4, num_classes: 10, embed_dim: 32, num_heads: 2, in_chans: 1}\n"
         "data:\n  dataset: digits-cluttered\n  max_samples: 12\n"
-        "  options: {canvas: 32, digit_size: 16, canvases_train: 1, canvases_val: 1, canvases_test: 1}\n"
+        "  options: {canvas: 32, digit_size: 16, canvases_train: 1, canvases_val: 1, canvases_test: 2}\n"
         "sites: [1, 2]\n"
     )
     out = tmp_path / "eval"
-    code = _cli(["--env", str(preset), "--out", str(out), "--methods", "none", "random", "tome",
-                 "--targets", "0.6", "--batch-size", "6", "--repeats", "1"])
+    code = _cli(["--env", str(preset), "--out", str(out), "--methods", "none", "random", "tome-sites",
+                 "--targets", "0.6", "--batch-size", "6", "--repeats", "1", "--bootstrap", "50"])
     assert code == 0
-    assert {p.name for p in out.iterdir()} >= {"pareto.json", "table.md", "pareto.png"}
+    assert {p.name for p in out.iterdir()} >= {"pareto.json", "table.md", "pareto.png", "kept.png"}
+    payload = json.loads((out / "pareto.json").read_text())
+    assert payload["n_groups"] < payload["n_samples"] or payload["n_samples"] <= 12  # digits rows share sources

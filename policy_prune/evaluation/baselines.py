@@ -1,59 +1,71 @@
-"""Heuristic baselines and ToMe-style merging, run through the same execution and FLOPs count.
+"""Baselines and learned scorers as methods: the same execution, the same FLOPs count, the same solver.
 
-Every baseline is a :class:`Method`: given sites and a decision rule + value it runs the whole
-backbone and returns the output and the per-site alive counts, from which the FLOPs follow exactly
-as for a learned scorer. Pruning baselines are :class:`~policy_prune.core.scorer.Scorer` s driven by
-``make_keep_fn`` + ``forward_pruned``; ToMe is a merge mode (it carries token sizes through blocks).
+A :class:`Method` runs the backbone at an operating point (:class:`~policy_prune.evaluation.solve.Point`)
+and returns the output and the :class:`~policy_prune.evaluation.cost.Work` it did (tokens per block,
+selection FLOPs), from which block, executed and selection FLOPs follow. ``solve(ctx, target)`` is how
+the method reaches a FLOPs target on val; ``predict`` gives a point's Work without running the model
+(token counts are set by the point alone) so that solving is analytic wherever it can be.
 
 Registry (``BASELINES``, string names):
     none            no pruning
     random          seeded random scores
-    cls-attention   top-k attention received from CLS (EViT, Liang et al. 2022, without fusion)
+    cls-attention   top-k attention received from CLS (EViT's criterion, Liang et al. 2022, without fusion)
+    evit            the same top-k, the dropped tokens fused into one extra token weighted by their CLS
+                    attention, as EViT does (``extra_token = sum(non_topk * non_topk_attn)``)
     token-norm      top-k hidden-state L2 norm
     similarity      the seed paper's redundancy (mean cosine similarity to the other patches; the
                     most redundant are pruned), layer-wise at the env's sites
     similarity-pre  the same, once before block 0 on the embedded patches ("pre-transformer")
-    tome            bipartite soft matching with size-weighted averaging and proportional attention
-                    (Bolya et al. 2023); timm ViTs and HF encoders with eager / sdpa attention
+    tome-native     ToMe as its authors run it: r merges in every block between attention and MLP
+                    (Bolya et al. 2023; :mod:`policy_prune.evaluation.tome`)
+    tome-sites      ToMe's matching and size-weighted merging at the env's sites, down to the counts
+                    the keep_ratio rule keeps, in balanced rounds
+
+Selection FLOPs of each scorer are written next to it (``flops``) and checked against
+``FlopCounterMode`` in tests/test_cost.py.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
 from policy_prune.core import ops
 from policy_prune.core.backbones.base import TokenBackbone, TokenState
-from policy_prune.core.features import position_table
-from policy_prune.core.scorer import LearnedScorer, Scorer, keep_count, make_keep_fn
+from policy_prune.core.features import position_table, token_layout
+from policy_prune.core.scorer import LearnedScorer, Scorer, decide, keep_count, make_keep_fn
 from policy_prune.errors import UserError
-from policy_prune.evaluation import merge
+from policy_prune.evaluation import cost, merge, tome
+from policy_prune.evaluation.cost import Work, batch_max, site_work, total_ratio
+from policy_prune.evaluation.solve import (
+    Point,
+    SolveContext,
+    TokenCounts,
+    descend,
+    ratio_counts,
+    solve_ratios,
+    solve_threshold,
+)
 
-Output = tuple[torch.Tensor, list[torch.Tensor]]
-"""(model output [B, C] or [B, D], alive counts [B] after each site)."""
-
-
-class Method(Protocol):
-    """A way to reduce tokens at pruning sites (a scorer + rule, or merging)."""
-
-    name: str
-    sites: list[int] | None
-    """Fixed placement (similarity-pre: [0]); None runs at the caller's sites."""
-    sweeps: bool
-    """False for a method with one operating point only (no pruning)."""
-
-    def forward(self, backbone: TokenBackbone, inputs: Any, sites: Sequence[int], rule: str, value: float) -> Output:
-        """Run the backbone reducing tokens before each site by ``rule`` ("keep_ratio" / "threshold")."""
-        ...
+Watch = dict[int, torch.Tensor]
+"""Block index -> [B, n_full] grouping of the tokens entering that block, for pictures: the slot holding
+each embedded token, -1 once dropped, -2 inside a fused (EViT) token."""
 
 
-# ---- scorers ---------------------------------------------------------------------------------------
+# ---- scorers: scores and their selection FLOPs per row on n slots before block ``layer`` -------------
 def has_cls(state: TokenState) -> bool:
     """Slot 0 of every row is the protected, never-moved token 0 (a CLS to read attention from)."""
     return bool(state.protected[:, 0].all()) and bool((state.positions[:, 0] == 0).all())
+
+
+def model_has_cls(backbone: TokenBackbone) -> bool:
+    """Whether the model's states start with a CLS token (images: prefix tokens; text: [CLS] / <s>)."""
+    prefix, grid = token_layout(backbone)
+    return prefix > 0 if grid is not None else True
 
 
 class RandomScorer:
@@ -65,6 +77,9 @@ class RandomScorer:
     def scores(self, backbone: TokenBackbone, state: TokenState, site_index: int, layer: int) -> torch.Tensor:
         return torch.rand(state.valid.shape, generator=self.generator).to(state.tokens.device)
 
+    def flops(self, backbone: TokenBackbone, layer: int, n: int, cls: bool) -> int:
+        return 0
+
 
 class ClsAttentionScorer:
     """Attention each token receives from CLS in the block about to run (EViT's inattentive tokens).
@@ -75,12 +90,18 @@ class ClsAttentionScorer:
     def scores(self, backbone: TokenBackbone, state: TokenState, site_index: int, layer: int) -> torch.Tensor:
         return backbone.attention_from_cls(state, layer, query="cls" if has_cls(state) else "mean")
 
+    def flops(self, backbone: TokenBackbone, layer: int, n: int, cls: bool) -> int:
+        return cost.cls_row_flops(backbone, layer, n) if cls else cost.mean_query_flops(backbone, n)
+
 
 class TokenNormScorer:
     """L2 norm of each token's hidden state: large-norm tokens are kept."""
 
     def scores(self, backbone: TokenBackbone, state: TokenState, site_index: int, layer: int) -> torch.Tensor:
         return state.tokens.norm(dim=-1)
+
+    def flops(self, backbone: TokenBackbone, layer: int, n: int, cls: bool) -> int:
+        return 0  # elementwise
 
 
 def redundancy(x: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
@@ -134,58 +155,271 @@ class SimilarityScorer:
         yx = position_table(backbone, state.n_full, state.tokens.device)[state.positions]  # [B, N, 2]
         return diverse_order(score, yx, eligible, self.diversity)
 
+    def flops(self, backbone: TokenBackbone, layer: int, n: int, cls: bool) -> int:
+        return 2 * n * n * backbone.block_shape.width  # the n x n cosine matrix (diversity is elementwise)
 
-# ---- methods ---------------------------------------------------------------------------------------
-@dataclass
-class NoPruning:
+
+def scorer_flops(scorer: Any, backbone: TokenBackbone, layer: int, n: int, cls: bool) -> int:
+    """Selection FLOPs per row of ``scorer`` on n slots before block ``layer``."""
+    if isinstance(scorer, LearnedScorer):
+        return cost.learned_flops(backbone, scorer, layer, n, cls)
+    return int(scorer.flops(backbone, layer, n, cls))
+
+
+def per_batch(fn: Callable[[int], float], padded: torch.Tensor) -> torch.Tensor:
+    """[M] float64 fn of every row's padded count, computed once per distinct count."""
+    values = {v: float(fn(v)) for v in padded.unique().tolist()}
+    return torch.tensor([values[v] for v in padded.tolist()], dtype=torch.float64)
+
+
+# ---- methods -------------------------------------------------------------------------------------------
+class Method:
+    """A way to reduce tokens, its operating points and how it reaches a FLOPs target.
+
+    Subclasses implement ``forward``; site methods with analytic counts implement ``site_counts`` and
+    ``site_flops`` and inherit ``predict`` and the keep_ratio ``solve``.
+    """
+
+    name: str = ""
+    sites: list[int]
+    run: str | None = None
+    """The training run a learned method comes from (None for baselines)."""
+    sweeps: bool = True
+    """False for a method with one operating point only (no pruning)."""
+    own_points: list[Point]
+    """Points evaluated besides the FLOPs-matched sweep (the learned scorer's trained threshold)."""
+
+    def __init__(self, name: str, sites: Sequence[int]) -> None:
+        self.name, self.sites, self.own_points = name, list(sites), []
+
+    def forward(self, backbone: TokenBackbone, inputs: Any, point: Point, watch: Watch | None = None) -> tuple[torch.Tensor, Work]:
+        """Output [B, C] or [B, D] and the Work of one batch at ``point``."""
+        raise NotImplementedError
+
+    # -- analytic counts (site methods) --
+    def site_counts(self, values: Sequence[float], tc: TokenCounts) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(alive [M] after each site, prunable [M] entering each site) under keep ratios ``values``."""
+        counts = ratio_counts(values, tc, len(self.sites))
+        return counts, [tc.n0 - tc.protected] + [c - tc.protected for c in counts[:-1]]
+
+    def site_flops(self, backbone: TokenBackbone, layer: int, n: int) -> float:
+        """Selection FLOPs per row of choosing at a site on n slots."""
+        return 0.0
+
+    def predict(self, backbone: TokenBackbone, tc: TokenCounts, point: Point) -> Work:
+        """The Work of ``point`` on rows with counts ``tc``, without running the model."""
+        if point.rule == "none":
+            return site_work(backbone.depth, [], tc.n0, [], torch.zeros(len(tc.n0)), tc.batch, tc.n_full)
+        if point.rule != "keep_ratio":
+            raise ValueError(f"{self.name}: no analytic counts for rule {point.rule!r}")
+        counts, _ = self.site_counts(point.values, tc)
+        entering = [tc.n0, *counts[:-1]]
+        selection = torch.zeros(len(tc.n0), dtype=torch.float64)
+        for layer, e in zip(self.sites, entering, strict=True):
+            selection += per_batch(functools.partial(self.site_flops, backbone, layer), batch_max(e, tc.batch))
+        return site_work(backbone.depth, self.sites, tc.n0, counts, selection, tc.batch, tc.n_full)
+
+    def solve(self, ctx: SolveContext, target: float) -> Point:
+        """Per-site keep ratios reaching ``target`` total FLOPs on val (:func:`solve_ratios`)."""
+        def total(values: list[float]) -> float:
+            return total_ratio(ctx.backbone, self.predict(ctx.backbone, ctx.counts, Point("keep_ratio", values)))
+
+        values = solve_ratios(total, lambda v: self.site_counts(v, ctx.counts)[1], len(self.sites), target)
+        return Point("keep_ratio", values, target, total(values))
+
+
+def run_sites(backbone: TokenBackbone, inputs: Any, sites: Sequence[int],
+              reduce: Callable[[TokenState, int, int], tuple[TokenState, float]],
+              watch: Watch | None = None, snapshot: Callable[[TokenState], torch.Tensor] | None = None) -> tuple[torch.Tensor, Work]:
+    """The whole model with ``reduce(state, site_index, layer) -> (state, selection FLOPs per row)``
+    before each site; ``watch`` gets ``snapshot(state)`` (default: which slot holds each token) per site."""
+    n0: list[torch.Tensor] = []
+    spent = [0.0]
+
+    def step(state: TokenState, i: int, layer: int) -> TokenState:
+        if i == 0:
+            n0.append(state.alive_counts)
+        state, flops = reduce(state, i, layer)
+        spent[0] += flops
+        if watch is not None:
+            watch[layer] = (snapshot or slots_from_state)(state)
+        return state
+
+    out, state, counts = backbone.forward_sites(inputs, sites, step)
+    first = n0[0] if n0 else state.alive_counts
+    b = len(first)
+    return out, site_work(backbone.depth, list(sites), first, counts, torch.full((b,), spent[0], dtype=torch.float64),
+                          torch.zeros(b, dtype=torch.long), state.n_full)
+
+
+def slots_from_state(state: TokenState) -> torch.Tensor:
+    """[B, n_full]: the slot holding each embedded token, -1 where it was dropped (pure pruning)."""
+    b, n = state.valid.shape
+    out = torch.full((b, state.n_full), -1, dtype=torch.long, device=state.valid.device)
+    rows = torch.arange(b, device=out.device).unsqueeze(1).expand(b, n)
+    slots = torch.arange(n, device=out.device).expand(b, n)
+    out[rows[state.valid], state.positions[state.valid]] = slots[state.valid]
+    return out
+
+
+class NoPruning(Method):
     """The unpruned model (the reference point at FLOPs ratio 1)."""
 
-    name: str = "none"
-    sites: list[int] | None = None
-    sweeps: bool = False
+    sweeps = False
 
-    def forward(self, backbone: TokenBackbone, inputs: Any, sites: Sequence[int], rule: str, value: float) -> Output:
-        out, _, counts = backbone.forward_pruned(inputs, sites, None)
-        return out, counts
+    def __init__(self, sites: Sequence[int] = ()) -> None:
+        super().__init__("none", [])
 
-
-@dataclass
-class ScorerMethod:
-    """Prune with a scorer and a decision rule through ``forward_pruned``."""
-
-    name: str
-    scorer: Scorer | LearnedScorer
-    sites: list[int] | None = None
-    sweeps: bool = True
-    operating_point: tuple[str, float] | None = None
-    """The method's own (rule, value), evaluated besides the FLOPs-matched sweep (learned: threshold 0)."""
-    sweep_rule: str = "keep_ratio"
-    """Rule the FLOPs-matched sweep varies: "keep_ratio" (one constant ratio at every site) or "threshold"
-    (a learned scorer's own per-sample, per-site allocation, its logit threshold solved for the target)."""
-
-    def forward(self, backbone: TokenBackbone, inputs: Any, sites: Sequence[int], rule: str, value: float) -> Output:
-        keep_fn = make_keep_fn(backbone, self.scorer, rule, value)
-        out, _, counts = backbone.forward_pruned(inputs, self.sites or sites, keep_fn)
-        return out, counts
+    def forward(self, backbone: TokenBackbone, inputs: Any, point: Point, watch: Watch | None = None) -> tuple[torch.Tensor, Work]:
+        return run_sites(backbone, inputs, [], lambda s, i, layer: (s, 0.0))
 
 
-@dataclass
-class TomeMethod:
-    """ToMe merging down to the token counts the keep_ratio rule would keep (equal FLOPs)."""
+class ScorerMethod(Method):
+    """Prune with a scorer and a decision rule (keep_ratio or threshold) at the sites.
 
-    name: str = "tome"
-    prop_attn: bool = True
-    sites: list[int] | None = None
-    sweeps: bool = True
+    ``solver``: how a FLOPs target is reached on val. "keep_ratio" (baselines, learned-topk): per-site
+    keep ratios, analytic. "threshold" (learned): one logit threshold at every site, the scorer's own
+    per-sample allocation, bisected on FLOPs measured by running over val. A budget-conditioned scorer
+    plugs in here with its own ``solve`` (the target as its input).
+    """
 
-    def forward(self, backbone: TokenBackbone, inputs: Any, sites: Sequence[int], rule: str, value: float) -> Output:
-        if rule != "keep_ratio":
-            raise UserError(f"tome merges a fixed number of tokens: rule must be keep_ratio, got {rule!r}")
-        out, _, counts, _ = forward_merged(backbone, inputs, self.sites or sites, value, self.prop_attn)
-        return out, counts
+    def __init__(self, name: str, scorer: Scorer, sites: Sequence[int], solver: str = "keep_ratio",
+                 own_points: Sequence[Point] = (), run: str | None = None) -> None:
+        super().__init__(name, sites)
+        self.scorer, self.solver, self.own_points, self.run = scorer, solver, list(own_points), run
+
+    def site_flops(self, backbone: TokenBackbone, layer: int, n: int) -> float:
+        return scorer_flops(self.scorer, backbone, layer, n, model_has_cls(backbone))
+
+    def forward(self, backbone: TokenBackbone, inputs: Any, point: Point, watch: Watch | None = None) -> tuple[torch.Tensor, Work]:
+        keep_fn = make_keep_fn(backbone, self.scorer, point.rule, point.values)
+
+        def reduce(state: TokenState, i: int, layer: int) -> tuple[TokenState, float]:
+            flops = scorer_flops(self.scorer, backbone, layer, state.tokens.shape[1], has_cls(state))
+            return state.prune(keep_fn(state, i, layer)), flops
+
+        return run_sites(backbone, inputs, self.sites, reduce, watch)
+
+    def solve(self, ctx: SolveContext, target: float) -> Point:
+        if self.solver != "threshold":
+            return super().solve(ctx, target)
+
+        def measured(t: float) -> float:
+            return total_ratio(ctx.backbone, self.measure(ctx, Point("threshold", [t] * len(self.sites))))
+
+        t = solve_threshold(measured, target)
+        return Point("threshold", [t] * len(self.sites), target, measured(t))
+
+    def measure(self, ctx: SolveContext, point: Point) -> Work:
+        """The Work of ``point`` over the val batches (rules whose counts depend on the data)."""
+        with torch.inference_mode():
+            return Work.cat([self.forward(ctx.backbone, x, point)[1] for x, _ in ctx.batches])
 
 
-# ---- ToMe merge mode: size bookkeeping through the host's own blocks ---------------------------------
+# ---- EViT: top-k by CLS attention, the rest fused into one token --------------------------------------
+class EvitMethod(Method):
+    """EViT's inattentive-token fusion at the sites (Liang et al. 2022).
+
+    At each site the tokens receiving the least CLS attention (in the block about to run) are dropped
+    and fused into one extra token: the sum of the dropped tokens weighted by their CLS attention, as
+    the authors' ``extra_token = sum(non_topk * non_topk_attn)`` (not a size-weighted mean). The fused
+    token is protected afterwards and counted in FLOPs; at a later site it is fused again with the newly
+    dropped tokens, weighted by its own attention, as EViT treats an extra token that falls in the
+    inattentive set. It takes the slot of the first dropped token (a real patch position).
+    """
+
+    def __init__(self, sites: Sequence[int], name: str = "evit") -> None:
+        super().__init__(name, sites)
+
+    def site_flops(self, backbone: TokenBackbone, layer: int, n: int) -> float:
+        attn = ClsAttentionScorer().flops(backbone, layer, n, model_has_cls(backbone))
+        return attn + 2 * n * backbone.block_shape.width  # + the fusion's [1, n] x [n, D] product
+
+    def site_counts(self, values: Sequence[float], tc: TokenCounts) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        prunable, fused = tc.n0 - tc.protected, torch.zeros_like(tc.n0)
+        counts, entering = [], []
+        for i in range(len(self.sites)):
+            entering.append(prunable)
+            kept = keep_count(values[min(i, len(values) - 1)], prunable)
+            fused = fused | (kept < prunable).long()
+            prunable = kept
+            counts.append(tc.protected + fused + kept)
+        return counts, entering
+
+    def forward(self, backbone: TokenBackbone, inputs: Any, point: Point, watch: Watch | None = None) -> tuple[torch.Tensor, Work]:
+        carry: dict[str, torch.Tensor] = {}
+        query = "cls" if model_has_cls(backbone) else "mean"  # not has_cls(state): the fused token is protected too
+
+        def reduce(state: TokenState, i: int, layer: int) -> tuple[TokenState, float]:
+            fused = carry.get("fused", torch.zeros_like(state.valid))
+            if watch is not None and "slot_of" not in carry:
+                carry["slot_of"] = tome.initial_slots(state)
+            flops = self.site_flops(backbone, layer, state.tokens.shape[1])
+            attn = backbone.attention_from_cls(state, layer, query=query)
+            keep = decide(attn, state, "keep_ratio", point.values[min(i, len(point.values) - 1)])
+            dropped = state.valid & ~state.protected & ~keep
+            members = dropped | fused
+            slot = torch.where(fused.any(dim=1), fused.long().argmax(dim=1), dropped.long().argmax(dim=1))
+            has = members.any(dim=1)
+            fused = torch.zeros_like(fused)
+            fused[torch.arange(len(slot), device=slot.device)[has], slot[has]] = True
+            tokens = merge.fuse_into(state.tokens, attn, members, slot)
+            state = replace(state, tokens=tokens, protected=state.protected | fused)
+            keep = ops.normalize_keep(keep | fused, state.valid, state.protected)
+            index, valid = ops.pack_indices(keep)
+            if "slot_of" in carry:
+                dst = torch.where(members, slot.unsqueeze(1), torch.arange(keep.shape[1], device=keep.device))
+                carry["slot_of"] = tome.follow(carry["slot_of"], dst, index, valid)
+            carry["fused"] = ops.gather_rows(fused, index) & valid
+            return state.prune(keep), flops
+
+        def snapshot(state: TokenState) -> torch.Tensor:
+            slot_of = carry["slot_of"]
+            in_fused = carry["fused"].gather(1, slot_of.clamp_min(0)) & (slot_of >= 0)
+            return torch.where(in_fused, torch.full_like(slot_of, -2), slot_of)
+
+        return run_sites(backbone, inputs, self.sites, reduce, watch, snapshot)
+
+
+# ---- ToMe at the sites (merge mode: size bookkeeping through the host's own blocks) --------------------
+class TomeSites(Method):
+    """ToMe's matching at the env's sites, down to the token counts the keep_ratio rule keeps."""
+
+    def __init__(self, sites: Sequence[int], prop_attn: bool = True, name: str = "tome-sites") -> None:
+        super().__init__(name, sites)
+        self.prop_attn = prop_attn
+
+    def forward(self, backbone: TokenBackbone, inputs: Any, point: Point, watch: Watch | None = None) -> tuple[torch.Tensor, Work]:
+        out, _, counts, _, work = forward_merged(backbone, inputs, self.sites, point.values, self.prop_attn, watch)
+        return out, work
+
+    def site_counts(self, values: Sequence[float], tc: TokenCounts) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        prunable = tc.n0 - tc.protected
+        counts, entering = [], []
+        for i in range(len(self.sites)):
+            entering.append(prunable)
+            shares, _ = merge.merge_rounds(prunable, keep_count(values[min(i, len(values) - 1)], prunable))
+            prunable = prunable - shares.sum(dim=0)
+            counts.append(tc.protected + prunable)
+        return counts, entering
+
+    def predict(self, backbone: TokenBackbone, tc: TokenCounts, point: Point) -> Work:
+        work = super().predict(backbone, tc, point)
+        _, entering = self.site_counts(point.values, tc)
+        hd = tome.head_dim(backbone)
+        selection = torch.zeros(len(tc.n0), dtype=torch.float64)
+        for i, prunable in enumerate(entering):
+            shares, rounds = merge.merge_rounds(prunable, keep_count(point.values[min(i, len(point.values) - 1)], prunable))
+            left = prunable.clone()
+            for j in range(shares.shape[0]):
+                ran = batch_max(rounds, tc.batch) > j
+                padded = batch_max(tc.protected + left, tc.batch)
+                selection += torch.where(ran, cost.key_flops(backbone, padded) + merge.matching_flops(padded, hd), 0).double()
+                left = left - shares[j]
+        work.selection = selection
+        return work
+
+
 def run_blocks_sized(backbone: TokenBackbone, state: TokenState, size: torch.Tensor | None, start: int, stop: int) -> TokenState:
     """Blocks[start:stop] with proportional attention: log(size) added to every key's logits.
 
@@ -220,63 +454,114 @@ def _call_block(backbone: TokenBackbone, block: Any, x: torch.Tensor, bias: torc
     return out[0] if isinstance(out, tuple) else out
 
 
-def merge_tokens(
-    backbone: TokenBackbone, state: TokenState, size: torch.Tensor, layer: int, target: torch.Tensor, max_rounds: int = 8
-) -> tuple[TokenState, torch.Tensor]:
-    """Merge each row down to ``target`` [B] prunable tokens by bipartite soft matching.
+def merge_tokens(backbone: TokenBackbone, state: TokenState, size: torch.Tensor, layer: int, target: torch.Tensor,
+                 slot_of: torch.Tensor | None = None) -> tuple[TokenState, torch.Tensor, float, torch.Tensor | None]:
+    """Merge each row down to ``target`` [B] prunable tokens by bipartite soft matching, in balanced rounds.
 
-    The metric is block ``layer``'s keys averaged over heads (ToMe, Sec. 3). One round merges at most
-    half of the eligible tokens, so deeper cuts take several rounds, each on the re-packed survivors
-    with fresh keys. Returns the packed state and sizes [B, N']; sizes keep summing to each row's
-    original token count. Protected tokens are never merged.
+    The metric is block ``layer``'s keys averaged over heads (ToMe, Sec. 3), recomputed each round on the
+    re-packed survivors. No round merges as many tokens as A holds (:func:`merge.merge_rounds`), so a
+    token unlike every other is never forced into a merge. Returns the packed state, sizes [B, N'] (they
+    keep summing to each row's original count; protected tokens are never merged), the selection FLOPs
+    per row (keys and matching of every round) and ``slot_of`` followed through the merges.
     """
-    for _ in range(max_rounds):
-        eligible = state.valid & ~state.protected
-        r = (eligible.sum(dim=1) - target).clamp_min(0)
-        if not bool(r.any()):
-            break
-        metric = backbone.attention_qk(state, layer)[1].mean(dim=1)  # [B, N, head_dim]
-        dst, merged = merge.bipartite_plan(metric, eligible, r)
-        if not bool(merged.any()):
-            break  # nothing left to pair (one eligible token per row)
+    eligible = state.valid & ~state.protected
+    shares, _ = merge.merge_rounds(eligible.sum(dim=1), target)
+    flops, hd = 0.0, tome.head_dim(backbone)
+    for share in shares:
+        n = state.tokens.shape[1]
+        flops += cost.key_flops(backbone, n) + merge.matching_flops(n, hd)
+        metric = backbone.attention_qk(state, layer, cls_only=True)[1].mean(dim=1)  # [B, N, head_dim]
+        dst, merged = merge.bipartite_plan(metric, state.valid & ~state.protected, share.to(metric.device))
         tokens, size = merge.merge_wavg(state.tokens, size, dst)
-        state, size = _pack(state.with_tokens(tokens), size, state.valid & ~merged)
-    return state, size
-
-
-def _pack(state: TokenState, size: torch.Tensor, keep: torch.Tensor) -> tuple[TokenState, torch.Tensor]:
-    """``state.prune(keep)`` that also gathers the sizes with the same index."""
-    keep = ops.normalize_keep(keep, state.valid, state.protected)
-    index, valid = ops.pack_indices(keep)
-    return state.prune(keep), ops.gather_rows(size, index) * valid
+        keep = ops.normalize_keep(state.valid & ~merged, state.valid, state.protected)
+        index, valid = ops.pack_indices(keep)
+        if slot_of is not None:
+            slot_of = tome.follow(slot_of, dst, index, valid)
+        state, size = state.with_tokens(tokens).prune(keep), ops.gather_rows(size, index) * valid
+    return state, size, flops, slot_of
 
 
 def forward_merged(
-    backbone: TokenBackbone, inputs: Any, sites: Sequence[int], values: float | Sequence[float], prop_attn: bool = True
-) -> tuple[torch.Tensor, TokenState, list[torch.Tensor], torch.Tensor]:
+    backbone: TokenBackbone, inputs: Any, sites: Sequence[int], values: float | Sequence[float], prop_attn: bool = True,
+    watch: Watch | None = None,
+) -> tuple[torch.Tensor, TokenState, list[torch.Tensor], torch.Tensor, Work]:
     """The whole model with ToMe before each site, reaching the keep_ratio rule's token counts.
 
-    The reference merges r tokens inside every block (between attention and MLP); here merging
-    happens at the same sites as pruning and down to the same counts, so every method at a budget
-    runs the same blocks on the same number of tokens. Heads are the host's own: an average-pooling
-    head averages merged tokens unweighted, as the reference does.
+    Merging happens at the same sites as pruning and down to the same counts, so every method at a
+    budget runs the same blocks on the same number of tokens. Heads are the host's own: an average-
+    pooling head averages merged tokens unweighted, as the reference does.
 
     values: the keep ratio, one number or one per site. Returns (output, final state, alive counts
-    [B] after each site, final sizes [B, N']).
+    [B] after each site, final sizes [B, N'], Work).
     """
     backbone.check_sites(sites)
     per_site = [float(values)] * len(sites) if isinstance(values, (int, float)) else [float(v) for v in values]
     state = backbone.embed(inputs)
-    size = state.valid.long()
+    n0, size = state.alive_counts, state.valid.long()
+    slot_of = tome.initial_slots(state) if watch is not None else None
     counts: list[torch.Tensor] = []
-    start = 0
-    for site, value in zip(sites, per_site, strict=True):
+    start, spent = 0, 0.0
+    for i, site in enumerate(sites):
         state = run_blocks_sized(backbone, state, size if prop_attn else None, start, site)
-        state, size = merge_tokens(backbone, state, size, site, keep_count(value, (state.valid & ~state.protected).sum(dim=1)))
+        target = keep_count(per_site[min(i, len(per_site) - 1)], (state.valid & ~state.protected).sum(dim=1))
+        state, size, flops, slot_of = merge_tokens(backbone, state, size, site, target, slot_of)
+        spent += flops
         counts.append(state.alive_counts)
+        if watch is not None and slot_of is not None:
+            watch[site] = slot_of.clone()
         start = site
     state = run_blocks_sized(backbone, state, size if prop_attn else None, start, backbone.depth)
-    return backbone.head(state), state, counts, size
+    b = len(n0)
+    work = site_work(backbone.depth, list(sites), n0, counts, torch.full((b,), spent, dtype=torch.float64),
+                     torch.zeros(b, dtype=torch.long), state.n_full)
+    return backbone.head(state), state, counts, size, work
+
+
+# ---- ToMe in every block --------------------------------------------------------------------------------
+class TomeNative(Method):
+    """ToMe as its authors run it (:mod:`policy_prune.evaluation.tome`): r merges in every block.
+
+    Reaching a target: the constant (or inflected) r whose total is the last above the target, then the
+    per-block r raised one at a time from the first block by :func:`descend`, the last block finest
+    (one merge there saves one token of one MLP).
+    """
+
+    def __init__(self, prop_attn: bool = True, inflect: float = 0.0, name: str = "tome-native") -> None:
+        super().__init__(name, [])
+        self.prop_attn, self.inflect = prop_attn, inflect
+
+    def forward(self, backbone: TokenBackbone, inputs: Any, point: Point, watch: Watch | None = None) -> tuple[torch.Tensor, Work]:
+        r = [int(v) for v in point.values] if point.rule == "tome-r" else [0] * backbone.depth
+        return tome.forward_native(backbone, inputs, r, self.prop_attn, watch)
+
+    def predict(self, backbone: TokenBackbone, tc: TokenCounts, point: Point) -> Work:
+        r = [int(v) for v in point.values] if point.rule == "tome-r" else [0] * backbone.depth
+        attn, mlp, selection = tome.predict_native(tc.n0, tc.protected, tc.batch, r, tome.head_dim(backbone))
+        return Work(attn, mlp, selection, tc.batch, tc.n_full, tc.n0)
+
+    def solve(self, ctx: SolveContext, target: float) -> Point:
+        backbone, tc, depth = ctx.backbone, ctx.counts, ctx.backbone.depth
+
+        def total(r: list[float]) -> float:
+            return total_ratio(backbone, self.predict(backbone, tc, Point("tome-r", r)))
+
+        def step(r: list[float], k: int) -> list[float] | None:
+            attn = self.predict(backbone, tc, Point("tome-r", r)).attn
+            cap = int(((attn[:, k] - tc.protected) // 2).max())
+            return None if r[k] >= cap else [v + (1 if i == k else 0) for i, v in enumerate(r)]
+
+        def schedule(r: int) -> list[float]:
+            return [float(v) for v in tome.parse_r(depth, r, self.inflect)]
+
+        lo, hi = 0, int((tc.n0 - tc.protected).max()) // 2  # lo: above the target (or r = 0)
+        if total(schedule(lo)) <= target or total(schedule(hi)) > target:  # nothing to merge, or out of reach
+            edge = schedule(lo) if total(schedule(lo)) <= target else schedule(hi)
+            return Point("tome-r", edge, target, total(edge))
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if total(schedule(mid)) > target else (lo, mid)
+        found = descend(schedule(lo), step, depth, total, target) or schedule(hi)
+        return Point("tome-r", found, target, total(found))
 
 
 # ---- registry ----------------------------------------------------------------------------------------
@@ -290,21 +575,36 @@ class BaselineOptions:
     """Weight of the similarity baselines' spatial-diversity term (0: pure redundancy)."""
     prop_attn: bool = True
     """ToMe's proportional attention (log(size) added to attention logits)."""
+    tome_inflect: float = 0.0
+    """tome-native's schedule: 0 constant r per block; -1 the authors' decreasing schedule (any value in [-1, 1])."""
 
 
-BASELINES: dict[str, Callable[[BaselineOptions], Method]] = {
-    "none": lambda o: NoPruning(),
-    "random": lambda o: ScorerMethod("random", RandomScorer(o.seed)),
-    "cls-attention": lambda o: ScorerMethod("cls-attention", ClsAttentionScorer()),
-    "token-norm": lambda o: ScorerMethod("token-norm", TokenNormScorer()),
-    "similarity": lambda o: ScorerMethod("similarity", SimilarityScorer(o.diversity)),
-    "similarity-pre": lambda o: ScorerMethod("similarity-pre", SimilarityScorer(o.diversity), sites=[0]),
-    "tome": lambda o: TomeMethod(prop_attn=o.prop_attn),
+BASELINES: dict[str, Callable[[BaselineOptions, list[int]], Method]] = {
+    "none": lambda o, s: NoPruning(),
+    "random": lambda o, s: ScorerMethod("random", RandomScorer(o.seed), s),
+    "cls-attention": lambda o, s: ScorerMethod("cls-attention", ClsAttentionScorer(), s),
+    "evit": lambda o, s: EvitMethod(s),
+    "token-norm": lambda o, s: ScorerMethod("token-norm", TokenNormScorer(), s),
+    "similarity": lambda o, s: ScorerMethod("similarity", SimilarityScorer(o.diversity), s),
+    "similarity-pre": lambda o, s: ScorerMethod("similarity-pre", SimilarityScorer(o.diversity), [0]),
+    "tome-native": lambda o, s: TomeNative(o.prop_attn, o.tome_inflect),
+    "tome-sites": lambda o, s: TomeSites(s, o.prop_attn),
 }
 
 
-def make_baseline(name: str, options: BaselineOptions | None = None) -> Method:
-    """The baseline registered under ``name``; UserError listing the choices otherwise."""
+def make_baseline(name: str, sites: Sequence[int], options: BaselineOptions | None = None) -> Method:
+    """The baseline registered under ``name`` at ``sites``; UserError listing the choices otherwise."""
     if name not in BASELINES:
-        raise UserError(f"unknown baseline {name!r} (available: {', '.join(BASELINES)})")
-    return BASELINES[name](options or BaselineOptions())
+        hint = " (ToMe is tome-native, as its authors run it, or tome-sites)" if name == "tome" else ""
+        raise UserError(f"unknown baseline {name!r}{hint} (available: {', '.join(BASELINES)})")
+    return BASELINES[name](options or BaselineOptions(), list(sites))
+
+
+def learned_methods(scorer: LearnedScorer, run: str | None = None) -> list[Method]:
+    """A learned scorer twice: "learned" reaches a target with one logit threshold at every site (its own
+    per-sample, per-site allocation) and also runs its trained point (threshold 0); "learned-topk" ranks
+    tokens by the same logits with per-site keep ratios (static shapes)."""
+    sites = list(scorer.sites)
+    own = [Point("threshold", [0.0] * len(sites))]
+    return [ScorerMethod("learned", scorer, sites, "threshold", own, run),
+            ScorerMethod("learned-topk", scorer, sites, "keep_ratio", (), run)]

@@ -1,22 +1,30 @@
-"""``policy-prune eval``: a learned scorer vs every baseline at equal FLOPs, on the test split.
+"""``policy-prune eval``: learned scorers (one run per seed) vs every baseline at equal total FLOPs.
 
-Each method is swept over FLOPs targets. At a target every method uses the keep_ratio rule with one
-constant ratio r at each of its sites, r solved by bisection on the analytic FLOPs (so all methods
-at a target run (almost) the same FLOPs); the learned scorer is also evaluated at its own operating
-point (threshold 0 on its logits). FLOPs count the blocks that actually run, from the measured
-per-site token counts; scorer overheads (attention rows, similarities, merge matching) are not in
-the FLOPs of any method but are in the measured throughput.
+The protocol (issue #15):
 
-Writes ``eval/pareto.json``, ``eval/table.md`` and ``eval/pareto.png`` and prints the table.
+1. Every operating point is solved on **val**: each method's keep ratios, threshold or ToMe schedule is
+   the one whose total FLOPs (executed + selection, :mod:`policy_prune.evaluation.cost`) on val is at
+   most the target and as close as the method's steps allow (:mod:`policy_prune.evaluation.solve`).
+   The points are then scored on ``--split`` (test for reporting; val while developing).
+2. Several runs (seeds) of one env are evaluated together: a row per seed, their mean and a 95%
+   interval from a bootstrap over **source items** (``Split.groups``: digits-cluttered's source digits,
+   python-docs' topics), never over rows.
+3. At each target the **best baseline** is the one with the highest primary metric (accuracy, else
+   cosine) on val at that target, so the choice does not look at the reported split. "learned minus
+   best baseline" is a paired bootstrap over the same groups, seeds averaged row by row; the tables
+   and the plot say "better" only where its interval lies above 0.
+4. Time per sample at batch 64 and batch 1 is measured round-robin per target (``--repeats 0`` skips it).
+
+Writes ``pareto.json``, ``table.md``, ``pareto.png`` and ``kept.png`` (``kept.html`` for text) to
+RUN_DIR/eval (RUN_DIR/eval-val for --split val; runs/eval__<env>__<time>/ for several runs or --env).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
+import functools
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,71 +32,43 @@ from typing import Any
 import torch
 
 from policy_prune.core.backbones.base import TokenBackbone
-from policy_prune.core.schedule import TokenCounts, flops_per_row, flops_ratio, keep_ratio_for
 from policy_prune.errors import UserError
-from policy_prune.evaluation.baselines import BASELINES, BaselineOptions, Method, ScorerMethod, make_baseline
-from policy_prune.evaluation.metrics import cosine_fidelity, recall_at_k
+from policy_prune.evaluation.baselines import (
+    BASELINES,
+    BaselineOptions,
+    Method,
+    learned_methods,
+    make_baseline,
+)
+from policy_prune.evaluation.cost import Work, flops_columns
+from policy_prune.evaluation.metrics import cosine_fidelity, neighbours
+from policy_prune.evaluation.solve import TOLERANCE, Point, SolveContext, TokenCounts
+from policy_prune.evaluation.stats import bootstrap_difference, bootstrap_mean
 
 DEFAULT_TARGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.42, 0.35)
 METRICS = ("accuracy", "agreement", "cosine", "recall@10")
 """Task metrics in display order; classifiers have the first two, encoders the last two."""
-TARGET_TOLERANCE = 0.02
-"""A row whose measured FLOPs ratio is further than this from its target is flagged (unreachable budget)."""
 
 
-# ---- budgets: keep_ratio schedules (core.schedule) and logit thresholds solved for a FLOPs target ----
-def solve_threshold(fn: Callable[[float], float], target: float, iters: int = 16, tol: float = 0.002) -> float:
-    """The threshold t whose FLOPs ratio fn(t) (non-increasing in t) is nearest ``target``.
-
-    Brackets by doubling from [-1, 1] (logits are unbounded), then bisects; stops early within ``tol``.
-    Each fn value is computed once (a call runs the pruned model over the split).
-    """
-    seen: dict[float, float] = {}
-
-    def gap(t: float) -> float:
-        if t not in seen:
-            seen[t] = fn(t)
-        return seen[t] - target
-
-    lo, hi = -1.0, 1.0
-    while gap(lo) < 0 and lo > -64:
-        lo *= 2
-    while gap(hi) > 0 and hi < 64:
-        hi *= 2
-    if gap(lo) < 0 or gap(hi) > 0:  # the target is out of reach: the nearest end
-        return lo if abs(gap(lo)) <= abs(gap(hi)) else hi
-    for _ in range(iters):  # invariant: gap(lo) >= 0 >= gap(hi)
-        mid = 0.5 * (lo + hi)
-        if abs(gap(mid)) <= tol:
-            break
-        lo, hi = (mid, hi) if gap(mid) > 0 else (lo, mid)
-    return min(seen, key=lambda t: abs(seen[t] - target))
-
-
-# ---- metrics -----------------------------------------------------------------------------------------
-def task_metrics(kind: str, out: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
-    """Classifiers: accuracy vs labels and agreement with the unpruned model; encoders: cosine, recall@10."""
-    if kind == "logits":
-        res = {"agreement": float((out.argmax(-1) == teacher.argmax(-1)).float().mean())}
-        if labels is not None:
-            res = {"accuracy": float((out.argmax(-1) == labels).float().mean()), **res}
-        return res
-    return {"cosine": float(cosine_fidelity(out, teacher).mean()), "recall@10": float(recall_at_k(out, teacher, k=10))}
-
-
-# ---- evaluation --------------------------------------------------------------------------------------
+# ---- data ---------------------------------------------------------------------------------------------
 @dataclass
-class Budget:
-    """One operating point of one method."""
+class EvalData:
+    """One split in eval batches, with what every method is scored against."""
 
-    method: str
-    rule: str
-    value: float
-    target: float | None
-    """FLOPs target the value was solved for (None: the method's own point or no pruning)."""
+    name: str
+    batches: list[tuple[Any, torch.Tensor | None]]
+    counts: TokenCounts
+    teacher: torch.Tensor
+    """[M, C] or [M, D]: the unpruned model's outputs."""
+    labels: torch.Tensor | None
+    groups: torch.Tensor
+    """[M] source item of each row (the bootstrap's unit)."""
+
+    def __len__(self) -> int:
+        return len(self.groups)
 
 
-def _to(x: Any, device: str) -> Any:
+def to_device(x: Any, device: str) -> Any:
     return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
 
 
@@ -97,330 +77,341 @@ def _rows(x: Any) -> int:
     return len(next(iter(x.values())) if isinstance(x, dict) else x)
 
 
-def _batches(split: Any, batch_size: int, device: str) -> list[tuple[Any, torch.Tensor | None]]:
+def trim_padding(x: Any) -> Any:
+    """A text batch cut to its longest row (a split is padded to its longest row overall; a batched
+    forward pads to the batch's), so executed FLOPs count the padding a real batch carries."""
+    if not isinstance(x, dict) or "attention_mask" not in x:
+        return x
+    length = int(x["attention_mask"].sum(dim=1).max())
+    return {k: v[:, :length] if v.dim() == 2 else v for k, v in x.items()}
+
+
+def prepare(backbone: TokenBackbone, split: Any, batch_size: int, device: str) -> EvalData:
+    """Batches, token counts, the teacher's outputs, labels and groups of a split."""
     idx = torch.arange(len(split))
     parts = [split.select(i) for i in idx.split(batch_size)]
-    return [(_to(p.inputs, device), None if p.labels is None else p.labels.to(device)) for p in parts]
-
-
-def token_counts(backbone: TokenBackbone, batches: Sequence[tuple[Any, Any]]) -> TokenCounts:
-    """Counts at embedding for every row of the batches."""
-    states = [backbone.embed(x) for x, _ in batches]
+    batches = [(trim_padding(to_device(p.inputs, device)), None if p.labels is None else p.labels.to(device)) for p in parts]
+    with torch.inference_mode():
+        states = [backbone.embed(x) for x, _ in batches]
+        teacher = torch.cat([backbone(x).float().cpu() for x, _ in batches])
     n0 = torch.cat([s.alive_counts.cpu() for s in states])
     prot = torch.cat([(s.protected & s.valid).sum(dim=1).cpu() for s in states])
-    return TokenCounts(n0, prot, states[0].n_full)
+    batch = torch.cat([torch.full((_rows(x),), i, dtype=torch.long) for i, (x, _) in enumerate(batches)])
+    n_full = max(s.n_full for s in states)
+    return EvalData(split.name, batches, TokenCounts(n0, prot, batch, n_full), teacher,
+                    None if split.labels is None else split.labels.cpu(), split.group_ids().cpu())
 
 
-def run_budget(backbone: TokenBackbone, method: Method, sites: Sequence[int], budget: Budget,
-               batches: Sequence[tuple[Any, Any]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Outputs [M, C] and per-site alive counts [M] of ``method`` at ``budget`` over all batches."""
-    outs, counts = [], []
-    for x, _ in batches:
-        out, c = method.forward(backbone, x, method.sites or sites, budget.rule, budget.value)
-        outs.append(out.float().cpu())
-        counts.append([k.cpu() for k in c])
-    return torch.cat(outs), [torch.cat(col) for col in zip(*counts, strict=True)]
+# ---- metrics --------------------------------------------------------------------------------------------
+def row_metrics(kind: str, out: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """[M] per-row values: classifiers' accuracy (vs labels) and agreement (with the unpruned model);
+    encoders' cosine to the unpruned embedding and recall@10 (share of the row's 10 nearest neighbours
+    among the unpruned embeddings that the pruned embedding retrieves)."""
+    if kind == "logits":
+        res = {"agreement": (out.argmax(-1) == teacher.argmax(-1)).double()}
+        if labels is not None:
+            res = {"accuracy": (out.argmax(-1) == labels).double(), **res}
+        return res
+    k = min(10, len(out) - 1)
+    truth, found = neighbours(teacher, teacher, k), neighbours(out, teacher, k)
+    recall = (truth[:, :, None] == found[:, None, :]).any(dim=-1).sum(dim=-1).double() / k
+    return {"cosine": cosine_fidelity(out, teacher).double(), "recall@10": recall}
 
 
-def evaluate_methods(
-    backbone: TokenBackbone,
-    split: Any,
-    sites: Sequence[int],
-    methods: Mapping[str, Method],
-    targets: Sequence[float] = DEFAULT_TARGETS,
-    batch_size: int = 64,
-    device: str = "cpu",
-    repeats: int = 3,
-    warmup: int = 1,
-) -> dict[str, Any]:
-    """Every method at every FLOPs target (and at its own operating point) on ``split``.
+def primary_metric(kind: str, has_labels: bool) -> str:
+    """The metric methods are ranked and compared on: accuracy, else agreement, else cosine."""
+    return ("accuracy" if has_labels else "agreement") if kind == "logits" else "cosine"
 
-    Returns the pareto.json payload: {"results": [row, ...], "sites", "targets", "n_samples", ...};
-    a row has method, rule, value, target, flops_ratio, gflops, keep counts per site, the task
-    metrics and samples_per_s (timed round-robin per target on one batch; repeats=0 skips timing).
-    """
+
+# ---- evaluation -----------------------------------------------------------------------------------------
+@dataclass
+class Scored:
+    """One method at one point on one split: its per-row values and its Work."""
+
+    method: Method
+    point: Point
+    values: dict[str, torch.Tensor]
+    work: Work
+
+
+def score(backbone: TokenBackbone, method: Method, point: Point, data: EvalData) -> Scored:
+    """Run ``method`` at ``point`` over every batch of ``data``."""
+    outs, works = [], []
     with torch.inference_mode():
-        batches = _batches(split, batch_size, device)
-        tc = token_counts(backbone, batches)
-        teacher = torch.cat([backbone(x).float().cpu() for x, _ in batches])
-        labels = None if split.labels is None else split.labels.cpu()
-        plan = budgets(backbone, sites, methods, targets, tc, batches)
-        rows = []
-        for budget in plan:
-            m = methods[budget.method]
-            out, counts = run_budget(backbone, m, sites, budget, batches)
-            rows.append(result_row(backbone, m.sites or sites, budget, out, counts, teacher, labels, tc))
-        if repeats > 0:
-            add_throughput(backbone, sites, methods, plan, rows, batches[0][0], warmup, repeats, device)
-    return {"split": getattr(split, "name", "test"), "n_samples": len(split), "sites": list(sites),
-            "targets": list(targets), "signature": backbone.signature(), "output_kind": backbone.output_kind,
-            "results": rows}
+        for x, _ in data.batches:
+            out, work = method.forward(backbone, x, point)
+            outs.append(out.float().cpu())
+            works.append(work)
+    values = row_metrics(backbone.output_kind, torch.cat(outs), data.teacher, data.labels)
+    return Scored(method, point, values, Work.cat(works))
 
 
-SOLVE_SAMPLES = 512
-"""Samples on which a threshold is solved (label-free: only token counts); the row is then measured on all."""
+def operating_points(method: Method, ctx: SolveContext, targets: Sequence[float]) -> list[Point]:
+    """The method's points: each target solved on val, then its own points (or "none" once)."""
+    if not method.sweeps:
+        return [Point("none")]
+    return [method.solve(ctx, t) for t in targets] + list(method.own_points)
 
 
-def threshold_for(backbone: TokenBackbone, method: Method, sites: Sequence[int], tc: TokenCounts,
-                  batches: Sequence[tuple[Any, Any]], target: float) -> float:
-    """Logit threshold at which ``method`` runs ``target`` FLOPs ratio, solved on the first SOLVE_SAMPLES
-    samples of the batches (each bisection step runs the pruned model on them)."""
-    head, rows = [], 0
-    for x, y in batches:
-        if rows >= SOLVE_SAMPLES:
-            break
-        head.append((x, y))
-        rows += _rows(x)
-    head_tc = TokenCounts(tc.n0[:rows], tc.protected[:rows], tc.n_full)
+def evaluate(backbone: TokenBackbone, splits: dict[str, Any], methods: Sequence[Method], targets: Sequence[float],
+             split: str = "test", batch_size: int = 64, device: str = "cpu", repeats: int = 3, n_boot: int = 2000,
+             seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Every method at every target (solved on val) scored on ``split``; the pareto.json payload.
 
-    def measured(value: float) -> float:
-        _, counts = run_budget(backbone, method, sites, Budget(method.name, "threshold", value, target), head)
-        return flops_ratio(backbone, sites, counts, head_tc)
-
-    return solve_threshold(measured, target)
-
-
-def budgets(backbone: TokenBackbone, sites: Sequence[int], methods: Mapping[str, Method],
-            targets: Sequence[float], tc: TokenCounts, batches: Sequence[tuple[Any, Any]] = ()) -> list[Budget]:
-    """The operating points: unswept methods once, the others at each target plus their own point.
-
-    keep_ratio sweeps are solved analytically from the token counts; threshold sweeps (learned scorers)
-    by bisection on the FLOPs measured over ``batches`` (label-free: only token counts are used).
+    ``methods``: baselines (``run`` None) and learned methods (``run`` = the seed's label).
+    Returns {"split", "n_samples", "n_groups", "runs", "sites", "targets", "signature", "output_kind",
+    "primary", "results": [row], "summary": [...], "comparisons": [...]}.
     """
-    plan = []
-    for name, m in methods.items():
-        if not m.sweeps:
-            plan.append(Budget(name, "none", 1.0, None))
-            continue
-        msites = m.sites or sites
-        for t in targets:
-            if getattr(m, "sweep_rule", "keep_ratio") == "threshold":
-                plan.append(Budget(name, "threshold", threshold_for(backbone, m, msites, tc, batches, t), t))
-            else:
-                plan.append(Budget(name, "keep_ratio", keep_ratio_for(backbone, msites, tc, t), t))
-        point = getattr(m, "operating_point", None)
-        if point is not None:
-            plan.append(Budget(name, point[0], point[1], None))
-    return plan
-
-
-def result_row(backbone: TokenBackbone, sites: Sequence[int], budget: Budget, out: torch.Tensor,
-               counts: Sequence[torch.Tensor], teacher: torch.Tensor, labels: torch.Tensor | None,
-               tc: TokenCounts) -> dict[str, Any]:
-    """One table row: the budget, its measured FLOPs and the task metrics."""
-    per_row = flops_per_row(backbone, sites, counts, tc)
-    ratio = flops_ratio(backbone, sites, counts, tc)
-    on_target = budget.target is None or abs(ratio - budget.target) <= TARGET_TOLERANCE
+    say = progress or (lambda text: None)
+    val = prepare(backbone, splits["val"], batch_size, device)
+    data = val if split == "val" else prepare(backbone, splits[split], batch_size, device)
+    ctx = SolveContext(backbone, val.counts, val.batches)
+    primary = primary_metric(backbone.output_kind, data.labels is not None)
+    scored: list[Scored] = []
+    for m in methods:
+        say(f"solving {m.name}{'' if m.run is None else ' ' + m.run} on val")
+        for point in operating_points(m, ctx, targets):
+            scored.append(score(backbone, m, point, data))
+    say("choosing the best baseline per target on val")
+    best = best_baselines(backbone, scored, val, data, primary)
+    rows = [result_row(backbone, s, data.groups, primary, n_boot, seed) for s in scored]
+    if repeats > 0:
+        say("timing")
+        add_timing(backbone, scored, rows, data, repeats, device)
+    runs = list(dict.fromkeys(m.run for m in methods if m.run is not None))
     return {
-        "method": budget.method, "rule": budget.rule, "value": budget.value, "target": budget.target,
-        "on_target": on_target, "sites": list(sites), "flops_ratio": ratio,
-        "gflops": float(per_row.mean()) / 1e9, "tokens": [float(c.float().mean()) for c in counts],
-        **task_metrics(backbone.output_kind, out, teacher, labels),
+        "split": data.name, "n_samples": len(data), "n_groups": int(data.groups.unique().numel()), "runs": runs,
+        "sites": sorted({s for m in methods for s in m.sites}), "targets": list(targets), "batch_size": batch_size,
+        "signature": backbone.signature(), "output_kind": backbone.output_kind, "primary": primary,
+        "n_boot": n_boot, "results": rows,
+        "summary": summaries(scored, data.groups, primary, n_boot, seed),
+        "comparisons": comparisons(scored, best, data.groups, primary, n_boot, seed),
     }
 
 
-def add_throughput(backbone: TokenBackbone, sites: Sequence[int], methods: Mapping[str, Method],
-                   plan: Sequence[Budget], rows: list[dict[str, Any]], x: Any, warmup: int, repeats: int,
-                   device: str) -> None:
-    """samples/s of every row, timed round-robin with the unpruned model per target group (one batch)."""
+def best_baselines(backbone: TokenBackbone, scored: Sequence[Scored], val: EvalData, data: EvalData,
+                   primary: str) -> dict[float, str]:
+    """Target -> the baseline with the highest ``primary`` on val at that target (ties: first registered)."""
+    best: dict[float, tuple[float, str]] = {}
+    for s in scored:
+        if s.method.run is not None or s.point.target is None:
+            continue
+        on_val = s if data is val else score(backbone, s.method, s.point, val)
+        value = float(on_val.values[primary].mean())
+        if s.point.target not in best or value > best[s.point.target][0]:
+            best[s.point.target] = (value, s.method.name)
+    return {t: name for t, (_, name) in best.items()}
+
+
+def result_row(backbone: TokenBackbone, s: Scored, groups: torch.Tensor, primary: str, n_boot: int, seed: int) -> dict[str, Any]:
+    """One table row: the point, its FLOPs columns on the scored split, the metrics and their interval."""
+    cols = flops_columns(backbone, s.work)
+    full = float(cols["full"].sum())
+    ratios = {k: float(cols[k].sum()) / full for k in ("block", "executed", "selection", "total")}
+    target = s.point.target
+    on_target = target is None or (target - TOLERANCE <= ratios["total"] <= target + 1e-9)
+    interval = bootstrap_mean(s.values[primary], groups, n_boot, seed)
+    return {
+        "method": s.method.name, "run": s.method.run, "target": target, "rule": s.point.rule,
+        "values": s.point.values, "point": s.point.label(), "sites": s.method.sites, "solved_val": s.point.solved,
+        "on_target": on_target, "flops": ratios, "gflops_total": float(cols["total"].mean()) / 1e9,
+        "tokens": [float(c) for c in s.work.attn.double().mean(dim=0)],
+        **{k: float(v.mean()) for k, v in s.values.items()}, "interval": interval.to_json(),
+    }
+
+
+def _group_key(s: Scored) -> tuple[str, float | None, str]:
+    return s.method.name, s.point.target, s.point.rule
+
+
+def summaries(scored: Sequence[Scored], groups: torch.Tensor, primary: str, n_boot: int, seed: int) -> list[dict[str, Any]]:
+    """Per (method, target): the seeds' mean of every metric and FLOPs, with the interval of ``primary``."""
+    by: dict[tuple[str, float | None, str], list[Scored]] = {}
+    for s in scored:
+        by.setdefault(_group_key(s), []).append(s)
+    out = []
+    for (name, target, rule), items in by.items():
+        stacked = torch.stack([s.values[primary] for s in items])
+        interval = bootstrap_mean(stacked, groups, n_boot, seed)
+        out.append({"method": name, "target": target, "rule": rule, "n_runs": len(items),
+                    "learned": items[0].method.run is not None,
+                    **{k: float(torch.stack([s.values[k] for s in items]).mean()) for k in items[0].values},
+                    "interval": interval.to_json()})
+    return out
+
+
+def comparisons(scored: Sequence[Scored], best: dict[float, str], groups: torch.Tensor, primary: str, n_boot: int,
+                seed: int) -> list[dict[str, Any]]:
+    """Per target and learned method: learned (seeds averaged) minus the best baseline, paired bootstrap."""
+    out = []
+    for target, baseline in sorted(best.items(), reverse=True):
+        base = next(s for s in scored if s.method.name == baseline and s.point.target == target and s.method.run is None)
+        learned: dict[str, list[Scored]] = {}
+        for s in scored:
+            if s.method.run is not None and s.point.target == target:
+                learned.setdefault(s.method.name, []).append(s)
+        for name, items in learned.items():
+            diff = bootstrap_difference(torch.stack([s.values[primary] for s in items]), base.values[primary], groups,
+                                        n_boot, seed)
+            out.append({"target": target, "method": name, "baseline": baseline, "n_runs": len(items),
+                        "difference": diff.to_json(), "verdict": diff.verdict})
+    return out
+
+
+# ---- wall-clock -----------------------------------------------------------------------------------------
+def add_timing(backbone: TokenBackbone, scored: Sequence[Scored], rows: list[dict[str, Any]], data: EvalData,
+               repeats: int, device: str, warmup: int = 1) -> None:
+    """ms per sample at the eval batch size and at batch 1, per target group, timed round-robin with the
+    unpruned model (``bench.time_round_robin``: warm-up, then one call of each per repeat, median)."""
     from policy_prune.evaluation.bench import time_round_robin
 
-    batch = _rows(x)
-    groups: dict[Any, list[int]] = {}
-    for i, b in enumerate(plan):
-        groups.setdefault(b.target, []).append(i)
-    for ids in groups.values():
-        fns: dict[str, Callable[[], Any]] = {"full": lambda: backbone(x)}
-        for i in ids:
-            fns[str(i)] = _budget_call(backbone, methods[plan[i].method], sites, plan[i], x)
-        t = time_round_robin(fns, warmup, repeats, device)
-        for i in ids:
-            rows[i]["samples_per_s"] = batch / t[str(i)]
-            rows[i]["speedup"] = t["full"] / t[str(i)]
+    x64 = data.batches[0][0]
+    x1 = {k: v[:1] for k, v in x64.items()} if isinstance(x64, dict) else x64[:1]
+    groups: dict[float | None, list[int]] = {}
+    for i, s in enumerate(scored):
+        groups.setdefault(s.point.target, []).append(i)
+    for tag, x in (("b64", x64), ("b1", trim_padding(x1))):
+        n = _rows(x)
+        for ids in groups.values():
+            fns: dict[str, Callable[[], Any]] = {"full": functools.partial(backbone, x)}
+            for i in ids:
+                fns[str(i)] = functools.partial(scored[i].method.forward, backbone, x, scored[i].point)
+            with torch.inference_mode():
+                t = time_round_robin(fns, warmup, repeats, device)
+            for i in ids:
+                rows[i][f"ms_{tag}"] = 1e3 * t[str(i)] / n
+                rows[i][f"speedup_{tag}"] = t["full"] / t[str(i)]
 
 
-def _budget_call(backbone: TokenBackbone, method: Method, sites: Sequence[int], budget: Budget, x: Any) -> Callable[[], Any]:
-    return lambda: method.forward(backbone, x, method.sites or sites, budget.rule, budget.value)
+# ---- runs and the CLI -------------------------------------------------------------------------------------
+@dataclass
+class RunInfo:
+    """A training run folder: its env config, learned scorer and a label (its seed)."""
+
+    path: Path
+    env: Any
+    scorer: Any
+    label: str
 
 
-# ---- outputs -----------------------------------------------------------------------------------------
-def metric_columns(results: dict[str, Any]) -> list[str]:
-    """The task metrics present in the results, in display order."""
-    first = results["results"][0]
-    return [k for k in METRICS if k in first]
+def load_run(run_dir: Path) -> RunInfo:
+    """The env config (config.yaml) and scorer (scorer/) of a run folder; one clear line when it is not one."""
+    import yaml
+
+    from policy_prune.config import EnvConfig, from_dict
+    from policy_prune.core.artifact import load_scorer
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run folder (no config.yaml); pass --env to evaluate baselines only")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        raise UserError(f"corrupt config.yaml in {run_dir}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"corrupt config.yaml in {run_dir}")
+    env = from_dict(EnvConfig, data.get("env", data), str(path))
+    seed = (data.get("train") or {}).get("seed") if isinstance(data.get("train"), dict) else None
+    label = f"seed {seed}" if seed is not None else run_dir.name
+    return RunInfo(run_dir, env, load_scorer(run_dir / "scorer"), label)
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
+def env_key(env: Any) -> dict[str, Any]:
+    """What runs must share to be compared as seeds: backbone, data and sites."""
+    from policy_prune.config import to_dict
+
+    d = to_dict(env)
+    return {"backbone": d["backbone"], "data": d["data"], "sites": d["sites"]}
 
 
-def _row_order(r: dict[str, Any]) -> tuple[int, float, str]:
-    """Unpruned first, then swept budgets from the largest target down, own operating points last."""
-    if r["target"] is not None:
-        return 1, -r["target"], r["method"]
-    return (0 if r["rule"] == "none" else 2), 0.0, r["method"]
+def check_same_env(runs: Sequence[RunInfo], env: Any = None) -> None:
+    """One clear error when runs (or --env) differ in backbone, data or sites, or scorers in sites."""
+    ref_name, ref = (("--env", env_key(env)) if env is not None else (str(runs[0].path), env_key(runs[0].env)))
+    for r in runs:
+        key = env_key(r.env)
+        diff = next((k for k in ref if key[k] != ref[k]), None)
+        if diff is not None:
+            raise UserError(f"runs do not share one env: {r.path} has {diff} {key[diff]!r}, {ref_name} has {ref[diff]!r}")
+        if list(r.scorer.sites) != list(runs[0].scorer.sites):
+            raise UserError(f"runs do not share sites: {r.path} prunes at {r.scorer.sites}, {runs[0].path} at {runs[0].scorer.sites}")
+    labels = [r.label for r in runs]
+    for r in runs:
+        if labels.count(r.label) > 1:
+            r.label = f"{r.label} ({r.path.name})"
 
 
-def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and formatted rows (method x budget), sorted by target (own points last) then method."""
-    metrics = metric_columns(results)
-    header = ["method", "target", "rule", "FLOPs ratio", "GFLOPs/sample", *metrics, "samples/s", "speed-up"]
-    order = sorted(results["results"], key=_row_order)
-    body = []
-    for r in order:
-        rule = "-" if r["rule"] == "none" else f"{r['rule']} {r['value']:.3g}"
-        target = _fmt(r["target"]) + ("" if r.get("on_target", True) else "*")
-        body.append([r["method"], target, rule, f"{r['flops_ratio']:.3f}", f"{r['gflops']:.4f}",
-                     *[_fmt(r.get(k)) for k in metrics], _fmt(r.get("samples_per_s")), _fmt(r.get("speedup"))])
-    return header, body
-
-
-def write_markdown(results: dict[str, Any], path: Path) -> None:
-    header, body = table_rows(results)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
-    note = (f"{results['split']} split, {results['n_samples']} samples, sites {results['sites']}. "
-            "FLOPs count the blocks that run; target = FLOPs ratio the keep ratio was solved for "
-            f"(* = not reachable within {TARGET_TOLERANCE} at the method's sites).")
-    path.write_text(note + "\n\n" + "\n".join(lines) + "\n")
-
-
-def write_plot(results: dict[str, Any], path: Path) -> None:
-    """Each task metric (at most two panels) vs FLOPs ratio, one curve per method.
-
-    Own operating points are stars; the unpruned model is a dashed line.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = metric_columns(results)[:2]
-    fig, axes = plt.subplots(1, len(keys), figsize=(6.5 * len(keys), 4.5), squeeze=False)
-    for ax, key in zip(axes[0], keys, strict=True):
-        _plot_metric(ax, results["results"], key)
-    fig.suptitle(f"{results.get('env') or results['signature'].get('architecture', '')}: "
-                 f"{results['split']} split, {results['n_samples']} samples")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _plot_metric(ax: Any, rows: Sequence[dict[str, Any]], key: str) -> None:
-    for name in dict.fromkeys(r["method"] for r in rows):
-        mine = [r for r in rows if r["method"] == name]
-        if mine[0]["rule"] == "none":
-            ax.axhline(mine[0][key], color="black", ls="--", lw=1, label=f"{name} (FLOPs 1.0)")
-            continue
-        swept = sorted((r for r in mine if r["target"] is not None), key=lambda r: r["flops_ratio"])
-        (line,) = ax.plot([r["flops_ratio"] for r in swept], [r[key] for r in swept], marker="o", ms=3, label=name)
-        for r in mine:
-            if r["target"] is None:
-                ax.plot([r["flops_ratio"]], [r[key]], marker="*", ms=12, ls="", color=line.get_color(),
-                        label=f"{name} ({r['rule']} {r['value']:g})")
-    ax.set_xlabel("FLOPs ratio (pruned / full)")
-    ax.set_ylabel(key)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-
-
-def write_outputs(results: dict[str, Any], out_dir: Path) -> None:
-    """pareto.json, table.md and pareto.png in ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "pareto.json").write_text(json.dumps(results, indent=2, default=_json_default))
-    write_markdown(results, out_dir / "table.md")
-    write_plot(results, out_dir / "pareto.png")
-
-
-def _json_default(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return str(v)
-
-
-def print_table(results: dict[str, Any], console: Any) -> None:
-    from rich.table import Table
-
-    header, body = table_rows(results)
-    table = Table(title=f"{results.get('env', '')} {results['split']}: {results['n_samples']} samples")
-    for i, col in enumerate(header):
-        table.add_column(col, justify="left" if i < 3 else "right")
-    for row in body:
-        table.add_row(*row)
-    console.print(table)
-
-
-# ---- CLI ---------------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", nargs="?", type=Path, default=None, help="a training run folder (its scorer/ is evaluated)")
-    p.add_argument("--env", default=None, help="env preset (name or YAML); required without RUN_DIR")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/eval or runs/eval__<env>__<time>/eval)")
+    p.add_argument("run_dirs", nargs="*", type=Path, metavar="RUN_DIR",
+                   help="training run folders of one env (one per seed; a shell glob works); their scorers are evaluated")
+    p.add_argument("--env", default=None, help="env preset (name or YAML); required without RUN_DIR (baselines only)")
+    p.add_argument("--split", choices=("val", "test"), default="test",
+                   help="split to score on (points are always solved on val); develop on val, report test")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: RUN_DIR/eval, RUN_DIR/eval-val for --split val; several runs or --env: "
+                        "runs/eval__<env>__<time>/eval)")
     p.add_argument("--methods", nargs="+", default=list(BASELINES), help=f"baselines to compare ({', '.join(BASELINES)})")
-    p.add_argument("--targets", type=float, nargs="+", default=list(DEFAULT_TARGETS), help="FLOPs ratio targets")
+    p.add_argument("--targets", type=float, nargs="+", default=list(DEFAULT_TARGETS), help="total FLOPs ratio targets")
     p.add_argument("--diversity", type=float, default=0.0, help="spatial-diversity weight of the similarity baselines")
     p.add_argument("--no-prop-attn", action="store_true", help="ToMe without proportional attention")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-samples", type=int, default=None, help="cap on test samples (seeded subset)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats per throughput measurement (0: skip)")
+    p.add_argument("--tome-inflect", type=float, default=0.0,
+                   help="tome-native's r schedule: 0 constant per block, -1 the authors' decreasing schedule")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random baseline, subsets and the bootstrap")
+    p.add_argument("--max-samples", type=int, default=None, help="cap on val and scored samples (seeded subsets)")
+    p.add_argument("--batch-size", type=int, default=64, help="eval batch size (executed FLOPs and solving use it)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per wall-clock measurement (0: skip timing)")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap replicates of every interval")
+    p.add_argument("--vis-target", type=float, default=None, help="FLOPs target of the kept-token picture "
+                   "(default: the target nearest 0.5)")
+    p.add_argument("--vis-samples", type=int, default=3, help="val samples in the kept-token picture")
     p.add_argument("--device", default="cpu")
 
 
-def build_methods(names: Sequence[str], options: BaselineOptions, scorer: Any = None) -> dict[str, Method]:
-    """Baselines by name, plus the learned scorer when given, twice: "learned" sweeps its logit threshold
-    (its own per-sample, per-site allocation) to each FLOPs target and also runs its trained operating
-    point (threshold 0); "learned-topk" ranks tokens by the same logits with the baselines' constant
-    keep ratio per site (static shapes)."""
-    methods: dict[str, Method] = {}
-    if scorer is not None:
-        methods["learned"] = ScorerMethod("learned", scorer, sites=list(scorer.sites), operating_point=("threshold", 0.0),
-                                          sweep_rule="threshold")
-        methods["learned-topk"] = ScorerMethod("learned-topk", scorer, sites=list(scorer.sites))
-    for name in names:
-        methods[name] = make_baseline(name, options)
-    return methods
-
-
-def resolve_target(args: argparse.Namespace) -> tuple[Any, Any, Path]:
-    """(env config, learned scorer or None, output folder) from RUN_DIR and/or --env."""
-    from policy_prune.config import load_env_config, run_env_config
-
-    if args.run_dir is None and args.env is None:
-        raise UserError("give a RUN_DIR or --env ENV")
-    scorer = None
-    if args.run_dir is not None:
-        from policy_prune.core.artifact import load_scorer
-
-        scorer = load_scorer(args.run_dir / "scorer")
-    env_cfg = load_env_config(args.env) if args.env else run_env_config(args.run_dir)
-    default = args.run_dir / "eval" if args.run_dir else Path("runs") / f"eval__{env_cfg.name}__{int(time.time())}" / "eval"
-    return env_cfg, scorer, args.out or default
+def output_dir(args: argparse.Namespace, env_name: str) -> Path:
+    if args.out is not None:
+        return Path(args.out)
+    leaf = "eval" if args.split == "test" else "eval-val"
+    if len(args.run_dirs) == 1:
+        return args.run_dirs[0] / leaf
+    return Path("runs") / f"eval__{env_name}__{time.strftime('%Y%m%d-%H%M%S')}" / leaf
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from policy_prune.data import cap
-    from policy_prune.embedded import resolve
+    from policy_prune.config import load_env_config
+    from policy_prune.core.artifact import check_signature
+    from policy_prune.data import cap, load_splits
+    from policy_prune.embedded import resolve_backbone
+    from policy_prune.evaluation import report, vis
 
+    if not args.run_dirs and args.env is None:
+        raise UserError("give a RUN_DIR or --env ENV")
     console = Console()
-    env_cfg, scorer, out_dir = resolve_target(args)
-    options = BaselineOptions(seed=args.seed, diversity=args.diversity, prop_attn=not args.no_prop_attn)
-    methods = build_methods(args.methods, options, scorer)
+    runs = [load_run(Path(d)) for d in args.run_dirs]
+    env_cfg = load_env_config(args.env) if args.env else runs[0].env
+    if runs:
+        check_same_env(runs, env_cfg if args.env else None)
+    options = BaselineOptions(seed=args.seed, diversity=args.diversity, prop_attn=not args.no_prop_attn,
+                              tome_inflect=args.tome_inflect)
+    methods: list[Method] = [m for r in runs for m in learned_methods(r.scorer, r.label)]
+    methods += [make_baseline(name, env_cfg.sites, options) for name in args.methods]
     torch.manual_seed(args.seed)
-    backbone, splits = resolve(env_cfg, seed=args.seed, device=args.device, console=console)
-    if scorer is not None:
-        from policy_prune.core.artifact import check_signature
-
-        check_signature(scorer, backbone.signature(), strict=False)
-    test = splits["test"] if args.max_samples is None else cap(splits["test"], args.max_samples, args.seed)
-    with console.status(f"evaluating {len(methods)} methods x {len(args.targets)} targets on {len(test)} samples"):
-        results = evaluate_methods(backbone, test, env_cfg.sites, methods, args.targets, args.batch_size,
-                                   args.device, repeats=args.repeats)
+    backbone, tokenizer = resolve_backbone(env_cfg, console=console)
+    backbone = backbone.to(args.device)
+    for r in runs:
+        check_signature(r.scorer, backbone.signature(), strict=False)
+    splits = load_splits(env_cfg, seed=args.seed, backbone=backbone, tokenizer=tokenizer)
+    if args.max_samples is not None:
+        splits = {k: cap(s, args.max_samples, args.seed) for k, s in splits.items()}
+    with console.status("evaluating") as status:
+        results = evaluate(backbone, splits, methods, args.targets, args.split, args.batch_size, args.device,
+                           args.repeats, args.bootstrap, args.seed, progress=lambda t: status.update(t))
     results["env"] = env_cfg.name
-    write_outputs(results, out_dir)
-    print_table(results, console)
-    console.print(f"wrote {out_dir}/pareto.json, table.md, pareto.png")
+    out_dir = output_dir(args, env_cfg.name)
+    report.write_outputs(results, out_dir)
+    vis_target = args.vis_target if args.vis_target is not None else min(args.targets, key=lambda t: abs(t - 0.5))
+    picture = vis.draw_kept(backbone, methods, results, splits["val"], vis_target, env_cfg.sites, out_dir,
+                            args.vis_samples, tokenizer, args.device)
+    report.print_tables(results, console)
+    console.print(f"wrote {out_dir}/pareto.json, table.md, pareto.png, {picture.name}")
     return 0

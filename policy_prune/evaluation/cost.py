@@ -1,0 +1,166 @@
+"""What a pruned forward computes, and its FLOPs three ways: block, executed and selection.
+
+- **block** FLOPs: every row's blocks on its own alive tokens (the ideal a per-row implementation reaches).
+- **executed** FLOPs: what the batched forward really computes at the eval batch size. A batch is one
+  tensor, so every row of it runs on the batch's longest row (pack padding, text padding): a row is
+  charged its batch's largest count at every block.
+- **selection** FLOPs: what choosing the tokens costs (the learned scorer's features and MLP, the CLS
+  query and its logits, a similarity matrix, ToMe's keys and matching), also on the padded batch shapes.
+
+All three count matmul FLOPs (2 x multiply-accumulates) as ``torch.utils.flop_counter.FlopCounterMode``
+does: norms, softmax, pooling, sorting and scatters are not counted, for the blocks as for selection.
+Ratios divide by the unpruned model's FLOPs on each row's own tokens (padding is not work), so the
+unpruned model's executed ratio is above 1 where a batch pads text. Budgets are matched on
+``total = executed + selection``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from policy_prune.core import ops
+from policy_prune.core.backbones.base import TokenBackbone
+from policy_prune.core.scorer import LearnedScorer, row_full_flops
+
+
+@dataclass
+class Work:
+    """What a forward ran, per row; rows of several batches concatenate (:meth:`cat`)."""
+
+    attn: torch.Tensor
+    """[M, depth] long: alive tokens entering each block's attention."""
+    mlp: torch.Tensor
+    """[M, depth] long: alive tokens entering each block's MLP (fewer where ToMe merges inside a block)."""
+    selection: torch.Tensor
+    """[M] float64: selection FLOPs charged to each row (its batch's total over its rows)."""
+    batch: torch.Tensor
+    """[M] long: the eval batch each row ran in (executed FLOPs pad to the batch's longest row)."""
+    n_full: int
+    """Embedded sequence length (sets the embedding's FLOPs)."""
+    n0: torch.Tensor
+    """[M] long: alive tokens at embedding (the unpruned model's work on the row)."""
+
+    @staticmethod
+    def cat(parts: list[Work]) -> Work:
+        """Rows of consecutive batches as one Work; batch ids are renumbered to stay distinct."""
+        offset, batches = 0, []
+        for p in parts:
+            batches.append(p.batch + offset)
+            offset += int(p.batch.max()) + 1 if len(p.batch) else 0
+        return Work(torch.cat([p.attn for p in parts]), torch.cat([p.mlp for p in parts]),
+                    torch.cat([p.selection for p in parts]), torch.cat(batches), parts[0].n_full,
+                    torch.cat([p.n0 for p in parts]))
+
+
+def site_work(depth: int, sites: list[int], n0: torch.Tensor, counts: list[torch.Tensor],
+              selection: torch.Tensor, batch: torch.Tensor, n_full: int) -> Work:
+    """Work of a method that reduces tokens only before ``sites``: n0 [M] tokens until the first site,
+    counts[i] [M] after site i. Attention and MLP of a block see the same tokens."""
+    cols, n, bounds = [], n0.long().cpu(), [*sites, depth]
+    start = 0
+    for i, stop in enumerate(bounds):
+        cols += [n] * (stop - start)
+        if i < len(sites):
+            n = counts[i].long().cpu()
+        start = stop
+    per_block = torch.stack(cols, dim=1)
+    return Work(per_block, per_block.clone(), selection.double().cpu(), batch.long().cpu(), n_full, n0.long().cpu())
+
+
+def batch_max(values: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """[M, ...] each row's value replaced by the largest in its batch (what a padded batch computes)."""
+    n_batches = int(batch.max()) + 1 if len(batch) else 0
+    shape = (n_batches, *values.shape[1:])
+    index = batch.view(-1, *([1] * (values.dim() - 1))).expand_as(values)
+    top = torch.zeros(shape, dtype=values.dtype).scatter_reduce(0, index, values, reduce="amax", include_self=False)
+    return top[batch]
+
+
+def _blocks(backbone: TokenBackbone, attn: torch.Tensor, mlp: torch.Tensor) -> torch.Tensor:
+    shape = backbone.block_shape
+    flops = ops.attention_flops(shape, attn.double()) + ops.mlp_flops(shape, mlp.double())
+    return torch.as_tensor(flops).sum(dim=1)
+
+
+def flops_columns(backbone: TokenBackbone, work: Work) -> dict[str, torch.Tensor]:
+    """[M] FLOPs per row: "block", "executed", "selection", "total" (= executed + selection) and "full"."""
+    fixed = backbone.embed_flops(work.n_full) + backbone.head_flops()
+    block = _blocks(backbone, work.attn, work.mlp) + fixed
+    executed = _blocks(backbone, batch_max(work.attn, work.batch), batch_max(work.mlp, work.batch)) + fixed
+    full = row_full_flops(backbone, work.n0, work.n_full).expand(len(block))
+    return {"block": block, "executed": executed, "selection": work.selection,
+            "total": executed + work.selection, "full": full}
+
+
+def flops_ratios(backbone: TokenBackbone, work: Work) -> dict[str, float]:
+    """Each column summed over the rows, over the unpruned FLOPs of the rows."""
+    cols = flops_columns(backbone, work)
+    full = float(cols.pop("full").sum())
+    return {k: float(v.sum()) / full for k, v in cols.items()}
+
+
+def total_ratio(backbone: TokenBackbone, work: Work) -> float:
+    """(executed + selection) FLOPs over unpruned FLOPs: the number budgets are matched on."""
+    return flops_ratios(backbone, work)["total"]
+
+
+# ---- selection FLOPs of the scorers (per row, on a state of ``n`` slots before block ``layer``) ------
+def cls_row_flops(backbone: TokenBackbone, layer: int, n: int) -> int:
+    """``backbone.attention_from_cls(query="cls")``: the CLS query and its logits over n keys.
+
+    Folded (a LayerNorm'd or post-norm block): q = W_q x_cls (2 D A), the per-head key directions
+    W_k,h^T q_h (2 A D) and one [n, D] x [D, H] product. Otherwise (q/k normalised after projection):
+    q for one token, keys for all n, and the n logits per head.
+    """
+    d, a = backbone.block_shape.width, backbone.block_shape.attn_dim
+    folded = backbone.cls_query(layer)
+    if folded is not None:
+        return 2 * d * a + 2 * a * d + 2 * n * d * folded.heads
+    return 2 * d * a + 2 * n * d * a + 2 * n * a
+
+
+def mean_query_flops(backbone: TokenBackbone, n: int) -> int:
+    """``attention_from_cls(query="mean")`` (no CLS): q and k for all n tokens and the n x n logits."""
+    d, a = backbone.block_shape.width, backbone.block_shape.attn_dim
+    return 2 * 2 * n * d * a + 2 * n * n * a
+
+
+def key_flops(backbone: TokenBackbone, n: Any) -> Any:
+    """``attention_qk(cls_only=True)`` as ToMe-at-sites calls it for its keys: k for n tokens, q for one
+    (n: an int or a tensor of counts)."""
+    d, a = backbone.block_shape.width, backbone.block_shape.attn_dim
+    return 2 * n * d * a + 2 * d * a
+
+
+def learned_flops(backbone: TokenBackbone, scorer: LearnedScorer, layer: int, n: int, has_cls: bool = True) -> int:
+    """A learned scorer at one site on n slots: ``token_features`` plus the TokenScorer MLP.
+
+    Features: the sum of unit tokens (one [1, n] x [n, D] product), the folded CLS query's key
+    directions (2 D A + 2 A D) and one [n, D] x [D, P + H + 3] product (projection, CLS logits, cosine
+    to CLS, dot with the unit sum, the ones column for the mean); without a folded query the CLS row
+    comes from :func:`cls_row_flops` and the product has P + 3 columns. The neighbourhood mean is
+    pooling (not counted). MLP: the token half of the first layer on n rows, its context half once per
+    row, then every later Linear on n rows.
+    """
+    d = backbone.block_shape.width
+    p = scorer.spec.projection_dim
+    folded = backbone.cls_query(layer) if has_cls else None
+    features = 2 * n * d
+    if folded is not None:
+        features += 2 * d * backbone.block_shape.attn_dim * 2 + 2 * n * d * (p + folded.heads + 3)
+    else:
+        attn = cls_row_flops(backbone, layer, n) if has_cls else mean_query_flops(backbone, n)
+        features += attn + 2 * n * d * (p + 3)
+    return features + mlp_flops(scorer, n)
+
+
+def mlp_flops(scorer: LearnedScorer, n: int) -> int:
+    """The TokenScorer on n token rows and one context row."""
+    net = scorer.net
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    first, rest = linears[0], linears[1:]
+    total = 2 * n * net.feature_dim * first.out_features + 2 * net.context_dim * first.out_features
+    return total + sum(2 * n * m.in_features * m.out_features for m in rest)

@@ -1,0 +1,172 @@
+"""Operating points, and how a method reaches a FLOPs target: solved on val, never on the reported split.
+
+A method's :class:`Point` is its rule and per-site (or per-block) values. ``Method.solve(ctx, target)``
+returns the point whose total FLOPs ratio (executed + selection, :mod:`policy_prune.evaluation.cost`)
+on the val split is at most ``target`` and as close to it as the method's steps allow:
+
+- keep_ratio (baselines, learned-topk, EViT, ToMe at sites): a constant ratio r at every site is
+  bisected first; a constant ratio moves in coarse steps (on digits-vit one token at the first site is
+  about 0.006 of the FLOPs), so then, site by site from the first, each site drops tokens one at a time
+  while the total stays above the target, and finally the finest site that can still move drops one
+  more, which crosses it (:func:`descend`). The last step is one token at the last site that still
+  prunes (about 0.001 of the FLOPs on digits-vit). Per-site values are ratios of the tokens alive at
+  that site, so text rows of other lengths keep proportional counts.
+- threshold (the learned scorer's own per-sample allocation): bisection on the FLOPs measured by
+  running the method over val, stopping within ``tol`` below the target.
+- ToMe per block: the same descent over the per-block r of its schedule (:mod:`...tome`).
+
+Executed FLOPs depend on the batching, so solving uses the eval batch size on val.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+TOLERANCE = 0.002
+"""A solved total further than this below its target (or above it at all) is flagged in the tables."""
+
+
+@dataclass
+class Point:
+    """One operating point of a method."""
+
+    rule: str
+    """"none", "keep_ratio", "threshold" or "tome-r" (ToMe's merges per block)."""
+    values: list[float] = field(default_factory=list)
+    """One value per site ("keep_ratio", "threshold") or per block ("tome-r")."""
+    target: float | None = None
+    """FLOPs target the point was solved for (None: the method's own point or no pruning)."""
+    solved: float | None = None
+    """Total FLOPs ratio on the split the point was solved on (val)."""
+
+    def label(self) -> str:
+        """Short text for tables: the rule and its values."""
+        if self.rule == "none":
+            return "-"
+        vals = self.values
+        if self.rule == "tome-r":
+            return "r " + ",".join(str(int(v)) for v in vals)
+        if len(set(vals)) == 1:
+            return f"{self.rule} {vals[0]:.3g}"
+        return f"{self.rule} " + ",".join(f"{v:.3g}" for v in vals)
+
+
+@dataclass
+class TokenCounts:
+    """Per-row token counts of a split at embedding and its eval batches: enough to predict any
+    token-count schedule's FLOPs without running the model."""
+
+    n0: torch.Tensor
+    """[M] alive tokens per row (text rows differ; padding is not work)."""
+    protected: torch.Tensor
+    """[M] protected tokens per row (never pruned)."""
+    batch: torch.Tensor
+    """[M] the eval batch of each row."""
+    n_full: int
+    """Embedded sequence length."""
+
+
+@dataclass
+class SolveContext:
+    """What a method may use to reach a target: the backbone and the val split (counts and batches)."""
+
+    backbone: Any
+    counts: TokenCounts
+    batches: Sequence[tuple[Any, Any]]
+    """The val split in eval batches (inputs, labels): for methods whose FLOPs must be measured."""
+
+
+def ratio_counts(values: Sequence[float], tc: TokenCounts, n_sites: int) -> list[torch.Tensor]:
+    """Alive counts [M] after each site under per-site keep ratios, rounded exactly as ``decide`` rounds."""
+    from policy_prune.core.scorer import keep_count
+
+    prunable = tc.n0 - tc.protected
+    counts = []
+    for i in range(n_sites):
+        prunable = keep_count(values[min(i, len(values) - 1)], prunable)
+        counts.append(tc.protected + prunable)
+    return counts
+
+
+def ratio_step(values: Sequence[float], site: int, prunable_at: Sequence[torch.Tensor]) -> list[float] | None:
+    """``values`` with one token fewer kept at ``site`` (in the row with the most prunable tokens there),
+    or None when that site keeps none already. prunable_at[i]: [M] prunable tokens entering site i."""
+    n = int(prunable_at[site].max()) if len(prunable_at[site]) else 0
+    kept = round(values[site] * n)
+    if n == 0 or kept <= 0:
+        return None
+    out = list(values)
+    out[site] = (kept - 1) / n
+    return out
+
+
+def descend(values: list[float], step: Callable[[list[float], int], list[float] | None], n_knobs: int,
+            cost: Callable[[list[float]], float], target: float) -> list[float] | None:
+    """From a schedule whose cost is above ``target``, the schedule just at or below it.
+
+    Knobs are ordered coarsest first (a token dropped at an early site or block saves more than one at a
+    later one, as a rule). Each knob steps while the cost stays above the target; then every knob's next
+    step would cross it, and the crossing that lands closest below the target is taken. Returns None
+    when no knob can step.
+    """
+    for k in range(n_knobs):
+        while (nxt := step(values, k)) is not None and cost(nxt) > target:
+            values = nxt
+    below = [(cost(nxt), nxt) for k in range(n_knobs) if (nxt := step(values, k)) is not None]
+    below = [(c, v) for c, v in below if c <= target]
+    return max(below, key=lambda cv: cv[0])[1] if below else None
+
+
+def solve_ratios(cost: Callable[[list[float]], float], prunable: Callable[[list[float]], list[torch.Tensor]],
+                 n_sites: int, target: float, iters: int = 40) -> list[float]:
+    """Per-site keep ratios whose cost is at most ``target`` and as close as one token allows.
+
+    cost(values): total FLOPs ratio; prunable(values)[i]: [M] prunable tokens entering site i.
+    """
+    def const(r: float) -> list[float]:
+        return [r] * n_sites
+
+    if cost(const(1.0)) <= target:
+        return const(1.0)
+    if cost(const(0.0)) > target:
+        return const(0.0)  # out of reach: the deepest cut the method has
+    lo, hi = 0.0, 1.0  # invariant: cost(lo) <= target < cost(hi)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if cost(const(mid)) > target else (mid, hi)
+    found = descend(const(hi), lambda v, k: ratio_step(v, k, prunable(v)), n_sites, cost, target)
+    return found if found is not None else const(lo)
+
+
+def solve_threshold(fn: Callable[[float], float], target: float, iters: int = 20, tol: float = TOLERANCE) -> float:
+    """The threshold t with fn(t) <= target, as close to it as ``tol`` (fn non-increasing in t).
+
+    Brackets by doubling from [-1, 1] (logits are unbounded), then bisects; each fn value is computed
+    once (a call runs the pruned model over val). Stops as soon as target - tol <= fn(t) <= target.
+    """
+    seen: dict[float, float] = {}
+
+    def f(t: float) -> float:
+        if t not in seen:
+            seen[t] = fn(t)
+        return seen[t]
+
+    lo, hi = -1.0, 1.0  # want f(lo) > target >= f(hi)
+    while f(lo) <= target and lo > -64:
+        lo *= 2
+    while f(hi) > target and hi < 64:
+        hi *= 2
+    if f(hi) > target:
+        return hi  # out of reach: the deepest cut tried
+    if f(lo) <= target:
+        return lo
+    for _ in range(iters):
+        if target - f(hi) <= tol:
+            break
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if f(mid) > target else (lo, mid)
+    return hi
