@@ -18,10 +18,10 @@ def test_plan_pairs_most_similar_and_respects_eligibility() -> None:
     # Slots: 0 protected, sources at even slots 2 and 4, destinations at odd slots 1 and 3.
     metric = torch.tensor([[[1.0, 0], [1, 0], [0, 1], [0, 1], [1, 0.1]]])
     eligible = torch.tensor([[False, True, True, True, True]])
-    dst, merged = merge.bipartite_plan(metric, eligible, torch.tensor([1]))
+    dst, merged, rank = merge.bipartite_plan(metric, eligible, torch.tensor([1]))
     assert merged.tolist() == [[False, False, True, False, False]]  # slot 2 == slot 3 exactly: merged first
-    assert dst.tolist() == [[0, 1, 3, 3, 4]]
-    dst, merged = merge.bipartite_plan(metric, eligible, torch.tensor([5]))  # asks for more than possible
+    assert dst.tolist() == [[0, 1, 3, 3, 4]] and rank.tolist() == [[2, 5, 0, 5, 1]]  # ineligible slot 0 ranks last among A
+    dst, merged, _ = merge.bipartite_plan(metric, eligible, torch.tensor([5]))  # asks for more than possible
     assert merged.tolist() == [[False, False, True, False, True]] and dst.tolist() == [[0, 1, 3, 3, 1]]
 
 
@@ -134,6 +134,10 @@ def test_tome_order_puts_protected_then_unmerged_a_then_b() -> None:
     protected = torch.tensor([[True, False, False, False, False, False, True]])  # CLS and a [SEP]
     index, valid = merge.tome_order(survive, is_b, protected)
     assert index[valid].tolist() == [0, 6, 4, 1, 3, 5]  # CLS, [SEP], A survivors in order, then B in order
+    no_cls = torch.zeros_like(protected)
+    rank = torch.tensor([[1, 7, 7, 7, 0, 7, 2]])  # A slots 0, 4, 6 by similarity: 4 first
+    index, valid = merge.tome_order(survive, is_b, no_cls, rank)
+    assert index[valid].tolist() == [4, 0, 6, 1, 3, 5]  # the reference's score order without a class token
 
 
 def test_parse_r_matches_the_authors_schedules() -> None:

@@ -471,7 +471,7 @@ def merge_tokens(backbone: TokenBackbone, state: TokenState, size: torch.Tensor,
         n = state.tokens.shape[1]
         flops += cost.key_flops(backbone, n) + merge.matching_flops(n, hd)
         metric = backbone.attention_qk(state, layer, cls_only=True)[1].mean(dim=1)  # [B, N, head_dim]
-        dst, merged = merge.bipartite_plan(metric, state.valid & ~state.protected, share.to(metric.device))
+        dst, merged, _ = merge.bipartite_plan(metric, state.valid & ~state.protected, share.to(metric.device))
         tokens, size = merge.merge_wavg(state.tokens, size, dst)
         keep = ops.normalize_keep(state.valid & ~merged, state.valid, state.protected)
         index, valid = ops.pack_indices(keep)

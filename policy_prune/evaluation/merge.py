@@ -32,13 +32,14 @@ MIN_MERGE_LEFT = 3
 three eligible tokens (one in A) that is none."""
 
 
-def bipartite_plan(metric: torch.Tensor, eligible: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def bipartite_plan(metric: torch.Tensor, eligible: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Which slots merge into which: one round of bipartite soft matching.
 
     metric: [B, N, C] similarity features (ToMe: the keys averaged over heads); eligible: [B, N] bool
     (alive and not protected); r: [B] long, merges wanted per row.
     Returns (dst [B, N] long: the slot each token's content goes to, itself unless merged;
-    merged [B, N] bool: slots merged away this round). Sources are the even eligible slots,
+    merged [B, N] bool: slots merged away this round; rank [B, N] long: each A slot's place in the
+    descending order of its best similarity, N for other slots). Sources are the even eligible slots,
     destinations the odd ones (the reference's ``metric[..., ::2, :]`` / ``metric[..., 1::2, :]``);
     only the |A| x |B| similarities are computed. A row merges min(r, sources with a destination).
     """
@@ -57,7 +58,9 @@ def bipartite_plan(metric: torch.Tensor, eligible: torch.Tensor, r: torch.Tensor
     dst[:, 0::2] = torch.where(merged_a, 2 * best_j + 1, slot[:, 0::2])
     merged = torch.zeros(b, n, dtype=torch.bool, device=metric.device)
     merged[:, 0::2] = merged_a
-    return dst, merged
+    slot_rank = torch.full((b, n), n, dtype=torch.long, device=metric.device)
+    slot_rank[:, 0::2] = rank
+    return dst, merged, slot_rank
 
 
 def matching_flops(n_slots: Any, metric_dim: int) -> Any:
@@ -136,10 +139,13 @@ def _counts_before(n: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return n - torch.cat([torch.zeros_like(step[:1]), step.cumsum(0)[:-1]])
 
 
-def tome_order(survive: torch.Tensor, is_dst: torch.Tensor, protected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def tome_order(survive: torch.Tensor, is_dst: torch.Tensor, protected: torch.Tensor,
+               rank: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference's token order after a merge: protected tokens, the unmerged A tokens, then the B
-    tokens, each in slot order (``cat([unm, dst])`` with CLS first; with a distillation token
-    ``cat([unm[:1], dst[:1], unm[1:], dst[1:]])``: the two protected tokens lead).
+    tokens (``cat([unm, dst])`` with CLS first; with a distillation token ``cat([unm[:1], dst[:1],
+    unm[1:], dst[1:]])``: the two protected tokens lead). B tokens keep their slot order; unmerged A
+    tokens too, or, given ``rank`` (from :func:`bipartite_plan`), the descending-similarity order the
+    reference leaves them in when a model has no class token.
 
     Keeping protected tokens (text's [SEP] too) in front keeps the eligible tokens contiguous, so the next
     block's A set holds at least half of them, as the reference's (tokens - protected) // 2 cap assumes.
@@ -149,10 +155,11 @@ def tome_order(survive: torch.Tensor, is_dst: torch.Tensor, protected: torch.Ten
     b, n = survive.shape
     slot = torch.arange(n, device=survive.device).expand(b, n)
     group = torch.where(protected, 0, torch.where(is_dst, 2, 1))
-    key = torch.where(survive, group, 3) * n + slot
+    within = slot if rank is None else torch.where(group == 1, rank, slot)
+    key = torch.where(survive, group, 3) * (n + 1) + within
     counts = survive.sum(dim=1)
     m = int(counts.max().item()) if survive.numel() else 0
-    index = key.argsort(dim=1)[:, :m]
+    index = key.argsort(dim=1, stable=True)[:, :m]
     valid = torch.arange(m, device=survive.device).unsqueeze(0) < counts.unsqueeze(1)
     return index, valid
 

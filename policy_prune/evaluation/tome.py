@@ -15,8 +15,10 @@ own key projection (timm's fused qkv Linear), registered for one call and remove
 metric costs nothing beyond the attention the block computes anyway. The user's model is not changed.
 
 Differences from the reference, and why: rows may differ in length (text padding) and r is capped per
-row; tokens without a CLS token keep their slot order where the reference leaves the unmerged ones in
-score order (with a CLS token, as in every model here, both keep the original order).
+row; protected tokens other than CLS / distillation (text's [SEP], registers) stay in front so that the
+eligible tokens stay contiguous. The token order after a merge is the reference's (CLS first, unmerged A
+tokens, then B; unmerged A in score order when there is no class token), because the next block's
+A/B split depends on it.
 """
 
 from __future__ import annotations
@@ -136,10 +138,13 @@ def merge_in_block(state: TokenState, size: torch.Tensor, metric: torch.Tensor, 
     rows_r = torch.clamp(eligible.sum(dim=1) // 2, max=r)
     if r <= 0 or not bool((rows_r > 0).any()):
         return state, size, slot_of, False
-    dst, merged = merge.bipartite_plan(metric, eligible, rows_r)
+    dst, merged, rank = merge.bipartite_plan(metric, eligible, rows_r)
     tokens, size = merge.merge_wavg(state.tokens, size, dst)
     slot = torch.arange(state.tokens.shape[1], device=dst.device)
-    index, valid = merge.tome_order(state.valid & ~merged, eligible & (slot % 2 == 1), state.protected)
+    # Without a class token the reference leaves the unmerged A tokens in score order (it sorts them back
+    # into place only to keep CLS first); the next block's A/B split depends on that order.
+    by_score = rank if not bool(state.protected.any()) else None
+    index, valid = merge.tome_order(state.valid & ~merged, eligible & (slot % 2 == 1), state.protected, by_score)
     if slot_of is not None:
         slot_of = follow(slot_of, dst, index, valid)
     state = replace(state, tokens=ops.gather_rows(tokens, index), protected=ops.gather_rows(state.protected, index) & valid,
