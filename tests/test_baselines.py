@@ -17,7 +17,7 @@ from policy_prune.evaluation.baselines import (
     make_baseline,
     redundancy,
 )
-from policy_prune.evaluation.solve import Point, TokenCounts
+from policy_prune.evaluation.solve import BatchedCounts, Point
 from tests import tiny
 
 
@@ -64,7 +64,7 @@ def test_predicted_work_equals_the_forward(name: str, baseline: str) -> None:
     with torch.no_grad():
         _, work = method.forward(backbone, x, point)
         state = backbone.embed(x)
-    tc = TokenCounts(state.alive_counts, (state.protected & state.valid).sum(dim=1), torch.zeros(4, dtype=torch.long), state.n_full)
+    tc = BatchedCounts(state.alive_counts, (state.protected & state.valid).sum(dim=1), state.n_full, torch.zeros(4, dtype=torch.long))
     predicted = method.predict(backbone, tc, point)
     assert torch.equal(predicted.attn, work.attn) and torch.equal(predicted.mlp, work.mlp)
     assert torch.allclose(predicted.selection, work.selection)

@@ -95,6 +95,24 @@ def test_best_baseline_is_chosen_on_val(vit, splits, results) -> None:
         assert c["verdict"] in ("better", "worse", "unclear") and c["n_runs"] == 2
 
 
+def test_budget_conditioned_scorer_is_told_each_target(vit, splits) -> None:
+    """A budget-conditioned scorer is told the target (clamped to its range), its threshold still solved on
+    val; its own points are its calibrated thresholds, as prune(model, scorer, flops=f) runs them."""
+    from policy_prune.core.budget import BudgetInput, CalibrationPoint
+
+    budget = BudgetInput(0.4, 0.9, 0.6, [CalibrationPoint(0.4, 1.0, [0.3, 0.3]), CalibrationPoint(0.9, -1.0, [0.9, 0.9])])
+    scorer = random_scorer(vit, SITES, seed=0, hidden=(16,), budget=budget)
+    res = evaluate.evaluate(vit, splits, learned_methods(scorer, "seed 0"), [0.7, 0.35], "test", batch_size=4,
+                            repeats=0, n_boot=50)
+    by = {(r["method"], r["target"], r["told"]): r for r in res["results"]}
+    assert by[("learned", 0.7, 0.7)]["point"].endswith("told 0.7")
+    assert ("learned-topk", 0.35, 0.4) in by  # told the nearest budget it was trained on
+    own = [r for r in res["results"] if r["target"] is None]
+    assert [r["told"] for r in own] == [0.7]  # 0.35 lies outside the trained range
+    assert own[0]["values"] == pytest.approx([-0.2, -0.2])  # the calibration at 0.7
+    assert len(report.main_table(res)[1]) == len(res["results"])
+
+
 def test_text_embedding_model_reports_cosine_and_pictures_words(tmp_path) -> None:
     backbone = adapt(tiny.make("hf-bert"))
     splits = {"val": _split("hf-bert", 6, 1, "val", labels=False), "test": _split("hf-bert", 6, 2, "test", labels=False)}

@@ -10,9 +10,9 @@ from policy_prune.evaluation.baselines import make_baseline
 from policy_prune.evaluation.cost import total_ratio
 from policy_prune.evaluation.solve import (
     TOLERANCE,
+    BatchedCounts,
     Point,
     SolveContext,
-    TokenCounts,
     descend,
     solve_threshold,
 )
@@ -27,7 +27,7 @@ def digits_shape():
 
 def _context(backbone, rows: int = 8, batch: int = 4) -> SolveContext:
     n = backbone.embed(torch.zeros(1, 1, 48, 48)).n_full
-    tc = TokenCounts(torch.full((rows,), n), torch.ones(rows, dtype=torch.long), torch.arange(rows) // batch, n)
+    tc = BatchedCounts(torch.full((rows,), n), torch.ones(rows, dtype=torch.long), n, torch.arange(rows) // batch)
     return SolveContext(backbone, tc, [])
 
 

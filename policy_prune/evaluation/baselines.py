@@ -42,9 +42,9 @@ from policy_prune.errors import UserError
 from policy_prune.evaluation import cost, merge, tome
 from policy_prune.evaluation.cost import Work, batch_max, site_work, total_ratio
 from policy_prune.evaluation.solve import (
+    BatchedCounts,
     Point,
     SolveContext,
-    TokenCounts,
     descend,
     ratio_counts,
     solve_ratios,
@@ -192,12 +192,16 @@ class Method:
     def __init__(self, name: str, sites: Sequence[int]) -> None:
         self.name, self.sites, self.own_points = name, list(sites), []
 
+    def own(self, targets: Sequence[float]) -> list[Point]:
+        """Points evaluated besides the solved ones (given the targets of this evaluation)."""
+        return list(self.own_points)
+
     def forward(self, backbone: TokenBackbone, inputs: Any, point: Point, watch: Watch | None = None) -> tuple[torch.Tensor, Work]:
         """Output [B, C] or [B, D] and the Work of one batch at ``point``."""
         raise NotImplementedError
 
     # -- analytic counts (site methods) --
-    def site_counts(self, values: Sequence[float], tc: TokenCounts) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def site_counts(self, values: Sequence[float], tc: BatchedCounts) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(alive [M] after each site, prunable [M] entering each site) under keep ratios ``values``."""
         counts = ratio_counts(values, tc, len(self.sites))
         return counts, [tc.n0 - tc.protected] + [c - tc.protected for c in counts[:-1]]
@@ -206,7 +210,7 @@ class Method:
         """Selection FLOPs per row of choosing at a site on n slots."""
         return 0.0
 
-    def predict(self, backbone: TokenBackbone, tc: TokenCounts, point: Point) -> Work:
+    def predict(self, backbone: TokenBackbone, tc: BatchedCounts, point: Point) -> Work:
         """The Work of ``point`` on rows with counts ``tc``, without running the model."""
         if point.rule == "none":
             return site_work(backbone.depth, [], tc.n0, [], torch.zeros(len(tc.n0)), tc.batch, tc.n_full)
@@ -280,40 +284,61 @@ class ScorerMethod(Method):
     ``solver``: how a FLOPs target is reached on val. "keep_ratio" (baselines, learned-topk): per-site
     keep ratios, analytic. "threshold" (learned): one logit threshold at every site, the scorer's own
     per-sample allocation, bisected on FLOPs measured by running over val. A budget-conditioned scorer
-    plugs in here with its own ``solve`` (the target as its input).
+    is told the target (clamped to the budgets it was trained on: ``Point.budget``) and the rule's value
+    is solved on val the same way, since its calibration meets block FLOPs on average, not the total
+    (executed + selection) on this split.
     """
 
-    def __init__(self, name: str, scorer: Scorer, sites: Sequence[int], solver: str = "keep_ratio",
+    def __init__(self, name: str, scorer: Scorer | LearnedScorer, sites: Sequence[int], solver: str = "keep_ratio",
                  own_points: Sequence[Point] = (), run: str | None = None) -> None:
         super().__init__(name, sites)
         self.scorer, self.solver, self.own_points, self.run = scorer, solver, list(own_points), run
+
+    def told(self, target: float) -> float | None:
+        """The budget a budget-conditioned scorer is told for ``target`` (None for other scorers)."""
+        budget = getattr(self.scorer, "budget", None)
+        return None if budget is None else min(max(target, budget.low), budget.high)
+
+    def scorer_at(self, point: Point) -> Any:
+        return self.scorer if point.budget is None else self.scorer.at(point.budget)  # type: ignore[union-attr]
 
     def site_flops(self, backbone: TokenBackbone, layer: int, n: int) -> float:
         return scorer_flops(self.scorer, backbone, layer, n, model_has_cls(backbone))
 
     def forward(self, backbone: TokenBackbone, inputs: Any, point: Point, watch: Watch | None = None) -> tuple[torch.Tensor, Work]:
-        keep_fn = make_keep_fn(backbone, self.scorer, point.rule, point.values)
+        scorer = self.scorer_at(point)
+        keep_fn = make_keep_fn(backbone, scorer, point.rule, point.values)
 
         def reduce(state: TokenState, i: int, layer: int) -> tuple[TokenState, float]:
-            flops = scorer_flops(self.scorer, backbone, layer, state.tokens.shape[1], has_cls(state))
+            flops = scorer_flops(scorer, backbone, layer, state.tokens.shape[1], has_cls(state))
             return state.prune(keep_fn(state, i, layer)), flops
 
         return run_sites(backbone, inputs, self.sites, reduce, watch)
 
     def solve(self, ctx: SolveContext, target: float) -> Point:
+        budget = self.told(target)
         if self.solver != "threshold":
-            return super().solve(ctx, target)
+            return replace(super().solve(ctx, target), budget=budget)
 
         def measured(t: float) -> float:
-            return total_ratio(ctx.backbone, self.measure(ctx, Point("threshold", [t] * len(self.sites))))
+            return total_ratio(ctx.backbone, self.measure(ctx, Point("threshold", [t] * len(self.sites), budget=budget)))
 
         t = solve_threshold(measured, target)
-        return Point("threshold", [t] * len(self.sites), target, measured(t))
+        return Point("threshold", [t] * len(self.sites), target, measured(t), budget)
 
     def measure(self, ctx: SolveContext, point: Point) -> Work:
         """The Work of ``point`` over the val batches (rules whose counts depend on the data)."""
         with torch.inference_mode():
             return Work.cat([self.forward(ctx.backbone, x, point)[1] for x, _ in ctx.batches])
+
+    def own(self, targets: Sequence[float]) -> list[Point]:
+        """The scorer's own points: a budget-conditioned scorer at each target in its range as deployed
+        (``prune(model, scorer, flops=f)``: its calibrated threshold), else its trained threshold 0."""
+        budget = getattr(self.scorer, "budget", None)
+        if budget is None or not self.own_points:
+            return list(self.own_points)
+        return [Point("threshold", [budget.threshold(f)] * len(self.sites), None, None, f)
+                for f in targets if budget.low - 1e-9 <= f <= budget.high + 1e-9]
 
 
 # ---- EViT: top-k by CLS attention, the rest fused into one token --------------------------------------
@@ -335,7 +360,7 @@ class EvitMethod(Method):
         attn = ClsAttentionScorer().flops(backbone, layer, n, model_has_cls(backbone))
         return attn + 2 * n * backbone.block_shape.width  # + the fusion's [1, n] x [n, D] product
 
-    def site_counts(self, values: Sequence[float], tc: TokenCounts) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def site_counts(self, values: Sequence[float], tc: BatchedCounts) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         prunable, fused = tc.n0 - tc.protected, torch.zeros_like(tc.n0)
         counts, entering = [], []
         for i in range(len(self.sites)):
@@ -393,7 +418,7 @@ class TomeSites(Method):
         out, _, counts, _, work = forward_merged(backbone, inputs, self.sites, point.values, self.prop_attn, watch)
         return out, work
 
-    def site_counts(self, values: Sequence[float], tc: TokenCounts) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def site_counts(self, values: Sequence[float], tc: BatchedCounts) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         prunable = tc.n0 - tc.protected
         counts, entering = [], []
         for i in range(len(self.sites)):
@@ -403,7 +428,7 @@ class TomeSites(Method):
             counts.append(tc.protected + prunable)
         return counts, entering
 
-    def predict(self, backbone: TokenBackbone, tc: TokenCounts, point: Point) -> Work:
+    def predict(self, backbone: TokenBackbone, tc: BatchedCounts, point: Point) -> Work:
         work = super().predict(backbone, tc, point)
         _, entering = self.site_counts(point.values, tc)
         hd = tome.head_dim(backbone)
@@ -534,7 +559,7 @@ class TomeNative(Method):
         r = [int(v) for v in point.values] if point.rule == "tome-r" else [0] * backbone.depth
         return tome.forward_native(backbone, inputs, r, self.prop_attn, watch)
 
-    def predict(self, backbone: TokenBackbone, tc: TokenCounts, point: Point) -> Work:
+    def predict(self, backbone: TokenBackbone, tc: BatchedCounts, point: Point) -> Work:
         r = [int(v) for v in point.values] if point.rule == "tome-r" else [0] * backbone.depth
         attn, mlp, selection = tome.predict_native(tc.n0, tc.protected, tc.batch, r, tome.head_dim(backbone))
         return Work(attn, mlp, selection, tc.batch, tc.n_full, tc.n0)

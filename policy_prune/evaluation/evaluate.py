@@ -7,8 +7,8 @@ The protocol (issue #15):
    most the target and as close as the method's steps allow (:mod:`policy_prune.evaluation.solve`).
    The points are then scored on ``--split`` (test for reporting; val while developing).
 2. Several runs (seeds) of one env are evaluated together: a row per seed, their mean and a 95%
-   interval from a bootstrap over **source items** (``Split.groups``: digits-cluttered's source digits,
-   python-docs' topics), never over rows.
+   interval from a bootstrap over **source items** (``Split.groups``: digits-cluttered's source digits;
+   python-docs' items, a docstring or a help-topic section cut into passages), never over rows.
 3. At each target the **best baseline** is the one with the highest primary metric (accuracy, else
    cosine) on val at that target, so the choice does not look at the reported split. "learned minus
    best baseline" is a paired bootstrap over the same groups, seeds averaged row by row; the tables
@@ -42,7 +42,7 @@ from policy_prune.evaluation.baselines import (
 )
 from policy_prune.evaluation.cost import Work, flops_columns
 from policy_prune.evaluation.metrics import cosine_fidelity, neighbours
-from policy_prune.evaluation.solve import TOLERANCE, Point, SolveContext, TokenCounts
+from policy_prune.evaluation.solve import TOLERANCE, BatchedCounts, Point, SolveContext
 from policy_prune.evaluation.stats import bootstrap_difference, bootstrap_mean
 
 DEFAULT_TARGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.42, 0.35)
@@ -57,7 +57,7 @@ class EvalData:
 
     name: str
     batches: list[tuple[Any, torch.Tensor | None]]
-    counts: TokenCounts
+    counts: BatchedCounts
     teacher: torch.Tensor
     """[M, C] or [M, D]: the unpruned model's outputs."""
     labels: torch.Tensor | None
@@ -98,7 +98,7 @@ def prepare(backbone: TokenBackbone, split: Any, batch_size: int, device: str) -
     prot = torch.cat([(s.protected & s.valid).sum(dim=1).cpu() for s in states])
     batch = torch.cat([torch.full((_rows(x),), i, dtype=torch.long) for i, (x, _) in enumerate(batches)])
     n_full = max(s.n_full for s in states)
-    return EvalData(split.name, batches, TokenCounts(n0, prot, batch, n_full), teacher,
+    return EvalData(split.name, batches, BatchedCounts(n0, prot, n_full, batch), teacher,
                     None if split.labels is None else split.labels.cpu(), split.group_ids().cpu())
 
 
@@ -150,7 +150,7 @@ def operating_points(method: Method, ctx: SolveContext, targets: Sequence[float]
     """The method's points: each target solved on val, then its own points (or "none" once)."""
     if not method.sweeps:
         return [Point("none")]
-    return [method.solve(ctx, t) for t in targets] + list(method.own_points)
+    return [method.solve(ctx, t) for t in targets] + method.own(targets)
 
 
 def evaluate(backbone: TokenBackbone, splits: dict[str, Any], methods: Sequence[Method], targets: Sequence[float],
@@ -212,7 +212,7 @@ def result_row(backbone: TokenBackbone, s: Scored, groups: torch.Tensor, primary
     on_target = target is None or (target - TOLERANCE <= ratios["total"] <= target + 1e-9)
     interval = bootstrap_mean(s.values[primary], groups, n_boot, seed)
     return {
-        "method": s.method.name, "run": s.method.run, "target": target, "rule": s.point.rule,
+        "method": s.method.name, "run": s.method.run, "target": target, "rule": s.point.rule, "told": s.point.budget,
         "values": s.point.values, "point": s.point.label(), "sites": s.method.sites, "solved_val": s.point.solved,
         "on_target": on_target, "flops": ratios, "gflops_total": float(cols["total"].mean()) / 1e9,
         "tokens": [float(c) for c in s.work.attn.double().mean(dim=0)],
@@ -220,20 +220,20 @@ def result_row(backbone: TokenBackbone, s: Scored, groups: torch.Tensor, primary
     }
 
 
-def _group_key(s: Scored) -> tuple[str, float | None, str]:
-    return s.method.name, s.point.target, s.point.rule
+def _group_key(s: Scored) -> tuple[str, float | None, str, float | None]:
+    return s.method.name, s.point.target, s.point.rule, s.point.budget if s.point.target is None else None
 
 
 def summaries(scored: Sequence[Scored], groups: torch.Tensor, primary: str, n_boot: int, seed: int) -> list[dict[str, Any]]:
     """Per (method, target): the seeds' mean of every metric and FLOPs, with the interval of ``primary``."""
-    by: dict[tuple[str, float | None, str], list[Scored]] = {}
+    by: dict[tuple[str, float | None, str, float | None], list[Scored]] = {}
     for s in scored:
         by.setdefault(_group_key(s), []).append(s)
     out = []
-    for (name, target, rule), items in by.items():
+    for (name, target, rule, told), items in by.items():
         stacked = torch.stack([s.values[primary] for s in items])
         interval = bootstrap_mean(stacked, groups, n_boot, seed)
-        out.append({"method": name, "target": target, "rule": rule, "n_runs": len(items),
+        out.append({"method": name, "target": target, "rule": rule, "told": told, "n_runs": len(items),
                     "learned": items[0].method.run is not None,
                     **{k: float(torch.stack([s.values[k] for s in items]).mean()) for k in items[0].values},
                     "interval": interval.to_json()})
@@ -296,22 +296,13 @@ class RunInfo:
 
 def load_run(run_dir: Path) -> RunInfo:
     """The env config (config.yaml) and scorer (scorer/) of a run folder; one clear line when it is not one."""
-    import yaml
-
-    from policy_prune.config import EnvConfig, from_dict
+    from policy_prune.config import EnvConfig, from_dict, read_run_config
     from policy_prune.core.artifact import load_scorer
 
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not a run folder (no config.yaml); pass --env to evaluate baselines only")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
-        raise UserError(f"corrupt config.yaml in {run_dir}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"corrupt config.yaml in {run_dir}")
-    env = from_dict(EnvConfig, data.get("env", data), str(path))
-    seed = (data.get("train") or {}).get("seed") if isinstance(data.get("train"), dict) else None
+    data = read_run_config(run_dir)
+    env = from_dict(EnvConfig, data.get("env", data), str(run_dir / "config.yaml"))
+    train = data.get("train")
+    seed = train.get("seed") if isinstance(train, dict) else None
     label = f"seed {seed}" if seed is not None else run_dir.name
     return RunInfo(run_dir, env, load_scorer(run_dir / "scorer"), label)
 

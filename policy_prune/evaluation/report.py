@@ -41,12 +41,13 @@ def main_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     header += [second] if second else []
     header += ["ms/sample @64", "ms/sample @1"]
     rows = results["results"]
-    summary = {(s["method"], s["target"], s["rule"]): s for s in results["summary"]}
+    summary = {_key(s): s for s in results["summary"]}
     body: list[list[str]] = []
-    keys = sorted(dict.fromkeys((r["target"], r["rule"], r["method"]) for r in rows),
-                  key=lambda k: (*_target_order(k[0], k[1]), _method_rank(rows, k[2])))
-    for target, rule, method in keys:
-        mine = [r for r in rows if (r["target"], r["rule"], r["method"]) == (target, rule, method)]
+    keys = sorted(dict.fromkeys(_key(r) for r in rows),
+                  key=lambda k: (*_target_order(k[1], k[2]), k[3] or 0.0, _method_rank(rows, k[0])))
+    for key in keys:
+        method, target, rule, _ = key
+        mine = [r for r in rows if _key(r) == key]
         tgt = "-" if target is None else f"{target:.2f}"
         label = method if target is not None or rule == "none" else f"{method} (own point)"
         for r in mine:
@@ -57,12 +58,17 @@ def main_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                          _ci(r["interval"]), *([_fmt(r.get(second))] if second else []),
                          _fmt(r.get("ms_b64"), 2), _fmt(r.get("ms_b1"), 2)])
         if len(mine) > 1:
-            s = summary[(method, target, rule)]
+            s = summary[key]
             mean = {k: sum(r["flops"][k] for r in mine) / len(mine) for k in ("total", "executed", "selection", "block")}
             body.append([tgt, label, "mean", "", _fmt(mean["total"]), _fmt(mean["executed"]), _fmt(mean["selection"]),
                          _fmt(mean["block"]), _fmt(s.get(primary)), _ci(s["interval"]),
                          *([_fmt(s.get(second))] if second else []), _mean(mine, "ms_b64"), _mean(mine, "ms_b1")])
     return header, body
+
+
+def _key(r: dict[str, Any]) -> tuple[str, float | None, str, float | None]:
+    """Rows of one method at one point: solved targets, or own points (a budgeted scorer's per budget told)."""
+    return r["method"], r["target"], r["rule"], r.get("told") if r["target"] is None else None
 
 
 def _method_rank(rows: Sequence[dict[str, Any]], method: str) -> int:
@@ -202,16 +208,3 @@ def print_tables(results: dict[str, Any], console: Any) -> None:
         for row in body:
             table.add_row(*row)
         console.print(table)
-
-
-def log_to_wandb(run: Any, results: dict[str, Any], out_dir: Path | None = None) -> None:
-    """Log both tables (and the pictures when ``out_dir`` holds them) to an active W&B run."""
-    import wandb
-
-    payload: dict[str, Any] = {}
-    for key, (header, body) in (("eval/pareto", main_table(results)), ("eval/vs_best_baseline", comparison_table(results))):
-        payload[key] = wandb.Table(columns=list(header), data=body)
-    for name in ("pareto.png", "kept.png"):
-        if out_dir is not None and (out_dir / name).exists():
-            payload[f"eval/{name[:-4]}"] = wandb.Image(str(out_dir / name))
-    run.log(payload)

@@ -5,7 +5,8 @@ returns the point whose total FLOPs ratio (executed + selection, :mod:`policy_pr
 on the val split is at most ``target`` and as close to it as the method's steps allow:
 
 - keep_ratio (baselines, learned-topk, EViT, ToMe at sites): a constant ratio r at every site is
-  bisected first; a constant ratio moves in coarse steps (on digits-vit one token at the first site is
+  bisected first (for the last r above the target, not ``core.schedule.solve_keep_ratio``'s nearest r,
+  since the descent starts above it); a constant ratio moves in coarse steps (on digits-vit one token at the first site is
   about 0.006 of the FLOPs), so then, site by site from the first, each site drops tokens one at a time
   while the total stays above the target, and finally the finest site that can still move drops one
   more, which crosses it (:func:`descend`). The last step is one token at the last site that still
@@ -26,6 +27,8 @@ from typing import Any
 
 import torch
 
+from policy_prune.core.schedule import TokenCounts, keep_schedule
+
 TOLERANCE = 0.002
 """A solved total further than this below its target (or above it at all) is flagged in the tables."""
 
@@ -42,32 +45,30 @@ class Point:
     """FLOPs target the point was solved for (None: the method's own point or no pruning)."""
     solved: float | None = None
     """Total FLOPs ratio on the split the point was solved on (val)."""
+    budget: float | None = None
+    """The FLOPs ratio a budget-conditioned scorer is told (its budget input); None for other methods."""
 
     def label(self) -> str:
-        """Short text for tables: the rule and its values."""
+        """Short text for tables: the rule and its values (and the budget a scorer is told)."""
         if self.rule == "none":
             return "-"
         vals = self.values
+        told = "" if self.budget is None else f" told {self.budget:g}"
         if self.rule == "tome-r":
             return "r " + ",".join(str(int(v)) for v in vals)
         if len(set(vals)) == 1:
-            return f"{self.rule} {vals[0]:.3g}"
-        return f"{self.rule} " + ",".join(f"{v:.3g}" for v in vals)
+            return f"{self.rule} {vals[0]:.3g}{told}"
+        return f"{self.rule} " + ",".join(f"{v:.3g}" for v in vals) + told
 
 
 @dataclass
-class TokenCounts:
-    """Per-row token counts of a split at embedding and its eval batches: enough to predict any
-    token-count schedule's FLOPs without running the model."""
+class BatchedCounts(TokenCounts):
+    """Per-row token counts of a split at embedding (``core.schedule.TokenCounts``) and the eval batch of
+    each row: enough to predict any token-count schedule's block, executed and selection FLOPs without
+    running the model."""
 
-    n0: torch.Tensor
-    """[M] alive tokens per row (text rows differ; padding is not work)."""
-    protected: torch.Tensor
-    """[M] protected tokens per row (never pruned)."""
     batch: torch.Tensor
-    """[M] the eval batch of each row."""
-    n_full: int
-    """Embedded sequence length."""
+    """[M] the eval batch of each row (executed FLOPs pad to the batch's longest row)."""
 
 
 @dataclass
@@ -75,21 +76,15 @@ class SolveContext:
     """What a method may use to reach a target: the backbone and the val split (counts and batches)."""
 
     backbone: Any
-    counts: TokenCounts
+    counts: BatchedCounts
     batches: Sequence[tuple[Any, Any]]
     """The val split in eval batches (inputs, labels): for methods whose FLOPs must be measured."""
 
 
 def ratio_counts(values: Sequence[float], tc: TokenCounts, n_sites: int) -> list[torch.Tensor]:
-    """Alive counts [M] after each site under per-site keep ratios, rounded exactly as ``decide`` rounds."""
-    from policy_prune.core.scorer import keep_count
-
-    prunable = tc.n0 - tc.protected
-    counts = []
-    for i in range(n_sites):
-        prunable = keep_count(values[min(i, len(values) - 1)], prunable)
-        counts.append(tc.protected + prunable)
-    return counts
+    """Alive counts [M] after each of ``n_sites`` sites under per-site keep ratios (the last value repeats),
+    rounded exactly as ``decide`` rounds (``core.schedule.keep_schedule``)."""
+    return keep_schedule([values[min(i, len(values) - 1)] for i in range(n_sites)], tc.n0, tc.protected)
 
 
 def ratio_step(values: Sequence[float], site: int, prunable_at: Sequence[torch.Tensor]) -> list[float] | None:

@@ -1,7 +1,7 @@
 """Confidence intervals that respect how the samples were drawn: bootstrap over source items.
 
-digits-cluttered draws each source digit on several canvases and python-docs cuts each topic into
-several passages, so rows of one source are not independent: an interval that resamples rows is too
+digits-cluttered draws each source digit on several canvases and python-docs cuts each item (a
+docstring, a help-topic section) into several passages, so rows of one source are not independent: an interval that resamples rows is too
 narrow. Here the unit of resampling is the group (``Split.groups``): a bootstrap replicate draws G
 groups with replacement and averages the per-row values of the rows they hold. Several seeds of a
 learned method are averaged row by row first (the seeds share the rows), so one replicate resamples

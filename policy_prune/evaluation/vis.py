@@ -33,7 +33,7 @@ def method_points(methods: Sequence[Method], results: dict[str, Any], target: fl
                     and r["target"] is not None and abs(r["target"] - target) < 1e-9), None)
         if row is not None:
             seen.add(m.name)
-            picked.append((m, Point(row["rule"], list(row["values"]), target)))
+            picked.append((m, Point(row["rule"], list(row["values"]), target, budget=row.get("told"))))
     return picked
 
 
