@@ -97,7 +97,8 @@ def describe(results: dict[str, Any]) -> str:
     runs = ", ".join(results["runs"]) or "none (baselines only)"
     return (
         f"{results.get('env', '')}: {results['split']} split, {results['n_samples']} samples from {results['n_groups']} "
-        f"source groups; learned runs: {runs}; eval batch {results['batch_size']}.\n\n"
+        f"source groups; learned runs: {runs}; eval batch {results['batch_size']}"
+        f"{' (text rows batched in order of length)' if results.get('length_sorted') else ''}.\n\n"
         "FLOPs are ratios to the unpruned model on each row's own tokens. total = executed + selection: executed is "
         "what the batched forward computes (every row of a batch runs on its longest row: padding included), "
         "selection what choosing the tokens costs (scorer features and MLP, CLS query, similarities, ToMe keys and "
