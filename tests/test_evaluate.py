@@ -141,6 +141,10 @@ def test_writes_the_four_files(vit, splits, results, tmp_path) -> None:
     assert (tmp_path / "pareto.png").stat().st_size > 1000 and picture.stat().st_size > 1000
 
 
+def test_group_sizes_ignore_dropped_and_fused() -> None:
+    assert vis.group_sizes(torch.tensor([0, -1, -1, 2, 2, -2])).tolist() == [1, 0, 2]
+
+
 def test_groupings_show_merges_and_drops(vit, splits, results) -> None:
     x = splits["val"].inputs[:2]
     for method, point in vis.method_points(_methods(vit), results, 0.5):

@@ -40,7 +40,7 @@ TRAIN_MISTAKES = {
 if not torch.cuda.is_available():
     TRAIN_MISTAKES["cuda without a GPU"] = (["--device", "cuda"], "no CUDA device is available here")
 OTHER_MISTAKES = {
-    "eval of a folder without a scorer": (["eval", "/nonexistent/run"], "scorer not found"),
+    "eval of a missing run": (["eval", "/nonexistent/run"], "run folder not found"),
     "export of a missing run": (["export", "/nonexistent/run"], "run folder not found"),
     "bench with an unknown inductor option": (["bench", "--what", "model", "--model", "digits-vit", "--compile", "frezing"],
                                               "'frezing' is not an inductor option"),

@@ -307,6 +307,8 @@ def load_run(run_dir: Path) -> RunInfo:
     from policy_prune.config import EnvConfig, from_dict, read_run_config
     from policy_prune.core.artifact import load_scorer
 
+    if not run_dir.is_dir():
+        raise UserError(f"run folder not found: {run_dir}")
     data = read_run_config(run_dir)
     env = from_dict(EnvConfig, data.get("env", data), str(run_dir / "config.yaml"))
     train = data.get("train")

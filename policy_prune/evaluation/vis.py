@@ -73,12 +73,18 @@ def draw_kept(backbone: TokenBackbone, methods: Sequence[Method], results: dict[
     return path
 
 
+def group_sizes(slots: torch.Tensor) -> torch.Tensor:
+    """How many embedded tokens each slot holds, from [L] slots (-1 dropped and -2 fused count for none)."""
+    alive = slots[slots >= 0]
+    return torch.bincount(alive, minlength=int(slots.max().clamp_min(0)) + 1)
+
+
 def patch_overlay(slots: torch.Tensor, prefix: int, grid: tuple[int, int]) -> torch.Tensor:
     """[gh, gw, 4] RGBA over the patches of one sample from its [n_full] slots."""
     import matplotlib
 
     patches = slots[prefix : prefix + grid[0] * grid[1]]
-    size = torch.bincount(patches.clamp_min(0), minlength=int(patches.max().clamp_min(0)) + 1)
+    size = group_sizes(patches)
     rgba = torch.zeros(len(patches), 4)
     cmap = matplotlib.colormaps["tab20"]
     palette = [0, 1, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 16, 17, 18, 19]  # tab20 without orange (fused) and grey
@@ -142,7 +148,7 @@ def text_page(inputs: dict[str, torch.Tensor], maps: Sequence[tuple[str, list[to
         for name, per_site in maps:
             for j, slots in enumerate(per_site):
                 s = slots[b][: len(words)]
-                size = torch.bincount(s.clamp_min(0))
+                size = group_sizes(s)
                 spans = []
                 for word, slot in zip(words, s.tolist(), strict=True):
                     text = html.escape(word)
