@@ -147,7 +147,7 @@ def test_minilm_backbone_matches_sentence_transformers_pooling(minilm) -> None:
 @needs_minilm
 def test_minilm_embeddings_match_sentence_transformers_encode(minilm) -> None:
     st = pytest.importorskip("sentence_transformers")
-    from policy_prune.embedded import minilm_path
+    from policy_prune.core.embedded_models import minilm_path
 
     backbone, tokenizer = minilm
     texts = tx.corpus({"sources": ["topics"]})["test"].passages[:12] + ["json.dumps", "Return the square root of x."]
