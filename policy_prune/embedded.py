@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from policy_prune.config import BackboneConfig, EnvConfig, from_dict
@@ -18,6 +19,10 @@ from policy_prune.core import embedded_models
 from policy_prune.core.backbones import TokenBackbone
 from policy_prune.core.embedded_models import DIGITS_VIT, MINILM_DEPTH, MINILM_NAME, MINILM_SPECS
 from policy_prune.errors import UserError, require_train_extra
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""Backbone dtypes by the names flags and configs use (``--dtype``, ``train.dtype``)."""
+DTYPE_NAMES = tuple(DTYPES)
 
 
 def load_backbone(spec: str, checkpoint: str | Path | None = None, pretrained: bool = False,
@@ -147,13 +152,29 @@ def _load_user_backbone(cfg: BackboneConfig) -> tuple[TokenBackbone, Any]:
 
 
 def resolve(env_cfg: EnvConfig, seed: int = 0, device: str = "cpu", console: Any = None,
-            progress: Any = None) -> tuple[Any, dict[str, Any]]:
-    """The frozen backbone (pretrained first if it is the embedded default) and its train/val/test splits.
+            progress: Any = None, dtype: str = "fp32") -> tuple[Any, dict[str, Any]]:
+    """The frozen backbone (pretrained first if it is the embedded default) on ``device`` in ``dtype``
+    (a DTYPES name), and its train/val/test splits (fp32 data: the adapters cast what the model reads).
 
     ``progress``: a rich Progress that shows the fitting, if any (else fitting makes its own display).
     """
     from policy_prune.data import load_splits
 
+    check_device(device)
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPE_NAMES)})")
     backbone, tokenizer = resolve_backbone(env_cfg, console=console, progress=progress)
     splits = load_splits(env_cfg, seed=seed, backbone=backbone, tokenizer=tokenizer)
-    return backbone.to(device), splits
+    return backbone.to(device=device, dtype=DTYPES[dtype]), splits
+
+
+def check_device(device: str) -> None:
+    """One clear line for a device this machine does not have (before any model is loaded)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r} (cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r}: no CUDA device is available here (torch.cuda.is_available() is False)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")

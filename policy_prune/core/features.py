@@ -178,14 +178,17 @@ def token_yx(backbone: TokenBackbone, state: TokenState, layout: tuple[int, tupl
 def token_features(
     backbone: TokenBackbone, state: TokenState, layer: int, projection: torch.Tensor, spec: FeatureSpec
 ) -> torch.Tensor:
-    """Features [B, N, F] of the state's current slots before block ``layer``; invalid slots are 0.
+    """Features [B, N, F] (fp32 for any model dtype) of the state's current slots before block ``layer``;
+    invalid slots are 0.
 
     Written for few tensor ops (each costs a fixed overhead that dominates small models at batch 1):
     one bmm sums the unit tokens, and one more gives the projection of the layer-normalised tokens,
     the CLS row's attention logits and every token's dot product with CLS and with that sum.
     A dense state (no padding) skips every mask and never syncs with the device.
     """
-    x = state.tokens
+    # Always in fp32: a half-precision model's squared token norms overflow fp16 (above 256; deit-sized
+    # ViTs have such tokens) and bf16 keeps ~3 significant digits, too few for cosines near 1.
+    x = state.tokens.float()
     b, n, d = x.shape
     dense = state.dense
     vf = None if dense else state.valid.to(x.dtype)
@@ -225,7 +228,7 @@ def token_features(
     if folded is not None:
         attn = cls_row_attention(z[..., k:] if pre_norm else r[..., k:normed], state)
     else:
-        attn = backbone.attention_from_cls(state, layer, query="cls" if has_cls else "mean")
+        attn = backbone.attention_from_cls(state, layer, query="cls" if has_cls else "mean").float()
     cls_attention = torch.log1p(attn * n_alive)
 
     mean_norm = norms.mean(dim=1, keepdim=True) if vf is None else (norms * vf).sum(dim=1, keepdim=True) / n_alive

@@ -181,7 +181,13 @@ class LearnedScorer:
         """Logits [B, N] of the state's slots before block ``layer`` given the [B, G] context rows."""
         # Read, never written back: a PrunedModel moves its own copy of the projection (a buffer).
         projection = self.projection if self.projection is not None else make_projection(backbone, self.spec)
-        return self.net(token_features(backbone, state, layer, projection.to(state.tokens.device), self.spec), context)
+        device = state.tokens.device
+        if self.net.out.weight.device != device:  # a CPU-loaded scorer on a CUDA model: its MLP follows
+            self.net.to(device)
+        # The MLP runs in its own dtype (fp32 unless the user cast it), whatever the backbone's dtype.
+        dtype = self.net.out.weight.dtype
+        features = token_features(backbone, state, layer, projection.to(device), self.spec)
+        return self.net(features.to(dtype), context.to(dtype))
 
 
 def keep_count(value: float, n_prunable: torch.Tensor) -> torch.Tensor:

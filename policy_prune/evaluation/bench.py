@@ -23,6 +23,7 @@ from policy_prune.core.backbones import TokenBackbone, TokenState, adapt
 from policy_prune.core.inference import PrunedModel, prune
 from policy_prune.core.schedule import TokenCounts, keep_ratio_for
 from policy_prune.core.scorer import LearnedScorer, random_scorer
+from policy_prune.embedded import DTYPE_NAMES, DTYPES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,6 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "OPTIONS: inductor options for both, comma-separated, e.g. freezing,cpp_wrapper (CPU "
                         "inference) or max_autotune=true")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="dtype of the model (the scorer stays fp32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write the measurements as JSON here")
 
@@ -68,6 +70,14 @@ def time_round_robin(fns: Mapping[str, Callable[..., Any]], warmup: int, repeats
             sync()
             samples[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def on_device(x: Any, device: str, dtype: str = "fp32") -> Any:
+    """Model inputs (a tensor or a dict of them) on ``device``, floating ones in ``dtype`` (a DTYPES name):
+    what the original model itself accepts (the adapters cast, a timm model does not)."""
+    if isinstance(x, dict):
+        return {k: on_device(v, device, dtype) for k, v in x.items()}
+    return x.to(device, DTYPES[dtype]) if x.is_floating_point() else x.to(device)
 
 
 def random_keep_fn(keep: float, seed: int) -> Callable[..., torch.Tensor]:
@@ -90,13 +100,13 @@ def bench_pruned_execution(args: argparse.Namespace) -> list[dict[str, Any]]:
     from policy_prune.core.backbones import load_backbone
 
     torch.manual_seed(args.seed)
-    backbone = load_backbone(args.model).to(args.device)
+    backbone = load_backbone(args.model).to(args.device, DTYPES[args.dtype])
     model = backbone.model
     call_original = (lambda x: model(**x)) if backbone.output_kind == "embedding" else model
     keep_fn = random_keep_fn(args.keep, args.seed)
     rows = []
     for batch in args.batch:
-        x = backbone.example_inputs(batch, torch.Generator().manual_seed(args.seed), args.device)
+        x = on_device(backbone.example_inputs(batch, torch.Generator().manual_seed(args.seed)), args.device, args.dtype)
         with torch.inference_mode():
             _, _, counts = backbone.forward_pruned(x, [args.site], keep_fn)
             fns = {
@@ -130,7 +140,7 @@ def bench_env(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     env_cfg = load_env_config(args.env)
     agent_cfg = load_agent_config(args.agent)
-    backbone, splits = resolve(env_cfg, seed=args.seed, device=args.device)
+    backbone, splits = resolve(env_cfg, seed=args.seed, device=args.device, dtype=args.dtype)
     return [_bench_env_batch(args, env_cfg, agent_cfg, backbone, splits["train"], b) for b in args.batch]
 
 
@@ -145,7 +155,7 @@ def _bench_env_batch(args: argparse.Namespace, env_cfg: Any, agent_cfg: Any, bac
         teacher_s = time.perf_counter() - t0
     rng = np.random.default_rng(args.seed)
     x = split.select(torch.arange(batch) % len(split)).inputs
-    x = {k: v.to(args.device) for k, v in x.items()} if isinstance(x, dict) else x.to(args.device)
+    x = on_device(x, args.device, args.dtype)
     model = backbone.model
 
     def forward() -> None:
@@ -288,7 +298,8 @@ def bench_model(args: argparse.Namespace) -> list[dict[str, Any]]:
         model = load_backbone(args.model).model
     sites = scorer.sites if scorer is not None else args.sites
     return bench_pruned_model(model, scorer, args.batch, sites, args.flops, args.warmup, args.repeats, args.seed,
-                              args.threads, compile=options is not None, compile_options=options)
+                              args.threads, compile=options is not None, compile_options=options,
+                              device=args.device, dtype=args.dtype)
 
 
 def compile_options(text: str) -> dict[str, Any]:
@@ -314,8 +325,8 @@ def print_model(args: argparse.Namespace, console: Any) -> list[dict[str, Any]]:
     rows = bench_model(args)
     source = args.scorer or "random scorer"
     mode = "" if args.compile is None else f"torch.compile'd{' with ' + args.compile if args.compile else ''}, "
-    table = Table(title=f"{args.model}: original vs PrunedModel ({mode}{source}, median of {args.repeats}, "
-                        f"{rows[0]['threads'] if rows else '?'} threads)")
+    table = Table(title=f"{args.model}: original vs PrunedModel ({mode}{source}, {args.device} {args.dtype}, median "
+                        f"of {args.repeats}, {rows[0]['threads'] if rows else '?'} threads)")
     for col in ("batch", "sites", "tokens kept", "FLOPs ratio", "original ms", "pruned ms", "speed-up", "scorer share",
                 "free-scorer speed-up"):
         table.add_column(col, justify="right")
@@ -340,6 +351,8 @@ def bench_pruned_model(
     threads: int | None = None,
     compile: bool = False,
     compile_options: Mapping[str, Any] | None = None,
+    device: str = "cpu",
+    dtype: str = "fp32",
 ) -> list[dict[str, Any]]:
     """Original model vs ``PrunedModel`` (keep_ratio rule at ~``flops_target`` of the FLOPs), per batch size.
 
@@ -352,36 +365,38 @@ def bench_pruned_model(
     speed-up is the most pruning can give at this schedule on this machine. ``compile_options`` are
     inductor options set while all three compile and run (e.g. ``{"freezing": True, "cpp_wrapper": True}``).
     ``threads`` sets torch's intra-op threads for the run (restored after): on a shared CPU, fewer
-    threads than busy cores avoids OpenMP spin-wait collapse and gives steadier ratios.
+    threads than busy cores avoids OpenMP spin-wait collapse and gives steadier ratios. ``model`` is
+    moved to ``device`` in ``dtype`` (a DTYPES name; the scorer's MLP stays fp32).
     """
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
         options = dict(compile_options or {}) if compile else None
-        return _bench_batches(model, scorer, batch_sizes, sites, flops_target, warmup, repeats, seed, options)
+        return _bench_batches(model, scorer, batch_sizes, sites, flops_target, warmup, repeats, seed, options,
+                              device, dtype)
     finally:
         torch.set_num_threads(previous)
 
 
 def _bench_batches(model: str | nn.Module, scorer: LearnedScorer | None, batch_sizes: Sequence[int],
                    sites: Sequence[int], flops_target: float, warmup: int, repeats: int, seed: int,
-                   options: dict[str, Any] | None) -> list[dict[str, Any]]:
+                   options: dict[str, Any] | None, device: str = "cpu", dtype: str = "fp32") -> list[dict[str, Any]]:
     if isinstance(model, str):
         import timm
 
         model = timm.create_model(model, pretrained=False)
-    model = model.eval()
+    model = model.eval().to(device, DTYPES[dtype])
     backbone = adapt(model)
     scorer = scorer or random_scorer(backbone, sites, seed)
     gen = torch.Generator().manual_seed(seed)
-    return [_bench_batch(model, backbone, scorer, backbone.example_inputs(b, gen), flops_target, warmup, repeats, options)
-            for b in batch_sizes]
+    return [_bench_batch(model, backbone, scorer, on_device(backbone.example_inputs(b, gen), device, dtype), flops_target,
+                         warmup, repeats, options, device) for b in batch_sizes]
 
 
 @torch.inference_mode()
 def _bench_batch(model: nn.Module, backbone: TokenBackbone, scorer: LearnedScorer, x: Any, flops_target: float,
-                 warmup: int, repeats: int, options: dict[str, Any] | None) -> dict[str, Any]:
+                 warmup: int, repeats: int, options: dict[str, Any] | None, device: str = "cpu") -> dict[str, Any]:
     """One batch size; ``options`` None = eager, else the inductor options of torch.compile (may be empty)."""
     state = backbone.embed(x)
     n = state.n_full
@@ -397,13 +412,13 @@ def _bench_batch(model: nn.Module, backbone: TokenBackbone, scorer: LearnedScore
                "free": _free_schedule(pruned, x, kept, compile=True)}
     else:
         fns = {"original": _caller(model, x), "pruned": _caller(pruned, x), "free": _free_schedule(pruned, x, kept),
-               "pruned_timed": lambda: shares.append(_scorer_share(pruned, x))}
+               "pruned_timed": lambda: shares.append(_scorer_share(pruned, x, device))}
     # Set globally while compiling and running, not as torch.compile(options=...): Dynamo reads some of
     # them (freezing) from the global config, so per-call options were silently ignored.
     from torch._inductor import config as inductor_config
 
     with inductor_config.patch(options or {}):
-        t = time_round_robin(fns, warmup, repeats, "cpu")
+        t = time_round_robin(fns, warmup, repeats, device)
     share = 1.0 - t["free"] / t["pruned"] if compile else statistics.median(shares[warmup:])
     flops = float(backbone.schedule_flops(scorer.sites, kept, n)) / backbone.full_flops(n)
     return {"batch": int(state.tokens.shape[0]), "sites": list(scorer.sites), "keep_ratio": ratio, "tokens_full": n,
@@ -411,7 +426,8 @@ def _bench_batch(model: nn.Module, backbone: TokenBackbone, scorer: LearnedScore
             "ms_pruned": 1e3 * t["pruned"], "speedup": t["original"] / t["pruned"], "scorer_share": share,
             "ms_free": 1e3 * t["free"], "speedup_free": t["original"] / t["free"],
             "share_method": "1 - free/pruned (compiled)" if compile else "timed steps", "compiled": compile,
-            "compile_options": options, "threads": torch.get_num_threads()}
+            "compile_options": options, "threads": torch.get_num_threads(), "device": device,
+            "dtype": str(state.tokens.dtype).removeprefix("torch.")}
 
 
 def _free_schedule(pruned: PrunedModel, x: Any, kept: Sequence[int], compile: bool = False) -> Callable[[], Any]:
@@ -435,18 +451,26 @@ def _caller(model: Callable[..., Any], x: Any) -> Callable[[], Any]:
     return (lambda: model(**x)) if isinstance(x, dict) else (lambda: model(x))
 
 
-def _scorer_share(pruned: PrunedModel, x: Any) -> float:
-    """Fraction of one pruned forward's wall time spent in its pruning steps (features, scorer, rule, gather)."""
+def _scorer_share(pruned: PrunedModel, x: Any, device: str = "cpu") -> float:
+    """Fraction of one pruned forward's wall time spent in its pruning steps (features, scorer, rule, gather).
+
+    On CUDA each step is bracketed by synchronisations (so the kernels are timed, not their launches).
+    """
     inner = pruned.step_fn()
     spent = [0.0]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def timed(state: TokenState, site_index: int, layer: int) -> TokenState:
+        sync()
         t0 = time.perf_counter()
         out = inner(state, site_index, layer)
+        sync()
         spent[0] += time.perf_counter() - t0
         return out
 
+    sync()
     t0 = time.perf_counter()
     pruned.backbone.forward_sites(x, pruned.sites, timed)
+    sync()
     total = time.perf_counter() - t0
     return spent[0] / total if total > 0 and math.isfinite(total) else 0.0

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from policy_prune.core.backbones.base import TokenBackbone
+from policy_prune.embedded import DTYPE_NAMES, DTYPES, check_device
 from policy_prune.errors import UserError
 from policy_prune.evaluation.baselines import (
     BASELINES,
@@ -367,6 +368,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: the target nearest 0.5)")
     p.add_argument("--vis-samples", type=int, default=3, help="val samples in the kept-token picture")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="dtype of the frozen backbone")
 
 
 def output_dir(args: argparse.Namespace, env_name: str) -> Path:
@@ -399,8 +401,9 @@ def run(args: argparse.Namespace) -> int:
     methods: list[Method] = [m for r in runs for m in learned_methods(r.scorer, r.label)]
     methods += [make_baseline(name, env_cfg.sites, options) for name in args.methods]
     torch.manual_seed(args.seed)
+    check_device(args.device)
     backbone, tokenizer = resolve_backbone(env_cfg, console=console)
-    backbone = backbone.to(args.device)
+    backbone = backbone.to(args.device, DTYPES[args.dtype])  # the data stays fp32: the adapters cast it
     for r in runs:
         check_signature(r.scorer, backbone.signature(), strict=False)
     splits = load_splits(env_cfg, seed=args.seed, backbone=backbone, tokenizer=tokenizer)

@@ -141,7 +141,7 @@ class PruneCore:
         """Full-model outputs for samples ``idx``, each computed once and cached."""
         missing = idx[~self._cached[idx]].unique()
         if len(missing):
-            out = self.backbone(self._inputs(missing))
+            out = self.backbone(self._inputs(missing)).float()  # rewards in fp32 whatever the backbone's dtype
             if self._teacher is None:
                 self._teacher = out.new_zeros(len(self.split), out.shape[-1])
             self._teacher[missing] = out
@@ -186,7 +186,7 @@ class PruneCore:
         s = self.state
         b, n = s.valid.shape[0], self.n_tokens
         if final:  # no decision left: features are not used (terminated episodes are not bootstrapped)
-            feats = s.tokens.new_zeros(b, s.valid.shape[1], self.spec.dim)
+            feats = torch.zeros(b, s.valid.shape[1], self.spec.dim, device=s.tokens.device)
         elif feats is None:
             feats = token_features(self.backbone, s, self.sites[self.t], self.projection, self.spec)
         tokens = ops.scatter_to_grid(feats, s.positions, s.valid, n)
@@ -230,7 +230,7 @@ class PruneCore:
         return obs, rewards.numpy().astype(np.float32), last, infos
 
     def _finish(self, infos: list[dict[str, Any]]) -> torch.Tensor:
-        out = self.backbone.head(self.state)
+        out = self.backbone.head(self.state).float()
         teacher = self.teacher(self.idx)
         labels = None if self.split.labels is None else self.split.labels[self.idx].to(self.device)
         task = task_term(self.task, out, teacher, labels).double().cpu()

@@ -76,7 +76,8 @@ def truncate_metrics(path: Path, max_timesteps: int) -> None:
     os.replace(tmp, path)
 
 
-def start_wandb(config: dict[str, Any], run_dir: Path, name: str, console: Any, resume_id: str | None = None) -> Any:
+def start_wandb(config: dict[str, Any], run_dir: Path, name: str, console: Any, resume_id: str | None = None,
+                group: str | None = None) -> Any:
     """A W&B run that never hangs: offline with one clear line when there is no login or no network.
 
     WANDB_PROJECT / WANDB_ENTITY / WANDB_MODE are honoured; the run's files go under the run folder
@@ -92,6 +93,7 @@ def start_wandb(config: dict[str, Any], run_dir: Path, name: str, console: Any, 
         project=os.environ.get("WANDB_PROJECT", "policy-prune"),
         entity=os.environ.get("WANDB_ENTITY"),
         name=name,
+        group=group,
         config=config,
         dir=os.environ.get("WANDB_DIR", str(run_dir)),
         id=resume_id,

@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from policy_prune.config import (
     read_run_config,
     to_dict,
 )
+from policy_prune.embedded import DTYPE_NAMES
 from policy_prune.errors import UserError
 
 ALGOS = ("ppo", "a2c")
@@ -47,6 +49,8 @@ class TrainConfig:
     """Seed of torch, numpy, the env's sample order and SB3."""
     device: str = "cpu"
     """Torch device for the backbone and the policy."""
+    dtype: str = "fp32"
+    """Dtype of the frozen backbone: fp32, bf16 or fp16 (features, rewards and the policy stay fp32)."""
     eval_every: int = 15_000
     """Validate the deterministic policy every this many timesteps."""
     eval_samples: int = 512
@@ -64,6 +68,8 @@ class TrainConfig:
     """Save checkpoints/last.zip every this many timesteps (a kill loses at most this much)."""
     track: str | None = None
     """"wandb" to track the run in Weights & Biases; None touches nothing."""
+    wandb_group: str | None = None
+    """W&B group of the run (``policy-prune sweep`` puts the trials of one sweep in one group)."""
     name: str | None = None
     """Run folder name (default <env>__<agent>__<seed>__<time>)."""
     runs_dir: str = "runs"
@@ -93,6 +99,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value: env.reward.task=teacher_agree, agent.hyperparams.n_steps=96, train.eval_every=5000")
     p.add_argument("--device", default=None, help="cpu or cuda")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="dtype of the frozen backbone (default fp32)")
     p.add_argument("--track", choices=("wandb",), default=None, help="track the run in Weights & Biases")
     p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR", help="continue a run from its last checkpoint")
     p.add_argument("--runs-dir", default=None, help="where run folders are created (default ./runs)")
@@ -114,8 +121,8 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     agent_name = args.agent or env_cfg.agent or "ppo"
     agent_cfg = load_agent_config(agent_name, agent_over)
     train_raw: dict[str, Any] = dict(env_cfg.train)  # the env's recommended settings; flags and --set win
-    for flag, key in (("timesteps", "timesteps"), ("seed", "seed"), ("device", "device"), ("track", "track"),
-                      ("name", "name"), ("runs_dir", "runs_dir")):
+    for flag, key in (("timesteps", "timesteps"), ("seed", "seed"), ("device", "device"), ("dtype", "dtype"),
+                      ("track", "track"), ("name", "name"), ("runs_dir", "runs_dir")):
         if getattr(args, flag) is not None:
             train_raw[key] = getattr(args, flag)
     train_cfg = from_dict(TrainConfig, apply_overrides(train_raw, train_over), "train")
@@ -135,6 +142,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"agent.credit 'token' needs algo ppo, got {cfg.agent.algo!r}")
     if cfg.train.timesteps <= 0 or cfg.train.eval_every <= 0 or cfg.train.checkpoint_every <= 0:
         raise ConfigError("train.timesteps, train.eval_every and train.checkpoint_every must be positive")
+    if cfg.train.dtype not in DTYPE_NAMES:
+        raise ConfigError(f"train.dtype must be one of {', '.join(DTYPE_NAMES)}, got {cfg.train.dtype!r}")
     from policy_prune.training.checks import check_run_config
 
     check_run_config(cfg, algorithm_class(cfg))  # everything else that can be checked before any work
@@ -187,8 +196,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def train(cfg: RunConfig, run_dir: Path, console: Any, resume: bool = False) -> dict[str, Any]:
-    """Train (or resume) the run in ``run_dir``; returns the held-out summary."""
+def train(cfg: RunConfig, run_dir: Path, console: Any, resume: bool = False, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Train (or resume) the run in ``run_dir``; returns the held-out summary.
+
+    ``callbacks``: extra SB3 callbacks, called after the run's own (e.g. a sweep's report to Ray Tune).
+    """
     import torch
     from stable_baselines3.common.utils import set_random_seed
 
@@ -200,13 +212,13 @@ def train(cfg: RunConfig, run_dir: Path, console: Any, resume: bool = False) -> 
     set_random_seed(cfg.train.seed)
     with RunProgress(console) as progress:
         backbone, splits = resolve(cfg.env, seed=cfg.train.seed, device=cfg.train.device, console=console,
-                                   progress=progress)
-        model, callbacks, wandb_run = _setup(cfg, run_dir, console, backbone, splits, resume, progress)
+                                   progress=progress, dtype=cfg.train.dtype)
+        model, own, wandb_run = _setup(cfg, run_dir, console, backbone, splits, resume, progress)
         rollout = model.n_steps * model.n_envs
         remaining = max(cfg.train.timesteps - model.num_timesteps, 0)
         # SB3 learns in whole rollouts: the bar's total is the number of steps the run will really take.
         progress.start(model.num_timesteps + math.ceil(remaining / rollout) * rollout, model.num_timesteps)
-        model.learn(remaining, callback=callbacks, reset_num_timesteps=not resume, log_interval=1)
+        model.learn(remaining, callback=[own, *callbacks], reset_num_timesteps=not resume, log_interval=1)
     save_checkpoint(model, run_dir / "checkpoints" / "last.zip")
     with console.status("final validation and scorer export"):
         summary = final_evaluation(cfg, model, backbone, splits["val"], run_dir)
@@ -240,7 +252,8 @@ def _setup(cfg: RunConfig, run_dir: Path, console: Any, backbone: Any, splits: d
     wandb_run = None
     formats: list[Any] = [JsonlFormat(run_dir / "metrics.jsonl")]
     if cfg.train.track == "wandb":
-        wandb_run = start_wandb(to_dict(cfg), run_dir, run_dir.name, console, resume_id=_wandb_id(run_dir))
+        wandb_run = start_wandb(to_dict(cfg), run_dir, run_dir.name, console, resume_id=_wandb_id(run_dir),
+                                group=cfg.train.wandb_group)
         (run_dir / "wandb_id").write_text(wandb_run.id)
         formats.append(WandbFormat(wandb_run))
     model.set_logger(Logger(folder=str(run_dir), output_formats=formats))

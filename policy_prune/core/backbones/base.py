@@ -88,7 +88,7 @@ class TokenState:
 
 @dataclass(frozen=True)
 class ClsQuery:
-    """A block's attention folded for the one query row of CLS: logits over all keys in two bmm's.
+    """A block's attention folded for the one query row of CLS: logits over all keys in two bmm's (fp32).
 
     q . (W_k,h y_j + b_k,h) = (W_k,h^T q_h) . y_j + const_h: the key bias adds the same number to a
     head's whole row, which softmax cancels, so one D-vector per head replaces the N x D x A key matmul.
@@ -130,12 +130,13 @@ class ClsQuery:
         if norm is not None and not isinstance(norm, nn.LayerNorm):
             return None  # e.g. RMSNorm: not folded (the generic q / k path serves it)
         a, d = wq.shape
-        bias = torch.zeros(a, dtype=wq.dtype, device=wq.device) if bq is None else bq.detach()
+        # Folded in fp32 whatever the model's dtype: the features that read it are computed in fp32.
+        bias = torch.zeros(a, device=wq.device) if bq is None else bq.detach().float()
         gain = shift = None
         if norm is not None:
-            gain = norm.weight.detach() if norm.weight is not None else None
-            shift = norm.bias.detach() if norm.bias is not None else None
-        wq_f, wk_f = wq.detach(), wk.detach()
+            gain = norm.weight.detach().float() if norm.weight is not None else None
+            shift = norm.bias.detach().float() if norm.bias is not None else None
+        wq_f, wk_f = wq.detach().float(), wk.detach().float()
         if shift is not None:
             bias = bias + wq_f @ shift
         if gain is not None:
@@ -155,6 +156,12 @@ def cls_row_attention(logits: torch.Tensor, state: TokenState) -> torch.Tensor:
     valid = state.valid
     attn = logits.masked_fill(~valid.unsqueeze(-1), float("-inf")).softmax(dim=1).nan_to_num(0.0)
     return attn.mean(dim=-1) * valid
+
+
+def in_dtype_of(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Floating inputs in the dtype of the weight that reads them, so fp32 data (the env's, eval's, a
+    user's images) goes straight into a bf16 / fp16 model; integer inputs (token ids) pass unchanged."""
+    return x.to(weight.dtype) if x.is_floating_point() and x.dtype != weight.dtype else x
 
 
 KeepFn = Callable[[TokenState, int, int], torch.Tensor]
@@ -264,7 +271,7 @@ class TokenBackbone(ABC, nn.Module):
         """
         folded = self.cls_query(layer) if query == "cls" else None
         if folded is not None:
-            y = folded.normalize(state.tokens)
+            y = folded.normalize(state.tokens.float())  # the folded query is fp32 (see ClsQuery.fold)
             return cls_row_attention(torch.bmm(y, folded.directions(y[:, 0])), state)
         q, k = self.attention_qk(state, layer, cls_only=query == "cls")
         scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # [B, H, 1 or N, N]

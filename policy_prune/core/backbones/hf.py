@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from policy_prune.core import ops
-from policy_prune.core.backbones.base import TokenBackbone, TokenState
+from policy_prune.core.backbones.base import TokenBackbone, TokenState, in_dtype_of
 from policy_prune.errors import UsageError, UserError
 
 TEXT_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "camembert", "electra")
@@ -86,7 +86,7 @@ class HFEncoderBackbone(TokenBackbone):
     def embed(self, inputs: Any) -> TokenState:
         if self.is_vision:
             pixels = inputs["pixel_values"] if isinstance(inputs, Mapping) else inputs
-            x = self.base.embeddings(pixels)
+            x = self.base.embeddings(in_dtype_of(pixels, self.base.embeddings.patch_embeddings.projection.weight))
             b, n, _ = x.shape
             valid = torch.ones(b, n, dtype=torch.bool, device=x.device)
             protected = torch.zeros_like(valid)

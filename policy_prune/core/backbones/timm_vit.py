@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from policy_prune.core import ops
-from policy_prune.core.backbones.base import TokenBackbone, TokenState
+from policy_prune.core.backbones.base import TokenBackbone, TokenState, in_dtype_of
 from policy_prune.errors import UsageError, UserError
 
 SUPPORTED_POOLS = ("token", "avg", "")
@@ -41,7 +41,7 @@ class TimmViTBackbone(TokenBackbone):
     # ---- contract ------------------------------------------------------------------------------
     def embed(self, inputs: Any) -> TokenState:
         m = self.model
-        x = m.patch_embed(inputs)
+        x = m.patch_embed(in_dtype_of(inputs, m.patch_embed.proj.weight))
         x = m._pos_embed(x)
         x = m.patch_drop(x)
         x = m.norm_pre(x)
