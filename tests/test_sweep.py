@@ -30,6 +30,7 @@ from policy_prune.training.sweep import (
     parse_set,
     resolve_sweep,
     swept_keys,
+    trial_count,
     write_summary,
 )
 from tests.test_train import TINY_AGENT, TINY_ENV
@@ -95,7 +96,9 @@ def test_space_mistakes_are_config_errors(tmp_path: Path, space: dict, match: st
 def test_every_grid_point_is_checked_before_any_trial(presets) -> None:
     cfg = resolve_sweep(_args("--env", presets[0], "--agent", presets[1], "--set", "train.seed=0,1",
                               "--set", "env.reward.lam=0.1,0.3"))
-    assert check_points(cfg, presets) == 4
+    checked = check_points(cfg, presets)
+    assert trial_count(cfg) == 4 and sorted((c.train.seed, c.env.reward.lam) for c in checked) == [
+        (0, 0.1), (0, 0.3), (1, 0.1), (1, 0.3)]
     bad = resolve_sweep(_args("--env", presets[0], "--agent", presets[1], "--set", "agent.hyperparams.n_steps=4,5"))
     with pytest.raises(ConfigError, match=r"n_steps': 5.*multiple of the number of sites"):
         check_points(bad, presets)

@@ -166,10 +166,10 @@ def swept_keys(space: dict[str, Any]) -> list[str]:
     return [k for k, v in space.items() if search_kind(v) is not None]
 
 
-def check_points(cfg: SweepConfig, presets: tuple[str, str], limit: int = 256) -> int:
+def check_points(cfg: SweepConfig, presets: tuple[str, str], limit: int = 256) -> list[Any]:
     """Resolve a trial config for every combination of grid and choice values (random keys drawn
-    once), so a bad key or value fails now, in one line, not inside a trial. Returns the trial count
-    of the grid, or -1 when a random key makes it open-ended per sample."""
+    once; each value once when there are more than ``limit`` combinations), so a bad key or value
+    fails now, in one line, not inside a trial. Returns the resolved RunConfigs."""
     import random
 
     rng = random.Random(cfg.seed)
@@ -184,15 +184,34 @@ def check_points(cfg: SweepConfig, presets: tuple[str, str], limit: int = 256) -
             axes.append([value])
     combos = math.prod(len(a) for a in axes)
     points = itertools.product(*axes) if combos <= limit else _each_value(axes)
+    resolved = []
     for point in points:
         overrides = dict(zip(cfg.space, point, strict=True))
         try:
-            resolve_trial(presets, overrides, name="check", runs_dir=".")
+            resolved.append(resolve_trial(presets, overrides, name="check", runs_dir="."))
         except UserError as exc:
             shown = {k: v for k, v in overrides.items() if k in swept_keys(cfg.space)}
             raise ConfigError(f"trial {shown or '(every trial)'}: {exc}") from None
-    grid = math.prod(len(v["grid"]) for v in cfg.space.values() if search_kind(v) == "grid")
-    return grid * cfg.num_samples
+    return resolved
+
+
+def trial_count(cfg: SweepConfig) -> int:
+    """Trials Tune will run: the grid's points times num_samples (random keys are drawn per sample)."""
+    return math.prod(len(v["grid"]) for v in cfg.space.values() if search_kind(v) == "grid") * cfg.num_samples
+
+
+def fit_embedded_backbones(run_configs: Sequence[Any], console: Any) -> None:
+    """Fit (or find cached) each distinct embedded digits-vit backbone once, before the trials start:
+    concurrent trials would otherwise each fit the same one (minutes) on an empty cache."""
+    from policy_prune.training.pretrain import pretrain
+
+    seen: set[str] = set()
+    for run_cfg in run_configs:
+        env = run_cfg.env
+        key = json.dumps(to_dict(env.backbone), sort_keys=True, default=str)
+        if env.backbone.spec == "digits-vit" and key not in seen:
+            seen.add(key)
+            pretrain(env, console=console)
 
 
 def _each_value(axes: list[list[Any]]) -> list[tuple[Any, ...]]:
@@ -383,15 +402,17 @@ def run(args: argparse.Namespace) -> int:
         sweep_dir = new_sweep_dir(cfg, args.runs_dir)
         try:
             presets = copy_presets(cfg, sweep_dir)
-            trials = check_points(cfg, presets)
+            checked = check_points(cfg, presets)
         except UserError:
             shutil.rmtree(sweep_dir, ignore_errors=True)  # a sweep that never started leaves no folder
             raise
         if cfg.space.get("train.track") == "wandb":
             cfg.space.setdefault("train.wandb_group", sweep_dir.name)
         (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        console.print(f"sweep {sweep_dir}: {trials if trials > 0 else 'random'} trials, "
-                      f"swept {', '.join(swept_keys(cfg.space)) or 'nothing'}")
+        console.print(f"sweep {sweep_dir}: {trial_count(cfg)} trials, swept "
+                      f"{', '.join(swept_keys(cfg.space)) or 'nothing'}", soft_wrap=True)
+        if args.address is None:  # a cluster's nodes have their own caches
+            fit_embedded_backbones(checked, console)
     start = time.time()
     fit(cfg, sweep_dir, presets, args)
     rows = summary_rows(cfg, sweep_dir)
