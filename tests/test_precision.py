@@ -20,9 +20,10 @@ from policy_prune.core.backbones import adapt
 from policy_prune.core.features import FeatureSpec, make_projection, token_features
 from policy_prune.core.scorer import random_scorer
 from policy_prune.training.env import PruneVecEnv
-from tests import tiny
-from tests.test_train import TINY_AGENT, TINY_ENV
+from tests import test_train, tiny
+from tests.test_train import _train_args
 
+presets = test_train.presets  # the fixture: tiny digits env + PPO presets as YAML files
 SITES = [1, 2]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -108,18 +109,8 @@ def test_env_on_a_bf16_backbone_gives_fp32_observations_and_rewards_close_to_fp3
     assert [i["flops_ratio"] for i in info] == pytest.approx([i["flops_ratio"] for i in ref_info])
 
 
-@pytest.fixture()
-def presets(tmp_path: Path) -> tuple[str, str]:
-    env, agent = tmp_path / "tiny-digits.yaml", tmp_path / "tiny-ppo.yaml"
-    env.write_text(yaml.safe_dump(TINY_ENV))
-    agent.write_text(yaml.safe_dump(TINY_AGENT))
-    return str(env), str(agent)
-
-
 def _train(presets, runs: Path, *extra: str) -> list[str]:
-    return ["train", "--env", presets[0], "--agent", presets[1], "--runs-dir", str(runs), "--seed", "0",
-            "--timesteps", "32", "--set", "train.eval_every=32", "--set", "train.eval_samples=16",
-            "--set", "train.test_samples=16", *extra]
+    return _train_args(presets, runs, "--timesteps", "32", *extra)
 
 
 def test_train_with_a_bf16_backbone(presets, tmp_path) -> None:

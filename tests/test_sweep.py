@@ -33,18 +33,11 @@ from policy_prune.training.sweep import (
     trial_count,
     write_summary,
 )
-from tests.test_train import TINY_AGENT, TINY_ENV
+from tests import test_train
 
+presets = test_train.presets  # the fixture: tiny digits env + PPO presets as YAML files
 QUICK = ["--set", "train.eval_every=32", "--set", "train.eval_samples=16", "--set", "train.test_samples=16",
          "--set", "train.checkpoint_every=32"]
-
-
-@pytest.fixture()
-def presets(tmp_path: Path) -> tuple[str, str]:
-    env, agent = tmp_path / "tiny-digits.yaml", tmp_path / "tiny-ppo.yaml"
-    env.write_text(yaml.safe_dump(TINY_ENV))
-    agent.write_text(yaml.safe_dump(TINY_AGENT))
-    return str(env), str(agent)
 
 
 def _args(*argv: str) -> argparse.Namespace:
