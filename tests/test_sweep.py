@@ -36,7 +36,7 @@ from policy_prune.training.sweep import (
 from tests import test_train
 
 presets = test_train.presets  # the fixture: tiny digits env + PPO presets as YAML files
-QUICK = ["--set", "train.eval_every=32", "--set", "train.eval_samples=16", "--set", "train.test_samples=16",
+QUICK = ["--set", "train.eval_every=32", "--set", "train.eval_samples=16", "--set", "train.final_samples=16",
          "--set", "train.checkpoint_every=32"]
 
 
@@ -182,8 +182,9 @@ def test_trials_train_once_resume_from_checkpoints_and_restart_when_killed_early
 def test_summary_table_and_run_list(tmp_path: Path) -> None:
     cfg = SweepConfig(env="tiny", agent="ppo", space={"train.seed": {"grid": [0, 1]}, "train.timesteps": 64})
     rows = [{"trial": "000__seed=0", "config": {"train.seed": 0}, "status": "finished", "run_dir": "/r/000__seed=0",
-             "return": -0.12345, "flops_ratio": 0.5, "accuracy": 0.875, "cosine": 0.99},
-            {"trial": "001__seed=1", "config": {"train.seed": 1}, "status": "unfinished", "run_dir": "/r/001__seed=1"}]
+             "budget": None, "return": -0.12345, "flops_ratio": 0.5, "accuracy": 0.875, "cosine": 0.99},
+            {"trial": "001__seed=1", "config": {"train.seed": 1}, "status": "unfinished", "run_dir": "/r/001__seed=1",
+             "budget": None}]
     write_summary(cfg, tmp_path, rows, 12.0)
     md = (tmp_path / "summary.md").read_text().splitlines()
     assert "| trial | train.seed | status | return | FLOPs ratio | accuracy | cosine | run folder |" in md
@@ -191,6 +192,24 @@ def test_summary_table_and_run_list(tmp_path: Path) -> None:
     assert "| 001 | 1 | unfinished | - | - | - | - | runs/001__seed=1 |" in md
     assert (tmp_path / "runs.txt").read_text() == "/r/000__seed=0\n"
     assert json.loads((tmp_path / "summary.json").read_text())["trials"] == rows
+
+
+def test_a_budget_conditioned_run_gives_one_row_per_target(tmp_path: Path) -> None:
+    run_dir = tmp_path / "runs" / "000__seed=0"
+    (run_dir / "eval").mkdir(parents=True)
+    methods = {"learned@0.7": {"return": -0.1, "flops_ratio": 0.69}, "random-same-ratio@0.7": {"return": -0.5},
+               "learned@0.5": {"return": -0.2, "flops_ratio": 0.51}, "keep-all": {"return": -0.3}}
+    (run_dir / "eval" / "summary.json").write_text(json.dumps({"timesteps": 64, "methods": methods}))
+    assert sweep.end_of_run(run_dir) == [(0.7, {"timesteps": 64, "return": -0.1, "flops_ratio": 0.69}),
+                                         (0.5, {"timesteps": 64, "return": -0.2, "flops_ratio": 0.51})]
+    assert sweep.tune_metrics(run_dir)["flops_ratio@0.5"] == 0.51
+    rows = [{"trial": "000__seed=0", "config": {}, "status": "finished", "run_dir": str(run_dir), "budget": b, **m}
+            for b, m in sweep.end_of_run(run_dir)]
+    write_summary(SweepConfig(), tmp_path, rows, 1.0)
+    md = (tmp_path / "summary.md").read_text()
+    assert "| 000 | 0.7 | finished | -0.1000 | 0.690 | - | - | runs/000__seed=0 |" in md
+    assert "| 000 | 0.5 | finished | -0.2000 | 0.510 | - | - | runs/000__seed=0 |" in md
+    assert (tmp_path / "runs.txt").read_text() == f"{run_dir}\n", "one line per run folder"
 
 
 def test_trials_of_a_sweep_share_a_wandb_group(tmp_path, monkeypatch) -> None:

@@ -242,7 +242,9 @@ def prune(
     else:
         scorer = scorer.at(None)
         name, values = resolve_rule(scorer, rule, keep_ratio, threshold)
-    return PrunedModel(backbone, scorer, name, values)
+    # The scorer's MLP and projection go where the model is (a CUDA model, a CPU-loaded scorer); their dtype stays.
+    device = next(model.parameters(), torch.empty(0)).device
+    return PrunedModel(backbone, scorer, name, values).to(device)
 
 
 def rule_for_flops(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,

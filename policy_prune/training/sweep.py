@@ -252,15 +252,32 @@ def resolve_trial(presets: tuple[str, str], overrides: dict[str, Any], name: str
 
 
 def is_finished(run_dir: Path) -> bool:
-    """A run folder that ``train`` completed: its held-out summary and scorer are written last."""
+    """A run folder that ``train`` completed: its end-of-run summary and scorer are written last."""
     return (run_dir / "eval" / "summary.json").is_file() and (run_dir / "scorer" / "scorer.json").is_file()
 
 
-def held_out(run_dir: Path) -> dict[str, Any]:
-    """The learned policy's held-out metrics of a finished run folder (its eval/summary.json)."""
+def end_of_run(run_dir: Path) -> list[tuple[float | None, dict[str, Any]]]:
+    """(budget, metrics) of the learned policy in a finished run's eval/summary.json (its validation
+    comparison): one entry, budget None, for a run at one lambda; one per target FLOPs ratio
+    (``learned@0.5``, ...) for a budget-conditioned run."""
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())
-    learned = summary["methods"]["learned"]
-    return {"timesteps": summary.get("timesteps"), **{k: learned[k] for k in SUMMARY_METRICS if k in learned}}
+    out = []
+    for key, m in summary["methods"].items():
+        name, _, budget = key.partition("@")
+        if name == "learned":
+            metrics = {k: m[k] for k in SUMMARY_METRICS if k in m}
+            out.append((float(budget) if budget else None, {"timesteps": summary.get("timesteps"), **metrics}))
+    return out
+
+
+def tune_metrics(run_dir: Path) -> dict[str, Any]:
+    """A finished run's metrics for Tune: the first budget's unprefixed, every budget's as ``key@budget``."""
+    entries = end_of_run(run_dir)
+    flat = dict(entries[0][1]) if entries else {}
+    for budget, metrics in entries:
+        if budget is not None:
+            flat.update({f"{k}@{budget:g}": v for k, v in metrics.items() if k != "timesteps"})
+    return flat
 
 
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
@@ -271,10 +288,10 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     run_dir = Path(setup.runs_dir) / name
     with trial_lock(Path(setup.runs_dir).parent / "locks" / f"{name}.lock"):
         if is_finished(run_dir):  # finished before an interruption that Tune's saved state predates
-            tune.report({**held_out(run_dir), "done": True, "kept": True})
+            tune.report({**tune_metrics(run_dir), "done": True, "kept": True})
             return
         _train_trial(config, setup, name, run_dir)
-    tune.report({**held_out(run_dir), "done": True})
+    tune.report({**tune_metrics(run_dir), "done": True})
 
 
 @contextlib.contextmanager
@@ -538,19 +555,19 @@ def tune_trials(sweep_dir: Path) -> list[tuple[str, dict[str, Any], str]]:
 
 
 def summary_rows(cfg: SweepConfig, sweep_dir: Path) -> list[dict[str, Any]]:
-    """One row per trial: name, swept values, status, held-out metrics of its run folder."""
+    """One row per trial (per trial and budget for budget-conditioned runs): name, swept values, status,
+    the learned policy's end-of-run metrics."""
     keys = swept_keys(cfg.space)
     rows = []
-    for name, config, status in tune_trials(sweep_dir):
+    for name, config, status in sorted(tune_trials(sweep_dir)):
         run_dir = sweep_dir / "runs" / name
         finished = is_finished(run_dir)
         row: dict[str, Any] = {"trial": name, "config": {k: plain(config.get(k)) for k in keys},
                                "status": "finished" if finished else "error" if status == "ERROR" else "unfinished",
-                               "run_dir": str(run_dir.resolve())}
-        if finished:
-            row.update(held_out(run_dir))
-        rows.append(row)
-    return sorted(rows, key=lambda r: r["trial"])
+                               "run_dir": str(run_dir.resolve()), "budget": None}
+        for budget, metrics in end_of_run(run_dir) if finished else [(None, {})]:
+            rows.append({**row, "budget": budget, **metrics})
+    return rows
 
 
 def write_summary(cfg: SweepConfig, sweep_dir: Path, rows: list[dict[str, Any]], wall_s: float) -> None:
@@ -561,23 +578,27 @@ def write_summary(cfg: SweepConfig, sweep_dir: Path, rows: list[dict[str, Any]],
     payload = {"sweep": sweep_dir.name, "env": cfg.env, "agent": cfg.agent, "swept": keys, "wall_s": wall_s,
                "trials": rows}
     write_atomic(sweep_dir / "summary.json", json.dumps(payload, indent=2))
-    header = ["trial", *keys, "status", "return", "FLOPs ratio", "accuracy", "cosine", "run folder"]
-    lines = [f"# {sweep_dir.name}", "", f"{len(rows)} trials of {cfg.env} + {cfg.agent}, {wall_s:.0f} s (this "
-             "invocation). Held-out test metrics of each run's learned policy (its eval/summary.json).", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    budgets = any(r["budget"] is not None for r in rows)
+    header = ["trial", *keys, *(["budget"] if budgets else []), "status", "return", "FLOPs ratio", "accuracy", "cosine",
+              "run folder"]
+    trials = len({r["trial"] for r in rows})
+    lines = [f"# {sweep_dir.name}", "", f"{trials} trials of {cfg.env} + {cfg.agent}, {wall_s:.0f} s (this "
+             "invocation). The learned policy of each run on validation (its eval/summary.json; test with "
+             "`policy-prune eval`).", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = [r["trial"].split("__")[0], *(_short(r["config"].get(k)) for k in keys), *metric_cells(r),
+        cells = [r["trial"].split("__")[0], *(_short(r["config"].get(k)) for k in keys), *metric_cells(r, budgets),
                  f"runs/{r['trial']}"]
         lines.append("| " + " | ".join(cells) + " |")
     write_atomic(sweep_dir / "summary.md", "\n".join(lines) + "\n")
-    done = [r["run_dir"] for r in rows if r["status"] == "finished"]
+    done = dict.fromkeys(r["run_dir"] for r in rows if r["status"] == "finished")
     write_atomic(sweep_dir / "runs.txt", "".join(f"{d}\n" for d in done))
 
 
-def metric_cells(row: dict[str, Any]) -> list[str]:
-    """status, return, FLOPs ratio, accuracy, cosine of a summary row, formatted."""
-    return [row["status"], _fmt(row.get("return"), 4), _fmt(row.get("flops_ratio")), _fmt(row.get("accuracy")),
-            _fmt(row.get("cosine"))]
+def metric_cells(row: dict[str, Any], budgets: bool = False) -> list[str]:
+    """[budget,] status, return, FLOPs ratio, accuracy, cosine of a summary row, formatted."""
+    budget = ["-" if row["budget"] is None else f"{row['budget']:g}"] if budgets else []
+    return [*budget, row["status"], _fmt(row.get("return"), 4), _fmt(row.get("flops_ratio")),
+            _fmt(row.get("accuracy")), _fmt(row.get("cosine"))]
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -587,11 +608,13 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 def print_summary(console: Any, sweep_dir: Path, rows: list[dict[str, Any]], wall_s: float) -> None:
     from rich.table import Table
 
-    table = Table(title=f"sweep {sweep_dir.name}: {len(rows)} trials, {wall_s:.0f} s")
-    for col in ("trial", "status", "return", "FLOPs ratio", "accuracy", "cosine"):
+    budgets = any(r["budget"] is not None for r in rows)
+    table = Table(title=f"sweep {sweep_dir.name}: {len({r['trial'] for r in rows})} trials, {wall_s:.0f} s "
+                        "(validation)")
+    for col in ("trial", *(["budget"] if budgets else []), "status", "return", "FLOPs ratio", "accuracy", "cosine"):
         table.add_column(col, justify="left" if col in ("trial", "status") else "right")
     for r in rows:
-        table.add_row(r["trial"], *metric_cells(r))
+        table.add_row(r["trial"], *metric_cells(r, budgets))
     console.print(table)
     console.print(f"summary: {sweep_dir / 'summary.md'}; finished run folders: {sweep_dir / 'runs.txt'}", soft_wrap=True)
     console.print(f"multi-seed evaluation: policy-prune eval $(cat {sweep_dir / 'runs.txt'})", soft_wrap=True)
