@@ -258,6 +258,14 @@ def test_sweep_end_to_end_trials_are_ordinary_runs(presets, tmp_path) -> None:
     assert direct == trial
 
 
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of session ``sid`` (Ray puts trial workers in process groups of their own)."""
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(ProcessLookupError, PermissionError, ValueError):
+            if os.getsid(int(entry)) == sid:
+                os.kill(int(entry), signal.SIGKILL)
+
+
 @pytest.mark.expensive
 def test_killed_sweep_resumes_without_redoing_finished_trials(presets, tmp_path) -> None:
     pytest.importorskip("ray")
@@ -273,8 +281,7 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(presets, tmp_path)
         while not (slow / "checkpoints" / "last.zip").exists() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # the sweep and the Ray processes it started (its own group)
+        _kill_session(proc.pid)  # the sweep, its Ray processes and its trial workers
         proc.wait()
     assert sweep.is_finished(quick) and not sweep.is_finished(slow), "killed between the two trials' ends"
     stamp = {p: p.stat().st_mtime_ns for p in quick.rglob("*")}
