@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from policy_prune.config import BackboneConfig, EnvConfig, from_dict
+from policy_prune.config import BackboneConfig, ConfigError, EnvConfig, from_dict
 from policy_prune.core import embedded_models
 from policy_prune.core.backbones import TokenBackbone
 from policy_prune.core.embedded_models import DIGITS_VIT, MINILM_DEPTH, MINILM_NAME, MINILM_SPECS
@@ -168,13 +168,14 @@ def resolve(env_cfg: EnvConfig, seed: int = 0, device: str = "cpu", console: Any
     return backbone.to(device=device, dtype=DTYPES[dtype]), splits
 
 
-def check_device(device: str) -> None:
-    """One clear line for a device this machine does not have (before any model is loaded)."""
+def check_device(device: str, what: str = "device") -> None:
+    """One clear line for a device name torch does not know or this machine does not have (before any
+    model is loaded); ``what`` names the setting in the message (``train.device``)."""
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise UserError(f"unknown device {device!r} (cpu, cuda or cuda:N)") from None
+        raise ConfigError(f"{what} {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device!r}: no CUDA device is available here (torch.cuda.is_available() is False)")
+        raise ConfigError(f"{what} {device!r}: no CUDA device is available here (use --device cpu)")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UserError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise ConfigError(f"{what} {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")

@@ -21,6 +21,7 @@ import yaml
 
 from policy_prune.cli import main
 from policy_prune.config import ConfigError
+from policy_prune.errors import UserError
 from policy_prune.training import sweep
 from policy_prune.training.sweep import (
     SweepConfig,
@@ -95,6 +96,24 @@ def test_every_grid_point_is_checked_before_any_trial(presets) -> None:
     bad = resolve_sweep(_args("--env", presets[0], "--agent", presets[1], "--set", "agent.hyperparams.n_steps=4,5"))
     with pytest.raises(ConfigError, match=r"n_steps': 5.*multiple of the number of sites"):
         check_points(bad, presets)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without CUDA")
+def test_cuda_trials_are_refused_locally_but_not_for_a_cluster(presets) -> None:
+    cfg = resolve_sweep(_args("--env", presets[0], "--agent", presets[1], "--gpus-per-trial", "1"))
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        check_points(cfg, presets)
+    assert check_points(cfg, presets, local=False)[0].train.device == "cpu", "checked here as cpu"
+
+
+def test_an_unreachable_cluster_address_is_one_line() -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(UserError, match="no Ray cluster reachable"):
+        sweep.check_reachable(f"127.0.0.1:{port}", timeout_s=2.0)
 
 
 def test_a_bad_key_fails_in_one_line_before_ray_and_leaves_no_folder(presets, tmp_path, capsys) -> None:

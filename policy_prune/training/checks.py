@@ -138,7 +138,7 @@ def check_budget(reward: Any) -> None:
 
 
 def check_train(train: Any) -> None:
-    import torch
+    from policy_prune.embedded import check_device
 
     for key in ("eval_samples", "final_samples", "calibration_samples"):
         if getattr(train, key) < 1:
@@ -147,12 +147,7 @@ def check_train(train: Any) -> None:
         raise ConfigError(f"train.eval_targets must be FLOPs ratios in (0, 1], got {train.eval_targets}")
     if not (_is_number(train.calibration_step) and 0.0 < train.calibration_step <= 1.0):
         raise ConfigError(f"train.calibration_step must lie in (0, 1], got {train.calibration_step}")
-    try:
-        device = torch.device(train.device)
-    except RuntimeError:
-        raise ConfigError(f"train.device {train.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device {train.device!r}: no CUDA device is available here (use --device cpu)")
+    check_device(train.device, "train.device")
 
 
 def _did_you_mean(key: str, choices: Iterable[str]) -> str:

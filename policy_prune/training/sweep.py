@@ -166,10 +166,13 @@ def swept_keys(space: dict[str, Any]) -> list[str]:
     return [k for k, v in space.items() if search_kind(v) is not None]
 
 
-def check_points(cfg: SweepConfig, presets: tuple[str, str], limit: int = 256) -> list[Any]:
+def check_points(cfg: SweepConfig, presets: tuple[str, str], limit: int = 256, local: bool = True) -> list[Any]:
     """Resolve a trial config for every combination of grid and choice values (random keys drawn
     once; each value once when there are more than ``limit`` combinations), so a bad key or value
-    fails now, in one line, not inside a trial. Returns the resolved RunConfigs."""
+    fails now, in one line, not inside a trial. Returns the resolved RunConfigs.
+
+    ``local=False`` (trials on a cluster): the device is not checked here, where there may be no GPU.
+    """
     import random
 
     rng = random.Random(cfg.seed)
@@ -187,8 +190,9 @@ def check_points(cfg: SweepConfig, presets: tuple[str, str], limit: int = 256) -
     resolved = []
     for point in points:
         overrides = dict(zip(cfg.space, point, strict=True))
+        checked = overrides if local else {**overrides, "train.device": "cpu"}
         try:
-            resolved.append(resolve_trial(presets, overrides, name="check", runs_dir="."))
+            resolved.append(resolve_trial(presets, checked, name="check", runs_dir="."))
         except UserError as exc:
             shown = {k: v for k, v in overrides.items() if k in swept_keys(cfg.space)}
             raise ConfigError(f"trial {shown or '(every trial)'}: {exc}") from None
@@ -413,25 +417,27 @@ def run(args: argparse.Namespace) -> int:
         sweep_dir = args.resume
         cfg = load_sweep(sweep_dir)
         presets = stored_presets(sweep_dir)
-    else:
+        _require_ray()
+    else:  # everything that can fail in one line fails before a folder is made or Ray starts
         cfg = resolve_sweep(args)
         _require_ray()
+        checked = check_points(cfg, (cfg.env, cfg.agent), local=args.address is None)
         sweep_dir = new_sweep_dir(cfg, args.runs_dir)
-        try:
-            presets = copy_presets(cfg, sweep_dir)
-            checked = check_points(cfg, presets)
-        except UserError:
-            shutil.rmtree(sweep_dir, ignore_errors=True)  # a sweep that never started leaves no folder
-            raise
-        if cfg.space.get("train.track") == "wandb":
-            cfg.space.setdefault("train.wandb_group", sweep_dir.name)
-        (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        console.print(f"sweep {sweep_dir}: {trial_count(cfg)} trials, swept "
-                      f"{', '.join(swept_keys(cfg.space)) or 'nothing'}", soft_wrap=True)
         if args.address is None:  # a cluster's nodes have their own caches
             fit_embedded_backbones(checked, console)
-    start = time.time()
-    fit(cfg, sweep_dir, presets, args)
+    start_ray(args.address, args.num_cpus)
+    import ray
+
+    try:
+        check_resources(cfg)
+        if args.resume is None:
+            presets = create_sweep_dir(cfg, sweep_dir)
+            console.print(f"sweep {sweep_dir}: {trial_count(cfg)} trials, swept "
+                          f"{', '.join(swept_keys(cfg.space)) or 'nothing'}", soft_wrap=True)
+        start = time.time()
+        fit(cfg, sweep_dir, presets)
+    finally:
+        ray.shutdown()
     rows = summary_rows(cfg, sweep_dir)
     write_summary(cfg, sweep_dir, rows, time.time() - start)
     print_summary(console, sweep_dir, rows, time.time() - start)
@@ -441,6 +447,15 @@ def run(args: argparse.Namespace) -> int:
                       f"them with: policy-prune sweep --resume {sweep_dir}[/]", soft_wrap=True)
     # Unfinished trials without errors mean Tune stopped on Ctrl-C: the exit code of an interrupt.
     return 0 if status == {"finished"} else 1 if "error" in status else 130
+
+
+def create_sweep_dir(cfg: SweepConfig, sweep_dir: Path) -> tuple[str, str]:
+    """The sweep folder with its presets and sweep.yaml (what --resume reads); returns the preset paths."""
+    presets = copy_presets(cfg, sweep_dir)
+    if cfg.space.get("train.track") == "wandb":
+        cfg.space.setdefault("train.wandb_group", sweep_dir.name)
+    (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return presets
 
 
 def _require_ray() -> None:
@@ -460,11 +475,29 @@ def start_ray(address: str | None, num_cpus: int | None) -> None:
     import ray
 
     if address is not None:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        check_reachable(address)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        except (ConnectionError, ValueError) as exc:  # no cluster there, or a malformed address
+            raise UserError(f"--address {address}: {str(exc).splitlines()[0]}") from None
         return
-    # Loopback only: Ray would otherwise probe the network for this node's address.
-    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING,
-             log_to_driver=False, _node_ip_address="127.0.0.1")
+    # address="local": a new instance even where `ray start` left a cluster (or RAY_ADDRESS names one);
+    # loopback only: Ray would otherwise probe the network for this node's address.
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+             logging_level=logging.WARNING, log_to_driver=False, _node_ip_address="127.0.0.1")
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """One TCP connection to ``host:port`` first: Ray itself retries an unreachable address for minutes."""
+    import socket
+
+    if address == "auto" or ":" not in address:  # "auto": Ray reads the local cluster's address itself
+        return
+    host, _, port = address.split("://")[-1].rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--address {address}: no Ray cluster reachable there ({exc})") from None
 
 
 def check_resources(cfg: SweepConfig) -> None:
@@ -477,38 +510,32 @@ def check_resources(cfg: SweepConfig) -> None:
             raise UserError(f"each trial asks for {want:g} {key}(s) but the Ray cluster has {have.get(key, 0.0):g}")
 
 
-def fit(cfg: SweepConfig, sweep_dir: Path, presets: tuple[str, str], args: argparse.Namespace) -> None:
-    """Run (or restore and continue) the sweep's Tune experiment (its state: SWEEP_DIR/tune)."""
-    start_ray(args.address, args.num_cpus)
-    import ray
+def fit(cfg: SweepConfig, sweep_dir: Path, presets: tuple[str, str]) -> None:
+    """Run (or restore and continue) the sweep's Tune experiment (its state: SWEEP_DIR/tune) on the
+    Ray instance this process is connected to."""
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from policy_prune.training.tune_callbacks import TrialLog
 
-    try:
-        check_resources(cfg)
-        setup = TrialSetup(presets[0], presets[1], str((sweep_dir / "runs").resolve()))
-        trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
-                                        {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
-        storage = sweep_dir.resolve()
-        if tune.Tuner.can_restore(str(storage / "tune")):
-            tuner = tune.Tuner.restore(str(storage / "tune"), trainable, resume_unfinished=True, resume_errored=True)
-        else:  # a fresh sweep, or one killed before Tune saved any state (finished trials are skipped anyway)
-            namer = TrialNamer(swept_keys(cfg.space))
-            tuner = tune.Tuner(
-                trainable,
-                param_space={k: tune_value(v) for k, v in cfg.space.items()},
-                tune_config=tune.TuneConfig(num_samples=cfg.num_samples, max_concurrent_trials=cfg.max_concurrent,
-                                            search_alg=BasicVariantGenerator(random_state=cfg.seed),
-                                            trial_name_creator=namer, trial_dirname_creator=namer),
-                run_config=tune.RunConfig(name="tune", storage_path=str(storage), verbose=0,
-                                          failure_config=tune.FailureConfig(max_failures=0),
-                                          callbacks=[TrialLog()]),
-            )
-        tuner.fit()
-    finally:
-        ray.shutdown()
+    setup = TrialSetup(presets[0], presets[1], str((sweep_dir / "runs").resolve()))
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
+                                    {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
+    storage = sweep_dir.resolve()
+    if tune.Tuner.can_restore(str(storage / "tune")):
+        tuner = tune.Tuner.restore(str(storage / "tune"), trainable, resume_unfinished=True, resume_errored=True)
+    else:  # a fresh sweep, or one killed before Tune saved any state (finished trials are skipped anyway)
+        namer = TrialNamer(swept_keys(cfg.space))
+        tuner = tune.Tuner(
+            trainable,
+            param_space={k: tune_value(v) for k, v in cfg.space.items()},
+            tune_config=tune.TuneConfig(num_samples=cfg.num_samples, max_concurrent_trials=cfg.max_concurrent,
+                                        search_alg=BasicVariantGenerator(random_state=cfg.seed),
+                                        trial_name_creator=namer, trial_dirname_creator=namer),
+            run_config=tune.RunConfig(name="tune", storage_path=str(storage), verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=0), callbacks=[TrialLog()]),
+        )
+    tuner.fit()
 
 
 class TrialNamer:
