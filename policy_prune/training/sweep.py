@@ -42,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from policy_prune.config import ConfigError, from_dict, read_preset, to_dict
+from policy_prune.config import ConfigError, from_dict, load_env_config, read_preset, to_dict
 from policy_prune.errors import UserError
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "quniform", "loguniform", "qloguniform", "randn", "qrandn",
@@ -59,8 +59,8 @@ class SweepConfig:
 
     env: str = "digits-vit"
     """Env preset name or YAML path that every trial starts from."""
-    agent: str = "ppo"
-    """Agent preset name or YAML path that every trial starts from."""
+    agent: str | None = None
+    """Agent preset name or YAML path that every trial starts from (None: the env preset's, else ppo)."""
     space: dict[str, Any] = field(default_factory=dict)
     """Dotted config key (as in ``--set``) -> a value, or a search primitive (``{grid: [...]}``,
     ``{choice: [...]}``, ``{uniform: [a, b]}``, ``{loguniform: [a, b]}``, ``{randint: [a, b]}``, ...)."""
@@ -82,7 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("sweep_file", nargs="?", type=Path, default=None, metavar="SWEEP.yaml",
                    help="sweep definition (env, agent, space, num_samples, ...); flags below override it")
     p.add_argument("--env", default=None, help="env preset name or YAML path (default digits-vit)")
-    p.add_argument("--agent", default=None, help="agent preset name or YAML path (default ppo)")
+    p.add_argument("--agent", default=None, help="agent preset name or YAML path (default: the env's, else ppo)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=V[,V...]",
                    help="a config value for every trial, or a grid over comma-separated values "
                         "(--set train.seed=0,1 --set env.reward.lam=0.05,0.3); a YAML search primitive "
@@ -166,7 +166,7 @@ def swept_keys(space: dict[str, Any]) -> list[str]:
     return [k for k, v in space.items() if search_kind(v) is not None]
 
 
-def check_points(cfg: SweepConfig, presets: tuple[str, str], limit: int = 256, local: bool = True) -> list[Any]:
+def check_points(cfg: SweepConfig, presets: tuple[str, str | None], limit: int = 256, local: bool = True) -> list[Any]:
     """Resolve a trial config for every combination of grid and choice values (random keys drawn
     once; each value once when there are more than ``limit`` combinations), so a bad key or value
     fails now, in one line, not inside a trial. Returns the resolved RunConfigs.
@@ -242,14 +242,15 @@ def plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") and not isinstance(value, (list, dict, str)) else value
 
 
-def resolve_trial(presets: tuple[str, str], overrides: dict[str, Any], name: str, runs_dir: str) -> Any:
-    """The trial's RunConfig, resolved by ``train``'s own flags and --set path."""
+def resolve_trial(presets: tuple[str, str | None], overrides: dict[str, Any], name: str, runs_dir: str) -> Any:
+    """The trial's RunConfig, resolved by ``train``'s own flags and --set path (agent None: the env's)."""
     from policy_prune.training.train import add_arguments as train_arguments
     from policy_prune.training.train import resolve_config
 
     parser = argparse.ArgumentParser(prog="policy-prune train")
     train_arguments(parser)
-    argv = ["--env", presets[0], "--agent", presets[1], "--name", name, "--runs-dir", runs_dir]
+    argv = ["--env", presets[0], *(["--agent", presets[1]] if presets[1] else []), "--name", name,
+            "--runs-dir", runs_dir]
     for key, value in overrides.items():
         argv += ["--set", f"{key}={json.dumps(plain(value))}"]
     return resolve_config(parser.parse_args(argv))
@@ -350,6 +351,7 @@ def resolve_sweep(args: argparse.Namespace) -> SweepConfig:
     for flag in ("env", "agent", "num_samples", "seed", "name", "cpus_per_trial", "gpus_per_trial", "max_concurrent"):
         if getattr(args, flag) is not None:
             setattr(cfg, flag, getattr(args, flag))
+    cfg.agent = agent_spec(cfg)  # explicit from here on: in sweep.yaml, the folder name, every trial
     space = dict(cfg.space)
     for flag, key in (("timesteps", "train.timesteps"), ("device", "train.device"), ("dtype", "train.dtype"),
                       ("track", "train.track")):
@@ -367,9 +369,14 @@ def resolve_sweep(args: argparse.Namespace) -> SweepConfig:
     return cfg
 
 
+def agent_spec(cfg: SweepConfig) -> str:
+    """The agent preset the trials use: the sweep's, else the env preset's, else ppo (as ``train`` picks)."""
+    return cfg.agent or load_env_config(cfg.env).agent or "ppo"
+
+
 def new_sweep_dir(cfg: SweepConfig, runs_dir: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    name = cfg.name or f"sweep__{Path(cfg.env).stem}__{Path(cfg.agent).stem}__{stamp}"
+    name = cfg.name or f"sweep__{Path(cfg.env).stem}__{Path(agent_spec(cfg)).stem}__{stamp}"
     sweep_dir = Path(runs_dir) / name
     if sweep_dir.exists():
         raise UserError(f"sweep folder already exists: {sweep_dir} (use --resume to continue it, or another --name)")
@@ -379,7 +386,7 @@ def new_sweep_dir(cfg: SweepConfig, runs_dir: str) -> Path:
 def copy_presets(cfg: SweepConfig, sweep_dir: Path) -> tuple[str, str]:
     """The env and agent presets copied into the sweep folder: every trial (and a resume) reads the same."""
     paths = []
-    for kind, spec in (("envs", cfg.env), ("agents", cfg.agent)):
+    for kind, spec in (("envs", cfg.env), ("agents", agent_spec(cfg))):
         data, _ = read_preset(kind, spec)
         if kind == "envs":
             data.setdefault("name", Path(spec).stem)
