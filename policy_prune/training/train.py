@@ -123,7 +123,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     train_raw: dict[str, Any] = dict(env_cfg.train)  # the env's recommended settings; flags and --set win
     for flag, key in (("timesteps", "timesteps"), ("seed", "seed"), ("device", "device"), ("dtype", "dtype"),
                       ("track", "track"), ("name", "name"), ("runs_dir", "runs_dir")):
-        if getattr(args, flag) is not None:
+        if getattr(args, flag, None) is not None:  # a Namespace built by hand may lack newer flags
             train_raw[key] = getattr(args, flag)
     train_cfg = from_dict(TrainConfig, apply_overrides(train_raw, train_over), "train")
     if args.lam is not None:
