@@ -15,7 +15,7 @@ from policy_prune import PrunedModel, load_scorer, prune
 from policy_prune.core.artifact import save_scorer
 from policy_prune.core.backbones import adapt
 from policy_prune.core.schedule import TokenCounts, keep_ratio_for
-from policy_prune.core.scorer import make_keep_fn, random_scorer
+from policy_prune.core.scorer import keep_count, make_keep_fn, random_scorer
 from policy_prune.errors import UserError
 from policy_prune.training.env import PruneCore
 from tests import tiny
@@ -210,8 +210,8 @@ def test_keep_ratio_pruned_model_compiles_as_one_graph(name: str) -> None:
     torch.compiler.reset()
     compiled = torch.compile(pruned, fullgraph=True, dynamic=False, backend="aot_eager")
     with torch.no_grad():
+        got = _main_output(name, _call(compiled, x))  # compiled first: the plan is made at prune(), not traced
         expected = _main_output(name, _call(pruned, x))
-        got = _main_output(name, _call(compiled, x))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -320,3 +320,99 @@ def test_mask_path_context_is_the_env_context_at_every_site() -> None:
             logits = scorer.net(torch.from_numpy(obs["tokens"]), torch.from_numpy(obs["context"]))
             obs, *_ = core.advance(((logits > 0) & torch.from_numpy(obs["alive"]).bool()).numpy())
     assert int(counts[0].max()) < 17  # site 0 pruned, so keep-all would have overstated the spent compute
+
+
+def _padded_wider(name: str, x: dict, extra: int) -> dict:
+    """``x`` padded with ``extra`` more pad columns (as a fixed max_length would pad it)."""
+    pad = 1 if name == "hf-roberta" else 0
+    return {"input_ids": torch.nn.functional.pad(x["input_ids"], (0, extra), value=pad),
+            "attention_mask": torch.nn.functional.pad(x["attention_mask"], (0, extra))}
+
+
+@pytest.mark.parametrize("name", tiny.TEXT)
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.5, [0.7, 0.4]])
+@pytest.mark.parametrize("extra", [0, 5])
+def test_static_text_path_takes_the_keep_mask_decisions(name: str, ratio, extra: int) -> None:
+    """keep_ratio on padded text: per-row counts and contexts of the mask path, packed to a fixed width per
+    site (no sync); the same kept tokens and the same output (exact when padded to the longest row)."""
+    model, scorer = _scorer(name, seed=2)
+    pruned = prune(model, scorer, keep_ratio=ratio)
+    x = _padded_wider(name, tiny.inputs(name, batch=6, seed=1), extra)
+    assert pruned.static_text(x)
+    with torch.no_grad():
+        out, state, counts = pruned.run(x)
+        ref, ref_state, ref_counts = pruned.run(x, keep_fn=pruned.keep_fn())
+    assert state.static and not ref_state.static
+    assert [c.tolist() for c in counts] == [c.tolist() for c in ref_counts]
+    assert ratio == 0.0 or len(set(counts[0].tolist())) > 1, "counts follow each row's length"
+    widths = pruned.text_widths(x["input_ids"].shape[1])
+    assert list(state.tokens.shape[:2]) == [6, widths[-1]] and all(int(c.max()) <= w for c, w in zip(counts, widths, strict=True))
+    if extra == 0:  # padded to the longest row: the widths are the largest counts, every op is the same
+        assert list(ref_state.tokens.shape) == list(state.tokens.shape)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0 if extra == 0 else 1e-6)
+    kept = [sorted(state.positions[r][state.valid[r]].tolist()) for r in range(6)]
+    assert kept == [sorted(ref_state.positions[r][ref_state.valid[r]].tolist()) for r in range(6)]
+
+
+@pytest.mark.parametrize("flops", [0.4, 0.8])
+def test_static_text_path_tells_a_budgeted_scorer_its_budget(flops: float) -> None:
+    """A budget-conditioned scorer at prune(flops=f, rule="keep_ratio"): the context's budget column reaches
+    the static text path exactly as the keep-mask path builds it (same decisions, same output)."""
+    from policy_prune.core.budget import BudgetInput
+
+    model = tiny.make("hf-bert")
+    scorer = random_scorer(adapt(model), SITES, seed=6, budget=BudgetInput(0.3, 0.9, 0.5))
+    pruned = prune(model, scorer, rule="keep_ratio", flops=flops)
+    x = tiny.inputs("hf-bert", batch=6, seed=2)
+    contexts: list[torch.Tensor] = []
+    hook = pruned.scorer_net.register_forward_hook(lambda module, args, out: contexts.append(args[1]))
+    with torch.no_grad():
+        out, state, counts = pruned.run(x)
+        ref, _, ref_counts = pruned.run(x, keep_fn=pruned.keep_fn())
+    hook.remove()
+    assert state.static and len(contexts) == 2 * len(SITES)
+    for static, mask in zip(contexts[: len(SITES)], contexts[len(SITES):], strict=True):
+        assert static.shape == (6, len(SITES) + 3) and torch.equal(static, mask)
+        assert bool((static[:, -1] == flops).all()) and len(set(static[:, len(SITES)].tolist())) > 1  # per-row alive
+    assert [c.tolist() for c in counts] == [c.tolist() for c in ref_counts]
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_static_text_widths_hold_every_row() -> None:
+    """A row of any length keeps at most the planned width (the longest row's count) at every site."""
+    model, scorer = _scorer("hf-bert")
+    pruned = prune(model, scorer, keep_ratio=[0.55, 0.35])
+    n = 40
+    lengths = torch.arange(1, n + 1)
+    alive = lengths
+    for value, width in zip(pruned._site_values(), pruned.text_widths(n), strict=True):
+        protected = alive.clamp_max(2)
+        alive = keep_count(value, alive - protected) + protected
+        assert int(alive.max()) == width
+
+
+def test_special_tokens_mask_takes_the_keep_mask_path() -> None:
+    model, scorer = _scorer("hf-bert")
+    pruned = prune(model, scorer, keep_ratio=0.5)
+    x = tiny.inputs("hf-bert", batch=3)
+    special = torch.zeros_like(x["attention_mask"])
+    special[:, :2] = 1  # three protected tokens per row (with the last one): more than the widths plan
+    assert not pruned.static_text({**x, "special_tokens_mask": special})
+    assert not prune(model, scorer, threshold=0.0).static_text(x) and not pruned.static_text(x, pruned.keep_fn())
+    with torch.no_grad():
+        _, state, _ = pruned.run({**x, "special_tokens_mask": special})
+    assert not state.static and bool(state.protected[:, 1].all())
+
+
+def test_static_text_path_compiles_as_one_graph() -> None:
+    """keep_ratio on padded text: torch.compile captures the PrunedModel whole (fullgraph, no sync)."""
+    model, scorer = _scorer("hf-bert")
+    pruned = prune(model, scorer, keep_ratio=0.5)
+    x = tiny.inputs("hf-bert", batch=4, seed=3)
+    torch.compiler.reset()
+    compiled = torch.compile(pruned, fullgraph=True, dynamic=False, backend="aot_eager")
+    with torch.no_grad():
+        got = compiled(**x)  # compiled first: nothing of the plan is computed while tracing
+        expected = pruned(**x)
+    torch.testing.assert_close(got.sentence_embedding, expected.sentence_embedding, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got.kept_mask, expected.kept_mask)

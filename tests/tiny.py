@@ -109,3 +109,32 @@ def split(name: str, n: int = 12, seed: int = 0, labels: bool = True):
     x = inputs(name, batch=n, seed=seed)
     y = torch.randint(0, 5, (n,), generator=torch.Generator().manual_seed(seed)) if labels else None
     return Split(name="train", inputs=x, labels=y)
+
+
+WORDS = (
+    "the", "a", "of", "to", "in", "is", "and", "for", "on", "with", "it", "that", "this", "as", "be", "by",
+    "are", "was", "or", "from", "code", "python", "value", "list", "function", "returns", "object", "class",
+    "module", "name", "type", "string", "number", "error", "file",
+)
+
+
+def sentence_transformer(folder, normalize: bool = False, seed: int = 0):
+    """A tiny BERT + mean-pooling SentenceTransformer built from local files in ``folder`` (no hub)."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Normalize, Pooling, Transformer
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (folder / "vocab.txt").write_text("\n".join(vocab))
+    torch.manual_seed(seed)
+    BertModel(BertConfig(**{**BERT, "vocab_size": len(vocab)})).save_pretrained(folder / "bert")
+    BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder / "bert")
+    modules = [Transformer(str(folder / "bert")), Pooling(BERT["hidden_size"], "mean")]
+    return SentenceTransformer(modules=modules + ([Normalize()] if normalize else []), device="cpu").eval()
+
+
+def sentences(n: int = 8, seed: int = 0) -> list[str]:
+    """``n`` sentences of 3 to 14 words from the tiny vocabulary (different lengths: padded batches)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 15, (n,), generator=g).tolist()
+    return [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (k,), generator=g)) for k in lengths]

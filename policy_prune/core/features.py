@@ -184,7 +184,7 @@ def token_features(
     Written for few tensor ops (each costs a fixed overhead that dominates small models at batch 1):
     one bmm sums the unit tokens, and one more gives the projection of the layer-normalised tokens,
     the CLS row's attention logits and every token's dot product with CLS and with that sum.
-    A dense state (no padding) skips every mask and never syncs with the device.
+    A dense state (no padding) skips every mask; dense and static states never sync with the device.
     """
     # Always in fp32: a half-precision model's squared token norms overflow fp16 (above 256; deit-sized
     # ViTs have such tokens) and bf16 keeps ~3 significant digits, too few for cosines near 1.
@@ -194,7 +194,12 @@ def token_features(
     vf = None if dense else state.valid.to(x.dtype)
     n_alive: torch.Tensor | float = float(n) if vf is None else vf.sum(dim=1, keepdim=True).clamp_min(1.0)
     layout = token_layout(backbone)
-    has_cls = layout[0] > 0 if dense else bool(state.protected[:, 0].all()) and bool((state.positions[:, 0] == 0).all())
+    if dense:
+        has_cls = layout[0] > 0
+    elif state.static:  # [CLS] sits in slot 0 by construction: no device sync
+        has_cls = True
+    else:
+        has_cls = bool(state.protected[:, 0].all()) and bool((state.positions[:, 0] == 0).all())
     folded = backbone.cls_query(layer) if has_cls else None
     block_eps = folded.eps if folded is not None else None
     pre_norm = block_eps is not None  # the block normalises before attention

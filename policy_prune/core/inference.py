@@ -13,9 +13,9 @@ path and the same decisions as the trained policy's deterministic mode in the en
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from torch import nn
 from policy_prune.core import ops
 from policy_prune.core.artifact import RULES, check_signature, load_scorer, normalize_rule
 from policy_prune.core.backbones import HFEncoderBackbone, KeepFn, TokenBackbone, TokenState, adapt
+from policy_prune.core.backbones.hf import TEXT_PROTECTED
 from policy_prune.core.budget import keep_ratios_for_flops
 from policy_prune.core.features import make_projection, token_layout
 from policy_prune.core.schedule import keep_schedule
@@ -33,7 +34,11 @@ from policy_prune.core.scorer import (
     make_keep_fn,
     spent_fraction,
 )
+from policy_prune.core.sentence_transformer import is_sentence_transformer, prune_sentence_transformer
 from policy_prune.errors import UsageError, UserError
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 TEXT_ARGS = ("input_ids", "attention_mask", "token_type_ids")
 TEXT_PLAN_TOKENS = 128
@@ -82,11 +87,16 @@ class PrunedModel(nn.Module):
         self.rule = rule
         self.values = [float(v) for v in values]
         self.sites = list(scorer.sites)
+        self._plans: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        self._widths: dict[int, list[int]] = {}
+        if rule == "keep_ratio":
+            self._plan_ahead()
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> PrunedModel:
         super()._apply(fn, recurse)
         self.scorer.projection = self.projection  # .to() / .half() replaced the buffer: follow it
-        self.__dict__.pop("_plans", None)  # planned contexts live on the old device
+        # Planned contexts follow too (a traced call then reads them as constants on the right device).
+        self._plans = {n: [(count, fn(context)) for count, context in plan] for n, plan in self._plans.items()}
         return self
 
     def extra_repr(self) -> str:
@@ -99,42 +109,80 @@ class PrunedModel(nn.Module):
     def step_fn(self, keep_fn: KeepFn | None = None) -> Callable[[TokenState, int, int], TokenState]:
         """The per-site pruning step of one forward pass (``TokenBackbone.forward_sites``).
 
-        keep_ratio on a dense state (images) takes the static path: a fixed count and context per
-        site, planned once per input size, then top-k and gather (no device sync, fixed shapes:
-        what ``torch.compile`` wants). Everything else goes through the keep mask of ``keep_fn``.
-        Both give the same decisions.
+        keep_ratio takes a static path (no device sync, fixed shapes: what ``torch.compile`` and export
+        want). On a dense state (images): a fixed count and context per site, then top-k and gather.
+        On a static state (padded text, see :meth:`static_text`): the keep mask's own per-row decisions
+        (counts proportional to each row's length, contexts per row) packed to a fixed width per site,
+        with a padding mask for rows that keep fewer. Everything else goes through the keep mask of
+        ``keep_fn`` packed to the largest row. All give the same decisions.
         """
         fn = keep_fn or self.keep_fn()
         static = keep_fn is None and self.rule == "keep_ratio"
 
         def step(state: TokenState, site_index: int, layer: int) -> TokenState:
             if static and state.dense:
-                count, context = self._plan(state)[site_index]
-                scores = self.scorer.logits(self.backbone, state, layer, context.expand(state.tokens.shape[0], -1))
-                return state.keep_top(scores, count)
-            return state.prune(fn(state, site_index, layer))
+                count, context = self._plan(state.n_full)[site_index]
+                context = context.to(state.tokens.device).expand(state.tokens.shape[0], -1)
+                return state.keep_top(self.scorer.logits(self.backbone, state, layer, context), count)
+            width = self.text_widths(state.n_full)[site_index] if state.static else None
+            return state.prune(fn(state, site_index, layer), width)
 
         return step
 
-    def _plan(self, state: TokenState) -> list[tuple[int, torch.Tensor]]:
+    def static_text(self, inputs: Any, keep_fn: KeepFn | None = None) -> bool:
+        """Whether ``run`` takes the static keep_ratio path for text ``inputs`` (padded rows, no sync).
+
+        Needs right padding and the default protection ([CLS] and the last real token, see
+        ``HFEncoderBackbone``): rows given a ``special_tokens_mask`` may protect more tokens than the
+        planned widths hold, so they take the keep-mask path (same decisions, a sync per site).
+        """
+        b = self.backbone
+        return (keep_fn is None and self.rule == "keep_ratio" and isinstance(b, HFEncoderBackbone)
+                and not b.is_vision and isinstance(inputs, Mapping) and inputs.get("special_tokens_mask") is None)
+
+    def text_widths(self, n_full: int) -> list[int]:
+        """Slots per row after each site on the static text path, for rows padded to ``n_full`` tokens.
+
+        The keep_ratio rule's count grows with a row's length, so a row with every slot real (its
+        [CLS] and [SEP] protected) keeps the most and every row fits.
+        """
+        if n_full not in self._widths:
+            self._plan_text(n_full)
+        return self._widths[n_full]
+
+    def _plan(self, n_full: int) -> list[tuple[int, torch.Tensor]]:
         """Per site: (slots kept, context row [1, G]) of the keep_ratio schedule on a dense input.
 
         Computed with the mask path's own formulas (keep_schedule, spent_fraction, context_rows) for a
         row with every token alive, so the static path sees the same context and keeps the same count.
         """
-        key = (state.n_full, str(state.tokens.device))
-        plans: dict[Any, list[tuple[int, torch.Tensor]]] = self.__dict__.setdefault("_plans", {})
-        if key not in plans:
-            n0 = torch.tensor([state.n_full])
+        if n_full not in self._plans:
+            n0 = torch.tensor([n_full])
             # Dense states come from images: their protected tokens are the prefix tokens.
             kept = keep_schedule(self._site_values(), n0, token_layout(self.backbone)[0])
-            plans[key] = [
-                (int(kept[i]), context_rows(i, len(self.sites), (kept[i - 1] if i else n0).float() / state.n_full,
-                                            spent_fraction(self.backbone, self.sites, n0, kept[:i], state.n_full),
-                                            state.tokens.device, self.scorer.budget_value))
+            device = self.projection.device
+            self._plans[n_full] = [
+                (int(kept[i]), context_rows(i, len(self.sites), (kept[i - 1] if i else n0).float() / n_full,
+                                            spent_fraction(self.backbone, self.sites, n0, kept[:i], n_full),
+                                            device, self.scorer.budget_value))
                 for i in range(len(kept))
             ]
-        return plans[key]
+        return self._plans[n_full]
+
+    def _plan_text(self, n_max: int) -> None:
+        """Text widths for every padded length up to ``n_max``, in one pass."""
+        n = torch.arange(n_max + 1)
+        counts = torch.stack(keep_schedule(self._site_values(), n, n.clamp_max(TEXT_PROTECTED)), dim=1)
+        self._widths.update(enumerate(counts.tolist()))
+
+    def _plan_ahead(self) -> None:
+        """Plan the static path at construction: a traced call (torch.compile, export) then reads Python
+        ints and constant contexts, and never runs the planning's tensor-to-int conversions."""
+        prefix, grid = token_layout(self.backbone)
+        if grid is not None:
+            self._plan(prefix + grid[0] * grid[1])
+        elif isinstance(self.backbone, HFEncoderBackbone) and not self.backbone.is_vision:
+            self._plan_text(int(getattr(self.backbone.config, "max_position_embeddings", 512)))
 
     def _site_values(self) -> list[float]:
         return [self.values[min(i, len(self.values) - 1)] for i in range(len(self.sites))]
@@ -144,7 +192,8 @@ class PrunedModel(nn.Module):
 
         ``keep_fn`` replaces the scorer's decisions (then every state takes the keep-mask path).
         """
-        return self.backbone.forward_sites(inputs, self.sites, self.step_fn(keep_fn))
+        static = self.static_text(inputs, keep_fn)
+        return self.backbone.forward_sites(inputs, self.sites, self.step_fn(keep_fn), static=static)
 
     def forward(self, *args: Any, return_kept: bool = False, **kwargs: Any) -> Any:
         """The wrapped model's output on pruned tokens; with ``return_kept``, ``(output, kept [B, N] bool)``."""
@@ -199,6 +248,19 @@ def kept_mask(state: TokenState) -> torch.Tensor:
 
 
 # ---- the public entry point -----------------------------------------------------------------------------
+@overload  # a SentenceTransformer is an nn.Module too: the narrower case first
+def prune(model: SentenceTransformer,  # type: ignore[overload-overlap]
+          scorer: LearnedScorer | str | Path, rule: str | None = None,
+          keep_ratio: float | Sequence[float] | None = None, threshold: float | Sequence[float] | None = None,
+          strict: bool = True, flops: float | None = None) -> SentenceTransformer: ...
+
+
+@overload
+def prune(model: nn.Module, scorer: LearnedScorer | str | Path, rule: str | None = None,
+          keep_ratio: float | Sequence[float] | None = None, threshold: float | Sequence[float] | None = None,
+          strict: bool = True, flops: float | None = None) -> PrunedModel: ...
+
+
 def prune(
     model: nn.Module,
     scorer: LearnedScorer | str | Path,
@@ -207,7 +269,7 @@ def prune(
     threshold: float | Sequence[float] | None = None,
     strict: bool = True,
     flops: float | None = None,
-) -> PrunedModel:
+) -> Any:
     """Wrap ``model`` (timm ViT or HF encoder, in memory) so that ``scorer`` prunes its tokens.
 
     ``scorer`` is a LearnedScorer or the path of an exported artifact. The rule is ``threshold`` (keep
@@ -224,7 +286,14 @@ def prune(
 
     A scorer trained for another backbone raises ScorerMismatchError (``strict=False`` tolerates a
     different architecture name or class count when every shape matches).
+
+    A ``sentence_transformers.SentenceTransformer`` gives a shallow copy of it whose own ``encode``
+    runs the pruned encoder (same arguments: batch_size, normalize_embeddings, convert_to_tensor, ...);
+    the original model is left as it was.
     """
+    if is_sentence_transformer(model):  # the optional integration: sentence_transformers is not imported
+        return prune_sentence_transformer(
+            model, lambda encoder: prune(encoder, scorer, rule, keep_ratio, threshold, strict, flops))
     if isinstance(model, PrunedModel):
         raise UsageError("the model is already a PrunedModel; pass the original model")
     if isinstance(scorer, str | Path):

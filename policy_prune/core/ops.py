@@ -20,14 +20,15 @@ def normalize_keep(keep: torch.Tensor, alive: torch.Tensor, protected: torch.Ten
     return (keep.bool() | protected) & alive
 
 
-def pack_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_indices(keep: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices that move kept tokens to the front of each row, in their original order.
 
-    keep: [B, N] bool. Returns (index [B, M] long, valid [B, M] bool) with M = max kept per row;
+    keep: [B, N] bool. Returns (index [B, M] long, valid [B, M] bool) with M = max kept per row, or
+    M = ``width`` when given (no device sync: a static shape; it must be at least every row's count);
     index slots past a row's count point at some dropped token and are marked invalid.
     """
     counts = keep.sum(dim=1)
-    m = int(counts.max().item()) if keep.numel() else 0
+    m = width if width is not None else int(counts.max().item()) if keep.numel() else 0
     # A stable sort on "not kept" puts kept tokens first without reordering them.
     order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :m]
     valid = torch.arange(m, device=keep.device).unsqueeze(0) < counts.unsqueeze(1)

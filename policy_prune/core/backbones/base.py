@@ -35,6 +35,10 @@ class TokenState:
     dense: bool = False
     """Every slot is known, without reading ``valid``, to be a real alive token (images, static
     top-k pruning). Dense states skip the padding mask and its device sync: the compile-friendly path."""
+    static: bool = False
+    """Padded rows (text) whose layout is known without reading the tensors: [CLS] sits in slot 0 of
+    every row (right padding, as BERT-family tokenizers pad) and blocks always take the padding mask.
+    Static states never sync with the device; prune them with a fixed ``width``."""
 
     @property
     def alive_counts(self) -> torch.Tensor:
@@ -43,19 +47,24 @@ class TokenState:
 
     def key_padding_mask(self) -> torch.Tensor | None:
         """[B, N] bool (True = attend) or None when every slot is a real token (fast path)."""
-        return None if self.dense or bool(self.valid.all()) else self.valid
+        if self.dense:
+            return None
+        return self.valid if self.static or not bool(self.valid.all()) else None
 
     def with_tokens(self, tokens: torch.Tensor) -> TokenState:
         """The same slots holding new hidden states (after running blocks)."""
         return replace(self, tokens=tokens)
 
-    def prune(self, keep: torch.Tensor) -> TokenState:
+    def prune(self, keep: torch.Tensor, width: int | None = None) -> TokenState:
         """Keep the tokens where ``keep`` [B, N] is True (protected forced on, dead forced off).
 
-        Kept tokens are gathered, so later blocks really run on fewer tokens.
+        Kept tokens are gathered, so later blocks really run on fewer tokens. Rows are packed to the
+        largest count, or to ``width`` slots (at least every row's count: a static shape, no sync).
         """
+        if self.static and width is None:
+            raise ValueError("a static state is pruned to a fixed width: prune(keep, width)")
         keep = ops.normalize_keep(keep, self.valid, self.protected)
-        index, valid = ops.pack_indices(keep)
+        index, valid = ops.pack_indices(keep, width)
         return replace(
             self,
             tokens=ops.gather_rows(self.tokens, index),
@@ -310,14 +319,19 @@ class TokenBackbone(ABC, nn.Module):
         return self.forward_sites(inputs, sites, lambda state, i, layer: state.prune(keep_fn(state, i, layer)))
 
     def forward_sites(
-        self, inputs: Any, sites: Sequence[int], step: Callable[[TokenState, int, int], TokenState]
+        self, inputs: Any, sites: Sequence[int], step: Callable[[TokenState, int, int], TokenState],
+        static: bool = False,
     ) -> tuple[torch.Tensor, TokenState, list[torch.Tensor]]:
         """Run the whole model, replacing the state by ``step(state, site_index, layer)`` before each site.
 
-        Returns (output, final state, per-site alive counts [B]).
+        ``static`` marks a padded embedded state static (see ``TokenState.static``): no device sync from
+        the embedding to the head, for torch.compile and export. Returns (output, final state, per-site
+        alive counts [B]).
         """
         self.check_sites(sites)
         state = self.embed(inputs)
+        if static and not state.dense:
+            state = replace(state, static=True)
         counts: list[torch.Tensor] = []
         start = 0
         for i, site in enumerate(sites):

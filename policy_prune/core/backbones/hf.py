@@ -18,6 +18,8 @@ from policy_prune.errors import UsageError, UserError
 
 TEXT_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "camembert", "electra")
 VISION_TYPES = ("vit",)
+TEXT_PROTECTED = 2
+"""Tokens a text row protects without a special_tokens_mask: [CLS] and the last real token ([SEP])."""
 
 
 def _mask_fn() -> Any:

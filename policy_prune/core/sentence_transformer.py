@@ -1,0 +1,79 @@
+"""sentence-transformers glue: ``prune(st_model, scorer)`` -> a SentenceTransformer whose own ``encode``
+(batching, length sorting, pooling, normalisation, numpy / tensor conversion) runs on the pruned encoder.
+
+Imported only when a SentenceTransformer is passed to ``prune`` (extra ``policy-prune[st]``). The user's
+model is never modified: the result is a shallow copy whose input module (ST's ``Transformer``, which
+holds the HF encoder) is wrapped by :class:`PrunedTransformer`; the other modules (Pooling, Dense,
+Normalize, ...) are the user's own, shared.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from typing import Any
+
+from torch import nn
+
+from policy_prune.errors import UserError
+
+TEXT_FEATURES = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def is_sentence_transformer(model: Any) -> bool:
+    """True for a ``sentence_transformers.SentenceTransformer`` (checked without importing the package)."""
+    return any(c.__name__ == "SentenceTransformer" and c.__module__.startswith("sentence_transformers")
+               for c in type(model).__mro__)
+
+
+class PrunedTransformer(nn.Module):
+    """ST's input module with its encoder call replaced by a :class:`~policy_prune.PrunedModel`.
+
+    ``forward`` writes the pruned token embeddings [B, N, D] (zeros where a token was pruned) under the
+    module's output name and sets ``attention_mask`` [B, N] to the kept tokens, so ST's own Pooling
+    (mean, max, CLS, ...) reads only what the pruned model kept. Everything else (``preprocess``,
+    ``tokenizer``, ``max_seq_length``, ...) is the wrapped module's.
+    """
+
+    def __init__(self, inner: nn.Module, pruned: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.pruned = pruned
+
+    def forward(self, features: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        if features.get("modality", "text") != "text" or "cu_seq_lens_q" in features:
+            raise UserError("a pruned SentenceTransformer encodes padded text batches only (no images, no "
+                            "flattened flash-attention inputs)")
+        out = self.pruned(**{k: features[k] for k in TEXT_FEATURES if k in features})
+        features[getattr(self.inner, "module_output_name", "token_embeddings")] = out.last_hidden_state
+        features["attention_mask"] = out.kept_mask.to(features["attention_mask"].dtype)
+        return features
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        raise UserError("a pruned SentenceTransformer is not saved: save the original model and the scorer, "
+                        "then prune again after loading")
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # Not while copy / pickle rebuild the object (no modules yet), nor for dunder look-ups.
+            inner = self.__dict__.get("_modules", {}).get("inner")
+            if inner is None or name.startswith("__"):
+                raise
+            return getattr(inner, name)
+
+
+def prune_sentence_transformer(model: Any, prune_encoder: Any) -> Any:
+    """A shallow copy of ``model`` whose input module runs ``prune_encoder(hf_encoder)`` (a PrunedModel)."""
+    first = next(iter(model._modules))
+    inner = model._modules[first]
+    encoder = getattr(inner, "auto_model", None)
+    if not isinstance(encoder, nn.Module):
+        raise UserError(f"cannot prune this SentenceTransformer: its first module ({type(inner).__name__}) holds "
+                        "no Hugging Face encoder; use a Transformer-based model (e.g. all-MiniLM-L6-v2)")
+    fast = copy.copy(model)
+    # copy.copy shares the module dict itself: give the copy its own before replacing the input module.
+    fast._modules = OrderedDict(model._modules)
+    fast._modules[first] = PrunedTransformer(inner, prune_encoder(encoder))
+    return fast

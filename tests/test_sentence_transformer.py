@@ -1,0 +1,88 @@
+"""prune(SentenceTransformer, scorer): ST's own encode on the pruned encoder; the user's model untouched."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from policy_prune import prune
+from policy_prune.core.backbones import adapt
+from policy_prune.core.scorer import random_scorer
+from policy_prune.core.sentence_transformer import PrunedTransformer
+from policy_prune.errors import UserError
+from tests import tiny
+
+pytest.importorskip("sentence_transformers")
+SITES = [1, 2]
+
+
+@pytest.fixture(scope="module")
+def st_model(tmp_path_factory):
+    return tiny.sentence_transformer(tmp_path_factory.mktemp("st"))
+
+
+def _scorer(st_model):
+    return random_scorer(adapt(st_model[0].auto_model), SITES, seed=3)
+
+
+def test_encode_returns_the_pruned_model_embeddings(st_model) -> None:
+    """ST's encode (its batching, pooling) on the pruned encoder = the PrunedModel's mean over kept tokens."""
+    texts = tiny.sentences(8)
+    scorer = _scorer(st_model)
+    fast = prune(st_model, scorer, keep_ratio=0.5)
+    with torch.no_grad():
+        got = fast.encode(texts, batch_size=8, convert_to_tensor=True)
+        features = st_model.preprocess(texts)
+        pruned = prune(st_model[0].auto_model, scorer, keep_ratio=0.5)
+        expected = pruned(**{k: v for k, v in features.items() if k != "modality"}).sentence_embedding
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    original = st_model.encode(texts, convert_to_tensor=True)
+    assert not torch.allclose(got, original, atol=1e-3)  # something was pruned
+
+
+def test_encode_keeps_its_arguments(st_model) -> None:
+    texts = tiny.sentences(8, seed=1)
+    fast = prune(st_model, _scorer(st_model), keep_ratio=0.5)
+    as_numpy = fast.encode(texts, batch_size=3, show_progress_bar=False)
+    as_tensor = fast.encode(texts, batch_size=8, convert_to_tensor=True)
+    unit = fast.encode(texts, batch_size=3, normalize_embeddings=True, convert_to_numpy=True)
+    one = fast.encode(texts[0])
+    assert isinstance(as_numpy, np.ndarray) and as_numpy.shape == (8, 32) and isinstance(as_tensor, torch.Tensor)
+    np.testing.assert_allclose(as_numpy, as_tensor.numpy(), rtol=1e-4, atol=1e-5)  # batches of 3 vs one of 8
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(unit, as_numpy / np.linalg.norm(as_numpy, axis=1, keepdims=True), atol=1e-5)
+    assert one.shape == (32,)
+    np.testing.assert_allclose(one, as_numpy[0], rtol=1e-4, atol=1e-5)
+
+
+def test_the_original_model_is_untouched(st_model) -> None:
+    texts = tiny.sentences(6, seed=2)
+    before = st_model.encode(texts, convert_to_tensor=True)
+    first, modules = st_model[0], list(st_model)
+    fast = prune(st_model, _scorer(st_model), keep_ratio=0.3)
+    fast.encode(texts)
+    assert st_model[0] is first and list(st_model) == modules and type(first).__name__ == "Transformer"
+    assert isinstance(fast[0], PrunedTransformer) and fast[0].inner is first and fast[1] is st_model[1]
+    assert torch.equal(st_model.encode(texts, convert_to_tensor=True), before)
+
+
+def test_keep_all_reproduces_the_original_embeddings(tmp_path) -> None:
+    st_model = tiny.sentence_transformer(tmp_path, normalize=True)
+    texts = tiny.sentences(6, seed=3)
+    for keep_all in ({"keep_ratio": 1.0}, {"threshold": float("-inf")}):
+        fast = prune(st_model, _scorer(st_model), **keep_all)
+        torch.testing.assert_close(fast.encode(texts, convert_to_tensor=True),
+                                   st_model.encode(texts, convert_to_tensor=True), rtol=1e-5, atol=1e-6)
+
+
+def test_threshold_rule_and_what_is_refused(st_model, tmp_path) -> None:
+    texts = tiny.sentences(4, seed=4)
+    fast = prune(st_model, _scorer(st_model), threshold=0.0)
+    assert fast.encode(texts).shape == (4, 32)
+    assert fast.tokenizer is st_model.tokenizer and fast.max_seq_length == st_model.max_seq_length
+    np.testing.assert_allclose(copy.deepcopy(fast).encode(texts), fast.encode(texts), rtol=1e-6, atol=1e-6)
+    with pytest.raises(UserError, match="save the original model"):
+        fast.save(str(tmp_path / "out"))
