@@ -17,15 +17,16 @@ from policy_prune.errors import PolicyPruneError, UsageError, UserError
 if TYPE_CHECKING:
     from policy_prune.core.inference import PrunedModel, prune
     from policy_prune.embedded import load_backbone
+    from policy_prune.model_export import export_onnx
 
 __version__ = "0.1.0"
 
 __all__ = ["PolicyPruneError", "PrunedModel", "TokenBackbone", "TokenState", "UsageError", "UserError", "__version__",
-           "load_backbone", "load_scorer", "prune"]
+           "export_onnx", "load_backbone", "load_scorer", "prune"]
 
 # Loaded on first use, so that `import policy_prune` stays light.
 _LAZY = {"prune": "policy_prune.core.inference", "PrunedModel": "policy_prune.core.inference",
-         "load_backbone": "policy_prune.embedded"}
+         "load_backbone": "policy_prune.embedded", "export_onnx": "policy_prune.model_export"}
 
 
 def __getattr__(name: str) -> Any:

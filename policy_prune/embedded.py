@@ -8,6 +8,7 @@ preset into a TokenBackbone and its data for training and evaluation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -179,3 +180,40 @@ def check_device(device: str, what: str = "device") -> None:
         raise ConfigError(f"{what} {device!r}: no CUDA device is available here (use --device cpu)")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ConfigError(f"{what} {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def load_model(spec: str, seed: int = 0) -> tuple[nn.Module, Any]:
+    """(frozen model, tokenizer or None) for a ``--model`` flag: :func:`load_backbone` (a timm name gets
+    random weights seeded by ``seed``) and a text encoder's own tokenizer."""
+    from policy_prune.core.backbones import adapt
+
+    torch.manual_seed(seed)
+    model = load_backbone(spec)
+    return model, _tokenizer_for(adapt(model), getattr(model, "name_or_path", spec) if spec in MINILM_SPECS else spec)
+
+
+def text_inputs(tokenizer: Any, batch: int, seed: int = 0, length: int | None = None) -> dict[str, Any]:
+    """``batch`` passages of the minilm-text preset's test split (python-docs), drawn with ``seed``,
+    tokenized as the preset does: padded to the longest row, or to ``length`` tokens when given."""
+    import numpy as np
+
+    from policy_prune.config import load_env_config
+    from policy_prune.data.text import corpus
+
+    data = load_env_config("minilm-text").data
+    passages = corpus(data.options)["test"].passages
+    picked = np.random.default_rng(seed).choice(len(passages), batch, replace=batch > len(passages))
+    enc = tokenizer([passages[i] for i in picked], padding="max_length" if length else "longest", truncation=True,
+                    max_length=length or data.max_length, return_tensors="pt")
+    return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
+
+
+def model_inputs(model: Any, tokenizer: Any, seed: int = 0, length: int | None = None) -> Callable[[int], Any]:
+    """inputs(batch) for benchmarks and export checks: python-docs passages (:func:`text_inputs`) when the
+    model has a tokenizer, else the adapter's random example inputs (images), seeded by ``seed``."""
+    if tokenizer is not None:
+        return lambda batch: text_inputs(tokenizer, batch, seed, length)
+    from policy_prune.core.backbones import adapt
+
+    backbone = adapt(model)
+    return lambda batch: backbone.example_inputs(batch, torch.Generator().manual_seed(seed))

@@ -4,6 +4,11 @@ The artifact (see ``core.artifact``) is what ``policy_prune.load_scorer`` reads;
 ``scorer.onnx``: the TokenScorer MLP alone (tokens [B, N, F] + context [B, G] -> logits [B, N], with
 dynamic batch and token dimensions), checked against torch with onnxruntime. Token features are still
 computed by ``policy_prune.core.features`` (they need the backbone's own q/k).
+
+``--onnx-model`` writes the whole pruned model instead (``policy_prune.model_export``): embedding,
+blocks, features, scorer, top-k, gathers and head as one ONNX graph plus its ``torch.export`` program,
+dynamic in batch size, at a keep_ratio schedule (``--keep-ratio`` or ``--flops``), verified with
+onnxruntime; ``--check-split`` runs it over a labelled split of the run's env next to the PyTorch model.
 """
 
 from __future__ import annotations
@@ -34,20 +39,46 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="default rule: keep tokens whose logit exceeds this (one value or one per site; default 0)")
     rule.add_argument("--keep-ratio", type=float, nargs="+", default=None,
                       help="default rule: keep this fraction of prunable tokens at each site (static shapes)")
+    rule.add_argument("--flops", type=float, default=None,
+                      help="--onnx-model: the keep_ratio (same at every site) whose schedule runs this FLOPs ratio")
     p.add_argument("--onnx", action="store_true", help="also write scorer.onnx (the scorer MLP, dynamic B and N)")
+    p.add_argument("--onnx-model", action="store_true",
+                   help="also write the whole pruned model as one ONNX graph + torch.export program (dynamic batch; "
+                        "keep_ratio rule from --keep-ratio or --flops), verified with onnxruntime")
+    p.add_argument("--model", default=None, help="--onnx-model: the model to prune (default: the run's backbone); "
+                                                 "digits-vit, minilm, a timm name, hf:<id> or a folder")
+    p.add_argument("--model-out", type=Path, default=None, help="--onnx-model: output folder (default RUN_DIR/onnx)")
+    p.add_argument("--batch", type=int, default=2, help="--onnx-model: rows of the example inputs it is checked on")
+    p.add_argument("--length", type=int, default=None,
+                   help="--onnx-model, text: the graph's fixed input length L (default: the env's data.max_length)")
+    p.add_argument("--check-split", default=None, metavar="SPLIT",
+                   help="--onnx-model: run the ONNX model over this labelled split of the run's env (e.g. test) and "
+                        "compare its accuracy with the PyTorch PrunedModel's")
+    p.add_argument("--seed", type=int, default=0, help="seed of the example inputs")
 
 
 def run(args: argparse.Namespace) -> int:
     run_dir: Path = args.run_dir
     if not run_dir.is_dir():
         raise UserError(f"run folder not found: {run_dir}")
+    if args.flops is not None and not args.onnx_model:
+        raise UserError("--flops sets the schedule of --onnx-model; for the artifact's default rule use --keep-ratio")
     config = read_run_config(run_dir)
     scorer = read_run_scorer(run_dir, config, args.checkpoint)
     rule = {"rule": "keep_ratio", "values": args.keep_ratio} if args.keep_ratio else \
         {"rule": "threshold", "values": args.threshold or [0.0]}
-    files = export_scorer(scorer, args.out or run_dir / "scorer", run_signature(run_dir, config, scorer),
+    if args.onnx_model and args.keep_ratio is None and args.flops is None:
+        raise UserError("--onnx-model needs a keep_ratio schedule: --keep-ratio R [R ...] or --flops F")
+    out = args.out or run_dir / "scorer"
+    files = export_scorer(scorer, out, run_signature(run_dir, config, scorer),
                           lam=_lookup(config, ("env", "reward", "lam"), ("reward", "lam"), ("lam",)),
                           metrics=validation_metrics(run_dir), default_rule=rule, onnx=args.onnx, log=print)
+    if args.onnx_model:
+        from policy_prune.config import EnvConfig, from_dict
+        from policy_prune.model_export import export_run_model
+
+        env = from_dict(EnvConfig, _lookup(config, ("env",)) or {}, "env")
+        files += export_run_model(env, out, args, log=print)
     for f in files:
         print(f"wrote {f}")
     return 0
@@ -81,7 +112,7 @@ def export_compiled(net: TokenScorer, out_dir: Path, log: Log | None = None) -> 
     example = (torch.randn(2, 5, net.feature_dim), torch.randn(2, net.context_dim))
     path = out_dir / ONNX_FILE
     try:
-        export_onnx(net, example, path)
+        export_scorer_onnx(net, example, path)
     except Exception as exc:  # exporter failures come in many types across torch versions
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         path.unlink(missing_ok=True)
@@ -93,7 +124,7 @@ def export_compiled(net: TokenScorer, out_dir: Path, log: Log | None = None) -> 
     return path
 
 
-def export_onnx(net: TokenScorer, example: tuple[torch.Tensor, torch.Tensor], path: Path) -> None:
+def export_scorer_onnx(net: TokenScorer, example: tuple[torch.Tensor, torch.Tensor], path: Path) -> None:
     """ONNX with dynamic batch and token dims: the dynamo exporter if onnxscript is installed, else TorchScript's."""
     inputs, outputs = ["tokens", "context"], ["logits"]
     try:

@@ -184,12 +184,13 @@ def test_export_onnx_matches_torch(tmp_path, vit) -> None:
             torch.testing.assert_close(torch.from_numpy(got), loaded.net(tokens, context), rtol=1e-4, atol=1e-5)
 
 
-def _fake_run(root: Path, scorer, model_dir: Path, projection: bool = True) -> Path:
+def _fake_run(root: Path, scorer, model_dir: Path, projection: bool = True, env: dict | None = None) -> Path:
     """A run folder as train writes it: config.yaml, metrics.jsonl and an SB3-style checkpoint zip."""
     run = root / "run"
     (run / "checkpoints").mkdir(parents=True)
-    config = {"env": {"name": "tiny", "backbone": {"spec": str(model_dir)}, "sites": SITES,
-                      "reward": {"lam": 0.4, "task": "cosine"}}, "agent": {"algo": "ppo"}, "seed": 0}
+    env = env or {"name": "tiny", "backbone": {"spec": str(model_dir)}, "sites": SITES,
+                  "reward": {"lam": 0.4, "task": "cosine"}}
+    config = {"env": env, "agent": {"algo": "ppo"}, "seed": 0}
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     records = [{"step": 10, "eval/cosine": 0.5}, {"step": 20, "train/loss": 1.0},
                {"step": 30, "eval/cosine": 0.9, "eval/flops_ratio": 0.6}]
@@ -248,7 +249,7 @@ def test_torch_export_fallback_when_onnx_fails(tmp_path, vit, monkeypatch) -> No
     def broken(*args, **kwargs):
         raise RuntimeError("exporter unavailable")
 
-    monkeypatch.setattr(export, "export_onnx", broken)
+    monkeypatch.setattr(export, "export_scorer_onnx", broken)
     said: list[str] = []
     files = export_scorer(scorer, tmp_path / "s", backbone.signature(), onnx=True, log=said.append)
     assert files[-1].name == "scorer.pt2" and "ONNX export failed (exporter unavailable)" in said[0]

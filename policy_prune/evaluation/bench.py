@@ -23,19 +23,23 @@ from policy_prune.core.backbones import TokenBackbone, TokenState, adapt
 from policy_prune.core.inference import PrunedModel, prune
 from policy_prune.core.schedule import TokenCounts, keep_ratio_for
 from policy_prune.core.scorer import LearnedScorer, random_scorer
-from policy_prune.embedded import DTYPE_NAMES, DTYPES
+from policy_prune.embedded import DTYPE_NAMES, DTYPES, load_model, model_inputs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--what", nargs="+", choices=("exec", "model", "env", "flops"), default=["exec"],
+    p.add_argument("--what", nargs="+", choices=("exec", "model", "onnx", "env", "flops"), default=["exec"],
                    help="exec: original vs pruned forward of --model (random keep); model: original vs "
-                        "PrunedModel with a scorer (--scorer, else random weights) at --flops; env: batched-env "
-                        "samples/s vs plain forward on --env; flops: analytic FLOPs of --model vs FlopCounterMode")
+                        "PrunedModel with a scorer (--scorer, else random weights) at --flops; onnx: the same two "
+                        "exported as ONNX graphs and run in onnxruntime (CPU); env: batched-env samples/s vs plain "
+                        "forward on --env; flops: analytic FLOPs of --model vs FlopCounterMode")
     p.add_argument("--model", default="deit_small_patch16_224",
-                   help="timm name (random init), hf:<id>, model folder, or digits-vit (the cached embedded backbone)")
+                   help="timm name (random init), hf:<id>, model folder, digits-vit (the cached embedded backbone) or "
+                        "minilm (all-MiniLM-L6-v2, real weights, on padded python-docs test passages)")
     p.add_argument("--scorer", type=Path, default=None, help="scorer folder for --what model (default: random weights)")
     p.add_argument("--flops", type=float, default=0.5, help="FLOPs ratio of the keep_ratio schedule (--what model)")
     p.add_argument("--sites", type=int, nargs="+", default=[0], help="pruning sites of the random scorer (--what model)")
+    p.add_argument("--length", type=int, default=128,
+                   help="--what onnx, text models: the fixed input length of both graphs (rows padded to it)")
     p.add_argument("--env", default="digits-vit", help="env preset (name or YAML path) for --what env")
     p.add_argument("--agent", default="ppo", help="agent preset whose rollout buffer size is measured (--what env)")
     p.add_argument("--episodes", type=int, default=20, help="batched episodes timed per repeat (--what env)")
@@ -247,6 +251,8 @@ def run(args: argparse.Namespace) -> int:
         payload["pruned_execution"] = print_exec(args, console)
     if "model" in args.what:
         payload["pruned_model"] = print_model(args, console)
+    if "onnx" in args.what:
+        payload["onnx"] = print_onnx(args, console)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")}
@@ -281,25 +287,12 @@ def bench_model(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Original model vs PrunedModel (load_scorer + prune, keep_ratio at ``--flops``), per batch size."""
 
     options = None if args.compile is None else compile_options(args.compile)  # a typo fails before any loading
-    scorer = None
-    if args.scorer is not None:
-        from policy_prune.core.artifact import load_scorer
-
-        scorer = load_scorer(args.scorer)
-    if args.model == "digits-vit":
-        from policy_prune.config import load_env_config
-        from policy_prune.embedded import resolve_backbone
-
-        model: Any = resolve_backbone(load_env_config("digits-vit"))[0].model
-    else:
-        from policy_prune.core.backbones import load_backbone
-
-        torch.manual_seed(args.seed)
-        model = load_backbone(args.model).model
+    scorer = _scorer_arg(args)
+    model, tokenizer = load_model(args.model, args.seed)
     sites = scorer.sites if scorer is not None else args.sites
     return bench_pruned_model(model, scorer, args.batch, sites, args.flops, args.warmup, args.repeats, args.seed,
                               args.threads, compile=options is not None, compile_options=options,
-                              device=args.device, dtype=args.dtype)
+                              device=args.device, dtype=args.dtype, inputs=model_inputs(model, tokenizer, args.seed))
 
 
 def compile_options(text: str) -> dict[str, Any]:
@@ -353,6 +346,7 @@ def bench_pruned_model(
     compile_options: Mapping[str, Any] | None = None,
     device: str = "cpu",
     dtype: str = "fp32",
+    inputs: Callable[[int], Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Original model vs ``PrunedModel`` (keep_ratio rule at ~``flops_target`` of the FLOPs), per batch size.
 
@@ -366,7 +360,10 @@ def bench_pruned_model(
     inductor options set while all three compile and run (e.g. ``{"freezing": True, "cpp_wrapper": True}``).
     ``threads`` sets torch's intra-op threads for the run (restored after): on a shared CPU, fewer
     threads than busy cores avoids OpenMP spin-wait collapse and gives steadier ratios. ``model`` is
-    moved to ``device`` in ``dtype`` (a DTYPES name; the scorer's MLP stays fp32).
+    moved to ``device`` in ``dtype`` (a DTYPES name; the scorer's MLP stays fp32). ``inputs(batch)``
+    gives the batches (default: the adapter's random example inputs). On padded text the schedule's
+    counts follow each row's length; ``tokens_kept`` and the FLOPs ratio are those of the padded width
+    that runs.
     """
     previous = torch.get_num_threads()
     if threads:
@@ -374,14 +371,15 @@ def bench_pruned_model(
     try:
         options = dict(compile_options or {}) if compile else None
         return _bench_batches(model, scorer, batch_sizes, sites, flops_target, warmup, repeats, seed, options,
-                              device, dtype)
+                              device, dtype, inputs)
     finally:
         torch.set_num_threads(previous)
 
 
 def _bench_batches(model: str | nn.Module, scorer: LearnedScorer | None, batch_sizes: Sequence[int],
                    sites: Sequence[int], flops_target: float, warmup: int, repeats: int, seed: int,
-                   options: dict[str, Any] | None, device: str = "cpu", dtype: str = "fp32") -> list[dict[str, Any]]:
+                   options: dict[str, Any] | None, device: str = "cpu", dtype: str = "fp32",
+                   inputs: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
     if isinstance(model, str):
         import timm
 
@@ -390,8 +388,9 @@ def _bench_batches(model: str | nn.Module, scorer: LearnedScorer | None, batch_s
     backbone = adapt(model)
     scorer = scorer or random_scorer(backbone, sites, seed)
     gen = torch.Generator().manual_seed(seed)
-    return [_bench_batch(model, backbone, scorer, on_device(backbone.example_inputs(b, gen), device, dtype), flops_target,
-                         warmup, repeats, options, device) for b in batch_sizes]
+    make = inputs or (lambda b: backbone.example_inputs(b, gen))
+    return [_bench_batch(model, backbone, scorer, on_device(make(b), device, dtype), flops_target, warmup, repeats,
+                         options, device) for b in batch_sizes]
 
 
 @torch.inference_mode()
@@ -402,7 +401,7 @@ def _bench_batch(model: nn.Module, backbone: TokenBackbone, scorer: LearnedScore
     n = state.n_full
     ratio = keep_ratio_for(backbone, scorer.sites, TokenCounts.dense(n, int(state.protected[0].sum())), flops_target)
     pruned = prune(model, scorer, keep_ratio=ratio, strict=False)
-    kept = [int(c[0]) for c in pruned.run(x)[2]]
+    kept, flops, _ = executed_schedule(pruned, x)
     shares: list[float] = []
     compile = options is not None
     if compile:
@@ -420,7 +419,6 @@ def _bench_batch(model: nn.Module, backbone: TokenBackbone, scorer: LearnedScore
     with inductor_config.patch(options or {}):
         t = time_round_robin(fns, warmup, repeats, device)
     share = 1.0 - t["free"] / t["pruned"] if compile else statistics.median(shares[warmup:])
-    flops = float(backbone.schedule_flops(scorer.sites, kept, n)) / backbone.full_flops(n)
     return {"batch": int(state.tokens.shape[0]), "sites": list(scorer.sites), "keep_ratio": ratio, "tokens_full": n,
             "tokens_kept": kept, "flops_ratio": flops, "ms_original": 1e3 * t["original"],
             "ms_pruned": 1e3 * t["pruned"], "speedup": t["original"] / t["pruned"], "scorer_share": share,
@@ -428,6 +426,17 @@ def _bench_batch(model: nn.Module, backbone: TokenBackbone, scorer: LearnedScore
             "share_method": "1 - free/pruned (compiled)" if compile else "timed steps", "compiled": compile,
             "compile_options": options, "threads": torch.get_num_threads(), "device": device,
             "dtype": str(state.tokens.dtype).removeprefix("torch.")}
+
+
+def executed_schedule(pruned: PrunedModel, x: Any) -> tuple[list[int], float, int]:
+    """(slots per row after each site, FLOPs ratio, tokens embedded) of what runs on ``x``. On padded text
+    the slots are the planned widths of the static path (rows may keep fewer), else the largest count;
+    FLOPs are counted on those slots, padding included."""
+    with torch.no_grad():
+        _, state, counts = pruned.run(x)
+    b, n = pruned.backbone, state.n_full
+    kept = pruned.text_widths(n) if pruned.static_text(x) else [int(c.max()) for c in counts]
+    return kept, float(b.schedule_flops(pruned.sites, kept, n)) / b.full_flops(n), n
 
 
 def _free_schedule(pruned: PrunedModel, x: Any, kept: Sequence[int], compile: bool = False) -> Callable[[], Any]:
@@ -441,7 +450,7 @@ def _free_schedule(pruned: PrunedModel, x: Any, kept: Sequence[int], compile: bo
                        positions=state.positions[:, :c])
 
     def forward(inputs: Any) -> torch.Tensor:
-        return pruned.backbone.forward_sites(inputs, pruned.sites, step)[0]
+        return pruned.backbone.forward_sites(inputs, pruned.sites, step, static=pruned.static_text(inputs))[0]
 
     run = torch.compile(forward, dynamic=False) if compile else forward
     return lambda: run(x)
@@ -470,7 +479,75 @@ def _scorer_share(pruned: PrunedModel, x: Any, device: str = "cpu") -> float:
 
     sync()
     t0 = time.perf_counter()
-    pruned.backbone.forward_sites(x, pruned.sites, timed)
+    pruned.backbone.forward_sites(x, pruned.sites, timed, static=pruned.static_text(x))
     sync()
     total = time.perf_counter() - t0
     return spent[0] / total if total > 0 and math.isfinite(total) else 0.0
+
+
+# ---- onnxruntime speed (--what onnx) ------------------------------------------------------------------
+def bench_onnx(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Unpruned vs pruned model, both exported as ONNX (dynamic batch, keep_ratio at ``--flops``) and run in
+    onnxruntime on the CPU on the same inputs (text: padded to ``--length``), per batch size; with the max
+    |onnxruntime - PyTorch| of each graph on those inputs."""
+    import tempfile
+
+    from policy_prune.model_export import GraphModel, export_onnx, onnx_session
+
+    model, tokenizer = load_model(args.model, args.seed)
+    backbone = adapt(model)
+    scorer = _scorer_arg(args) or random_scorer(backbone, args.sites, args.seed)
+    make = model_inputs(model, tokenizer, args.seed, args.length if tokenizer is not None else None)
+    example = make(2)
+    fast = prune(model, scorer, rule="keep_ratio", flops=args.flops, strict=False)
+    graphs = {"unpruned": GraphModel(fast, pruned=False), "pruned": GraphModel(fast)}
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = {}
+        for name, graph in graphs.items():
+            export_onnx(fast, example, Path(tmp) / f"{name}.onnx", pruned=graph.pruned)
+            sessions[name] = onnx_session(Path(tmp) / f"{name}.onnx", args.threads)
+        return [_bench_onnx_batch(sessions, graphs, make(b), args) | {"keep_ratio": fast.values} for b in args.batch]
+
+
+def _scorer_arg(args: argparse.Namespace) -> LearnedScorer | None:
+    """The ``--scorer`` artifact, or None (then benchmarks use a random scorer at ``--sites``)."""
+    if args.scorer is None:
+        return None
+    from policy_prune.core.artifact import load_scorer
+
+    return load_scorer(args.scorer)
+
+
+def _bench_onnx_batch(sessions: Mapping[str, Any], graphs: Mapping[str, Any], x: Any,
+                      args: argparse.Namespace) -> dict[str, Any]:
+    from policy_prune.model_export import graph_args, run_onnx, verify
+
+    fast = graphs["pruned"].fast
+    a = graph_args(graphs["pruned"], x)
+    fns = {name: (lambda s=s: run_onnx(s, a)) for name, s in sessions.items()}
+    t = time_round_robin(fns, args.warmup, args.repeats, "cpu")
+    kept, flops, n = executed_schedule(fast, x)
+    diffs = {name: verify(sessions[name], graphs[name], a, atol=math.inf) for name in sessions}
+    return {"batch": int(a[0].shape[0]), "sites": fast.sites, "tokens_full": n,
+            "tokens_kept": kept, "flops_ratio": flops, "ms_unpruned": 1e3 * t["unpruned"],
+            "ms_pruned": 1e3 * t["pruned"], "speedup": t["unpruned"] / t["pruned"],
+            "max_abs_diff_pruned": diffs["pruned"], "max_abs_diff_unpruned": diffs["unpruned"],
+            "threads": args.threads}
+
+
+def print_onnx(args: argparse.Namespace, console: Any) -> list[dict[str, Any]]:
+    from rich.table import Table
+
+    rows = bench_onnx(args)
+    table = Table(title=f"{args.model}: unpruned vs pruned, both in onnxruntime (CPU, {args.scorer or 'random scorer'}, "
+                        f"median of {args.repeats})")
+    for col in ("batch", "sites", "tokens kept", "FLOPs ratio", "unpruned ms", "pruned ms", "speed-up",
+                "max |ORT - torch|"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["batch"]), " ".join(map(str, r["sites"])),
+                      " ".join(map(str, r["tokens_kept"])) + f" /{r['tokens_full']}",
+                      f"{r['flops_ratio']:.3f}", f"{r['ms_unpruned']:.2f}", f"{r['ms_pruned']:.2f}",
+                      f"{r['speedup']:.2f}x", f"{r['max_abs_diff_pruned']:.1e}")
+    console.print(table)
+    return rows
