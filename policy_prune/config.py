@@ -121,6 +121,10 @@ class AgentConfig:
     """Rows that prune the same sample in one training batch. Above 1, each row's final reward is
     baselined by the mean return of the other rows of its group (leave-one-out, as in RLOO): the
     sample's difficulty cancels, the gradient stays unbiased. Must divide n_envs."""
+    amp: str | None = None
+    """"bf16": the scorer and critic run under bf16 autocast in rollouts and updates (about 2.3x faster
+    per-token networks on CPUs with native bf16); "auto": bf16 where the device computes it natively;
+    None: fp32. The exported scorer is fp32 either way."""
     credit: str = "step"
     """"step": SB3's own update, one advantage per step shared by all its token decisions; "token"
     (ppo only): each token decision gets its own advantage, the other tokens' predicted contributions

@@ -52,6 +52,8 @@ def test_controller_interpolates_and_moves_towards_the_target() -> None:
     err = c.update([0.3, 0.3, 0.9, 0.9], [0.5, 0.5, 0.7, 0.7])
     assert err[0] == pytest.approx(0.2) and err[-1] == pytest.approx(-0.2)
     assert c.lam[0] == pytest.approx(0.2) and c.lam[-1] == pytest.approx(0.0) and c.lam[1] == pytest.approx(0.1)
+    c.update([0.9, 0.9], [0.5, 0.5])
+    assert c.lam[-1] == 0.0  # at most f, not exactly f: spending less than the target is never penalised
     c.update([0.3], [1.0] * 1)
     c.lr = 100.0
     c.update([0.3], [1.0])

@@ -72,6 +72,8 @@ def check_rollout(cfg: Any, params: dict[str, inspect.Parameter]) -> None:
     agent = cfg.agent
     if agent.n_envs < 1:
         raise ConfigError(f"agent.n_envs must be at least 1, got {agent.n_envs}")
+    if agent.amp not in (None, "bf16", "auto"):
+        raise ConfigError(f"agent.amp must be null, bf16 or auto, got {agent.amp!r}")
     if agent.group_size < 1 or agent.n_envs % agent.group_size:
         raise ConfigError(f"agent.group_size {agent.group_size} must be a positive divisor of agent.n_envs {agent.n_envs}")
     if any(h < 1 for h in [*agent.scorer_hidden, *agent.critic_hidden]):

@@ -278,7 +278,7 @@ def algorithm_class(cfg: RunConfig) -> Any:
 
 
 def make_agent(cfg: RunConfig, env: Any) -> Any:
-    from policy_prune.training.policy import TokenScorerPolicy
+    from policy_prune.training.policy import TokenScorerPolicy, resolve_amp
 
     algo = algorithm_class(cfg)
     hyper = dict(cfg.agent.hyperparams)
@@ -290,7 +290,8 @@ def make_agent(cfg: RunConfig, env: Any) -> Any:
     projection = env.unwrapped.core.projection
     policy_kwargs = {"scorer_hidden": cfg.agent.scorer_hidden, "critic_hidden": cfg.agent.critic_hidden,
                      "projection_shape": list(projection.shape), "token_baseline": cfg.agent.credit == "token",
-                     "budget_knots": 0 if cfg.env.reward.budget is None else len(env.unwrapped.core.controller.knots)}
+                     "budget_knots": 0 if cfg.env.reward.budget is None else len(env.unwrapped.core.controller.knots),
+                     "amp": resolve_amp(cfg.agent.amp, cfg.train.device)}
     try:
         model = algo(TokenScorerPolicy, env, seed=cfg.train.seed, device=cfg.train.device, verbose=0,
                      policy_kwargs=policy_kwargs, **hyper)
