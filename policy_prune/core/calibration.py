@@ -51,11 +51,13 @@ def measure(backbone: TokenBackbone, scorer: Any, inputs: Sequence[Any], rule: s
     return Measured(flops / max(full, 1.0), shares)
 
 
-def solve_threshold(fn: Callable[[float], float], target: float, iters: int = 16, tol: float = 0.002) -> float:
+def solve_threshold(fn: Callable[[float], float], target: float, iters: int = 16, tol: float = 0.002,
+                    start: float = 0.0, step: float = 1.0) -> float:
     """The threshold t whose FLOPs ratio fn(t) (non-increasing in t) is nearest ``target``.
 
-    Brackets by doubling from [-1, 1] (logits are unbounded), then bisects; stops early within ``tol``.
-    Each fn value is computed once (a call runs the pruned model over the data).
+    Brackets around ``start`` by doubling ``step`` outwards (logits are unbounded; thresholds beyond
+    +-64 count as unreachable), then bisects; stops early within ``tol``. Each fn value is computed
+    once (a call runs the pruned model over the data).
     """
     seen: dict[float, float] = {}
 
@@ -64,11 +66,11 @@ def solve_threshold(fn: Callable[[float], float], target: float, iters: int = 16
             seen[t] = fn(t)
         return seen[t] - target
 
-    lo, hi = -1.0, 1.0
+    lo, hi = start - step, start + step
     while gap(lo) < 0 and lo > -64:
-        lo *= 2
+        lo, step = lo - step, 2 * step
     while gap(hi) > 0 and hi < 64:
-        hi *= 2
+        hi, step = hi + step, 2 * step
     if gap(lo) < 0 or gap(hi) > 0:  # the target is out of reach: the nearest end
         return lo if abs(gap(lo)) <= abs(gap(hi)) else hi
     for _ in range(iters):  # invariant: gap(lo) >= 0 >= gap(hi)
@@ -83,13 +85,15 @@ def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[A
               tol: float = 0.002) -> list[CalibrationPoint]:
     """For each target f: the threshold at which ``scorer`` told f meets f on ``inputs``, and the
     per-site keep shares it then has (a budget-conditioned scorer's calibration)."""
-    points = []
+    points: list[CalibrationPoint] = []
     for f in sorted(targets):
         told = scorer.at(f)
 
         def flops_at(t: float, told: LearnedScorer = told) -> float:
             return measure(backbone, told, inputs, "threshold", t).flops_ratio
 
-        t = solve_threshold(flops_at, f, tol=tol)
+        # Thresholds fall as targets rise: start from the previous target's, a short step away.
+        t = solve_threshold(flops_at, f, tol=tol, start=points[-1].threshold if points else 0.0,
+                            step=0.5 if points else 1.0)
         points.append(CalibrationPoint(float(f), float(t), measure(backbone, told, inputs, "threshold", t).keep_ratio))
     return points

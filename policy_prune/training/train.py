@@ -60,9 +60,9 @@ class TrainConfig:
     is left to ``policy-prune eval --split test``: defaults are chosen on validation only)."""
     eval_targets: list[float] = field(default_factory=lambda: [0.7, 0.5, 0.35])
     """Budget-conditioned runs: the target FLOPs ratios validation and the final summary are run at."""
-    calibration_samples: int = 512
+    calibration_samples: int = 256
     """Budget-conditioned runs: validation samples on which the exported scorer's thresholds are solved."""
-    calibration_step: float = 0.05
+    calibration_step: float = 0.1
     """Budget-conditioned runs: spacing of the calibrated targets over the trained range."""
     checkpoint_every: int = 15_000
     """Save checkpoints/last.zip every this many timesteps (a kill loses at most this much)."""
