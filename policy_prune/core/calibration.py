@@ -51,34 +51,38 @@ def measure(backbone: TokenBackbone, scorer: Any, inputs: Sequence[Any], rule: s
     return Measured(flops / max(full, 1.0), shares)
 
 
-def solve_threshold(fn: Callable[[float], float], target: float, iters: int = 16, tol: float = 0.002,
-                    start: float = 0.0, step: float = 1.0) -> float:
-    """The threshold t whose FLOPs ratio fn(t) (non-increasing in t) is nearest ``target``.
+def solve_threshold(fn: Callable[[float], float], target: float, iters: int = 20, tol: float = 0.002,
+                    start: float = 0.0, step: float = 1.0, at_most: bool = False) -> float:
+    """A threshold t for which the FLOPs ratio fn(t) (non-increasing in t) meets ``target``.
 
     Brackets around ``start`` by doubling ``step`` outwards (logits are unbounded; thresholds beyond
-    +-64 count as unreachable), then bisects; stops early within ``tol``. Each fn value is computed
-    once (a call runs the pruned model over the data).
+    +-64 count as unreachable), then bisects until target - tol <= fn(t) <= target. Returns that t
+    with ``at_most`` (evaluation: a method never gets more than its budget), else the t seen whose
+    fn(t) is nearest the target (calibration). Each fn value is computed once (a call runs the
+    pruned model over the data).
     """
     seen: dict[float, float] = {}
 
-    def gap(t: float) -> float:
+    def f(t: float) -> float:
         if t not in seen:
             seen[t] = fn(t)
-        return seen[t] - target
+        return seen[t]
 
-    lo, hi = start - step, start + step
-    while gap(lo) < 0 and lo > -64:
+    lo, hi = start - step, start + step  # want f(lo) > target >= f(hi)
+    while f(lo) <= target and lo > -64:
         lo, step = lo - step, 2 * step
-    while gap(hi) > 0 and hi < 64:
+    while f(hi) > target and hi < 64:
         hi, step = hi + step, 2 * step
-    if gap(lo) < 0 or gap(hi) > 0:  # the target is out of reach: the nearest end
-        return lo if abs(gap(lo)) <= abs(gap(hi)) else hi
-    for _ in range(iters):  # invariant: gap(lo) >= 0 >= gap(hi)
-        mid = 0.5 * (lo + hi)
-        if abs(gap(mid)) <= tol:
+    if f(hi) > target:
+        return hi  # out of reach: the deepest cut tried
+    if f(lo) <= target:
+        return lo  # everything fits
+    for _ in range(iters):
+        if target - f(hi) <= tol:
             break
-        lo, hi = (mid, hi) if gap(mid) > 0 else (lo, mid)
-    return min(seen, key=lambda t: abs(seen[t] - target))
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if f(mid) > target else (lo, mid)
+    return hi if at_most else min(seen, key=lambda t: abs(seen[t] - target))
 
 
 def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[Any], targets: Sequence[float],

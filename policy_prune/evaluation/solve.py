@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from policy_prune.core import calibration
 from policy_prune.core.schedule import TokenCounts, keep_schedule
 
 TOLERANCE = 0.002
@@ -138,30 +139,6 @@ def solve_ratios(cost: Callable[[list[float]], float], prunable: Callable[[list[
 
 
 def solve_threshold(fn: Callable[[float], float], target: float, iters: int = 20, tol: float = TOLERANCE) -> float:
-    """The threshold t with fn(t) <= target, as close to it as ``tol`` (fn non-increasing in t).
-
-    Brackets by doubling from [-1, 1] (logits are unbounded), then bisects; each fn value is computed
-    once (a call runs the pruned model over val). Stops as soon as target - tol <= fn(t) <= target.
-    """
-    seen: dict[float, float] = {}
-
-    def f(t: float) -> float:
-        if t not in seen:
-            seen[t] = fn(t)
-        return seen[t]
-
-    lo, hi = -1.0, 1.0  # want f(lo) > target >= f(hi)
-    while f(lo) <= target and lo > -64:
-        lo *= 2
-    while f(hi) > target and hi < 64:
-        hi *= 2
-    if f(hi) > target:
-        return hi  # out of reach: the deepest cut tried
-    if f(lo) <= target:
-        return lo
-    for _ in range(iters):
-        if target - f(hi) <= tol:
-            break
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if f(mid) > target else (lo, mid)
-    return hi
+    """The threshold t with fn(t) <= target, as close to it as ``tol`` (fn non-increasing in t); the
+    bracketing bisection of :func:`policy_prune.core.calibration.solve_threshold`."""
+    return calibration.solve_threshold(fn, target, iters=iters, tol=tol, at_most=True)
