@@ -10,11 +10,12 @@ import torch
 
 from policy_prune.core.backbones import adapt
 from policy_prune.core.scorer import random_scorer
-from policy_prune.data import Split
+from policy_prune.data import Split, cap_groups, relevance_pairs
 from policy_prune.errors import UserError
 from policy_prune.evaluation import evaluate, report, vis
 from policy_prune.evaluation.baselines import BASELINES, learned_methods, make_baseline
 from policy_prune.evaluation.evaluate import score
+from policy_prune.evaluation.stats import bootstrap_difference, bootstrap_mean
 from tests import tiny
 
 SITES = [1, 2]
@@ -159,6 +160,165 @@ def test_groupings_show_merges_and_drops(vit, splits, results) -> None:
             assert bool((last == -1).any()) and min(alive) <= 17
 
 
+def test_classifier_output_is_unchanged(results) -> None:
+    """No retrieval task: the classifier's table keeps its columns and one comparison (accuracy)."""
+    header, _ = report.main_table(results)
+    assert header == ["target", "method", "seed", "point", "total", "executed", "selection", "block", "accuracy",
+                      "95% CI", "agreement", "ms/sample @64", "ms/sample @1"]
+    assert results["compared"] == ["accuracy"] and {c["metric"] for c in results["comparisons"]} == {"accuracy"}
+    assert not any(k.startswith("ret_") for r in results["results"] for k in r) and "n_queries" not in results
+    assert report.comparison_table(results)[0][3] == "delta accuracy" and report.main_table(results, "retrieval") == ([], [])
+
+
+# ---- retrieval: queries encoded by every method at every point -------------------------------------------
+def _text_split(n_items: int, seed: int, name: str) -> Split:
+    """Two tiny-BERT passages per item (rows of 12, 9 and 6 tokens) and a query per item, a second one on
+    even items, each answered by its item's passages; the last item's query also answers a passage of
+    the item before it (a query text shared by two items), which links those two items."""
+    passages = tiny.inputs("hf-bert", batch=2 * n_items, seed=seed)
+    q_groups = torch.cat([torch.arange(n_items), torch.arange(0, n_items, 2)])
+    relevant = [[2 * g, 2 * g + 1] for g in q_groups.tolist()]
+    relevant[n_items - 1].append(2 * (n_items - 2))
+    queries = Split(f"{name}-queries", tiny.inputs("hf-bert", batch=len(q_groups), seed=seed + 100), None, q_groups)
+    return Split(name, passages, None, torch.arange(2 * n_items) // 2, queries=queries,
+                 relevant=relevance_pairs(relevant))
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return adapt(tiny.make("hf-bert"))
+
+
+@pytest.fixture(scope="module")
+def text_splits():
+    return {"val": _text_split(8, 1, "val"), "test": _text_split(12, 2, "test")}
+
+
+def _text_methods(backbone):
+    methods = [m for s in (0, 1) for m in learned_methods(random_scorer(backbone, SITES, seed=s, hidden=(16,)), f"seed {s}")]
+    return methods + [make_baseline(n, SITES) for n in ("none", "token-norm", "cls-attention", "tome-sites")]
+
+
+@pytest.fixture(scope="module")
+def text_results(bert, text_splits):
+    res = evaluate.evaluate(bert, text_splits, _text_methods(bert), TARGETS, "test", batch_size=5, repeats=0, n_boot=200)
+    res["env"] = "tiny-text"
+    return res
+
+
+RET = ("ret_recall@10", "ret_ndcg@10", "ret_recall@10:full_queries", "ret_ndcg@10:full_queries",
+       "ret_recall@10:full_passages", "ret_ndcg@10:full_passages")
+
+
+def test_every_point_scores_the_retrieval_queries(bert, text_splits, text_results) -> None:
+    from policy_prune.evaluation.retrieval import evaluate_retrieval
+
+    res = text_results
+    assert res["n_queries"] == 18 and res["n_query_groups"] == 12 and res["n_samples"] == 24
+    assert res["compared"] == ["cosine", "ret_ndcg@10", "ret_recall@10"]
+    for r in res["results"]:
+        for key in ("cosine", "recall@10", *RET):
+            assert 0 <= r[key] <= 1 + 1e-6 or key == "cosine"
+            ci = r["intervals"][key]
+            assert ci["lo"] - 1e-9 <= r[key] <= ci["hi"] + 1e-9
+        assert 0 < r["flops_queries"]["block"] <= 1.0 + 1e-9  # the queries' own FLOPs (passages: "flops")
+    none = next(r for r in res["results"] if r["method"] == "none")
+    assert none["flops_queries"]["block"] == pytest.approx(1.0)
+    # The unpruned model: its three settings agree, and equal the retrieval module's numbers on the split
+    # in its own order (the passages and queries were length-sorted and their relevant pairs renumbered).
+    reference = evaluate_retrieval(bert, text_splits["test"], batch_size=5)
+    for key in ("ret_recall@10", "ret_ndcg@10"):
+        assert none[key] == pytest.approx(reference[key], abs=1e-6)
+        assert none[f"{key}:full_queries"] == none[key] == none[f"{key}:full_passages"]
+    header, body = report.main_table(res)
+    assert header[8:-2] == ["cosine", "95% CI", "neighbour recall@10", "95% CI"]
+    retrieval_header, retrieval_body = report.main_table(res, "retrieval")
+    assert retrieval_header[4:] == ["total", "retrieval recall@10", "95% CI", "retrieval nDCG@10", "95% CI",
+                                    "recall@10 unpruned queries", "nDCG@10 unpruned queries"]
+    assert len(retrieval_body) == len(body) and all(len(row) == len(retrieval_header) for row in retrieval_body)
+
+
+def test_retrieval_intervals_resample_the_queries_items(bert, text_splits, text_results) -> None:
+    """Rows' and summaries' retrieval intervals and the paired differences resample queries.groups."""
+    data = evaluate.prepare(bert, text_splits["test"], 5, "cpu")
+    methods = _text_methods(bert)
+    val = evaluate.prepare(bert, text_splits["val"], 5, "cpu")
+    ctx = evaluate.SolveContext(bert, val.counts, val.batches)
+    learned = [score(bert, m, m.solve(ctx, 0.5), data) for m in methods if m.name == "learned"]
+    groups = data.queries.groups
+    for s in learned:
+        got = next(r for r in text_results["results"] if r["method"] == "learned" and r["run"] == s.method.run
+                   and r["target"] == 0.5)
+        assert got["intervals"]["ret_ndcg@10"] == bootstrap_mean(s.values["ret_ndcg@10"], groups, 200, 0).to_json()
+        per_query = bootstrap_mean(s.values["ret_ndcg@10"], torch.arange(len(groups)), 200, 0).to_json()
+        assert got["intervals"]["ret_ndcg@10"] != per_query
+    mean = next(s for s in text_results["summary"] if s["method"] == "learned" and s["target"] == 0.5)
+    stacked = torch.stack([s.values["ret_recall@10"] for s in learned])
+    assert mean["intervals"]["ret_recall@10"] == bootstrap_mean(stacked, groups, 200, 0).to_json()
+    for c in (c for c in text_results["comparisons"] if c["target"] == 0.5 and c["method"] == "learned"):
+        base = next(m for m in methods if m.name == c["baseline"])
+        values = score(bert, base, base.solve(ctx, 0.5), data).values[c["metric"]]
+        diff = bootstrap_difference(torch.stack([s.values[c["metric"]] for s in learned]), values,
+                                    data.groups_of(c["metric"]), 200, 0)
+        assert c["difference"] == diff.to_json() and c["n_runs"] == 2
+
+
+def test_intervals_use_each_metrics_items() -> None:
+    """Six queries of one item all hit, two single-query items miss: resampling the 3 items draws no hit
+    (8/27 of replicates) far more often than resampling the 8 queries would, so the interval reaches 0;
+    the passages' metric (one item per row) is resampled by the passages' items."""
+    queries = evaluate.EvalData("q", [], None, torch.zeros(8, 4), None, torch.tensor([0, 0, 0, 0, 0, 0, 1, 2]))
+    data = evaluate.EvalData("test", [], None, torch.zeros(8, 4), None, torch.arange(8), queries=queries)
+    hits = torch.tensor([1.0, 1, 1, 1, 1, 1, 0, 0])
+    ci = evaluate.intervals({"ret_recall@10": hits, "cosine": hits}, data, 2000, 0)
+    assert ci["ret_recall@10"]["mean"] == ci["cosine"]["mean"] == 0.75
+    assert ci["ret_recall@10"]["lo"] == 0.0 and ci["cosine"]["lo"] >= 0.375
+
+
+def test_best_baseline_per_retrieval_metric_is_chosen_on_val(bert, text_splits, text_results) -> None:
+    val = evaluate.prepare(bert, text_splits["val"], 5, "cpu")
+    ctx = evaluate.SolveContext(bert, val.counts, val.batches)
+    baselines = [m for m in _text_methods(bert) if m.run is None and m.sweeps]
+    for target in TARGETS:
+        on_val = {m.name: score(bert, m, m.solve(ctx, target), val).values for m in baselines}
+        for metric in text_results["compared"]:
+            means = {name: float(v[metric].mean()) for name, v in on_val.items()}
+            chosen = {c["baseline"] for c in text_results["comparisons"] if c["target"] == target and c["metric"] == metric}
+            assert chosen == {max(means, key=means.get)}
+
+
+def test_text_outputs_show_every_comparison(text_results, tmp_path) -> None:
+    report.write_outputs(text_results, tmp_path)
+    table = (tmp_path / "table.md").read_text()
+    assert "## Learned minus the best baseline\n" in table and "| delta cosine |" in table
+    assert "## Learned minus the best baseline: retrieval nDCG@10" in table and "| delta ret_recall@10 |" in table
+    assert "18 queries from 12 source items" in table and "## Retrieval at the same points" in table
+    assert "| retrieval nDCG@10 | 95% CI |" in table
+    payload = json.loads((tmp_path / "pareto.json").read_text())
+    assert {c["metric"] for c in payload["comparisons"]} == {"cosine", "ret_ndcg@10", "ret_recall@10"}
+    assert (tmp_path / "pareto.png").stat().st_size > 1000
+
+
+def test_cap_groups_keeps_every_query_complete(text_splits) -> None:
+    split = text_splits["test"]
+    original = {tuple(split.queries.inputs["input_ids"][q].tolist()): set() for q in range(len(split.queries))}
+    for q, p in split.relevant.tolist():
+        original[tuple(split.queries.inputs["input_ids"][q].tolist())].add(tuple(split.inputs["input_ids"][p].tolist()))
+    for seed in range(6):
+        capped = cap_groups(split, 5, seed)
+        items = set(capped.groups.tolist())
+        assert len(items) <= 5 and len(capped) == 2 * len(items)  # whole items, every row of each
+        assert (10 in items) == (11 in items)  # linked by the last item's query
+        assert set(capped.queries.groups.tolist()) == items
+        kept: dict[tuple[int, ...], set[tuple[int, ...]]] = {}
+        for q, p in capped.relevant.tolist():
+            key = tuple(capped.queries.inputs["input_ids"][q].tolist())
+            kept.setdefault(key, set()).add(tuple(capped.inputs["input_ids"][p].tolist()))
+        assert len(kept) == len(capped.queries) and all(original[k] == v for k, v in kept.items())
+    assert len(cap_groups(split, 4, 0).groups.unique()) == 4  # linked sets that do not fit are skipped, later ones fill the cap
+    assert cap_groups(split, 100, 0).relevant.tolist() == split.relevant.tolist()
+
+
 # ---- CLI -----------------------------------------------------------------------------------------------
 def _cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
@@ -233,3 +393,14 @@ def test_eval_env_cli_writes_files(tmp_path) -> None:
     assert {p.name for p in out.iterdir()} >= {"pareto.json", "table.md", "pareto.png", "kept.png"}
     payload = json.loads((out / "pareto.json").read_text())
     assert payload["n_groups"] < payload["n_samples"] or payload["n_samples"] <= 12  # digits rows share sources
+
+
+def test_eval_max_items_caps_every_split(tmp_path, fake_env) -> None:
+    out = tmp_path / "out"
+    run = _run_dir(tmp_path, fake_env, 0)
+    assert _cli([str(run), "--methods", "none", "random", "--targets", "0.6", "--repeats", "0",
+                 "--bootstrap", "50", "--max-items", "3", "--out", str(out)]) == 0
+    payload = json.loads((out / "pareto.json").read_text())
+    assert payload["n_groups"] == 3 and payload["n_samples"] == 6  # two rows per item
+    with pytest.raises(UserError, match="--max-items must be at least 1"):
+        _cli([str(run), "--max-items", "0"])

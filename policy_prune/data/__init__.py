@@ -152,4 +152,48 @@ def cap(split: Split, max_samples: int, seed: int) -> Split:
     return split.select(idx)
 
 
-__all__ = ["DATASETS", "SPLIT_NAMES", "Split", "cap", "get_builder", "load_splits", "relevance_pairs"]
+def cap_groups(split: Split, max_groups: int, seed: int) -> Split:
+    """At most ``max_groups`` source items (``Split.groups``) with all their rows, and their queries.
+
+    A retrieval query may answer with passages of other items (a query text shared by several items,
+    a passage text kept once under its first item): such items are linked and kept or dropped
+    together, so every kept query keeps all its relevant passages. Linked sets are drawn in a seeded
+    order and taken while they fit (as ``text.cap_items`` caps whole items); rows keep their order.
+    """
+    ids, root = linked_groups(split)
+    _, comp = torch.unique(root, return_inverse=True)  # [G] the linked set of every item
+    size = torch.bincount(comp)
+    order = torch.randperm(len(size), generator=torch.Generator().manual_seed(seed))
+    keep, total = torch.zeros(len(size), dtype=torch.bool), 0
+    for c in order.tolist():
+        if total + int(size[c]) <= max_groups:
+            keep[c], total = True, total + int(size[c])
+    return split.select(torch.isin(split.group_ids(), ids[keep[comp]]))
+
+
+def linked_groups(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [G]: the sorted items of the rows and queries, root [G]: the smallest item each is linked
+    to through queries and their relevant passages; union-find over the [R, 2] relevant pairs)."""
+    groups = split.group_ids()
+    if split.queries is None or split.relevant is None:
+        ids = torch.unique(groups)
+        return ids, ids
+    q_groups = split.queries.group_ids()
+    ids = torch.unique(torch.cat([groups, q_groups]))
+    parent = list(range(len(ids)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    a = torch.searchsorted(ids, q_groups[split.relevant[:, 0]]).tolist()
+    b = torch.searchsorted(ids, groups[split.relevant[:, 1]]).tolist()
+    for i, j in zip(a, b, strict=True):
+        ri, rj = find(i), find(j)
+        parent[max(ri, rj)] = min(ri, rj)
+    return ids, ids[[find(i) for i in range(len(ids))]]
+
+
+__all__ = ["DATASETS", "SPLIT_NAMES", "Split", "cap", "cap_groups", "get_builder", "load_splits", "relevance_pairs"]

@@ -43,12 +43,18 @@ from policy_prune.evaluation.baselines import (
 )
 from policy_prune.evaluation.cost import Work, flops_columns
 from policy_prune.evaluation.metrics import cosine_fidelity, neighbours
+from policy_prune.evaluation.retrieval import RetrievalEmbeddings, retrieval_values
 from policy_prune.evaluation.solve import TOLERANCE, BatchedCounts, Point, SolveContext
 from policy_prune.evaluation.stats import bootstrap_difference, bootstrap_mean
 
 DEFAULT_TARGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.42, 0.35)
 METRICS = ("accuracy", "agreement", "cosine", "recall@10")
 """Task metrics in display order; classifiers have the first two, encoders the last two."""
+RETRIEVAL = ("ret_ndcg@10", "ret_recall@10")
+"""Retrieval metrics (per query) compared with the best baseline besides the primary, where the split
+has a retrieval task; every method also has them with unpruned queries or passages (``:full_queries``,
+``:full_passages``, see :mod:`policy_prune.evaluation.retrieval`)."""
+RETRIEVAL_K = 10
 
 
 # ---- data ---------------------------------------------------------------------------------------------
@@ -64,9 +70,17 @@ class EvalData:
     labels: torch.Tensor | None
     groups: torch.Tensor
     """[M] source item of each row (the bootstrap's unit)."""
+    queries: EvalData | None = None
+    """The split's retrieval queries, prepared the same way (their ``groups``: each query's item)."""
+    relevant: torch.Tensor | None = None
+    """[R, 2] (query row, passage row) relevant pairs in the rows of ``queries`` and of this split."""
 
     def __len__(self) -> int:
         return len(self.groups)
+
+    def groups_of(self, metric: str) -> torch.Tensor:
+        """[M] or [Q]: the source items a metric's values are resampled by (retrieval: the queries')."""
+        return self.queries.groups if self.queries is not None and metric.startswith("ret_") else self.groups
 
 
 def to_device(x: Any, device: str) -> Any:
@@ -87,15 +101,23 @@ def trim_padding(x: Any) -> Any:
     return {k: v[:, :length] if v.dim() == 2 else v for k, v in x.items()}
 
 
+def length_order(split: Any, length_sort: bool = True) -> torch.Tensor | None:
+    """[M] text rows from shortest to longest (stable), or None (images, or ``length_sort`` off)."""
+    if length_sort and isinstance(split.inputs, dict) and "attention_mask" in split.inputs:
+        return split.inputs["attention_mask"].sum(dim=1).argsort(stable=True)
+    return None
+
+
 def prepare(backbone: TokenBackbone, split: Any, batch_size: int, device: str, length_sort: bool = True) -> EvalData:
-    """Batches, token counts, the teacher's outputs, labels and groups of a split.
+    """Batches, token counts, the teacher's outputs, labels and groups of a split (and of its retrieval
+    queries, when it has them).
 
     ``length_sort``: text rows are batched in order of length, as ``SentenceTransformer.encode`` batches
     them, so a batch pads little (in split order a batch of passages pads to its longest row: the
     unpruned model then executes about 3x its rows' own FLOPs on python-docs). Images are unaffected.
     """
-    if length_sort and isinstance(split.inputs, dict) and "attention_mask" in split.inputs:
-        split = split.select(split.inputs["attention_mask"].sum(dim=1).argsort(stable=True))
+    if (order := length_order(split, length_sort)) is not None:
+        split = split.select(order)  # the relevant pairs follow the passages
     idx = torch.arange(len(split))
     parts = [split.select(i) for i in idx.split(batch_size)]
     batches = [(trim_padding(to_device(p.inputs, device)), None if p.labels is None else p.labels.to(device)) for p in parts]
@@ -106,8 +128,15 @@ def prepare(backbone: TokenBackbone, split: Any, batch_size: int, device: str, l
     prot = torch.cat([(s.protected & s.valid).sum(dim=1).cpu() for s in states])
     batch = torch.cat([torch.full((_rows(x),), i, dtype=torch.long) for i, (x, _) in enumerate(batches)])
     n_full = max(s.n_full for s in states)
-    return EvalData(split.name, batches, BatchedCounts(n0, prot, n_full, batch), teacher,
+    data = EvalData(split.name, batches, BatchedCounts(n0, prot, n_full, batch), teacher,
                     None if split.labels is None else split.labels.cpu(), split.group_ids().cpu())
+    if split.queries is not None and split.relevant is not None:
+        queries, relevant = split.queries, split.relevant
+        if (order := length_order(queries, length_sort)) is not None:
+            queries = queries.select(order)
+            relevant = torch.stack([order.argsort()[relevant[:, 0]], relevant[:, 1]], dim=1)
+        data.queries, data.relevant = prepare(backbone, queries, batch_size, device, length_sort=False), relevant
+    return data
 
 
 # ---- metrics --------------------------------------------------------------------------------------------
@@ -139,19 +168,35 @@ class Scored:
     method: Method
     point: Point
     values: dict[str, torch.Tensor]
+    """Metric -> [M] per row, or [Q] per query for the retrieval metrics (``ret_``)."""
     work: Work
+    query_work: Work | None = None
+    """What encoding the retrieval queries ran (None: no retrieval task)."""
 
 
-def score(backbone: TokenBackbone, method: Method, point: Point, data: EvalData) -> Scored:
-    """Run ``method`` at ``point`` over every batch of ``data``."""
+def run_method(backbone: TokenBackbone, method: Method, point: Point, data: EvalData) -> tuple[torch.Tensor, Work]:
+    """Outputs [M, C] or [M, D] (float32, CPU) and the Work of ``method`` at ``point`` over ``data``."""
     outs, works = [], []
     with torch.inference_mode():
         for x, _ in data.batches:
             out, work = method.forward(backbone, x, point)
             outs.append(out.float().cpu())
             works.append(work)
-    values = row_metrics(backbone.output_kind, torch.cat(outs), data.teacher, data.labels)
-    return Scored(method, point, values, Work.cat(works))
+    return torch.cat(outs), Work.cat(works)
+
+
+def score(backbone: TokenBackbone, method: Method, point: Point, data: EvalData) -> Scored:
+    """Run ``method`` at ``point`` over every batch of ``data``, and over its retrieval queries: a user
+    who swaps in the pruned encoder embeds the corpus and the queries with it (the headline ``ret_``
+    metrics); the unpruned embeddings of either side give the mixed settings at no extra encoding."""
+    out, work = run_method(backbone, method, point, data)
+    values = row_metrics(backbone.output_kind, out, data.teacher, data.labels)
+    if data.queries is None or data.relevant is None:
+        return Scored(method, point, values, work)
+    queries, query_work = run_method(backbone, method, point, data.queries)
+    full = RetrievalEmbeddings(data.queries.teacher, data.teacher)
+    values.update(retrieval_values(data.relevant, RetrievalEmbeddings(queries, out), full, RETRIEVAL_K))
+    return Scored(method, point, values, work, query_work)
 
 
 def operating_points(method: Method, ctx: SolveContext, targets: Sequence[float]) -> list[Point]:
@@ -175,57 +220,77 @@ def evaluate(backbone: TokenBackbone, splits: dict[str, Any], methods: Sequence[
     data = val if split == "val" else prepare(backbone, splits[split], batch_size, device, length_sort)
     ctx = SolveContext(backbone, val.counts, val.batches)
     primary = primary_metric(backbone.output_kind, data.labels is not None)
+    compared = [primary, *(RETRIEVAL if data.queries is not None and val.queries is not None else ())]
     scored: list[Scored] = []
     for m in methods:
         say(f"solving {m.name}{'' if m.run is None else ' ' + m.run} on val")
         for point in operating_points(m, ctx, targets):
             scored.append(score(backbone, m, point, data))
     say("choosing the best baseline per target on val")
-    best = best_baselines(backbone, scored, val, data, primary)
-    rows = [result_row(backbone, s, data.groups, primary, n_boot, seed) for s in scored]
+    best = best_baselines(backbone, scored, val, data, compared)
+    rows = [result_row(backbone, s, data, primary, n_boot, seed) for s in scored]
     if repeats > 0:
         say("timing")
         add_timing(backbone, scored, rows, data, repeats, device)
     runs = list(dict.fromkeys(m.run for m in methods if m.run is not None))
+    retrieval = {} if data.queries is None else {
+        "n_queries": len(data.queries), "n_query_groups": int(data.queries.groups.unique().numel())}
     return {
-        "split": data.name, "n_samples": len(data), "n_groups": int(data.groups.unique().numel()), "runs": runs,
+        "split": data.name, "n_samples": len(data), "n_groups": int(data.groups.unique().numel()), **retrieval,
+        "runs": runs,
         "sites": sorted({s for m in methods for s in m.sites}), "targets": list(targets), "batch_size": batch_size,
         "length_sorted": length_sort and isinstance(splits[split].inputs, dict),
         "signature": backbone.signature(), "output_kind": backbone.output_kind, "primary": primary,
-        "n_boot": n_boot, "results": rows,
-        "summary": summaries(scored, data.groups, primary, n_boot, seed),
-        "comparisons": comparisons(scored, best, data.groups, primary, n_boot, seed),
+        "compared": compared, "n_boot": n_boot, "results": rows,
+        "summary": summaries(scored, data, primary, n_boot, seed),
+        "comparisons": comparisons(scored, best, data, n_boot, seed),
     }
 
 
 def best_baselines(backbone: TokenBackbone, scored: Sequence[Scored], val: EvalData, data: EvalData,
-                   primary: str) -> dict[float, str]:
-    """Target -> the baseline with the highest ``primary`` on val at that target (ties: first registered)."""
-    best: dict[float, tuple[float, str]] = {}
+                   metrics: Sequence[str]) -> dict[str, dict[float, str]]:
+    """Metric -> target -> the baseline with the highest mean of that metric on val at that target
+    (ties: first registered)."""
+    best: dict[str, dict[float, tuple[float, str]]] = {m: {} for m in metrics}
     for s in scored:
         if s.method.run is not None or s.point.target is None:
             continue
         on_val = s if data is val else score(backbone, s.method, s.point, val)
-        value = float(on_val.values[primary].mean())
-        if s.point.target not in best or value > best[s.point.target][0]:
-            best[s.point.target] = (value, s.method.name)
-    return {t: name for t, (_, name) in best.items()}
+        for metric, at in best.items():
+            value = float(on_val.values[metric].mean())
+            if s.point.target not in at or value > at[s.point.target][0]:
+                at[s.point.target] = (value, s.method.name)
+    return {m: {t: name for t, (_, name) in at.items()} for m, at in best.items()}
 
 
-def result_row(backbone: TokenBackbone, s: Scored, groups: torch.Tensor, primary: str, n_boot: int, seed: int) -> dict[str, Any]:
-    """One table row: the point, its FLOPs columns on the scored split, the metrics and their interval."""
-    cols = flops_columns(backbone, s.work)
+def flops_ratios(backbone: TokenBackbone, work: Work) -> dict[str, float]:
+    """Block, executed, selection and total FLOPs of ``work`` as ratios to the unpruned model's."""
+    cols = flops_columns(backbone, work)
     full = float(cols["full"].sum())
-    ratios = {k: float(cols[k].sum()) / full for k in ("block", "executed", "selection", "total")}
+    return {k: float(cols[k].sum()) / full for k in ("block", "executed", "selection", "total")}
+
+
+def intervals(values: dict[str, torch.Tensor], data: EvalData, n_boot: int, seed: int) -> dict[str, dict[str, float]]:
+    """Metric -> its mean and 95% interval (values [M] / [Q], or [S, M] / [S, Q] for S seeds), each
+    resampling the source items of its rows (passages) or of its queries (retrieval)."""
+    return {k: bootstrap_mean(v, data.groups_of(k), n_boot, seed).to_json() for k, v in values.items()}
+
+
+def result_row(backbone: TokenBackbone, s: Scored, data: EvalData, primary: str, n_boot: int, seed: int) -> dict[str, Any]:
+    """One table row: the point, its FLOPs columns on the scored split, the metrics and their intervals
+    (``interval``: the primary's; ``flops_queries``: the queries' FLOPs where there is a retrieval task)."""
+    ratios = flops_ratios(backbone, s.work)
     target = s.point.target
     on_target = target is None or (target - TOLERANCE <= ratios["total"] <= target + 1e-9)
-    interval = bootstrap_mean(s.values[primary], groups, n_boot, seed)
+    ci = intervals(s.values, data, n_boot, seed)
+    queries = {} if s.query_work is None else {"flops_queries": flops_ratios(backbone, s.query_work)}
     return {
         "method": s.method.name, "run": s.method.run, "target": target, "rule": s.point.rule, "told": s.point.budget,
         "values": s.point.values, "point": s.point.label(), "sites": s.method.sites, "solved_val": s.point.solved,
-        "on_target": on_target, "flops": ratios, "gflops_total": float(cols["total"].mean()) / 1e9,
+        "on_target": on_target, "flops": ratios, **queries,
+        "gflops_total": float(flops_columns(backbone, s.work)["total"].mean()) / 1e9,
         "tokens": [float(c) for c in s.work.attn.double().mean(dim=0)],
-        **{k: float(v.mean()) for k, v in s.values.items()}, "interval": interval.to_json(),
+        **{k: float(v.mean()) for k, v in s.values.items()}, "interval": ci[primary], "intervals": ci,
     }
 
 
@@ -233,37 +298,39 @@ def _group_key(s: Scored) -> tuple[str, float | None, str, float | None]:
     return s.method.name, s.point.target, s.point.rule, s.point.budget if s.point.target is None else None
 
 
-def summaries(scored: Sequence[Scored], groups: torch.Tensor, primary: str, n_boot: int, seed: int) -> list[dict[str, Any]]:
-    """Per (method, target): the seeds' mean of every metric and FLOPs, with the interval of ``primary``."""
+def summaries(scored: Sequence[Scored], data: EvalData, primary: str, n_boot: int, seed: int) -> list[dict[str, Any]]:
+    """Per (method, target): the seeds' mean of every metric, with every metric's interval (seeds
+    averaged row by row; ``interval``: the primary's)."""
     by: dict[tuple[str, float | None, str, float | None], list[Scored]] = {}
     for s in scored:
         by.setdefault(_group_key(s), []).append(s)
     out = []
     for (name, target, rule, told), items in by.items():
-        stacked = torch.stack([s.values[primary] for s in items])
-        interval = bootstrap_mean(stacked, groups, n_boot, seed)
+        stacked = {k: torch.stack([s.values[k] for s in items]) for k in items[0].values}
+        ci = intervals(stacked, data, n_boot, seed)
         out.append({"method": name, "target": target, "rule": rule, "told": told, "n_runs": len(items),
-                    "learned": items[0].method.run is not None,
-                    **{k: float(torch.stack([s.values[k] for s in items]).mean()) for k in items[0].values},
-                    "interval": interval.to_json()})
+                    "learned": items[0].method.run is not None, **{k: float(v.mean()) for k, v in stacked.items()},
+                    "interval": ci[primary], "intervals": ci})
     return out
 
 
-def comparisons(scored: Sequence[Scored], best: dict[float, str], groups: torch.Tensor, primary: str, n_boot: int,
+def comparisons(scored: Sequence[Scored], best: dict[str, dict[float, str]], data: EvalData, n_boot: int,
                 seed: int) -> list[dict[str, Any]]:
-    """Per target and learned method: learned (seeds averaged) minus the best baseline, paired bootstrap."""
+    """Per compared metric, target and learned method: learned (seeds averaged) minus the best baseline
+    on that metric, a paired bootstrap over the metric's source items (passages', or queries')."""
     out = []
-    for target, baseline in sorted(best.items(), reverse=True):
-        base = next(s for s in scored if s.method.name == baseline and s.point.target == target and s.method.run is None)
-        learned: dict[str, list[Scored]] = {}
-        for s in scored:
-            if s.method.run is not None and s.point.target == target:
-                learned.setdefault(s.method.name, []).append(s)
-        for name, items in learned.items():
-            diff = bootstrap_difference(torch.stack([s.values[primary] for s in items]), base.values[primary], groups,
-                                        n_boot, seed)
-            out.append({"target": target, "method": name, "baseline": baseline, "n_runs": len(items),
-                        "difference": diff.to_json(), "verdict": diff.verdict})
+    for metric, at in best.items():
+        for target, baseline in sorted(at.items(), reverse=True):
+            base = next(s for s in scored if s.method.name == baseline and s.point.target == target and s.method.run is None)
+            learned: dict[str, list[Scored]] = {}
+            for s in scored:
+                if s.method.run is not None and s.point.target == target:
+                    learned.setdefault(s.method.name, []).append(s)
+            for name, items in learned.items():
+                diff = bootstrap_difference(torch.stack([s.values[metric] for s in items]), base.values[metric],
+                                            data.groups_of(metric), n_boot, seed)
+                out.append({"metric": metric, "target": target, "method": name, "baseline": baseline,
+                            "n_runs": len(items), "difference": diff.to_json(), "verdict": diff.verdict})
     return out
 
 
@@ -358,7 +425,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tome-inflect", type=float, default=0.0,
                    help="tome-native's r schedule: 0 constant per block, -1 the authors' decreasing schedule")
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline, subsets and the bootstrap")
-    p.add_argument("--max-samples", type=int, default=None, help="cap on val and scored samples (seeded subsets)")
+    p.add_argument("--max-samples", type=int, default=None, help="cap on val and scored samples (seeded subsets of rows)")
+    p.add_argument("--max-items", type=int, default=None, metavar="N",
+                   help="cap each split at N source items (Split.groups: python-docs' docstrings and help sections, "
+                        "digits' source digits), a subset seeded by --seed, with all their rows and retrieval queries; "
+                        "every kept query keeps all its relevant passages (minilm-text: --max-items 400)")
     p.add_argument("--batch-size", type=int, default=64, help="eval batch size (executed FLOPs and solving use it)")
     p.add_argument("--no-length-sort", action="store_true",
                    help="batch text rows in split order (default: by length, as SentenceTransformer.encode does)")
@@ -385,12 +456,14 @@ def run(args: argparse.Namespace) -> int:
 
     from policy_prune.config import load_env_config
     from policy_prune.core.artifact import check_signature
-    from policy_prune.data import cap, load_splits
+    from policy_prune.data import cap, cap_groups, load_splits
     from policy_prune.embedded import resolve_backbone
     from policy_prune.evaluation import report, vis
 
     if not args.run_dirs and args.env is None:
         raise UserError("give a RUN_DIR or --env ENV")
+    if args.max_items is not None and args.max_items < 1:
+        raise UserError(f"--max-items must be at least 1, got {args.max_items}")
     console = Console()
     runs = [load_run(Path(d)) for d in args.run_dirs]
     env_cfg = load_env_config(args.env) if args.env else runs[0].env
@@ -409,6 +482,8 @@ def run(args: argparse.Namespace) -> int:
     splits = load_splits(env_cfg, seed=args.seed, backbone=backbone, tokenizer=tokenizer)
     if args.max_samples is not None:
         splits = {k: cap(s, args.max_samples, args.seed) for k, s in splits.items()}
+    if args.max_items is not None:
+        splits = {k: cap_groups(s, args.max_items, args.seed) for k, s in splits.items()}
     with console.status("evaluating") as status:
         results = evaluate(backbone, splits, methods, args.targets, args.split, args.batch_size, args.device,
                            args.repeats, args.bootstrap, args.seed, progress=lambda t: status.update(t),

@@ -1,8 +1,11 @@
 """What ``eval`` writes and prints: pareto.json, table.md, pareto.png and the console tables.
 
 One table of every method at every target (a row per seed for learned methods, their mean with its
-interval), and one of "learned minus the best baseline" per target, which says "better" only where the
-paired interval lies above 0.
+interval), and per compared metric one of "learned minus the best baseline" per target, which says
+"better" only where the paired interval lies above 0. Classifiers show accuracy (with its interval) and
+agreement; encoders cosine and neighbour recall@10 with their intervals, and where the split has a
+retrieval task a second table at the same points: recall@10 and nDCG@10 with their intervals, then both
+with unpruned queries.
 """
 
 from __future__ import annotations
@@ -16,6 +19,21 @@ from typing import Any
 from policy_prune.evaluation.solve import TOLERANCE
 
 SECONDARY = {"accuracy": "agreement", "agreement": None, "cosine": "recall@10"}
+FLOPS_DETAIL = ("executed", "selection", "block")
+"""FLOPs columns besides the total, in the main table only."""
+ENCODER_COLUMNS = {
+    "main": (("cosine", True), ("recall@10", True)),
+    "retrieval": (("ret_recall@10", True), ("ret_ndcg@10", True), ("ret_recall@10:full_queries", False),
+                  ("ret_ndcg@10:full_queries", False)),
+}
+"""Encoders' metric columns (metric, with its interval) of the main and the retrieval table, in order."""
+LABELS = {
+    "recall@10": "neighbour recall@10", "ret_recall@10": "retrieval recall@10", "ret_ndcg@10": "retrieval nDCG@10",
+    "ret_recall@10:full_queries": "recall@10 unpruned queries", "ret_ndcg@10:full_queries": "nDCG@10 unpruned queries",
+}
+"""Column names: retrieval (queries vs passages, both encoded by the method) apart from neighbour recall
+(a passage's nearest passages, pruned vs unpruned); "unpruned queries": the pruned index searched with the
+unpruned model's query embeddings."""
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -33,13 +51,42 @@ def _target_order(target: float | None, rule: str) -> tuple[int, float]:
     return (0, 0.0) if rule == "none" else (1, -target) if target is not None else (2, 0.0)
 
 
-def main_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: per target, every method; learned methods a row per seed, then their mean."""
+def metric_columns(results: dict[str, Any], part: str = "main") -> list[tuple[str, bool]]:
+    """(metric, shown with its interval) per metric column of the ``part`` ("main" or "retrieval") table:
+    a classifier's primary with its interval and its companion (no retrieval table); an encoder's
+    :data:`ENCODER_COLUMNS` that its rows have."""
     primary = results["primary"]
-    second = SECONDARY.get(primary)
-    header = ["target", "method", "seed", "point", "total", "executed", "selection", "block", primary, "95% CI"]
-    header += [second] if second else []
-    header += ["ms/sample @64", "ms/sample @1"]
+    if primary != "cosine":
+        second = SECONDARY.get(primary)
+        return [] if part != "main" else [(primary, True)] + ([(second, False)] if second else [])
+    first = results["results"][0] if results["results"] else {}
+    return [(k, ci) for k, ci in ENCODER_COLUMNS[part] if k in first]
+
+
+def _metric_cells(r: dict[str, Any], columns: Sequence[tuple[str, bool]]) -> list[str]:
+    """A row's (or summary's) metric cells, each with its interval where the column has one."""
+    cells = []
+    for key, with_ci in columns:
+        cells.append(_fmt(r.get(key)))
+        if with_ci:
+            cells.append(_ci(r["intervals"].get(key)))
+    return cells
+
+
+def main_table(results: dict[str, Any], part: str = "main") -> tuple[list[str], list[list[str]]]:
+    """Header and rows: per target, every method; learned methods a row per seed, then their mean.
+
+    ``part``: "main" (FLOPs columns, the task or fidelity metrics, times) or "retrieval" (total FLOPs and
+    the retrieval metrics; no rows without a retrieval task).
+    """
+    columns = metric_columns(results, part)
+    if not columns:
+        return [], []
+    detail = part == "main"
+    header = ["target", "method", "seed", "point", "total"] + (["executed", "selection", "block"] if detail else [])
+    for metric, with_ci in columns:
+        header += [LABELS.get(metric, metric)] + (["95% CI"] if with_ci else [])
+    header += ["ms/sample @64", "ms/sample @1"] if detail else []
     rows = results["results"]
     summary = {_key(s): s for s in results["summary"]}
     body: list[list[str]] = []
@@ -52,18 +99,17 @@ def main_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         label = method if target is not None or rule == "none" else f"{method} (own point)"
         for r in mine:
             flag = "" if r.get("on_target", True) else "*"
-            body.append([tgt, label,
-                         r["run"] or "-", r["point"], _fmt(r["flops"]["total"]) + flag, _fmt(r["flops"]["executed"]),
-                         _fmt(r["flops"]["selection"]), _fmt(r["flops"]["block"]), _fmt(r.get(primary)),
-                         _ci(r["interval"]), *([_fmt(r.get(second))] if second else []),
-                         _fmt(r.get("ms_b64"), 2), _fmt(r.get("ms_b1"), 2)])
+            flops = [_fmt(r["flops"]["total"]) + flag] + [_fmt(r["flops"][k]) for k in FLOPS_DETAIL if detail]
+            times = [_fmt(r.get("ms_b64"), 2), _fmt(r.get("ms_b1"), 2)] if detail else []
+            body.append([tgt, label, r["run"] or "-", r["point"], *flops, *_metric_cells(r, columns), *times])
         if len(mine) > 1:
             s = summary[key]
-            mean = {k: sum(r["flops"][k] for r in mine) / len(mine) for k in ("total", "executed", "selection", "block")}
-            body.append([tgt, label, "mean", "", _fmt(mean["total"]), _fmt(mean["executed"]), _fmt(mean["selection"]),
-                         _fmt(mean["block"]), _fmt(s.get(primary)), _ci(s["interval"]),
-                         *([_fmt(s.get(second))] if second else []), _mean(mine, "ms_b64"), _mean(mine, "ms_b1")])
+            mean = {k: _fmt(sum(r["flops"][k] for r in mine) / len(mine)) for k in ("total", *FLOPS_DETAIL)}
+            flops = [mean["total"]] + [mean[k] for k in FLOPS_DETAIL if detail]
+            times = [_mean(mine, "ms_b64"), _mean(mine, "ms_b1")] if detail else []
+            body.append([tgt, label, "mean", "", *flops, *_metric_cells(s, columns), *times])
     return header, body
+
 
 
 def _key(r: dict[str, Any]) -> tuple[str, float | None, str, float | None]:
@@ -83,13 +129,25 @@ def _mean(rows: Sequence[dict[str, Any]], key: str) -> str:
     return _fmt(sum(vals) / len(vals), 2) if vals else "-"
 
 
-def comparison_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Per target and learned method: the difference to the best baseline (chosen on val) and its verdict."""
-    primary = results["primary"]
-    header = ["target", "method", "best baseline (val)", f"delta {primary}", "95% CI (paired)", "verdict"]
+def compared(results: dict[str, Any]) -> list[str]:
+    """Metrics with a "learned minus the best baseline" comparison: the primary first."""
+    return list(results.get("compared") or [results["primary"]])
+
+
+def comparison_table(results: dict[str, Any], metric: str | None = None) -> tuple[list[str], list[list[str]]]:
+    """Per target and learned method: the difference in ``metric`` (default: the primary) to the best
+    baseline on that metric (chosen on val) and its verdict."""
+    metric = metric or results["primary"]
+    header = ["target", "method", "best baseline (val)", f"delta {metric}", "95% CI (paired)", "verdict"]
     body = [[f"{c['target']:.2f}", c["method"], c["baseline"], f"{c['difference']['mean']:+.3f}",
-             _ci(c["difference"]), c["verdict"]] for c in results["comparisons"]]
+             _ci(c["difference"]), c["verdict"]]
+            for c in results["comparisons"] if c.get("metric", results["primary"]) == metric]
     return header, body
+
+
+def comparison_title(results: dict[str, Any], metric: str) -> str:
+    """"Learned minus the best baseline", naming the metric where it is not the primary."""
+    return "Learned minus the best baseline" + ("" if metric == results["primary"] else f": {LABELS.get(metric, metric)}")
 
 
 def describe(results: dict[str, Any]) -> str:
@@ -99,6 +157,7 @@ def describe(results: dict[str, Any]) -> str:
         f"{results.get('env', '')}: {results['split']} split, {results['n_samples']} samples from {results['n_groups']} "
         f"source groups; learned runs: {runs}; eval batch {results['batch_size']}"
         f"{' (text rows batched in order of length)' if results.get('length_sorted') else ''}.\n\n"
+        f"{_describe_retrieval(results)}"
         "FLOPs are ratios to the unpruned model on each row's own tokens. total = executed + selection: executed is "
         "what the batched forward computes (every row of a batch runs on its longest row: padding included), "
         "selection what choosing the tokens costs (scorer features and MLP, CLS query, similarities, ToMe keys and "
@@ -111,6 +170,20 @@ def describe(results: dict[str, Any]) -> str:
     )
 
 
+def _describe_retrieval(results: dict[str, Any]) -> str:
+    if "n_queries" not in results:
+        return ""
+    return (
+        f"Retrieval: {results['n_queries']} queries from {results['n_query_groups']} source items search the "
+        f"{results['n_samples']} passages; every method encodes both the queries and the passages at the same point "
+        "(a user swaps the encoder for both), binary relevance (the passages of the query's item), recall@10 and "
+        "nDCG@10 per query. \"Unpruned queries\": the same pruned index searched with the unpruned model's query "
+        "embeddings. Retrieval intervals resample the queries' source items; FLOPs columns are the passages' "
+        "(the queries' are `flops_queries` in pareto.json). Neighbour recall@10: share of a passage's 10 nearest "
+        "passages (unpruned) that its pruned embedding finds among the unpruned ones.\n\n"
+    )
+
+
 def markdown(header: list[str], body: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
@@ -118,27 +191,35 @@ def markdown(header: list[str], body: list[list[str]]) -> str:
 
 def write_markdown(results: dict[str, Any], path: Path) -> None:
     parts = [describe(results), "## Every method at equal total FLOPs", markdown(*main_table(results))]
-    if results["comparisons"]:
-        parts += ["## Learned minus the best baseline", markdown(*comparison_table(results))]
+    if (retrieval := main_table(results, "retrieval"))[1]:
+        parts += ["## Retrieval at the same points", markdown(*retrieval)]
+    for metric in compared(results):
+        header, body = comparison_table(results, metric)
+        if body:
+            parts += [f"## {comparison_title(results, metric)}", markdown(header, body)]
     path.write_text("\n\n".join(parts) + "\n")
 
 
 def write_plot(results: dict[str, Any], path: Path) -> None:
-    """The primary metric (and its companion) vs total FLOPs, one curve per method.
+    """Every metric column with an interval (:func:`metric_columns`; a classifier's companion without)
+    vs total FLOPs, one curve per method.
 
     Learned methods: the seeds' mean with per-seed points faint; error bars are the 95% intervals; a
-    learned point is ringed where it is better than the best baseline (interval above 0).
+    learned point is ringed where it is better than the best baseline on that metric (interval above 0).
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    primary = results["primary"]
-    keys = [k for k in (primary, SECONDARY.get(primary)) if k]
-    fig, axes = plt.subplots(1, len(keys), figsize=(6.5 * len(keys), 4.8), squeeze=False)
-    for ax, key in zip(axes[0], keys, strict=True):
-        _plot_metric(ax, results, key, with_ci=key == primary)
+    columns = metric_columns(results)
+    if results["primary"] == "cosine":
+        columns = [c for c in columns + metric_columns(results, "retrieval") if c[1]]
+    cols = min(len(columns), 2)
+    lines = math.ceil(len(columns) / cols)
+    fig, axes = plt.subplots(lines, cols, figsize=(6.5 * cols, 4.8 * lines), squeeze=False)
+    for ax, (key, with_ci) in zip(axes.flat, columns, strict=True):
+        _plot_metric(ax, results, key, with_ci)
     fig.suptitle(f"{results.get('env') or results['signature'].get('architecture', '')}: {results['split']} split, "
                  f"{results['n_samples']} samples, runs: {len(results['runs'])}")
     fig.tight_layout()
@@ -148,7 +229,8 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
 
 def _plot_metric(ax: Any, results: dict[str, Any], key: str, with_ci: bool) -> None:
     rows = results["results"]
-    better = {(c["method"], c["target"]) for c in results["comparisons"] if c["verdict"] == "better"}
+    better = {(c["method"], c["target"]) for c in results["comparisons"]
+              if c["verdict"] == "better" and c.get("metric", results["primary"]) == key}
     for name in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == name]
         if mine[0]["rule"] == "none":
@@ -161,8 +243,9 @@ def _plot_metric(ax: Any, results: dict[str, Any], key: str, with_ci: bool) -> N
             xs.append(sum(r["flops"]["total"] for r in at) / len(at))
             ys.append(sum(r[key] for r in at) / len(at))
             s = next(s for s in results["summary"] if s["method"] == name and s["target"] == t)
-            lo.append(ys[-1] - s["interval"]["lo"] if with_ci else 0.0)
-            hi.append(s["interval"]["hi"] - ys[-1] if with_ci else 0.0)
+            ci = s["intervals"][key]
+            lo.append(ys[-1] - ci["lo"] if with_ci else 0.0)
+            hi.append(ci["hi"] - ys[-1] if with_ci else 0.0)
         line = ax.errorbar(xs, ys, yerr=[lo, hi] if with_ci else None, marker="o", ms=3, capsize=2, label=name)
         color = line.lines[0].get_color()
         if mine[0]["run"] is not None and len({r["run"] for r in mine}) > 1:
@@ -175,7 +258,7 @@ def _plot_metric(ax: Any, results: dict[str, Any], key: str, with_ci: bool) -> N
             if r["target"] is None:
                 ax.plot([r["flops"]["total"]], [r[key]], marker="*", ms=12, ls="", color=color)
     ax.set_xlabel("total FLOPs ratio (executed + selection) / unpruned")
-    ax.set_ylabel(key)
+    ax.set_ylabel(LABELS.get(key, key))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
 
@@ -193,14 +276,15 @@ def _json_default(v: Any) -> Any:
 
 
 def print_tables(results: dict[str, Any], console: Any) -> None:
-    """Both tables on a rich console."""
+    """The tables of table.md on a rich console."""
     from rich.table import Table
 
-    for title, (header, body) in (
-        (f"{results.get('env', '')} {results['split']}: {results['n_samples']} samples, {results['n_groups']} groups",
-         main_table(results)),
-        ("learned minus the best baseline (chosen on val)", comparison_table(results)),
-    ):
+    queries = f", {results['n_queries']} queries" if "n_queries" in results else ""
+    tables = [(f"{results.get('env', '')} {results['split']}: {results['n_samples']} samples, {results['n_groups']} "
+               f"groups{queries}", main_table(results)), ("retrieval at the same points", main_table(results, "retrieval"))]
+    tables += [(f"{comparison_title(results, m)} (chosen on val)", comparison_table(results, m))
+               for m in compared(results)]
+    for title, (header, body) in tables:
         if not body:
             continue
         table = Table(title=title)

@@ -69,20 +69,27 @@ def encode_retrieval(encode: Encoder, split: Any, batch_size: int = 64, device: 
                                embed_rows(encode, split, batch_size, device, trim))
 
 
-def retrieval_metrics(split: Any, emb: RetrievalEmbeddings, full: RetrievalEmbeddings | None = None,
-                      k: int = 10, by_kind: bool = False) -> dict[str, float]:
-    """Mean recall@k / nDCG@k (``ret_`` prefixed) of ``emb`` on ``split``'s task; with ``full`` (the
-    unpruned model's embeddings) also the two mixed settings; ``by_kind`` adds ``/<query kind>`` means."""
+def retrieval_values(relevant: torch.Tensor, emb: RetrievalEmbeddings, full: RetrievalEmbeddings | None = None,
+                     k: int = 10) -> dict[str, torch.Tensor]:
+    """Per-query recall@k / nDCG@k [Q] (``ret_`` prefixed) of ``emb`` for the [R, 2] (query, passage)
+    ``relevant`` pairs; with ``full`` (the unpruned model's embeddings) also the two mixed settings."""
     settings = {"": (emb.queries, emb.passages)}
     if full is not None:
         settings[":full_queries"] = (full.queries, emb.passages)
         settings[":full_passages"] = (emb.queries, full.passages)
+    return {f"ret_{key}{suffix}": per_query for suffix, (q, p) in settings.items()
+            for key, per_query in retrieval_scores(q, p, relevant, k).items()}
+
+
+def retrieval_metrics(split: Any, emb: RetrievalEmbeddings, full: RetrievalEmbeddings | None = None,
+                      k: int = 10, by_kind: bool = False) -> dict[str, float]:
+    """Mean recall@k / nDCG@k (``ret_`` prefixed) of ``emb`` on ``split``'s task; with ``full`` (the
+    unpruned model's embeddings) also the two mixed settings; ``by_kind`` adds ``/<query kind>`` means."""
     out = {}
-    for suffix, (q, p) in settings.items():
-        for key, per_query in retrieval_scores(q, p, split.relevant, k).items():
-            out[f"ret_{key}{suffix}"] = float(per_query.mean())
-            if by_kind and not suffix and split.queries.kinds is not None:
-                out.update(_kind_means(f"ret_{key}", per_query, split.queries.kinds))
+    for key, per_query in retrieval_values(split.relevant, emb, full, k).items():
+        out[key] = float(per_query.mean())
+        if by_kind and ":" not in key and split.queries.kinds is not None:
+            out.update(_kind_means(key, per_query, split.queries.kinds))
     return out
 
 
