@@ -13,7 +13,15 @@ The protocol (issue #15):
    cosine) on val at that target, so the choice does not look at the reported split. "learned minus
    best baseline" is a paired bootstrap over the same groups, seeds averaged row by row; the tables
    and the plot say "better" only where its interval lies above 0.
-4. Time per sample at batch 64 and batch 1 is measured round-robin per target (``--repeats 0`` skips it).
+4. Encoders whose split carries a retrieval task (``Split.queries``, python-docs): every method at
+   every point encodes the queries as well as the passages (a user swaps the encoder for both) and is
+   scored per query by recall@10 and nDCG@10 (also with the unpruned model's queries or passages, free:
+   those are encoded once). Their intervals resample the **queries'** source items, and each has its own
+   "learned minus best baseline", the baseline chosen on val by that metric.
+5. Time per sample at batch 64 and batch 1 is measured round-robin per target (``--repeats 0`` skips it).
+
+Cost: every method point encodes the scored split (and val, to choose the best baseline), queries
+included; ``--max-items N`` caps each split at N whole source items (``data.cap_groups``).
 
 Writes ``pareto.json``, ``table.md``, ``pareto.png`` and ``kept.png`` (``kept.html`` for text) to
 RUN_DIR/eval (RUN_DIR/eval-val for --split val; runs/eval__<env>__<time>/ for several runs or --env).
@@ -429,7 +437,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-items", type=int, default=None, metavar="N",
                    help="cap each split at N source items (Split.groups: python-docs' docstrings and help sections, "
                         "digits' source digits), a subset seeded by --seed, with all their rows and retrieval queries; "
-                        "every kept query keeps all its relevant passages (minilm-text: --max-items 400)")
+                        "every kept query keeps all its relevant passages (minilm-text: --max-items 800, about 10 minutes for "
+                        "the baselines at three targets on 2 CPU cores)")
     p.add_argument("--batch-size", type=int, default=64, help="eval batch size (executed FLOPs and solving use it)")
     p.add_argument("--no-length-sort", action="store_true",
                    help="batch text rows in split order (default: by length, as SentenceTransformer.encode does)")
