@@ -292,3 +292,19 @@ def test_text_features_do_not_depend_on_padding() -> None:
         a = token_features(backbone, backbone.run_blocks(backbone.embed(x), 0, 1), 1, proj, spec)
         b = token_features(backbone, backbone.run_blocks(backbone.embed(wide), 0, 1), 1, proj, spec)
     torch.testing.assert_close(b[:, : a.shape[1]], a, atol=1e-5, rtol=1e-5)
+
+
+def test_text_batches_draw_rows_of_similar_length() -> None:
+    from policy_prune.training.env import SampleSampler
+
+    lengths = np.arange(80) % 40 + 5  # 80 samples of 5..44 tokens
+    sampler = SampleSampler(8, 80, sequential=False, lengths=lengths, buckets=4)
+    for row in range(8):
+        sampler.seed(row, row)
+    counts = np.zeros(80)
+    for _ in range(2000):
+        idx = sampler.draw(8)
+        assert np.ptp(lengths[idx]) <= 10  # one length quartile per batch
+        counts[idx] += 1
+    assert counts.min() > 0.6 * counts.mean() and counts.max() < 1.4 * counts.mean()  # every sample about as likely
+    assert SampleSampler(8, 80, sequential=False, lengths=np.full(80, 7)).buckets is None  # images / equal lengths

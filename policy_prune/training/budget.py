@@ -30,7 +30,7 @@ class BudgetController:
     """Multipliers lambda(f) at ``knots`` evenly spaced targets in [low, high], linear in between."""
 
     def __init__(self, low: float, high: float, knots: int = 8, init_lam: float = 0.0, lr: float = 0.05,
-                 bound: float = 1.0) -> None:
+                 bound: float = 2.0) -> None:
         """Multipliers start at ``init_lam`` and stay in [0, ``bound``]."""
         if not 0.0 < low <= high <= 1.0:
             raise ValueError(f"budget range must satisfy 0 < low <= high <= 1, got [{low}, {high}]")
