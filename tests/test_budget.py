@@ -88,7 +88,7 @@ def test_groups_share_sample_and_target(vit, vit_split) -> None:
 
 
 # ---- calibration and prune(flops=f) ------------------------------------------------------------------
-def _budget_scorer(backbone, inputs, targets=(0.35, 0.5, 0.7)):
+def _budget_scorer(backbone, inputs, targets=(0.5, 0.6, 0.8)):
     scorer = random_scorer(backbone, SITES, seed=0, hidden=(16,), budget=BudgetInput(0.3, 0.9, 0.5))
     scorer.budget = BudgetInput(0.3, 0.9, 0.5, calibrate(backbone, scorer, inputs, targets))
     return scorer
@@ -102,22 +102,31 @@ def test_calibration_meets_each_target(vit, vit_split) -> None:
         # Token counts are integers: 16 rows x 17 tokens give FLOPs steps of ~0.01 at the first site.
         assert got.flops_ratio == pytest.approx(point.flops, abs=0.02)
         assert got.keep_ratio == point.keep_ratio
-    assert [p.flops for p in scorer.budget.calibration] == [0.35, 0.5, 0.7]
+    assert [p.flops for p in scorer.budget.calibration] == [0.5, 0.6, 0.8]
 
 
 def test_prune_at_a_flops_target(vit, vit_split) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
     inputs = [vit_split.inputs]
     scorer = _budget_scorer(vit, inputs)
     model = vit.model
-    fast = prune(model, scorer, flops=0.5, strict=False)
-    assert fast.rule == "threshold" and fast.values == [scorer.budget.threshold(0.5)] * 2
-    assert fast.scorer.target == 0.5 and scorer.target is None  # told its budget, the caller's scorer unchanged
-    _, _, counts = fast.run(vit_split.inputs)
-    got = schedule_flops_ratio(vit, SITES, counts, torch.full((16,), 17), 17)
-    assert got == pytest.approx(0.5, abs=0.02)
-    static = prune(model, scorer, flops=0.5, rule="keep_ratio", strict=False)
-    _, _, counts = static.run(vit_split.inputs)
-    assert schedule_flops_ratio(vit, SITES, counts, torch.full((16,), 17), 17) == pytest.approx(0.5, abs=0.03)
+
+    def counted(fn) -> int:  # what really runs: every matmul of the model and of the scorer
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            fn(vit_split.inputs)
+        return counter.get_total_flops()
+
+    full = counted(model)
+    static = prune(model, scorer, flops=0.6, strict=False)
+    assert static.rule == "keep_ratio"
+    assert static.scorer.target == 0.6 and scorer.target is None  # told its budget, the caller's scorer unchanged
+    # Fixed counts: the FLOPs that run, scorer included, are the target (within one token of this tiny model).
+    assert counted(static) / full == pytest.approx(0.6, abs=0.035)
+    adaptive = prune(model, scorer, flops=0.6, rule="threshold", strict=False)
+    assert adaptive.values == [scorer.budget.threshold(0.6)] * 2
+    ratio = measure(vit, adaptive.scorer, inputs, "threshold", adaptive.values).flops_ratio
+    assert ratio == pytest.approx(0.6, abs=0.02)
     with pytest.raises(UserError, match="outside the budgets"):
         prune(model, scorer, flops=0.2, strict=False)
     with pytest.raises(UserError, match="one of flops"):
@@ -126,10 +135,10 @@ def test_prune_at_a_flops_target(vit, vit_split) -> None:
 
 def test_prune_at_flops_without_a_budget_input(vit, vit_split) -> None:
     scorer = random_scorer(vit, SITES, seed=0, hidden=(16,))
-    fast = prune(vit.model, scorer, flops=0.6, strict=False)
+    fast = prune(vit.model, scorer, flops=0.7, strict=False)
     assert fast.rule == "keep_ratio" and len(set(fast.values)) == 1
     with pytest.raises(UserError, match="no budget input"):
-        prune(vit.model, scorer, flops=0.6, rule="threshold", strict=False)
+        prune(vit.model, scorer, flops=0.7, rule="threshold", strict=False)
 
 
 def test_keep_ratios_for_flops_follows_a_profile(vit) -> None:
@@ -212,3 +221,23 @@ def test_env_preset_recommends_agent_and_train_settings(tmp_path) -> None:
     assert cfg.agent_name == "agent"
     cfg = resolve_config(Namespace(**{**args, "timesteps": 256, "overrides": ["train.eval_every=32"]}))
     assert cfg.train.timesteps == 256 and cfg.train.eval_every == 32  # the command line wins
+
+
+def test_bench_counts_what_prune_at_flops_runs(tmp_path, capsys) -> None:
+    from policy_prune.config import load_env_config
+    from policy_prune.embedded import resolve
+
+    (tmp_path / "env.yaml").write_text(yaml.safe_dump(TINY_ENV))
+    backbone, splits = resolve(load_env_config(str(tmp_path / "env.yaml")))
+    scorer = random_scorer(backbone, SITES, seed=0, hidden=(16,), budget=BudgetInput(0.5, 0.9, 0.6))
+    scorer.budget = BudgetInput(0.5, 0.9, 0.6, calibrate(backbone, scorer, [splits["val"].inputs], (0.6, 0.8)))
+    save_scorer(scorer, tmp_path / "scorer", backbone.signature())
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--what", "budget", "--scorer", str(tmp_path / "scorer"), "--env", str(tmp_path / "env.yaml"),
+                 "--targets", "0.8", "0.6", "--batch", "8", "1", "--samples", "8", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["budget"]
+    assert {(r["batch"], r["target"], r["rule"]) for r in rows} == {(b, t, r) for b in (8, 1) for t in (0.8, 0.6)
+                                                                    for r in ("keep_ratio", "threshold")}
+    for r in rows:
+        if r["rule"] == "keep_ratio":  # fixed counts: what runs is the target, within one token of this tiny model
+            assert r["flops_ratio"] == pytest.approx(r["target"], abs=0.04)

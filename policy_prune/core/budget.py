@@ -118,21 +118,33 @@ def ratio_schedule_counts(ratios: Sequence[float], n_prunable: torch.Tensor | in
     return counts
 
 
+Selection = Callable[[int, int], float]
+"""(site index, tokens entering the site) -> FLOPs of choosing the tokens there (per row)."""
+
+
 def schedule_flops_rows(backbone: TokenBackbone, sites: Sequence[int], counts: Sequence[torch.Tensor | int],
-                        n0: torch.Tensor | int, n_full: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(FLOPs [B], unpruned FLOPs [B]) of rows with ``n0`` [B] tokens and alive ``counts`` [B] after each site."""
+                        n0: torch.Tensor | int, n_full: int,
+                        selection: Selection | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FLOPs [B], unpruned FLOPs [B]) of rows with ``n0`` [B] tokens and alive ``counts`` [B] after each
+    site; with ``selection``, what choosing the tokens costs at each site is counted too."""
     n0_t = torch.as_tensor(n0, dtype=torch.float64).reshape(-1).cpu()
-    blocks = ops.schedule_flops(backbone.block_shape, backbone.depth, list(sites),
-                                [torch.as_tensor(c, dtype=torch.float64).reshape(-1).cpu() for c in counts], n0_t)
+    kept: list[torch.Tensor | int] = [torch.as_tensor(c, dtype=torch.float64).reshape(-1).cpu() for c in counts]
+    blocks = ops.schedule_flops(backbone.block_shape, backbone.depth, list(sites), kept, n0_t)
     fixed = backbone.embed_flops(n_full) + backbone.head_flops()
     full = backbone.depth * backbone.block_flops(n0_t) + fixed
-    return torch.as_tensor(blocks, dtype=torch.float64) + fixed, torch.as_tensor(full, dtype=torch.float64)
+    flops = torch.as_tensor(blocks, dtype=torch.float64) + fixed
+    if selection is not None:
+        entering = [n0_t, *kept[:-1]]
+        for i, n in enumerate(torch.as_tensor(e).expand(flops.shape) for e in entering):
+            per_count = {c: float(selection(i, int(c))) for c in n.unique().tolist()}
+            flops = flops + torch.tensor([per_count[c] for c in n.tolist()], dtype=torch.float64)
+    return flops, torch.as_tensor(full, dtype=torch.float64)
 
 
 def schedule_flops_ratio(backbone: TokenBackbone, sites: Sequence[int], counts: Sequence[torch.Tensor | int],
-                         n0: torch.Tensor | int, n_full: int) -> float:
+                         n0: torch.Tensor | int, n_full: int, selection: Selection | None = None) -> float:
     """Total FLOPs over total unpruned FLOPs of rows with ``n0`` [B] tokens and per-site ``counts`` [B]."""
-    flops, full = schedule_flops_rows(backbone, sites, counts, n0, n_full)
+    flops, full = schedule_flops_rows(backbone, sites, counts, n0, n_full, selection)
     return float(flops.sum() / full.sum())
 
 
@@ -150,8 +162,10 @@ def solve_scale(flops_of: Callable[[float], float], target: float, iters: int = 
 
 
 def keep_ratios_for_flops(backbone: TokenBackbone, sites: Sequence[int], target: float, n_tokens: int,
-                          n_protected: int, profile: Sequence[float] | None = None) -> list[float]:
-    """Per-site keep shares whose schedule on a full ``n_tokens`` input runs ``target`` of the FLOPs.
+                          n_protected: int, profile: Sequence[float] | None = None,
+                          selection: Selection | None = None) -> list[float]:
+    """Per-site keep shares whose schedule on a full ``n_tokens`` input runs ``target`` of the FLOPs
+    (``selection``: the cost of choosing the tokens, counted in the budget).
 
     ``profile``: the relative per-site shares to keep (e.g. a calibrated allocation); None = the same
     share at every site. The profile is moved monotonically from keep-nothing to keep-all (shares
@@ -169,6 +183,6 @@ def keep_ratios_for_flops(backbone: TokenBackbone, sites: Sequence[int], target:
 
     def flops_of(s: float) -> float:
         counts = ratio_schedule_counts(ratios(s), n_tokens - n_protected, n_protected)
-        return schedule_flops_ratio(backbone, sites, counts, n_tokens, n_tokens)
+        return schedule_flops_ratio(backbone, sites, counts, n_tokens, n_tokens, selection)
 
     return ratios(solve_scale(flops_of, target))

@@ -15,6 +15,7 @@ import torch
 from policy_prune.core.backbones.base import TokenBackbone
 from policy_prune.core.budget import CalibrationPoint, schedule_flops_rows
 from policy_prune.core.scorer import LearnedScorer, make_keep_fn
+from policy_prune.core.selection import learned_flops
 
 
 @dataclass
@@ -22,7 +23,7 @@ class Measured:
     """What a scorer + rule did over some inputs."""
 
     flops_ratio: float
-    """Total FLOPs over total unpruned FLOPs."""
+    """Total FLOPs over total unpruned FLOPs (a learned scorer's own features and MLP included)."""
     keep_ratio: list[float]
     """Per site: kept prunable tokens over the prunable alive tokens before the site (ratio of sums)."""
 
@@ -32,6 +33,10 @@ def measure(backbone: TokenBackbone, scorer: Any, inputs: Sequence[Any], rule: s
             sites: Sequence[int] | None = None) -> Measured:
     """Run ``scorer`` with ``rule``/``values`` over every batch of ``inputs`` and sum the counts."""
     sites = list(sites if sites is not None else scorer.sites)
+    selection = None
+    if isinstance(scorer, LearnedScorer):
+        def selection(i: int, n: int) -> float:
+            return learned_flops(backbone, scorer, sites[i], n)
     flops = full = 0.0
     kept = torch.zeros(len(sites), dtype=torch.float64)
     before = torch.zeros(len(sites), dtype=torch.float64)
@@ -39,7 +44,7 @@ def measure(backbone: TokenBackbone, scorer: Any, inputs: Sequence[Any], rule: s
         start = backbone.embed(x)
         n0, prot = start.alive_counts.cpu(), (start.protected & start.valid).sum(dim=1).cpu()
         _, _, counts = backbone.forward_pruned(x, sites, make_keep_fn(backbone, scorer, rule, values))
-        f, u = schedule_flops_rows(backbone, sites, counts, n0, start.n_full)
+        f, u = schedule_flops_rows(backbone, sites, counts, n0, start.n_full, selection)
         flops, full = flops + float(f.sum()), full + float(u.sum())
         prev = n0
         for i, c in enumerate(counts):

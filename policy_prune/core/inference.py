@@ -34,6 +34,7 @@ from policy_prune.core.scorer import (
     make_keep_fn,
     spent_fraction,
 )
+from policy_prune.core.selection import learned_flops
 from policy_prune.core.sentence_transformer import is_sentence_transformer, prune_sentence_transformer
 from policy_prune.errors import UsageError, UserError
 
@@ -277,12 +278,13 @@ def prune(
     (keep that fraction of the prunable alive tokens at each site; fixed counts, static shapes).
     Values are one number or one per site; with neither given, scorer.json's default rule is used.
 
-    ``flops`` asks for a FLOPs ratio instead (e.g. 0.5: half the unpruned model's FLOPs). A
-    budget-conditioned scorer is told that budget and meets it with the threshold calibrated on
-    validation data (the default rule: per-sample counts, the mean meets ``flops``) or, with
-    ``rule="keep_ratio"``, with fixed per-site counts (its calibrated allocation, scaled so that the
-    analytic FLOPs of a full-length input equal ``flops``). A scorer without a budget input meets it
-    with one constant keep_ratio at every site. See :mod:`policy_prune.core.budget`.
+    ``flops`` asks for a FLOPs ratio instead (e.g. 0.5: half the unpruned model's FLOPs, the scorer's own
+    features and MLP included). A budget-conditioned scorer is told that budget. By default it meets it
+    with fixed per-site counts (keep_ratio: static shapes, exact FLOPs for a full-length input; the
+    per-site allocation is the policy's own, calibrated on validation data), or with
+    ``rule="threshold"`` with the calibrated threshold (per-sample counts whose mean meets ``flops`` on
+    data like the validation split, at batch 1; a batched forward pads rows to the longest). A scorer
+    without a budget input meets it with one constant keep_ratio. See :mod:`policy_prune.core.budget`.
 
     A scorer trained for another backbone raises ScorerMismatchError (``strict=False`` tolerates a
     different architecture name or class count when every shape matches).
@@ -318,7 +320,11 @@ def prune(
 
 def rule_for_flops(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
                    rule: str | None = None) -> tuple[str, list[float], LearnedScorer]:
-    """(rule, one value per site, the scorer told its budget) that run ``scorer`` at ``flops``."""
+    """(rule, one value per site, the scorer told its budget) that run ``scorer`` at ``flops``.
+
+    keep_ratio (the default): fixed per-site counts whose FLOPs on a full-length input, the scorer's
+    own cost included, are ``flops``. threshold (budget-conditioned scorers): the calibrated threshold.
+    """
     if not 0.0 < flops <= 1.0:
         raise UserError(f"flops must be a FLOPs ratio in (0, 1], got {flops:g}")
     budget = scorer.budget
@@ -328,16 +334,20 @@ def rule_for_flops(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
         told = scorer.at(flops) if budget is not None else scorer
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    if budget is not None and rule in (None, "threshold"):
-        return "threshold", [budget.threshold(flops)] * len(scorer.sites), told
     if rule == "threshold":
-        raise UserError("this scorer has no budget input, so no threshold is calibrated for a FLOPs target: "
-                        "use rule='keep_ratio' (or no rule) with flops=...")
+        if budget is None:
+            raise UserError("this scorer has no budget input, so no threshold is calibrated for a FLOPs target: "
+                            "use rule='keep_ratio' (or no rule) with flops=...")
+        return "threshold", [budget.threshold(flops)] * len(scorer.sites), told
     prefix, grid = token_layout(backbone)
     n_full = prefix + grid[0] * grid[1] if grid else TEXT_PLAN_TOKENS
     n_protected = prefix if grid else 2  # [CLS] and [SEP]
     profile = budget.keep_ratios(flops) if budget is not None else None
-    ratios = keep_ratios_for_flops(backbone, scorer.sites, flops, n_full, n_protected, profile)
+
+    def selection(site_index: int, n: int) -> float:
+        return learned_flops(backbone, told, scorer.sites[site_index], n, has_cls=n_protected > 0)
+
+    ratios = keep_ratios_for_flops(backbone, scorer.sites, flops, n_full, n_protected, profile, selection)
     return "keep_ratio", ratios, told
 
 

@@ -24,20 +24,26 @@ from policy_prune.core.inference import PrunedModel, prune
 from policy_prune.core.schedule import TokenCounts, keep_ratio_for
 from policy_prune.core.scorer import LearnedScorer, random_scorer
 from policy_prune.embedded import DTYPE_NAMES, DTYPES, load_model, model_inputs
+from policy_prune.errors import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--what", nargs="+", choices=("exec", "model", "onnx", "env", "flops"), default=["exec"],
+    p.add_argument("--what", nargs="+", choices=("exec", "model", "onnx", "env", "flops", "budget"), default=["exec"],
                    help="exec: original vs pruned forward of --model (random keep); model: original vs "
                         "PrunedModel with a scorer (--scorer, else random weights) at --flops; onnx: the same two "
                         "exported as ONNX graphs and run in onnxruntime (CPU); env: batched-env samples/s vs plain "
-                        "forward on --env; flops: analytic FLOPs of --model vs FlopCounterMode")
+                        "forward on --env; flops: analytic FLOPs of --model vs FlopCounterMode; budget: the FLOPs "
+                        "that prune(model, --scorer, flops=f) really runs (FlopCounterMode) on --env's test split, "
+                        "for each of --targets and both rules")
     p.add_argument("--model", default="deit_small_patch16_224",
                    help="timm name (random init), hf:<id>, model folder, digits-vit (the cached embedded backbone) or "
                         "minilm (all-MiniLM-L6-v2, real weights, on padded python-docs test passages)")
     p.add_argument("--scorer", type=Path, default=None, help="scorer folder for --what model (default: random weights)")
     p.add_argument("--flops", type=float, default=0.5, help="FLOPs ratio of the keep_ratio schedule (--what model)")
     p.add_argument("--sites", type=int, nargs="+", default=[0], help="pruning sites of the random scorer (--what model)")
+    p.add_argument("--targets", type=float, nargs="+", default=[0.7, 0.5, 0.35],
+                   help="--what budget: the FLOPs ratios asked of prune(model, scorer, flops=f)")
+    p.add_argument("--samples", type=int, default=256, help="--what budget: test samples the FLOPs are counted on")
     p.add_argument("--length", type=int, default=128,
                    help="--what onnx, text models: the fixed input length of both graphs (rows padded to it)")
     p.add_argument("--env", default="digits-vit", help="env preset (name or YAML path) for --what env")
@@ -212,6 +218,58 @@ def flops_agreement(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def counted_flops(fn: Callable[[Any], Any], batches: Sequence[Any]) -> int:
+    """Matmul FLOPs ``fn`` really runs over ``batches`` (FlopCounterMode; SDPA on its math backend, since
+    CPU flash attention is invisible to the counter)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        for x in batches:
+            fn(x)
+    return int(counter.get_total_flops())
+
+
+def bench_budget(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``prune(model, scorer, flops=f)`` for every target and rule: the FLOPs ratio that really runs
+    (pruned model, scorer included, over the unpruned model on the same test samples), at each batch size."""
+    from policy_prune.config import load_env_config
+    from policy_prune.core.artifact import load_scorer
+    from policy_prune.embedded import resolve
+
+    if args.scorer is None:
+        raise UserError("--what budget needs --scorer SCORER_DIR (a trained scorer)")
+    scorer = load_scorer(args.scorer)
+    backbone, splits = resolve(load_env_config(args.env), seed=args.seed)
+    test = splits["test"].select(torch.arange(min(args.samples, len(splits["test"]))))
+    model = backbone.model
+    rows = []
+    for batch in args.batch:
+        batches = [test.select(i).inputs for i in torch.arange(len(test)).split(batch)]
+        call = (lambda m: (lambda x: m(**x))) if isinstance(test.inputs, dict) else (lambda m: m)
+        full = counted_flops(call(model), batches)
+        for target in args.targets:
+            for rule in ("keep_ratio", "threshold") if scorer.budget is not None else ("keep_ratio",):
+                fast = prune(model, scorer, flops=target, rule=rule, strict=False)
+                ratio = counted_flops(call(fast), batches) / full
+                rows.append({"batch": batch, "target": target, "rule": rule, "flops_ratio": ratio,
+                             "relative_error": ratio / target - 1.0, "samples": len(test)})
+    return rows
+
+
+def print_budget(args: argparse.Namespace, console: Any) -> list[dict[str, Any]]:
+    from rich.table import Table
+
+    rows = bench_budget(args)
+    table = Table(title=f"prune(model, scorer, flops=f): FLOPs that run (FlopCounterMode), {args.env} test split")
+    for col in ("batch", "f", "rule", "FLOPs ratio", "vs f"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["batch"]), f"{r['target']:g}", r["rule"], f"{r['flops_ratio']:.4f}", f"{100 * r['relative_error']:+.1f}%")
+    console.print(table)
+    return rows
+
+
 def rollout_buffer_mib(vec: Any, agent_cfg: Any) -> float:
     """Bytes of SB3's DictRolloutBuffer for the agent preset's n_steps x n_envs on this env's spaces."""
     from stable_baselines3.common.buffers import DictRolloutBuffer
@@ -247,6 +305,8 @@ def run(args: argparse.Namespace) -> int:
         for r in payload["flops"]:
             table.add_row(str(r["tokens"]), f"{r['analytic_gflops']:.4f}", f"{r['counted_gflops']:.4f}", f"{r['rel_error']:.2e}")
         console.print(table)
+    if "budget" in args.what:
+        payload["budget"] = print_budget(args, console)
     if "exec" in args.what:
         payload["pruned_execution"] = print_exec(args, console)
     if "model" in args.what:
