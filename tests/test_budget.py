@@ -12,15 +12,10 @@ import yaml
 from policy_prune.cli import main
 from policy_prune.core.artifact import ScorerFileError, load_scorer, save_scorer
 from policy_prune.core.backbones import adapt
-from policy_prune.core.budget import (
-    BudgetInput,
-    CalibrationPoint,
-    keep_ratios_for_flops,
-    ratio_schedule_counts,
-    schedule_flops_ratio,
-)
+from policy_prune.core.budget import BudgetInput, CalibrationPoint
 from policy_prune.core.calibration import calibrate, measure
 from policy_prune.core.inference import prune
+from policy_prune.core.schedule import TokenCounts, flops_ratio, keep_ratios_for, keep_schedule
 from policy_prune.core.scorer import random_scorer
 from policy_prune.errors import UserError
 from policy_prune.training.budget import BudgetController
@@ -144,15 +139,16 @@ def test_prune_at_flops_without_a_budget_input(vit, vit_split) -> None:
 def test_keep_ratios_for_flops_follows_a_profile(vit) -> None:
     # This tiny model runs 0.36 of its FLOPs with every prunable token dropped at both sites.
     for target, shape_kept in ((0.45, True), (0.5, True), (0.9, False)):
-        ratios = keep_ratios_for_flops(vit, SITES, target, 17, 1, profile=[0.4, 0.8])
-        counts = ratio_schedule_counts(ratios, 16, 1)
+        tc = TokenCounts.dense(17, 1)
+        ratios = keep_ratios_for(vit, SITES, tc, target, profile=[0.4, 0.8])
+        counts = keep_schedule(ratios, tc.n0, tc.protected)
         # One token at the first site is ~0.035 of this model's FLOPs: the solver lands within a token.
-        assert schedule_flops_ratio(vit, SITES, counts, 17, 17) == pytest.approx(target, abs=0.035)
+        assert flops_ratio(vit, SITES, counts, tc) == pytest.approx(target, abs=0.035)
         if shape_kept:  # below the profile's own FLOPs: the profile scaled down
             assert ratios[0] / ratios[1] == pytest.approx(0.5)
         else:  # above it: each share raised towards keep-all
             assert ratios[0] > 0.4 and ratios[1] > 0.8
-    assert keep_ratios_for_flops(vit, SITES, 0.6, 17, 1) == [pytest.approx(0.6, abs=0.1)] * 2
+    assert keep_ratios_for(vit, SITES, TokenCounts.dense(17, 1), 0.6, [0.5, 0.5]) == [pytest.approx(0.6, abs=0.1)] * 2
 
 
 # ---- the artifact -----------------------------------------------------------------------------------

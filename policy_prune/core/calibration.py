@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from policy_prune.core.backbones.base import TokenBackbone
-from policy_prune.core.budget import CalibrationPoint, schedule_flops_rows
-from policy_prune.core.scorer import LearnedScorer, make_keep_fn
+from policy_prune.core.budget import CalibrationPoint
+from policy_prune.core.schedule import TokenCounts, flops_per_row
+from policy_prune.core.scorer import LearnedScorer, make_keep_fn, row_full_flops
 from policy_prune.core.selection import learned_flops
 
 
@@ -44,7 +45,8 @@ def measure(backbone: TokenBackbone, scorer: Any, inputs: Sequence[Any], rule: s
         start = backbone.embed(x)
         n0, prot = start.alive_counts.cpu(), (start.protected & start.valid).sum(dim=1).cpu()
         _, _, counts = backbone.forward_pruned(x, sites, make_keep_fn(backbone, scorer, rule, values))
-        f, u = schedule_flops_rows(backbone, sites, counts, n0, start.n_full, selection)
+        tc = TokenCounts(n0, prot, start.n_full)
+        f, u = flops_per_row(backbone, sites, counts, tc, selection), row_full_flops(backbone, n0, start.n_full)
         flops, full = flops + float(f.sum()), full + float(u.sum())
         prev = n0
         for i, c in enumerate(counts):

@@ -24,9 +24,8 @@ from policy_prune.core import ops
 from policy_prune.core.artifact import RULES, check_signature, load_scorer, normalize_rule
 from policy_prune.core.backbones import HFEncoderBackbone, KeepFn, TokenBackbone, TokenState, adapt
 from policy_prune.core.backbones.hf import TEXT_PROTECTED
-from policy_prune.core.budget import keep_ratios_for_flops
 from policy_prune.core.features import make_projection, token_layout
-from policy_prune.core.schedule import keep_schedule
+from policy_prune.core.schedule import TokenCounts, keep_ratios_for, keep_schedule
 from policy_prune.core.scorer import (
     LearnedScorer,
     TokenScorer,
@@ -347,7 +346,8 @@ def rule_for_flops(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
     def selection(site_index: int, n: int) -> float:
         return learned_flops(backbone, told, scorer.sites[site_index], n, has_cls=n_protected > 0)
 
-    ratios = keep_ratios_for_flops(backbone, scorer.sites, flops, n_full, n_protected, profile, selection)
+    counts = TokenCounts.dense(n_full, n_protected)  # a full-length input
+    ratios = keep_ratios_for(backbone, scorer.sites, counts, flops, profile or [0.5] * len(scorer.sites), selection)
     return "keep_ratio", ratios, told
 
 

@@ -46,17 +46,30 @@ def keep_schedule(values: Sequence[float], n_alive: torch.Tensor, n_protected: t
     return counts
 
 
-def flops_per_row(backbone: TokenBackbone, sites: Sequence[int], counts: Sequence[torch.Tensor], tc: TokenCounts) -> torch.Tensor:
-    """[M] FLOPs of each row given the alive counts [M] after each site."""
-    blocks = ops.schedule_flops(backbone.block_shape, backbone.depth, list(sites),
-                                [c.double().cpu() for c in counts], tc.n0.double())
-    return torch.as_tensor(blocks + backbone.embed_flops(tc.n_full) + backbone.head_flops(), dtype=torch.float64)
+Selection = Callable[[int, int], float]
+"""(site index, tokens entering the site) -> FLOPs of choosing the tokens there, per row
+(``core.selection``: a learned scorer's features and MLP)."""
 
 
-def flops_ratio(backbone: TokenBackbone, sites: Sequence[int], counts: Sequence[torch.Tensor], tc: TokenCounts) -> float:
+def flops_per_row(backbone: TokenBackbone, sites: Sequence[int], counts: Sequence[torch.Tensor], tc: TokenCounts,
+                  selection: Selection | None = None) -> torch.Tensor:
+    """[M] FLOPs of each row given the alive counts [M] after each site (with ``selection``, what
+    choosing the tokens costs at each site too)."""
+    kept = [torch.as_tensor(c).double().cpu().expand(len(tc.n0)) for c in counts]
+    blocks = ops.schedule_flops(backbone.block_shape, backbone.depth, list(sites), list(kept), tc.n0.double().cpu())
+    flops = torch.as_tensor(blocks + backbone.embed_flops(tc.n_full) + backbone.head_flops(), dtype=torch.float64)
+    if selection is not None:
+        for i, entering in enumerate([tc.n0.cpu(), *kept[:-1]]):
+            per_count = {c: float(selection(i, int(c))) for c in entering.unique().tolist()}
+            flops = flops + torch.tensor([per_count[c] for c in entering.tolist()], dtype=torch.float64)
+    return flops
+
+
+def flops_ratio(backbone: TokenBackbone, sites: Sequence[int], counts: Sequence[torch.Tensor], tc: TokenCounts,
+                selection: Selection | None = None) -> float:
     """Total FLOPs over total unpruned FLOPs of the rows."""
     full = row_full_flops(backbone, tc.n0, tc.n_full).expand(len(tc.n0))
-    return float(flops_per_row(backbone, sites, counts, tc).sum() / full.sum())
+    return float(flops_per_row(backbone, sites, counts, tc, selection).sum() / full.sum())
 
 
 def ratio_counts(sites: Sequence[int], tc: TokenCounts, ratio: float) -> list[torch.Tensor]:
@@ -80,3 +93,24 @@ def solve_keep_ratio(fn: Callable[[float], float], target: float, iters: int = 4
 def keep_ratio_for(backbone: TokenBackbone, sites: Sequence[int], tc: TokenCounts, target: float) -> float:
     """The constant per-site keep ratio whose schedule runs these rows nearest ``target`` of their FLOPs."""
     return solve_keep_ratio(lambda r: flops_ratio(backbone, sites, ratio_counts(sites, tc, r), tc), target)
+
+
+def keep_ratios_for(backbone: TokenBackbone, sites: Sequence[int], tc: TokenCounts, target: float,
+                    profile: Sequence[float], selection: Selection | None = None) -> list[float]:
+    """Per-site keep ratios shaped like ``profile`` whose schedule runs these rows nearest ``target`` of
+    their FLOPs (``selection`` counted in).
+
+    The profile is moved monotonically from keep-nothing to keep-all: for s in [0, 0.5] the ratios are
+    the profile scaled by 2s; for s in [0.5, 1] each is raised towards 1 (a budget-conditioned scorer's
+    calibrated allocation, stretched to meet any target).
+    """
+    base = [min(max(float(r), 0.0), 1.0) for r in profile]
+
+    def ratios(s: float) -> list[float]:
+        u = 2.0 * s
+        return [r * u if u <= 1.0 else r + (1.0 - r) * (u - 1.0) for r in base]
+
+    def cost(s: float) -> float:
+        return flops_ratio(backbone, sites, keep_schedule(ratios(s), tc.n0, tc.protected), tc, selection)
+
+    return ratios(solve_keep_ratio(cost, target))
