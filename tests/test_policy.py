@@ -8,7 +8,7 @@ import torch
 from stable_baselines3 import A2C, PPO
 
 from policy_prune.core.backbones import adapt
-from policy_prune.core.scorer import make_keep_fn
+from policy_prune.core.scorer import TokenScorer, make_keep_fn
 from policy_prune.training.env import PruneVecEnv
 from policy_prune.training.policy import MaskedBernoulli, TokenScorerPolicy, load_learned_scorer
 from tests import tiny
@@ -118,3 +118,29 @@ def test_scorer_decisions_match_policy_in_env(env) -> None:
     for site, a in enumerate(env_actions):
         assert (decisions[site].numpy() == a.astype(bool)).all()
     assert 0 < np.mean([a.mean() for a in env_actions]) < 1
+
+
+def test_packed_alive_tokens_give_the_dense_results() -> None:
+    """The policy runs its per-token networks on the alive tokens only: the same logits, values and keep
+    gains as running them on every slot and masking (the math is identical; float sums may reorder)."""
+    from policy_prune.training.policy import AliveTokens, PooledCritic
+
+    torch.manual_seed(0)
+    b, n, f, g = 4, 9, 6, 5
+    tokens, context = torch.randn(b, n, f), torch.rand(b, g)
+    alive = torch.rand(b, n) > 0.4
+    alive[:, 0] = True
+    packed = AliveTokens.of(alive)
+    scorer = TokenScorer(f, g, [8, 8])
+    dense_logits = scorer(tokens, context)
+    torch.testing.assert_close(packed.scatter(scorer.forward_packed(packed.gather(tokens), packed.rows, context)),
+                               dense_logits * alive)
+    critic = PooledCritic(f, g, [8], token_baseline=True)
+    torch.nn.init.normal_(critic.keep_gain[-1].weight)  # starts at zero: make the gains non-trivial
+    values, gains = critic.token_values(tokens, packed, context)
+    h = critic.token(tokens)
+    pooled = (h * alive.unsqueeze(-1)).sum(1) / alive.sum(1, keepdim=True)
+    row = torch.cat([pooled, context], dim=-1)
+    torch.testing.assert_close(values, critic.body(row).squeeze(-1))
+    dense_gains = critic.keep_gain(torch.cat([h, row.unsqueeze(1).expand(-1, n, -1)], dim=-1)).squeeze(-1)
+    torch.testing.assert_close(gains, dense_gains * alive)
