@@ -173,7 +173,8 @@ def test_bench_onnx_times_both_graphs_on_the_same_inputs(monkeypatch) -> None:
     for r in rows:
         assert r["max_abs_diff_pruned"] <= 1e-4 and r["max_abs_diff_unpruned"] <= 1e-4
         assert r["tokens_kept"][-1] < r["tokens_kept"][0] < r["tokens_full"] == 17
-        assert abs(r["flops_ratio"] - 0.6) < 0.1 and r["ms_pruned"] > 0 and r["ms_unpruned"] > 0
+        # prune(flops=0.6) meets 0.6 with the scorer's own cost (large next to a 17-token toy model) counted
+        assert abs(r["flops_ratio"] + r["selection_flops_ratio"] - 0.6) < 0.1 and r["ms_pruned"] > 0 and r["ms_unpruned"] > 0
         assert r["speedup"] == pytest.approx(r["ms_unpruned"] / r["ms_pruned"])
 
 

@@ -491,12 +491,26 @@ def _bench_batch(model: nn.Module, backbone: TokenBackbone, scorer: LearnedScore
 def executed_schedule(pruned: PrunedModel, x: Any) -> tuple[list[int], float, int]:
     """(slots per row after each site, FLOPs ratio, tokens embedded) of what runs on ``x``. On padded text
     the slots are the planned widths of the static path (rows may keep fewer), else the largest count;
-    FLOPs are counted on those slots, padding included."""
+    FLOPs are counted on those slots, padding included. The blocks' FLOPs only: see :func:`selection_ratio`."""
     with torch.no_grad():
         _, state, counts = pruned.run(x)
     b, n = pruned.backbone, state.n_full
     kept = pruned.text_widths(n) if pruned.static_text(x) else [int(c.max()) for c in counts]
     return kept, float(b.schedule_flops(pruned.sites, kept, n)) / b.full_flops(n), n
+
+
+def selection_ratio(pruned: PrunedModel, kept: Sequence[int], n: int) -> float:
+    """What choosing the tokens costs (scorer features and MLP at every site, on the slots alive before it),
+    as a fraction of the unpruned model's FLOPs on n tokens."""
+    from policy_prune.core.features import token_layout
+    from policy_prune.core.selection import learned_flops
+
+    b = pruned.backbone
+    prefix, grid = token_layout(b)
+    has_cls = prefix > 0 or grid is None  # as prune(flops=...) counts it: text keeps [CLS]
+    before = [n, *kept[:-1]]
+    spent = sum(learned_flops(b, pruned.scorer, site, int(m), has_cls=has_cls) for site, m in zip(pruned.sites, before, strict=True))
+    return float(spent) / b.full_flops(n)
 
 
 def _free_schedule(pruned: PrunedModel, x: Any, kept: Sequence[int], compile: bool = False) -> Callable[[], Any]:
@@ -587,9 +601,11 @@ def _bench_onnx_batch(sessions: Mapping[str, Any], graphs: Mapping[str, Any], x:
     fns = {name: (lambda s=s: run_onnx(s, a)) for name, s in sessions.items()}
     t = time_round_robin(fns, args.warmup, args.repeats, "cpu")
     kept, flops, n = executed_schedule(fast, x)
+    selection = selection_ratio(fast, kept, n)
     diffs = {name: verify(sessions[name], graphs[name], a, atol=math.inf) for name in sessions}
     return {"batch": int(a[0].shape[0]), "sites": fast.sites, "tokens_full": n,
-            "tokens_kept": kept, "flops_ratio": flops, "ms_unpruned": 1e3 * t["unpruned"],
+            "tokens_kept": kept, "flops_ratio": flops, "selection_flops_ratio": selection,
+            "ms_unpruned": 1e3 * t["unpruned"],
             "ms_pruned": 1e3 * t["pruned"], "speedup": t["unpruned"] / t["pruned"],
             "max_abs_diff_pruned": diffs["pruned"], "max_abs_diff_unpruned": diffs["unpruned"],
             "threads": args.threads}
@@ -601,13 +617,13 @@ def print_onnx(args: argparse.Namespace, console: Any) -> list[dict[str, Any]]:
     rows = bench_onnx(args)
     table = Table(title=f"{args.model}: unpruned vs pruned, both in onnxruntime (CPU, {args.scorer or 'random scorer'}, "
                         f"median of {args.repeats})")
-    for col in ("batch", "sites", "tokens kept", "FLOPs ratio", "unpruned ms", "pruned ms", "speed-up",
+    for col in ("batch", "sites", "tokens kept", "FLOPs ratio", "selection", "unpruned ms", "pruned ms", "speed-up",
                 "max |ORT - torch|"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(str(r["batch"]), " ".join(map(str, r["sites"])),
                       " ".join(map(str, r["tokens_kept"])) + f" /{r['tokens_full']}",
-                      f"{r['flops_ratio']:.3f}", f"{r['ms_unpruned']:.2f}", f"{r['ms_pruned']:.2f}",
-                      f"{r['speedup']:.2f}x", f"{r['max_abs_diff_pruned']:.1e}")
+                      f"{r['flops_ratio']:.3f}", f"{r['selection_flops_ratio']:.3f}", f"{r['ms_unpruned']:.2f}",
+                      f"{r['ms_pruned']:.2f}", f"{r['speedup']:.2f}x", f"{r['max_abs_diff_pruned']:.1e}")
     console.print(table)
     return rows
