@@ -362,6 +362,32 @@ def test_eval_two_runs_writes_one_table(tmp_path, fake_env, monkeypatch) -> None
     assert {c["baseline"] for c in payload["comparisons"]} <= {"random", "evit"}
 
 
+def test_named_groups_of_runs_are_compared_paired(tmp_path, fake_env) -> None:
+    """``NAME=RUN_DIR``: runs of one name are the seeds of learned[NAME]; the first group's learned methods
+    minus each other group's, paired over the source items (a group against itself differs by exactly 0)."""
+    a = [_run_dir(tmp_path, fake_env, s) for s in (0, 1)]
+    b = [_run_dir(tmp_path, fake_env, s, name=f"other{s}") for s in (0, 1)]
+    c = [_run_dir(tmp_path, fake_env, s + 5, name=f"third{s}") for s in (0,)]
+    out = tmp_path / "out"
+    argv = [*map(str, a), *(f"same={p}" for p in b), *(f"third={p}" for p in c), "--methods", "none", "random",
+            "--targets", "0.6", "--repeats", "0", "--bootstrap", "50", "--out", str(out)]
+    assert _cli(argv) == 0
+    payload = json.loads((out / "pareto.json").read_text())
+    methods = {r["method"] for r in payload["results"]}
+    assert {"learned", "learned-topk", "learned[same]", "learned-topk[same]", "learned[third]"} <= methods
+    assert sorted(r["run"] for r in payload["results"] if r["method"] == "learned[same]" and r["target"] == 0.6) == \
+        ["same seed 0", "same seed 1"]
+    pairs = {(g["method"], g["other"]): g for g in payload["group_comparisons"]}
+    assert set(pairs) == {("learned", "learned[same]"), ("learned", "learned[third]"),
+                          ("learned-topk", "learned-topk[same]"), ("learned-topk", "learned-topk[third]")}
+    same = pairs[("learned", "learned[same]")]["difference"]  # the same scorers: identical rows
+    assert same["mean"] == 0.0 and same["lo"] == 0.0 and same["hi"] == 0.0
+    assert pairs[("learned", "learned[same]")]["n_runs"] == [2, 2] and pairs[("learned", "learned[third]")]["n_runs"] == [2, 1]
+    assert "Between groups of runs" in (out / "table.md").read_text()
+    with pytest.raises(UserError, match="run group name"):
+        _cli([f"bad name={a[0]}", "--repeats", "0"])
+
+
 def test_eval_one_run_val_split_goes_to_eval_val(tmp_path, fake_env) -> None:
     run = _run_dir(tmp_path, fake_env, 0)
     assert _cli([str(run), "--split", "val", "--methods", "none", "tome-native", "--targets", "0.6", "--repeats", "0",

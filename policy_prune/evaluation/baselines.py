@@ -625,11 +625,13 @@ def make_baseline(name: str, sites: Sequence[int], options: BaselineOptions | No
     return BASELINES[name](options or BaselineOptions(), list(sites))
 
 
-def learned_methods(scorer: LearnedScorer, run: str | None = None) -> list[Method]:
+def learned_methods(scorer: LearnedScorer, run: str | None = None, group: str | None = None) -> list[Method]:
     """A learned scorer twice: "learned" reaches a target with one logit threshold at every site (its own
     per-sample, per-site allocation) and also runs its trained point (threshold 0); "learned-topk" ranks
-    tokens by the same logits with per-site keep ratios (static shapes)."""
+    tokens by the same logits with per-site keep ratios (static shapes). A named ``group`` of runs (eval's
+    ``NAME=RUN_DIR``) gives "learned[NAME]" and "learned-topk[NAME]"."""
     sites = list(scorer.sites)
     own = [Point("threshold", [0.0] * len(sites))]
-    return [ScorerMethod("learned", scorer, sites, "threshold", own, run),
-            ScorerMethod("learned-topk", scorer, sites, "keep_ratio", (), run)]
+    tag = f"[{group}]" if group else ""
+    return [ScorerMethod(f"learned{tag}", scorer, sites, "threshold", own, run),
+            ScorerMethod(f"learned-topk{tag}", scorer, sites, "keep_ratio", (), run)]

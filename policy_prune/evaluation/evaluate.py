@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -252,6 +253,7 @@ def evaluate(backbone: TokenBackbone, splits: dict[str, Any], methods: Sequence[
         "compared": compared, "n_boot": n_boot, "results": rows,
         "summary": summaries(scored, data, primary, n_boot, seed),
         "comparisons": comparisons(scored, best, data, n_boot, seed),
+        "group_comparisons": group_comparisons(scored, compared, data, n_boot, seed),
     }
 
 
@@ -342,6 +344,30 @@ def comparisons(scored: Sequence[Scored], best: dict[str, dict[float, str]], dat
     return out
 
 
+def group_comparisons(scored: Sequence[Scored], metrics: Sequence[str], data: EvalData, n_boot: int,
+                      seed: int) -> list[dict[str, Any]]:
+    """With named groups of runs (``NAME=RUN_DIR``): per metric and target, each kind of learned method
+    ("learned", "learned-topk") of the first group minus the same kind of every other group, each group's
+    seeds averaged row by row, a paired bootstrap over the metric's source items."""
+    by: dict[tuple[str, float], dict[str, list[Scored]]] = {}
+    for s in scored:
+        if s.method.run is not None and s.point.target is not None:
+            kind = s.method.name.partition("[")[0]
+            by.setdefault((kind, s.point.target), {}).setdefault(s.method.name, []).append(s)
+    out = []
+    for metric in metrics:
+        for (_kind, target), groups in sorted(by.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+            names = list(groups)
+            for other in names[1:]:
+                diff = bootstrap_difference(torch.stack([s.values[metric] for s in groups[names[0]]]),
+                                            torch.stack([s.values[metric] for s in groups[other]]),
+                                            data.groups_of(metric), n_boot, seed)
+                out.append({"metric": metric, "target": target, "method": names[0], "other": other,
+                            "n_runs": [len(groups[names[0]]), len(groups[other])], "difference": diff.to_json(),
+                            "verdict": diff.verdict})
+    return out
+
+
 # ---- wall-clock -----------------------------------------------------------------------------------------
 def add_timing(backbone: TokenBackbone, scored: Sequence[Scored], rows: list[dict[str, Any]], data: EvalData,
                repeats: int, device: str, warmup: int = 1) -> None:
@@ -370,15 +396,27 @@ def add_timing(backbone: TokenBackbone, scored: Sequence[Scored], rows: list[dic
 # ---- runs and the CLI -------------------------------------------------------------------------------------
 @dataclass
 class RunInfo:
-    """A training run folder: its env config, learned scorer and a label (its seed)."""
+    """A training run folder: its env config, learned scorer, a label (its seed) and the named group of
+    runs it belongs to (None: the unnamed group, "learned")."""
 
     path: Path
     env: Any
     scorer: Any
     label: str
+    group: str | None = None
 
 
-def load_run(run_dir: Path) -> RunInfo:
+def parse_run_arg(arg: str) -> tuple[str | None, Path]:
+    """``RUN_DIR`` or ``NAME=RUN_DIR`` (NAME: letters, digits, ``.``, ``_``, ``-``; no path separator)."""
+    name, sep, rest = arg.partition("=")
+    if sep and name and "/" not in name and not Path(arg).exists():
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+            raise UserError(f"run group name {name!r} in {arg!r}: use letters, digits, '.', '_' or '-'")
+        return name, Path(rest)
+    return None, Path(arg)
+
+
+def load_run(run_dir: Path, group: str | None = None) -> RunInfo:
     """The env config (config.yaml) and scorer (scorer/) of a run folder; one clear line when it is not one."""
     from policy_prune.config import EnvConfig, from_dict, read_run_config
     from policy_prune.core.artifact import load_scorer
@@ -390,7 +428,9 @@ def load_run(run_dir: Path) -> RunInfo:
     train = data.get("train")
     seed = train.get("seed") if isinstance(train, dict) else None
     label = f"seed {seed}" if seed is not None else run_dir.name
-    return RunInfo(run_dir, env, load_scorer(run_dir / "scorer"), label)
+    if group:
+        label = f"{group} {label}"
+    return RunInfo(run_dir, env, load_scorer(run_dir / "scorer"), label, group)
 
 
 def env_key(env: Any) -> dict[str, Any]:
@@ -418,8 +458,10 @@ def check_same_env(runs: Sequence[RunInfo], env: Any = None) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dirs", nargs="*", type=Path, metavar="RUN_DIR",
-                   help="training run folders of one env (one per seed; a shell glob works); their scorers are evaluated")
+    p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR",
+                   help="training run folders of one env (one per seed; a shell glob works); their scorers are evaluated. "
+                        "NAME=RUN_DIR puts a run in the named group NAME (methods learned[NAME], learned-topk[NAME]), "
+                        "compared with the unnamed group's (or the first group's) learned methods, paired")
     p.add_argument("--env", default=None, help="env preset (name or YAML); required without RUN_DIR (baselines only)")
     p.add_argument("--split", choices=("val", "test"), default="test",
                    help="split to score on (points are always solved on val); develop on val, report test")
@@ -474,13 +516,13 @@ def run(args: argparse.Namespace) -> int:
     if args.max_items is not None and args.max_items < 1:
         raise UserError(f"--max-items must be at least 1, got {args.max_items}")
     console = Console()
-    runs = [load_run(Path(d)) for d in args.run_dirs]
+    runs = [load_run(path, group) for group, path in map(parse_run_arg, args.run_dirs)]
     env_cfg = load_env_config(args.env) if args.env else runs[0].env
     if runs:
         check_same_env(runs, env_cfg if args.env else None)
     options = BaselineOptions(seed=args.seed, diversity=args.diversity, prop_attn=not args.no_prop_attn,
                               tome_inflect=args.tome_inflect)
-    methods: list[Method] = [m for r in runs for m in learned_methods(r.scorer, r.label)]
+    methods: list[Method] = [m for r in runs for m in learned_methods(r.scorer, r.label, r.group)]
     methods += [make_baseline(name, env_cfg.sites, options) for name in args.methods]
     torch.manual_seed(args.seed)
     check_device(args.device)

@@ -145,6 +145,21 @@ def comparison_table(results: dict[str, Any], metric: str | None = None) -> tupl
     return header, body
 
 
+def group_table(results: dict[str, Any], metric: str | None = None) -> tuple[list[str], list[list[str]]]:
+    """Named groups of runs (``NAME=RUN_DIR``): per target, the first group's learned method minus the same
+    kind of method of each other group, paired over source items."""
+    metric = metric or results["primary"]
+    header = ["target", "method", "minus", f"delta {metric}", "95% CI (paired)", "verdict"]
+    body = [[f"{c['target']:.2f}", c["method"], c["other"], f"{c['difference']['mean']:+.3f}", _ci(c["difference"]),
+             c["verdict"]]
+            for c in results.get("group_comparisons", []) if c["metric"] == metric]
+    return header, body
+
+
+def group_title(results: dict[str, Any], metric: str) -> str:
+    return "Between groups of runs" + ("" if metric == results["primary"] else f": {LABELS.get(metric, metric)}")
+
+
 def comparison_title(results: dict[str, Any], metric: str) -> str:
     """"Learned minus the best baseline", naming the metric where it is not the primary."""
     return "Learned minus the best baseline" + ("" if metric == results["primary"] else f": {LABELS.get(metric, metric)}")
@@ -197,6 +212,10 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         header, body = comparison_table(results, metric)
         if body:
             parts += [f"## {comparison_title(results, metric)}", markdown(header, body)]
+    for metric in compared(results):
+        header, body = group_table(results, metric)
+        if body:
+            parts += [f"## {group_title(results, metric)}", markdown(header, body)]
     path.write_text("\n\n".join(parts) + "\n")
 
 
@@ -284,6 +303,7 @@ def print_tables(results: dict[str, Any], console: Any) -> None:
                f"groups{queries}", main_table(results)), ("retrieval at the same points", main_table(results, "retrieval"))]
     tables += [(f"{comparison_title(results, m)} (chosen on val)", comparison_table(results, m))
                for m in compared(results)]
+    tables += [(group_title(results, m), group_table(results, m)) for m in compared(results)]
     for title, (header, body) in tables:
         if not body:
             continue
