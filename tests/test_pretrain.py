@@ -91,6 +91,20 @@ def test_pretrain_leaves_the_global_rng_alone(cache) -> None:
     assert torch.equal(torch.random.get_rng_state(), before)
 
 
+def test_fitting_drives_the_train_bar(cache) -> None:
+    """From an empty cache ``train`` fits digits-vit inside its one RunProgress bar (the first phase)."""
+    from policy_prune.training.callbacks import RunProgress
+
+    console = quiet()
+    with RunProgress(console) as progress:
+        backbone, _ = resolve_backbone(tiny_env(), console=console, progress=progress)
+        task = progress.progress.tasks[0]
+        assert len(progress.progress.tasks) == 1 and task.description.startswith("fit") and task.completed == task.total > 0
+        progress.start(total=100)
+        assert len(progress.progress.tasks) == 1 and task.description == "train" and task.total == 100
+    assert backbone.depth == 2
+
+
 def test_resolve_backbone_gets_or_fits_digits_vit(cache) -> None:
     backbone, tokenizer = resolve_backbone(tiny_env())
     assert tokenizer is None and isinstance(backbone, TimmViTBackbone)

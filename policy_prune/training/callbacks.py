@@ -180,7 +180,7 @@ class RunProgress:
     # The rich Progress calls a fitting phase makes (pretrain.fit): they drive the same one bar.
     def add_task(self, description: str, total: float | None = None, **fields: Any) -> Any:
         """The run's bar, showing a fitting phase first (e.g. the embedded backbone's steps)."""
-        self.task = self.progress.add_task(description, total=total, status="", **fields)
+        self.task = self.progress.add_task(description, total=total, **{"status": "", **fields})
         return self.task
 
     def start(self, total: int, done: int = 0) -> None:
