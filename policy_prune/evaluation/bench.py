@@ -257,16 +257,24 @@ def bench_budget(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def print_budget(args: argparse.Namespace, console: Any) -> list[dict[str, Any]]:
+def print_table(console: Any, title: str, columns: Sequence[str], body: Sequence[Sequence[str]]) -> None:
+    """One right-aligned rich table of a benchmark's rows."""
     from rich.table import Table
 
-    rows = bench_budget(args)
-    table = Table(title=f"prune(model, scorer, flops=f): FLOPs that run (FlopCounterMode), {args.env} test split")
-    for col in ("batch", "f", "rule", "FLOPs ratio", "vs f"):
+    table = Table(title=title)
+    for col in columns:
         table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(str(r["batch"]), f"{r['target']:g}", r["rule"], f"{r['flops_ratio']:.4f}", f"{100 * r['relative_error']:+.1f}%")
+    for row in body:
+        table.add_row(*row)
     console.print(table)
+
+
+def print_budget(args: argparse.Namespace, console: Any) -> list[dict[str, Any]]:
+    rows = bench_budget(args)
+    print_table(console, f"prune(model, scorer, flops=f): FLOPs that run (FlopCounterMode), {args.env} test split",
+                ("batch", "f", "rule", "FLOPs ratio", "vs f"),
+                [(str(r["batch"]), f"{r['target']:g}", r["rule"], f"{r['flops_ratio']:.4f}",
+                  f"{100 * r['relative_error']:+.1f}%") for r in rows])
     return rows
 
 
@@ -282,7 +290,6 @@ def rollout_buffer_mib(vec: Any, agent_cfg: Any) -> float:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.table import Table
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -290,21 +297,16 @@ def run(args: argparse.Namespace) -> int:
     payload: dict[str, Any] = {}
     if "env" in args.what:
         payload["env"] = bench_env(args)
-        table = Table(title=f"{args.env}: batched env vs plain forward (median of {args.repeats})")
-        for col in ("batch", "forward samples/s", "env samples/s", "env/forward", "rollout buffer MiB"):
-            table.add_column(col, justify="right")
-        for r in payload["env"]:
-            table.add_row(str(r["batch"]), f"{r['forward_samples_per_s']:.0f}", f"{r['env_samples_per_s']:.0f}",
-                          f"{r['env_vs_forward']:.2f}", f"{r['rollout_buffer_mib']:.0f}")
-        console.print(table)
+        print_table(console, f"{args.env}: batched env vs plain forward (median of {args.repeats})",
+                    ("batch", "forward samples/s", "env samples/s", "env/forward", "rollout buffer MiB"),
+                    [(str(r["batch"]), f"{r['forward_samples_per_s']:.0f}", f"{r['env_samples_per_s']:.0f}",
+                      f"{r['env_vs_forward']:.2f}", f"{r['rollout_buffer_mib']:.0f}") for r in payload["env"]])
     if "flops" in args.what:
         payload["flops"] = flops_agreement(args)
-        table = Table(title=f"{args.model}: analytic FLOPs of all blocks vs FlopCounterMode (per sample)")
-        for col in ("tokens", "analytic GFLOPs", "counted GFLOPs", "relative error"):
-            table.add_column(col, justify="right")
-        for r in payload["flops"]:
-            table.add_row(str(r["tokens"]), f"{r['analytic_gflops']:.4f}", f"{r['counted_gflops']:.4f}", f"{r['rel_error']:.2e}")
-        console.print(table)
+        print_table(console, f"{args.model}: analytic FLOPs of all blocks vs FlopCounterMode (per sample)",
+                    ("tokens", "analytic GFLOPs", "counted GFLOPs", "relative error"),
+                    [(str(r["tokens"]), f"{r['analytic_gflops']:.4f}", f"{r['counted_gflops']:.4f}",
+                      f"{r['rel_error']:.2e}") for r in payload["flops"]])
     if "budget" in args.what:
         payload["budget"] = print_budget(args, console)
     if "exec" in args.what:
@@ -321,25 +323,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_exec(args: argparse.Namespace, console: Any) -> list[dict[str, Any]]:
-    from rich.table import Table
-
     console.print(f"[bold]bench[/] {args.model} keep={args.keep} at site {args.site}, threads={torch.get_num_threads()}")
     rows = bench_pruned_execution(args)
-    table = Table(title=f"{args.model}: original vs pruned (median of {args.repeats})")
-    for col in ("batch", "tokens", "FLOPs ratio", "original ms", "adapter ms", "overhead", "pruned ms", "speed-up"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(
-            str(r["batch"]),
-            f"{r['tokens_kept']}/{r['tokens_full']}",
-            f"{r['flops_ratio']:.3f}",
-            f"{r['ms_original']:.1f}",
-            f"{r['ms_adapter_keep_all']:.1f}",
-            f"{100 * r['adapter_overhead']:+.1f}%",
-            f"{r['ms_pruned']:.1f}",
-            f"{r['speedup_pruned']:.2f}x",
-        )
-    console.print(table)
+    print_table(console, f"{args.model}: original vs pruned (median of {args.repeats})",
+                ("batch", "tokens", "FLOPs ratio", "original ms", "adapter ms", "overhead", "pruned ms", "speed-up"),
+                [(str(r["batch"]), f"{r['tokens_kept']}/{r['tokens_full']}", f"{r['flops_ratio']:.3f}",
+                  f"{r['ms_original']:.1f}", f"{r['ms_adapter_keep_all']:.1f}", f"{100 * r['adapter_overhead']:+.1f}%",
+                  f"{r['ms_pruned']:.1f}", f"{r['speedup_pruned']:.2f}x") for r in rows])
     return rows
 
 
@@ -373,21 +363,16 @@ def compile_options(text: str) -> dict[str, Any]:
 
 
 def print_model(args: argparse.Namespace, console: Any) -> list[dict[str, Any]]:
-    from rich.table import Table
-
     rows = bench_model(args)
     source = args.scorer or "random scorer"
     mode = "" if args.compile is None else f"torch.compile'd{' with ' + args.compile if args.compile else ''}, "
-    table = Table(title=f"{args.model}: original vs PrunedModel ({mode}{source}, {args.device} {args.dtype}, median "
-                        f"of {args.repeats}, {rows[0]['threads'] if rows else '?'} threads)")
-    for col in ("batch", "sites", "tokens kept", "FLOPs ratio", "original ms", "pruned ms", "speed-up", "scorer share",
-                "free-scorer speed-up"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(str(r["batch"]), " ".join(map(str, r["sites"])), " ".join(map(str, r["tokens_kept"])) + f" /{r['tokens_full']}",
-                      f"{r['flops_ratio']:.3f}", f"{r['ms_original']:.2f}", f"{r['ms_pruned']:.2f}",
-                      f"{r['speedup']:.2f}x", f"{100 * r['scorer_share']:.1f}%", f"{r['speedup_free']:.2f}x")
-    console.print(table)
+    print_table(console, f"{args.model}: original vs PrunedModel ({mode}{source}, {args.device} {args.dtype}, median "
+                         f"of {args.repeats}, {rows[0]['threads'] if rows else '?'} threads)",
+                ("batch", "sites", "tokens kept", "FLOPs ratio", "original ms", "pruned ms", "speed-up", "scorer share",
+                 "free-scorer speed-up"),
+                [(str(r["batch"]), " ".join(map(str, r["sites"])), " ".join(map(str, r["tokens_kept"])) + f" /{r['tokens_full']}",
+                  f"{r['flops_ratio']:.3f}", f"{r['ms_original']:.2f}", f"{r['ms_pruned']:.2f}", f"{r['speedup']:.2f}x",
+                  f"{100 * r['scorer_share']:.1f}%", f"{r['speedup_free']:.2f}x") for r in rows])
     return rows
 
 
@@ -612,18 +597,12 @@ def _bench_onnx_batch(sessions: Mapping[str, Any], graphs: Mapping[str, Any], x:
 
 
 def print_onnx(args: argparse.Namespace, console: Any) -> list[dict[str, Any]]:
-    from rich.table import Table
-
     rows = bench_onnx(args)
-    table = Table(title=f"{args.model}: unpruned vs pruned, both in onnxruntime (CPU, {args.scorer or 'random scorer'}, "
-                        f"median of {args.repeats})")
-    for col in ("batch", "sites", "tokens kept", "FLOPs ratio", "selection", "unpruned ms", "pruned ms", "speed-up",
-                "max |ORT - torch|"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(str(r["batch"]), " ".join(map(str, r["sites"])),
-                      " ".join(map(str, r["tokens_kept"])) + f" /{r['tokens_full']}",
-                      f"{r['flops_ratio']:.3f}", f"{r['selection_flops_ratio']:.3f}", f"{r['ms_unpruned']:.2f}",
-                      f"{r['ms_pruned']:.2f}", f"{r['speedup']:.2f}x", f"{r['max_abs_diff_pruned']:.1e}")
-    console.print(table)
+    print_table(console, f"{args.model}: unpruned vs pruned, both in onnxruntime (CPU, {args.scorer or 'random scorer'}, "
+                         f"median of {args.repeats})",
+                ("batch", "sites", "tokens kept", "FLOPs ratio", "selection", "unpruned ms", "pruned ms", "speed-up",
+                 "max |ORT - torch|"),
+                [(str(r["batch"]), " ".join(map(str, r["sites"])), " ".join(map(str, r["tokens_kept"])) + f" /{r['tokens_full']}",
+                  f"{r['flops_ratio']:.3f}", f"{r['selection_flops_ratio']:.3f}", f"{r['ms_unpruned']:.2f}",
+                  f"{r['ms_pruned']:.2f}", f"{r['speedup']:.2f}x", f"{r['max_abs_diff_pruned']:.1e}") for r in rows])
     return rows
