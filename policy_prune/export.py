@@ -65,8 +65,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--flops sets the schedule of --onnx-model; for the artifact's default rule use --keep-ratio")
     config = read_run_config(run_dir)
     scorer = read_run_scorer(run_dir, config, args.checkpoint)
+    scorer, own_rule = with_run_budget(scorer, run_dir, config, log=print)
     rule = {"rule": "keep_ratio", "values": args.keep_ratio} if args.keep_ratio else \
-        {"rule": "threshold", "values": args.threshold or [0.0]}
+        {"rule": "threshold", "values": args.threshold} if args.threshold else \
+        own_rule or {"rule": "threshold", "values": [0.0]}
     if args.onnx_model and args.keep_ratio is None and args.flops is None:
         raise UserError("--onnx-model needs a keep_ratio schedule: --keep-ratio R [R ...] or --flops F")
     out = args.out or run_dir / "scorer"
@@ -188,6 +190,42 @@ def read_run_scorer(run_dir: Path, config: Mapping[str, Any], checkpoint: str) -
         raise UserError(f"{path}: no feature projection in this checkpoint (written by an older policy-prune "
                         "with other features); train the run again to export it")
     return scorer
+
+
+def with_run_budget(scorer: LearnedScorer, run_dir: Path, config: Mapping[str, Any],
+                    log: Log | None = None) -> tuple[LearnedScorer, dict[str, Any] | None]:
+    """(scorer, default rule) with the budget input of a budget-conditioned checkpoint.
+
+    Its calibration (and calibrated default rule) come from the run's own artifact when that artifact
+    holds these very weights (``train`` wrote it from the final policy); otherwise (another checkpoint,
+    or a run stopped before its export) the budget range of the run's config, uncalibrated: then
+    ``prune(flops=f)`` solves per-site counts from a flat profile and the threshold rule starts at 0.
+    """
+    import dataclasses
+
+    from policy_prune.core.artifact import ScorerFileError, load_scorer
+    from policy_prune.core.budget import BudgetInput
+    from policy_prune.core.scorer import context_width
+
+    if scorer.net.context_dim != context_width(len(scorer.sites), True):
+        return scorer, None
+    try:
+        own = load_scorer(run_dir / "scorer")
+    except (ScorerFileError, UserError):
+        own = None
+    same = own is not None and own.budget is not None and own.sites == scorer.sites and all(
+        torch.equal(a, b) for a, b in zip(own.net.state_dict().values(), scorer.net.state_dict().values(), strict=True))
+    if same:
+        assert own is not None
+        return dataclasses.replace(scorer, budget=own.budget), own.meta.get("default_rule")
+    budget = _lookup(config, ("env", "reward", "budget"), ("reward", "budget"))
+    if not (isinstance(budget, list) and len(budget) == 2):
+        raise UserError(f"{run_dir}: a budget-conditioned checkpoint, but the run's config has no env.reward.budget")
+    low, high = float(budget[0]), float(budget[1])
+    if log is not None:
+        log(f"{run_dir / 'scorer'} does not hold this checkpoint's calibration: its budget input is uncalibrated "
+            f"({low:g}-{high:g})")
+    return dataclasses.replace(scorer, budget=BudgetInput(low, high, min(max(0.5, low), high))), None
 
 
 def run_signature(run_dir: Path, config: Mapping[str, Any], scorer: LearnedScorer) -> dict[str, Any]:

@@ -281,3 +281,18 @@ def test_any_scorer_depth_round_trips(tmp_path, vit, hidden: list[int]) -> None:
     assert got.shape == state.tokens.shape[:2] and got.std() > 0
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert torch.equal(prune(model, loaded, keep_ratio=0.5)(x), prune(model, scorer, keep_ratio=0.5)(x))
+
+
+def test_a_budget_network_without_its_budget_input_is_never_written(tmp_path) -> None:
+    """The network of a budget-conditioned scorer reads one more context column; saved without its
+    BudgetInput it could not be loaded again, so save_scorer refuses before writing anything."""
+    import dataclasses
+
+    from policy_prune.core.budget import BudgetInput
+
+    backbone = adapt(tiny.make("timm-vit-cls"))
+    budgeted = random_scorer(backbone, [1, 2], seed=0, hidden=(8,), budget=BudgetInput(0.3, 0.9, 0.5))
+    with pytest.raises(ValueError, match="needs its BudgetInput"):
+        save_scorer(dataclasses.replace(budgeted, budget=None), tmp_path / "s", backbone.signature())
+    assert not (tmp_path / "s").exists()
+    assert load_scorer(save_scorer(budgeted, tmp_path / "s", backbone.signature())).budget == budgeted.budget

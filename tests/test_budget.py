@@ -203,6 +203,21 @@ def test_budget_run_validates_calibrates_and_resumes(tmp_path, capsys, monkeypat
     assert moved == pytest.approx([0.05 * first_new[f"budget/flops_gap_{k}"] for k in range(8)], abs=1e-9)
     assert lam_before != pytest.approx([0.3] * 8)
 
+    # export RUN_DIR keeps what train wrote: the budget input, its calibration and the calibrated default rule
+    own = load_scorer(run / "scorer")
+    assert main(["export", str(run), "--out", str(tmp_path / "exported")]) == 0
+    exported = load_scorer(tmp_path / "exported")
+    assert exported.budget == own.budget and exported.meta["default_rule"] == own.meta["default_rule"]
+    assert main(["export", str(run)]) == 0  # onto the run's own artifact: still loadable, still calibrated
+    assert load_scorer(run / "scorer").budget == own.budget
+    # a budget-conditioned checkpoint without its artifact: the config's range, uncalibrated, still loadable
+    import shutil
+
+    shutil.rmtree(run / "scorer")
+    assert main(["export", str(run)]) == 0
+    bare = load_scorer(run / "scorer").budget
+    assert (bare.low, bare.high, bare.calibration) == (0.3, 0.9, []) and "uncalibrated" in capsys.readouterr().out
+
 
 def test_env_preset_recommends_agent_and_train_settings(tmp_path) -> None:
     from argparse import Namespace

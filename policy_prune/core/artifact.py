@@ -85,6 +85,11 @@ def save_scorer(
     """
     out = Path(out_dir)
     _check_replaceable(out)
+    want = context_width(len(scorer.sites), scorer.budget is not None)
+    if scorer.net.context_dim != want:  # what load_scorer would refuse: never write it
+        raise ValueError(f"the scorer's network reads {scorer.net.context_dim} context columns, but {len(scorer.sites)} "
+                         f"sites{' with a budget input' if scorer.budget is not None else ''} give {want}"
+                         f"{'' if scorer.budget is not None else ': a budget-conditioned network needs its BudgetInput'}")
     rule = normalize_rule(default_rule or {"rule": "threshold", "values": [0.0]}, len(scorer.sites))
     tensors = artifact_tensors(scorer, int(backbone_signature["width"]))
     meta = artifact_json(scorer, backbone_signature, lam, metrics, rule)
