@@ -142,6 +142,17 @@ def test_writes_the_four_files(vit, splits, results, tmp_path) -> None:
     assert (tmp_path / "pareto.png").stat().st_size > 1000 and picture.stat().st_size > 1000
 
 
+def test_glance_table_has_each_methods_mean_and_interval_per_target(results) -> None:
+    header, body = report.glance_table(results)
+    assert header == ["method", "runs", "@ 0.70", "@ 0.50"]
+    learned = next(row for row in body if row[0] == "learned")
+    s = next(s for s in results["summary"] if s["method"] == "learned" and s["target"] == 0.5)
+    assert learned[1] == "2" and learned[3].startswith(f"{s['intervals']['accuracy']['mean']:.3f} [")
+    marked = [row[0] for row in body for cell in row[2:] if "(best baseline)" in cell]
+    assert len(marked) == 2 and all(m not in ("learned", "learned-topk") for m in marked)
+    assert body[-1][0] == "none (FLOPs 1.0)"
+
+
 def test_group_sizes_ignore_dropped_and_fused() -> None:
     assert vis.group_sizes(torch.tensor([0, -1, -1, 2, 2, -2])).tolist() == [1, 0, 2]
 

@@ -498,7 +498,7 @@ def output_dir(args: argparse.Namespace, env_name: str) -> Path:
         return Path(args.out)
     leaf = "eval" if args.split == "test" else "eval-val"
     if len(args.run_dirs) == 1:
-        return args.run_dirs[0] / leaf
+        return parse_run_arg(str(args.run_dirs[0]))[1] / leaf
     return Path("runs") / f"eval__{env_name}__{time.strftime('%Y%m%d-%H%M%S')}" / leaf
 
 
@@ -516,7 +516,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_items is not None and args.max_items < 1:
         raise UserError(f"--max-items must be at least 1, got {args.max_items}")
     console = Console()
-    runs = [load_run(path, group) for group, path in map(parse_run_arg, args.run_dirs)]
+    runs = [load_run(path, group) for group, path in (parse_run_arg(str(d)) for d in args.run_dirs)]
     env_cfg = load_env_config(args.env) if args.env else runs[0].env
     if runs:
         check_same_env(runs, env_cfg if args.env else None)

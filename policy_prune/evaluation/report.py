@@ -112,6 +112,35 @@ def main_table(results: dict[str, Any], part: str = "main") -> tuple[list[str], 
 
 
 
+def glance_table(results: dict[str, Any], metric: str | None = None) -> tuple[list[str], list[list[str]]]:
+    """One row per method, one column per target: the mean of ``metric`` (seeds averaged) and its 95%
+    interval, the best baseline's cell marked (chosen on val), the unpruned model's value in its own row."""
+    metric = metric or results["primary"]
+    rows = results["summary"]
+    targets = sorted({s["target"] for s in rows if s["target"] is not None}, reverse=True)
+    solved = [s for s in rows if s["target"] is not None]
+    best = {(c["baseline"], c["target"]) for c in results["comparisons"] if c.get("metric", results["primary"]) == metric}
+    header = ["method", "runs", *(f"@ {t:.2f}" for t in targets)]
+    body = []
+    for method in sorted(dict.fromkeys(s["method"] for s in solved), key=lambda m: _method_rank(results["results"], m)):
+        cells = []
+        for t in targets:
+            s = next((s for s in solved if s["method"] == method and s["target"] == t), None)
+            ci = None if s is None else s["intervals"].get(metric)
+            mark = " (best baseline)" if (method, t) in best else ""
+            cells.append("-" if ci is None else f"{ci['mean']:.3f} [{ci['lo']:.3f}, {ci['hi']:.3f}]{mark}")
+        n = max((s["n_runs"] for s in solved if s["method"] == method), default=1)
+        body.append([method, str(n) if any(s["learned"] for s in solved if s["method"] == method) else "-", *cells])
+    none = next((s for s in rows if s["method"] == "none"), None)
+    if none is not None and metric in none["intervals"]:
+        body.append(["none (FLOPs 1.0)", "-", *([f"{none['intervals'][metric]['mean']:.3f}"] * len(targets))])
+    return header, body
+
+
+def glance_title(results: dict[str, Any], metric: str) -> str:
+    return f"At a glance: {LABELS.get(metric, metric)}, mean [95% CI] at each total FLOPs target"
+
+
 def _key(r: dict[str, Any]) -> tuple[str, float | None, str, float | None]:
     """Rows of one method at one point: solved targets, or own points (a budgeted scorer's per budget told)."""
     return r["method"], r["target"], r["rule"], r.get("told") if r["target"] is None else None
@@ -205,7 +234,10 @@ def markdown(header: list[str], body: list[list[str]]) -> str:
 
 
 def write_markdown(results: dict[str, Any], path: Path) -> None:
-    parts = [describe(results), "## Every method at equal total FLOPs", markdown(*main_table(results))]
+    parts = [describe(results)]
+    for metric in compared(results):
+        parts += [f"## {glance_title(results, metric)}", markdown(*glance_table(results, metric))]
+    parts += ["## Every method at equal total FLOPs", markdown(*main_table(results))]
     if (retrieval := main_table(results, "retrieval"))[1]:
         parts += ["## Retrieval at the same points", markdown(*retrieval)]
     for metric in compared(results):
