@@ -33,7 +33,7 @@ from policy_prune.core.scorer import (
     make_keep_fn,
     spent_fraction,
 )
-from policy_prune.core.selection import learned_flops
+from policy_prune.core.selection import learned_flops, model_has_cls
 from policy_prune.core.sentence_transformer import is_sentence_transformer, prune_sentence_transformer
 from policy_prune.errors import UsageError, UserError
 
@@ -344,7 +344,7 @@ def rule_for_flops(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
     profile = budget.keep_ratios(flops) if budget is not None else None
 
     def selection(site_index: int, n: int) -> float:
-        return learned_flops(backbone, told, scorer.sites[site_index], n, has_cls=n_protected > 0)
+        return learned_flops(backbone, told, scorer.sites[site_index], n, has_cls=model_has_cls(backbone))
 
     counts = TokenCounts.dense(n_full, n_protected)  # a full-length input
     ratios = keep_ratios_for(backbone, scorer.sites, counts, flops, profile or [0.5] * len(scorer.sites), selection)

@@ -10,7 +10,14 @@ from __future__ import annotations
 import torch
 
 from policy_prune.core.backbones.base import TokenBackbone
+from policy_prune.core.features import token_layout
 from policy_prune.core.scorer import LearnedScorer
+
+
+def model_has_cls(backbone: TokenBackbone) -> bool:
+    """Whether the model's states start with a CLS token (images: prefix tokens; text: [CLS] / <s>)."""
+    prefix, grid = token_layout(backbone)
+    return prefix > 0 if grid is not None else True
 
 
 def cls_row_flops(backbone: TokenBackbone, layer: int, n: int) -> int:

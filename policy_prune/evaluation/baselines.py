@@ -36,8 +36,9 @@ import torch
 
 from policy_prune.core import ops
 from policy_prune.core.backbones.base import TokenBackbone, TokenState
-from policy_prune.core.features import position_table, token_layout
+from policy_prune.core.features import position_table
 from policy_prune.core.scorer import LearnedScorer, Scorer, decide, keep_count, make_keep_fn
+from policy_prune.core.selection import model_has_cls
 from policy_prune.errors import UserError
 from policy_prune.evaluation import cost, merge, tome
 from policy_prune.evaluation.cost import Work, batch_max, site_work, total_ratio
@@ -60,12 +61,6 @@ each embedded token, -1 once dropped, -2 inside a fused (EViT) token."""
 def has_cls(state: TokenState) -> bool:
     """Slot 0 of every row is the protected, never-moved token 0 (a CLS to read attention from)."""
     return bool(state.protected[:, 0].all()) and bool((state.positions[:, 0] == 0).all())
-
-
-def model_has_cls(backbone: TokenBackbone) -> bool:
-    """Whether the model's states start with a CLS token (images: prefix tokens; text: [CLS] / <s>)."""
-    prefix, grid = token_layout(backbone)
-    return prefix > 0 if grid is not None else True
 
 
 class RandomScorer:

@@ -487,12 +487,10 @@ def executed_schedule(pruned: PrunedModel, x: Any) -> tuple[list[int], float, in
 def selection_ratio(pruned: PrunedModel, kept: Sequence[int], n: int) -> float:
     """What choosing the tokens costs (scorer features and MLP at every site, on the slots alive before it),
     as a fraction of the unpruned model's FLOPs on n tokens."""
-    from policy_prune.core.features import token_layout
-    from policy_prune.core.selection import learned_flops
+    from policy_prune.core.selection import learned_flops, model_has_cls
 
     b = pruned.backbone
-    prefix, grid = token_layout(b)
-    has_cls = prefix > 0 or grid is None  # as prune(flops=...) counts it: text keeps [CLS]
+    has_cls = model_has_cls(b)
     before = [n, *kept[:-1]]
     spent = sum(learned_flops(b, pruned.scorer, site, int(m), has_cls=has_cls) for site, m in zip(pruned.sites, before, strict=True))
     return float(spent) / b.full_flops(n)
