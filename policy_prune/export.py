@@ -225,7 +225,7 @@ def with_run_budget(scorer: LearnedScorer, run_dir: Path, config: Mapping[str, A
     if log is not None:
         log(f"{run_dir / 'scorer'} does not hold this checkpoint's calibration: its budget input is uncalibrated "
             f"({low:g}-{high:g})")
-    return dataclasses.replace(scorer, budget=BudgetInput(low, high, min(max(0.5, low), high))), None
+    return dataclasses.replace(scorer, budget=BudgetInput.over(low, high)), None
 
 
 def run_signature(run_dir: Path, config: Mapping[str, Any], scorer: LearnedScorer) -> dict[str, Any]:

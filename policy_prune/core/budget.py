@@ -51,6 +51,12 @@ class BudgetInput:
     calibration: list[CalibrationPoint] = field(default_factory=list)
     """Sorted by ``flops``; empty before calibration (then the threshold is 0)."""
 
+    @classmethod
+    def over(cls, low: float, high: float, calibration: list[CalibrationPoint] | None = None) -> BudgetInput:
+        """The budget input of a scorer trained on targets in [low, high]: its default is 0.5, clamped to
+        that range."""
+        return cls(float(low), float(high), float(min(max(0.5, low), high)), list(calibration or []))
+
     def check(self, flops: float) -> float:
         """``flops`` as a float; ValueError outside the trained range (with a little rounding slack)."""
         f = float(flops)

@@ -378,13 +378,12 @@ def calibrated_budget(cfg: RunConfig, scorer: Any, backbone: Any, val: Any) -> A
     from policy_prune.core.calibration import calibrate
 
     low, high = cfg.env.reward.budget  # type: ignore[misc]
-    default = float(min(max(0.5, low), high))
-    scorer.budget = BudgetInput(low, high, default)
+    scorer.budget = BudgetInput.over(low, high)
     n = min(cfg.train.calibration_samples, len(val))
     inputs = [_to_device(val.select(idx).inputs, cfg.train.device) for idx in torch.arange(n).split(64)]
     steps = max(int(round((high - low) / cfg.train.calibration_step)), 1)
     targets = [round(float(t), 6) for t in np.linspace(low, high, steps + 1)]
-    return BudgetInput(low, high, default, calibrate(backbone, scorer, inputs, targets))
+    return BudgetInput.over(low, high, calibrate(backbone, scorer, inputs, targets))
 
 
 def _to_device(x: Any, device: str) -> Any:
