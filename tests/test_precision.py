@@ -121,15 +121,7 @@ def test_train_with_a_bf16_backbone(presets, tmp_path) -> None:
     assert np.isfinite(learned["return"]) and 0 < learned["flops_ratio"] <= 1
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
-@pytest.mark.parametrize("extra,match", [(["--device", "cuda"], "no CUDA device"),
-                                         (["--set", "train.dtype=fp8"], "train.dtype must be one of")])
-def test_unavailable_device_or_unknown_dtype_is_one_line_and_no_run(presets, tmp_path, capsys, extra, match) -> None:
-    runs = tmp_path / "runs"
-    assert main(_train(presets, runs, *extra)) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and match in err[0]
-    assert not runs.exists() or not any(runs.iterdir())
+# An unavailable device or an unknown dtype: tests/test_train.py::test_user_errors_exit_2_and_leave_no_run.
 
 
 # ---- CUDA (skipped without a GPU) ------------------------------------------------------------------------

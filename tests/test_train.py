@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from policy_prune.cli import main
@@ -127,6 +128,9 @@ def test_no_track_never_touches_wandb(presets, tmp_path) -> None:
     (["--set", "reward.lam=0.1"], "env., agent. or train."),
     (["--set", "env.reward.lamda=0.1"], "unknown key 'lamda'"),
     (["--set", "agent.hyperparams.n_steps=5"], "multiple of the number of sites"),
+    pytest.param(["--device", "cuda"], "no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the message of a machine without CUDA")),
+    (["--set", "train.dtype=fp8"], "train.dtype must be one of"),
 ])
 def test_user_errors_exit_2_and_leave_no_run(presets, tmp_path, capsys, extra, match) -> None:
     runs = tmp_path / "runs"
