@@ -7,6 +7,7 @@ B batch rows, N tokens, D width.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -68,6 +69,24 @@ def scatter_to_grid(values: torch.Tensor, positions: torch.Tensor, valid: torch.
     v = torch.where(valid.view(*valid.shape, *extra), values, torch.zeros((), dtype=values.dtype, device=values.device))
     index = positions.view(*positions.shape, *extra).expand_as(values)
     return values.new_zeros(values.shape[0], n, *values.shape[2:]).scatter_add(1, index, v)
+
+
+def to_device(inputs: Any, device: str | torch.device) -> Any:
+    """Adapter inputs (an image tensor or a tokenizer batch, a dict of tensors) on ``device``."""
+    return {k: v.to(device) for k, v in inputs.items()} if isinstance(inputs, dict) else inputs.to(device)
+
+
+def trim_padding(inputs: Any) -> Any:
+    """A tokenizer batch without the trailing columns that are padding in every row (a split is padded to
+    its longest row overall, a batched forward to the batch's), so executed FLOPs count the padding a real
+    batch carries. attention_mask [B, L] -> [B, L'] with L' the last column any row uses; other inputs
+    (images, a batch without a mask) unchanged."""
+    if not isinstance(inputs, dict) or inputs.get("attention_mask") is None:
+        return inputs
+    mask = inputs["attention_mask"]
+    used = mask.any(dim=0).nonzero()
+    width = int(used.max()) + 1 if len(used) else mask.shape[1]
+    return {k: v[:, :width] if v.dim() == 2 and v.shape[1] == mask.shape[1] else v for k, v in inputs.items()}
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from policy_prune.core.backbones.base import TokenBackbone
+from policy_prune.core.ops import to_device, trim_padding
 from policy_prune.embedded import DTYPE_NAMES, DTYPES, check_device
 from policy_prune.errors import UserError
 from policy_prune.evaluation.baselines import (
@@ -50,8 +51,8 @@ from policy_prune.evaluation.baselines import (
     learned_methods,
     make_baseline,
 )
-from policy_prune.evaluation.cost import Work, flops_columns
-from policy_prune.evaluation.metrics import cosine_fidelity, neighbours
+from policy_prune.evaluation.cost import Work, flops_columns, flops_ratios
+from policy_prune.evaluation.metrics import cosine_fidelity, neighbour_recall
 from policy_prune.evaluation.retrieval import RetrievalEmbeddings, retrieval_values
 from policy_prune.evaluation.solve import TOLERANCE, BatchedCounts, Point, SolveContext
 from policy_prune.evaluation.stats import bootstrap_difference, bootstrap_mean
@@ -92,22 +93,9 @@ class EvalData:
         return self.queries.groups if self.queries is not None and metric.startswith("ret_") else self.groups
 
 
-def to_device(x: Any, device: str) -> Any:
-    return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
-
-
 def _rows(x: Any) -> int:
     """Batch size of adapter inputs (a tensor or a tokenizer-style dict of tensors)."""
     return len(next(iter(x.values())) if isinstance(x, dict) else x)
-
-
-def trim_padding(x: Any) -> Any:
-    """A text batch cut to its longest row (a split is padded to its longest row overall; a batched
-    forward pads to the batch's), so executed FLOPs count the padding a real batch carries."""
-    if not isinstance(x, dict) or "attention_mask" not in x:
-        return x
-    length = int(x["attention_mask"].sum(dim=1).max())
-    return {k: v[:, :length] if v.dim() == 2 else v for k, v in x.items()}
 
 
 def length_order(split: Any, length_sort: bool = True) -> torch.Tensor | None:
@@ -158,10 +146,7 @@ def row_metrics(kind: str, out: torch.Tensor, teacher: torch.Tensor, labels: tor
         if labels is not None:
             res = {"accuracy": (out.argmax(-1) == labels).double(), **res}
         return res
-    k = min(10, len(out) - 1)
-    truth, found = neighbours(teacher, teacher, k), neighbours(out, teacher, k)
-    recall = (truth[:, :, None] == found[:, None, :]).any(dim=-1).sum(dim=-1).double() / k
-    return {"cosine": cosine_fidelity(out, teacher).double(), "recall@10": recall}
+    return {"cosine": cosine_fidelity(out, teacher).double(), "recall@10": neighbour_recall(out, teacher, 10)}
 
 
 def primary_metric(kind: str, has_labels: bool) -> str:
@@ -271,13 +256,6 @@ def best_baselines(backbone: TokenBackbone, scored: Sequence[Scored], val: EvalD
             if s.point.target not in at or value > at[s.point.target][0]:
                 at[s.point.target] = (value, s.method.name)
     return {m: {t: name for t, (_, name) in at.items()} for m, at in best.items()}
-
-
-def flops_ratios(backbone: TokenBackbone, work: Work) -> dict[str, float]:
-    """Block, executed, selection and total FLOPs of ``work`` as ratios to the unpruned model's."""
-    cols = flops_columns(backbone, work)
-    full = float(cols["full"].sum())
-    return {k: float(cols[k].sum()) / full for k in ("block", "executed", "selection", "total")}
 
 
 def intervals(values: dict[str, torch.Tensor], data: EvalData, n_boot: int, seed: int) -> dict[str, dict[str, float]]:

@@ -20,22 +20,26 @@ def neighbours(queries: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Tenso
     return sim.topk(k, dim=-1).indices
 
 
-def recall_at_k(pruned_emb: torch.Tensor, full_emb: torch.Tensor, k: int = 10) -> float:
-    """Mean share of each row's k nearest neighbours (cosine, among the full embeddings, itself excluded)
-    that the pruned embedding retrieves: 1.0 means retrieval is unchanged by pruning.
+def neighbour_recall(pruned_emb: torch.Tensor, full_emb: torch.Tensor, k: int = 10) -> torch.Tensor:
+    """[M] float64: each row's share of its k nearest neighbours (cosine, among the full embeddings,
+    itself excluded) that the pruned embedding retrieves; 1.0 means retrieval is unchanged by pruning.
 
-    pruned_emb, full_emb: [M, D]. ``k`` is capped at M - 1 (there are no more neighbours).
+    pruned_emb, full_emb: [M, D]. ``k`` is capped at M - 1 (there are no more neighbours); with one row
+    there is no neighbour and the row's value is NaN.
     """
     if pruned_emb.shape != full_emb.shape:
         raise ValueError(f"shape mismatch: pruned {tuple(pruned_emb.shape)} vs full {tuple(full_emb.shape)}")
-    m = full_emb.shape[0]
-    if m < 2:
-        raise ValueError("recall_at_k needs at least 2 rows")
-    k = min(k, m - 1)
+    k = min(k, full_emb.shape[0] - 1)
     truth = neighbours(full_emb, full_emb, k)  # [M, k]
     found = neighbours(pruned_emb, full_emb, k)  # [M, k]
-    hits = (truth[:, :, None] == found[:, None, :]).any(dim=-1).sum(dim=-1)  # [M]
-    return float(hits.float().mean() / k)
+    return (truth[:, :, None] == found[:, None, :]).any(dim=-1).sum(dim=-1).double() / k
+
+
+def recall_at_k(pruned_emb: torch.Tensor, full_emb: torch.Tensor, k: int = 10) -> float:
+    """The mean of :func:`neighbour_recall` over the rows (at least 2)."""
+    if full_emb.shape[0] < 2:
+        raise ValueError("recall_at_k needs at least 2 rows")
+    return float(neighbour_recall(pruned_emb, full_emb, k).mean())
 
 
 # ---- retrieval: queries against a passage corpus, binary relevance ------------------------------------

@@ -18,6 +18,7 @@ import torch
 
 from policy_prune.core.backbones.base import TokenBackbone
 from policy_prune.core.features import token_layout
+from policy_prune.core.ops import to_device, trim_padding
 from policy_prune.evaluation.baselines import Method
 from policy_prune.evaluation.solve import Point
 
@@ -57,8 +58,6 @@ def groupings(backbone: TokenBackbone, method: Method, point: Point, inputs: Any
 def draw_kept(backbone: TokenBackbone, methods: Sequence[Method], results: dict[str, Any], split: Any, target: float,
               sites: Sequence[int], out_dir: Path, n_samples: int = 3, tokenizer: Any = None, device: str = "cpu") -> Path:
     """Write kept.png (images) or kept.html (text) for the first ``n_samples`` rows of ``split``."""
-    from policy_prune.evaluation.evaluate import to_device, trim_padding
-
     sample = split.select(torch.arange(min(n_samples, len(split))))
     inputs = trim_padding(to_device(sample.inputs, device))
     picks = method_points(methods, results, target)
