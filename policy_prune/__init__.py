@@ -13,13 +13,12 @@ from typing import TYPE_CHECKING, Any
 from policy_prune.core.artifact import load_scorer
 from policy_prune.core.backbones import TokenBackbone, TokenState
 from policy_prune.errors import PolicyPruneError, UsageError, UserError
+from policy_prune.version import __version__
 
 if TYPE_CHECKING:
     from policy_prune.core.inference import PrunedModel, prune
     from policy_prune.embedded import load_backbone
     from policy_prune.model_export import export_onnx
-
-__version__ = "0.1.0"
 
 __all__ = ["PolicyPruneError", "PrunedModel", "TokenBackbone", "TokenState", "UsageError", "UserError", "__version__",
            "export_onnx", "load_backbone", "load_scorer", "prune"]

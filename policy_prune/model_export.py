@@ -241,9 +241,9 @@ def export_run_model(env: Any, scorer_dir: Path, args: Any, log: Any = print) ->
     import tempfile
 
     from policy_prune.core.artifact import _swap_in, load_scorer
+    from policy_prune.core.executed import executed_schedule
     from policy_prune.core.inference import prune
     from policy_prune.embedded import model_inputs
-    from policy_prune.evaluation.bench import executed_schedule
 
     backbone, tokenizer = _run_backbone(env, args.model, args.seed)
     split = _labelled_split(env, backbone, tokenizer, args.check_split) if args.check_split else None

@@ -172,6 +172,26 @@ def test_sequential_sweep_covers_split(vit, vit_split) -> None:
     assert sorted(seen) == list(range(12))
 
 
+def test_validation_runs_the_same_rows_at_every_target(vit, vit_split) -> None:
+    """One sequential env validates at several targets: each target runs the first n samples, the same rows
+    in the same batches, once each (the sweep used to carry on from where the previous target stopped:
+    other batches, and a pass over the rest of the split before coming back to the first n)."""
+    from types import SimpleNamespace
+
+    from policy_prune.training.rollout import evaluate_policy_split, keep_all_policy
+
+    vec = PruneVecEnv(vit, vit_split, 4, SITES, sequential=True, budget=(0.4, 0.9))
+    begun: list[list[int]] = []
+    begin = vec.core.begin
+    vec.core.begin = lambda idx, targets: begun.append(idx.tolist()) or begin(idx, targets)  # type: ignore[method-assign]
+    for n, batches in ((4, [[0, 1, 2, 3]]), (8, [[0, 1, 2, 3], [4, 5, 6, 7]])):
+        for target in (0.5, 0.8, 0.5):
+            begun.clear()
+            result = evaluate_policy_split(keep_all_policy(), SimpleNamespace(sites=SITES), vit, vit_split, n,
+                                           target=target, vec=vec)
+            assert begun[:-1] == batches and result["episodes"] == n  # the last begin: the final auto-reset
+
+
 def test_text_padding_is_never_alive() -> None:
     backbone = adapt(tiny.make("hf-bert"))
     split = tiny.split("hf-bert", n=3, labels=False)

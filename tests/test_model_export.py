@@ -180,7 +180,7 @@ def test_bench_onnx_times_both_graphs_on_the_same_inputs(monkeypatch) -> None:
 
 def test_bench_counts_the_padded_widths_that_run() -> None:
     """One row of 12 real tokens padded to 20: the static path runs the widths planned from 20."""
-    from policy_prune.evaluation.bench import executed_schedule
+    from policy_prune.core.executed import executed_schedule
     from tests.test_inference import _padded_wider
 
     model = tiny.make("hf-bert")

@@ -11,6 +11,7 @@ from policy_prune.core.backbones import adapt
 from policy_prune.core.scorer import TokenScorer, make_keep_fn
 from policy_prune.training.env import PruneVecEnv
 from policy_prune.training.policy import MaskedBernoulli, TokenScorerPolicy, load_learned_scorer
+from policy_prune.training.tracking import folderless_logger
 from tests import tiny
 
 SITES = [1, 2]
@@ -57,6 +58,7 @@ def test_policy_starts_near_keep_all(env) -> None:
 def test_save_load_roundtrip_and_scorer(env, tmp_path, algo, hidden) -> None:
     kwargs = {"n_steps": 4, "batch_size": 16, "n_epochs": 1} if algo is PPO else {"n_steps": 2}
     model = algo(TokenScorerPolicy, env, seed=0, policy_kwargs={"scorer_hidden": hidden}, **kwargs)
+    model.set_logger(folderless_logger())  # SB3's default makes an empty SB3-<time> temp folder per learn()
     model.learn(64)
     model.save(tmp_path / "m.zip")
     loaded = algo.load(tmp_path / "m.zip", env=env)
@@ -75,6 +77,7 @@ def test_checkpoint_carries_the_env_projection(env, tmp_path) -> None:
     shape = list(env.core.projection.shape)
     model = PPO(TokenScorerPolicy, env, n_steps=4, batch_size=16, seed=0, policy_kwargs={"projection_shape": shape})
     model.policy.set_projection(env.core.projection)
+    model.set_logger(folderless_logger())
     model.learn(16)
     model.save(tmp_path / "m.zip")
     assert torch.equal(load_learned_scorer(tmp_path / "m.zip", SITES).projection, env.core.projection)

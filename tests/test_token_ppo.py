@@ -110,6 +110,19 @@ def test_token_credit_ppo_learns_a_per_token_rule() -> None:
     assert before < 0.6 and after > 0.9, (before, after)
 
 
+def test_learn_leaves_no_sb3_folder_in_the_temp_dir(tmp_path, monkeypatch) -> None:
+    """A direct learn() (no logger set by the caller) used to leave an empty <tempdir>/SB3-<time> folder
+    per call: SB3's default logger makes one even when it writes nothing (issue 25)."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this test's own temp dir: no other process's folders
+    model = TokenCreditPPO(TokenScorerPolicy, RuleEnv(n_envs=2), n_steps=2, batch_size=4, n_epochs=1, gamma=1.0,
+                           gae_lambda=1.0, seed=0, policy_kwargs={"token_baseline": True, "scorer_hidden": [8]})
+    model.learn(8)
+    model.learn(8, reset_num_timesteps=False)
+    assert tempfile.gettempdir() == str(tmp_path) and not list(tmp_path.glob("SB3-*"))
+
+
 def test_token_critic_needs_token_baseline() -> None:
     env = RuleEnv(n_envs=2)
     model = TokenCreditPPO(TokenScorerPolicy, env, n_steps=2, batch_size=4, seed=0, gae_lambda=1.0)

@@ -44,6 +44,7 @@ from policy_prune.core.embedded_models import DIGITS_VIT
 from policy_prune.core.features import BASE_FEATURES, FEATURE_VERSION, FeatureSpec
 from policy_prune.core.scorer import LearnedScorer, TokenScorer, context_width
 from policy_prune.errors import UserError
+from policy_prune.version import __version__
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "scorer.safetensors"
@@ -126,8 +127,6 @@ def artifact_json(
     rule: Mapping[str, Any],
 ) -> dict[str, Any]:
     """The content of ``scorer.json`` (plain JSON values only)."""
-    import policy_prune
-
     net = scorer.net
     return {
         "format_version": FORMAT_VERSION,
@@ -141,7 +140,7 @@ def artifact_json(
         "lam": None if lam is None else float(lam),
         "metrics": _plain(dict(metrics or {})),
         "created": {"time": datetime.now(UTC).isoformat(timespec="seconds"),
-                    "policy_prune": policy_prune.__version__, "torch": torch.__version__},
+                    "policy_prune": __version__, "torch": torch.__version__},
         "meta": _plain({k: v for k, v in scorer.meta.items() if k not in _LOADED_META_KEYS}),
     }
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from policy_prune.config import ConfigError, DataConfig, from_dict
-from policy_prune.data import SPLIT_NAMES, Split
+from policy_prune.data.split import SPLIT_NAMES, Split
 from policy_prune.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}

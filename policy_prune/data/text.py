@@ -378,7 +378,7 @@ def tokenize(texts: list[str], tokenizer: Any, max_length: int) -> dict[str, Any
 
 def build_splits(cfg: DataConfig, tokenizer: Any) -> dict[str, Any]:
     """Tokenised, label-free splits of python-docs, each with its retrieval queries."""
-    from policy_prune.data import Split, relevance_pairs
+    from policy_prune.data.split import Split, relevance_pairs
 
     if tokenizer is None:
         raise UserError("dataset python-docs is text: its backbone must come with a tokenizer (e.g. spec minilm)")

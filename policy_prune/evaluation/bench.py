@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from policy_prune.core.backbones import TokenBackbone, TokenState, adapt
+from policy_prune.core.executed import executed_schedule
 from policy_prune.core.inference import PrunedModel, prune
 from policy_prune.core.schedule import TokenCounts, keep_ratio_for
 from policy_prune.core.scorer import LearnedScorer, random_scorer
@@ -471,17 +472,6 @@ def _bench_batch(model: nn.Module, backbone: TokenBackbone, scorer: LearnedScore
             "share_method": "1 - free/pruned (compiled)" if compile else "timed steps", "compiled": compile,
             "compile_options": options, "threads": torch.get_num_threads(), "device": device,
             "dtype": str(state.tokens.dtype).removeprefix("torch.")}
-
-
-def executed_schedule(pruned: PrunedModel, x: Any) -> tuple[list[int], float, int]:
-    """(slots per row after each site, FLOPs ratio, tokens embedded) of what runs on ``x``. On padded text
-    the slots are the planned widths of the static path (rows may keep fewer), else the largest count;
-    FLOPs are counted on those slots, padding included. The blocks' FLOPs only: see :func:`selection_ratio`."""
-    with torch.no_grad():
-        _, state, counts = pruned.run(x)
-    b, n = pruned.backbone, state.n_full
-    kept = pruned.text_widths(n) if pruned.static_text(x) else [int(c.max()) for c in counts]
-    return kept, float(b.schedule_flops(pruned.sites, kept, n)) / b.full_flops(n), n
 
 
 def selection_ratio(pruned: PrunedModel, kept: Sequence[int], n: int) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,13 @@ class ValidationCallback(BaseCallback):
             self.progress.validation(metric, [(t, r[metric], r["flops_ratio"]) for t, r in zip(self.targets, results, strict=True)])
 
 
+def save_checkpoint(model: Any, path: Path) -> None:
+    """model.save to a temporary file, then an atomic rename: a kill mid-save keeps the previous one."""
+    tmp = path.with_name("last.tmp.zip")
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
 class CheckpointCallback(BaseCallback):
     """Atomic ``checkpoints/last.zip`` every ``every`` timesteps (a kill loses at most one interval)."""
 
@@ -149,8 +157,6 @@ class CheckpointCallback(BaseCallback):
 
     def _on_rollout_end(self) -> None:
         if self.num_timesteps >= self.next_at:
-            from policy_prune.training.train import save_checkpoint
-
             self.next_at = (self.num_timesteps // self.every + 1) * self.every
             save_checkpoint(self.model, self.path)
 

@@ -112,7 +112,7 @@ class PruneCore:
         self.projection = make_projection(backbone, self.spec).to(device)
         with torch.inference_mode():
             # The observation grid spans the split's full (padded) width: every row's positions fit in it.
-            self.n_tokens = backbone.embed(move(split.select(torch.tensor([0])).inputs, device)).n_full
+            self.n_tokens = backbone.embed(ops.to_device(split.select(torch.tensor([0])).inputs, device)).n_full
         self._teacher: torch.Tensor | None = None
         self._cached = torch.zeros(len(split), dtype=torch.bool)
         # The blocks before the first site do not depend on any action: each sample's state there is
@@ -130,7 +130,7 @@ class PruneCore:
     # ---- data and teacher -----------------------------------------------------------------------
     def _inputs(self, idx: torch.Tensor) -> Any:
         """Adapter inputs of samples ``idx``; text is cut after its longest row (padding is not work)."""
-        return trim_padding(self.split.select(idx).inputs, self.device)
+        return ops.to_device(ops.trim_padding(self.split.select(idx).inputs), self.device)
 
     def _start(self, idx: torch.Tensor) -> tuple[TokenState, torch.Tensor]:
         """The state before the first site and its features, computed for samples ``idx``."""
@@ -258,21 +258,6 @@ class PruneCore:
             if correct is not None:
                 info["accuracy"] = float(correct[i])
         return task
-
-
-def move(inputs: Any, device: str | torch.device) -> Any:
-    """Adapter inputs (a tensor or a tokenizer batch) on ``device``."""
-    return {k: v.to(device) for k, v in inputs.items()} if isinstance(inputs, dict) else inputs.to(device)
-
-
-def trim_padding(inputs: Any, device: str | torch.device) -> Any:
-    """Inputs on ``device``; a tokenizer batch loses the trailing columns that are padding in every row."""
-    if not isinstance(inputs, dict) or inputs.get("attention_mask") is None:
-        return move(inputs, device)
-    mask = inputs["attention_mask"]
-    used = mask.any(dim=0).nonzero()
-    width = int(used.max()) + 1 if len(used) else mask.shape[1]
-    return {k: (v[:, :width] if v.dim() == 2 and v.shape[1] == mask.shape[1] else v).to(device) for k, v in inputs.items()}
 
 
 class StartCache:
@@ -455,9 +440,12 @@ class PruneVecEnv(VecEnv):
         super().__init__(n_envs, self.core.observation_space, self.core.action_space)
 
     def reset(self) -> dict[str, np.ndarray]:
+        """New episodes on every row; a sequential sweep starts again at sample 0, so validating at several
+        targets (one reset each) runs the same rows in the same batches at each (issue 25)."""
         for row, seed in enumerate(self._seeds[: self.num_envs // self.group_size]):  # one sampler per group
             if seed is not None:
                 self.sampler.seed(row, seed)
+        self.sampler.cursor = 0
         self._reset_seeds()
         self._reset_options()
         return self._begin()

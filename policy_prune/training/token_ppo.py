@@ -28,6 +28,7 @@ from stable_baselines3.common.utils import explained_variance
 from torch.nn import functional as F
 
 from policy_prune.training.policy import TokenScorerPolicy
+from policy_prune.training.tracking import folderless_logger
 
 
 def _rows(obs: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -58,6 +59,12 @@ class TokenCreditPPO(PPO):
         # lambda < 1 would bootstrap part of it from the step critic, which the token gains do not model.
         if self.gae_lambda != 1.0:
             raise ValueError(f"per-token credit needs gae_lambda=1 (Monte Carlo returns), got {self.gae_lambda}")
+
+    def _setup_learn(self, *args: Any, **kwargs: Any) -> Any:
+        # Without a logger of the caller's, SB3 makes an empty tempdir/SB3-<time> folder per learn() (issue 25).
+        if not self._custom_logger and self.tensorboard_log is None:
+            self.set_logger(folderless_logger(self.verbose))
+        return super()._setup_learn(*args, **kwargs)
 
     def train(self) -> None:
         self.policy.set_training_mode(True)

@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
-from stable_baselines3.common.logger import KVWriter
+from stable_baselines3.common.logger import HumanOutputFormat, KVWriter, Logger
+
+
+def folderless_logger(verbose: int = 0) -> Logger:
+    """An SB3 logger with no folder: stdout when ``verbose``, else nothing. SB3's default logger (learn()
+    without set_logger) makes an empty ``<tempdir>/SB3-<time>`` folder on every call, writing nothing there."""
+    return Logger(folder=None, output_formats=[HumanOutputFormat(sys.stdout)] if verbose >= 1 else [])
 
 
 class JsonlFormat(KVWriter):

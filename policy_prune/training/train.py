@@ -205,7 +205,7 @@ def train(cfg: RunConfig, run_dir: Path, console: Any, resume: bool = False, cal
     from stable_baselines3.common.utils import set_random_seed
 
     from policy_prune.embedded import resolve
-    from policy_prune.training.callbacks import RunProgress
+    from policy_prune.training.callbacks import RunProgress, save_checkpoint
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -303,13 +303,6 @@ def make_agent(cfg: RunConfig, env: Any) -> Any:
 
 def load_agent(cfg: RunConfig, env: Any, ckpt: Path) -> Any:
     return algorithm_class(cfg).load(ckpt, env=env, device=cfg.train.device)
-
-
-def save_checkpoint(model: Any, path: Path) -> None:
-    """model.save to a temporary file, then an atomic rename: a kill mid-save keeps the previous one."""
-    tmp = path.with_name("last.tmp.zip")
-    model.save(tmp)
-    os.replace(tmp, path)
 
 
 # ---- end-of-run comparison and export ---------------------------------------------------------------
