@@ -7,6 +7,7 @@ The whole resolved config is what a run writes to ``config.yaml`` and logs to W&
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -247,11 +248,32 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def dataset_kind(dataset: str) -> str:
+    """What a ``data.dataset`` value's options are written for: a registry name, or its prefix
+    ("hf:", "imagefolder:")."""
+    prefix, sep, _ = dataset.partition(":")
+    return prefix + sep if sep else dataset
+
+
 def load_env_config(name_or_path: str, overrides: list[str] | None = None) -> EnvConfig:
-    """Resolve an env preset (shipped name or YAML path) plus ``--set`` overrides."""
+    """Resolve an env preset (shipped name or YAML path) plus ``--set`` overrides.
+
+    A preset's ``data.options`` are written for its dataset: overrides that move ``data.dataset`` to
+    another kind of dataset (``--env minilm-text --set data.dataset=hf:my-corpus``) drop them (the hf
+    loader refuses python-docs' options); ``data.options`` given in the overrides still apply.
+    """
     data, where = read_preset("envs", name_or_path)
     data.setdefault("name", Path(name_or_path).stem)
+    after = _dataset_of(apply_overrides(copy.deepcopy(data), overrides or []))
+    if dataset_kind(after) != dataset_kind(_dataset_of(data)) and isinstance(data.get("data"), dict):
+        data["data"].pop("options", None)
     return from_dict(EnvConfig, apply_overrides(data, overrides or []), where)
+
+
+def _dataset_of(data: dict[str, Any]) -> str:
+    section = data.get("data")
+    dataset = section.get("dataset") if isinstance(section, dict) else None
+    return dataset if isinstance(dataset, str) else DataConfig.dataset
 
 
 def load_agent_config(name_or_path: str, overrides: list[str] | None = None) -> AgentConfig:

@@ -28,6 +28,18 @@ def test_overrides_and_roundtrip() -> None:
     assert from_dict(EnvConfig, to_dict(cfg)) == cfg
 
 
+def test_another_kind_of_dataset_drops_the_presets_options(tmp_path) -> None:
+    """python-docs' options do not apply to a JSONL corpus: --set data.dataset=hf:... drops them (the hf
+    loader refused them, so a user had to add --set "env.data.options={}"); options set as well stay."""
+    assert load_env_config("minilm-text").data.options  # sources, queries, ...
+    assert load_env_config("minilm-text", ["data.dataset=hf:my-corpus"]).data.options == {}
+    kept = load_env_config("minilm-text", ["data.dataset=hf:my-corpus", "data.options.val_fraction=0.2"])
+    assert kept.data.options == {"val_fraction": 0.2}
+    same_kind = load_env_config("custom-timm-imagefolder", ["data.dataset=imagefolder:elsewhere"])
+    assert same_kind.data.options == load_env_config("custom-timm-imagefolder").data.options != {}
+    assert load_env_config("digits-vit", ["data.dataset=digits-cluttered"]).data.options  # the same dataset
+
+
 @pytest.mark.parametrize(
     ("data", "match"),
     [

@@ -495,7 +495,8 @@ class PruneVecEnv(VecEnv):
 def register_envs() -> None:
     """Register the single-row env with gymnasium (idempotent)."""
     if ENV_ID not in gym.registry:
-        gym.register(id=ENV_ID, entry_point="policy_prune.training.env:TokenPruneEnv")
+        # make_env: an env preset by name (preset="digits-vit"), or TokenPruneEnv's own arguments.
+        gym.register(id=ENV_ID, entry_point="policy_prune.training.factory:make_env")
 
 
 register_envs()

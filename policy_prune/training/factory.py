@@ -1,12 +1,13 @@
-"""Glue from configs to the batched env of a split."""
+"""Glue from configs to the envs: the batched env of a split, and the single-row env of a preset."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from policy_prune.config import EnvConfig
+from policy_prune.config import EnvConfig, load_env_config
 from policy_prune.training.budget import BudgetController
-from policy_prune.training.env import PruneVecEnv
+from policy_prune.training.env import PruneVecEnv, TokenPruneEnv
 
 
 def make_vec_env(
@@ -45,3 +46,24 @@ def make_vec_env(
         target=target,
         controller=controller,
     )
+
+
+def make_env(preset: str | None = None, split: Any = "train", seed: int = 0, device: str = "cpu",
+             overrides: Sequence[str] = (), **kwargs: Any) -> TokenPruneEnv:
+    """The entry point of ``gym.make("PolicyPrune/TokenPrune-v0", ...)``.
+
+    With ``preset`` (an env preset name or YAML path, plus ``key=value`` ``overrides`` as ``--set env.``
+    takes them): the preset's frozen backbone (the embedded digits-vit is fitted on first use) on its
+    ``split`` ("train", "val" or "test"), its sites and reward; ``kwargs`` override TokenPruneEnv's
+    arguments (``sequential=True``, ``lam=0.1``). Without: TokenPruneEnv(split=split, **kwargs), a
+    backbone and a Split of your own.
+    """
+    if preset is None:
+        return TokenPruneEnv(split=split, **kwargs)
+    from policy_prune.embedded import resolve
+
+    env_cfg = load_env_config(preset, list(overrides))
+    backbone, splits = resolve(env_cfg, seed=seed, device=device)
+    reward = env_cfg.reward
+    args: dict[str, Any] = {"lam": reward.lam, "task": reward.task, "device": device, "budget": reward.budget}
+    return TokenPruneEnv(backbone, splits[split], env_cfg.sites, **{**args, **kwargs})

@@ -80,7 +80,8 @@ def load_backbone(
 
     if not timm.is_model(name):
         raise UserError(f"unknown backbone {spec!r}: not a timm model name, 'hf:<id>' or a model folder")
-    model = timm.create_model(name, pretrained=pretrained, **model_kwargs)
+    # A checkpoint of the user's replaces the weights whole: fetching the hub's first would be a wasted download.
+    model = timm.create_model(name, pretrained=pretrained and checkpoint is None, **model_kwargs)
     if checkpoint is not None:
         model.load_state_dict(_read_state_dict(Path(checkpoint)))
     return TimmViTBackbone(model.eval().requires_grad_(False), name=name)
