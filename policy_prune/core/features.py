@@ -21,7 +21,8 @@ import torch
 from policy_prune.core import ops
 from policy_prune.core.backbones.base import TokenBackbone, TokenState, cls_row_attention
 
-FEATURE_VERSION = 4
+FEATURE_VERSION = 5
+"""5: the context's alive fraction is relative to the row's own tokens, not the padded width (issue #23)."""
 FEATURE_BOUND = 10.0
 BASE_FEATURES = (
     "cls_attention",  # log(1 + n_alive * attention received from CLS) in the block about to run

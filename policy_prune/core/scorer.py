@@ -86,11 +86,16 @@ class TokenScorer(nn.Module):
         return h.squeeze(-1)
 
 
-def site_context(state: TokenState, site_index: int, n_sites: int, spent: torch.Tensor,
+def site_context(state: TokenState, site_index: int, n_sites: int, spent: torch.Tensor, n0: torch.Tensor,
                  budget: torch.Tensor | float | None = None) -> torch.Tensor:
-    """[B, G] context exactly as the env builds it: site one-hot, alive fraction, compute spent[, budget]."""
-    return context_rows(site_index, n_sites, state.alive_counts.float() / state.n_full, spent, state.tokens.device,
-                        budget)
+    """[B, G] context exactly as the env builds it: site one-hot, alive fraction, compute spent[, budget].
+
+    The alive fraction is each row's alive tokens over its own embedded tokens ``n0`` [B], never over the
+    padded width: a row gets the same context alone, in any batch and at any padding (issue #23; version
+    4 divided by the padded width, so a passage's decisions changed with its batch-mates).
+    """
+    alive = state.alive_counts.float() / n0.to(state.alive_counts.device).float().clamp_min(1.0)
+    return context_rows(site_index, n_sites, alive, spent, state.tokens.device, budget)
 
 
 def context_width(n_sites: int, budgeted: bool) -> int:
@@ -167,15 +172,16 @@ class LearnedScorer:
             return None
         return self.budget.default if self.target is None else self.target
 
-    def context(self, state: TokenState, site_index: int, spent: torch.Tensor) -> torch.Tensor:
-        """[B, G] context of this scorer at ``site_index`` given the [B] compute spent before it."""
-        return site_context(state, site_index, len(self.sites), spent, self.budget_value)
+    def context(self, state: TokenState, site_index: int, spent: torch.Tensor, n0: torch.Tensor) -> torch.Tensor:
+        """[B, G] context of this scorer at ``site_index`` given the [B] compute spent before it and the [B]
+        tokens each row was embedded with."""
+        return site_context(state, site_index, len(self.sites), spent, n0, self.budget_value)
 
     def scores_in_episode(self, backbone: TokenBackbone, state: TokenState, site_index: int, layer: int,
                           n0: torch.Tensor, kept: Sequence[torch.Tensor]) -> torch.Tensor:
         """Logits [B, N] with the exact compute-spent context of this episode's earlier decisions."""
         spent = spent_fraction(backbone, self.sites, n0, kept, state.n_full)
-        return self.logits(backbone, state, layer, self.context(state, site_index, spent))
+        return self.logits(backbone, state, layer, self.context(state, site_index, spent, n0))
 
     def logits(self, backbone: TokenBackbone, state: TokenState, layer: int, context: torch.Tensor) -> torch.Tensor:
         """Logits [B, N] of the state's slots before block ``layer`` given the [B, G] context rows."""

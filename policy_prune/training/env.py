@@ -165,6 +165,7 @@ class PruneCore:
         # The part before the first site runs whatever the policy does; site 0's reward pays for it.
         self.pending = spent_fraction(self.backbone, self.sites, state.alive_counts, [], self.n_tokens)
         self.spent = torch.zeros(b, dtype=torch.float64)
+        self.n0 = state.alive_counts  # each row's own tokens: the context's alive fraction is relative to them
         self.t = 0
         self.keep_ratios: list[torch.Tensor] = []
         self.state = state
@@ -191,7 +192,7 @@ class PruneCore:
             feats = token_features(self.backbone, s, self.sites[self.t], self.projection, self.spec)
         tokens = ops.scatter_to_grid(feats, s.positions, s.valid, n)
         alive = ops.scatter_to_grid(s.valid.float(), s.positions, s.valid, n)
-        context = site_context(s, self.t, len(self.sites), self.spent + self.pending, self.targets)
+        context = site_context(s, self.t, len(self.sites), self.spent + self.pending, self.n0, self.targets)
         if final:
             context[:, self.t] = 0.0  # no site left to decide at
         return {
