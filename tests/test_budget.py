@@ -138,6 +138,51 @@ def test_prune_at_flops_without_a_budget_input(vit, vit_split) -> None:
         prune(vit.model, scorer, flops=0.7, rule="threshold", strict=False)
 
 
+def test_flops_below_what_keep_ratio_reaches_is_an_error(vit) -> None:
+    """Block 0 runs before the first site (1) on every token: no keep ratio takes this model below ~0.39 of
+    its FLOPs. Asked for less, prune names that floor (issue 25: it ran at the floor, silently)."""
+    plain = random_scorer(vit, SITES, seed=0, hidden=(16,))
+    for f in (0.05, 0.3):
+        with pytest.raises(UserError, match=r"below the lowest FLOPs ratio .*block 0 before it still runs") as exc:
+            prune(vit.model, plain, flops=f, strict=False)
+    floor = float(str(exc.value).rsplit(">= ", 1)[1])
+    at_floor = prune(vit.model, plain, flops=floor, strict=False)  # the floor named is reachable: CLS alone left
+    assert 0.36 < floor < 0.42 and [count for count, _ in at_floor._plan(17)] == [1, 1]
+    budgeted = random_scorer(vit, SITES, seed=0, hidden=(16,), budget=BudgetInput(0.3, 0.9, 0.5))
+    with pytest.raises(UserError, match="below the lowest FLOPs ratio"):  # in its trained range, not on this model
+        prune(vit.model, budgeted, flops=0.3, strict=False)
+
+
+def test_threshold_at_flops_needs_a_calibration_that_reached_it(vit, vit_split) -> None:
+    """No calibration: no threshold 0 in its place. A target calibration could not reach: flagged, and
+    prune(flops=f, rule="threshold") there is an error, not the deepest cut tried running above f."""
+    scorer = random_scorer(vit, SITES, seed=0, hidden=(16,), budget=BudgetInput(0.2, 0.9, 0.5))
+    with pytest.raises(UserError, match="not calibrated"):
+        prune(vit.model, scorer, flops=0.6, rule="threshold", strict=False)
+    assert prune(vit.model, scorer, flops=0.6, strict=False).rule == "keep_ratio"  # the default needs none
+    points = calibrate(vit, scorer, [vit_split.inputs], [0.2, 0.6])
+    assert [p.reached for p in points] == [False, True]
+    scorer.budget = BudgetInput(0.2, 0.9, 0.5, points)
+    with pytest.raises(UserError, match="could not bring this scorer down .* lowest target it reached is 0.6"):
+        prune(vit.model, scorer, flops=0.2, rule="threshold", strict=False)
+    with pytest.raises(UserError, match="could not bring"):  # interpolated from the unreached point
+        prune(vit.model, scorer, flops=0.4, rule="threshold", strict=False)
+    assert prune(vit.model, scorer, flops=0.6, rule="threshold", strict=False).values == [points[1].threshold] * 2
+
+
+def test_reached_flag_round_trips_and_older_artifacts_load_as_reached(vit, tmp_path) -> None:
+    budget = BudgetInput(0.3, 0.9, 0.5, [CalibrationPoint(0.3, 64.0, [0.0, 0.0], reached=False),
+                                         CalibrationPoint(0.7, -0.5, [0.8, 1.0])])
+    save_scorer(random_scorer(vit, SITES, seed=1, hidden=(16,), budget=budget), tmp_path / "s", vit.signature())
+    loaded = load_scorer(tmp_path / "s").budget
+    assert [p.reached for p in loaded.calibration] == [False, True] and not loaded.reached(0.5) and loaded.reached(0.7)
+    meta = json.loads((tmp_path / "s" / "scorer.json").read_text())
+    for point in meta["budget"]["calibration"]:
+        del point["reached"]
+    (tmp_path / "s" / "scorer.json").write_text(json.dumps(meta))
+    assert [p.reached for p in load_scorer(tmp_path / "s").budget.calibration] == [True, True]
+
+
 def test_keep_ratios_for_flops_follows_a_profile(vit) -> None:
     # This tiny model runs 0.36 of its FLOPs with every prunable token dropped at both sites.
     for target, shape_kept in ((0.45, True), (0.5, True), (0.9, False)):

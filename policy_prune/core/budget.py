@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from policy_prune.errors import UserError
+
 
 @dataclass(frozen=True)
 class CalibrationPoint:
@@ -36,6 +38,9 @@ class CalibrationPoint:
     """Logit threshold at which the mean FLOPs ratio over the calibration data equals ``flops``."""
     keep_ratio: list[float]
     """Mean share of the prunable alive tokens kept at each site at that threshold."""
+    reached: bool = True
+    """False when no threshold brought the mean FLOPs ratio down to ``flops`` (the threshold is then the
+    deepest cut tried, which runs above it). Artifacts written before this flag load as reached."""
 
 
 @dataclass
@@ -49,7 +54,7 @@ class BudgetInput:
     default: float
     """Budget used when the caller gives none."""
     calibration: list[CalibrationPoint] = field(default_factory=list)
-    """Sorted by ``flops``; empty before calibration (then the threshold is 0)."""
+    """Sorted by ``flops``; empty before calibration (then no threshold is known)."""
 
     @classmethod
     def over(cls, low: float, high: float, calibration: list[CalibrationPoint] | None = None) -> BudgetInput:
@@ -66,12 +71,31 @@ class BudgetInput:
         return f
 
     def threshold(self, flops: float) -> float:
-        """Calibrated logit threshold at ``flops`` (linear between calibration points; 0 without any)."""
+        """Calibrated logit threshold at ``flops`` (linear between calibration points); UserError without
+        calibration (threshold 0 would run at whatever FLOPs the policy's own decisions give)."""
         f = self.check(flops)
         if not self.calibration:
-            return 0.0
+            raise UserError(f"this scorer's budget input is not calibrated, so no threshold is known for flops={f:g}: "
+                            "use rule='keep_ratio' (the default with flops=...)")
         xs = [p.flops for p in self.calibration]
         return float(np.interp(f, xs, [p.threshold for p in self.calibration]))
+
+    def reached(self, flops: float) -> bool:
+        """Whether the calibration points that :meth:`threshold` interpolates at ``flops`` all reached their
+        targets (True without calibration: nothing was missed)."""
+        f = self.check(flops)
+        if not self.calibration:
+            return True
+        missed = [0.0 if p.reached else 1.0 for p in self.calibration]
+        return float(np.interp(f, [p.flops for p in self.calibration], missed)) <= 1e-9
+
+    def check_reached(self, flops: float) -> None:
+        """UserError when the calibrated threshold at ``flops`` did not meet it on the calibration data."""
+        if not self.reached(flops):
+            lowest = min((p.flops for p in self.calibration if p.reached), default=None)
+            floor = "it reached none of its targets" if lowest is None else f"the lowest target it reached is {lowest:g}"
+            raise UserError(f"flops={float(flops):g} with rule='threshold': calibration could not bring this scorer down "
+                            f"to that FLOPs ratio ({floor}); ask for a larger flops, or use rule='keep_ratio'")
 
     def keep_ratios(self, flops: float) -> list[float] | None:
         """Calibrated per-site keep shares at ``flops`` (None without calibration)."""
@@ -92,7 +116,8 @@ class BudgetInput:
         try:
             if data["input"] != "flops":
                 raise ValueError(f"unknown budget input {data['input']!r}")
-            points = [CalibrationPoint(float(p["flops"]), float(p["threshold"]), [float(r) for r in p["keep_ratio"]])
+            points = [CalibrationPoint(float(p["flops"]), float(p["threshold"]), [float(r) for r in p["keep_ratio"]],
+                                       bool(p.get("reached", True)))
                       for p in data.get("calibration", [])]
             budget = BudgetInput(float(data["low"]), float(data["high"]), float(data["default"]),
                                  sorted(points, key=lambda p: p.flops))

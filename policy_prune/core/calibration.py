@@ -95,16 +95,21 @@ def solve_threshold(fn: Callable[[float], float], target: float, iters: int = 20
 def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[Any], targets: Sequence[float],
               tol: float = 0.002) -> list[CalibrationPoint]:
     """For each target f: the threshold at which ``scorer`` told f meets f on ``inputs``, and the
-    per-site keep shares it then has (a budget-conditioned scorer's calibration)."""
+    per-site keep shares it then has (a budget-conditioned scorer's calibration). A target that no
+    threshold brings the FLOPs down to is kept with ``reached=False`` (its threshold the deepest cut tried)."""
     points: list[CalibrationPoint] = []
     for f in sorted(targets):
         told = scorer.at(f)
+        seen: list[float] = []
 
-        def flops_at(t: float, told: LearnedScorer = told) -> float:
-            return measure(backbone, told, inputs, "threshold", t).flops_ratio
+        def flops_at(t: float, told: LearnedScorer = told, seen: list[float] = seen) -> float:
+            seen.append(measure(backbone, told, inputs, "threshold", t).flops_ratio)
+            return seen[-1]
 
         # Thresholds fall as targets rise: start from the previous target's, a short step away.
         t = solve_threshold(flops_at, f, tol=tol, start=points[-1].threshold if points else 0.0,
                             step=0.5 if points else 1.0)
-        points.append(CalibrationPoint(float(f), float(t), measure(backbone, told, inputs, "threshold", t).keep_ratio))
+        # solve_threshold's own test: some threshold tried ran at most f (else it gave up at the deepest cut).
+        points.append(CalibrationPoint(float(f), float(t), measure(backbone, told, inputs, "threshold", t).keep_ratio,
+                                       reached=min(seen) <= f))
     return points

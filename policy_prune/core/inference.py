@@ -13,6 +13,7 @@ path and the same decisions as the trained policy's deterministic mode in the en
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
@@ -25,7 +26,7 @@ from policy_prune.core.artifact import RULES, check_signature, load_scorer, norm
 from policy_prune.core.backbones import HFEncoderBackbone, KeepFn, TokenBackbone, TokenState, adapt
 from policy_prune.core.backbones.hf import TEXT_PROTECTED
 from policy_prune.core.features import make_projection, token_layout
-from policy_prune.core.schedule import TokenCounts, keep_ratios_for, keep_schedule
+from policy_prune.core.schedule import TokenCounts, keep_ratios_for, keep_schedule, lowest_flops_ratio
 from policy_prune.core.scorer import (
     LearnedScorer,
     TokenScorer,
@@ -276,6 +277,8 @@ def prune(
     tokens whose logit > value; per-sample counts, rows packed with a padding mask) or ``keep_ratio``
     (keep that fraction of the prunable alive tokens at each site; fixed counts, static shapes).
     Values are one number or one per site; with neither given, scorer.json's default rule is used.
+    ``rule="threshold"`` without a value (and without ``flops``) is threshold 0, the policy's own
+    deterministic decision (keep probability > 0.5): no FLOPs target is calibrated or met by it.
 
     ``flops`` asks for a FLOPs ratio instead (e.g. 0.5: half the unpruned model's FLOPs, the scorer's own
     features and MLP included). A budget-conditioned scorer is told that budget. By default it meets it
@@ -323,6 +326,8 @@ def rule_for_flops(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
 
     keep_ratio (the default): fixed per-site counts whose FLOPs on a full-length input, the scorer's
     own cost included, are ``flops``. threshold (budget-conditioned scorers): the calibrated threshold.
+    UserError, never a silently different budget, for an ``flops`` below what keep_ratio reaches
+    (:func:`check_reachable`) or, with threshold, one the calibration did not reach or without calibration.
     """
     if not 0.0 < flops <= 1.0:
         raise UserError(f"flops must be a FLOPs ratio in (0, 1], got {flops:g}")
@@ -337,6 +342,7 @@ def rule_for_flops(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
         if budget is None:
             raise UserError("this scorer has no budget input, so no threshold is calibrated for a FLOPs target: "
                             "use rule='keep_ratio' (or no rule) with flops=...")
+        budget.check_reached(flops)
         return "threshold", [budget.threshold(flops)] * len(scorer.sites), told
     prefix, grid = token_layout(backbone)
     n_full = prefix + grid[0] * grid[1] if grid else TEXT_PLAN_TOKENS
@@ -347,8 +353,24 @@ def rule_for_flops(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
         return learned_flops(backbone, told, scorer.sites[site_index], n, has_cls=model_has_cls(backbone))
 
     counts = TokenCounts.dense(n_full, n_protected)  # a full-length input
+    check_reachable(backbone, scorer.sites, counts, flops, selection)
     ratios = keep_ratios_for(backbone, scorer.sites, counts, flops, profile or [0.5] * len(scorer.sites), selection)
     return "keep_ratio", ratios, told
+
+
+def check_reachable(backbone: TokenBackbone, sites: Sequence[int], counts: TokenCounts, flops: float,
+                    selection: Callable[[int, int], float]) -> None:
+    """UserError when ``flops`` is below what any keep_ratio schedule at ``sites`` reaches (the solver would
+    fall to keep ratio 0 and run at that floor instead)."""
+    floor = lowest_flops_ratio(backbone, sites, counts, selection)
+    if flops < floor - 1e-9:
+        first = sites[0]
+        why = (f"blocks 0-{first - 1} before it still run" if first > 1 else "block 0 before it still runs") \
+            + " on every token" if first else "the protected tokens still run every block"
+        lowest = math.ceil(floor * 1000) / 1000
+        raise UserError(f"flops={flops:g} is below the lowest FLOPs ratio this scorer reaches on this model, {lowest:.3f} "
+                        f"(every prunable token dropped at its first site, block {first}; {why}; its own features "
+                        f"and MLP counted): ask for flops >= {lowest:.3f}")
 
 
 def _adapt_for(model: nn.Module, scorer: LearnedScorer) -> TokenBackbone:

@@ -77,6 +77,13 @@ def ratio_counts(sites: Sequence[int], tc: TokenCounts, ratio: float) -> list[to
     return keep_schedule([ratio] * len(sites), tc.n0, tc.protected)
 
 
+def lowest_flops_ratio(backbone: TokenBackbone, sites: Sequence[int], tc: TokenCounts,
+                       selection: Selection | None = None) -> float:
+    """The smallest FLOPs ratio a keep_ratio schedule reaches on these rows: every prunable token dropped
+    at the first site (the blocks before it run on every token; ``selection`` counted in)."""
+    return flops_ratio(backbone, sites, keep_schedule([0.0] * len(sites), tc.n0, tc.protected), tc, selection)
+
+
 def solve_keep_ratio(fn: Callable[[float], float], target: float, iters: int = 40) -> float:
     """The r in [0, 1] whose FLOPs ratio fn(r) (non-decreasing, a step function) is nearest ``target``."""
     lo, hi = 0.0, 1.0

@@ -330,7 +330,7 @@ class ScorerMethod(Method):
         """The scorer's own points: a budget-conditioned scorer at each target in its range as deployed
         (``prune(model, scorer, flops=f)``: its calibrated threshold), else its trained threshold 0."""
         budget = getattr(self.scorer, "budget", None)
-        if budget is None or not self.own_points:
+        if budget is None or not budget.calibration or not self.own_points:  # uncalibrated: no threshold per f
             return list(self.own_points)
         return [Point("threshold", [budget.threshold(f)] * len(self.sites), None, None, f)
                 for f in targets if budget.low - 1e-9 <= f <= budget.high + 1e-9]
