@@ -34,11 +34,11 @@ def run(args: argparse.Namespace) -> int:
     import timm
     import torch
     import transformers
-    from rich.console import Console
     from rich.table import Table
 
     from policy_prune import __version__
     from policy_prune.config import preset_names
+    from policy_prune.console import make_console
     from policy_prune.core.backbones import BACKBONES
 
     table = Table(title=f"policy-prune {__version__}", show_header=False)
@@ -50,5 +50,5 @@ def run(args: argparse.Namespace) -> int:
     table.add_row("agent presets", ", ".join(preset_names("agents")) or "-")
     err, ratio = self_check(args.seed)
     table.add_row("self-check", f"keep-all max |diff| {err:.1e}; half tokens dropped at block 1 -> FLOPs ratio {ratio:.3f}")
-    Console().print(table)
+    make_console().print(table)
     return 0 if err < 1e-4 else 1

@@ -290,11 +290,11 @@ def rollout_buffer_mib(vec: Any, agent_cfg: Any) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from policy_prune.console import make_console
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    console = Console()
+    console = make_console()
     payload: dict[str, Any] = {}
     if "env" in args.what:
         payload["env"] = bench_env(args)

@@ -481,9 +481,8 @@ def output_dir(args: argparse.Namespace, env_name: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from policy_prune.config import load_env_config
+    from policy_prune.console import make_console
     from policy_prune.core.artifact import check_signature
     from policy_prune.data import cap, cap_groups, load_splits
     from policy_prune.embedded import resolve_backbone
@@ -493,7 +492,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("give a RUN_DIR or --env ENV")
     if args.max_items is not None and args.max_items < 1:
         raise UserError(f"--max-items must be at least 1, got {args.max_items}")
-    console = Console()
+    console = make_console()
     runs = [load_run(path, group) for group, path in (parse_run_arg(str(d)) for d in args.run_dirs)]
     env_cfg = load_env_config(args.env) if args.env else runs[0].env
     if runs:

@@ -388,11 +388,11 @@ def pretrain(
     if hit is not None:
         return hit
     import torch
-    from rich.console import Console
 
+    from policy_prune.console import make_console
     from policy_prune.core.backbones import TimmViTBackbone
 
-    console = console or Console()
+    console = console or make_console()
     model_cfg, train_cfg, record, folder = checkpoint_for(env_cfg, seed, epochs)
     seed = train_cfg.seed
     start = time.perf_counter()
@@ -426,12 +426,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from policy_prune.config import load_env_config
+    from policy_prune.console import make_console
 
-    console = Console()
+    console = make_console()
     env_cfg = load_env_config(args.env, args.overrides)
     if env_cfg.backbone.spec != EMBEDDED_SPEC:
         console.print(f"env {env_cfg.name!r} uses backbone {env_cfg.backbone.spec!r}: nothing to pretrain "

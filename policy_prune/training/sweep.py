@@ -317,8 +317,7 @@ def trial_lock(path: Path) -> Iterator[None]:
 
 def _train_trial(config: dict[str, Any], setup: TrialSetup, name: str, run_dir: Path) -> None:
     """Train a trial's run folder, continuing from its checkpoint when it has one."""
-    from rich.console import Console
-
+    from policy_prune.console import make_console
     from policy_prune.training.train import load_run_config, new_run_dir, train, write_atomic
     from policy_prune.training.tune_callbacks import TuneReport
 
@@ -332,7 +331,7 @@ def _train_trial(config: dict[str, Any], setup: TrialSetup, name: str, run_dir: 
         run_dir = new_run_dir(cfg)
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     with (run_dir / "train.log").open("a") as log:  # the trial's console: progress, messages
-        console = Console(file=log, width=120, force_terminal=False)
+        console = make_console(log)
         train(cfg, run_dir, console, resume=resume, callbacks=[TuneReport()])
 
 
@@ -415,9 +414,9 @@ def load_sweep(sweep_dir: Path) -> SweepConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from policy_prune.console import make_console
 
-    console = Console()
+    console = make_console()
     if args.resume is not None:
         if args.sweep_file is not None or args.overrides:
             raise UserError("--resume continues a sweep as it was defined: drop the sweep file and --set")

@@ -172,9 +172,9 @@ def new_run_dir(cfg: RunConfig) -> Path:
 
 # ---- the run -------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from policy_prune.console import make_console
 
-    console = Console()
+    console = make_console()
     if args.resume is not None:
         run_dir = args.resume
         cfg = load_run_config(run_dir)
