@@ -151,6 +151,30 @@ def test_architecture_name_only_mismatch(artifact) -> None:
     assert prune(model, artifact, strict=False).sites == SITES  # same shapes: allowed when not strict
 
 
+@pytest.mark.parametrize("family", ["timm-vit-cls", "hf-bert"])
+def test_another_checkpoint_of_the_same_architecture_is_refused(tmp_path, family: str) -> None:
+    """Same shapes and names, other weights (issue 25): refused unless strict=False. The same checkpoint in
+    another dtype is the same model; an artifact from before the fingerprint has nothing to compare."""
+    trained_on = adapt(tiny.make(family, seed=0))
+    path = save_scorer(random_scorer(trained_on, SITES, seed=1), tmp_path / "s", trained_on.signature())
+    other = tiny.make(family, seed=1)
+    with pytest.raises(ScorerMismatchError, match="same shapes, different weights") as exc:
+        prune(other, path, keep_ratio=0.5)
+    assert "strict=False" in str(exc.value) and "\n" not in str(exc.value)
+    assert prune(other, path, keep_ratio=0.5, strict=False).sites == SITES
+    for dtype in (torch.bfloat16, torch.float16):
+        assert prune(tiny.make(family, seed=0).to(dtype), path, keep_ratio=0.5).sites == SITES
+    if torch.cuda.is_available():  # a device move changes no weight
+        assert prune(tiny.make(family, seed=0).cuda(), path, keep_ratio=0.5).sites == SITES
+    half = adapt(tiny.make(family, seed=0).to(torch.bfloat16))  # a scorer trained next to a bf16 copy
+    save_scorer(random_scorer(half, SITES, seed=1), tmp_path / "bf16", half.signature())
+    assert prune(tiny.make(family, seed=0), tmp_path / "bf16", keep_ratio=0.5).sites == SITES
+    meta = json.loads((path / META_FILE).read_text())
+    del meta["backbone"]["weights"]
+    (path / META_FILE).write_text(json.dumps(meta))
+    assert prune(other, path, keep_ratio=0.5).sites == SITES
+
+
 def test_load_and_prune_never_unpickle(artifact, monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("pickle used on the load path")

@@ -126,6 +126,20 @@ def test_load_backbone_minilm_prunes_with_its_own_tokenizer(tmp_path) -> None:
     assert half.kept_mask.sum() < batch["attention_mask"].sum()
 
 
+def test_a_scorer_trained_on_digits_vit_prunes_load_backbone(cache, tmp_path) -> None:
+    """The signature train stores (its backbone: resolve_backbone's cached digits-vit) matches
+    load_backbone("digits-vit"), weights fingerprint included; another fit of digits-vit is refused."""
+    from policy_prune.embedded import resolve_backbone
+
+    plant_digits_vit()
+    trained_on = resolve_backbone(load_env_config("digits-vit"))[0]
+    save_scorer(random_scorer(trained_on, [1, 3, 5], hidden=(16,)), tmp_path / "s", trained_on.signature())
+    assert policy_prune.prune(policy_prune.load_backbone("digits-vit"), tmp_path / "s", keep_ratio=0.5).sites == [1, 3, 5]
+    plant_digits_vit(seed=1)
+    with pytest.raises(ScorerMismatchError, match=r"different weights.*load_backbone\('digits-vit'\) with its pretrain"):
+        policy_prune.prune(policy_prune.load_backbone("digits-vit"), tmp_path / "s", keep_ratio=0.5)
+
+
 def test_mismatch_messages_say_what_differs_and_what_to_do(tmp_path) -> None:
     """A hand-built ViT of digits-vit's shape: strict=False is the way; another width: load digits-vit."""
     from timm.models.vision_transformer import VisionTransformer

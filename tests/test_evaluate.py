@@ -449,6 +449,19 @@ def test_runs_of_different_sites_are_one_clear_error(tmp_path, fake_env) -> None
         _cli([str(a), str(b), "--repeats", "0"])
 
 
+def test_eval_refuses_a_scorer_trained_on_other_weights(tmp_path, fake_env, capsys) -> None:
+    """eval tolerates another name for the same shapes, not another checkpoint: its numbers would describe a
+    scorer on a model it was never trained on (issue 25). One line, exit 2."""
+    from policy_prune.cli import main
+
+    run = _run_dir(tmp_path, adapt(tiny.make("timm-vit-cls", seed=1)), 0)
+    assert main(["eval", str(run), "--methods", "none", "--targets", "0.6", "--repeats", "0", "--out",
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "same shapes, different weights" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_eval_env_cli_writes_files(tmp_path) -> None:
     preset = tmp_path / "tiny-digits.yaml"
     preset.write_text(

@@ -11,11 +11,14 @@ the file and the problem.
     feature_spec    FeatureSpec.to_json(): version, names, base, projection_dim, projection_seed, projection_kind
     sites           block indices before which the scorer prunes
     layer_sizes     {feature_dim, context_dim, hidden}: the TokenScorer's constructor arguments
-    backbone        the backbone's signature() it was trained on (checked by ``prune``)
+    backbone        the backbone's signature() it was trained on (checked by ``prune``), with ``weights``: a
+                    fingerprint of the frozen model's weights (``TokenBackbone.weights_fingerprint``; absent in
+                    older artifacts, which are then not checked for it)
     default_rule    {"rule": "threshold" | "keep_ratio", "values": [one per site]}
     budget          null, or the budget input of a budget-conditioned scorer (``core.budget.BudgetInput``):
                     {"input": "flops", "low", "high", "default", "calibration": [{"flops", "threshold",
-                    "keep_ratio"}, ...]}; its TokenScorer reads one more context column (the target)
+                    "keep_ratio", "reached"}, ...]} ("reached" absent in older artifacts: true); its
+                    TokenScorer reads one more context column (the target)
     lam             training lambda (compute penalty), or null
     metrics         headline validation metrics, e.g. {"agreement": 0.97, "flops_ratio": 0.52}
     created         {"time", "policy_prune", "torch"}
@@ -56,6 +59,14 @@ REQUIRED_KEYS = ("format_version", "feature_spec", "sites", "layer_sizes", "back
 RULES = ("threshold", "keep_ratio")
 # Signature keys whose mismatch makes features meaningless or shapes wrong: always an error.
 STRUCTURAL_KEYS = ("family", "width", "depth", "heads", "grid", "prefix_tokens", "pooling")
+WEIGHTS_KEY = "weights"
+WEIGHTS_TOLERANCE = 2.0**-7
+"""How far two weights fingerprints (single weight values) may differ, relative to the larger. A cast moves
+a weight by at most its unit roundoff (bf16 2^-8, fp16 2^-11) times itself, so fp32, bf16 and fp16 copies
+of one checkpoint always match (a device move changes nothing), while another checkpoint of the
+architecture (another seed, more training) differs by far more in some of the sampled weights."""
+WEIGHTS_SLACK = 1e-7
+"""Absolute slack for weights that fp16 stores as subnormals (below 6e-5: spacing 6e-8)."""
 
 
 class ScorerFileError(UserError):
@@ -355,26 +366,53 @@ def _projection(tensors: Mapping[str, torch.Tensor], signature: Mapping[str, Any
 
 
 # ---- signature check (used by ``prune``) ------------------------------------------------------------------
-def check_signature(scorer: LearnedScorer, signature: Mapping[str, Any], strict: bool = True) -> list[str]:
+def check_signature(scorer: LearnedScorer, signature: Mapping[str, Any], strict: bool = True,
+                    weights: bool | None = None) -> list[str]:
     """Compare the scorer's stored backbone signature with ``signature``; returns the differing keys.
 
     Structural keys (width, depth, grid, ...) always raise ScorerMismatchError; other keys
-    (architecture name, class count, vocabulary) raise only when ``strict``. The message names each
+    (architecture name, class count, vocabulary) raise only when ``strict``; the weights fingerprint
+    (another checkpoint of the same architecture) raises when ``weights`` (default: as ``strict``). A
+    fingerprint missing on either side (an older artifact) is not compared. The message names each
     differing value and what to do about it.
     """
     stored = scorer.meta.get("backbone")
     if not isinstance(stored, Mapping):
         return []  # an in-memory scorer that was never exported: nothing to check against
-    differ = [k for k in stored if _norm(stored[k]) != _norm(signature.get(k))]
-    structural = [k for k in differ if k in STRUCTURAL_KEYS]
-    if structural or (differ and strict):
-        what = "; ".join(f"{k} {stored[k]!r} vs {signature.get(k)!r}" for k in (structural or differ))
+    differ = [k for k in stored if k != WEIGHTS_KEY and _norm(stored[k]) != _norm(signature.get(k))]
+    if not same_weights(stored.get(WEIGHTS_KEY), signature.get(WEIGHTS_KEY)):
+        differ.append(WEIGHTS_KEY)
+    check_weights = strict if weights is None else weights
+    refused = [k for k in differ if k in STRUCTURAL_KEYS or (check_weights if k == WEIGHTS_KEY else strict)]
+    if refused:
+        structural = [k for k in refused if k in STRUCTURAL_KEYS]
+        what = "; ".join(_difference(k, stored, signature) for k in (structural or refused))
         raise ScorerMismatchError(f"scorer was trained for {_describe(stored)}, not this {_describe(signature)} "
-                                  f"(scorer vs model: {what}); {_advice(stored, bool(structural))}")
+                                  f"(scorer vs model: {what}); {_advice(stored, structural, refused)}")
     return differ
 
 
-def _advice(stored: Mapping[str, Any], structural: bool) -> str:
+def same_weights(a: Any, b: Any, tol: float = WEIGHTS_TOLERANCE) -> bool:
+    """Whether two weights fingerprints come from one checkpoint, whatever the dtype or device of each copy
+    (see WEIGHTS_TOLERANCE); True when either is missing or empty (an older artifact: nothing to compare)."""
+    if not a or not b:
+        return True
+    if not isinstance(a, Sequence) or not isinstance(b, Sequence) or len(a) != len(b):
+        return False
+    return all(abs(x - y) <= tol * max(abs(x), abs(y)) + WEIGHTS_SLACK for x, y in zip(a, b, strict=True))
+
+
+def _difference(key: str, stored: Mapping[str, Any], signature: Mapping[str, Any]) -> str:
+    if key == WEIGHTS_KEY:
+        return "same shapes, different weights (another checkpoint)"
+    return f"{key} {stored[key]!r} vs {signature.get(key)!r}"
+
+
+def _advice(stored: Mapping[str, Any], structural: Sequence[str], refused: Sequence[str]) -> str:
+    if not structural and WEIGHTS_KEY in refused:
+        model = "policy_prune.load_backbone('digits-vit') with its pretrain seed" \
+            if stored.get("architecture") == DIGITS_VIT else "the checkpoint it was trained on"
+        return f"prune {model}, or train a scorer for this one (strict=False uses it anyway)"
     if not structural:
         return "every shape matches: if it is the same model under another name, pass strict=False to prune()"
     arch = stored.get("architecture")

@@ -506,7 +506,9 @@ def run(args: argparse.Namespace) -> int:
     backbone, tokenizer = resolve_backbone(env_cfg, console=console)
     backbone = backbone.to(args.device, DTYPES[args.dtype])  # the data stays fp32: the adapters cast it
     for r in runs:
-        check_signature(r.scorer, backbone.signature(), strict=False)
+        # Names may differ (a renamed or re-headed copy of the model), weights may not: a scorer trained on
+        # another checkpoint of this architecture would be scored on a model it never saw.
+        check_signature(r.scorer, backbone.signature(), strict=False, weights=True)
     splits = load_splits(env_cfg, seed=args.seed, backbone=backbone, tokenizer=tokenizer)
     if args.max_samples is not None:
         splits = {k: cap(s, args.max_samples, args.seed) for k, s in splits.items()}

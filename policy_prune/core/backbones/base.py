@@ -173,6 +173,9 @@ def in_dtype_of(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.to(weight.dtype) if x.is_floating_point() and x.dtype != weight.dtype else x
 
 
+FINGERPRINT_SAMPLES = 4
+"""Elements per parameter in ``TokenBackbone.weights_fingerprint``."""
+
 KeepFn = Callable[[TokenState, int, int], torch.Tensor]
 """(state, site_index, layer) -> keep mask [B, N] over the state's current slots."""
 
@@ -244,6 +247,28 @@ class TokenBackbone(ABC, nn.Module):
         """The transformer blocks as modules (their Linear layers set the features' projection)."""
         return []
 
+    def weights_fingerprint(self) -> list[float]:
+        """[FINGERPRINT_SAMPLES x K] weights of the first and the last block: from each of their K parameters
+        in order, the elements at evenly spread fixed positions (float64 values). The signature's ``weights``
+        entry, which tells checkpoints of one architecture apart (compared with ``artifact.same_weights``).
+
+        A few elements, not every weight: cheap on any model. A dtype cast moves each by at most its unit
+        roundoff, a device move not at all. Cached until a tensor changes (its storage, version, dtype or
+        device). Empty for a model on the meta device.
+        """
+        blocks = list(self.block_modules())
+        params = [p for b in dict.fromkeys(blocks[:1] + blocks[-1:]) for p in b.parameters() if p.numel()]
+        if any(p.is_meta for p in params):
+            return []
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        hit = self.__dict__.get("_weights_fingerprint")
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                picks = [p.detach().reshape(-1)[torch.linspace(0, p.numel() - 1, FINGERPRINT_SAMPLES).round().long()
+                                                 .to(p.device)].double().cpu() for p in params]
+            hit = self.__dict__["_weights_fingerprint"] = (key, torch.cat(picks).tolist() if picks else [])
+        return list(hit[1])
+
     @property
     @abstractmethod
     def depth(self) -> int:
@@ -268,7 +293,8 @@ class TokenBackbone(ABC, nn.Module):
 
     @abstractmethod
     def signature(self) -> dict[str, Any]:
-        """Architecture id, width, depth, token grid: stored in scorers and checked on load."""
+        """Architecture id, width, depth, token grid and the ``weights`` fingerprint
+        (:meth:`weights_fingerprint`): stored in scorers and checked on load."""
 
     # ---- derived, shared by every adapter ------------------------------------------------------
     def attention_from_cls(self, state: TokenState, layer: int, query: str = "cls") -> torch.Tensor:

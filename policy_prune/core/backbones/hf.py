@@ -210,6 +210,7 @@ class HFEncoderBackbone(TokenBackbone):
             "depth": self.depth,
             "heads": self.heads,
             "pooling": self.pooling,
+            "weights": self.weights_fingerprint(),
         }
         if self.is_vision:
             sig["grid"] = [int(self.config.image_size) // int(self.config.patch_size)] * 2

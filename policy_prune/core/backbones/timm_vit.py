@@ -147,4 +147,5 @@ class TimmViTBackbone(TokenBackbone):
             "grid": list(self.grid),
             "prefix_tokens": self.num_prefix,
             "num_classes": int(self.model.num_classes),
+            "weights": self.weights_fingerprint(),
         }
