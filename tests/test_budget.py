@@ -93,11 +93,37 @@ def test_calibration_meets_each_target(vit, vit_split) -> None:
     inputs = [vit_split.inputs[:8], vit_split.inputs[8:]]
     scorer = _budget_scorer(vit, inputs)
     for point in scorer.budget.calibration:
-        got = measure(vit, scorer.at(point.flops), inputs, "threshold", point.threshold)
+        # FLOPs as the batches execute them (rows packed to their batch's widest count), as eval counts them.
+        got = measure(vit, scorer.at(point.flops), inputs, "threshold", point.threshold, executed=True)
         # Token counts are integers: 16 rows x 17 tokens give FLOPs steps of ~0.01 at the first site.
         assert got.flops_ratio == pytest.approx(point.flops, abs=0.02)
         assert got.keep_ratio == point.keep_ratio
+        per_row = measure(vit, scorer.at(point.flops), inputs, "threshold", point.threshold).flops_ratio
+        assert per_row < got.flops_ratio  # padding is work: each row on its own counts runs less
     assert [p.flops for p in scorer.budget.calibration] == [0.5, 0.6, 0.8]
+
+
+def test_calibration_chooses_the_better_rule(vit, vit_split) -> None:
+    """Each point's default rule is the one that scored higher (agreement, no labels) on the calibration
+    data; ``prune(flops=f)`` runs it, and the recorded quality is what that rule gives."""
+    inputs = [vit_split.inputs[:8], vit_split.inputs[8:]]
+    scorer = _budget_scorer(vit, inputs)
+    teacher = torch.cat([vit(x) for x in inputs])
+    for point in scorer.budget.calibration:
+        assert set(point.quality) == {"threshold", "keep_ratio"} and point.reached
+        q = point.quality
+        assert point.rule == ("threshold" if q["threshold"] > q["keep_ratio"] else "keep_ratio")
+        fast = prune(vit.model, scorer, flops=point.flops, strict=False)
+        assert fast.rule == point.rule
+        with torch.inference_mode():
+            out = torch.cat([fast(x) for x in inputs])
+        agreement = float((out.argmax(-1) == teacher.argmax(-1)).double().mean())
+        assert agreement == pytest.approx(q[point.rule], abs=1e-9)
+    # The choice follows the recorded qualities: flip one and the default rule flips with it.
+    p0 = scorer.budget.calibration[0]
+    other = "keep_ratio" if p0.rule == "threshold" else "threshold"
+    scorer.budget.calibration[0] = CalibrationPoint(p0.flops, p0.threshold, p0.keep_ratio, rule=other, quality=p0.quality)
+    assert prune(vit.model, scorer, flops=p0.flops, strict=False).rule == other
 
 
 def test_prune_at_a_flops_target(vit, vit_split) -> None:
@@ -115,14 +141,14 @@ def test_prune_at_a_flops_target(vit, vit_split) -> None:
         return counter.get_total_flops()
 
     full = counted(model)
-    static = prune(model, scorer, flops=0.6, strict=False)
+    static = prune(model, scorer, flops=0.6, rule="keep_ratio", strict=False)
     assert static.rule == "keep_ratio"
     assert static.scorer.target == 0.6 and scorer.target is None  # told its budget, the caller's scorer unchanged
     # Fixed counts: the FLOPs that run, scorer included, are the target (within one token of this tiny model).
     assert counted(static) / full == pytest.approx(0.6, abs=0.035)
     adaptive = prune(model, scorer, flops=0.6, rule="threshold", strict=False)
     assert adaptive.values == [scorer.budget.threshold(0.6)] * 2
-    ratio = measure(vit, adaptive.scorer, inputs, "threshold", adaptive.values).flops_ratio
+    ratio = measure(vit, adaptive.scorer, inputs, "threshold", adaptive.values, executed=True).flops_ratio
     assert ratio == pytest.approx(0.6, abs=0.02)
     with pytest.raises(UserError, match="outside the budgets"):
         prune(model, scorer, flops=0.2, strict=False)

@@ -41,6 +41,13 @@ class CalibrationPoint:
     reached: bool = True
     """False when no threshold brought the mean FLOPs ratio down to ``flops`` (the threshold is then the
     deepest cut tried, which runs above it). Artifacts written before this flag load as reached."""
+    rule: str = "keep_ratio"
+    """The rule ``prune(model, scorer, flops=f)`` runs by default near this target: the one of the two
+    (threshold, keep_ratio) that scored higher on the calibration data (issue #23). Artifacts written
+    before the choice was made load as keep_ratio, the default they ran with."""
+    quality: dict[str, float] = field(default_factory=dict)
+    """Rule -> its quality on the calibration data at this target (mean cosine to the unpruned output for
+    encoders; accuracy, else agreement with the unpruned model, for classifiers)."""
 
 
 @dataclass
@@ -97,6 +104,13 @@ class BudgetInput:
             raise UserError(f"flops={float(flops):g} with rule='threshold': calibration could not bring this scorer down "
                             f"to that FLOPs ratio ({floor}); ask for a larger flops, or use rule='keep_ratio'")
 
+    def rule(self, flops: float) -> str:
+        """The default rule at ``flops``: that of the nearest calibration point (keep_ratio without any)."""
+        f = self.check(flops)
+        if not self.calibration:
+            return "keep_ratio"
+        return min(self.calibration, key=lambda p: (abs(p.flops - f), p.flops)).rule
+
     def keep_ratios(self, flops: float) -> list[float] | None:
         """Calibrated per-site keep shares at ``flops`` (None without calibration)."""
         f = self.check(flops)
@@ -117,8 +131,11 @@ class BudgetInput:
             if data["input"] != "flops":
                 raise ValueError(f"unknown budget input {data['input']!r}")
             points = [CalibrationPoint(float(p["flops"]), float(p["threshold"]), [float(r) for r in p["keep_ratio"]],
-                                       bool(p.get("reached", True)))
+                                       bool(p.get("reached", True)), str(p.get("rule", "keep_ratio")),
+                                       {str(k): float(v) for k, v in p.get("quality", {}).items()})
                       for p in data.get("calibration", [])]
+            if bad := [p.rule for p in points if p.rule not in ("threshold", "keep_ratio")]:
+                raise ValueError(f"unknown calibrated rule {bad[0]!r} (threshold or keep_ratio)")
             budget = BudgetInput(float(data["low"]), float(data["high"]), float(data["default"]),
                                  sorted(points, key=lambda p: p.flops))
         except (KeyError, TypeError) as exc:

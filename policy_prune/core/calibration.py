@@ -14,6 +14,7 @@ import torch
 
 from policy_prune.core.backbones.base import TokenBackbone
 from policy_prune.core.budget import CalibrationPoint
+from policy_prune.core.inference import static_ratios
 from policy_prune.core.schedule import TokenCounts, flops_per_row
 from policy_prune.core.scorer import LearnedScorer, make_keep_fn, row_full_flops
 from policy_prune.core.selection import learned_flops
@@ -24,15 +25,23 @@ class Measured:
     """What a scorer + rule did over some inputs."""
 
     flops_ratio: float
-    """Total FLOPs over total unpruned FLOPs (a learned scorer's own features and MLP included)."""
+    """Total FLOPs over total unpruned FLOPs (a learned scorer's own features and MLP included; with
+    ``executed``, every row charged its batch's widest count, as a padded batch runs)."""
     keep_ratio: list[float]
     """Per site: kept prunable tokens over the prunable alive tokens before the site (ratio of sums)."""
+    outputs: torch.Tensor | None = None
+    """[M, C] or [M, D] float32 head outputs, when asked for."""
 
 
 @torch.inference_mode()
 def measure(backbone: TokenBackbone, scorer: Any, inputs: Sequence[Any], rule: str, values: float | Sequence[float],
-            sites: Sequence[int] | None = None) -> Measured:
-    """Run ``scorer`` with ``rule``/``values`` over every batch of ``inputs`` and sum the counts."""
+            sites: Sequence[int] | None = None, executed: bool = False, outputs: bool = False) -> Measured:
+    """Run ``scorer`` with ``rule``/``values`` over every batch of ``inputs`` and sum the counts.
+
+    ``executed``: FLOPs as the batched forward computes them (each row at its batch's widest count at
+    every block and site: a batch of rows keeping different counts is packed to its largest), over the
+    unpruned FLOPs of each row's own tokens, as ``eval`` counts them; else each row on its own counts.
+    """
     sites = list(sites if sites is not None else scorer.sites)
     selection = None
     if isinstance(scorer, LearnedScorer):
@@ -41,21 +50,37 @@ def measure(backbone: TokenBackbone, scorer: Any, inputs: Sequence[Any], rule: s
     flops = full = 0.0
     kept = torch.zeros(len(sites), dtype=torch.float64)
     before = torch.zeros(len(sites), dtype=torch.float64)
+    outs = []
     for x in inputs:
         start = backbone.embed(x)
         n0, prot = start.alive_counts.cpu(), (start.protected & start.valid).sum(dim=1).cpu()
-        _, _, counts = backbone.forward_pruned(x, sites, make_keep_fn(backbone, scorer, rule, values))
-        tc = TokenCounts(n0, prot, start.n_full)
-        f, u = flops_per_row(backbone, sites, counts, tc, selection), row_full_flops(backbone, n0, start.n_full)
+        out, _, counts = backbone.forward_pruned(x, sites, make_keep_fn(backbone, scorer, rule, values))
+        if outputs:
+            outs.append(out.float().cpu())
+        counts = [c.cpu() for c in counts]
+        if executed:
+            tc = TokenCounts(torch.full_like(n0, start.tokens.shape[1]), prot, start.n_full)
+            ran = [c.max().expand_as(c) if len(c) else c for c in counts]
+        else:
+            tc, ran = TokenCounts(n0, prot, start.n_full), counts
+        f, u = flops_per_row(backbone, sites, ran, tc, selection), row_full_flops(backbone, n0, start.n_full)
         flops, full = flops + float(f.sum()), full + float(u.sum())
         prev = n0
         for i, c in enumerate(counts):
-            c = c.cpu()
             kept[i] += float((c - prot).sum())
             before[i] += float((prev - prot).sum())
             prev = c
     shares = (kept / before.clamp_min(1.0)).tolist()
-    return Measured(flops / max(full, 1.0), shares)
+    return Measured(flops / max(full, 1.0), shares, torch.cat(outs) if outs else None)
+
+
+def quality(kind: str, out: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None) -> float:
+    """Mean quality of outputs [M, ...] against the unpruned model's ``teacher`` [M, ...]: cosine for
+    encoders (``kind`` "embedding"); accuracy against ``labels``, else agreement, for classifiers."""
+    if kind != "logits":
+        return float(torch.nn.functional.cosine_similarity(out.double(), teacher.double(), dim=-1).mean())
+    reference = labels if labels is not None else teacher.argmax(-1)
+    return float((out.argmax(-1) == reference.to(out.device)).double().mean())
 
 
 def solve_threshold(fn: Callable[[float], float], target: float, iters: int = 20, tol: float = 0.002,
@@ -93,23 +118,43 @@ def solve_threshold(fn: Callable[[float], float], target: float, iters: int = 20
 
 
 def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[Any], targets: Sequence[float],
-              tol: float = 0.002) -> list[CalibrationPoint]:
-    """For each target f: the threshold at which ``scorer`` told f meets f on ``inputs``, and the
-    per-site keep shares it then has (a budget-conditioned scorer's calibration). A target that no
-    threshold brings the FLOPs down to is kept with ``reached=False`` (its threshold the deepest cut tried)."""
+              tol: float = 0.002, labels: torch.Tensor | None = None) -> list[CalibrationPoint]:
+    """For each target f: the threshold at which ``scorer`` told f meets f on ``inputs``, the per-site keep
+    shares it then has, and the rule ``prune(model, scorer, flops=f)`` runs by default.
+
+    ``inputs`` are batches as deployed (text: length-sorted, each cut to its longest row): FLOPs are
+    counted as those batches execute them (:func:`measure` with ``executed``). Both rules are then scored
+    against the unpruned model on the same inputs (:func:`quality`; ``labels`` [M]: classifiers' accuracy)
+    at f: the calibrated threshold, and keep_ratio with that threshold's per-site shares scaled to meet f
+    on a full-length input (``prune``'s static plan). The default is the better one; keep_ratio on a tie
+    (static shapes) and wherever the threshold did not reach f. A target that no threshold brings the
+    FLOPs down to is kept with ``reached=False`` (its threshold the deepest cut tried).
+    """
+    with torch.inference_mode():
+        teacher = torch.cat([backbone(x).float().cpu() for x in inputs])
     points: list[CalibrationPoint] = []
     for f in sorted(targets):
         told = scorer.at(f)
         seen: list[float] = []
 
         def flops_at(t: float, told: LearnedScorer = told, seen: list[float] = seen) -> float:
-            seen.append(measure(backbone, told, inputs, "threshold", t).flops_ratio)
+            seen.append(measure(backbone, told, inputs, "threshold", t, executed=True).flops_ratio)
             return seen[-1]
 
         # Thresholds fall as targets rise: start from the previous target's, a short step away.
         t = solve_threshold(flops_at, f, tol=tol, start=points[-1].threshold if points else 0.0,
                             step=0.5 if points else 1.0)
+        at_t = measure(backbone, told, inputs, "threshold", t, executed=True, outputs=True)
+        scores = {"threshold": quality(backbone.output_kind, at_t.outputs, teacher, labels)}  # type: ignore[arg-type]
+        try:
+            ratios = static_ratios(backbone, told, f, at_t.keep_ratio)
+        except ValueError:  # f below what keep_ratio reaches on a full-length input
+            ratios = None
+        if ratios is not None:
+            static = measure(backbone, told, inputs, "keep_ratio", ratios, outputs=True)
+            scores["keep_ratio"] = quality(backbone.output_kind, static.outputs, teacher, labels)  # type: ignore[arg-type]
         # solve_threshold's own test: some threshold tried ran at most f (else it gave up at the deepest cut).
-        points.append(CalibrationPoint(float(f), float(t), measure(backbone, told, inputs, "threshold", t).keep_ratio,
-                                       reached=min(seen) <= f))
+        reached = min(seen) <= f
+        best = max(scores, key=lambda r: (scores[r], r == "keep_ratio")) if reached else "keep_ratio"
+        points.append(CalibrationPoint(float(f), float(t), at_t.keep_ratio, reached=reached, rule=best, quality=scores))
     return points

@@ -324,8 +324,10 @@ def rule_for_flops(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
                    rule: str | None = None) -> tuple[str, list[float], LearnedScorer]:
     """(rule, one value per site, the scorer told its budget) that run ``scorer`` at ``flops``.
 
-    keep_ratio (the default): fixed per-site counts whose FLOPs on a full-length input, the scorer's
-    own cost included, are ``flops``. threshold (budget-conditioned scorers): the calibrated threshold.
+    The default rule is the one calibration chose at the nearest calibrated target (``BudgetInput.rule``:
+    the better of the two on validation data, issue #23); keep_ratio for scorers without calibration.
+    keep_ratio: fixed per-site counts whose FLOPs on a full-length input, the scorer's own cost included,
+    are ``flops`` (:func:`static_ratios`). threshold (budget-conditioned scorers): the calibrated threshold.
     UserError, never a silently different budget, for an ``flops`` below what keep_ratio reaches
     (:func:`check_reachable`) or, with threshold, one the calibration did not reach or without calibration.
     """
@@ -336,6 +338,7 @@ def rule_for_flops(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
         raise UserError(f"unknown decision rule {rule!r} (threshold or keep_ratio)")
     try:
         told = scorer.at(flops) if budget is not None else scorer
+        rule = rule or (budget.rule(flops) if budget is not None else "keep_ratio")
     except ValueError as exc:
         raise UserError(str(exc)) from None
     if rule == "threshold":
@@ -344,18 +347,23 @@ def rule_for_flops(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
                             "use rule='keep_ratio' (or no rule) with flops=...")
         budget.check_reached(flops)
         return "threshold", [budget.threshold(flops)] * len(scorer.sites), told
+    return "keep_ratio", static_ratios(backbone, told, flops, budget.keep_ratios(flops) if budget is not None else None), told
+
+
+def static_ratios(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
+                  profile: Sequence[float] | None = None) -> list[float]:
+    """Per-site keep ratios shaped like ``profile`` (default: 0.5 everywhere) whose FLOPs on a full-length
+    input (images: every patch; text: ``TEXT_PLAN_TOKENS``), the scorer's own cost included, are ``flops``."""
     prefix, grid = token_layout(backbone)
     n_full = prefix + grid[0] * grid[1] if grid else TEXT_PLAN_TOKENS
     n_protected = prefix if grid else 2  # [CLS] and [SEP]
-    profile = budget.keep_ratios(flops) if budget is not None else None
 
     def selection(site_index: int, n: int) -> float:
-        return learned_flops(backbone, told, scorer.sites[site_index], n, has_cls=model_has_cls(backbone))
+        return learned_flops(backbone, scorer, scorer.sites[site_index], n, has_cls=model_has_cls(backbone))
 
     counts = TokenCounts.dense(n_full, n_protected)  # a full-length input
     check_reachable(backbone, scorer.sites, counts, flops, selection)
-    ratios = keep_ratios_for(backbone, scorer.sites, counts, flops, profile or [0.5] * len(scorer.sites), selection)
-    return "keep_ratio", ratios, told
+    return keep_ratios_for(backbone, scorer.sites, counts, flops, profile or [0.5] * len(scorer.sites), selection)
 
 
 def check_reachable(backbone: TokenBackbone, sites: Sequence[int], counts: TokenCounts, flops: float,

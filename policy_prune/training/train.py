@@ -356,14 +356,19 @@ def export_run_scorer(cfg: RunConfig, model: Any, backbone: Any, run_dir: Path, 
     scorer = model.policy.learned_scorer(cfg.env.sites, budget=budget)
     learned = next(m for name, m in summary["methods"].items() if name.startswith("learned"))
     metrics = {k: learned[k] for k in ("return", "task", "flops_ratio", "agreement", "accuracy", "cosine") if k in learned}
-    threshold = 0.0 if budget is None else budget.threshold(budget.default)
-    rule = {"rule": "threshold", "values": [threshold] * len(cfg.env.sites)}
+    rule = {"rule": "threshold", "values": [0.0] * len(cfg.env.sites)}
+    if budget is not None:  # prune(model, scorer) with no budget: the calibrated default rule at the default budget
+        from policy_prune.core.inference import rule_for_flops
+
+        name, values, _ = rule_for_flops(backbone, scorer, budget.default)
+        rule = {"rule": name, "values": values}
     lam = reward.lam if budget is None else None
     return save_scorer(scorer, run_dir / "scorer", backbone.signature(), lam, metrics, rule)
 
 
 def calibrated_budget(cfg: RunConfig, scorer: Any, backbone: Any, val: Any) -> Any:
-    """The BudgetInput of a budget-conditioned run's scorer, calibrated on the validation split."""
+    """The BudgetInput of a budget-conditioned run's scorer, calibrated on the validation split as deployed:
+    the backbone in fp32 (whatever dtype it trained in), a sample drawn across val (:func:`calibration_batches`)."""
     import numpy as np
     import torch
 
@@ -372,15 +377,36 @@ def calibrated_budget(cfg: RunConfig, scorer: Any, backbone: Any, val: Any) -> A
 
     low, high = cfg.env.reward.budget  # type: ignore[misc]
     scorer.budget = BudgetInput.over(low, high)
-    n = min(cfg.train.calibration_samples, len(val))
-    inputs = [_to_device(val.select(idx).inputs, cfg.train.device) for idx in torch.arange(n).split(64)]
+    backbone.to(dtype=torch.float32)  # deployment runs the user's fp32 model; training is over
+    inputs, labels = calibration_batches(val, cfg.train.calibration_samples, cfg.train.seed, cfg.train.device)
     steps = max(int(round((high - low) / cfg.train.calibration_step)), 1)
     targets = [round(float(t), 6) for t in np.linspace(low, high, steps + 1)]
-    return BudgetInput.over(low, high, calibrate(backbone, scorer, inputs, targets))
+    return BudgetInput.over(low, high, calibrate(backbone, scorer, inputs, targets, labels=labels))
 
 
-def _to_device(x: Any, device: str) -> Any:
-    return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
+def calibration_batches(split: Any, n: int, seed: int, device: str, batch_size: int = 64) -> tuple[list[Any], Any]:
+    """(batches, labels [M] or None) of a seeded sample of ``n`` rows drawn across ``split`` and, where it has
+    a retrieval task, the same share of its queries (a deployed encoder embeds both). Each part is sorted
+    by length and cut into batches of ``batch_size``, each trimmed to its longest row, as
+    ``SentenceTransformer.encode`` and ``eval`` batch text (images: one length)."""
+    import torch
+
+    from policy_prune.core.ops import to_device, trim_padding
+
+    g = torch.Generator().manual_seed(seed)
+    parts = [split.select(torch.randperm(len(split), generator=g)[: min(n, len(split))])]
+    if split.queries is not None and len(split.queries):
+        share = round(len(parts[0]) * len(split.queries) / max(len(split), 1))
+        parts.append(split.queries.select(torch.randperm(len(split.queries), generator=g)[:share]))
+    batches, labels = [], []
+    for part in parts:
+        if isinstance(part.inputs, dict) and "attention_mask" in part.inputs:
+            part = part.select(part.inputs["attention_mask"].sum(dim=1).argsort(stable=True))
+        for idx in torch.arange(len(part)).split(batch_size):
+            batches.append(trim_padding(to_device(part.select(idx).inputs, device)))
+        if part.labels is not None:
+            labels.append(part.labels)
+    return batches, (torch.cat(labels) if labels and len(labels) == len(parts) else None)
 
 
 def print_summary(console: Any, summary: dict[str, Any], run_dir: Path) -> None:
