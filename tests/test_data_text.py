@@ -85,6 +85,26 @@ def test_corpus_is_deterministic_unit_disjoint_and_answerable() -> None:
     assert min(words) >= 5 and max(words) <= 64
 
 
+def test_no_text_is_in_two_splits() -> None:
+    """No passage text and no query text of python-docs is in two splits (issue #23: pydoc topics and
+    docstrings repeat text across units; 157 test passages were train passages), and each row knows its unit."""
+    corpus = tx.corpus({})
+    names = list(corpus)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not set(corpus[a].passages) & set(corpus[b].passages), (a, b)
+            assert not set(corpus[a].queries) & set(corpus[b].queries), (a, b)
+    all_items = tx.items(tx.TextOptions())
+    unit_names = sorted({item.unit for item in all_items})
+    for c in corpus.values():
+        assert [unit_names[u] for u in c.units] == [all_items[g].unit for g in c.groups]
+        assert [unit_names[u] for u in c.query_units] == [all_items[g].unit for g in c.query_groups]
+    # The rule removes something: the test split's items hold train passages verbatim.
+    train_texts = {p for g in set(corpus["train"].groups) for p in all_items[g].passages}
+    raw_test = {p for g in set(corpus["test"].groups) for p in all_items[g].passages}
+    assert raw_test & train_texts
+
+
 def test_corpus_options_choose_sources_queries_and_caps() -> None:
     topics = tx.corpus({"sources": ["topics"], "queries": ["title"]})
     assert all(set(c.query_kinds) == {"title"} for c in topics.values())

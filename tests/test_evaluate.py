@@ -149,6 +149,40 @@ def test_budget_conditioned_scorer_is_told_each_target(vit, splits) -> None:
     assert len(report.main_table(res)[1]) == len(res["results"])
 
 
+def _calibrated_scorer(backbone, batches):
+    from policy_prune.core.budget import BudgetInput
+    from policy_prune.core.calibration import calibrate
+
+    scorer = random_scorer(backbone, SITES, seed=0, hidden=(16,), budget=BudgetInput.over(0.4, 0.9))
+    scorer.budget = BudgetInput.over(0.4, 0.9, calibrate(backbone, scorer, batches, [0.4, 0.5, 0.7, 0.9]))
+    return scorer
+
+
+def test_deployed_row_is_the_public_call(vit, splits) -> None:
+    """learned-deployed runs exactly prune(model, scorer, flops=f): its rule, values and outputs; no point
+    outside the budgets the scorer was trained on (prune refuses them)."""
+    from policy_prune.core.inference import prune
+
+    scorer = _calibrated_scorer(vit, [splits["val"].inputs[:6], splits["val"].inputs[6:]])
+    methods = learned_methods(scorer, "seed 0")
+    assert [m.name for m in methods] == ["learned-deployed", "learned", "learned-topk"]
+    res = evaluate.evaluate(vit, splits, methods, [0.7, 0.5, 0.3], "test", batch_size=4, repeats=1, n_boot=50)
+    rows = {r["target"]: r for r in res["results"] if r["method"] == "learned-deployed"}
+    assert sorted(rows) == [0.5, 0.7]
+    data = evaluate.prepare(vit, splits["test"], 4, "cpu")
+    deployed = methods[0]
+    for target, row in rows.items():
+        fast = prune(vit.model, scorer, flops=target, strict=False)
+        assert (row["rule"], row["values"], row["told"]) == (fast.rule, fast.values, target)
+        with torch.inference_mode():
+            expected = torch.cat([fast(x) for x, _ in data.batches])
+        got = evaluate.run_method(vit, deployed, evaluate.Point(fast.rule, fast.values, target, None, target), data)[0]
+        torch.testing.assert_close(got, expected)
+        assert row["ms_b64"] > 0 and row["speedup_b1"] > 0
+    header, body = report.main_table(res)
+    assert sum(row[1] == "learned-deployed" for row in body) == 2
+
+
 def test_text_embedding_model_reports_cosine_and_pictures_words(tmp_path) -> None:
     backbone = adapt(tiny.make("hf-bert"))
     splits = {"val": _split("hf-bert", 6, 1, "val", labels=False), "test": _split("hf-bert", 6, 2, "test", labels=False)}
@@ -210,7 +244,7 @@ def test_classifier_output_is_unchanged(results) -> None:
     """No retrieval task: the classifier's table keeps its columns and one comparison (accuracy)."""
     header, _ = report.main_table(results)
     assert header == ["target", "method", "seed", "point", "total", "executed", "selection", "block", "accuracy",
-                      "95% CI", "agreement", "ms/sample @64", "ms/sample @1"]
+                      "95% CI", "agreement", "ms/sample @64", "speed-up @64", "ms/sample @1", "speed-up @1"]
     assert results["compared"] == ["accuracy"] and {c["metric"] for c in results["comparisons"]} == {"accuracy"}
     assert not any(k.startswith("ret_") for r in results["results"] for k in r) and "n_queries" not in results
     assert report.comparison_table(results)[0][3] == "delta accuracy" and report.main_table(results, "retrieval") == ([], [])
@@ -267,7 +301,9 @@ def test_every_point_scores_the_retrieval_queries(bert, text_splits, text_result
             assert 0 <= r[key] <= 1 + 1e-6 or key == "cosine"
             ci = r["intervals"][key]
             assert ci["lo"] - 1e-9 <= r[key] <= ci["hi"] + 1e-9
-        assert 0 < r["flops_queries"]["block"] <= 1.0 + 1e-9  # the queries' own FLOPs (passages: "flops")
+        assert 0 < r["flops_queries"]["block"] <= 1.0 + 1e-9  # each part's own FLOPs; "flops": their one total
+        lo, hi = sorted((r["flops_passages"]["total"], r["flops_queries"]["total"]))
+        assert lo - 1e-9 <= r["flops"]["total"] <= hi + 1e-9
     none = next(r for r in res["results"] if r["method"] == "none")
     assert none["flops_queries"]["block"] == pytest.approx(1.0)
     # The unpruned model: its three settings agree, and equal the retrieval module's numbers on the split
@@ -277,9 +313,10 @@ def test_every_point_scores_the_retrieval_queries(bert, text_splits, text_result
         assert none[key] == pytest.approx(reference[key], abs=1e-6)
         assert none[f"{key}:full_queries"] == none[key] == none[f"{key}:full_passages"]
     header, body = report.main_table(res)
-    assert header[8:-2] == ["cosine", "95% CI", "neighbour recall@10", "95% CI"]
+    assert header[8:-4] == ["cosine", "95% CI", "neighbour recall@10", "95% CI"]
+    assert header[-4:] == ["ms/sample @64", "speed-up @64", "ms/sample @1", "speed-up @1"]
     retrieval_header, retrieval_body = report.main_table(res, "retrieval")
-    assert retrieval_header[4:] == ["total", "retrieval recall@10", "95% CI", "retrieval nDCG@10", "95% CI",
+    assert retrieval_header[4:] == ["total", "passages", "queries", "retrieval recall@10", "95% CI", "retrieval nDCG@10", "95% CI",
                                     "recall@10 unpruned queries", "nDCG@10 unpruned queries"]
     assert len(retrieval_body) == len(body) and all(len(row) == len(retrieval_header) for row in retrieval_body)
 
@@ -289,7 +326,7 @@ def test_retrieval_intervals_resample_the_queries_items(bert, text_splits, text_
     data = evaluate.prepare(bert, text_splits["test"], 5, "cpu")
     methods = _text_methods(bert)
     val = evaluate.prepare(bert, text_splits["val"], 5, "cpu")
-    ctx = evaluate.SolveContext(bert, val.counts, val.batches)
+    ctx = evaluate.solve_context(bert, val)
     learned = [score(bert, m, m.solve(ctx, 0.5), data) for m in methods if m.name == "learned"]
     groups = data.queries.groups
     for s in learned:
@@ -323,7 +360,7 @@ def test_intervals_use_each_metrics_items() -> None:
 
 def test_best_baseline_per_retrieval_metric_is_chosen_on_val(bert, text_splits, text_results) -> None:
     val = evaluate.prepare(bert, text_splits["val"], 5, "cpu")
-    ctx = evaluate.SolveContext(bert, val.counts, val.batches)
+    ctx = evaluate.solve_context(bert, val)
     baselines = [m for m in _text_methods(bert) if m.run is None and m.sweeps]
     for target in TARGETS:
         on_val = {m.name: score(bert, m, m.solve(ctx, target), val).values for m in baselines}

@@ -52,3 +52,20 @@ def test_paired_difference_and_verdicts() -> None:
 def test_same_seed_same_interval() -> None:
     values = torch.rand(64, generator=torch.Generator().manual_seed(3))
     assert bootstrap_mean(values, torch.arange(64) // 2, seed=7) == bootstrap_mean(values, torch.arange(64) // 2, seed=7)
+
+
+def test_seeds_are_a_level_of_the_bootstrap() -> None:
+    """Seeds that disagree widen the interval (issue #23): 2 of 3 seeds +0.3 and one -0.1 over the same rows
+    is not "better" when the seeds are resampled, though averaging them row by row first would say so."""
+    g = torch.Generator().manual_seed(0)
+    groups = torch.arange(200).repeat_interleave(2)
+    noise = 0.01 * torch.randn(3, 400, generator=g)
+    a = torch.tensor([[0.3], [-0.1], [0.3]]) + noise
+    b = torch.zeros(400)
+    two_level = bootstrap_difference(a, b, groups, n_boot=2000, seed=0)
+    assert two_level.mean == pytest.approx(float(a.mean()))
+    assert two_level.lo < 0 < two_level.hi and two_level.verdict == "unclear"
+    one_level = bootstrap_difference(a.mean(dim=0), b, groups, n_boot=2000, seed=0)  # seeds taken as fixed
+    assert one_level.verdict == "better"
+    agreeing = bootstrap_difference(torch.tensor([[0.3], [0.28], [0.31]]) + noise, b, groups, n_boot=2000, seed=0)
+    assert agreeing.verdict == "better"

@@ -34,6 +34,10 @@ class Split:
     relevant: torch.Tensor | None = None
     """Retrieval: [R, 2] long (query row, passage row) pairs, one per relevant passage of a query
     (binary relevance); every query has at least one. See :func:`relevance_pairs`."""
+    units: torch.Tensor | None = None
+    """[M] long: the unit the splits were drawn by, where it is coarser than ``groups`` (python-docs: a
+    top-level module or a help topic, each holding many items). Intervals resample units (issue #23: a
+    split drawn by unit is a sample of units). None: the groups are the units."""
 
     def __len__(self) -> int:
         first = self.inputs if isinstance(self.inputs, torch.Tensor) else next(iter(self.inputs.values()))
@@ -56,11 +60,16 @@ class Split:
             queries, relevant = self._follow(idx, queries, relevant)
         return Split(self.name, inputs, None if self.labels is None else self.labels[idx],
                      None if self.groups is None else self.groups[idx],
-                     None if self.kinds is None else [self.kinds[i] for i in idx.tolist()], queries, relevant)
+                     None if self.kinds is None else [self.kinds[i] for i in idx.tolist()], queries, relevant,
+                     None if self.units is None else self.units[idx])
 
     def group_ids(self) -> torch.Tensor:
         """[M] long source-item id of every row (each row its own item when the dataset has no groups)."""
         return self.groups if self.groups is not None else torch.arange(len(self))
+
+    def unit_ids(self) -> torch.Tensor:
+        """[M] long: the unit of every row that intervals resample (``units``, else :meth:`group_ids`)."""
+        return self.units if self.units is not None else self.group_ids()
 
     def _follow(self, idx: torch.Tensor, queries: Split, relevant: torch.Tensor) -> tuple[Split, torch.Tensor]:
         """The queries and [R', 2] relevant pairs of the passages ``idx`` [K] (long)."""

@@ -292,6 +292,10 @@ class TextSplit:
     """Per query: the index of the item it came from."""
     relevant: list[list[int]]
     """Per query: indices into ``passages`` of its relevant passages (never empty)."""
+    units: list[int] = field(default_factory=list)
+    """Per passage: the index of its item's unit (a top-level module or a help topic) in the sorted units."""
+    query_units: list[int] = field(default_factory=list)
+    """Per query: the index of its item's unit."""
 
 
 def split_units(counts: dict[str, int], opts: TextOptions) -> dict[str, list[str]]:
@@ -322,28 +326,42 @@ def cap_items(ids: list[int], all_items: list[Item], max_passages: int, seed: in
     return sorted(chosen)
 
 
-def assemble(ids: list[int], all_items: list[Item], kinds: list[str]) -> TextSplit:
+def assemble(ids: list[int], all_items: list[Item], kinds: list[str], unit_of: dict[str, int] | None = None,
+             earlier: set[str] | frozenset[str] = frozenset()) -> TextSplit:
     """The passages and queries of items ``ids``. A passage text seen before in the split is one row;
-    a query text seen before is one query whose relevant set is the union."""
+    a query text seen before is one query whose relevant set is the union.
+
+    ``earlier``: texts of earlier splits. A passage or query whose text is in it is left out (pydoc topics
+    and docstrings repeat text across units: issue #23 found 157 test passages verbatim in train), and
+    so are the queries of an item left with no passage. ``unit_of``: unit name -> index, for
+    :attr:`TextSplit.units`.
+    """
     out = TextSplit([], [], [], [], [], [])
     rows: dict[str, int] = {}
     asked: dict[str, int] = {}
     for i in ids:
+        unit = (unit_of or {}).get(all_items[i].unit, -1)
         mine = []
         for p in all_items[i].passages:
+            if p in earlier:
+                continue
             if p not in rows:
                 rows[p] = len(out.passages)
                 out.passages.append(p)
                 out.groups.append(i)
+                out.units.append(unit)
             mine.append(rows[p])
+        if not mine:
+            continue
         for kind, text in all_items[i].queries():
-            if kind not in kinds:
+            if kind not in kinds or text in earlier:
                 continue
             if text not in asked:
                 asked[text] = len(out.queries)
                 out.queries.append(text)
                 out.query_kinds.append(kind)
                 out.query_groups.append(i)
+                out.query_units.append(unit)
                 out.relevant.append([])
             rel = out.relevant[asked[text]]
             rel += [r for r in dict.fromkeys(mine) if r not in rel]
@@ -351,19 +369,25 @@ def assemble(ids: list[int], all_items: list[Item], kinds: list[str]) -> TextSpl
 
 
 def corpus(options: dict[str, Any] | None) -> dict[str, TextSplit]:
-    """Passages and queries per split (train/val/test), deterministic for the given options."""
+    """Passages and queries per split (train/val/test), deterministic for the given options. No passage or
+    query text is in two splits: val leaves out the texts of train's units, test those of train's and
+    val's (whole splits, so capping train with ``max_passages`` changes neither val nor test)."""
     opts = from_dict(TextOptions, options or {}, "data.options")
     all_items = items(opts)
     by_unit: dict[str, list[int]] = {}
     for i, item in enumerate(all_items):
         by_unit.setdefault(item.unit, []).append(i)
+    unit_of = {u: k for k, u in enumerate(sorted(by_unit))}
     counts = {u: sum(len(all_items[i].passages) for i in ids) for u, ids in by_unit.items()}
     out = {}
+    seen: set[str] = set()
     for k, (split, units) in enumerate(split_units(counts, opts).items()):
         ids = sorted(i for u in units for i in by_unit[u])
-        if split in opts.max_passages:
-            ids = cap_items(ids, all_items, opts.max_passages[split], opts.split_seed + k)
-        out[split] = assemble(ids, all_items, opts.queries)
+        kept = cap_items(ids, all_items, opts.max_passages[split], opts.split_seed + k) \
+            if split in opts.max_passages else ids
+        out[split] = assemble(kept, all_items, opts.queries, unit_of, frozenset(seen))
+        for i in ids:
+            seen.update(all_items[i].passages, (text for _, text in all_items[i].queries()))
     return out
 
 
@@ -385,8 +409,10 @@ def build_splits(cfg: DataConfig, tokenizer: Any) -> dict[str, Any]:
     out = {}
     for name, ts in corpus(cfg.options).items():
         queries = Split(f"{name}-queries", tokenize(ts.queries, tokenizer, cfg.max_length), None,
-                        groups=torch.tensor(ts.query_groups, dtype=torch.long), kinds=ts.query_kinds)
+                        groups=torch.tensor(ts.query_groups, dtype=torch.long), kinds=ts.query_kinds,
+                        units=torch.tensor(ts.query_units, dtype=torch.long))
         out[name] = Split(name, tokenize(ts.passages, tokenizer, cfg.max_length), None,
                           groups=torch.tensor(ts.groups, dtype=torch.long), kinds=None,
-                          queries=queries, relevant=relevance_pairs(ts.relevant))
+                          queries=queries, relevant=relevance_pairs(ts.relevant),
+                          units=torch.tensor(ts.units, dtype=torch.long))
     return out

@@ -218,7 +218,11 @@ class Method:
             selection += per_batch(functools.partial(self.site_flops, backbone, layer), batch_max(e, tc.batch))
         return site_work(backbone.depth, self.sites, tc.n0, counts, selection, tc.batch, tc.n_full)
 
-    def solve(self, ctx: SolveContext, target: float) -> Point:
+    def solve(self, ctx: SolveContext, target: float) -> Point | None:
+        """The method's point for ``target`` on val (None where it has none); by default :meth:`keep_ratios`."""
+        return self.keep_ratios(ctx, target)
+
+    def keep_ratios(self, ctx: SolveContext, target: float) -> Point:
         """Per-site keep ratios reaching ``target`` total FLOPs on val (:func:`solve_ratios`)."""
         def total(values: list[float]) -> float:
             return total_ratio(ctx.backbone, self.predict(ctx.backbone, ctx.counts, Point("keep_ratio", values)))
@@ -229,9 +233,11 @@ class Method:
 
 def run_sites(backbone: TokenBackbone, inputs: Any, sites: Sequence[int],
               reduce: Callable[[TokenState, int, int], tuple[TokenState, float]],
-              watch: Watch | None = None, snapshot: Callable[[TokenState], torch.Tensor] | None = None) -> tuple[torch.Tensor, Work]:
+              watch: Watch | None = None, snapshot: Callable[[TokenState], torch.Tensor] | None = None,
+              static: bool = False) -> tuple[torch.Tensor, Work]:
     """The whole model with ``reduce(state, site_index, layer) -> (state, selection FLOPs per row)``
-    before each site; ``watch`` gets ``snapshot(state)`` (default: which slot holds each token) per site."""
+    before each site; ``watch`` gets ``snapshot(state)`` (default: which slot holds each token) per site.
+    ``static``: a padded text state takes the static path (``TokenBackbone.forward_sites``)."""
     n0: list[torch.Tensor] = []
     spent = [0.0]
 
@@ -244,7 +250,7 @@ def run_sites(backbone: TokenBackbone, inputs: Any, sites: Sequence[int],
             watch[layer] = (snapshot or slots_from_state)(state)
         return state
 
-    out, state, counts = backbone.forward_sites(inputs, sites, step)
+    out, state, counts = backbone.forward_sites(inputs, sites, step, static=static)
     first = n0[0] if n0 else state.alive_counts
     b = len(first)
     return out, site_work(backbone.depth, list(sites), first, counts, torch.full((b,), spent[0], dtype=torch.float64),
@@ -313,7 +319,7 @@ class ScorerMethod(Method):
     def solve(self, ctx: SolveContext, target: float) -> Point:
         budget = self.told(target)
         if self.solver != "threshold":
-            return replace(super().solve(ctx, target), budget=budget)
+            return replace(self.keep_ratios(ctx, target), budget=budget)
 
         def measured(t: float) -> float:
             return total_ratio(ctx.backbone, self.measure(ctx, Point("threshold", [t] * len(self.sites), budget=budget)))
@@ -620,13 +626,58 @@ def make_baseline(name: str, sites: Sequence[int], options: BaselineOptions | No
     return BASELINES[name](options or BaselineOptions(), list(sites))
 
 
+class DeployedMethod(Method):
+    """The public call, as a user runs it: ``prune(model, scorer, flops=f)`` with its default rule (chosen
+    on val at calibration and stored in the scorer), its values, its static or packed path and the eval
+    batching (text: length-sorted batches, as ``SentenceTransformer.encode`` makes them). Nothing is
+    solved here: ``solve`` only measures on val what the call spends. Targets outside the budgets the
+    scorer was trained on have no point (``prune`` refuses them)."""
+
+    def __init__(self, name: str, scorer: LearnedScorer, run: str | None = None) -> None:
+        super().__init__(name, scorer.sites)
+        self.scorer, self.run = scorer, run
+        self._models: dict[tuple[int, float], Any] = {}
+
+    def model(self, backbone: TokenBackbone, target: float) -> Any:
+        """``prune(backbone.model, scorer, flops=target)``, built once per backbone and target."""
+        from policy_prune.core.inference import prune
+
+        key = (id(backbone), target)
+        if key not in self._models:
+            self._models[key] = prune(backbone.model, self.scorer, flops=target, strict=False)
+        return self._models[key]
+
+    def forward(self, backbone: TokenBackbone, inputs: Any, point: Point, watch: Watch | None = None) -> tuple[torch.Tensor, Work]:
+        assert point.target is not None
+        fast = self.model(backbone, point.target)
+        step, cls = fast.step_fn(), model_has_cls(fast.backbone)
+
+        def reduce(state: TokenState, i: int, layer: int) -> tuple[TokenState, float]:
+            return step(state, i, layer), cost.learned_flops(fast.backbone, fast.scorer, layer, state.tokens.shape[1], cls)
+
+        return run_sites(fast.backbone, inputs, self.sites, reduce, watch, static=fast.static_text(inputs))
+
+    def solve(self, ctx: SolveContext, target: float) -> Point | None:
+        try:
+            fast = self.model(ctx.backbone, target)
+        except UserError:
+            return None  # outside the trained budgets, or below what the scorer reaches
+        point = Point(fast.rule, list(fast.values), target, None, target)
+        with torch.inference_mode():
+            work = Work.cat([self.forward(ctx.backbone, x, point)[1] for x, _ in ctx.batches])
+        return replace(point, solved=total_ratio(ctx.backbone, work))
+
+
 def learned_methods(scorer: LearnedScorer, run: str | None = None, group: str | None = None) -> list[Method]:
-    """A learned scorer twice: "learned" reaches a target with one logit threshold at every site (its own
-    per-sample, per-site allocation) and also runs its trained point (threshold 0); "learned-topk" ranks
-    tokens by the same logits with per-site keep ratios (static shapes). A named ``group`` of runs (eval's
-    ``NAME=RUN_DIR``) gives "learned[NAME]" and "learned-topk[NAME]"."""
+    """A learned scorer three ways. "learned-deployed" is the public ``prune(model, scorer, flops=f)``
+    (:class:`DeployedMethod`): the headline. "learned" reaches a target with one logit threshold at every
+    site solved on val (its own per-sample, per-site allocation) and also runs its trained point
+    (threshold 0); "learned-topk" ranks tokens by the same logits with per-site keep ratios solved on val
+    (static shapes). A named ``group`` of runs (eval's ``NAME=RUN_DIR``) gives "learned-deployed[NAME]",
+    "learned[NAME]" and "learned-topk[NAME]"."""
     sites = list(scorer.sites)
     own = [Point("threshold", [0.0] * len(sites))]
     tag = f"[{group}]" if group else ""
-    return [ScorerMethod(f"learned{tag}", scorer, sites, "threshold", own, run),
+    deployed: list[Method] = [DeployedMethod(f"learned-deployed{tag}", scorer, run)] if scorer.budget is not None else []
+    return [*deployed, ScorerMethod(f"learned{tag}", scorer, sites, "threshold", own, run),
             ScorerMethod(f"learned-topk{tag}", scorer, sites, "keep_ratio", (), run)]

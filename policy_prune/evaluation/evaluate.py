@@ -7,18 +7,23 @@ The protocol (issue #15):
    most the target and as close as the method's steps allow (:mod:`policy_prune.evaluation.solve`).
    The points are then scored on ``--split`` (test for reporting; val while developing).
 2. Several runs (seeds) of one env are evaluated together: a row per seed, their mean and a 95%
-   interval from a bootstrap over **source items** (``Split.groups``: digits-cluttered's source digits;
-   python-docs' items, a docstring or a help-topic section cut into passages), never over rows.
+   interval from a two-level bootstrap over the **units the split was drawn by** (``Split.unit_ids``:
+   digits-cluttered's source digits; python-docs' modules and help topics, never rows or passages) and
+   over the seeds (:mod:`policy_prune.evaluation.stats`).
 3. At each target the **best baseline** is the one with the highest primary metric (accuracy, else
    cosine) on val at that target, so the choice does not look at the reported split. "learned minus
-   best baseline" is a paired bootstrap over the same groups, seeds averaged row by row; the tables
-   and the plot say "better" only where its interval lies above 0.
+   best baseline" is a paired bootstrap over the same units and the seeds; the tables and the plot say
+   "better" only where its interval lies above 0 (each seed's own verdict is listed beside it).
+   The headline learned row is ``learned-deployed``: exactly ``prune(model, scorer, flops=f)``, its
+   default rule, values and batching (:class:`~policy_prune.evaluation.baselines.DeployedMethod`).
 4. Encoders whose split carries a retrieval task (``Split.queries``, python-docs): every method at
    every point encodes the queries as well as the passages (a user swaps the encoder for both) and is
    scored per query by recall@10 and nDCG@10 (also with the unpruned model's queries or passages, free:
-   those are encoded once). Their intervals resample the **queries'** source items, and each has its own
+   those are encoded once). Their intervals resample the **queries'** units, and each has its own
    "learned minus best baseline", the baseline chosen on val by that metric.
-5. Time per sample at batch 64 and batch 1 is measured round-robin per target (``--repeats 0`` skips it).
+   Queries are inside the budget: every point is solved on val for one total over passages and queries.
+5. Time per sample and speed-up over the unpruned model at batch 64 and batch 1 are measured round-robin
+   per target in the same run (``--repeats 0`` skips it).
 
 Cost: every method point encodes the scored split (and val, to choose the best baseline), queries
 included; ``--max-items N`` caps each split at N whole source items (``data.cap_groups``).
@@ -79,7 +84,8 @@ class EvalData:
     """[M, C] or [M, D]: the unpruned model's outputs."""
     labels: torch.Tensor | None
     groups: torch.Tensor
-    """[M] source item of each row (the bootstrap's unit)."""
+    """[M] the bootstrap's unit of each row: the unit the split was drawn by (``Split.unit_ids``: a
+    source digit; a python-docs module or help topic)."""
     queries: EvalData | None = None
     """The split's retrieval queries, prepared the same way (their ``groups``: each query's item)."""
     relevant: torch.Tensor | None = None
@@ -89,7 +95,7 @@ class EvalData:
         return len(self.groups)
 
     def groups_of(self, metric: str) -> torch.Tensor:
-        """[M] or [Q]: the source items a metric's values are resampled by (retrieval: the queries')."""
+        """[M] or [Q]: the units a metric's values are resampled by (retrieval: the queries')."""
         return self.queries.groups if self.queries is not None and metric.startswith("ret_") else self.groups
 
 
@@ -126,7 +132,7 @@ def prepare(backbone: TokenBackbone, split: Any, batch_size: int, device: str, l
     batch = torch.cat([torch.full((_rows(x),), i, dtype=torch.long) for i, (x, _) in enumerate(batches)])
     n_full = max(s.n_full for s in states)
     data = EvalData(split.name, batches, BatchedCounts(n0, prot, n_full, batch), teacher,
-                    None if split.labels is None else split.labels.cpu(), split.group_ids().cpu())
+                    None if split.labels is None else split.labels.cpu(), split.unit_ids().cpu())
     if split.queries is not None and split.relevant is not None:
         queries, relevant = split.queries, split.relevant
         if (order := length_order(queries, length_sort)) is not None:
@@ -193,11 +199,25 @@ def score(backbone: TokenBackbone, method: Method, point: Point, data: EvalData)
     return Scored(method, point, values, work, query_work)
 
 
+def solve_context(backbone: TokenBackbone, val: EvalData) -> SolveContext:
+    """What methods reach their targets on: the val rows and, with a retrieval task, the val queries too,
+    so that one total over queries and passages meets the target (a user's encoder embeds both)."""
+    parts = [val] if val.queries is None else [val, val.queries]
+    offsets = [0]
+    for p in parts[:-1]:
+        offsets.append(offsets[-1] + len(p.batches))
+    counts = BatchedCounts(torch.cat([p.counts.n0 for p in parts]), torch.cat([p.counts.protected for p in parts]),
+                           max(p.counts.n_full for p in parts),
+                           torch.cat([p.counts.batch + o for p, o in zip(parts, offsets, strict=True)]))
+    return SolveContext(backbone, counts, [b for p in parts for b in p.batches])
+
+
 def operating_points(method: Method, ctx: SolveContext, targets: Sequence[float]) -> list[Point]:
     """The method's points: each target solved on val, then its own points (or "none" once)."""
     if not method.sweeps:
         return [Point("none")]
-    return [method.solve(ctx, t) for t in targets] + method.own(targets)
+    solved = [method.solve(ctx, t) for t in targets]
+    return [p for p in solved if p is not None] + method.own(targets)
 
 
 def evaluate(backbone: TokenBackbone, splits: dict[str, Any], methods: Sequence[Method], targets: Sequence[float],
@@ -212,7 +232,7 @@ def evaluate(backbone: TokenBackbone, splits: dict[str, Any], methods: Sequence[
     say = progress or (lambda text: None)
     val = prepare(backbone, splits["val"], batch_size, device, length_sort)
     data = val if split == "val" else prepare(backbone, splits[split], batch_size, device, length_sort)
-    ctx = SolveContext(backbone, val.counts, val.batches)
+    ctx = solve_context(backbone, val)
     primary = primary_metric(backbone.output_kind, data.labels is not None)
     compared = [primary, *(RETRIEVAL if data.queries is not None and val.queries is not None else ())]
     scored: list[Scored] = []
@@ -266,12 +286,14 @@ def intervals(values: dict[str, torch.Tensor], data: EvalData, n_boot: int, seed
 
 def result_row(backbone: TokenBackbone, s: Scored, data: EvalData, primary: str, n_boot: int, seed: int) -> dict[str, Any]:
     """One table row: the point, its FLOPs columns on the scored split, the metrics and their intervals
-    (``interval``: the primary's; ``flops_queries``: the queries' FLOPs where there is a retrieval task)."""
-    ratios = flops_ratios(backbone, s.work)
+    (``interval``: the primary's). With a retrieval task ``flops`` is one total over the passages and the
+    queries (what the point was solved to meet on val), ``flops_passages`` / ``flops_queries`` each part."""
+    ratios = flops_ratios(backbone, s.work if s.query_work is None else Work.cat([s.work, s.query_work]))
     target = s.point.target
     on_target = target is None or (target - TOLERANCE <= ratios["total"] <= target + 1e-9)
     ci = intervals(s.values, data, n_boot, seed)
-    queries = {} if s.query_work is None else {"flops_queries": flops_ratios(backbone, s.query_work)}
+    queries = {} if s.query_work is None else {"flops_passages": flops_ratios(backbone, s.work),
+                                               "flops_queries": flops_ratios(backbone, s.query_work)}
     return {
         "method": s.method.name, "run": s.method.run, "target": target, "rule": s.point.rule, "told": s.point.budget,
         "values": s.point.values, "point": s.point.label(), "sites": s.method.sites, "solved_val": s.point.solved,
@@ -315,10 +337,14 @@ def comparisons(scored: Sequence[Scored], best: dict[str, dict[float, str]], dat
                 if s.method.run is not None and s.point.target == target:
                     learned.setdefault(s.method.name, []).append(s)
             for name, items in learned.items():
+                groups = data.groups_of(metric)
                 diff = bootstrap_difference(torch.stack([s.values[metric] for s in items]), base.values[metric],
-                                            data.groups_of(metric), n_boot, seed)
+                                            groups, n_boot, seed)
+                per_seed = [bootstrap_difference(s.values[metric], base.values[metric], groups, n_boot, seed).verdict
+                            for s in items]
                 out.append({"metric": metric, "target": target, "method": name, "baseline": baseline,
-                            "n_runs": len(items), "difference": diff.to_json(), "verdict": diff.verdict})
+                            "n_runs": len(items), "difference": diff.to_json(), "verdict": diff.verdict,
+                            "per_seed": per_seed})
     return out
 
 

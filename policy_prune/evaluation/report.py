@@ -83,10 +83,12 @@ def main_table(results: dict[str, Any], part: str = "main") -> tuple[list[str], 
     if not columns:
         return [], []
     detail = part == "main"
-    header = ["target", "method", "seed", "point", "total"] + (["executed", "selection", "block"] if detail else [])
+    parts = not detail and any("flops_queries" in r for r in results["results"])
+    header = ["target", "method", "seed", "point", "total"] + (["executed", "selection", "block"] if detail else []) \
+        + (["passages", "queries"] if parts else [])
     for metric, with_ci in columns:
         header += [LABELS.get(metric, metric)] + (["95% CI"] if with_ci else [])
-    header += ["ms/sample @64", "ms/sample @1"] if detail else []
+    header += ["ms/sample @64", "speed-up @64", "ms/sample @1", "speed-up @1"] if detail else []
     rows = results["results"]
     summary = {_key(s): s for s in results["summary"]}
     body: list[list[str]] = []
@@ -99,14 +101,16 @@ def main_table(results: dict[str, Any], part: str = "main") -> tuple[list[str], 
         label = method if target is not None or rule == "none" else f"{method} (own point)"
         for r in mine:
             flag = "" if r.get("on_target", True) else "*"
-            flops = [_fmt(r["flops"]["total"]) + flag] + [_fmt(r["flops"][k]) for k in FLOPS_DETAIL if detail]
-            times = [_fmt(r.get("ms_b64"), 2), _fmt(r.get("ms_b1"), 2)] if detail else []
+            flops = [_fmt(r["flops"]["total"]) + flag] + [_fmt(r["flops"][k]) for k in FLOPS_DETAIL if detail] \
+                + ([_fmt(r[k]["total"]) for k in ("flops_passages", "flops_queries")] if parts else [])
+            times = [_times(r, tag) for tag in ("b64", "b1") for _times in (_ms, _speedup)] if detail else []
             body.append([tgt, label, r["run"] or "-", r["point"], *flops, *_metric_cells(r, columns), *times])
         if len(mine) > 1:
             s = summary[key]
             mean = {k: _fmt(sum(r["flops"][k] for r in mine) / len(mine)) for k in ("total", *FLOPS_DETAIL)}
-            flops = [mean["total"]] + [mean[k] for k in FLOPS_DETAIL if detail]
-            times = [_mean(mine, "ms_b64"), _mean(mine, "ms_b1")] if detail else []
+            flops = [mean["total"]] + [mean[k] for k in FLOPS_DETAIL if detail] + [
+                _fmt(sum(r[k]["total"] for r in mine) / len(mine)) for k in ("flops_passages", "flops_queries") if parts]
+            times = [_mean(mine, f"{k}_{tag}") for tag in ("b64", "b1") for k in ("ms", "speedup")] if detail else []
             body.append([tgt, label, "mean", "", *flops, *_metric_cells(s, columns), *times])
     return header, body
 
@@ -153,6 +157,15 @@ def _method_rank(rows: Sequence[dict[str, Any]], method: str) -> int:
     return order.index(method)
 
 
+def _ms(row: dict[str, Any], tag: str) -> str:
+    return _fmt(row.get(f"ms_{tag}"), 2)
+
+
+def _speedup(row: dict[str, Any], tag: str) -> str:
+    value = row.get(f"speedup_{tag}")
+    return "-" if value is None else f"{value:.2f}x"
+
+
 def _mean(rows: Sequence[dict[str, Any]], key: str) -> str:
     vals = [r[key] for r in rows if r.get(key) is not None]
     return _fmt(sum(vals) / len(vals), 2) if vals else "-"
@@ -167,9 +180,10 @@ def comparison_table(results: dict[str, Any], metric: str | None = None) -> tupl
     """Per target and learned method: the difference in ``metric`` (default: the primary) to the best
     baseline on that metric (chosen on val) and its verdict."""
     metric = metric or results["primary"]
-    header = ["target", "method", "best baseline (val)", f"delta {metric}", "95% CI (paired)", "verdict"]
+    header = ["target", "method", "best baseline (val)", f"delta {metric}", "95% CI (paired)", "verdict",
+              "verdict per seed"]
     body = [[f"{c['target']:.2f}", c["method"], c["baseline"], f"{c['difference']['mean']:+.3f}",
-             _ci(c["difference"]), c["verdict"]]
+             _ci(c["difference"]), c["verdict"], " ".join(c.get("per_seed", [])) or "-"]
             for c in results["comparisons"] if c.get("metric", results["primary"]) == metric]
     return header, body
 
@@ -207,9 +221,11 @@ def describe(results: dict[str, Any]) -> str:
         "selection what choosing the tokens costs (scorer features and MLP, CLS query, similarities, ToMe keys and "
         "matching); block counts each row's blocks on its own tokens. Every operating point is solved on the val split "
         f"for total <= target (* : the scored total is above the target or more than {TOLERANCE} below it). "
-        f"Intervals are 95% percentile bootstraps over source groups ({results['n_boot']} replicates; seeds averaged "
-        "row by row). The best baseline at a target is the one with the highest val score there; \"better\" only "
-        "where the paired interval of learned minus that baseline lies above 0. Times are medians of round-robin "
+        f"Intervals are 95% percentile bootstraps over source groups ({results['n_boot']} replicates), two-level "
+        "where a method has several seeds: each replicate draws the groups and, with replacement, the seeds. "
+        "The best baseline at a target is the one with the highest val score there; \"better\" only "
+        "where the paired interval of learned minus that baseline lies above 0 (across seeds); the verdict per "
+        "seed is each seed's own paired interval. Times are medians of round-robin "
         "runs on this machine (ms per sample)."
     )
 
@@ -222,8 +238,9 @@ def _describe_retrieval(results: dict[str, Any]) -> str:
         f"{results['n_samples']} passages; every method encodes both the queries and the passages at the same point "
         "(a user swaps the encoder for both), binary relevance (the passages of the query's item), recall@10 and "
         "nDCG@10 per query. \"Unpruned queries\": the same pruned index searched with the unpruned model's query "
-        "embeddings. Retrieval intervals resample the queries' source items; FLOPs columns are the passages' "
-        "(the queries' are `flops_queries` in pareto.json). Neighbour recall@10: share of a passage's 10 nearest "
+        "embeddings. Retrieval intervals resample the queries' source items. Queries are inside the budget: "
+        "every point is solved on val for one total over the passages and the queries, and the FLOPs columns are "
+        "that total (each part: `flops_passages`, `flops_queries` in pareto.json). Neighbour recall@10: share of a passage's 10 nearest "
         "passages (unpruned) that its pruned embedding finds among the unpruned ones.\n\n"
     )
 
