@@ -13,6 +13,7 @@ from policy_prune.core.features import (
     make_projection,
     token_features,
 )
+from policy_prune.evaluation.baselines import redundancy
 from tests import tiny
 
 
@@ -37,7 +38,14 @@ def test_feature_values_match_definitions() -> None:
         unit = torch.nn.functional.normalize(x, dim=-1)
         sims = unit @ unit.T
         n = len(x)
-        torch.testing.assert_close(f[:, col["redundancy"]], (sims.sum(1) - 1) / (n - 1), atol=1e-5, rtol=1e-5)
+        # The seed paper's score, as similarity-pre computes it: mean cosine to the other prunable tokens
+        # (the protected CLS, slot 0, is not compared).
+        p = ~state.protected[row][v]
+        other = (sims[:, p].sum(1) - p.float()) / (int(p.sum()) - 1)
+        torch.testing.assert_close(f[:, col["redundancy"]], other, atol=1e-5, rtol=1e-5)
+        eligible = state.valid[row:row + 1] & ~state.protected[row:row + 1]
+        torch.testing.assert_close(f[p, col["redundancy"]], redundancy(state.tokens[row:row + 1], eligible)[0][v][p],
+                                   atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(f[:, col["cos_cls"]], sims[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(f[:, col["norm"]], x.norm(dim=-1) / x.norm(dim=-1).mean(), atol=1e-5, rtol=1e-5)
         attn = backbone.attention_from_cls(state, 1)[row][v]

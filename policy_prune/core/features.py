@@ -28,7 +28,7 @@ BASE_FEATURES = (
     "cls_attention",  # log(1 + n_alive * attention received from CLS) in the block about to run
     "norm",  # token L2 norm / mean norm of the row's alive tokens
     "cos_cls",  # cosine similarity to the CLS token (to the mean token when there is no CLS)
-    "redundancy",  # mean cosine similarity to the other alive tokens (the seed paper's score)
+    "redundancy",  # mean cosine similarity to the other alive prunable tokens: the seed paper's score, as similarity-pre scores
     "pos_y",  # grid row in [0, 1] (text: position / position of the row's last alive token, [SEP])
     "pos_x",  # grid column in [0, 1] (text: 0)
     "protected",  # 1 for CLS / distillation / register / [SEP] tokens
@@ -209,7 +209,12 @@ def token_features(
     inv = 1.0 / norms.clamp_min(1e-12)  # unit token u_i = x_i * inv_i (0 on padded slots)
     if vf is not None:
         inv = inv * vf
-    unit_sum = torch.bmm(inv.unsqueeze(1), x)  # [B, 1, D]: sum of the unit tokens
+    # Sum of the unit tokens that may be pruned (protected ones are never compared, as in the seed paper's
+    # score): the redundancy feature is then exactly what similarity-pre ranks by, and a scorer can
+    # reproduce that baseline at any site, site 0 included (issue #24).
+    prunable = (~state.protected).to(x.dtype)
+    unit_sum = torch.bmm((inv * prunable).unsqueeze(1), x)  # [B, 1, D]
+    n_prunable = (prunable if vf is None else prunable * vf).sum(dim=1, keepdim=True)  # [B, 1]
     anchor = x[:, :1] * inv[:, :1, None] if has_cls else torch.nn.functional.normalize(unit_sum, dim=-1)
 
     # Every product with the tokens in one bmm, x @ [P | CLS-query directions | anchor | unit sum | 1]:
@@ -242,10 +247,8 @@ def token_features(
     # Mean cosine to the other alive tokens: sum_j u_i.u_j = u_i . (sum_j u_j), O(N D) instead of the
     # O(N^2 D) similarity matrix.
     dots = r[..., normed:normed + 2] * inv.unsqueeze(-1)  # [B, N, 2]: cosine to CLS, dot with the unit sum
-    if isinstance(n_alive, torch.Tensor) and vf is not None:
-        redundancy = (dots[..., 1] - vf) / (n_alive - 1.0).clamp_min(1.0)
-    else:
-        redundancy = (dots[..., 1] - 1.0) / max(n - 1.0, 1.0)
+    self_term = prunable if vf is None else prunable * vf  # a prunable token's own cosine (1) is not "other"
+    redundancy = (dots[..., 1] - self_term) / (n_prunable - 1.0).clamp_min(1.0)
 
     pos = token_yx(backbone, state, layout).to(x.dtype)  # [B, N, 2]
     # One pooling pass serves local_norm and the neighbourhood half of the projection.
