@@ -443,6 +443,11 @@ def test_eval_two_runs_writes_one_table(tmp_path, fake_env, monkeypatch) -> None
     payload = json.loads((out / "pareto.json").read_text())
     assert payload["runs"] == ["seed 0", "seed 1"] and payload["split"] == "test"
     assert {c["baseline"] for c in payload["comparisons"]} <= {"random", "evit"}
+    only = tmp_path / "only"
+    assert _cli([*map(str, runs), "--learned", "learned-topk", "--methods", "none", "--targets", "0.6", "--repeats",
+                 "0", "--bootstrap", "50", "--out", str(only)]) == 0
+    rows = json.loads((only / "pareto.json").read_text())["results"]
+    assert {r["method"] for r in rows} == {"learned-topk", "none"}
 
 
 def test_named_groups_of_runs_are_compared_paired(tmp_path, fake_env) -> None:

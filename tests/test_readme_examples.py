@@ -72,7 +72,7 @@ def test_readme_own_text_model_and_jsonl_corpus(tmp_path, monkeypatch) -> None:
     assert config["env"]["backbone"]["spec"] == "my-encoder" and config["env"]["data"]["dataset"] == "hf:my-corpus"
     assert config["env"]["data"]["options"] == {} and config["env"]["reward"]["task"] == "cosine"
     scorer = json.loads((run / "scorer" / "scorer.json").read_text())
-    assert scorer["backbone"]["depth"] == 6 and scorer["sites"] == [1, 2, 3, 4]
+    assert scorer["backbone"]["depth"] == 6 and scorer["sites"] == [0, 1, 2, 3]
 
 
 def test_readme_own_timm_checkpoint_and_image_folder(tmp_path, monkeypatch) -> None:

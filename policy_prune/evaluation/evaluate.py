@@ -70,6 +70,8 @@ RETRIEVAL = ("ret_ndcg@10", "ret_recall@10")
 has a retrieval task; every method also has them with unpruned queries or passages (``:full_queries``,
 ``:full_passages``, see :mod:`policy_prune.evaluation.retrieval`)."""
 RETRIEVAL_K = 10
+LEARNED = ("learned-deployed", "learned", "learned-topk")
+"""The ways a run's scorer is evaluated (``baselines.learned_methods``)."""
 
 
 # ---- data ---------------------------------------------------------------------------------------------
@@ -473,6 +475,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="output folder (default: RUN_DIR/eval, RUN_DIR/eval-val for --split val; several runs or --env: "
                         "runs/eval__<env>__<time>/eval)")
     p.add_argument("--methods", nargs="+", default=list(BASELINES), help=f"baselines to compare ({', '.join(BASELINES)})")
+    p.add_argument("--learned", nargs="+", choices=LEARNED, default=list(LEARNED),
+                   help="how the runs' scorers are evaluated: learned-deployed (prune(model, scorer, flops=f), the "
+                        "headline), learned (one threshold solved on val), learned-topk (per-site keep ratios solved on val)")
     p.add_argument("--targets", type=float, nargs="+", default=list(DEFAULT_TARGETS), help="total FLOPs ratio targets")
     p.add_argument("--diversity", type=float, default=0.0, help="spatial-diversity weight of the similarity baselines")
     p.add_argument("--no-prop-attn", action="store_true", help="ToMe without proportional attention")
@@ -525,7 +530,8 @@ def run(args: argparse.Namespace) -> int:
         check_same_env(runs, env_cfg if args.env else None)
     options = BaselineOptions(seed=args.seed, diversity=args.diversity, prop_attn=not args.no_prop_attn,
                               tome_inflect=args.tome_inflect)
-    methods: list[Method] = [m for r in runs for m in learned_methods(r.scorer, r.label, r.group)]
+    methods: list[Method] = [m for r in runs for m in learned_methods(r.scorer, r.label, r.group)
+                             if m.name.partition("[")[0] in args.learned]
     methods += [make_baseline(name, env_cfg.sites, options) for name in args.methods]
     torch.manual_seed(args.seed)
     check_device(args.device)
