@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from policy_prune.cli import main
+from policy_prune.config import load_env_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # Appended to each README command: one rollout of a small agent, small validation sets (a few hundred steps).
@@ -72,7 +73,7 @@ def test_readme_own_text_model_and_jsonl_corpus(tmp_path, monkeypatch) -> None:
     assert config["env"]["backbone"]["spec"] == "my-encoder" and config["env"]["data"]["dataset"] == "hf:my-corpus"
     assert config["env"]["data"]["options"] == {} and config["env"]["reward"]["task"] == "cosine"
     scorer = json.loads((run / "scorer" / "scorer.json").read_text())
-    assert scorer["backbone"]["depth"] == 6 and scorer["sites"] == [0, 1, 2, 3]
+    assert scorer["backbone"]["depth"] == 6 and scorer["sites"] == load_env_config("minilm-text").sites
 
 
 def test_readme_own_timm_checkpoint_and_image_folder(tmp_path, monkeypatch) -> None:
