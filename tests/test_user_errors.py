@@ -30,7 +30,7 @@ TRAIN_MISTAKES = {
     "unknown env preset": (["--env", "no-such-env"], "unknown env preset 'no-such-env'"),
     "unknown dataset": (["--set", "env.data.dataset=mnist"], "unknown dataset 'mnist'"),
     "unknown pretrain key": (["--set", "env.backbone.pretrain.epoch=2"], "unknown key 'epoch' in backbone.pretrain"),
-    "n_steps not a multiple of sites": (["--set", "agent.hyperparams.n_steps=50"], "multiple of the number of sites (3)"),
+    "n_steps not a multiple of sites": (["--set", "agent.hyperparams.n_steps=50"], "multiple of the number of sites (4)"),
     "budget range upside down": (["--set", "env.reward.budget=[0.9,0.3]"], "env.reward.budget must be [low, high]"),
     "budget outside (0, 1]": (["--set", "env.reward.budget=[0.3,1.5]"], "0 < low <= high <= 1"),
     "validation budget out of range": (["--set", "train.eval_targets=[0.5,2]"], "train.eval_targets must be FLOPs ratios"),
