@@ -84,8 +84,8 @@ def test_evit_fuses_the_dropped_tokens_weighted_by_cls_attention() -> None:
         method = EvitMethod([1])
         orig = backbone.forward_sites
 
-        def spy(inputs, sites, step):
-            return orig(inputs, sites, lambda s, i, layer: seen.append(step(s, i, layer)) or seen[-1])
+        def spy(inputs, sites, step, static=False):
+            return orig(inputs, sites, lambda s, i, layer: seen.append(step(s, i, layer)) or seen[-1], static)
 
         backbone.forward_sites = spy  # type: ignore[method-assign]
         method.forward(backbone, x, Point("keep_ratio", [0.25]))
