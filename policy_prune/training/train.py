@@ -370,16 +370,16 @@ def calibrated_budget(cfg: RunConfig, scorer: Any, backbone: Any, val: Any) -> A
     """The BudgetInput of a budget-conditioned run's scorer, calibrated on the validation split as deployed:
     the backbone in fp32 (whatever dtype it trained in), a sample drawn across val (:func:`calibration_batches`)."""
     import numpy as np
+    import torch
 
     from policy_prune.core.budget import BudgetInput
     from policy_prune.core.calibration import calibrate
 
     low, high = cfg.env.reward.budget  # type: ignore[misc]
     scorer.budget = BudgetInput.over(low, high)
-    if cfg.train.dtype != "fp32":  # deployment runs the user's fp32 model: its own weights, not a rounded copy
-        from policy_prune.embedded import resolve_backbone
-
-        backbone = resolve_backbone(cfg.env)[0].to(cfg.train.device)
+    # Deployment runs the model in fp32. A run trained in bf16 holds bf16-rounded weights: they are cast
+    # back (reloading could give another model where the backbone is not a saved checkpoint).
+    backbone.to(dtype=torch.float32)
     inputs, labels = calibration_batches(val, cfg.train.calibration_samples, cfg.train.seed, cfg.train.device)
     steps = max(int(round((high - low) / cfg.train.calibration_step)), 1)
     targets = [round(float(t), 6) for t in np.linspace(low, high, steps + 1)]
