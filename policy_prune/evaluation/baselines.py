@@ -218,6 +218,11 @@ class Method:
             selection += per_batch(functools.partial(self.site_flops, backbone, layer), batch_max(e, tc.batch))
         return site_work(backbone.depth, self.sites, tc.n0, counts, selection, tc.batch, tc.n_full)
 
+    def measure(self, ctx: SolveContext, point: Point) -> Work:
+        """The Work of ``point`` over the val batches (rules whose counts depend on the data)."""
+        with torch.inference_mode():
+            return Work.cat([self.forward(ctx.backbone, x, point)[1] for x, _ in ctx.batches])
+
     def solve(self, ctx: SolveContext, target: float) -> Point | None:
         """The method's point for ``target`` on val (None where it has none); by default :meth:`keep_ratios`."""
         return self.keep_ratios(ctx, target)
@@ -326,11 +331,6 @@ class ScorerMethod(Method):
 
         t = solve_threshold(measured, target)
         return Point("threshold", [t] * len(self.sites), target, measured(t), budget)
-
-    def measure(self, ctx: SolveContext, point: Point) -> Work:
-        """The Work of ``point`` over the val batches (rules whose counts depend on the data)."""
-        with torch.inference_mode():
-            return Work.cat([self.forward(ctx.backbone, x, point)[1] for x, _ in ctx.batches])
 
     def own(self, targets: Sequence[float]) -> list[Point]:
         """The scorer's own points: a budget-conditioned scorer at each target in its range as deployed
@@ -663,9 +663,7 @@ class DeployedMethod(Method):
         except UserError:
             return None  # outside the trained budgets, or below what the scorer reaches
         point = Point(fast.rule, list(fast.values), target, None, target)
-        with torch.inference_mode():
-            work = Work.cat([self.forward(ctx.backbone, x, point)[1] for x, _ in ctx.batches])
-        return replace(point, solved=total_ratio(ctx.backbone, work))
+        return replace(point, solved=total_ratio(ctx.backbone, self.measure(ctx, point)))
 
 
 def learned_methods(scorer: LearnedScorer, run: str | None = None, group: str | None = None) -> list[Method]:
