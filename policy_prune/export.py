@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="default rule: keep this fraction of prunable tokens at each site (static shapes)")
     rule.add_argument("--flops", type=float, default=None,
                       help="--onnx-model: the keep_ratio (same at every site) whose schedule runs this FLOPs ratio")
+    p.add_argument("--calibrate", action="store_true",
+                   help="budget-conditioned runs: calibrate the budget input again on the run's val split, as train does "
+                        "at its end (for another --checkpoint, or an artifact calibrated by an older version)")
     p.add_argument("--onnx", action="store_true", help="also write scorer.onnx (the scorer MLP, dynamic B and N)")
     p.add_argument("--onnx-model", action="store_true",
                    help="also write the whole pruned model as one ONNX graph + torch.export program (dynamic batch; "
@@ -65,7 +68,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--flops sets the schedule of --onnx-model; for the artifact's default rule use --keep-ratio")
     config = read_run_config(run_dir)
     scorer = read_run_scorer(run_dir, config, args.checkpoint)
-    scorer, own_rule = with_run_budget(scorer, run_dir, config, log=print)
+    if args.calibrate:
+        scorer, own_rule = calibrate_run_scorer(run_dir, scorer, run_signature(run_dir, config, scorer), log=print)
+    else:
+        scorer, own_rule = with_run_budget(scorer, run_dir, config, log=print)
     rule = {"rule": "keep_ratio", "values": args.keep_ratio} if args.keep_ratio else \
         {"rule": "threshold", "values": args.threshold} if args.threshold else \
         own_rule or {"rule": "threshold", "values": [0.0]}
@@ -228,6 +234,32 @@ def with_run_budget(scorer: LearnedScorer, run_dir: Path, config: Mapping[str, A
     return dataclasses.replace(scorer, budget=BudgetInput.over(low, high)), None
 
 
+def calibrate_run_scorer(run_dir: Path, scorer: LearnedScorer, signature: Mapping[str, Any],
+                         log: Log | None = None) -> tuple[LearnedScorer, dict[str, Any]]:
+    """(scorer, default rule) calibrated as ``train`` calibrates at its end: on the run's val split, with
+    its calibration settings, on the run's backbone in fp32 (refused if its weights are not the ones the
+    scorer was trained on)."""
+    import dataclasses
+
+    from policy_prune.core.artifact import check_signature
+    from policy_prune.core.scorer import context_width
+    from policy_prune.embedded import resolve
+    from policy_prune.training.train import calibrated_scorer, load_run_config
+
+    if scorer.net.context_dim != context_width(len(scorer.sites), True):
+        raise UserError(f"--calibrate: {run_dir}'s scorer has no budget input (trained at one lambda): nothing to calibrate")
+    cfg = load_run_config(run_dir)
+    if cfg.env.reward.budget is None:
+        raise UserError(f"--calibrate: {run_dir}'s config has no env.reward.budget")
+    torch.manual_seed(cfg.train.seed)  # as train seeds before it builds the backbone (a random-init model: the same)
+    backbone, splits = resolve(cfg.env, seed=cfg.train.seed, device=cfg.train.device)
+    check_signature(dataclasses.replace(scorer, meta={**scorer.meta, "backbone": dict(signature)}),
+                    backbone.signature(), strict=False, weights=True)
+    if log is not None:
+        log(f"calibrating on {cfg.train.calibration_samples} val samples of {cfg.env.name} ...")
+    return calibrated_scorer(cfg, scorer, backbone, splits["val"])
+
+
 def run_signature(run_dir: Path, config: Mapping[str, Any], scorer: LearnedScorer) -> dict[str, Any]:
     """The trained-on backbone's signature: from the scorer, the run's own artifact, or rebuilt from config."""
     recorded = scorer.meta.get("backbone") or _artifact_signature(run_dir / "scorer" / META_FILE) \
@@ -237,7 +269,7 @@ def run_signature(run_dir: Path, config: Mapping[str, Any], scorer: LearnedScore
     from policy_prune.config import EnvConfig, from_dict
 
     env = from_dict(EnvConfig, _lookup(config, ("env",)) or {}, "env")
-    return _backbone_for(env).signature()
+    return _backbone_for(env, _lookup(config, ("train", "seed")) or 0).signature()
 
 
 def _artifact_signature(path: Path) -> Any:
@@ -247,9 +279,11 @@ def _artifact_signature(path: Path) -> Any:
         return None  # no (readable) artifact yet: fall back to rebuilding the backbone
 
 
-def _backbone_for(env: Any) -> Any:
+def _backbone_for(env: Any, seed: int) -> Any:
+    """The run's backbone as train built it: seeded first (a random-init model has the run's weights)."""
     from policy_prune.embedded import resolve_backbone
 
+    torch.manual_seed(seed)
     return resolve_backbone(env)[0]
 
 

@@ -9,8 +9,10 @@ then met by one of the two decision rules:
   more); the threshold that meets f on average is measured on validation data after training and
   stored with the scorer (``calibration``), so ``prune(model, scorer, flops=f)`` needs no data.
 - ``keep_ratio``: a fixed share of the prunable tokens at each site (static shapes). The per-site shares
-  come from the calibration (the policy's own allocation at f), scaled so that the analytic FLOPs of a
-  full-length input equal f exactly.
+  come from the calibration (the policy's own allocation at f), scaled so that the FLOPs the calibration
+  batches execute equal f: the scale is stored as ``plan``, the FLOPs ratio the shares would cost on a
+  full-length input (short texts keep relatively more protected tokens and spend relatively more on the
+  linear layers, so a plan for a 128-token input overspends on 45-token passages).
 
 Scorers without a budget input (trained at one lambda) meet a FLOPs target with keep_ratio only: one
 constant ratio at every site, solved on the analytic FLOPs.
@@ -48,6 +50,12 @@ class CalibrationPoint:
     quality: dict[str, float] = field(default_factory=dict)
     """Rule -> its quality on the calibration data at this target (mean cosine to the unpruned output for
     encoders; accuracy, else agreement with the unpruned model, for classifiers)."""
+    plan: float | None = None
+    """keep_ratio's scale: the FLOPs ratio on a full-length input whose per-site shares (``keep_ratio``
+    stretched, :func:`policy_prune.core.inference.static_ratios`) execute ``flops`` on the calibration
+    batches. None in artifacts written before it was measured: the plan is then ``flops`` itself."""
+    spent: dict[str, float] = field(default_factory=dict)
+    """Rule -> the FLOPs ratio it executed on the calibration batches at this target."""
 
 
 @dataclass
@@ -104,6 +112,28 @@ class BudgetInput:
             raise UserError(f"flops={float(flops):g} with rule='threshold': calibration could not bring this scorer down "
                             f"to that FLOPs ratio ({floor}); ask for a larger flops, or use rule='keep_ratio'")
 
+    def plan(self, flops: float) -> float:
+        """keep_ratio's calibrated scale at ``flops`` (linear between calibration points; ``flops`` itself
+        without calibration or for points calibrated before plans were measured)."""
+        f = self.check(flops)
+        if not self.calibration:
+            return f
+        xs = [p.flops for p in self.calibration]
+        return float(np.interp(f, xs, [p.flops if p.plan is None else p.plan for p in self.calibration]))
+
+    def check_spent(self, flops: float, rule: str, slack: float = 0.01) -> None:
+        """UserError when ``rule`` executed more than ``flops`` + ``slack`` on the calibration batches at the
+        calibration points around ``flops`` (points that did not record it count as met)."""
+        f = self.check(flops)
+        if not self.calibration:
+            return
+        over = [p.spent.get(rule, p.flops) - p.flops for p in self.calibration]
+        if float(np.interp(f, [p.flops for p in self.calibration], over)) > slack:
+            met = [p.flops for p in self.calibration if p.spent.get(rule, p.flops) - p.flops <= slack]
+            floor = f"the lowest target it met is {min(met):g}" if met else "it met none of its targets"
+            raise UserError(f"flops={f:g} with rule={rule!r}: on the calibration data this scorer runs above that FLOPs "
+                            f"ratio ({floor}); ask for a larger flops")
+
     def rule(self, flops: float) -> str:
         """The default rule at ``flops``: that of the nearest calibration point (keep_ratio without any)."""
         f = self.check(flops)
@@ -132,13 +162,15 @@ class BudgetInput:
                 raise ValueError(f"unknown budget input {data['input']!r}")
             points = [CalibrationPoint(float(p["flops"]), float(p["threshold"]), [float(r) for r in p["keep_ratio"]],
                                        bool(p.get("reached", True)), str(p.get("rule", "keep_ratio")),
-                                       {str(k): float(v) for k, v in p.get("quality", {}).items()})
+                                       {str(k): float(v) for k, v in p.get("quality", {}).items()},
+                                       None if p.get("plan") is None else float(p["plan"]),
+                                       {str(k): float(v) for k, v in p.get("spent", {}).items()})
                       for p in data.get("calibration", [])]
             if bad := [p.rule for p in points if p.rule not in ("threshold", "keep_ratio")]:
                 raise ValueError(f"unknown calibrated rule {bad[0]!r} (threshold or keep_ratio)")
             budget = BudgetInput(float(data["low"]), float(data["high"]), float(data["default"]),
                                  sorted(points, key=lambda p: p.flops))
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"malformed budget entry ({exc!r})") from None
         if not 0.0 < budget.low <= budget.default <= budget.high <= 1.0:
             raise ValueError(f"budget range must satisfy 0 < low <= default <= high <= 1, got {data!r}")

@@ -14,7 +14,7 @@ import torch
 
 from policy_prune.core.backbones.base import TokenBackbone
 from policy_prune.core.budget import CalibrationPoint
-from policy_prune.core.inference import static_ratios
+from policy_prune.core.inference import static_floor, static_ratios
 from policy_prune.core.schedule import TokenCounts, flops_per_row
 from policy_prune.core.scorer import LearnedScorer, make_keep_fn, row_full_flops
 from policy_prune.core.selection import learned_flops
@@ -117,18 +117,48 @@ def solve_threshold(fn: Callable[[float], float], target: float, iters: int = 20
     return hi if at_most else min(seen, key=lambda t: abs(seen[t] - target))
 
 
+def solve_plan(backbone: TokenBackbone, told: LearnedScorer, inputs: Sequence[Any], f: float, profile: Sequence[float],
+               tol: float = 0.002, iters: int = 8) -> tuple[float, Measured]:
+    """(plan g, what it did): the FLOPs ratio g whose keep_ratio plan :func:`static_ratios` (shaped like
+    ``profile``, costed on a full-length input) executes nearest ``f`` on ``inputs``.
+
+    Secant steps from g = f (executed FLOPs grow with g at about slope 1), g kept within [the plan's
+    floor, 1]; stops within ``tol``. Each step runs the pruned model over the data once.
+    """
+    low = static_floor(backbone, told)
+    tried: dict[float, Measured] = {}
+    g, slope = min(max(f, low), 1.0), 1.0
+    for _ in range(iters):
+        tried[g] = measure(backbone, told, inputs, "keep_ratio", static_ratios(backbone, told, g, profile),
+                           executed=True, outputs=True)
+        miss = f - tried[g].flops_ratio
+        if abs(miss) <= tol:
+            break
+        if len(tried) >= 2:
+            (g0, m0), (g1, m1) = [(k, tried[k].flops_ratio) for k in list(tried)[-2:]]
+            if abs(m1 - m0) > 1e-9:
+                slope = min(max((g1 - g0) / (m1 - m0), 0.25), 4.0)
+        nxt = min(max(g + slope * miss, low), 1.0)
+        if nxt in tried:  # pinned at a bound
+            break
+        g = nxt
+    best = min(tried, key=lambda k: abs(tried[k].flops_ratio - f))
+    return best, tried[best]
+
+
 def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[Any], targets: Sequence[float],
-              tol: float = 0.002, labels: torch.Tensor | None = None) -> list[CalibrationPoint]:
+              tol: float = 0.002, labels: torch.Tensor | None = None, slack: float = 0.01) -> list[CalibrationPoint]:
     """For each target f: the threshold at which ``scorer`` told f meets f on ``inputs``, the per-site keep
-    shares it then has, and the rule ``prune(model, scorer, flops=f)`` runs by default.
+    shares it then has, the keep_ratio plan that meets f with those shares, and the rule
+    ``prune(model, scorer, flops=f)`` runs by default.
 
     ``inputs`` are batches as deployed (text: length-sorted, each cut to its longest row): FLOPs are
-    counted as those batches execute them (:func:`measure` with ``executed``). Both rules are then scored
-    against the unpruned model on the same inputs (:func:`quality`; ``labels`` [M]: classifiers' accuracy)
-    at f: the calibrated threshold, and keep_ratio with that threshold's per-site shares scaled to meet f
-    on a full-length input (``prune``'s static plan). The default is the better one; keep_ratio on a tie
-    (static shapes) and wherever the threshold did not reach f. A target that no threshold brings the
-    FLOPs down to is kept with ``reached=False`` (its threshold the deepest cut tried).
+    counted as those batches execute them (:func:`measure` with ``executed``). Both rules are solved on
+    them (the threshold by bisection, keep_ratio's scale by :func:`solve_plan`) and scored against the
+    unpruned model on the same inputs (:func:`quality`; ``labels`` [M]: classifiers' accuracy). The
+    default is the better of the rules that ran within ``slack`` of f; keep_ratio on a tie (static
+    shapes) or when neither did. A target that no threshold brings the FLOPs down to is kept with
+    ``reached=False`` (its threshold the deepest cut tried).
     """
     with torch.inference_mode():
         teacher = torch.cat([backbone(x).float().cpu() for x in inputs])
@@ -144,17 +174,15 @@ def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[A
         # Thresholds fall as targets rise: start from the previous target's, a short step away.
         t = solve_threshold(flops_at, f, tol=tol, start=points[-1].threshold if points else 0.0,
                             step=0.5 if points else 1.0)
-        at_t = measure(backbone, told, inputs, "threshold", t, executed=True, outputs=True)
-        scores = {"threshold": quality(backbone.output_kind, at_t.outputs, teacher, labels)}  # type: ignore[arg-type]
-        try:
-            ratios = static_ratios(backbone, told, f, at_t.keep_ratio)
-        except ValueError:  # f below what keep_ratio reaches on a full-length input
-            ratios = None
-        if ratios is not None:
-            static = measure(backbone, told, inputs, "keep_ratio", ratios, outputs=True)
-            scores["keep_ratio"] = quality(backbone.output_kind, static.outputs, teacher, labels)  # type: ignore[arg-type]
+        runs = {"threshold": measure(backbone, told, inputs, "threshold", t, executed=True, outputs=True)}
+        plan, runs["keep_ratio"] = solve_plan(backbone, told, inputs, f, runs["threshold"].keep_ratio, tol)
+        scores = {rule: quality(backbone.output_kind, m.outputs, teacher, labels)  # type: ignore[arg-type]
+                  for rule, m in runs.items()}
+        spent = {rule: m.flops_ratio for rule, m in runs.items()}
         # solve_threshold's own test: some threshold tried ran at most f (else it gave up at the deepest cut).
         reached = min(seen) <= f
-        best = max(scores, key=lambda r: (scores[r], r == "keep_ratio")) if reached else "keep_ratio"
-        points.append(CalibrationPoint(float(f), float(t), at_t.keep_ratio, reached=reached, rule=best, quality=scores))
+        met = [rule for rule in runs if spent[rule] <= f + slack and (rule != "threshold" or reached)]
+        best = max(met, key=lambda r: (scores[r], r == "keep_ratio")) if met else "keep_ratio"
+        points.append(CalibrationPoint(float(f), float(t), runs["threshold"].keep_ratio, reached=reached, rule=best,
+                                       quality=scores, plan=float(plan), spent=spent))
     return points

@@ -281,12 +281,13 @@ def prune(
     deterministic decision (keep probability > 0.5): no FLOPs target is calibrated or met by it.
 
     ``flops`` asks for a FLOPs ratio instead (e.g. 0.5: half the unpruned model's FLOPs, the scorer's own
-    features and MLP included). A budget-conditioned scorer is told that budget. By default it meets it
-    with fixed per-site counts (keep_ratio: static shapes, exact FLOPs for a full-length input; the
-    per-site allocation is the policy's own, calibrated on validation data), or with
-    ``rule="threshold"`` with the calibrated threshold (per-sample counts whose mean meets ``flops`` on
-    data like the validation split, at batch 1; a batched forward pads rows to the longest). A scorer
-    without a budget input meets it with one constant keep_ratio. See :mod:`policy_prune.core.budget`.
+    features and MLP included). A budget-conditioned scorer is told that budget and runs the rule its
+    calibration chose on validation data at the nearest calibrated target (``rule=`` overrides it):
+    ``keep_ratio`` (per-site shares of each row's own prunable tokens, static shapes; the allocation is
+    the policy's own, scaled so that validation-like data, batched as deployed, runs at ``flops``) or
+    ``threshold`` (the calibrated logit threshold: per-sample counts whose total meets ``flops`` on
+    such data, a batch packed to its largest row). A scorer without a budget input meets it with one
+    constant keep_ratio on a full-length input. See :mod:`policy_prune.core.budget`.
 
     A scorer trained for another backbone raises ScorerMismatchError (``strict=False`` tolerates a
     different architecture name or class count when every shape matches).
@@ -326,8 +327,9 @@ def rule_for_flops(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
 
     The default rule is the one calibration chose at the nearest calibrated target (``BudgetInput.rule``:
     the better of the two on validation data, issue #23); keep_ratio for scorers without calibration.
-    keep_ratio: fixed per-site counts whose FLOPs on a full-length input, the scorer's own cost included,
-    are ``flops`` (:func:`static_ratios`). threshold (budget-conditioned scorers): the calibrated threshold.
+    keep_ratio: fixed per-site counts, the policy's calibrated allocation scaled so that they execute
+    ``flops`` on the calibration batches (``BudgetInput.plan``; uncalibrated: on a full-length input), the
+    scorer's own cost included (:func:`static_ratios`). threshold (budget-conditioned scorers): the calibrated threshold.
     UserError, never a silently different budget, for an ``flops`` below what keep_ratio reaches
     (:func:`check_reachable`) or, with threshold, one the calibration did not reach or without calibration.
     """
@@ -347,13 +349,33 @@ def rule_for_flops(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
                             "use rule='keep_ratio' (or no rule) with flops=...")
         budget.check_reached(flops)
         return "threshold", [budget.threshold(flops)] * len(scorer.sites), told
-    return "keep_ratio", static_ratios(backbone, told, flops, budget.keep_ratios(flops) if budget is not None else None), told
+    if budget is None:
+        return "keep_ratio", static_ratios(backbone, told, flops), told
+    try:
+        budget.check_spent(flops, "keep_ratio")
+        plan = budget.plan(flops)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return "keep_ratio", static_ratios(backbone, told, plan, budget.keep_ratios(flops)), told
 
 
 def static_ratios(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
                   profile: Sequence[float] | None = None) -> list[float]:
     """Per-site keep ratios shaped like ``profile`` (default: 0.5 everywhere) whose FLOPs on a full-length
     input (images: every patch; text: ``TEXT_PLAN_TOKENS``), the scorer's own cost included, are ``flops``."""
+    counts, selection = _full_length_plan(backbone, scorer)
+    check_reachable(backbone, scorer.sites, counts, flops, selection)
+    return keep_ratios_for(backbone, scorer.sites, counts, flops, profile or [0.5] * len(scorer.sites), selection)
+
+
+def static_floor(backbone: TokenBackbone, scorer: LearnedScorer) -> float:
+    """The lowest ``flops`` :func:`static_ratios` plans for (every prunable token dropped at the first site)."""
+    counts, selection = _full_length_plan(backbone, scorer)
+    return lowest_flops_ratio(backbone, scorer.sites, counts, selection)
+
+
+def _full_length_plan(backbone: TokenBackbone, scorer: LearnedScorer) -> tuple[TokenCounts, Callable[[int, int], float]]:
+    """(a full-length input's token counts, the scorer's selection cost per site) for static plans."""
     prefix, grid = token_layout(backbone)
     n_full = prefix + grid[0] * grid[1] if grid else TEXT_PLAN_TOKENS
     n_protected = prefix if grid else 2  # [CLS] and [SEP]
@@ -361,9 +383,7 @@ def static_ratios(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
     def selection(site_index: int, n: int) -> float:
         return learned_flops(backbone, scorer, scorer.sites[site_index], n, has_cls=model_has_cls(backbone))
 
-    counts = TokenCounts.dense(n_full, n_protected)  # a full-length input
-    check_reachable(backbone, scorer.sites, counts, flops, selection)
-    return keep_ratios_for(backbone, scorer.sites, counts, flops, profile or [0.5] * len(scorer.sites), selection)
+    return TokenCounts.dense(n_full, n_protected), selection
 
 
 def check_reachable(backbone: TokenBackbone, sites: Sequence[int], counts: TokenCounts, flops: float,

@@ -344,31 +344,41 @@ def export_run_scorer(cfg: RunConfig, model: Any, backbone: Any, run_dir: Path, 
                       val: Any = None) -> Path:
     """Export the actor as the run's scorer artifact (run_dir/scorer).
 
-    A budget-conditioned scorer is calibrated first: at targets every ``train.calibration_step`` over its
-    range, the threshold that meets the target on ``train.calibration_samples`` validation samples.
+    A budget-conditioned scorer is calibrated first (:func:`calibrated_scorer`): at targets every
+    ``train.calibration_step`` over its range, both rules solved to meet the target on
+    ``train.calibration_samples`` validation samples, and the better one recorded as that target's default.
     """
     from policy_prune.core.artifact import save_scorer
 
     reward = cfg.env.reward
-    budget = None
+    scorer = model.policy.learned_scorer(cfg.env.sites)
+    rule = {"rule": "threshold", "values": [0.0] * len(cfg.env.sites)}
     if reward.budget is not None:
-        budget = calibrated_budget(cfg, model.policy.learned_scorer(cfg.env.sites), backbone, val)
-    scorer = model.policy.learned_scorer(cfg.env.sites, budget=budget)
+        scorer, rule = calibrated_scorer(cfg, scorer, backbone, val)
+    budget = scorer.budget
     learned = next(m for name, m in summary["methods"].items() if name.startswith("learned"))
     metrics = {k: learned[k] for k in ("return", "task", "flops_ratio", "agreement", "accuracy", "cosine") if k in learned}
-    rule = {"rule": "threshold", "values": [0.0] * len(cfg.env.sites)}
-    if budget is not None:  # prune(model, scorer) with no budget: the calibrated default rule at the default budget
-        from policy_prune.core.inference import rule_for_flops
-
-        name, values, _ = rule_for_flops(backbone, scorer, budget.default)
-        rule = {"rule": name, "values": values}
     lam = reward.lam if budget is None else None
     return save_scorer(scorer, run_dir / "scorer", backbone.signature(), lam, metrics, rule)
+
+
+def calibrated_scorer(cfg: RunConfig, scorer: Any, backbone: Any, val: Any) -> tuple[Any, dict[str, Any]]:
+    """(the scorer with its calibrated budget input, the default rule its artifact stores): what
+    ``prune(model, scorer)`` runs without a budget, the calibrated rule at the default budget."""
+    import dataclasses
+
+    from policy_prune.core.inference import rule_for_flops
+
+    scorer = dataclasses.replace(scorer, budget=calibrated_budget(cfg, scorer, backbone, val))
+    name, values, _ = rule_for_flops(backbone, scorer, scorer.budget.default)
+    return scorer, {"rule": name, "values": values}
 
 
 def calibrated_budget(cfg: RunConfig, scorer: Any, backbone: Any, val: Any) -> Any:
     """The BudgetInput of a budget-conditioned run's scorer, calibrated on the validation split as deployed:
     the backbone in fp32 (whatever dtype it trained in), a sample drawn across val (:func:`calibration_batches`)."""
+    import dataclasses
+
     import numpy as np
     import torch
 
@@ -376,7 +386,7 @@ def calibrated_budget(cfg: RunConfig, scorer: Any, backbone: Any, val: Any) -> A
     from policy_prune.core.calibration import calibrate
 
     low, high = cfg.env.reward.budget  # type: ignore[misc]
-    scorer.budget = BudgetInput.over(low, high)
+    scorer = dataclasses.replace(scorer, budget=BudgetInput.over(low, high))
     # Deployment runs the model in fp32. A run trained in bf16 holds bf16-rounded weights: they are cast
     # back (reloading could give another model where the backbone is not a saved checkpoint).
     backbone.to(dtype=torch.float32)
