@@ -59,7 +59,7 @@ from policy_prune.evaluation.baselines import (
 from policy_prune.evaluation.cost import Work, flops_columns, flops_ratios
 from policy_prune.evaluation.metrics import cosine_fidelity, neighbour_recall
 from policy_prune.evaluation.retrieval import RetrievalEmbeddings, retrieval_values
-from policy_prune.evaluation.solve import TOLERANCE, BatchedCounts, Point, SolveContext
+from policy_prune.evaluation.solve import MATCH, BatchedCounts, Point, SolveContext
 from policy_prune.evaluation.stats import bootstrap_difference, bootstrap_mean
 
 DEFAULT_TARGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.42, 0.35)
@@ -259,7 +259,7 @@ def evaluate(backbone: TokenBackbone, splits: dict[str, Any], methods: Sequence[
         "signature": backbone.signature(), "output_kind": backbone.output_kind, "primary": primary,
         "compared": compared, "n_boot": n_boot, "results": rows,
         "summary": summaries(scored, data, primary, n_boot, seed),
-        "comparisons": comparisons(scored, best, data, n_boot, seed),
+        "comparisons": comparisons(scored, [r["flops"]["total"] for r in rows], best, data, n_boot, seed),
         "group_comparisons": group_comparisons(scored, compared, data, n_boot, seed),
     }
 
@@ -292,7 +292,7 @@ def result_row(backbone: TokenBackbone, s: Scored, data: EvalData, primary: str,
     queries (what the point was solved to meet on val), ``flops_passages`` / ``flops_queries`` each part."""
     ratios = flops_ratios(backbone, s.work if s.query_work is None else Work.cat([s.work, s.query_work]))
     target = s.point.target
-    on_target = target is None or (target - TOLERANCE <= ratios["total"] <= target + 1e-9)
+    on_target = target is None or abs(ratios["total"] - target) <= MATCH
     ci = intervals(s.values, data, n_boot, seed)
     queries = {} if s.query_work is None else {"flops_passages": flops_ratios(backbone, s.work),
                                                "flops_queries": flops_ratios(backbone, s.query_work)}
@@ -326,10 +326,15 @@ def summaries(scored: Sequence[Scored], data: EvalData, primary: str, n_boot: in
     return out
 
 
-def comparisons(scored: Sequence[Scored], best: dict[str, dict[float, str]], data: EvalData, n_boot: int,
-                seed: int) -> list[dict[str, Any]]:
+def comparisons(scored: Sequence[Scored], spent: Sequence[float], best: dict[str, dict[float, str]], data: EvalData,
+                n_boot: int, seed: int) -> list[dict[str, Any]]:
     """Per compared metric, target and learned method: learned (seeds averaged) minus the best baseline
-    on that metric, a paired bootstrap over the metric's source items (passages', or queries')."""
+    on that metric, a paired bootstrap over the metric's source items (passages', or queries').
+
+    ``spent``: each scored point's total FLOPs ratio on the scored split. A verdict in favour of the side
+    that spent more than :data:`MATCH` above the other is "unequal FLOPs" (overall and per seed).
+    """
+    total = {id(s): f for s, f in zip(scored, spent, strict=True)}
     out = []
     for metric, at in best.items():
         for target, baseline in sorted(at.items(), reverse=True):
@@ -342,12 +347,22 @@ def comparisons(scored: Sequence[Scored], best: dict[str, dict[float, str]], dat
                 groups = data.groups_of(metric)
                 diff = bootstrap_difference(torch.stack([s.values[metric] for s in items]), base.values[metric],
                                             groups, n_boot, seed)
-                per_seed = [bootstrap_difference(s.values[metric], base.values[metric], groups, n_boot, seed).verdict
-                            for s in items]
+                mine = sum(total[id(s)] for s in items) / len(items)
+                per_seed = [fair(bootstrap_difference(s.values[metric], base.values[metric], groups, n_boot, seed).verdict,
+                                 total[id(s)], total[id(base)]) for s in items]
                 out.append({"metric": metric, "target": target, "method": name, "baseline": baseline,
-                            "n_runs": len(items), "difference": diff.to_json(), "verdict": diff.verdict,
-                            "per_seed": per_seed})
+                            "n_runs": len(items), "difference": diff.to_json(),
+                            "verdict": fair(diff.verdict, mine, total[id(base)]), "per_seed": per_seed,
+                            "flops": mine, "baseline_flops": total[id(base)]})
     return out
+
+
+def fair(verdict: str, mine: float, theirs: float) -> str:
+    """``verdict`` (of mine minus theirs), or "unequal FLOPs" where the side it favours spent more than
+    :data:`MATCH` above the other."""
+    if (verdict == "better" and mine > theirs + MATCH) or (verdict == "worse" and theirs > mine + MATCH):
+        return "unequal FLOPs"
+    return verdict
 
 
 def group_comparisons(scored: Sequence[Scored], metrics: Sequence[str], data: EvalData, n_boot: int,

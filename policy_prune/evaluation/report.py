@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from policy_prune.evaluation.solve import TOLERANCE
+from policy_prune.evaluation.solve import MATCH
 
 SECONDARY = {"accuracy": "agreement", "agreement": None, "cosine": "recall@10"}
 FLOPS_DETAIL = ("executed", "selection", "block")
@@ -220,11 +220,12 @@ def describe(results: dict[str, Any]) -> str:
         "what the batched forward computes (every row of a batch runs on its longest row: padding included), "
         "selection what choosing the tokens costs (scorer features and MLP, CLS query, similarities, ToMe keys and "
         "matching); block counts each row's blocks on its own tokens. Every operating point is solved on the val split "
-        f"for total <= target (* : the scored total is above the target or more than {TOLERANCE} below it). "
+        f"for total <= target (* : the scored total is more than {MATCH} from the target). "
         f"Intervals are 95% percentile bootstraps over source groups ({results['n_boot']} replicates), two-level "
         "where a method has several seeds: each replicate draws the groups and, with replacement, the seeds. "
         "The best baseline at a target is the one with the highest val score there; \"better\" only "
-        "where the paired interval of learned minus that baseline lies above 0 (across seeds); the verdict per "
+        "where the paired interval of learned minus that baseline lies above 0 (across seeds), and \"unequal FLOPs\" "
+        f"in place of a verdict that favours the side whose scored total is more than {MATCH} above the other's; the verdict per "
         "seed is each seed's own paired interval. Times are medians of round-robin "
         "runs on this machine (ms per sample)."
     )

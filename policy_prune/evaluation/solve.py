@@ -31,7 +31,11 @@ from policy_prune.core import calibration
 from policy_prune.core.schedule import TokenCounts, keep_schedule
 
 TOLERANCE = 0.002
-"""A solved total further than this below its target (or above it at all) is flagged in the tables."""
+"""How far below its target a solved total may stop (on val)."""
+MATCH = 0.01
+"""A row whose scored total FLOPs is further than this from its target is flagged off target (*), and a
+comparison whose better side spent more than this above the other gets no verdict ("unequal FLOPs"): a
+comparison at unequal FLOPs is not one (issue #23)."""
 
 
 @dataclass
