@@ -197,6 +197,27 @@ def test_deployed_row_is_the_public_call(vit, splits) -> None:
     assert sum(row[1] == "learned-deployed" for row in body) == 2
 
 
+def test_seeds_of_the_deployed_call_are_one_method_whatever_rule_each_runs(vit, splits) -> None:
+    """Calibration picks each seed's rule: seeds that run different rules at a target are still one method
+    there (one summary over all seeds, one mean row in the table), not split by rule (it split 3 seeds
+    into 1 + 2 and drew intervals around the wrong mean)."""
+    scorer = _calibrated_scorer(vit, [splits["val"].inputs[:6], splits["val"].inputs[6:]])
+    data = evaluate.prepare(vit, splits["test"], 4, "cpu")
+    method = learned_methods(scorer, "seed 0")[0]
+    scored = []
+    for run, rule in (("seed 0", "threshold"), ("seed 1", "keep_ratio"), ("seed 2", "keep_ratio")):
+        m = learned_methods(scorer, run)[0]
+        point = evaluate.Point(rule, [0.0, 0.0] if rule == "threshold" else [0.5, 0.5], 0.5, None, 0.5)
+        values = {"accuracy": torch.rand(len(data), generator=torch.Generator().manual_seed(len(scored)), dtype=torch.float64)}
+        scored.append(evaluate.Scored(m, point, values, evaluate.run_method(vit, method, point, data)[1]))
+    (summary,) = evaluate.summaries(scored, data, "accuracy", 50, 0)
+    assert summary["n_runs"] == 3 and summary["rule"] == "keep_ratio/threshold"
+    assert summary["accuracy"] == pytest.approx(float(torch.stack([s.values["accuracy"] for s in scored]).mean()))
+    rows = [evaluate.result_row(vit, s, data, "accuracy", 50, 0) for s in scored]
+    _, body = report.main_table({"results": rows, "summary": [summary], "primary": "accuracy", "output_kind": "logits"})
+    assert [row[2] for row in body] == ["seed 0", "seed 1", "seed 2", "mean"]
+
+
 def test_text_embedding_model_reports_cosine_and_pictures_words(tmp_path) -> None:
     backbone = adapt(tiny.make("hf-bert"))
     splits = {"val": _split("hf-bert", 6, 1, "val", labels=False), "test": _split("hf-bert", 6, 2, "test", labels=False)}

@@ -1,4 +1,4 @@
-"""Measure a scorer's FLOPs on data and solve the threshold that meets a target (calibration).
+"""Measure a scorer's FLOPs on data and solve each rule's value that meets a target (calibration).
 
 Used after training (the calibration stored in a budget-conditioned scorer, measured on validation
 data) and by evaluation (thresholds solved on the validation split). Label-free: only token counts.

@@ -307,7 +307,10 @@ def result_row(backbone: TokenBackbone, s: Scored, data: EvalData, primary: str,
 
 
 def _group_key(s: Scored) -> tuple[str, float | None, str, float | None]:
-    return s.method.name, s.point.target, s.point.rule, s.point.budget if s.point.target is None else None
+    """One method at one target (its seeds together, whatever rule each seed's calibration chose), or at one
+    own point (a rule and, for a budgeted scorer, the budget told)."""
+    own = s.point.target is None
+    return s.method.name, s.point.target, s.point.rule if own else "", s.point.budget if own else None
 
 
 def summaries(scored: Sequence[Scored], data: EvalData, primary: str, n_boot: int, seed: int) -> list[dict[str, Any]]:
@@ -317,9 +320,10 @@ def summaries(scored: Sequence[Scored], data: EvalData, primary: str, n_boot: in
     for s in scored:
         by.setdefault(_group_key(s), []).append(s)
     out = []
-    for (name, target, rule, told), items in by.items():
+    for (name, target, _, told), items in by.items():
         stacked = {k: torch.stack([s.values[k] for s in items]) for k in items[0].values}
         ci = intervals(stacked, data, n_boot, seed)
+        rule = "/".join(sorted({s.point.rule for s in items}))  # the deployed call's seeds may each run their own
         out.append({"method": name, "target": target, "rule": rule, "told": told, "n_runs": len(items),
                     "learned": items[0].method.run is not None, **{k: float(v.mean()) for k, v in stacked.items()},
                     "interval": ci[primary], "intervals": ci})

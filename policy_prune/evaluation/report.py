@@ -147,7 +147,8 @@ def glance_title(results: dict[str, Any], metric: str) -> str:
 
 def _key(r: dict[str, Any]) -> tuple[str, float | None, str, float | None]:
     """Rows of one method at one point: solved targets, or own points (a budgeted scorer's per budget told)."""
-    return r["method"], r["target"], r["rule"], r.get("told") if r["target"] is None else None
+    own = r["target"] is None
+    return r["method"], r["target"], r["rule"] if own else "", r.get("told") if own else None
 
 
 def _method_rank(rows: Sequence[dict[str, Any]], method: str) -> int:
@@ -313,8 +314,8 @@ def _plot_metric(ax: Any, results: dict[str, Any], key: str, with_ci: bool) -> N
             ys.append(sum(r[key] for r in at) / len(at))
             s = next(s for s in results["summary"] if s["method"] == name and s["target"] == t)
             ci = s["intervals"][key]
-            lo.append(ys[-1] - ci["lo"] if with_ci else 0.0)
-            hi.append(ci["hi"] - ys[-1] if with_ci else 0.0)
+            lo.append(max(ys[-1] - ci["lo"], 0.0) if with_ci else 0.0)  # rounding: a mean summed two ways
+            hi.append(max(ci["hi"] - ys[-1], 0.0) if with_ci else 0.0)
         line = ax.errorbar(xs, ys, yerr=[lo, hi] if with_ci else None, marker="o", ms=3, capsize=2, label=name)
         color = line.lines[0].get_color()
         if mine[0]["run"] is not None and len({r["run"] for r in mine}) > 1:
