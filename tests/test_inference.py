@@ -385,16 +385,14 @@ def test_static_text_path_tells_a_budgeted_scorer_its_budget(flops: float) -> No
 def test_static_text_widths_hold_every_row() -> None:
     """A row of any length keeps at most the planned width (the longest row's count) at every site."""
     model, scorer = _scorer("hf-bert")
+    pruned = prune(model, scorer, keep_ratio=[0.55, 0.35])
     n = 40
     lengths = torch.arange(1, n + 1)
-    # Fixed shares, and shares planned per row length (flops=: each row's own, not monotone in the length).
-    for pruned in (prune(model, scorer, keep_ratio=[0.55, 0.35]), prune(model, scorer, flops=0.6)):
-        shares = pruned.plan.rows(lengths) if pruned.plan is not None else torch.tensor([pruned._site_values(n)] * n)
-        alive = lengths
-        for i, width in enumerate(pruned.text_widths(n)):
-            protected = alive.clamp_max(2)
-            alive = keep_count(shares[:, i], alive - protected) + protected
-            assert int(alive.max()) == width
+    alive = lengths
+    for value, width in zip(pruned._site_values(), pruned.text_widths(n), strict=True):
+        protected = alive.clamp_max(2)
+        alive = keep_count(value, alive - protected) + protected
+        assert int(alive.max()) == width
 
 
 def test_special_tokens_mask_takes_the_keep_mask_path() -> None:

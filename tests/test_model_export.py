@@ -145,9 +145,8 @@ def test_export_verb_writes_the_whole_model(tmp_path, monkeypatch) -> None:
     assert _export_verb([str(run), "--onnx-model", "--flops", "0.6", "--batch", "3", "--length", "14"]) == 0
     record = json.loads((run / "onnx" / "export.json").read_text())
     assert record["max_abs_diff"] <= 1e-4 and record["inputs"] == ["input_ids", "attention_mask"]
-    # prune(flops=0.6) plans each row at 0.6 of its own FLOPs with the scorer's features and MLP counted, which
-    # on this 32-wide model cost a large share: the blocks alone (flops_ratio) run well below 0.6.
-    assert record["length"] == 14 and record["rule"] == "keep_ratio" and 0.2 < record["flops_ratio"] < 0.6
+    # prune(flops=0.6) solves the ratios on 128 tokens; on a 14-token graph rounding moves the FLOPs a little.
+    assert record["length"] == 14 and record["rule"] == "keep_ratio" and 0.5 < record["flops_ratio"] < 0.8
     assert sorted(p.name for p in (run / "onnx").iterdir()) == ["export.json", "model.onnx", "model.pt2"]
     assert json.loads((run / "scorer" / "scorer.json").read_text())["default_rule"]["rule"] == "threshold"
     session = onnx_session(run / "onnx" / "model.onnx")

@@ -7,14 +7,12 @@ then met by one of the two decision rules:
 
 - ``threshold``: keep tokens whose logit exceeds a threshold. Counts vary per sample (hard inputs keep
   more); the threshold that meets f on average is measured on validation data after training and
-  stored with the scorer (``calibration``), so ``prune(model, scorer, flops=f)`` needs no data; it meets f
-  on average over data like the validation split (another mix of lengths spends somewhat more or less).
-- ``keep_ratio``: a share of the prunable tokens at each site (static shapes). The per-site allocation
-  comes from the calibration (the policy's own at f), and the shares are planned for each row's own
-  length so that every row runs at one FLOPs ratio of its own FLOPs (short texts keep relatively more
-  protected tokens and spend relatively more on the linear layers: one plan for a 128-token input
-  overspends on 45-token passages and on queries). That ratio (``plan``) is calibrated so that
-  length-sorted batches of 64, each packed to its widest row, execute f: a row alone spends a little less.
+  stored with the scorer (``calibration``), so ``prune(model, scorer, flops=f)`` needs no data.
+- ``keep_ratio``: a fixed share of the prunable tokens at each site (static shapes). The per-site shares
+  come from the calibration (the policy's own allocation at f), scaled so that the FLOPs the calibration
+  batches execute equal f: the scale is stored as ``plan``, the FLOPs ratio the shares would cost on a
+  full-length input (short texts keep relatively more protected tokens and spend relatively more on the
+  linear layers, so a plan for a 128-token input overspends on 45-token passages).
 
 Scorers without a budget input (trained at one lambda) meet a FLOPs target with keep_ratio only: one
 constant ratio at every site, solved on the analytic FLOPs.
@@ -30,10 +28,6 @@ from typing import Any
 import numpy as np
 
 from policy_prune.errors import UserError
-
-SLACK = 0.01
-"""How far above its target a rule may run on the calibration batches and still count as meeting it (the
-default rule is one that met it where one did)."""
 
 
 @dataclass(frozen=True)
@@ -57,9 +51,9 @@ class CalibrationPoint:
     """Rule -> its quality on the calibration data at this target (mean cosine to the unpruned output for
     encoders; accuracy, else agreement with the unpruned model, for classifiers)."""
     plan: float | None = None
-    """keep_ratio's per-row FLOPs ratio: every row runs at ``plan`` of its own FLOPs (shares planned per row
-    length, :func:`policy_prune.core.inference.length_plan`), which the calibration batches, packed to
-    their widest rows, execute at ``flops``. None in artifacts written before: ``flops`` itself."""
+    """keep_ratio's scale: the FLOPs ratio on a full-length input whose per-site shares (``keep_ratio``
+    stretched, :func:`policy_prune.core.inference.static_ratios`) execute ``flops`` on the calibration
+    batches. None in artifacts written before it was measured: the plan is then ``flops`` itself."""
     spent: dict[str, float] = field(default_factory=dict)
     """Rule -> the FLOPs ratio it executed on the calibration batches at this target."""
 
@@ -119,31 +113,33 @@ class BudgetInput:
                             f"to that FLOPs ratio ({floor}); ask for a larger flops, or use rule='keep_ratio'")
 
     def plan(self, flops: float) -> float:
-        """keep_ratio's calibrated per-row FLOPs ratio at ``flops`` (linear between calibration points; ``flops``
-        itself without calibration or for points calibrated before plans were measured)."""
+        """keep_ratio's calibrated scale at ``flops`` (linear between calibration points; ``flops`` itself
+        without calibration or for points calibrated before plans were measured)."""
         f = self.check(flops)
         if not self.calibration:
             return f
         xs = [p.flops for p in self.calibration]
         return float(np.interp(f, xs, [p.flops if p.plan is None else p.plan for p in self.calibration]))
 
-    def _over(self, f: float, rule: str) -> float:
-        """How far above its target ``rule`` ran on the calibration batches, interpolated at ``f``."""
+    def check_spent(self, flops: float, rule: str, slack: float = 0.01) -> None:
+        """UserError when ``rule`` executed more than ``flops`` + ``slack`` on the calibration batches at the
+        calibration points around ``flops`` (points that did not record it count as met)."""
+        f = self.check(flops)
+        if not self.calibration:
+            return
         over = [p.spent.get(rule, p.flops) - p.flops for p in self.calibration]
-        return float(np.interp(f, [p.flops for p in self.calibration], over))
+        if float(np.interp(f, [p.flops for p in self.calibration], over)) > slack:
+            met = [p.flops for p in self.calibration if p.spent.get(rule, p.flops) - p.flops <= slack]
+            floor = f"the lowest target it met is {min(met):g}" if met else "it met none of its targets"
+            raise UserError(f"flops={f:g} with rule={rule!r}: on the calibration data this scorer runs above that FLOPs "
+                            f"ratio ({floor}); ask for a larger flops")
 
     def rule(self, flops: float) -> str:
-        """The default rule at ``flops``: that of the nearest calibration point (keep_ratio without any), or the
-        other one where that rule's calibration points around ``flops`` did not meet their targets."""
+        """The default rule at ``flops``: that of the nearest calibration point (keep_ratio without any)."""
         f = self.check(flops)
         if not self.calibration:
             return "keep_ratio"
-        rule = min(self.calibration, key=lambda p: (abs(p.flops - f), p.flops)).rule
-        if rule == "threshold" and not self.reached(f):
-            return "keep_ratio"
-        if rule == "keep_ratio" and self.reached(f) and self._over(f, "keep_ratio") > SLACK:
-            return "threshold"
-        return rule
+        return min(self.calibration, key=lambda p: (abs(p.flops - f), p.flops)).rule
 
     def keep_ratios(self, flops: float) -> list[float] | None:
         """Calibrated per-site keep shares at ``flops`` (None without calibration)."""

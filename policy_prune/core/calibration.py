@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from policy_prune.core.backbones.base import TokenBackbone
-from policy_prune.core.budget import SLACK, CalibrationPoint
-from policy_prune.core.inference import length_plan
+from policy_prune.core.budget import CalibrationPoint
+from policy_prune.core.inference import static_floor, static_ratios
 from policy_prune.core.schedule import TokenCounts, flops_per_row
 from policy_prune.core.scorer import LearnedScorer, make_keep_fn, row_full_flops
 from policy_prune.core.selection import learned_flops
@@ -34,7 +34,7 @@ class Measured:
 
 
 @torch.inference_mode()
-def measure(backbone: TokenBackbone, scorer: Any, inputs: Sequence[Any], rule: str, values: Any,
+def measure(backbone: TokenBackbone, scorer: Any, inputs: Sequence[Any], rule: str, values: float | Sequence[float],
             sites: Sequence[int] | None = None, executed: bool = False, outputs: bool = False) -> Measured:
     """Run ``scorer`` with ``rule``/``values`` over every batch of ``inputs`` and sum the counts.
 
@@ -119,17 +119,17 @@ def solve_threshold(fn: Callable[[float], float], target: float, iters: int = 20
 
 def solve_plan(backbone: TokenBackbone, told: LearnedScorer, inputs: Sequence[Any], f: float, profile: Sequence[float],
                tol: float = 0.002, iters: int = 8) -> tuple[float, Measured]:
-    """(plan g, what it did): the per-row FLOPs ratio g whose keep_ratio plan (:func:`length_plan`, shaped like
-    ``profile``: every row at g of its own FLOPs) executes nearest ``f`` on ``inputs`` as batched there (a
-    batch packed to its widest row pads the others, so g <= f).
+    """(plan g, what it did): the FLOPs ratio g whose keep_ratio plan :func:`static_ratios` (shaped like
+    ``profile``, costed on a full-length input) executes nearest ``f`` on ``inputs``.
 
-    Secant steps from g = f (executed FLOPs grow with g at about slope 1), g kept in [0.01, 1]; stops
-    within ``tol``. Each step runs the pruned model over the data once.
+    Secant steps from g = f (executed FLOPs grow with g at about slope 1), g kept within [the plan's
+    floor, 1]; stops within ``tol``. Each step runs the pruned model over the data once.
     """
+    low = static_floor(backbone, told)
     tried: dict[float, Measured] = {}
-    g, slope = f, 1.0
+    g, slope = min(max(f, low), 1.0), 1.0
     for _ in range(iters):
-        tried[g] = measure(backbone, told, inputs, "keep_ratio", length_plan(backbone, told, g, profile),
+        tried[g] = measure(backbone, told, inputs, "keep_ratio", static_ratios(backbone, told, g, profile),
                            executed=True, outputs=True)
         miss = f - tried[g].flops_ratio
         if abs(miss) <= tol:
@@ -138,7 +138,7 @@ def solve_plan(backbone: TokenBackbone, told: LearnedScorer, inputs: Sequence[An
             (g0, m0), (g1, m1) = [(k, tried[k].flops_ratio) for k in list(tried)[-2:]]
             if abs(m1 - m0) > 1e-9:
                 slope = min(max((g1 - g0) / (m1 - m0), 0.25), 4.0)
-        nxt = min(max(g + slope * miss, 0.01), 1.0)
+        nxt = min(max(g + slope * miss, low), 1.0)
         if nxt in tried:  # pinned at a bound
             break
         g = nxt
@@ -147,16 +147,15 @@ def solve_plan(backbone: TokenBackbone, told: LearnedScorer, inputs: Sequence[An
 
 
 def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[Any], targets: Sequence[float],
-              tol: float = 0.002, labels: torch.Tensor | None = None, slack: float = SLACK) -> list[CalibrationPoint]:
+              tol: float = 0.002, labels: torch.Tensor | None = None, slack: float = 0.01) -> list[CalibrationPoint]:
     """For each target f: the threshold at which ``scorer`` told f meets f on ``inputs``, the per-site keep
-    shares it then has, and the rule ``prune(model, scorer, flops=f)`` runs by default.
+    shares it then has, the keep_ratio plan that meets f with those shares, and the rule
+    ``prune(model, scorer, flops=f)`` runs by default.
 
     ``inputs`` are batches as deployed (text: length-sorted, each cut to its longest row): FLOPs are
-    counted as those batches execute them (:func:`measure` with ``executed``). The threshold is solved on
-    them by bisection; keep_ratio runs those shares planned per row length (:func:`length_plan`), every row
-    at the one FLOPs ratio ``plan`` of its own FLOPs that makes the batches execute f (:func:`solve_plan`:
-    below f by what packing a batch to its widest row adds). Both are scored against the unpruned model on the same inputs
-    (:func:`quality`; ``labels`` [M]: classifiers' accuracy) and their executed FLOPs recorded. The
+    counted as those batches execute them (:func:`measure` with ``executed``). Both rules are solved on
+    them (the threshold by bisection, keep_ratio's scale by :func:`solve_plan`) and scored against the
+    unpruned model on the same inputs (:func:`quality`; ``labels`` [M]: classifiers' accuracy). The
     default is the better of the rules that ran within ``slack`` of f; keep_ratio on a tie (static
     shapes) or when neither did. A target that no threshold brings the FLOPs down to is kept with
     ``reached=False`` (its threshold the deepest cut tried).

@@ -26,7 +26,7 @@ from policy_prune.core.artifact import RULES, check_signature, load_scorer, norm
 from policy_prune.core.backbones import HFEncoderBackbone, KeepFn, TokenBackbone, TokenState, adapt
 from policy_prune.core.backbones.hf import TEXT_PROTECTED
 from policy_prune.core.features import make_projection, token_layout
-from policy_prune.core.schedule import LengthPlan, TokenCounts, keep_schedule, lowest_flops_ratio
+from policy_prune.core.schedule import TokenCounts, keep_ratios_for, keep_schedule, lowest_flops_ratio
 from policy_prune.core.scorer import (
     LearnedScorer,
     TokenScorer,
@@ -77,8 +77,7 @@ class PrunedModel(nn.Module):
 
     projection: torch.Tensor
 
-    def __init__(self, backbone: TokenBackbone, scorer: LearnedScorer, rule: str, values: Sequence[float],
-                 plan: LengthPlan | None = None) -> None:
+    def __init__(self, backbone: TokenBackbone, scorer: LearnedScorer, rule: str, values: Sequence[float]) -> None:
         super().__init__()
         self.backbone = backbone
         self.scorer_net: TokenScorer = scorer.net  # registered so .to() / .eval() reach the scorer too
@@ -88,8 +87,6 @@ class PrunedModel(nn.Module):
         self.scorer = dataclasses.replace(scorer, projection=self.projection)
         self.rule = rule
         self.values = [float(v) for v in values]
-        self.plan = plan
-        """keep_ratio at a FLOPs target (``prune(flops=f)``): each row's shares from its own length."""
         self.sites = list(scorer.sites)
         self._plans: dict[int, list[tuple[int, torch.Tensor]]] = {}
         self._widths: dict[int, list[int]] = {}
@@ -104,12 +101,11 @@ class PrunedModel(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        plan = "" if self.plan is None else f" (each row at {self.plan.flops:.3f} of its own FLOPs)"
-        return f"sites={self.sites}, rule={self.rule!r}, values={self.values}{plan}"
+        return f"sites={self.sites}, rule={self.rule!r}, values={self.values}"
 
     def keep_fn(self) -> KeepFn:
         """A fresh KeepFn for one forward pass (it tracks the pass's compute spent)."""
-        return make_keep_fn(self.backbone, self.scorer, self.rule, self.plan or self.values)
+        return make_keep_fn(self.backbone, self.scorer, self.rule, self.values)
 
     def step_fn(self, keep_fn: KeepFn | None = None) -> Callable[[TokenState, int, int], TokenState]:
         """The per-site pruning step of one forward pass (``TokenBackbone.forward_sites``).
@@ -164,7 +160,7 @@ class PrunedModel(nn.Module):
         if n_full not in self._plans:
             n0 = torch.tensor([n_full])
             # Dense states come from images: their protected tokens are the prefix tokens.
-            kept = keep_schedule(self._site_values(n_full), n0, token_layout(self.backbone)[0])
+            kept = keep_schedule(self._site_values(), n0, token_layout(self.backbone)[0])
             device = self.projection.device
             self._plans[n_full] = [
                 (int(kept[i]), context_rows(i, len(self.sites), (kept[i - 1] if i else n0).float() / n_full,
@@ -177,10 +173,8 @@ class PrunedModel(nn.Module):
     def _plan_text(self, n_max: int) -> None:
         """Text widths for every padded length up to ``n_max``, in one pass."""
         n = torch.arange(n_max + 1)
-        shares = list(self.plan.table(n_max).T) if self.plan is not None else self._site_values(n_max)
-        counts = torch.stack(keep_schedule(shares, n, n.clamp_max(TEXT_PROTECTED)), dim=1)
-        # A row padded to n_full may be of any length up to it: the widest count of those lengths fits all.
-        self._widths.update(enumerate(counts.cummax(dim=0).values.tolist()))
+        counts = torch.stack(keep_schedule(self._site_values(), n, n.clamp_max(TEXT_PROTECTED)), dim=1)
+        self._widths.update(enumerate(counts.tolist()))
 
     def _plan_ahead(self) -> None:
         """Plan the static path at construction: a traced call (torch.compile, export) then reads Python
@@ -191,10 +185,7 @@ class PrunedModel(nn.Module):
         elif isinstance(self.backbone, HFEncoderBackbone) and not self.backbone.is_vision:
             self._plan_text(int(getattr(self.backbone.config, "max_position_embeddings", 512)))
 
-    def _site_values(self, n: int) -> list[float]:
-        """Per-site shares for a row of ``n`` tokens (the plan's for that length, else the fixed values)."""
-        if self.plan is not None:
-            return self.plan.ratios(n)
+    def _site_values(self) -> list[float]:
         return [self.values[min(i, len(self.values) - 1)] for i in range(len(self.sites))]
 
     def run(self, inputs: Any, keep_fn: KeepFn | None = None) -> tuple[torch.Tensor, TokenState, list[torch.Tensor]]:
@@ -321,34 +312,26 @@ def prune(
     if flops is not None:
         if keep_ratio is not None or threshold is not None:
             raise UserError("give one of flops, keep_ratio or threshold")
-        name, values, scorer, plan = rule_for_flops(backbone, scorer, float(flops), rule)
-    elif rule is None and keep_ratio is None and threshold is None and scorer.budget is not None \
-            and scorer.budget.calibration:  # a calibrated scorer's default: its default budget, as flops=
-        name, values, scorer, plan = rule_for_flops(backbone, scorer, scorer.budget.default)
+        name, values, scorer = rule_for_flops(backbone, scorer, float(flops), rule)
     else:
-        scorer, plan = scorer.at(None), None
+        scorer = scorer.at(None)
         name, values = resolve_rule(scorer, rule, keep_ratio, threshold)
     # The scorer's MLP and projection go where the model is (a CUDA model, a CPU-loaded scorer); their dtype stays.
     device = next(model.parameters(), torch.empty(0)).device
-    return PrunedModel(backbone, scorer, name, values, plan).to(device)
+    return PrunedModel(backbone, scorer, name, values).to(device)
 
 
 def rule_for_flops(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
-                   rule: str | None = None) -> tuple[str, list[float], LearnedScorer, LengthPlan | None]:
-    """(rule, one value per site, the scorer told its budget, keep_ratio's per-length plan) that run
-    ``scorer`` at ``flops``.
+                   rule: str | None = None) -> tuple[str, list[float], LearnedScorer]:
+    """(rule, one value per site, the scorer told its budget) that run ``scorer`` at ``flops``.
 
     The default rule is the one calibration chose at the nearest calibrated target (``BudgetInput.rule``:
     the better of the two on validation data, issue #23); keep_ratio for scorers without calibration.
-    keep_ratio: per-site shares (the policy's calibrated allocation; flat without one) planned for each
-    row's own length so that every row runs at one FLOPs ratio of its own FLOPs, the scorer's cost
-    included (:func:`length_plan`; the values are the shares of a full-length input): ``flops`` itself
-    without calibration, else the calibrated ``BudgetInput.plan`` at which length-sorted batches packed
-    to their widest rows execute ``flops`` on validation data. threshold (budget-conditioned
-    scorers): the calibrated threshold, which meets ``flops`` on average over data like the validation split.
-    UserError, never a silently different budget, for an ``flops`` below what keep_ratio reaches on a
-    full-length input (:func:`check_reachable`) or, with threshold, one the calibration did not reach or
-    without calibration.
+    keep_ratio: fixed per-site counts, the policy's calibrated allocation scaled so that they execute
+    ``flops`` on the calibration batches (``BudgetInput.plan``; uncalibrated: on a full-length input), the
+    scorer's own cost included (:func:`static_ratios`). threshold (budget-conditioned scorers): the calibrated threshold.
+    UserError, never a silently different budget, for an ``flops`` below what keep_ratio reaches
+    (:func:`check_reachable`) or, with threshold, one the calibration did not reach or without calibration.
     """
     if not 0.0 < flops <= 1.0:
         raise UserError(f"flops must be a FLOPs ratio in (0, 1], got {flops:g}")
@@ -365,31 +348,34 @@ def rule_for_flops(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
             raise UserError("this scorer has no budget input, so no threshold is calibrated for a FLOPs target: "
                             "use rule='keep_ratio' (or no rule) with flops=...")
         budget.check_reached(flops)
-        return "threshold", [budget.threshold(flops)] * len(scorer.sites), told, None
-    counts, selection = _full_length_plan(backbone, told)
+        return "threshold", [budget.threshold(flops)] * len(scorer.sites), told
+    if budget is None:
+        return "keep_ratio", static_ratios(backbone, told, flops), told
+    try:
+        budget.check_spent(flops, "keep_ratio")
+        plan = budget.plan(flops)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return "keep_ratio", static_ratios(backbone, told, plan, budget.keep_ratios(flops)), told
+
+
+def static_ratios(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
+                  profile: Sequence[float] | None = None) -> list[float]:
+    """Per-site keep ratios shaped like ``profile`` (default: 0.5 everywhere) whose FLOPs on a full-length
+    input (images: every patch; text: ``TEXT_PLAN_TOKENS``), the scorer's own cost included, are ``flops``."""
+    counts, selection = _full_length_plan(backbone, scorer)
     check_reachable(backbone, scorer.sites, counts, flops, selection)
-    plan = length_plan(backbone, told, budget.plan(flops), budget.keep_ratios(flops)) if budget is not None \
-        else length_plan(backbone, told, flops)
-    return "keep_ratio", plan.ratios(int(counts.n0[0])), told, plan
+    return keep_ratios_for(backbone, scorer.sites, counts, flops, profile or [0.5] * len(scorer.sites), selection)
 
 
-def length_plan(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
-                profile: Sequence[float] | None = None) -> LengthPlan:
-    """keep_ratio shares shaped like ``profile`` (default: 0.5 everywhere) that run each row at ``flops`` of its
-    own FLOPs, the scorer's own cost included (:class:`~policy_prune.core.schedule.LengthPlan`)."""
-    prefix, grid = token_layout(backbone)
-    _, selection = _full_length_plan(backbone, scorer)
-
-    def protected(n: torch.Tensor) -> torch.Tensor:  # images: the prefix; text: [CLS] and [SEP]
-        return n.clamp_max(prefix if grid else TEXT_PROTECTED)
-
-    longest = prefix + grid[0] * grid[1] if grid else getattr(getattr(backbone, "config", None), "max_position_embeddings", None)
-    return LengthPlan(backbone, scorer.sites, flops, profile or [0.5] * len(scorer.sites), protected, selection,
-                      int(longest) if isinstance(longest, int) else None)
+def static_floor(backbone: TokenBackbone, scorer: LearnedScorer) -> float:
+    """The lowest ``flops`` :func:`static_ratios` plans for (every prunable token dropped at the first site)."""
+    counts, selection = _full_length_plan(backbone, scorer)
+    return lowest_flops_ratio(backbone, scorer.sites, counts, selection)
 
 
 def _full_length_plan(backbone: TokenBackbone, scorer: LearnedScorer) -> tuple[TokenCounts, Callable[[int, int], float]]:
-    """(a full-length input's token counts, the scorer's selection cost per site) for keep_ratio plans."""
+    """(a full-length input's token counts, the scorer's selection cost per site) for static plans."""
     prefix, grid = token_layout(backbone)
     n_full = prefix + grid[0] * grid[1] if grid else TEXT_PLAN_TOKENS
     n_protected = prefix if grid else 2  # [CLS] and [SEP]

@@ -102,81 +102,22 @@ def keep_ratio_for(backbone: TokenBackbone, sites: Sequence[int], tc: TokenCount
     return solve_keep_ratio(lambda r: flops_ratio(backbone, sites, ratio_counts(sites, tc, r), tc), target)
 
 
-class LengthPlan:
-    """keep_ratio at a FLOPs target for every input length: per-site shares shaped like ``profile`` that
-    run each row of n tokens at ``flops`` of *its own* FLOPs (selection included), so a batch of any mix of
-    lengths (passages and queries, batch 1 or 64) runs at the target, up to one token's rounding per row
-    and the padding of a batch packed to its widest row.
+def keep_ratios_for(backbone: TokenBackbone, sites: Sequence[int], tc: TokenCounts, target: float,
+                    profile: Sequence[float], selection: Selection | None = None) -> list[float]:
+    """Per-site keep ratios shaped like ``profile`` whose schedule runs these rows nearest ``target`` of
+    their FLOPs (``selection`` counted in).
 
-    The profile is moved monotonically from keep-nothing to keep-all: for s in [0, 0.5] the shares are the
-    profile scaled by 2s; for s in [0.5, 1] each is raised towards 1 (a budget-conditioned scorer's
-    calibrated allocation, stretched to meet any target). s is solved for every length up to the longest
-    seen at once (a vectorised bisection, cached). A row too short to reach ``flops`` keeps only its
-    protected tokens.
+    The profile is moved monotonically from keep-nothing to keep-all: for s in [0, 0.5] the ratios are
+    the profile scaled by 2s; for s in [0.5, 1] each is raised towards 1 (a budget-conditioned scorer's
+    calibrated allocation, stretched to meet any target).
     """
+    base = [min(max(float(r), 0.0), 1.0) for r in profile]
 
-    def __init__(self, backbone: TokenBackbone, sites: Sequence[int], flops: float, profile: Sequence[float],
-                 protected: Callable[[torch.Tensor], torch.Tensor], selection: Selection | None = None,
-                 max_len: int | None = None) -> None:
-        self.backbone, self.sites, self.flops = backbone, list(sites), float(flops)
-        self.max_len = max_len
-        """The longest input the model takes, if known: the plan then covers every length and looks rows up
-        without a data-dependent size (what torch.export and ONNX need)."""
-        self.profile = torch.tensor([min(max(float(r), 0.0), 1.0) for r in profile], dtype=torch.float64)
-        self.protected, self.selection = protected, selection
-        self._table = torch.zeros(0, len(self.sites), dtype=torch.float32)
-        self._selection: dict[tuple[int, int], float] = {}
+    def ratios(s: float) -> list[float]:
+        u = 2.0 * s
+        return [r * u if u <= 1.0 else r + (1.0 - r) * (u - 1.0) for r in base]
 
-    def table(self, n_max: int) -> torch.Tensor:
-        """[n_max + 1, S] float32 shares per site for rows of 0..n_max tokens."""
-        if len(self._table) <= n_max:
-            self._table = self._solve(torch.arange(max(n_max + 1, 2 * len(self._table))))
-        return self._table[: n_max + 1]
+    def cost(s: float) -> float:
+        return flops_ratio(backbone, sites, keep_schedule(ratios(s), tc.n0, tc.protected), tc, selection)
 
-    def ratios(self, n: int) -> list[float]:
-        """Per-site shares for one row of ``n`` tokens."""
-        return [float(r) for r in self.table(n)[n]]
-
-    def rows(self, n0: torch.Tensor) -> torch.Tensor:
-        """[B, S] shares of rows of ``n0`` [B] tokens (on ``n0``'s device)."""
-        if self.max_len is not None:
-            return self.table(self.max_len).to(n0.device)[n0.long().clamp(0, self.max_len)]
-        n0 = n0.long()
-        return self.table(int(n0.max()) if len(n0) else 0).to(n0.device)[n0]
-
-    def _shares(self, s: torch.Tensor) -> torch.Tensor:
-        """[M, S] float32 shares at stretch ``s`` [M]: what decide multiplies counts by, so the costs the
-        solver sees are the counts that run."""
-        u = (2.0 * s).unsqueeze(1)  # [M, 1]
-        return torch.where(u <= 1.0, self.profile * u, self.profile + (1.0 - self.profile) * (u - 1.0)).float()
-
-    def _cost(self, n: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
-        """[M] FLOPs ratio of rows of ``n`` tokens at per-row ``shares`` [M, S]."""
-        prot = self.protected(n)
-        counts = keep_schedule(list(shares.T), n, prot)
-        b = self.backbone
-        blocks = ops.schedule_flops(b.block_shape, b.depth, self.sites, list(c.double() for c in counts), n.double())
-        embed = torch.tensor([float(b.embed_flops(int(k))) for k in n.tolist()], dtype=torch.float64)
-        flops = blocks + embed + b.head_flops()
-        if self.selection is not None:
-            for i, entering in enumerate([n, *counts[:-1]]):
-                flops = flops + torch.tensor([self._select(i, int(c)) for c in entering.tolist()], dtype=torch.float64)
-        full = b.depth * b.block_flops(n.double()) + embed + b.head_flops()
-        return flops / torch.as_tensor(full).clamp_min(1.0)
-
-    def _select(self, i: int, n: int) -> float:
-        if (i, n) not in self._selection:
-            assert self.selection is not None
-            self._selection[(i, n)] = float(self.selection(i, n))
-        return self._selection[(i, n)]
-
-    def _solve(self, n: torch.Tensor, iters: int = 30) -> torch.Tensor:
-        lo, hi = torch.zeros(len(n), dtype=torch.float64), torch.ones(len(n), dtype=torch.float64)
-        for _ in range(iters):  # invariant where reachable: cost(lo) < flops <= cost(hi)
-            mid = 0.5 * (lo + hi)
-            below = self._cost(n, self._shares(mid)) < self.flops
-            lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
-        # Counts are whole tokens: of the two ends, the one whose cost is nearer the target.
-        c_lo, c_hi = self._cost(n, self._shares(lo)), self._cost(n, self._shares(hi))
-        s = torch.where((c_lo - self.flops).abs() <= (c_hi - self.flops).abs(), lo, hi)
-        return self._shares(s)
+    return ratios(solve_keep_ratio(cost, target))

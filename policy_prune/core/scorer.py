@@ -196,13 +196,12 @@ class LearnedScorer:
         return self.net(features.to(dtype), context.to(dtype))
 
 
-def keep_count(value: float | torch.Tensor, n_prunable: torch.Tensor) -> torch.Tensor:
-    """How many of ``n_prunable`` [B] tokens the keep_ratio rule keeps at ratio ``value`` (one, or one per row
-    [B]; rounded)."""
+def keep_count(value: float, n_prunable: torch.Tensor) -> torch.Tensor:
+    """How many of ``n_prunable`` [B] tokens the keep_ratio rule keeps at ratio ``value`` (rounded)."""
     return torch.round(value * n_prunable.float()).long()
 
 
-def decide(scores: torch.Tensor, state: TokenState, rule: str, value: float | torch.Tensor) -> torch.Tensor:
+def decide(scores: torch.Tensor, state: TokenState, rule: str, value: float) -> torch.Tensor:
     """Keep mask [B, N] from scores [B, N].
 
     rule="threshold": keep where score > value (for a learned scorer's logits, 0 = probability 0.5).
@@ -222,28 +221,21 @@ def decide(scores: torch.Tensor, state: TokenState, rule: str, value: float | to
     raise ValueError(f"unknown decision rule {rule!r} (threshold or keep_ratio)")
 
 
-def make_keep_fn(backbone: TokenBackbone, scorer: Any, rule: str, values: Any) -> KeepFn:
-    """A KeepFn for ``backbone.forward_pruned``: ``values`` is one number, one per site, or (keep_ratio) a
-    per-length plan (``schedule.LengthPlan``: each row's shares from its own token count)."""
-    plan = values if hasattr(values, "rows") else None
-    per_site = [] if plan is not None else \
-        [float(values)] if isinstance(values, (int, float)) else [float(v) for v in values]
+def make_keep_fn(backbone: TokenBackbone, scorer: Any, rule: str, values: float | Sequence[float]) -> KeepFn:
+    """A KeepFn for ``backbone.forward_pruned``: ``values`` is one number or one per site."""
+    per_site = [float(values)] if isinstance(values, (int, float)) else [float(v) for v in values]
     n0: list[torch.Tensor] = []
     kept: list[torch.Tensor] = []
-    shares: list[torch.Tensor] = []
 
     def fn(state: TokenState, site_index: int, layer: int) -> torch.Tensor:
         if site_index == 0:  # a new forward pass: forget the previous one's counts
             n0[:] = [state.alive_counts]
             kept.clear()
-            if plan is not None:
-                shares[:] = [plan.rows(n0[0])]  # float32, as the plan counted them
         if isinstance(scorer, LearnedScorer):
             s = scorer.scores_in_episode(backbone, state, site_index, layer, n0[0], kept)
         else:
             s = scorer.scores(backbone, state, site_index, layer)
-        value = shares[0][:, site_index] if plan is not None else per_site[min(site_index, len(per_site) - 1)]
-        keep = decide(s, state, rule, value)
+        keep = decide(s, state, rule, per_site[min(site_index, len(per_site) - 1)])
         kept.append((keep | (state.protected & state.valid)).sum(dim=1))
         return keep
 

@@ -370,7 +370,7 @@ def calibrated_scorer(cfg: RunConfig, scorer: Any, backbone: Any, val: Any) -> t
     from policy_prune.core.inference import rule_for_flops
 
     scorer = dataclasses.replace(scorer, budget=calibrated_budget(cfg, scorer, backbone, val))
-    name, values, _, _ = rule_for_flops(backbone, scorer, scorer.budget.default)
+    name, values, _ = rule_for_flops(backbone, scorer, scorer.budget.default)
     return scorer, {"rule": name, "values": values}
 
 
