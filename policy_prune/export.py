@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--flops sets the schedule of --onnx-model; for the artifact's default rule use --keep-ratio")
     config = read_run_config(run_dir)
     scorer = read_run_scorer(run_dir, config, args.checkpoint)
+    own_rule: dict[str, Any] | None
     if args.calibrate:
         scorer, own_rule = calibrate_run_scorer(run_dir, scorer, run_signature(run_dir, config, scorer), log=print)
     else:
