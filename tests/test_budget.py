@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -190,6 +191,18 @@ def test_keep_ratio_at_flops_meets_the_target_on_short_texts() -> None:
                                                     p.plan, {**p.spent, "keep_ratio": p.flops + 0.05})
     with pytest.raises(UserError, match="runs above that FLOPs ratio .* lowest target it met is 0.5"):
         prune(bert.model, scorer, flops=0.4, rule="keep_ratio", strict=False)
+
+
+def test_default_rule_is_one_that_met_its_target() -> None:
+    """Where calibration's better rule did not meet the target and the other did, the default is the other
+    (short texts can keep keep_ratio above a tight target; a threshold may find no cut deep enough)."""
+    over = CalibrationPoint(0.4, 1.0, [0.3, 0.9], rule="keep_ratio", spent={"threshold": 0.4, "keep_ratio": 0.45})
+    met = CalibrationPoint(0.7, -0.5, [0.8, 1.0], rule="keep_ratio", spent={"threshold": 0.7, "keep_ratio": 0.7})
+    budget = BudgetInput(0.3, 0.9, 0.5, [over, met])
+    assert budget.rule(0.4) == "threshold" and budget.rule(0.7) == "keep_ratio"
+    unreached = dataclasses.replace(over, threshold=64.0, reached=False, rule="threshold")
+    assert BudgetInput(0.3, 0.9, 0.5, [unreached, met]).rule(0.4) == "keep_ratio"  # neither: keep_ratio, refused by prune
+    assert BudgetInput(0.3, 0.9, 0.5, [dataclasses.replace(over, rule="threshold"), met]).rule(0.4) == "threshold"
 
 
 def test_prune_at_flops_without_a_budget_input(vit, vit_split) -> None:

@@ -29,6 +29,9 @@ import numpy as np
 
 from policy_prune.errors import UserError
 
+SLACK = 0.01
+"""How far above its target a rule may run on the calibration batches and still count as meeting it."""
+
 
 @dataclass(frozen=True)
 class CalibrationPoint:
@@ -121,25 +124,37 @@ class BudgetInput:
         xs = [p.flops for p in self.calibration]
         return float(np.interp(f, xs, [p.flops if p.plan is None else p.plan for p in self.calibration]))
 
-    def check_spent(self, flops: float, rule: str, slack: float = 0.01) -> None:
+    def _over(self, f: float, rule: str) -> float:
+        """How far above its target ``rule`` ran on the calibration batches, interpolated at ``f``."""
+        over = [p.spent.get(rule, p.flops) - p.flops for p in self.calibration]
+        return float(np.interp(f, [p.flops for p in self.calibration], over))
+
+    def check_spent(self, flops: float, rule: str, slack: float = SLACK) -> None:
         """UserError when ``rule`` executed more than ``flops`` + ``slack`` on the calibration batches at the
         calibration points around ``flops`` (points that did not record it count as met)."""
         f = self.check(flops)
         if not self.calibration:
             return
-        over = [p.spent.get(rule, p.flops) - p.flops for p in self.calibration]
-        if float(np.interp(f, [p.flops for p in self.calibration], over)) > slack:
+        if self._over(f, rule) > slack:
             met = [p.flops for p in self.calibration if p.spent.get(rule, p.flops) - p.flops <= slack]
             floor = f"the lowest target it met is {min(met):g}" if met else "it met none of its targets"
             raise UserError(f"flops={f:g} with rule={rule!r}: on the calibration data this scorer runs above that FLOPs "
                             f"ratio ({floor}); ask for a larger flops")
 
     def rule(self, flops: float) -> str:
-        """The default rule at ``flops``: that of the nearest calibration point (keep_ratio without any)."""
+        """The default rule at ``flops``: that of the nearest calibration point (keep_ratio without any), or the
+        other rule where only that one met its targets around ``flops`` on the calibration data."""
         f = self.check(flops)
         if not self.calibration:
             return "keep_ratio"
-        return min(self.calibration, key=lambda p: (abs(p.flops - f), p.flops)).rule
+        rule = min(self.calibration, key=lambda p: (abs(p.flops - f), p.flops)).rule
+        # The other rule where the chosen one did not meet the target on the calibration data and it did.
+        if rule == "threshold" and not self.reached(f):
+            return "keep_ratio"
+        if rule == "keep_ratio" and self._over(f, "keep_ratio") > SLACK and self.reached(f) \
+                and self._over(f, "threshold") <= SLACK:
+            return "threshold"
+        return rule
 
     def keep_ratios(self, flops: float) -> list[float] | None:
         """Calibrated per-site keep shares at ``flops`` (None without calibration)."""

@@ -368,9 +368,13 @@ def calibrated_scorer(cfg: RunConfig, scorer: Any, backbone: Any, val: Any) -> t
     import dataclasses
 
     from policy_prune.core.inference import rule_for_flops
+    from policy_prune.errors import UserError
 
     scorer = dataclasses.replace(scorer, budget=calibrated_budget(cfg, scorer, backbone, val))
-    name, values, _ = rule_for_flops(backbone, scorer, scorer.budget.default)
+    try:
+        name, values, _ = rule_for_flops(backbone, scorer, scorer.budget.default)
+    except UserError:  # no rule met the default budget on val (inputs too short to reach it): the policy's own
+        name, values = "threshold", [0.0] * len(scorer.sites)
     return scorer, {"rule": name, "values": values}
 
 
