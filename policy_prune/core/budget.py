@@ -124,10 +124,13 @@ class BudgetInput:
         xs = [p.flops for p in self.calibration]
         return float(np.interp(f, xs, [p.flops if p.plan is None else p.plan for p in self.calibration]))
 
+    def _gaps(self, rule: str) -> list[float]:
+        """Per calibration point, how far above its target ``rule`` ran (0 where it was not recorded)."""
+        return [p.spent.get(rule, p.flops) - p.flops for p in self.calibration]
+
     def _over(self, f: float, rule: str) -> float:
         """How far above its target ``rule`` ran on the calibration batches, interpolated at ``f``."""
-        over = [p.spent.get(rule, p.flops) - p.flops for p in self.calibration]
-        return float(np.interp(f, [p.flops for p in self.calibration], over))
+        return float(np.interp(f, [p.flops for p in self.calibration], self._gaps(rule)))
 
     def check_spent(self, flops: float, rule: str, slack: float = SLACK) -> None:
         """UserError when ``rule`` executed more than ``flops`` + ``slack`` on the calibration batches at the
@@ -136,7 +139,7 @@ class BudgetInput:
         if not self.calibration:
             return
         if self._over(f, rule) > slack:
-            met = [p.flops for p in self.calibration if p.spent.get(rule, p.flops) - p.flops <= slack]
+            met = [p.flops for p, gap in zip(self.calibration, self._gaps(rule), strict=True) if gap <= slack]
             floor = f"the lowest target it met is {min(met):g}" if met else "it met none of its targets"
             raise UserError(f"flops={f:g} with rule={rule!r}: on the calibration data this scorer runs above that FLOPs "
                             f"ratio ({floor}); ask for a larger flops")

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from policy_prune.core.backbones.base import TokenBackbone
-from policy_prune.core.budget import CalibrationPoint
+from policy_prune.core.budget import SLACK, CalibrationPoint
 from policy_prune.core.inference import static_floor, static_ratios
 from policy_prune.core.schedule import TokenCounts, flops_per_row
 from policy_prune.core.scorer import LearnedScorer, make_keep_fn, row_full_flops
@@ -147,7 +147,7 @@ def solve_plan(backbone: TokenBackbone, told: LearnedScorer, inputs: Sequence[An
 
 
 def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[Any], targets: Sequence[float],
-              tol: float = 0.002, labels: torch.Tensor | None = None, slack: float = 0.01) -> list[CalibrationPoint]:
+              tol: float = 0.002, labels: torch.Tensor | None = None, slack: float = SLACK) -> list[CalibrationPoint]:
     """For each target f: the threshold at which ``scorer`` told f meets f on ``inputs``, the per-site keep
     shares it then has, the keep_ratio plan that meets f with those shares, and the rule
     ``prune(model, scorer, flops=f)`` runs by default.
