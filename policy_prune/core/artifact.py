@@ -146,7 +146,7 @@ def artifact_json(
         "layer_sizes": {"feature_dim": int(net.feature_dim), "context_dim": int(net.context_dim),
                         "hidden": [int(h) for h in net.hidden]},
         "backbone": _plain(dict(signature)),
-        "default_rule": dict(rule),
+        "default_rule": _plain(dict(rule)),  # a keep-all threshold (-inf) is written as null
         "budget": None if scorer.budget is None else scorer.budget.to_json(),
         "lam": None if lam is None else float(lam),
         "metrics": _plain(dict(metrics or {})),
@@ -159,17 +159,20 @@ def artifact_json(
 def normalize_rule(rule: Mapping[str, Any], n_sites: int, finite: bool = True) -> dict[str, Any]:
     """Validate a decision rule {"rule", "values"} and expand its values to one per site.
 
-    ``finite=False`` admits infinite thresholds (e.g. -inf: keep everything); NaN is never valid.
+    A threshold of -inf keeps every token at its site (no scorer runs there); scorer.json writes it as null.
+    ``finite=False`` admits +inf thresholds too (keep nothing); NaN is never valid.
     """
     name = rule.get("rule")
     if name not in RULES:
         raise UserError(f"unknown decision rule {name!r} (threshold or keep_ratio)")
     raw = rule.get("values")
     values = [raw] if isinstance(raw, int | float) else list(raw) if isinstance(raw, Sequence) else None
+    if name == "threshold" and values:
+        values = [float("-inf") if v is None else v for v in values]
     if not values or len(values) not in (1, n_sites) or not all(isinstance(v, int | float) for v in values):
         raise UserError(f"decision rule values must be one number or one per site ({n_sites}), got {raw!r}")
     values = [float(v) for v in values] * (n_sites if len(values) == 1 else 1)
-    if any(math.isnan(v) or (finite and math.isinf(v)) for v in values):
+    if any(math.isnan(v) or (finite and v == float("inf")) for v in values):
         raise UserError(f"decision rule values must be {'finite numbers' if finite else 'numbers'}, got {values}")
     if name == "keep_ratio" and not all(0.0 <= v <= 1.0 for v in values):
         raise UserError(f"keep_ratio values must lie in [0, 1], got {values}")

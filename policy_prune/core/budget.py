@@ -31,6 +31,8 @@ from policy_prune.errors import UserError
 
 SLACK = 0.01
 """How far above its target a rule may run on the calibration batches and still count as meeting it."""
+IDLE_SHARE = 0.99
+"""A site whose calibrated share of kept tokens is at least this keeps them all and runs no scorer."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,10 @@ class CalibrationPoint:
     batches. None in artifacts written before it was measured: the plan is then ``flops`` itself."""
     spent: dict[str, float] = field(default_factory=dict)
     """Rule -> the FLOPs ratio it executed on the calibration batches at this target."""
+    idle: list[int] = field(default_factory=list)
+    """Sites (indices into the scorer's sites) that keep every token at this target, so no scorer runs at
+    them: the policy kept at least ``IDLE_SHARE`` of their tokens, and its features and MLP cost more
+    wall-clock time there than the few tokens they drop save. Both rules' values were solved with them idle."""
 
 
 @dataclass
@@ -159,6 +165,16 @@ class BudgetInput:
             return "threshold"
         return rule
 
+    def idle(self, flops: float, n_sites: int) -> list[bool]:
+        """Per site: whether it runs no scorer at ``flops`` (idle at the calibration points on both sides of
+        it; all False without calibration)."""
+        f = self.check(flops)
+        if not self.calibration:
+            return [False] * n_sites
+        xs = [p.flops for p in self.calibration]
+        return [float(np.interp(f, xs, [float(i in p.idle) for p in self.calibration])) >= 1.0 - 1e-9
+                for i in range(n_sites)]
+
     def keep_ratios(self, flops: float) -> list[float] | None:
         """Calibrated per-site keep shares at ``flops`` (None without calibration)."""
         f = self.check(flops)
@@ -182,7 +198,8 @@ class BudgetInput:
                                        bool(p.get("reached", True)), str(p.get("rule", "keep_ratio")),
                                        {str(k): float(v) for k, v in p.get("quality", {}).items()},
                                        None if p.get("plan") is None else float(p["plan"]),
-                                       {str(k): float(v) for k, v in p.get("spent", {}).items()})
+                                       {str(k): float(v) for k, v in p.get("spent", {}).items()},
+                                       [int(i) for i in p.get("idle", [])])
                       for p in data.get("calibration", [])]
             if bad := [p.rule for p in points if p.rule not in ("threshold", "keep_ratio")]:
                 raise ValueError(f"unknown calibrated rule {bad[0]!r} (threshold or keep_ratio)")

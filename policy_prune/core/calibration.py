@@ -6,6 +6,7 @@ data) and by evaluation (thresholds solved on the validation split). Label-free:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,10 +14,10 @@ from typing import Any
 import torch
 
 from policy_prune.core.backbones.base import TokenBackbone
-from policy_prune.core.budget import SLACK, CalibrationPoint
+from policy_prune.core.budget import IDLE_SHARE, SLACK, CalibrationPoint
 from policy_prune.core.inference import static_floor, static_ratios
 from policy_prune.core.schedule import TokenCounts, flops_per_row
-from policy_prune.core.scorer import LearnedScorer, make_keep_fn, row_full_flops
+from policy_prune.core.scorer import LearnedScorer, keeps_all, make_keep_fn, row_full_flops, site_values
 from policy_prune.core.selection import learned_flops
 
 
@@ -45,8 +46,10 @@ def measure(backbone: TokenBackbone, scorer: Any, inputs: Sequence[Any], rule: s
     sites = list(sites if sites is not None else scorer.sites)
     selection = None
     if isinstance(scorer, LearnedScorer):
+        idle = [keeps_all(rule, v) for v in site_values(values, len(sites))]
+
         def selection(i: int, n: int) -> float:
-            return learned_flops(backbone, scorer, sites[i], n)
+            return 0.0 if idle[i] else learned_flops(backbone, scorer, sites[i], n)
     flops = full = 0.0
     kept = torch.zeros(len(sites), dtype=torch.float64)
     before = torch.zeros(len(sites), dtype=torch.float64)
@@ -118,18 +121,19 @@ def solve_threshold(fn: Callable[[float], float], target: float, iters: int = 20
 
 
 def solve_plan(backbone: TokenBackbone, told: LearnedScorer, inputs: Sequence[Any], f: float, profile: Sequence[float],
-               tol: float = 0.002, iters: int = 8) -> tuple[float, Measured]:
+               tol: float = 0.002, iters: int = 8, idle: Sequence[bool] | None = None) -> tuple[float, Measured]:
     """(plan g, what it did): the FLOPs ratio g whose keep_ratio plan :func:`static_ratios` (shaped like
-    ``profile``, costed on a full-length input) executes nearest ``f`` on ``inputs``.
+    ``profile``, costed on a full-length input; ``idle`` sites keep every token) executes nearest ``f`` on
+    ``inputs``.
 
     Secant steps from g = f (executed FLOPs grow with g at about slope 1), g kept within [the plan's
     floor, 1]; stops within ``tol``. Each step runs the pruned model over the data once.
     """
-    low = static_floor(backbone, told)
+    low = static_floor(backbone, told, idle)
     tried: dict[float, Measured] = {}
     g, slope = min(max(f, low), 1.0), 1.0
     for _ in range(iters):
-        tried[g] = measure(backbone, told, inputs, "keep_ratio", static_ratios(backbone, told, g, profile),
+        tried[g] = measure(backbone, told, inputs, "keep_ratio", static_ratios(backbone, told, g, profile, idle),
                            executed=True, outputs=True)
         miss = f - tried[g].flops_ratio
         if abs(miss) <= tol:
@@ -159,23 +163,41 @@ def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[A
     default is the better of the rules that ran within ``slack`` of f; keep_ratio on a tie (static
     shapes) or when neither did. A target that no threshold brings the FLOPs down to is kept with
     ``reached=False`` (its threshold the deepest cut tried).
+
+    Sites where the threshold keeps at least ``IDLE_SHARE`` of the tokens are made idle (they keep every
+    token and run no scorer; never all of them) and both rules are solved with them idle. A site idle at
+    one target stays idle at the larger ones (the policy keeps more as the budget grows), so each target
+    starts from the previous one's idle sites and solves again only when more sites join them.
     """
     with torch.inference_mode():
         teacher = torch.cat([backbone(x).float().cpu() for x in inputs])
     points: list[CalibrationPoint] = []
+    n_sites = len(scorer.sites)
     for f in sorted(targets):
         told = scorer.at(f)
         seen: list[float] = []
+        idle = [i in points[-1].idle for i in range(n_sites)] if points else [False] * n_sites
 
-        def flops_at(t: float, told: LearnedScorer = told, seen: list[float] = seen) -> float:
-            seen.append(measure(backbone, told, inputs, "threshold", t, executed=True).flops_ratio)
+        def values(t: float, idle: list[bool] = idle) -> list[float]:
+            return [-math.inf if i else t for i in idle]
+
+        def flops_at(t: float, told: LearnedScorer = told, seen: list[float] = seen, values: Any = values) -> float:
+            seen.append(measure(backbone, told, inputs, "threshold", values(t), executed=True).flops_ratio)
             return seen[-1]
 
         # Thresholds fall as targets rise: start from the previous target's, a short step away.
         t = solve_threshold(flops_at, f, tol=tol, start=points[-1].threshold if points else 0.0,
                             step=0.5 if points else 1.0)
-        runs = {"threshold": measure(backbone, told, inputs, "threshold", t, executed=True, outputs=True)}
-        plan, runs["keep_ratio"] = solve_plan(backbone, told, inputs, f, runs["threshold"].keep_ratio, tol)
+        runs = {"threshold": measure(backbone, told, inputs, "threshold", values(t), executed=True, outputs=True)}
+        shares = runs["threshold"].keep_ratio
+        busiest = min(range(n_sites), key=lambda i: shares[i])
+        more = [not off and s >= IDLE_SHARE and i != busiest for i, (s, off) in enumerate(zip(shares, idle, strict=True))]
+        if any(more):  # solve again with those sites idle too, from the threshold just found
+            idle[:] = [a or b for a, b in zip(idle, more, strict=True)]
+            seen.clear()
+            t = solve_threshold(flops_at, f, tol=tol, start=t, step=0.25)
+            runs["threshold"] = measure(backbone, told, inputs, "threshold", values(t), executed=True, outputs=True)
+        plan, runs["keep_ratio"] = solve_plan(backbone, told, inputs, f, runs["threshold"].keep_ratio, tol, idle=idle)
         scores = {rule: quality(backbone.output_kind, m.outputs, teacher, labels)  # type: ignore[arg-type]
                   for rule, m in runs.items()}
         spent = {rule: m.flops_ratio for rule, m in runs.items()}
@@ -184,5 +206,6 @@ def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[A
         met = [rule for rule in runs if spent[rule] <= f + slack and (rule != "threshold" or reached)]
         best = max(met, key=lambda r: (scores[r], r == "keep_ratio")) if met else "keep_ratio"
         points.append(CalibrationPoint(float(f), float(t), runs["threshold"].keep_ratio, reached=reached, rule=best,
-                                       quality=scores, plan=float(plan), spent=spent))
+                                       quality=scores, plan=float(plan), spent=spent,
+                                       idle=[i for i, off in enumerate(idle) if off]))
     return points

@@ -31,6 +31,7 @@ from policy_prune.core.scorer import (
     LearnedScorer,
     TokenScorer,
     context_rows,
+    keeps_all,
     make_keep_fn,
     spent_fraction,
 )
@@ -119,8 +120,13 @@ class PrunedModel(nn.Module):
         """
         fn = keep_fn or self.keep_fn()
         static = keep_fn is None and self.rule == "keep_ratio"
+        idle = [keep_fn is None and site for site in self.idle_sites()]
 
         def step(state: TokenState, site_index: int, layer: int) -> TokenState:
+            if idle[site_index]:  # keeps every token: no scorer, no gather (the keep mask only counts them)
+                if not (static and state.dense):
+                    fn(state, site_index, layer)
+                return state
             if static and state.dense:
                 count, context = self._plan(state.n_full)[site_index]
                 context = context.to(state.tokens.device).expand(state.tokens.shape[0], -1)
@@ -129,6 +135,11 @@ class PrunedModel(nn.Module):
             return state.prune(fn(state, site_index, layer), width)
 
         return step
+
+    def idle_sites(self) -> list[bool]:
+        """Per site: whether the rule keeps every token there (keep_ratio 1, threshold -inf), so the scorer
+        never runs at it (:func:`policy_prune.core.scorer.keeps_all`)."""
+        return [keeps_all(self.rule, v) for v in self._site_values()]
 
     def static_text(self, inputs: Any, keep_fn: KeepFn | None = None) -> bool:
         """Whether ``run`` takes the static keep_ratio path for text ``inputs`` (padded rows, no sync).
@@ -330,6 +341,8 @@ def rule_for_flops(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
     keep_ratio: fixed per-site counts, the policy's calibrated allocation scaled so that they execute
     ``flops`` on the calibration batches (``BudgetInput.plan``; uncalibrated: on a full-length input), the
     scorer's own cost included (:func:`static_ratios`). threshold (budget-conditioned scorers): the calibrated threshold.
+    Sites the calibration left idle at ``flops`` (``BudgetInput.idle``) keep every token with either rule
+    (keep_ratio 1, threshold -inf) and run no scorer.
     UserError, never a silently different budget, for an ``flops`` below what keep_ratio reaches
     (:func:`check_reachable`) or, with threshold, one the calibration did not reach or without calibration.
     """
@@ -348,7 +361,8 @@ def rule_for_flops(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
             raise UserError("this scorer has no budget input, so no threshold is calibrated for a FLOPs target: "
                             "use rule='keep_ratio' (or no rule) with flops=...")
         budget.check_reached(flops)
-        return "threshold", [budget.threshold(flops)] * len(scorer.sites), told
+        t = budget.threshold(flops)
+        return "threshold", [-math.inf if i else t for i in budget.idle(flops, len(scorer.sites))], told
     if budget is None:
         return "keep_ratio", static_ratios(backbone, told, flops), told
     try:
@@ -356,43 +370,50 @@ def rule_for_flops(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
         plan = budget.plan(flops)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    return "keep_ratio", static_ratios(backbone, told, plan, budget.keep_ratios(flops)), told
+    idle = budget.idle(flops, len(scorer.sites))
+    return "keep_ratio", static_ratios(backbone, told, plan, budget.keep_ratios(flops), idle), told
 
 
 def static_ratios(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
-                  profile: Sequence[float] | None = None) -> list[float]:
+                  profile: Sequence[float] | None = None, idle: Sequence[bool] | None = None) -> list[float]:
     """Per-site keep ratios shaped like ``profile`` (default: 0.5 everywhere) whose FLOPs on a full-length
-    input (images: every patch; text: ``TEXT_PLAN_TOKENS``), the scorer's own cost included, are ``flops``."""
-    counts, selection = _full_length_plan(backbone, scorer)
-    check_reachable(backbone, scorer.sites, counts, flops, selection)
-    return keep_ratios_for(backbone, scorer.sites, counts, flops, profile or [0.5] * len(scorer.sites), selection)
+    input (images: every patch; text: ``TEXT_PLAN_TOKENS``), the scorer's own cost included, are ``flops``;
+    ``idle`` sites keep every token and run no scorer."""
+    counts, selection = _full_length_plan(backbone, scorer, idle)
+    check_reachable(backbone, scorer.sites, counts, flops, selection, idle)
+    return keep_ratios_for(backbone, scorer.sites, counts, flops, profile or [0.5] * len(scorer.sites), selection, idle)
 
 
-def static_floor(backbone: TokenBackbone, scorer: LearnedScorer) -> float:
+def static_floor(backbone: TokenBackbone, scorer: LearnedScorer, idle: Sequence[bool] | None = None) -> float:
     """The lowest ``flops`` :func:`static_ratios` plans for (every prunable token dropped at the first site)."""
-    counts, selection = _full_length_plan(backbone, scorer)
-    return lowest_flops_ratio(backbone, scorer.sites, counts, selection)
+    counts, selection = _full_length_plan(backbone, scorer, idle)
+    return lowest_flops_ratio(backbone, scorer.sites, counts, selection, idle)
 
 
-def _full_length_plan(backbone: TokenBackbone, scorer: LearnedScorer) -> tuple[TokenCounts, Callable[[int, int], float]]:
-    """(a full-length input's token counts, the scorer's selection cost per site) for static plans."""
+def _full_length_plan(backbone: TokenBackbone, scorer: LearnedScorer,
+                      idle: Sequence[bool] | None = None) -> tuple[TokenCounts, Callable[[int, int], float]]:
+    """(a full-length input's token counts, the scorer's selection cost per site) for static plans
+    (nothing at ``idle`` sites)."""
     prefix, grid = token_layout(backbone)
     n_full = prefix + grid[0] * grid[1] if grid else TEXT_PLAN_TOKENS
     n_protected = prefix if grid else 2  # [CLS] and [SEP]
+    skip = list(idle or [False] * len(scorer.sites))
 
     def selection(site_index: int, n: int) -> float:
+        if skip[site_index]:
+            return 0.0
         return learned_flops(backbone, scorer, scorer.sites[site_index], n, has_cls=model_has_cls(backbone))
 
     return TokenCounts.dense(n_full, n_protected), selection
 
 
 def check_reachable(backbone: TokenBackbone, sites: Sequence[int], counts: TokenCounts, flops: float,
-                    selection: Callable[[int, int], float]) -> None:
+                    selection: Callable[[int, int], float], idle: Sequence[bool] | None = None) -> None:
     """UserError when ``flops`` is below what any keep_ratio schedule at ``sites`` reaches (the solver would
     fall to keep ratio 0 and run at that floor instead)."""
-    floor = lowest_flops_ratio(backbone, sites, counts, selection)
+    floor = lowest_flops_ratio(backbone, sites, counts, selection, idle)
     if flops < floor - 1e-9:
-        first = sites[0]
+        first = next((s for s, i in zip(sites, idle or [False] * len(sites), strict=True) if not i), sites[-1])
         why = (f"blocks 0-{first - 1} before it still run" if first > 1 else "block 0 before it still runs") \
             + " on every token" if first else "the protected tokens still run every block"
         lowest = math.ceil(floor * 1000) / 1000

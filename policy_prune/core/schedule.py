@@ -78,10 +78,12 @@ def ratio_counts(sites: Sequence[int], tc: TokenCounts, ratio: float) -> list[to
 
 
 def lowest_flops_ratio(backbone: TokenBackbone, sites: Sequence[int], tc: TokenCounts,
-                       selection: Selection | None = None) -> float:
+                       selection: Selection | None = None, idle: Sequence[bool] | None = None) -> float:
     """The smallest FLOPs ratio a keep_ratio schedule reaches on these rows: every prunable token dropped
-    at the first site (the blocks before it run on every token; ``selection`` counted in)."""
-    return flops_ratio(backbone, sites, keep_schedule([0.0] * len(sites), tc.n0, tc.protected), tc, selection)
+    at the first site that is not ``idle`` (kept at 1; the blocks before it run on every token;
+    ``selection`` counted in)."""
+    floor = [1.0 if i else 0.0 for i in (idle or [False] * len(sites))]
+    return flops_ratio(backbone, sites, keep_schedule(floor, tc.n0, tc.protected), tc, selection)
 
 
 def solve_keep_ratio(fn: Callable[[float], float], target: float, iters: int = 40) -> float:
@@ -103,19 +105,21 @@ def keep_ratio_for(backbone: TokenBackbone, sites: Sequence[int], tc: TokenCount
 
 
 def keep_ratios_for(backbone: TokenBackbone, sites: Sequence[int], tc: TokenCounts, target: float,
-                    profile: Sequence[float], selection: Selection | None = None) -> list[float]:
+                    profile: Sequence[float], selection: Selection | None = None,
+                    idle: Sequence[bool] | None = None) -> list[float]:
     """Per-site keep ratios shaped like ``profile`` whose schedule runs these rows nearest ``target`` of
     their FLOPs (``selection`` counted in).
 
     The profile is moved monotonically from keep-nothing to keep-all: for s in [0, 0.5] the ratios are
     the profile scaled by 2s; for s in [0.5, 1] each is raised towards 1 (a budget-conditioned scorer's
-    calibrated allocation, stretched to meet any target).
+    calibrated allocation, stretched to meet any target). ``idle`` sites keep ratio 1 throughout.
     """
     base = [min(max(float(r), 0.0), 1.0) for r in profile]
+    pinned = list(idle or [False] * len(base))
 
     def ratios(s: float) -> list[float]:
         u = 2.0 * s
-        return [r * u if u <= 1.0 else r + (1.0 - r) * (u - 1.0) for r in base]
+        return [1.0 if pin else r * u if u <= 1.0 else r + (1.0 - r) * (u - 1.0) for r, pin in zip(base, pinned, strict=True)]
 
     def cost(s: float) -> float:
         return flops_ratio(backbone, sites, keep_schedule(ratios(s), tc.n0, tc.protected), tc, selection)

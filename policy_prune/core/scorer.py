@@ -196,6 +196,18 @@ class LearnedScorer:
         return self.net(features.to(dtype), context.to(dtype))
 
 
+def keeps_all(rule: str, value: float) -> bool:
+    """Whether ``rule`` at ``value`` keeps every token whatever the scores (keep_ratio 1, threshold -inf):
+    such a site runs no scorer (its features and MLP would decide nothing) and is charged no selection FLOPs."""
+    return value >= 1.0 if rule == "keep_ratio" else value == float("-inf")
+
+
+def site_values(values: float | Sequence[float], n_sites: int) -> list[float]:
+    """One rule value per site from one number or a per-site list (a short list repeats its last value)."""
+    per_site = [float(values)] if isinstance(values, (int, float)) else [float(v) for v in values]
+    return [per_site[min(i, len(per_site) - 1)] for i in range(n_sites)]
+
+
 def keep_count(value: float, n_prunable: torch.Tensor) -> torch.Tensor:
     """How many of ``n_prunable`` [B] tokens the keep_ratio rule keeps at ratio ``value`` (rounded)."""
     return torch.round(value * n_prunable.float()).long()
@@ -231,11 +243,15 @@ def make_keep_fn(backbone: TokenBackbone, scorer: Any, rule: str, values: float 
         if site_index == 0:  # a new forward pass: forget the previous one's counts
             n0[:] = [state.alive_counts]
             kept.clear()
-        if isinstance(scorer, LearnedScorer):
-            s = scorer.scores_in_episode(backbone, state, site_index, layer, n0[0], kept)
+        value = per_site[min(site_index, len(per_site) - 1)]
+        if keeps_all(rule, value):  # nothing to decide: no features, no MLP
+            keep = state.valid & ~state.protected
         else:
-            s = scorer.scores(backbone, state, site_index, layer)
-        keep = decide(s, state, rule, per_site[min(site_index, len(per_site) - 1)])
+            if isinstance(scorer, LearnedScorer):
+                s = scorer.scores_in_episode(backbone, state, site_index, layer, n0[0], kept)
+            else:
+                s = scorer.scores(backbone, state, site_index, layer)
+            keep = decide(s, state, rule, value)
         kept.append((keep | (state.protected & state.valid)).sum(dim=1))
         return keep
 

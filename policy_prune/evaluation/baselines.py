@@ -37,7 +37,15 @@ import torch
 from policy_prune.core import ops
 from policy_prune.core.backbones.base import TokenBackbone, TokenState
 from policy_prune.core.features import position_table
-from policy_prune.core.scorer import LearnedScorer, Scorer, decide, keep_count, make_keep_fn
+from policy_prune.core.scorer import (
+    LearnedScorer,
+    Scorer,
+    decide,
+    keep_count,
+    keeps_all,
+    make_keep_fn,
+    site_values,
+)
 from policy_prune.core.selection import model_has_cls
 from policy_prune.errors import UserError
 from policy_prune.evaluation import cost, merge, tome
@@ -181,6 +189,8 @@ class Method:
     """The training run a learned method comes from (None for baselines)."""
     sweeps: bool = True
     """False for a method with one operating point only (no pruning)."""
+    skips_idle: bool = False
+    """True for a method that scores nothing at a site whose rule keeps every token (keep_ratio 1)."""
     own_points: list[Point]
     """Points evaluated besides the FLOPs-matched sweep (the learned scorer's trained threshold)."""
 
@@ -214,8 +224,10 @@ class Method:
         counts, _ = self.site_counts(point.values, tc)
         entering = [tc.n0, *counts[:-1]]
         selection = torch.zeros(len(tc.n0), dtype=torch.float64)
-        for layer, e in zip(self.sites, entering, strict=True):
-            selection += per_batch(functools.partial(self.site_flops, backbone, layer), batch_max(e, tc.batch))
+        idle = [self.skips_idle and keeps_all(point.rule, v) for v in site_values(point.values, len(self.sites))]
+        for layer, e, off in zip(self.sites, entering, idle, strict=True):
+            if not off:
+                selection += per_batch(functools.partial(self.site_flops, backbone, layer), batch_max(e, tc.batch))
         return site_work(backbone.depth, self.sites, tc.n0, counts, selection, tc.batch, tc.n_full)
 
     def measure(self, ctx: SolveContext, point: Point) -> Work:
@@ -295,6 +307,8 @@ class ScorerMethod(Method):
     (executed + selection) on this split.
     """
 
+    skips_idle = True  # make_keep_fn runs no scorer where the rule keeps every token
+
     def __init__(self, name: str, scorer: Scorer | LearnedScorer, sites: Sequence[int], solver: str = "keep_ratio",
                  own_points: Sequence[Point] = (), run: str | None = None) -> None:
         super().__init__(name, sites)
@@ -314,9 +328,10 @@ class ScorerMethod(Method):
     def forward(self, backbone: TokenBackbone, inputs: Any, point: Point, watch: Watch | None = None) -> tuple[torch.Tensor, Work]:
         scorer = self.scorer_at(point)
         keep_fn = make_keep_fn(backbone, scorer, point.rule, point.values)
+        idle = [keeps_all(point.rule, v) for v in site_values(point.values, len(self.sites))]
 
-        def reduce(state: TokenState, i: int, layer: int) -> tuple[TokenState, float]:
-            flops = scorer_flops(scorer, backbone, layer, state.tokens.shape[1], has_cls(state))
+        def reduce(state: TokenState, i: int, layer: int) -> tuple[TokenState, float]:  # idle: nothing scored
+            flops = 0.0 if idle[i] else scorer_flops(scorer, backbone, layer, state.tokens.shape[1], has_cls(state))
             return state.prune(keep_fn(state, i, layer)), flops
 
         return run_sites(backbone, inputs, self.sites, reduce, watch)
@@ -650,10 +665,11 @@ class DeployedMethod(Method):
     def forward(self, backbone: TokenBackbone, inputs: Any, point: Point, watch: Watch | None = None) -> tuple[torch.Tensor, Work]:
         assert point.target is not None
         fast = self.model(backbone, point.target)
-        step, cls = fast.step_fn(), model_has_cls(fast.backbone)
+        step, cls, idle = fast.step_fn(), model_has_cls(fast.backbone), fast.idle_sites()
 
         def reduce(state: TokenState, i: int, layer: int) -> tuple[TokenState, float]:
-            return step(state, i, layer), cost.learned_flops(fast.backbone, fast.scorer, layer, state.tokens.shape[1], cls)
+            n = state.tokens.shape[1]
+            return step(state, i, layer), 0.0 if idle[i] else cost.learned_flops(fast.backbone, fast.scorer, layer, n, cls)
 
         return run_sites(fast.backbone, inputs, self.sites, reduce, watch, static=fast.static_text(inputs))
 

@@ -482,7 +482,8 @@ def selection_ratio(pruned: PrunedModel, kept: Sequence[int], n: int) -> float:
     b = pruned.backbone
     has_cls = model_has_cls(b)
     before = [n, *kept[:-1]]
-    spent = sum(learned_flops(b, pruned.scorer, site, int(m), has_cls=has_cls) for site, m in zip(pruned.sites, before, strict=True))
+    spent = sum(learned_flops(b, pruned.scorer, site, int(m), has_cls=has_cls)
+                for site, m, idle in zip(pruned.sites, before, pruned.idle_sites(), strict=True) if not idle)
     return float(spent) / b.full_flops(n)
 
 

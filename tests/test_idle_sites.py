@@ -1,0 +1,142 @@
+"""Sites that keep every token run no scorer: same decisions, fewer FLOPs, and calibration makes them idle.
+
+A site whose rule keeps all its tokens (keep_ratio 1, threshold -inf) decides nothing, so its features and
+MLP are skipped and no selection FLOPs are charged there. Calibration leaves a site idle where the policy
+kept at least ``IDLE_SHARE`` of its tokens (trained MiniLM and digits-vit policies keep 0.99-1.0 at their
+last site), and solves both rules again with it idle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from policy_prune.core.artifact import load_scorer, save_scorer
+from policy_prune.core.backbones import adapt
+from policy_prune.core.budget import BudgetInput, CalibrationPoint
+from policy_prune.core.calibration import calibrate, measure
+from policy_prune.core.inference import prune
+from policy_prune.core.scorer import decide, random_scorer, row_full_flops
+from policy_prune.core.selection import learned_flops
+from tests import tiny
+from tests.test_budget import _short_texts
+
+SITES = [1, 2]
+INF = math.inf
+
+
+def scoring_everywhere(backbone, scorer, rule, values):
+    """A keep_fn that runs the scorer at every site, keep-all values included (the reference)."""
+    n0, kept = [], []
+
+    def fn(state, i, layer):
+        if i == 0:
+            n0[:] = [state.alive_counts]
+            kept.clear()
+        keep = decide(scorer.scores_in_episode(backbone, state, i, layer, n0[0], kept), state, rule, values[i])
+        kept.append((keep | (state.protected & state.valid)).sum(dim=1))
+        return keep
+
+    return fn
+
+
+def mlp_calls(fast):
+    calls = [0]
+    fast.scorer_net.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("family", ["timm-vit-cls", "hf-bert"])
+@pytest.mark.parametrize("rule,values", [("keep_ratio", [0.5, 1.0]), ("threshold", [0.0, -INF])])
+def test_a_keep_all_site_runs_no_scorer_and_decides_the_same(family, rule, values) -> None:
+    model = tiny.make(family).eval()
+    backbone = adapt(model)
+    scorer = random_scorer(backbone, SITES, seed=3, hidden=(16,))
+    x = tiny.inputs(family, batch=4)
+    fast = prune(model, scorer, rule=rule, **{rule: values}, strict=False)
+    assert fast.idle_sites() == [False, True]
+    calls = mlp_calls(fast)
+    with torch.inference_mode():
+        out, state, counts = fast.run(x)
+        assert calls[0] == 1  # site 0 only
+        ref, ref_state, ref_counts = fast.run(x, keep_fn=scoring_everywhere(fast.backbone, fast.scorer, rule, values))
+        assert calls[0] == 3  # the reference scores at both sites
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert [c.tolist() for c in counts] == [c.tolist() for c in ref_counts]
+    assert counts[1].tolist() == counts[0].tolist()  # the idle site kept every token
+    assert torch.equal(state.positions[state.valid], ref_state.positions[ref_state.valid])
+
+
+def test_an_idle_site_is_charged_no_selection_flops() -> None:
+    """What FlopCounterMode counts drops by exactly the scorer's FLOPs at the idle site, and ``measure``
+    (calibration's count) charges nothing there."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = tiny.make("timm-vit-cls").eval()
+    backbone = adapt(model)
+    scorer = random_scorer(backbone, SITES, seed=3, hidden=(16,))
+    x = tiny.inputs("timm-vit-cls", batch=4)
+    fast = prune(model, scorer, keep_ratio=[0.5, 1.0], strict=False)
+
+    def counted(keep_fn=None) -> int:
+        with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            fast.run(x, keep_fn=keep_fn)
+        return counter.get_total_flops()
+
+    skipped = counted(scoring_everywhere(fast.backbone, fast.scorer, "keep_ratio", [0.5, 1.0])) - counted()
+    with torch.inference_mode():
+        n_at_idle = int(fast.run(x)[2][0][0])
+    assert skipped == 4 * learned_flops(backbone, scorer, SITES[1], n_at_idle)
+    idle = measure(backbone, scorer, [x], "keep_ratio", [0.5, 1.0]).flops_ratio
+    busy = measure(backbone, scorer, [x], "keep_ratio", [0.5, 0.9999]).flops_ratio  # same counts, site 1 scored
+    n = backbone.embed(x).n_full
+    full = float(row_full_flops(backbone, torch.tensor([n]), n)[0])  # one row's unpruned FLOPs
+    assert busy - idle == pytest.approx(learned_flops(backbone, scorer, SITES[1], n_at_idle) / full, rel=1e-6)
+
+
+def _never_prunes_at_site_1(backbone):
+    """A linear budget scorer whose logits at the second site are all about +100: it keeps every token there."""
+    scorer = random_scorer(backbone, SITES, seed=0, hidden=(), budget=BudgetInput(0.4, 0.9, 0.5))
+    with torch.no_grad():
+        scorer.net.out.weight[0, scorer.net.feature_dim + 1] = 100.0  # the site-1 column of the context one-hot
+    return scorer
+
+
+def test_calibration_idles_a_site_that_keeps_everything_and_still_meets_each_target(tmp_path) -> None:
+    bert = adapt(tiny.make("hf-bert"))
+    batches = _short_texts()
+    scorer = _never_prunes_at_site_1(bert)
+    scorer.budget = BudgetInput(0.4, 0.9, 0.5, calibrate(bert, scorer, batches, [0.4, 0.6, 0.8]))
+    for point in scorer.budget.calibration:
+        assert point.idle == [1] and point.keep_ratio[1] == 1.0
+        assert all(spent == pytest.approx(point.flops, abs=0.01) for spent in point.spent.values())
+    # keep_ratio between calibrated targets too (its plan interpolates well; a threshold on 96 rows does not).
+    for rule, keep_all, targets in (("threshold", -INF, (0.4, 0.6, 0.8)), ("keep_ratio", 1.0, (0.4, 0.5, 0.8))):
+        for f in targets:
+            fast = prune(bert.model, scorer, flops=f, rule=rule, strict=False)
+            assert fast.values[1] == keep_all and fast.idle_sites() == [False, True]
+            ran = measure(bert, fast.scorer, batches, rule, fast.values, executed=True)
+            assert ran.flops_ratio == pytest.approx(f, abs=0.012)
+    # The idle sites and a threshold default rule with its keep-all site round-trip through scorer.json
+    # (JSON has no -inf: the site is written as null).
+    rule = prune(bert.model, scorer, flops=0.5, rule="threshold", strict=False)
+    save_scorer(scorer, tmp_path / "s", bert.signature(), default_rule={"rule": "threshold", "values": rule.values})
+    meta = json.loads((tmp_path / "s" / "scorer.json").read_text())
+    assert meta["default_rule"]["values"][1] is None
+    loaded = load_scorer(tmp_path / "s")
+    assert loaded.meta["default_rule"]["values"] == rule.values and loaded.budget == scorer.budget
+    assert prune(bert.model, loaded, strict=False).idle_sites() == [False, True]
+
+
+def test_a_site_is_idle_only_where_both_neighbouring_points_left_it_idle() -> None:
+    budget = BudgetInput(0.3, 0.9, 0.5, [CalibrationPoint(0.4, 1.0, [0.3, 0.95]),
+                                         CalibrationPoint(0.6, 0.5, [0.5, 1.0], idle=[1]),
+                                         CalibrationPoint(0.8, 0.0, [0.7, 1.0], idle=[1])])
+    assert budget.idle(0.5, 2) == [False, False]
+    assert budget.idle(0.6, 2) == budget.idle(0.7, 2) == budget.idle(0.9, 2) == [False, True]
+    assert BudgetInput.from_json(budget.to_json()) == budget
+    assert BudgetInput(0.3, 0.9, 0.5).idle(0.5, 2) == [False, False]
