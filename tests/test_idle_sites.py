@@ -8,6 +8,7 @@ last site), and solves both rules again with it idle.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -140,3 +141,32 @@ def test_a_site_is_idle_only_where_both_neighbouring_points_left_it_idle() -> No
     assert budget.idle(0.6, 2) == budget.idle(0.7, 2) == budget.idle(0.9, 2) == [False, True]
     assert BudgetInput.from_json(budget.to_json()) == budget
     assert BudgetInput(0.3, 0.9, 0.5).idle(0.5, 2) == [False, False]
+
+
+def test_eval_scores_and_writes_the_deployed_call_with_an_idle_site(tmp_path) -> None:
+    """The deployed row runs prune(flops=f) with its idle site, charges no selection there, and pareto.json
+    holds its -inf threshold as null (allow_nan=False: the eval wrote nothing after its whole run before)."""
+    from policy_prune.evaluation import evaluate, report
+    from policy_prune.evaluation.baselines import learned_methods
+    from tests.test_evaluate import _split
+
+    vit = adapt(tiny.make("timm-vit-cls"))
+    splits = {"val": _split("timm-vit-cls", 12, 1, "val"), "test": _split("timm-vit-cls", 16, 2, "test")}
+    scorer = _never_prunes_at_site_1(vit)
+    points = calibrate(vit, scorer, [splits["val"].inputs], [0.5, 0.7])
+    # The threshold as the default rule (the rules tie on this tiny model): its idle site is -inf.
+    scorer.budget = BudgetInput(0.4, 0.9, 0.5, [dataclasses.replace(p, rule="threshold") for p in points])
+    methods = learned_methods(scorer, "seed 0")[:1]
+    res = evaluate.evaluate(vit, splits, methods, [0.5, 0.7], "test", batch_size=8, repeats=0, n_boot=20)
+    rows = [r for r in res["results"] if r["method"] == "learned-deployed"]
+    assert len(rows) == 2
+    for row in rows:
+        fast = prune(vit.model, scorer, flops=row["target"], strict=False)
+        assert fast.idle_sites() == [False, True] and row["values"] == fast.values
+        # Selection charged at site 0 only: one scorer pass on every token of each 17-token row.
+        full = float(row_full_flops(vit, torch.tensor([17]), 17)[0])
+        assert row["flops"]["selection"] == pytest.approx(learned_flops(vit, scorer, SITES[0], 17) / full, rel=1e-6)
+    report.write_outputs(res, tmp_path)
+    payload = json.loads((tmp_path / "pareto.json").read_text())
+    written = [r["values"] for r in payload["results"] if r["method"] == "learned-deployed"]
+    assert len(written) == 2 and all(v[1] is None and isinstance(v[0], float) for v in written)

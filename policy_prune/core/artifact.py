@@ -145,14 +145,14 @@ def artifact_json(
         "sites": [int(s) for s in scorer.sites],
         "layer_sizes": {"feature_dim": int(net.feature_dim), "context_dim": int(net.context_dim),
                         "hidden": [int(h) for h in net.hidden]},
-        "backbone": _plain(dict(signature)),
-        "default_rule": _plain(dict(rule)),  # a keep-all threshold (-inf) is written as null
+        "backbone": json_safe(dict(signature)),
+        "default_rule": json_safe(dict(rule)),  # a keep-all threshold (-inf) is written as null
         "budget": None if scorer.budget is None else scorer.budget.to_json(),
         "lam": None if lam is None else float(lam),
-        "metrics": _plain(dict(metrics or {})),
+        "metrics": json_safe(dict(metrics or {})),
         "created": {"time": datetime.now(UTC).isoformat(timespec="seconds"),
                     "policy_prune": __version__, "torch": torch.__version__},
-        "meta": _plain({k: v for k, v in scorer.meta.items() if k not in _LOADED_META_KEYS}),
+        "meta": json_safe({k: v for k, v in scorer.meta.items() if k not in _LOADED_META_KEYS}),
     }
 
 
@@ -179,14 +179,14 @@ def normalize_rule(rule: Mapping[str, Any], n_sites: int, finite: bool = True) -
     return {"rule": name, "values": values}
 
 
-def _plain(x: Any) -> Any:
+def json_safe(x: Any) -> Any:
     """JSON-safe copy: tensors / numpy scalars become numbers, non-finite floats become null."""
     if isinstance(x, Mapping):
-        return {str(k): _plain(v) for k, v in x.items()}
+        return {str(k): json_safe(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
-        return [_plain(v) for v in x]
+        return [json_safe(v) for v in x]
     if hasattr(x, "tolist"):  # torch tensors and numpy arrays / scalars
-        return _plain(x.tolist())
+        return json_safe(x.tolist())
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if x is None or isinstance(x, bool | int | float | str):

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from policy_prune.core.artifact import json_safe
 from policy_prune.core.backbones import TokenBackbone, TokenState, adapt
 from policy_prune.core.executed import executed_schedule
 from policy_prune.core.inference import PrunedModel, prune
@@ -319,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")}
-        args.out.write_text(json.dumps({"config": config, **payload}, indent=2))
+        args.out.write_text(json.dumps(json_safe({"config": config, **payload}), indent=2, allow_nan=False))
     return 0
 
 

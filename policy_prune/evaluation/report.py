@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from policy_prune.core.artifact import json_safe
 from policy_prune.evaluation.solve import MATCH
 
 SECONDARY = {"accuracy": "agreement", "agreement": None, "cosine": "recall@10"}
@@ -336,13 +337,10 @@ def _plot_metric(ax: Any, results: dict[str, Any], key: str, with_ci: bool) -> N
 def write_outputs(results: dict[str, Any], out_dir: Path) -> None:
     """pareto.json, table.md and pareto.png in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "pareto.json").write_text(json.dumps(results, indent=2, default=_json_default, allow_nan=False))
+    # json_safe: an idle site's threshold (-inf, see core.budget) is written null, as in scorer.json.
+    (out_dir / "pareto.json").write_text(json.dumps(json_safe(results), indent=2, allow_nan=False))
     write_markdown(results, out_dir / "table.md")
     write_plot(results, out_dir / "pareto.png")
-
-
-def _json_default(v: Any) -> Any:
-    return str(v)
 
 
 def print_tables(results: dict[str, Any], console: Any) -> None:
