@@ -190,8 +190,14 @@ def test_deployed_row_is_the_public_call(vit, splits) -> None:
         assert (row["rule"], row["values"], row["told"]) == (fast.rule, fast.values, target)
         with torch.inference_mode():
             expected = torch.cat([fast(x) for x, _ in data.batches])
-        got = evaluate.run_method(vit, deployed, evaluate.Point(fast.rule, fast.values, target, None, target), data)[0]
+        point = evaluate.Point(fast.rule, fast.values, target, None, target)
+        got = evaluate.run_method(vit, deployed, point, data)[0]
         torch.testing.assert_close(got, expected)
+        # Its wall-clock columns time the PrunedModel call itself (no FLOPs bookkeeping).
+        first = data.batches[0][0]
+        timed = deployed.timed(vit, first, point)
+        assert timed.func.__self__ is deployed.model(vit, target)
+        torch.testing.assert_close(timed()[0], expected[: len(first)])
         assert row["ms_b64"] > 0 and row["speedup_b1"] > 0
     header, body = report.main_table(res)
     assert sum(row[1] == "learned-deployed" for row in body) == 2

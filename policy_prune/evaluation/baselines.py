@@ -205,6 +205,11 @@ class Method:
         """Output [B, C] or [B, D] and the Work of one batch at ``point``."""
         raise NotImplementedError
 
+    def timed(self, backbone: TokenBackbone, inputs: Any, point: Point) -> Callable[[], Any]:
+        """What eval's wall-clock columns time for one batch at ``point``: by default :meth:`forward`
+        (with its FLOPs bookkeeping, a few percent of a batch-1 call)."""
+        return functools.partial(self.forward, backbone, inputs, point)
+
     # -- analytic counts (site methods) --
     def site_counts(self, values: Sequence[float], tc: BatchedCounts) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(alive [M] after each site, prunable [M] entering each site) under keep ratios ``values``."""
@@ -672,6 +677,11 @@ class DeployedMethod(Method):
             return step(state, i, layer), 0.0 if idle[i] else cost.learned_flops(fast.backbone, fast.scorer, layer, n, cls)
 
         return run_sites(fast.backbone, inputs, self.sites, reduce, watch, static=fast.static_text(inputs))
+
+    def timed(self, backbone: TokenBackbone, inputs: Any, point: Point) -> Callable[[], Any]:
+        """The public call itself (the PrunedModel on the adapter's inputs), without eval's bookkeeping."""
+        assert point.target is not None
+        return functools.partial(self.model(backbone, point.target).run, inputs)
 
     def solve(self, ctx: SolveContext, target: float) -> Point | None:
         try:

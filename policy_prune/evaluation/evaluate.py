@@ -394,10 +394,16 @@ def group_comparisons(scored: Sequence[Scored], metrics: Sequence[str], data: Ev
 
 
 # ---- wall-clock -----------------------------------------------------------------------------------------
+B1_REPEATS = 5
+"""Batch-1 timings take this many times ``--repeats`` (a call is ~64x shorter than at batch 64)."""
+
+
 def add_timing(backbone: TokenBackbone, scored: Sequence[Scored], rows: list[dict[str, Any]], data: EvalData,
                repeats: int, device: str, warmup: int = 1) -> None:
     """ms per sample at the eval batch size and at batch 1, per target group, timed round-robin with the
-    unpruned model (``bench.time_round_robin``: warm-up, then one call of each per repeat, median)."""
+    unpruned model (``bench.time_round_robin``: warm-up, then one call of each per repeat, median; batch 1
+    ``B1_REPEATS`` times as many). Each method's ``timed`` call: the deployed row times the public
+    ``PrunedModel`` itself, the others their eval forward."""
     from policy_prune.evaluation.bench import time_round_robin
 
     x64 = data.batches[len(data.batches) // 2][0]  # a middle batch: typical lengths when text is length-sorted
@@ -410,9 +416,9 @@ def add_timing(backbone: TokenBackbone, scored: Sequence[Scored], rows: list[dic
         for ids in groups.values():
             fns: dict[str, Callable[[], Any]] = {"full": functools.partial(backbone, x)}
             for i in ids:
-                fns[str(i)] = functools.partial(scored[i].method.forward, backbone, x, scored[i].point)
-            with torch.inference_mode():
-                t = time_round_robin(fns, warmup, repeats, device)
+                fns[str(i)] = scored[i].method.timed(backbone, x, scored[i].point)
+            with torch.inference_mode():  # batch 1: short calls, noisier on a shared CPU: more repeats
+                t = time_round_robin(fns, warmup, repeats * (B1_REPEATS if tag == "b1" else 1), device)
             for i in ids:
                 rows[i][f"ms_{tag}"] = 1e3 * t[str(i)] / n
                 rows[i][f"speedup_{tag}"] = t["full"] / t[str(i)]
