@@ -206,8 +206,8 @@ class Method:
         raise NotImplementedError
 
     def timed(self, backbone: TokenBackbone, inputs: Any, point: Point) -> Callable[[], Any]:
-        """What eval's wall-clock columns time for one batch at ``point``: by default :meth:`forward`
-        (with its FLOPs bookkeeping, a few percent of a batch-1 call)."""
+        """What eval's wall-clock columns time for one batch at ``point``: by default :meth:`forward` (EViT
+        and ToMe: their FLOPs bookkeeping is a few Python operations per site)."""
         return functools.partial(self.forward, backbone, inputs, point)
 
     # -- analytic counts (site methods) --
@@ -340,6 +340,11 @@ class ScorerMethod(Method):
             return state.prune(keep_fn(state, i, layer)), flops
 
         return run_sites(backbone, inputs, self.sites, reduce, watch)
+
+    def timed(self, backbone: TokenBackbone, inputs: Any, point: Point) -> Callable[[], Any]:
+        """The scorer and rule alone (``forward_pruned``), without eval's bookkeeping, as the deployed row is timed."""
+        scorer = self.scorer_at(point)
+        return lambda: backbone.forward_pruned(inputs, self.sites, make_keep_fn(backbone, scorer, point.rule, point.values))
 
     def solve(self, ctx: SolveContext, target: float) -> Point:
         budget = self.told(target)

@@ -403,7 +403,7 @@ def add_timing(backbone: TokenBackbone, scored: Sequence[Scored], rows: list[dic
     """ms per sample at the eval batch size and at batch 1, per target group, timed round-robin with the
     unpruned model (``bench.time_round_robin``: warm-up, then one call of each per repeat, median; batch 1
     ``B1_REPEATS`` times as many). Each method's ``timed`` call: the deployed row times the public
-    ``PrunedModel`` itself, the others their eval forward."""
+    ``PrunedModel`` itself, scorer baselines their scorer and rule, EViT and ToMe their eval forward."""
     from policy_prune.evaluation.bench import time_round_robin
 
     x64 = data.batches[len(data.batches) // 2][0]  # a middle batch: typical lengths when text is length-sorted
