@@ -166,7 +166,33 @@ def test_eval_scores_and_writes_the_deployed_call_with_an_idle_site(tmp_path) ->
         # Selection charged at site 0 only: one scorer pass on every token of each 17-token row.
         full = float(row_full_flops(vit, torch.tensor([17]), 17)[0])
         assert row["flops"]["selection"] == pytest.approx(learned_flops(vit, scorer, SITES[0], 17) / full, rel=1e-6)
+    # The ablation row "learned" (its calibrated thresholds as its own points) idles the same site.
+    own = learned_methods(scorer, "seed 0")[1].own([0.5, 0.7])
+    assert [p.values[1] for p in own] == [-INF, -INF] and all(math.isfinite(p.values[0]) for p in own)
     report.write_outputs(res, tmp_path)
     payload = json.loads((tmp_path / "pareto.json").read_text())
     written = [r["values"] for r in payload["results"] if r["method"] == "learned-deployed"]
     assert len(written) == 2 and all(v[1] is None and isinstance(v[0], float) for v in written)
+
+
+def test_padded_rows_are_packed_at_an_idle_first_site() -> None:
+    """Text padded far past its longest row (padding="max_length") is packed at site 0 even when site 0 is
+    idle, as a scored site packs it: later blocks never run on the padding."""
+    model = tiny.make("hf-bert").eval()
+    backbone = adapt(model)
+    scorer = random_scorer(backbone, SITES, seed=3, hidden=(16,))
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.arange(40) < torch.tensor([[12], [7], [15]])).long()
+    x = {"input_ids": torch.randint(5, 120, (3, 40), generator=g) * mask, "attention_mask": mask}
+    fast = prune(model, scorer, threshold=[-INF, 0.0], strict=False)
+    widths = []
+    step = fast.step_fn()
+
+    def recording(state, i, layer):
+        out = step(state, i, layer)
+        widths.append(out.tokens.shape[1])
+        return out
+
+    with torch.inference_mode():
+        fast.backbone.forward_sites(x, fast.sites, recording)
+    assert widths[0] == 15  # the longest row, not the padded 40

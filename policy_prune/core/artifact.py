@@ -14,7 +14,8 @@ the file and the problem.
     backbone        the backbone's signature() it was trained on (checked by ``prune``), with ``weights``: a
                     fingerprint of the frozen model's weights (``TokenBackbone.weights_fingerprint``; absent in
                     older artifacts, which are then not checked for it)
-    default_rule    {"rule": "threshold" | "keep_ratio", "values": [one per site]}
+    default_rule    {"rule": "threshold" | "keep_ratio", "values": [one per site]} (a threshold of null: -inf,
+                    every token kept at that site, no scorer run there)
     budget          null, or the budget input of a budget-conditioned scorer (``core.budget.BudgetInput``):
                     {"input": "flops", "low", "high", "default", "calibration": [{"flops", "threshold",
                     "keep_ratio", "reached"}, ...]} ("reached" absent in older artifacts: true); its

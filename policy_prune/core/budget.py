@@ -63,8 +63,9 @@ class CalibrationPoint:
     """Rule -> the FLOPs ratio it executed on the calibration batches at this target."""
     idle: list[int] = field(default_factory=list)
     """Sites (indices into the scorer's sites) that keep every token at this target, so no scorer runs at
-    them: the policy kept at least ``IDLE_SHARE`` of their tokens, and its features and MLP cost more
-    wall-clock time there than the few tokens they drop save. Both rules' values were solved with them idle."""
+    them: the policy kept at least ``IDLE_SHARE`` of their tokens there (a fixed share, not a measured cost:
+    a scorer pass costs far more wall-clock time than the FLOPs of the few tokens it would drop). Both rules'
+    values were solved with them idle."""
 
 
 @dataclass

@@ -18,7 +18,7 @@ from policy_prune.core.budget import IDLE_SHARE, SLACK, CalibrationPoint
 from policy_prune.core.inference import static_floor, static_ratios
 from policy_prune.core.schedule import TokenCounts, flops_per_row
 from policy_prune.core.scorer import LearnedScorer, keeps_all, make_keep_fn, row_full_flops, site_values
-from policy_prune.core.selection import learned_flops
+from policy_prune.core.selection import learned_flops, model_has_cls
 
 
 @dataclass
@@ -49,7 +49,7 @@ def measure(backbone: TokenBackbone, scorer: Any, inputs: Sequence[Any], rule: s
         idle = [keeps_all(rule, v) for v in site_values(values, len(sites))]
 
         def selection(i: int, n: int) -> float:
-            return 0.0 if idle[i] else learned_flops(backbone, scorer, sites[i], n)
+            return 0.0 if idle[i] else learned_flops(backbone, scorer, sites[i], n, has_cls=model_has_cls(backbone))
     flops = full = 0.0
     kept = torch.zeros(len(sites), dtype=torch.float64)
     before = torch.zeros(len(sites), dtype=torch.float64)
@@ -190,7 +190,7 @@ def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[A
                             step=0.5 if points else 1.0)
         runs = {"threshold": measure(backbone, told, inputs, "threshold", values(t), executed=True, outputs=True)}
         shares = runs["threshold"].keep_ratio
-        busiest = min(range(n_sites), key=lambda i: shares[i])
+        busiest = min((i for i in range(n_sites) if not idle[i]), key=lambda i: shares[i])
         more = [not off and s >= IDLE_SHARE and i != busiest for i, (s, off) in enumerate(zip(shares, idle, strict=True))]
         if any(more):  # solve again with those sites idle too, from the threshold just found
             idle[:] = [a or b for a, b in zip(idle, more, strict=True)]

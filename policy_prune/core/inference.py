@@ -123,10 +123,12 @@ class PrunedModel(nn.Module):
         idle = [keep_fn is None and site for site in self.idle_sites()]
 
         def step(state: TokenState, site_index: int, layer: int) -> TokenState:
-            if idle[site_index]:  # keeps every token: no scorer, no gather (the keep mask only counts them)
-                if not (static and state.dense):
-                    fn(state, site_index, layer)
-                return state
+            if idle[site_index]:  # keeps every token: no scorer (the keep mask only counts them)
+                if static and state.dense:
+                    return state
+                keep = fn(state, site_index, layer)
+                # Padded rows are still packed to their longest (a static state keeps its planned width).
+                return state if state.dense or state.static else state.prune(keep)
             if static and state.dense:
                 count, context = self._plan(state.n_full)[site_index]
                 context = context.to(state.tokens.device).expand(state.tokens.shape[0], -1)
@@ -458,6 +460,6 @@ def resolve_rule(
             value = 0.0  # the policy's deterministic decision: keep probability > 0.5
         else:
             raise UserError("rule='keep_ratio' needs keep_ratio=... (this scorer's default rule is threshold)")
-    # Infinite thresholds are legitimate here (-inf keeps everything), unlike in a saved default rule.
+    # +inf thresholds are legitimate here (keep nothing), unlike in a saved default rule (-inf, keep all, is both).
     checked = normalize_rule({"rule": rule, "values": value}, len(scorer.sites), finite=rule == "keep_ratio")
     return checked["rule"], checked["values"]

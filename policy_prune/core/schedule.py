@@ -122,6 +122,9 @@ def keep_ratios_for(backbone: TokenBackbone, sites: Sequence[int], tc: TokenCoun
         return [1.0 if pin else r * u if u <= 1.0 else r + (1.0 - r) * (u - 1.0) for r, pin in zip(base, pinned, strict=True)]
 
     def cost(s: float) -> float:
-        return flops_ratio(backbone, sites, keep_schedule(ratios(s), tc.n0, tc.protected), tc, selection)
+        r = ratios(s)
+        # A site at ratio 1 runs no scorer (``scorer.keeps_all``): no selection FLOPs there.
+        chosen = None if selection is None else (lambda i, n: 0.0 if r[i] >= 1.0 else selection(i, n))
+        return flops_ratio(backbone, sites, keep_schedule(r, tc.n0, tc.protected), tc, chosen)
 
     return ratios(solve_keep_ratio(cost, target))

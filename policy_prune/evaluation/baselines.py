@@ -28,6 +28,7 @@ Selection FLOPs of each scorer are written next to it (``flops``) and checked ag
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -359,12 +360,12 @@ class ScorerMethod(Method):
 
     def own(self, targets: Sequence[float]) -> list[Point]:
         """The scorer's own points: a budget-conditioned scorer at each target in its range as deployed
-        (``prune(model, scorer, flops=f)``: its calibrated threshold), else its trained threshold 0."""
+        (``prune(model, scorer, flops=f)``: its calibrated threshold, -inf at idle sites), else its trained threshold 0."""
         budget = getattr(self.scorer, "budget", None)
         if budget is None or not budget.calibration or not self.own_points:  # uncalibrated: no threshold per f
             return list(self.own_points)
-        return [Point("threshold", [budget.threshold(f)] * len(self.sites), None, None, f)
-                for f in targets if budget.low - 1e-9 <= f <= budget.high + 1e-9]
+        return [Point("threshold", [-math.inf if idle else budget.threshold(f) for idle in budget.idle(f, len(self.sites))],
+                      None, None, f) for f in targets if budget.low - 1e-9 <= f <= budget.high + 1e-9]
 
 
 # ---- EViT: top-k by CLS attention, the rest fused into one token --------------------------------------
