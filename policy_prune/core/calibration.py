@@ -17,7 +17,7 @@ from policy_prune.core.backbones.base import TokenBackbone
 from policy_prune.core.budget import IDLE_SHARE, SLACK, CalibrationPoint
 from policy_prune.core.inference import static_floor, static_ratios
 from policy_prune.core.schedule import TokenCounts, flops_per_row
-from policy_prune.core.scorer import LearnedScorer, keeps_all, make_keep_fn, row_full_flops, site_values
+from policy_prune.core.scorer import LearnedScorer, idle_sites, make_keep_fn, row_full_flops
 from policy_prune.core.selection import learned_flops, model_has_cls
 
 
@@ -46,7 +46,7 @@ def measure(backbone: TokenBackbone, scorer: Any, inputs: Sequence[Any], rule: s
     sites = list(sites if sites is not None else scorer.sites)
     selection = None
     if isinstance(scorer, LearnedScorer):
-        idle = [keeps_all(rule, v) for v in site_values(values, len(sites))]
+        idle = idle_sites(rule, values, len(sites))
 
         def selection(i: int, n: int) -> float:
             return 0.0 if idle[i] else learned_flops(backbone, scorer, sites[i], n, has_cls=model_has_cls(backbone))

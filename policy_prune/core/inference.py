@@ -31,8 +31,9 @@ from policy_prune.core.scorer import (
     LearnedScorer,
     TokenScorer,
     context_rows,
-    keeps_all,
+    idle_sites,
     make_keep_fn,
+    site_values,
     spent_fraction,
 )
 from policy_prune.core.selection import learned_flops, model_has_cls
@@ -141,7 +142,7 @@ class PrunedModel(nn.Module):
     def idle_sites(self) -> list[bool]:
         """Per site: whether the rule keeps every token there (keep_ratio 1, threshold -inf), so the scorer
         never runs at it (:func:`policy_prune.core.scorer.keeps_all`)."""
-        return [keeps_all(self.rule, v) for v in self._site_values()]
+        return idle_sites(self.rule, self.values, len(self.sites))
 
     def static_text(self, inputs: Any, keep_fn: KeepFn | None = None) -> bool:
         """Whether ``run`` takes the static keep_ratio path for text ``inputs`` (padded rows, no sync).
@@ -199,7 +200,7 @@ class PrunedModel(nn.Module):
             self._plan_text(int(getattr(self.backbone.config, "max_position_embeddings", 512)))
 
     def _site_values(self) -> list[float]:
-        return [self.values[min(i, len(self.values) - 1)] for i in range(len(self.sites))]
+        return site_values(self.values, len(self.sites))
 
     def run(self, inputs: Any, keep_fn: KeepFn | None = None) -> tuple[torch.Tensor, TokenState, list[torch.Tensor]]:
         """(head output, final state, per-site alive counts [B]) for adapter-style ``inputs``.
@@ -381,29 +382,25 @@ def static_ratios(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
     """Per-site keep ratios shaped like ``profile`` (default: 0.5 everywhere) whose FLOPs on a full-length
     input (images: every patch; text: ``TEXT_PLAN_TOKENS``), the scorer's own cost included, are ``flops``;
     ``idle`` sites keep every token and run no scorer."""
-    counts, selection = _full_length_plan(backbone, scorer, idle)
+    counts, selection = _full_length_plan(backbone, scorer)
     check_reachable(backbone, scorer.sites, counts, flops, selection, idle)
     return keep_ratios_for(backbone, scorer.sites, counts, flops, profile or [0.5] * len(scorer.sites), selection, idle)
 
 
 def static_floor(backbone: TokenBackbone, scorer: LearnedScorer, idle: Sequence[bool] | None = None) -> float:
     """The lowest ``flops`` :func:`static_ratios` plans for (every prunable token dropped at the first site)."""
-    counts, selection = _full_length_plan(backbone, scorer, idle)
+    counts, selection = _full_length_plan(backbone, scorer)
     return lowest_flops_ratio(backbone, scorer.sites, counts, selection, idle)
 
 
-def _full_length_plan(backbone: TokenBackbone, scorer: LearnedScorer,
-                      idle: Sequence[bool] | None = None) -> tuple[TokenCounts, Callable[[int, int], float]]:
-    """(a full-length input's token counts, the scorer's selection cost per site) for static plans
-    (nothing at ``idle`` sites)."""
+def _full_length_plan(backbone: TokenBackbone, scorer: LearnedScorer) -> tuple[TokenCounts, Callable[[int, int], float]]:
+    """(a full-length input's token counts, the scorer's selection cost per site) for static plans (the
+    schedules charge none at a site planned at ratio 1, where no scorer runs)."""
     prefix, grid = token_layout(backbone)
     n_full = prefix + grid[0] * grid[1] if grid else TEXT_PLAN_TOKENS
     n_protected = prefix if grid else 2  # [CLS] and [SEP]
-    skip = list(idle or [False] * len(scorer.sites))
 
     def selection(site_index: int, n: int) -> float:
-        if skip[site_index]:
-            return 0.0
         return learned_flops(backbone, scorer, scorer.sites[site_index], n, has_cls=model_has_cls(backbone))
 
     return TokenCounts.dense(n_full, n_protected), selection

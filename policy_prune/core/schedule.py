@@ -82,8 +82,15 @@ def lowest_flops_ratio(backbone: TokenBackbone, sites: Sequence[int], tc: TokenC
     """The smallest FLOPs ratio a keep_ratio schedule reaches on these rows: every prunable token dropped
     at the first site that is not ``idle`` (kept at 1; the blocks before it run on every token;
     ``selection`` counted in)."""
-    floor = [1.0 if i else 0.0 for i in (idle or [False] * len(sites))]
-    return flops_ratio(backbone, sites, keep_schedule(floor, tc.n0, tc.protected), tc, selection)
+    return schedule_ratio(backbone, sites, [1.0 if i else 0.0 for i in (idle or [False] * len(sites))], tc, selection)
+
+
+def schedule_ratio(backbone: TokenBackbone, sites: Sequence[int], ratios: Sequence[float], tc: TokenCounts,
+                   selection: Selection | None = None) -> float:
+    """FLOPs ratio of the keep_ratio schedule ``ratios``; a site at ratio 1 runs no scorer
+    (``scorer.keeps_all``), so ``selection`` is not charged there."""
+    charged = None if selection is None else (lambda i, n: 0.0 if ratios[i] >= 1.0 else selection(i, n))
+    return flops_ratio(backbone, sites, keep_schedule(ratios, tc.n0, tc.protected), tc, charged)
 
 
 def solve_keep_ratio(fn: Callable[[float], float], target: float, iters: int = 40) -> float:
@@ -121,10 +128,4 @@ def keep_ratios_for(backbone: TokenBackbone, sites: Sequence[int], tc: TokenCoun
         u = 2.0 * s
         return [1.0 if pin else r * u if u <= 1.0 else r + (1.0 - r) * (u - 1.0) for r, pin in zip(base, pinned, strict=True)]
 
-    def cost(s: float) -> float:
-        r = ratios(s)
-        # A site at ratio 1 runs no scorer (``scorer.keeps_all``): no selection FLOPs there.
-        chosen = None if selection is None else (lambda i, n: 0.0 if r[i] >= 1.0 else selection(i, n))
-        return flops_ratio(backbone, sites, keep_schedule(r, tc.n0, tc.protected), tc, chosen)
-
-    return ratios(solve_keep_ratio(cost, target))
+    return ratios(solve_keep_ratio(lambda s: schedule_ratio(backbone, sites, ratios(s), tc, selection), target))

@@ -208,6 +208,11 @@ def site_values(values: float | Sequence[float], n_sites: int) -> list[float]:
     return [per_site[min(i, len(per_site) - 1)] for i in range(n_sites)]
 
 
+def idle_sites(rule: str, values: float | Sequence[float], n_sites: int) -> list[bool]:
+    """Per site: whether ``rule`` at its value keeps every token there (:func:`keeps_all`), so no scorer runs."""
+    return [keeps_all(rule, v) for v in site_values(values, n_sites)]
+
+
 def keep_count(value: float, n_prunable: torch.Tensor) -> torch.Tensor:
     """How many of ``n_prunable`` [B] tokens the keep_ratio rule keeps at ratio ``value`` (rounded)."""
     return torch.round(value * n_prunable.float()).long()

@@ -42,10 +42,9 @@ from policy_prune.core.scorer import (
     LearnedScorer,
     Scorer,
     decide,
+    idle_sites,
     keep_count,
-    keeps_all,
     make_keep_fn,
-    site_values,
 )
 from policy_prune.core.selection import model_has_cls
 from policy_prune.errors import UserError
@@ -230,9 +229,9 @@ class Method:
         counts, _ = self.site_counts(point.values, tc)
         entering = [tc.n0, *counts[:-1]]
         selection = torch.zeros(len(tc.n0), dtype=torch.float64)
-        idle = [self.skips_idle and keeps_all(point.rule, v) for v in site_values(point.values, len(self.sites))]
+        idle = idle_sites(point.rule, point.values, len(self.sites))
         for layer, e, off in zip(self.sites, entering, idle, strict=True):
-            if not off:
+            if not (off and self.skips_idle):
                 selection += per_batch(functools.partial(self.site_flops, backbone, layer), batch_max(e, tc.batch))
         return site_work(backbone.depth, self.sites, tc.n0, counts, selection, tc.batch, tc.n_full)
 
@@ -334,7 +333,7 @@ class ScorerMethod(Method):
     def forward(self, backbone: TokenBackbone, inputs: Any, point: Point, watch: Watch | None = None) -> tuple[torch.Tensor, Work]:
         scorer = self.scorer_at(point)
         keep_fn = make_keep_fn(backbone, scorer, point.rule, point.values)
-        idle = [keeps_all(point.rule, v) for v in site_values(point.values, len(self.sites))]
+        idle = idle_sites(point.rule, point.values, len(self.sites))
 
         def reduce(state: TokenState, i: int, layer: int) -> tuple[TokenState, float]:  # idle: nothing scored
             flops = 0.0 if idle[i] else scorer_flops(scorer, backbone, layer, state.tokens.shape[1], has_cls(state))
