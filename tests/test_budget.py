@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import yaml
 from policy_prune.cli import main
 from policy_prune.core.artifact import ScorerFileError, load_scorer, save_scorer
 from policy_prune.core.backbones import adapt
-from policy_prune.core.budget import BudgetInput, CalibrationPoint
+from policy_prune.core.budget import SLACK, BudgetInput, CalibrationPoint
 from policy_prune.core.calibration import calibrate, measure
 from policy_prune.core.inference import prune
 from policy_prune.core.schedule import TokenCounts, flops_ratio, keep_ratios_for, keep_schedule
@@ -86,7 +87,9 @@ def test_groups_share_sample_and_target(vit, vit_split) -> None:
 # ---- calibration and prune(flops=f) ------------------------------------------------------------------
 def _budget_scorer(backbone, inputs, targets=(0.5, 0.6, 0.8)):
     scorer = random_scorer(backbone, SITES, seed=0, hidden=(16,), budget=BudgetInput(0.3, 0.9, 0.5))
-    scorer.budget = BudgetInput(0.3, 0.9, 0.5, calibrate(backbone, scorer, inputs, targets))
+    # Every site scored (no idle sites: tests/test_idle_sites.py has them): on a 17-token model one site's
+    # counts step by 1/16, too coarse for keep_ratio to meet each target within its slack.
+    scorer.budget = BudgetInput(0.3, 0.9, 0.5, calibrate(backbone, scorer, inputs, targets, idle_saving=0.0))
     return scorer
 
 
@@ -94,12 +97,14 @@ def test_calibration_meets_each_target(vit, vit_split) -> None:
     inputs = [vit_split.inputs[:8], vit_split.inputs[8:]]
     scorer = _budget_scorer(vit, inputs)
     for point in scorer.budget.calibration:
+        # The calibrated threshold at every site it scores (-inf: idle, it keeps every token there).
+        values = [-math.inf if i in point.idle else point.threshold for i in range(len(SITES))]
         # FLOPs as the batches execute them (rows packed to their batch's widest count), as eval counts them.
-        got = measure(vit, scorer.at(point.flops), inputs, "threshold", point.threshold, executed=True)
+        got = measure(vit, scorer.at(point.flops), inputs, "threshold", values, executed=True)
         # Token counts are integers: 16 rows x 17 tokens give FLOPs steps of ~0.01 at the first site.
         assert got.flops_ratio == pytest.approx(point.flops, abs=0.02)
         assert got.keep_ratio == point.keep_ratio
-        per_row = measure(vit, scorer.at(point.flops), inputs, "threshold", point.threshold).flops_ratio
+        per_row = measure(vit, scorer.at(point.flops), inputs, "threshold", values).flops_ratio
         assert per_row < got.flops_ratio  # padding is work: each row on its own counts runs less
     assert [p.flops for p in scorer.budget.calibration] == [0.5, 0.6, 0.8]
 
@@ -113,7 +118,10 @@ def test_calibration_chooses_the_better_rule(vit, vit_split) -> None:
     for point in scorer.budget.calibration:
         assert set(point.quality) == {"threshold", "keep_ratio"} and point.reached
         q = point.quality
-        assert point.rule == ("threshold" if q["threshold"] > q["keep_ratio"] else "keep_ratio")
+        # The better of the rules that ran within SLACK of f (on a tie keep_ratio: static shapes); on this
+        # 17-token model keep_ratio's counts step by 1/16 and may miss f by more.
+        met = [r for r in ("keep_ratio", "threshold") if point.spent[r] <= point.flops + SLACK]
+        assert met and point.rule == max(met, key=lambda r: (q[r], r == "keep_ratio"))
         assert all(abs(spent - point.flops) <= 0.02 for spent in point.spent.values())  # each rule at f
         fast = prune(vit.model, scorer, flops=point.flops, strict=False)
         assert fast.rule == point.rule
@@ -178,7 +186,7 @@ def test_keep_ratio_at_flops_meets_the_target_on_short_texts() -> None:
     planned_for_128 = prune(bert.model, scorer, flops=0.5, rule="keep_ratio", strict=False)  # uncalibrated
     over = measure(bert, planned_for_128.scorer, batches, "keep_ratio", planned_for_128.values, executed=True)
     assert over.flops_ratio > 0.53
-    scorer.budget = BudgetInput(0.4, 0.9, 0.5, calibrate(bert, scorer, batches, [0.4, 0.5, 0.7, 0.9]))
+    scorer.budget = BudgetInput(0.4, 0.9, 0.5, calibrate(bert, scorer, batches, [0.4, 0.5, 0.7, 0.9], idle_saving=0.0))
     for point in scorer.budget.calibration:
         assert point.spent["keep_ratio"] == pytest.approx(point.flops, abs=0.01) and point.plan < point.flops
     for f in (0.4, 0.5, 0.6, 0.7):  # 0.6: between calibrated targets, plan and shares interpolated
@@ -242,7 +250,8 @@ def test_threshold_at_flops_needs_a_calibration_that_reached_it(vit, vit_split) 
         prune(vit.model, scorer, flops=0.2, rule="threshold", strict=False)
     with pytest.raises(UserError, match="could not bring"):  # interpolated from the unreached point
         prune(vit.model, scorer, flops=0.4, rule="threshold", strict=False)
-    assert prune(vit.model, scorer, flops=0.6, rule="threshold", strict=False).values == [points[1].threshold] * 2
+    reached = [-math.inf if i in points[1].idle else points[1].threshold for i in range(len(SITES))]
+    assert prune(vit.model, scorer, flops=0.6, rule="threshold", strict=False).values == reached
 
 
 def test_reached_flag_round_trips_and_older_artifacts_load_as_reached(vit, tmp_path) -> None:

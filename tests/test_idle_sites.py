@@ -1,9 +1,9 @@
 """Sites that keep every token run no scorer: same decisions, fewer FLOPs, and calibration makes them idle.
 
 A site whose rule keeps all its tokens (keep_ratio 1, threshold -inf) decides nothing, so its features and
-MLP are skipped and no selection FLOPs are charged there. Calibration leaves a site idle where the policy
-kept at least ``IDLE_SHARE`` of its tokens (trained MiniLM and digits-vit policies keep 0.99-1.0 at their
-last site), and solves both rules again with it idle.
+MLP are skipped and no selection FLOPs are charged there. Calibration leaves a site idle where the policy's
+drops would save less than ``IDLE_SAVING`` of the block compute (trained MiniLM and digits-vit policies keep
+0.94-1.0 at their later sites), and solves both rules again with it idle.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from policy_prune.core.artifact import load_scorer, save_scorer
 from policy_prune.core.backbones import adapt
-from policy_prune.core.budget import BudgetInput, CalibrationPoint
+from policy_prune.core.budget import BudgetInput, CalibrationPoint, site_savings
 from policy_prune.core.calibration import calibrate, measure
 from policy_prune.core.inference import prune
 from policy_prune.core.scorer import decide, random_scorer, row_full_flops
@@ -196,3 +196,30 @@ def test_padded_rows_are_packed_at_an_idle_first_site() -> None:
     with torch.inference_mode():
         fast.backbone.forward_sites(x, fast.sites, recording)
     assert widths[0] == 15  # the longest row, not the padded 40
+
+
+def test_site_savings_counts_the_block_work_each_sites_drops_remove() -> None:
+    # 6 blocks, sites before blocks 0 and 3: site 0 drops half of every token for all 6 blocks (0.5), site 1
+    # drops a tenth of the half still alive for the last 3 blocks (0.1 x 0.5 x 3 / 6).
+    assert site_savings([0.5, 0.9], [0, 3], 6) == pytest.approx([0.5, 0.025])
+    assert site_savings([1.0, 0.2], [1, 2], 4) == pytest.approx([0.0, 0.4])
+
+
+def test_calibration_idles_every_site_that_saves_less_than_idle_saving_but_the_one_that_saves_most() -> None:
+    """A site that prunes, but little, is idle under a large ``idle_saving`` and scored under 0; the site
+    that saves the most is never idle, and each target is still met with the others idle."""
+    bert = adapt(tiny.make("hf-bert"))
+    batches = _short_texts()
+    scorer = random_scorer(bert, SITES, seed=0, hidden=(16,), budget=BudgetInput(0.4, 0.9, 0.5))
+    scored = calibrate(bert, scorer, batches, [0.5, 0.7], idle_saving=0.0)
+    assert all(p.idle == [] for p in scored)
+    idle = calibrate(bert, scorer, batches, [0.5, 0.7], idle_saving=1.0)
+    for p, ref in zip(idle, scored, strict=True):
+        saved = site_savings(ref.keep_ratio, SITES, bert.depth)
+        assert p.idle == [i for i in range(len(SITES)) if i != max(range(len(SITES)), key=saved.__getitem__)]
+        assert p.spent["threshold"] == pytest.approx(p.flops, abs=0.015)
+        assert p.keep_ratio[p.idle[0]] == 1.0
+    # Where idling lowers the threshold's quality by more than idle_quality, the sites stay scored (a
+    # negative tolerance asks for a gain no idle site gives): the same points as never idling.
+    kept = calibrate(bert, scorer, batches, [0.5, 0.7], idle_saving=1.0, idle_quality=-1.0)
+    assert kept == scored

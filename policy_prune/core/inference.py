@@ -122,14 +122,19 @@ class PrunedModel(nn.Module):
         fn = keep_fn or self.keep_fn()
         static = keep_fn is None and self.rule == "keep_ratio"
         idle = [keep_fn is None and site for site in self.idle_sites()]
+        # Whether a scored site follows each site: its context (compute spent) needs this site's counts.
+        counted = [not all(idle[i + 1:]) for i in range(len(idle))]
 
         def step(state: TokenState, site_index: int, layer: int) -> TokenState:
             if idle[site_index]:  # keeps every token: no scorer (the keep mask only counts them)
                 if static and state.dense:
                     return state
+                if site_index and not counted[site_index]:
+                    return state  # nothing to count for: no later site reads the counts
                 keep = fn(state, site_index, layer)
-                # Padded rows are still packed to their longest (a static state keeps its planned width).
-                return state if state.dense or state.static else state.prune(keep)
+                # The first site packs padded rows to their longest; after it every state is packed (a static
+                # state keeps its planned width), so packing again would change nothing.
+                return state if state.dense or state.static or site_index else state.prune(keep)
             if static and state.dense:
                 count, context = self._plan(state.n_full)[site_index]
                 context = context.to(state.tokens.device).expand(state.tokens.shape[0], -1)
