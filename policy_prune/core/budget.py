@@ -33,11 +33,11 @@ from policy_prune.errors import UserError
 SLACK = 0.01
 """How far above its target a rule may run on the calibration batches and still count as meeting it."""
 IDLE_SAVING = 0.04
-"""A site whose drops save less than this share of the model's block compute keeps every token and runs no
-scorer (:func:`site_savings`). A scorer pass costs about one block of wall-clock time at batch 1 on the CPU
-(0.5-0.6 ms against 0.44 ms per block on digits-vit, 1.0 against 2.0 ms on MiniLM) and a twentieth of one at
-batch 64, so a site that removes less than a quarter of a block's work (1/24 of a 6-block model) slows a
-batch-1 call down and saves next to nothing in a batch."""
+"""A site whose drops save less than this share of the blocks' work on the prunable tokens keeps every token
+and runs no scorer (:func:`site_savings`). A scorer pass costs about one block of wall-clock time at batch 1
+on the CPU (0.5-0.6 ms against 0.44 ms per block on digits-vit, 1.0 against 2.0 ms on MiniLM) and a twentieth
+of one at batch 64, so a site that removes less than a quarter of a block's work (1/24 of a 6-block model)
+slows a batch-1 call down and saves next to nothing in a batch."""
 
 IDLE_QUALITY = 0.005
 """Sites below ``IDLE_SAVING`` stay scored where idling them lowers the threshold rule's calibration quality
@@ -86,7 +86,7 @@ class CalibrationPoint:
     """Rule -> the FLOPs ratio it executed on the calibration batches at this target."""
     idle: list[int] = field(default_factory=list)
     """Sites (indices into the scorer's sites) that keep every token at this target, so no scorer runs at
-    them: the tokens the policy dropped there would save less than ``IDLE_SAVING`` of the block compute
+    them: the tokens the policy dropped there would save less than ``IDLE_SAVING`` of the blocks' work
     (:func:`site_savings`; a scorer pass costs far more wall-clock time than the FLOPs of the few tokens it
     would drop). Both rules' values were solved with them idle."""
 

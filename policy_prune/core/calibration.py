@@ -169,7 +169,8 @@ def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[A
     (:func:`policy_prune.core.budget.site_savings`) are made idle (they keep every token and run no scorer;
     never the site that saves the most) and the threshold is solved again with them idle, until no other
     site falls below, unless its quality on ``inputs`` then falls more than ``idle_quality`` below what
-    scoring them gave (those sites stay scored); keep_ratio is solved with the same idle sites. Each target
+    scoring every site gave, or it no longer meets f where it did (those sites stay scored); keep_ratio is
+    solved with the same idle sites. Each target
     starts with every site scored: a site's savings need not grow or shrink with the budget (on digits-vit
     a second site saves 3% at 0.1, 14% at 0.3 and 3% at 0.7).
     """
@@ -197,21 +198,26 @@ def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[A
         t = solve_threshold(flops_at, f, tol=tol, start=points[-1].threshold if points else 0.0,
                             step=0.5 if points else 1.0)
         runs = {"threshold": measure(backbone, told, inputs, "threshold", values(t), executed=True, outputs=True)}
+        scored = score(runs["threshold"])  # every site scored: what idling may cost at most idle_quality of
+
+        def met_f(m: Measured, seen: list[float] = seen, f: float = f) -> bool:
+            return min(seen) <= f and m.flops_ratio <= f + slack
+
         while True:
             saved = site_savings(runs["threshold"].keep_ratio, scorer.sites, backbone.depth)
-            most = max(range(n_sites), key=lambda i: saved[i])
+            most = max((i for i in range(n_sites) if not idle[i]), key=lambda i: saved[i])
             more = [not off and s < idle_saving and i != most for i, (s, off) in enumerate(zip(saved, idle, strict=True))]
             if not any(more):
                 break
             # Solve again with those sites idle too, from the threshold just found; kept only where the
-            # threshold's quality holds (within idle_quality of scoring them).
-            before = (list(idle), list(seen), t)
+            # threshold's quality holds (within idle_quality of scoring every site) and it still meets f.
+            before = (list(idle), list(seen), t, met_f(runs["threshold"]))
             idle[:] = [a or b for a, b in zip(idle, more, strict=True)]
             seen.clear()
             t = solve_threshold(flops_at, f, tol=tol, start=t, step=0.25)
             trial = measure(backbone, told, inputs, "threshold", values(t), executed=True, outputs=True)
-            if score(trial) < score(runs["threshold"]) - idle_quality:
-                idle[:], seen[:], t = before
+            if score(trial) < scored - idle_quality or (before[3] and not met_f(trial)):
+                idle[:], seen[:], t = before[:3]
                 break
             runs["threshold"] = trial
         plan, runs["keep_ratio"] = solve_plan(backbone, told, inputs, f, runs["threshold"].keep_ratio, tol, idle=idle)
