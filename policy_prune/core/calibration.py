@@ -170,9 +170,8 @@ def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[A
     never the site that saves the most) and the threshold is solved again with them idle, until no other
     site falls below, unless its quality on ``inputs`` then falls more than ``idle_quality`` below what
     scoring every site gave, or it no longer meets f where it did (those sites stay scored); keep_ratio is
-    solved with the same idle sites. Each target
-    starts with every site scored: a site's savings need not grow or shrink with the budget (on digits-vit
-    a second site saves 3% at 0.1, 14% at 0.3 and 3% at 0.7).
+    solved with the same idle sites. Each target starts with every site scored: a site's savings need not
+    grow or shrink with the budget (on digits-vit a second site saves 3% at 0.1, 14% at 0.3 and 3% at 0.7).
     """
     with torch.inference_mode():
         teacher = torch.cat([backbone(x).float().cpu() for x in inputs])
@@ -211,13 +210,13 @@ def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[A
                 break
             # Solve again with those sites idle too, from the threshold just found; kept only where the
             # threshold's quality holds (within idle_quality of scoring every site) and it still meets f.
-            before = (list(idle), list(seen), t, met_f(runs["threshold"]))
+            was_idle, was_seen, was_t, was_met = list(idle), list(seen), t, met_f(runs["threshold"])
             idle[:] = [a or b for a, b in zip(idle, more, strict=True)]
             seen.clear()
             t = solve_threshold(flops_at, f, tol=tol, start=t, step=0.25)
             trial = measure(backbone, told, inputs, "threshold", values(t), executed=True, outputs=True)
-            if score(trial) < scored - idle_quality or (before[3] and not met_f(trial)):
-                idle[:], seen[:], t = before[:3]
+            if score(trial) < scored - idle_quality or (was_met and not met_f(trial)):
+                idle[:], seen[:], t = was_idle, was_seen, was_t
                 break
             runs["threshold"] = trial
         plan, runs["keep_ratio"] = solve_plan(backbone, told, inputs, f, runs["threshold"].keep_ratio, tol, idle=idle)
