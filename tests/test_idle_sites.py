@@ -133,12 +133,20 @@ def test_calibration_idles_a_site_that_keeps_everything_and_still_meets_each_tar
     assert prune(bert.model, loaded, strict=False).idle_sites() == [False, True]
 
 
-def test_a_site_is_idle_only_where_both_neighbouring_points_left_it_idle() -> None:
+def test_between_points_with_other_idle_sites_the_nearer_point_decides() -> None:
+    """A threshold solved with other sites idle was solved for other scorer passes: between two points whose
+    idle sites differ, the nearer point's idle sites run (a tie: the one with more idle sites), and its
+    threshold follows the line of its own run of points, extended past its end, never interpolated with
+    the other run's."""
     budget = BudgetInput(0.3, 0.9, 0.5, [CalibrationPoint(0.4, 1.0, [0.3, 0.95]),
                                          CalibrationPoint(0.6, 0.5, [0.5, 1.0], idle=[1]),
                                          CalibrationPoint(0.8, 0.0, [0.7, 1.0], idle=[1])])
-    assert budget.idle(0.5, 2) == [False, False]
-    assert budget.idle(0.6, 2) == budget.idle(0.7, 2) == budget.idle(0.9, 2) == [False, True]
+    assert budget.idle(0.45, 2) == [False, False] and budget.threshold(0.45) == 1.0  # a run of one point
+    assert budget.idle(0.5, 2) == [False, True] and budget.threshold(0.5) == pytest.approx(0.75)  # extended
+    assert budget.idle(0.7, 2) == [False, True] and budget.threshold(0.7) == pytest.approx(0.25)  # inside
+    assert budget.idle(0.9, 2) == [False, True] and budget.threshold(0.9) == 0.0  # past the last: clamped
+    assert budget.idle(0.35, 2) == [False, False] and budget.threshold(0.35) == 1.0
+    assert [p.flops for p in budget.regime(0.5)] == [0.6, 0.8]
     assert BudgetInput.from_json(budget.to_json()) == budget
     assert BudgetInput(0.3, 0.9, 0.5).idle(0.5, 2) == [False, False]
 

@@ -43,6 +43,11 @@ IDLE_QUALITY = 0.005
 """Sites below ``IDLE_SAVING`` stay scored where idling them lowers the threshold rule's calibration quality
 by more than this (mean cosine, or accuracy: one of the 256 samples calibration scores is 0.0039)."""
 
+RULE_MARGIN = 0.005
+"""The threshold rule is the default at a target only where its calibration quality beats keep_ratio's by more
+than this (one of 256 calibration samples is 0.0039): keep_ratio runs static shapes, the same counts in any
+batch and faster in one, so a win of one sample (noise) does not buy the masked, per-row path."""
+
 
 def site_savings(shares: Sequence[float], sites: Sequence[int], depth: int) -> list[float]:
     """Per site: the share of the model's block compute its drops remove, from the per-site shares of the
@@ -73,7 +78,8 @@ class CalibrationPoint:
     deepest cut tried, which runs above it). Artifacts written before this flag load as reached."""
     rule: str = "keep_ratio"
     """The rule ``prune(model, scorer, flops=f)`` runs by default near this target: the one of the two
-    (threshold, keep_ratio) that scored higher on the calibration data (issue #23). Artifacts written
+    (threshold, keep_ratio) that scored higher on the calibration data, the threshold only by more than
+    ``RULE_MARGIN`` (issue #23). Artifacts written
     before the choice was made load as keep_ratio, the default they ran with."""
     quality: dict[str, float] = field(default_factory=dict)
     """Rule -> its quality on the calibration data at this target (mean cosine to the unpruned output for
@@ -119,14 +125,41 @@ class BudgetInput:
         return f
 
     def threshold(self, flops: float) -> float:
-        """Calibrated logit threshold at ``flops`` (linear between calibration points); UserError without
-        calibration (threshold 0 would run at whatever FLOPs the policy's own decisions give)."""
+        """Calibrated logit threshold at ``flops``: linear between the calibration points of the idle sites
+        that run there (:meth:`regime`), extrapolated from its two nearest where ``flops`` lies past the last
+        of them (half a calibration step at most); UserError without calibration (threshold 0 would run at
+        whatever FLOPs the policy's own decisions give). A threshold solved with other sites idle is not
+        interpolated with: it was solved for other scorer passes."""
         f = self.check(flops)
         if not self.calibration:
             raise UserError(f"this scorer's budget input is not calibrated, so no threshold is known for flops={f:g}: "
                             "use rule='keep_ratio' (the default with flops=...)")
-        xs = [p.flops for p in self.calibration]
-        return float(np.interp(f, xs, [p.threshold for p in self.calibration]))
+        run = self.regime(f)
+        xs, ts = [p.flops for p in run], [p.threshold for p in run]
+        outside = f < self.calibration[0].flops or f > self.calibration[-1].flops  # clamped, as ever
+        if len(run) == 1 or outside or xs[0] <= f <= xs[-1]:
+            return float(np.interp(f, xs, ts))
+        i = 0 if f < xs[0] else len(run) - 2  # towards a point with other idle sites: extend this run's line
+        return ts[i] + (ts[i + 1] - ts[i]) * (f - xs[i]) / (xs[i + 1] - xs[i])
+
+    def regime(self, flops: float) -> list[CalibrationPoint]:
+        """The run of consecutive calibration points with the idle sites that run at ``flops``: those of the two
+        points around it where both have the same, else those of the nearer one (on a tie, the one with more
+        idle sites: fewer scorer passes). Empty without calibration."""
+        f = float(flops)
+        points = self.calibration
+        if not points:
+            return []
+        right = next((i for i, p in enumerate(points) if p.flops >= f), len(points) - 1)
+        left = max(right - 1, 0) if points[right].flops > f else right
+        a, b = points[left], points[right]
+        pick = right if (abs(b.flops - f), -len(b.idle)) < (abs(a.flops - f), -len(a.idle)) else left
+        lo = hi = pick
+        while lo > 0 and set(points[lo - 1].idle) == set(points[pick].idle):
+            lo -= 1
+        while hi < len(points) - 1 and set(points[hi + 1].idle) == set(points[pick].idle):
+            hi += 1
+        return points[lo:hi + 1]
 
     def reached(self, flops: float) -> bool:
         """Whether the calibration points that :meth:`threshold` interpolates at ``flops`` all reached their
@@ -190,14 +223,11 @@ class BudgetInput:
         return rule
 
     def idle(self, flops: float, n_sites: int) -> list[bool]:
-        """Per site: whether it runs no scorer at ``flops`` (idle at the calibration points on both sides of
-        it; all False without calibration)."""
+        """Per site: whether it runs no scorer at ``flops``: idle at the calibration points of :meth:`regime`
+        (those on both sides where they agree, else the nearer one's); all False without calibration."""
         f = self.check(flops)
-        if not self.calibration:
-            return [False] * n_sites
-        xs = [p.flops for p in self.calibration]
-        return [float(np.interp(f, xs, [float(i in p.idle) for p in self.calibration])) >= 1.0 - 1e-9
-                for i in range(n_sites)]
+        run = self.regime(f)
+        return [bool(run) and i in run[0].idle for i in range(n_sites)]
 
     def keep_ratios(self, flops: float) -> list[float] | None:
         """Calibrated per-site keep shares at ``flops`` (None without calibration)."""

@@ -14,11 +14,22 @@ from typing import Any
 import torch
 
 from policy_prune.core.backbones.base import TokenBackbone
-from policy_prune.core.budget import IDLE_QUALITY, IDLE_SAVING, SLACK, CalibrationPoint, site_savings
+from policy_prune.core.budget import (
+    IDLE_QUALITY,
+    IDLE_SAVING,
+    RULE_MARGIN,
+    SLACK,
+    CalibrationPoint,
+    site_savings,
+)
 from policy_prune.core.inference import static_floor, static_ratios
 from policy_prune.core.schedule import TokenCounts, flops_per_row
 from policy_prune.core.scorer import LearnedScorer, idle_sites, make_keep_fn, row_full_flops
 from policy_prune.core.selection import learned_flops, model_has_cls
+
+RESOLUTION = 1e-3
+""":func:`solve_plan` stops once its next plan lies this close to one it tried (it would run within about tol of
+it): the executed FLOPs move in steps of whole tokens per batch, which can straddle a target by more than tol."""
 
 
 @dataclass
@@ -91,10 +102,11 @@ def solve_threshold(fn: Callable[[float], float], target: float, iters: int = 20
     """A threshold t for which the FLOPs ratio fn(t) (non-increasing in t) meets ``target``.
 
     Brackets around ``start`` by doubling ``step`` outwards (logits are unbounded; thresholds beyond
-    +-64 count as unreachable), then bisects until target - tol <= fn(t) <= target. Returns that t
-    with ``at_most`` (evaluation: a method never gets more than its budget), else the t seen whose
-    fn(t) is nearest the target (calibration). Each fn value is computed once (a call runs the
-    pruned model over the data).
+    +-64 count as unreachable), then narrows the bracket until target - tol <= fn(t) <= target (without
+    ``at_most``: |fn(t) - target| <= tol) by false position with the Illinois safeguard (the FLOPs ratio is close to linear in t across a narrow bracket:
+    about 30% fewer calls than bisection on smooth and stepped curves). Returns that t with ``at_most``
+    (evaluation: a method never gets more than its budget), else the t seen whose fn(t) is nearest the
+    target (calibration). Each fn value is computed once (a call runs the pruned model over the data).
     """
     seen: dict[float, float] = {}
 
@@ -112,26 +124,35 @@ def solve_threshold(fn: Callable[[float], float], target: float, iters: int = 20
         return hi  # out of reach: the deepest cut tried
     if f(lo) <= target:
         return lo  # everything fits
+    # Illinois false position: the line through the two ends' misses, the miss of an end kept twice in a
+    # row halved (else one slow end makes it crawl); a new point at least 2% of the bracket in from either end.
+    glo, ghi, kept = f(lo) - target, f(hi) - target, 0
     for _ in range(iters):
-        if target - f(hi) <= tol:
-            break
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if f(mid) > target else (lo, mid)
+        if target - f(hi) <= tol or (not at_most and f(lo) - target <= tol):
+            break  # met (calibration: from either side)
+        mid = lo + min(max(glo / (glo - ghi), 0.02), 0.98) * (hi - lo)
+        if (g := f(mid) - target) <= 0:
+            hi, ghi, glo = mid, g, glo / 2 if kept == -1 else glo
+            kept = -1
+        else:
+            lo, glo, ghi = mid, g, ghi / 2 if kept == 1 else ghi
+            kept = 1
     return hi if at_most else min(seen, key=lambda t: abs(seen[t] - target))
 
 
 def solve_plan(backbone: TokenBackbone, told: LearnedScorer, inputs: Sequence[Any], f: float, profile: Sequence[float],
-               tol: float = 0.002, iters: int = 8, idle: Sequence[bool] | None = None) -> tuple[float, Measured]:
+               tol: float = 0.002, iters: int = 8, idle: Sequence[bool] | None = None,
+               start: float | None = None) -> tuple[float, Measured]:
     """(plan g, what it did): the FLOPs ratio g whose keep_ratio plan :func:`static_ratios` (shaped like
     ``profile``, costed on a full-length input; ``idle`` sites keep every token) executes nearest ``f`` on
     ``inputs``.
 
-    Secant steps from g = f (executed FLOPs grow with g at about slope 1), g kept within [the plan's
-    floor, 1]; stops within ``tol``. Each step runs the pruned model over the data once.
+    Secant steps from g = ``start`` (default f; executed FLOPs grow with g at about slope 1), g kept within
+    [the plan's floor, 1]; stops within ``tol``. Each step runs the pruned model over the data once.
     """
     low = static_floor(backbone, told, idle)
     tried: dict[float, Measured] = {}
-    g, slope = min(max(f, low), 1.0), 1.0
+    g, slope = min(max(f if start is None else start, low), 1.0), 1.0
     for _ in range(iters):
         tried[g] = measure(backbone, told, inputs, "keep_ratio", static_ratios(backbone, told, g, profile, idle),
                            executed=True, outputs=True)
@@ -143,27 +164,44 @@ def solve_plan(backbone: TokenBackbone, told: LearnedScorer, inputs: Sequence[An
             if abs(m1 - m0) > 1e-9:
                 slope = min(max((g1 - g0) / (m1 - m0), 0.25), 4.0)
         nxt = min(max(g + slope * miss, low), 1.0)
-        if nxt in tried:  # pinned at a bound
+        if any(abs(nxt - k) <= RESOLUTION for k in tried):  # pinned at a bound, or between two count steps
             break
         g = nxt
     best = min(tried, key=lambda k: abs(tried[k].flops_ratio - f))
     return best, tried[best]
 
 
+def _indices(flags: Sequence[bool]) -> list[int]:
+    return [i for i, on in enumerate(flags) if on]
+
+
+def _next_on_line(known: Sequence[tuple[float, float]], f: float) -> float:
+    """Where the line through the last two (target, threshold) pairs crosses ``f`` (the last threshold with one
+    pair, 0 with none): thresholds move smoothly with the target, so this starts a solve close by."""
+    if not known:
+        return 0.0
+    if len(known) == 1:
+        return known[-1][1]
+    (f0, t0), (f1, t1) = known[-2:]
+    return t1 + (t1 - t0) * (f - f1) / (f1 - f0)
+
+
 def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[Any], targets: Sequence[float],
               tol: float = 0.002, labels: torch.Tensor | None = None, slack: float = SLACK,
-              idle_saving: float = IDLE_SAVING, idle_quality: float = IDLE_QUALITY) -> list[CalibrationPoint]:
+              idle_saving: float = IDLE_SAVING, idle_quality: float = IDLE_QUALITY,
+              rule_margin: float = RULE_MARGIN) -> list[CalibrationPoint]:
     """For each target f: the threshold at which ``scorer`` told f meets f on ``inputs``, the per-site keep
     shares it then has, the keep_ratio plan that meets f with those shares, and the rule
     ``prune(model, scorer, flops=f)`` runs by default.
 
     ``inputs`` are batches as deployed (text: length-sorted, each cut to its longest row): FLOPs are
     counted as those batches execute them (:func:`measure` with ``executed``). Both rules are solved on
-    them (the threshold by bisection, keep_ratio's scale by :func:`solve_plan`) and scored against the
+    them (the threshold by false position, keep_ratio's scale by :func:`solve_plan`) and scored against the
     unpruned model on the same inputs (:func:`quality`; ``labels`` [M]: classifiers' accuracy). The
-    default is the better of the rules that ran within ``slack`` of f; keep_ratio on a tie (static
-    shapes) or when neither did. A target that no threshold brings the FLOPs down to is kept with
-    ``reached=False`` (its threshold the deepest cut tried).
+    default is the better of the rules that ran within ``slack`` of f, the threshold only where it beats
+    keep_ratio by more than ``rule_margin`` (static shapes otherwise), keep_ratio when neither ran within
+    it. A target that no threshold brings the FLOPs down to is kept with ``reached=False`` (its threshold
+    the deepest cut tried).
 
     Sites whose threshold drops save less than ``idle_saving`` of the block compute
     (:func:`policy_prune.core.budget.site_savings`) are made idle (they keep every token and run no scorer;
@@ -180,23 +218,28 @@ def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[A
         return quality(backbone.output_kind, m.outputs, teacher, labels)  # type: ignore[arg-type]
 
     points: list[CalibrationPoint] = []
+    all_scored: list[tuple[float, float]] = []  # (target, its threshold with every site scored)
     n_sites = len(scorer.sites)
     for f in sorted(targets):
         told = scorer.at(f)
         seen: list[float] = []
+        ran: dict[float, Measured] = {}  # threshold -> what it did with the current idle sites (outputs kept)
         idle = [False] * n_sites
 
         def values(t: float, idle: list[bool] = idle) -> list[float]:
             return [-math.inf if i else t for i in idle]
 
-        def flops_at(t: float, told: LearnedScorer = told, seen: list[float] = seen, values: Any = values) -> float:
-            seen.append(measure(backbone, told, inputs, "threshold", values(t), executed=True).flops_ratio)
+        def flops_at(t: float, told: LearnedScorer = told, seen: list[float] = seen, values: Any = values,
+                     ran: dict[float, Measured] = ran) -> float:
+            ran[t] = measure(backbone, told, inputs, "threshold", values(t), executed=True, outputs=True)
+            seen.append(ran[t].flops_ratio)
             return seen[-1]
 
-        # Thresholds fall as targets rise: start from the previous target's, a short step away.
-        t = solve_threshold(flops_at, f, tol=tol, start=points[-1].threshold if points else 0.0,
-                            step=0.5 if points else 1.0)
-        runs = {"threshold": measure(backbone, told, inputs, "threshold", values(t), executed=True, outputs=True)}
+        # Every site scored: start on the line through the last two targets' thresholds with every site
+        # scored (from the previous one's with one), a short step away.
+        t = solve_threshold(flops_at, f, tol=tol, start=_next_on_line(all_scored, f), step=0.25 if all_scored else 1.0)
+        all_scored.append((f, t))
+        runs = {"threshold": ran[t]}  # solve_threshold returns a threshold it measured
         scored = score(runs["threshold"])  # every site scored: what idling may cost at most idle_quality of
 
         def met_f(m: Measured, seen: list[float] = seen, f: float = f) -> bool:
@@ -213,20 +256,27 @@ def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[A
             was_idle, was_seen, was_t, was_met = list(idle), list(seen), t, met_f(runs["threshold"])
             idle[:] = [a or b for a, b in zip(idle, more, strict=True)]
             seen.clear()
-            t = solve_threshold(flops_at, f, tol=tol, start=t, step=0.25)
-            trial = measure(backbone, told, inputs, "threshold", values(t), executed=True, outputs=True)
+            ran.clear()
+            # From the line through the last targets' thresholds with these idle sites, where they had them.
+            known = [(p.flops, p.threshold) for p in points[-2:] if p.idle == _indices(idle)]
+            t = solve_threshold(flops_at, f, tol=tol, start=_next_on_line(known, f) if known else t, step=0.25)
+            trial = ran[t]
             if score(trial) < scored - idle_quality or (was_met and not met_f(trial)):
                 idle[:], seen[:], t = was_idle, was_seen, was_t
                 break
             runs["threshold"] = trial
-        plan, runs["keep_ratio"] = solve_plan(backbone, told, inputs, f, runs["threshold"].keep_ratio, tol, idle=idle)
+        # keep_ratio's plan from the previous target's offset (plan - target) where it had the same idle sites.
+        near = points[-1] if points and points[-1].idle == _indices(idle) else None
+        plan, runs["keep_ratio"] = solve_plan(backbone, told, inputs, f, runs["threshold"].keep_ratio, tol, idle=idle,
+                                              start=None if near is None or near.plan is None else f + near.plan - near.flops)
         scores = {rule: score(m) for rule, m in runs.items()}
         spent = {rule: m.flops_ratio for rule, m in runs.items()}
         # solve_threshold's own test: some threshold tried ran at most f (else it gave up at the deepest cut).
         reached = min(seen) <= f
         met = [rule for rule in runs if spent[rule] <= f + slack and (rule != "threshold" or reached)]
-        best = max(met, key=lambda r: (scores[r], r == "keep_ratio")) if met else "keep_ratio"
+        margin = {"threshold": rule_margin, "keep_ratio": 0.0}  # static shapes unless the mask path wins clearly
+        best = max(met, key=lambda r: (scores[r] - margin[r], r == "keep_ratio")) if met else "keep_ratio"
         points.append(CalibrationPoint(float(f), float(t), runs["threshold"].keep_ratio, reached=reached, rule=best,
                                        quality=scores, plan=float(plan), spent=spent,
-                                       idle=[i for i, off in enumerate(idle) if off]))
+                                       idle=_indices(idle)))
     return points

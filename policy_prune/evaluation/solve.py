@@ -12,7 +12,7 @@ on the val split is at most ``target`` and as close to it as the method's steps 
   more, which crosses it (:func:`descend`). The last step is one token at the last site that still
   prunes (about 0.001 of the FLOPs on digits-vit). Per-site values are ratios of the tokens alive at
   that site, so text rows of other lengths keep proportional counts.
-- threshold (the learned scorer's own per-sample allocation): bisection on the FLOPs measured by
+- threshold (the learned scorer's own per-sample allocation): false position on the FLOPs measured by
   running the method over val, stopping within ``tol`` below the target.
 - ToMe per block: the same descent over the per-block r of its schedule (:mod:`...tome`).
 
@@ -144,5 +144,5 @@ def solve_ratios(cost: Callable[[list[float]], float], prunable: Callable[[list[
 
 def solve_threshold(fn: Callable[[float], float], target: float, iters: int = 20, tol: float = TOLERANCE) -> float:
     """The threshold t with fn(t) <= target, as close to it as ``tol`` (fn non-increasing in t); the
-    bracketing bisection of :func:`policy_prune.core.calibration.solve_threshold`."""
+    bracketing search of :func:`policy_prune.core.calibration.solve_threshold`."""
     return calibration.solve_threshold(fn, target, iters=iters, tol=tol, at_most=True)
