@@ -49,6 +49,11 @@ than this (one of 256 calibration samples is 0.0039): keep_ratio runs static sha
 batch and faster in one, so a win of one sample (noise) does not buy the masked, per-row path."""
 
 
+def on_line(a: tuple[float, float], b: tuple[float, float], x: float) -> float:
+    """The value at ``x`` of the line through the points ``a`` and ``b`` ((x, y) pairs, distinct x)."""
+    return a[1] + (b[1] - a[1]) * (x - a[0]) / (b[0] - a[0])
+
+
 def site_savings(shares: Sequence[float], sites: Sequence[int], depth: int) -> list[float]:
     """Per site: the share of the model's block compute its drops remove, from the per-site shares of the
     prunable tokens kept: (1 - s_i) x (the prunable share alive before it) x (blocks after it) / depth.
@@ -79,8 +84,8 @@ class CalibrationPoint:
     rule: str = "keep_ratio"
     """The rule ``prune(model, scorer, flops=f)`` runs by default near this target: the one of the two
     (threshold, keep_ratio) that scored higher on the calibration data, the threshold only by more than
-    ``RULE_MARGIN`` (issue #23). Artifacts written
-    before the choice was made load as keep_ratio, the default they ran with."""
+    ``RULE_MARGIN`` (issue #23). Artifacts written before the choice was made load as keep_ratio, the
+    default they ran with."""
     quality: dict[str, float] = field(default_factory=dict)
     """Rule -> its quality on the calibration data at this target (mean cosine to the unpruned output for
     encoders; accuracy, else agreement with the unpruned model, for classifiers)."""
@@ -140,7 +145,7 @@ class BudgetInput:
         if len(run) == 1 or outside or xs[0] <= f <= xs[-1]:
             return float(np.interp(f, xs, ts))
         i = 0 if f < xs[0] else len(run) - 2  # towards a point with other idle sites: extend this run's line
-        return ts[i] + (ts[i + 1] - ts[i]) * (f - xs[i]) / (xs[i + 1] - xs[i])
+        return on_line((xs[i], ts[i]), (xs[i + 1], ts[i + 1]), f)
 
     def regime(self, flops: float) -> list[CalibrationPoint]:
         """The run of consecutive calibration points with the idle sites that run at ``flops``: those of the two

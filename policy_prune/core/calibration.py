@@ -20,6 +20,7 @@ from policy_prune.core.budget import (
     RULE_MARGIN,
     SLACK,
     CalibrationPoint,
+    on_line,
     site_savings,
 )
 from policy_prune.core.inference import static_floor, static_ratios
@@ -103,10 +104,11 @@ def solve_threshold(fn: Callable[[float], float], target: float, iters: int = 20
 
     Brackets around ``start`` by doubling ``step`` outwards (logits are unbounded; thresholds beyond
     +-64 count as unreachable), then narrows the bracket until target - tol <= fn(t) <= target (without
-    ``at_most``: |fn(t) - target| <= tol) by false position with the Illinois safeguard (the FLOPs ratio is close to linear in t across a narrow bracket:
-    about 30% fewer calls than bisection on smooth and stepped curves). Returns that t with ``at_most``
-    (evaluation: a method never gets more than its budget), else the t seen whose fn(t) is nearest the
-    target (calibration). Each fn value is computed once (a call runs the pruned model over the data).
+    ``at_most``: |fn(t) - target| <= tol) by false position with the Illinois safeguard (the FLOPs ratio is
+    close to linear in t across a narrow bracket: about 30% fewer calls than bisection on smooth and stepped
+    curves). Returns that t with ``at_most`` (evaluation: a method never gets more than its budget), else
+    the t seen whose fn(t) is nearest the target (calibration). Each fn value is computed once (a call runs
+    the pruned model over the data).
     """
     seen: dict[float, float] = {}
 
@@ -182,8 +184,7 @@ def _next_on_line(known: Sequence[tuple[float, float]], f: float) -> float:
         return 0.0
     if len(known) == 1:
         return known[-1][1]
-    (f0, t0), (f1, t1) = known[-2:]
-    return t1 + (t1 - t0) * (f - f1) / (f1 - f0)
+    return on_line(known[-1], known[-2], f)
 
 
 def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[Any], targets: Sequence[float],
@@ -222,28 +223,32 @@ def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[A
     n_sites = len(scorer.sites)
     for f in sorted(targets):
         told = scorer.at(f)
-        seen: list[float] = []
         ran: dict[float, Measured] = {}  # threshold -> what it did with the current idle sites (outputs kept)
         idle = [False] * n_sites
 
         def values(t: float, idle: list[bool] = idle) -> list[float]:
             return [-math.inf if i else t for i in idle]
 
-        def flops_at(t: float, told: LearnedScorer = told, seen: list[float] = seen, values: Any = values,
+        def flops_at(t: float, told: LearnedScorer = told, values: Any = values,
                      ran: dict[float, Measured] = ran) -> float:
             ran[t] = measure(backbone, told, inputs, "threshold", values(t), executed=True, outputs=True)
-            seen.append(ran[t].flops_ratio)
-            return seen[-1]
+            return ran[t].flops_ratio
+
+        def reached(ran: dict[float, Measured] = ran, f: float = f) -> bool:
+            """solve_threshold's own test: a threshold tried with the current idle sites ran at most f (else it
+            gave up at the deepest cut)."""
+            return min(m.flops_ratio for m in ran.values()) <= f
 
         # Every site scored: start on the line through the last two targets' thresholds with every site
         # scored (from the previous one's with one), a short step away.
-        t = solve_threshold(flops_at, f, tol=tol, start=_next_on_line(all_scored, f), step=0.25 if all_scored else 1.0)
+        t = solve_threshold(flops_at, f, tol=tol, start=_next_on_line(all_scored, f),
+                            step=0.25 if all_scored else 1.0)
         all_scored.append((f, t))
         runs = {"threshold": ran[t]}  # solve_threshold returns a threshold it measured
         scored = score(runs["threshold"])  # every site scored: what idling may cost at most idle_quality of
 
-        def met_f(m: Measured, seen: list[float] = seen, f: float = f) -> bool:
-            return min(seen) <= f and m.flops_ratio <= f + slack
+        def met_f(m: Measured, f: float = f) -> bool:
+            return reached() and m.flops_ratio <= f + slack
 
         while True:
             saved = site_savings(runs["threshold"].keep_ratio, scorer.sites, backbone.depth)
@@ -253,30 +258,30 @@ def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[A
                 break
             # Solve again with those sites idle too, from the threshold just found; kept only where the
             # threshold's quality holds (within idle_quality of scoring every site) and it still meets f.
-            was_idle, was_seen, was_t, was_met = list(idle), list(seen), t, met_f(runs["threshold"])
+            was_idle, was_ran, was_t, was_met = list(idle), dict(ran), t, met_f(runs["threshold"])
             idle[:] = [a or b for a, b in zip(idle, more, strict=True)]
-            seen.clear()
             ran.clear()
             # From the line through the last targets' thresholds with these idle sites, where they had them.
             known = [(p.flops, p.threshold) for p in points[-2:] if p.idle == _indices(idle)]
             t = solve_threshold(flops_at, f, tol=tol, start=_next_on_line(known, f) if known else t, step=0.25)
             trial = ran[t]
             if score(trial) < scored - idle_quality or (was_met and not met_f(trial)):
-                idle[:], seen[:], t = was_idle, was_seen, was_t
+                idle[:], t = was_idle, was_t
+                ran.clear()
+                ran.update(was_ran)
                 break
             runs["threshold"] = trial
         # keep_ratio's plan from the previous target's offset (plan - target) where it had the same idle sites.
         near = points[-1] if points and points[-1].idle == _indices(idle) else None
+        start = None if near is None or near.plan is None else f + near.plan - near.flops
         plan, runs["keep_ratio"] = solve_plan(backbone, told, inputs, f, runs["threshold"].keep_ratio, tol, idle=idle,
-                                              start=None if near is None or near.plan is None else f + near.plan - near.flops)
+                                              start=start)
         scores = {rule: score(m) for rule, m in runs.items()}
         spent = {rule: m.flops_ratio for rule, m in runs.items()}
-        # solve_threshold's own test: some threshold tried ran at most f (else it gave up at the deepest cut).
-        reached = min(seen) <= f
-        met = [rule for rule in runs if spent[rule] <= f + slack and (rule != "threshold" or reached)]
+        met = [rule for rule in runs if spent[rule] <= f + slack and (rule != "threshold" or reached())]
         margin = {"threshold": rule_margin, "keep_ratio": 0.0}  # static shapes unless the mask path wins clearly
         best = max(met, key=lambda r: (scores[r] - margin[r], r == "keep_ratio")) if met else "keep_ratio"
-        points.append(CalibrationPoint(float(f), float(t), runs["threshold"].keep_ratio, reached=reached, rule=best,
+        points.append(CalibrationPoint(float(f), float(t), runs["threshold"].keep_ratio, reached=reached(), rule=best,
                                        quality=scores, plan=float(plan), spent=spent,
                                        idle=_indices(idle)))
     return points
