@@ -88,7 +88,8 @@ class CalibrationPoint:
     default they ran with."""
     quality: dict[str, float] = field(default_factory=dict)
     """Rule -> its quality on the calibration data at this target (mean cosine to the unpruned output for
-    encoders; accuracy, else agreement with the unpruned model, for classifiers)."""
+    encoders; accuracy, else agreement with the unpruned model, for classifiers); where the calibration data
+    held several kinds of input (retrieval: passages, queries), also "rule@k" -> its quality on kind k."""
     plan: float | None = None
     """keep_ratio's scale: the FLOPs ratio on a full-length input whose per-site shares (``keep_ratio``
     stretched, :func:`policy_prune.core.inference.static_ratios`) execute ``flops`` on the calibration

@@ -190,7 +190,7 @@ def _next_on_line(known: Sequence[tuple[float, float]], f: float) -> float:
 def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[Any], targets: Sequence[float],
               tol: float = 0.002, labels: torch.Tensor | None = None, slack: float = SLACK,
               idle_saving: float = IDLE_SAVING, idle_quality: float = IDLE_QUALITY,
-              rule_margin: float = RULE_MARGIN) -> list[CalibrationPoint]:
+              rule_margin: float = RULE_MARGIN, parts: Sequence[int] | None = None) -> list[CalibrationPoint]:
     """For each target f: the threshold at which ``scorer`` told f meets f on ``inputs``, the per-site keep
     shares it then has, the keep_ratio plan that meets f with those shares, and the rule
     ``prune(model, scorer, flops=f)`` runs by default.
@@ -201,7 +201,10 @@ def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[A
     unpruned model on the same inputs (:func:`quality`; ``labels`` [M]: classifiers' accuracy). The
     default is the better of the rules that ran within ``slack`` of f, the threshold only where it beats
     keep_ratio by more than ``rule_margin`` (static shapes otherwise), keep_ratio when neither ran within
-    it. A target that no threshold brings the FLOPs down to is kept with ``reached=False`` (its threshold
+    it. ``parts`` (one per batch: the kind of input it holds, e.g. retrieval passages 0 and queries 1): the
+    threshold must beat keep_ratio by more than ``rule_margin`` on each kind on its own (a threshold met on
+    the total can move compute from one kind to the other, and a user who encodes only passages asked for f
+    on them: they must not get worse embeddings than keep_ratio gives at f). A target that no threshold brings the FLOPs down to is kept with ``reached=False`` (its threshold
     the deepest cut tried).
 
     Sites whose threshold drops save less than ``idle_saving`` of the block compute
@@ -213,10 +216,19 @@ def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[A
     grow or shrink with the budget (on digits-vit a second site saves 3% at 0.1, 14% at 0.3 and 3% at 0.7).
     """
     with torch.inference_mode():
-        teacher = torch.cat([backbone(x).float().cpu() for x in inputs])
+        per_batch = [backbone(x).float().cpu() for x in inputs]
+    teacher = torch.cat(per_batch)
+    # Per output row: the kind of input of its batch (one kind without ``parts``).
+    kinds = torch.repeat_interleave(torch.tensor(list(parts) if parts is not None else [0] * len(inputs)),
+                                    torch.tensor([len(t) for t in per_batch]))
 
     def score(m: Measured) -> float:
         return quality(backbone.output_kind, m.outputs, teacher, labels)  # type: ignore[arg-type]
+
+    def score_kinds(m: Measured) -> list[float]:
+        """Quality on each kind of input (kinds 0, 1, ... in order)."""
+        return [quality(backbone.output_kind, m.outputs[kinds == k], teacher[kinds == k],  # type: ignore[index]
+                        None if labels is None else labels[kinds == k]) for k in kinds.unique().tolist()]
 
     points: list[CalibrationPoint] = []
     all_scored: list[tuple[float, float]] = []  # (target, its threshold with every site scored)
@@ -277,10 +289,16 @@ def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[A
         plan, runs["keep_ratio"] = solve_plan(backbone, told, inputs, f, runs["threshold"].keep_ratio, tol, idle=idle,
                                               start=start)
         scores = {rule: score(m) for rule, m in runs.items()}
+        by_kind = {rule: score_kinds(m) for rule, m in runs.items()}
+        if len(by_kind["threshold"]) > 1:  # recorded per kind too: "threshold@1" (queries)
+            scores.update({f"{rule}@{k}": q for rule, qs in by_kind.items() for k, q in enumerate(qs)})
         spent = {rule: m.flops_ratio for rule, m in runs.items()}
         met = [rule for rule in runs if spent[rule] <= f + slack and (rule != "threshold" or reached())]
-        margin = {"threshold": rule_margin, "keep_ratio": 0.0}  # static shapes unless the mask path wins clearly
-        best = max(met, key=lambda r: (scores[r] - margin[r], r == "keep_ratio")) if met else "keep_ratio"
+        if len(met) == 2:  # static shapes unless the mask path wins clearly, on every kind of input
+            lead = min(a - b for a, b in zip(by_kind["threshold"], by_kind["keep_ratio"], strict=True))
+            best = "threshold" if lead > rule_margin else "keep_ratio"
+        else:
+            best = met[0] if met else "keep_ratio"
         points.append(CalibrationPoint(float(f), float(t), runs["threshold"].keep_ratio, reached=reached(), rule=best,
                                        quality=scores, plan=float(plan), spent=spent,
                                        idle=_indices(idle)))
