@@ -86,6 +86,35 @@ def test_merging_a_duplicate_with_proportional_attention_is_exact(name: str) -> 
     assert not torch.allclose(plain, reference, atol=1e-4)  # without the bias the merge is not exact
 
 
+@pytest.mark.parametrize("name", ["hf-bert", "timm-vit-gap"])
+def test_average_pool_weighted_by_size_keeps_a_duplicate_merge_exact(name: str) -> None:
+    """A mean-pooling head (a sentence encoder's mean pool, a GAP ViT) sees the merged token once: weighted by
+    its size it averages the embedded tokens again and the duplicate merge stays exact; the reference's
+    unweighted pool counts the pair as one token and is not. ToMe's eval methods pool with the sizes."""
+    model = tiny.make(name)
+    backbone = HFEncoderBackbone(model, pooling="mean") if name == "hf-bert" else adapt(model)
+    with torch.no_grad():
+        state = backbone.embed(tiny.inputs(name))
+        tokens = state.tokens.clone()
+        tokens[:, 4] = tokens[:, 3]
+        state = replace(state, tokens=tokens)
+        reference = backbone.head(backbone.run_blocks(state, 0, backbone.depth))
+        target = (state.valid & ~state.protected).sum(dim=1) - 1
+        merged, size, _, _ = merge_tokens(backbone, state, state.valid.long(), 0, target)
+        ran = run_blocks_sized(backbone, merged, size, 0, backbone.depth)
+        weighted, unweighted = backbone.head(ran, size), backbone.head(ran)
+        # The eval methods: tome-sites and tome-native pool with their final sizes unless told not to.
+        x = tiny.inputs(name)
+        out, final, _, sizes, _ = forward_merged(backbone, x, [1], 0.5)
+        assert bool((sizes > 1).any()) and torch.allclose(out, backbone.head(final, sizes))
+        assert not torch.allclose(out, forward_merged(backbone, x, [1], 0.5, size_pool=False)[0], atol=1e-5)
+        native = tome.forward_native(backbone, x, [2] * backbone.depth)[0]
+        assert not torch.allclose(native, tome.forward_native(backbone, x, [2] * backbone.depth, size_pool=False)[0],
+                                  atol=1e-5)
+    assert torch.allclose(weighted, reference, atol=1e-5)
+    assert not torch.allclose(unweighted, reference, atol=1e-4)
+
+
 # ---- the ToMe fix (#15): no round merges as many tokens as A holds ------------------------------------
 @pytest.mark.parametrize("n, target", [(144, 36), (144, 3), (144, 100), (9, 3), (4, 3), (3, 1), (50, 49), (2, 1)])
 def test_merge_rounds_are_balanced_and_below_half(n: int, target: int) -> None:

@@ -58,6 +58,15 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
 
 
+def weighted_mean(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`masked_mean` with each token weighted by ``weight`` [B, N] (None: all 1): the mean over the
+    tokens that merged slots stand for, when ``weight`` is their sizes."""
+    if weight is None:
+        return masked_mean(x, mask)
+    w = (weight.to(x.dtype) * mask.to(x.dtype)).unsqueeze(-1)
+    return (x * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
+
+
 def scatter_to_grid(values: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, n: int) -> torch.Tensor:
     """Write per-slot values back to their original token positions (the inverse of a prune's gather).
 

@@ -436,12 +436,14 @@ class EvitMethod(Method):
 class TomeSites(Method):
     """ToMe's matching at the env's sites, down to the token counts the keep_ratio rule keeps."""
 
-    def __init__(self, sites: Sequence[int], prop_attn: bool = True, name: str = "tome-sites") -> None:
+    def __init__(self, sites: Sequence[int], prop_attn: bool = True, name: str = "tome-sites",
+                 size_pool: bool = True) -> None:
         super().__init__(name, sites)
-        self.prop_attn = prop_attn
+        self.prop_attn, self.size_pool = prop_attn, size_pool
 
     def forward(self, backbone: TokenBackbone, inputs: Any, point: Point, watch: Watch | None = None) -> tuple[torch.Tensor, Work]:
-        out, _, counts, _, work = forward_merged(backbone, inputs, self.sites, point.values, self.prop_attn, watch)
+        out, _, counts, _, work = forward_merged(backbone, inputs, self.sites, point.values, self.prop_attn, watch,
+                                                 self.size_pool)
         return out, work
 
     def site_counts(self, values: Sequence[float], tc: BatchedCounts) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -534,13 +536,15 @@ def merge_tokens(backbone: TokenBackbone, state: TokenState, size: torch.Tensor,
 
 def forward_merged(
     backbone: TokenBackbone, inputs: Any, sites: Sequence[int], values: float | Sequence[float], prop_attn: bool = True,
-    watch: Watch | None = None,
+    watch: Watch | None = None, size_pool: bool = True,
 ) -> tuple[torch.Tensor, TokenState, list[torch.Tensor], torch.Tensor, Work]:
     """The whole model with ToMe before each site, reaching the keep_ratio rule's token counts.
 
     Merging happens at the same sites as pruning and down to the same counts, so every method at a
-    budget runs the same blocks on the same number of tokens. Heads are the host's own: an average-
-    pooling head averages merged tokens unweighted, as the reference does.
+    budget runs the same blocks on the same number of tokens. Heads are the host's own; with
+    ``size_pool`` an average-pooling head (a text encoder's mean pool) weights each merged token by its
+    size, so it averages the embedded tokens as ``merge_wavg`` keeps their sum (without: unweighted, as the
+    reference's timm heads do; its ViTs pool a CLS token, where the two agree).
 
     values: the keep ratio, one number or one per site. Returns (output, final state, alive counts
     [B] after each site, final sizes [B, N'], Work).
@@ -565,7 +569,7 @@ def forward_merged(
     b = len(n0)
     work = site_work(backbone.depth, list(sites), n0, counts, torch.full((b,), spent, dtype=torch.float64),
                      torch.zeros(b, dtype=torch.long), state.n_full)
-    return backbone.head(state), state, counts, size, work
+    return backbone.head(state, size if size_pool else None), state, counts, size, work
 
 
 # ---- ToMe in every block --------------------------------------------------------------------------------
@@ -577,13 +581,14 @@ class TomeNative(Method):
     (one merge there saves one token of one MLP).
     """
 
-    def __init__(self, prop_attn: bool = True, inflect: float = 0.0, name: str = "tome-native") -> None:
+    def __init__(self, prop_attn: bool = True, inflect: float = 0.0, name: str = "tome-native",
+                 size_pool: bool = True) -> None:
         super().__init__(name, [])
-        self.prop_attn, self.inflect = prop_attn, inflect
+        self.prop_attn, self.inflect, self.size_pool = prop_attn, inflect, size_pool
 
     def forward(self, backbone: TokenBackbone, inputs: Any, point: Point, watch: Watch | None = None) -> tuple[torch.Tensor, Work]:
         r = [int(v) for v in point.values] if point.rule == "tome-r" else [0] * backbone.depth
-        return tome.forward_native(backbone, inputs, r, self.prop_attn, watch)
+        return tome.forward_native(backbone, inputs, r, self.prop_attn, watch, self.size_pool)
 
     def predict(self, backbone: TokenBackbone, tc: BatchedCounts, point: Point) -> Work:
         r = [int(v) for v in point.values] if point.rule == "tome-r" else [0] * backbone.depth
@@ -628,6 +633,9 @@ class BaselineOptions:
     """ToMe's proportional attention (log(size) added to attention logits)."""
     tome_inflect: float = 0.0
     """tome-native's schedule: 0 constant r per block; -1 the authors' decreasing schedule (any value in [-1, 1])."""
+    tome_size_pool: bool = True
+    """ToMe's average-pooling heads (text encoders' mean pool) weight each merged token by its size: the mean over
+    the embedded tokens, which merge_wavg preserves; False: the reference's unweighted pool (built for CLS ViTs)."""
 
 
 BASELINES: dict[str, Callable[[BaselineOptions, list[int]], Method]] = {
@@ -638,8 +646,8 @@ BASELINES: dict[str, Callable[[BaselineOptions, list[int]], Method]] = {
     "token-norm": lambda o, s: ScorerMethod("token-norm", TokenNormScorer(), s),
     "similarity": lambda o, s: ScorerMethod("similarity", SimilarityScorer(o.diversity), s),
     "similarity-pre": lambda o, s: ScorerMethod("similarity-pre", SimilarityScorer(o.diversity), [0]),
-    "tome-native": lambda o, s: TomeNative(o.prop_attn, o.tome_inflect),
-    "tome-sites": lambda o, s: TomeSites(s, o.prop_attn),
+    "tome-native": lambda o, s: TomeNative(o.prop_attn, o.tome_inflect, size_pool=o.tome_size_pool),
+    "tome-sites": lambda o, s: TomeSites(s, o.prop_attn, size_pool=o.tome_size_pool),
 }
 
 

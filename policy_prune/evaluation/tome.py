@@ -164,8 +164,9 @@ def follow(slot_of: torch.Tensor, dst: torch.Tensor, index: torch.Tensor, valid:
 
 
 def forward_native(backbone: TokenBackbone, inputs: Any, r: Sequence[int], prop_attn: bool = True,
-                   watch: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, Work]:
+                   watch: dict[int, torch.Tensor] | None = None, size_pool: bool = True) -> tuple[torch.Tensor, Work]:
     """The whole model with ToMe in every block, r[l] merges in block l. Returns (output, Work).
+    ``size_pool``: an average-pooling head weights merged tokens by their sizes (see ``forward_merged``).
 
     ``watch``, when given, receives for every block l the grouping of the tokens entering it
     ([B, n_full]: slot of each embedded token, -1 once gone) for pictures.
@@ -190,7 +191,7 @@ def forward_native(backbone: TokenBackbone, inputs: Any, r: Sequence[int], prop_
         state = state.with_tokens(mlp_half(state.tokens))
     work = Work(torch.stack(attn_n, 1).cpu(), torch.stack(mlp_n, 1).cpu(), torch.full((b,), selection, dtype=torch.float64),
                 torch.zeros(b, dtype=torch.long), state.n_full, attn_n[0].cpu())
-    return backbone.head(state), work
+    return backbone.head(state, size if size_pool else None), work
 
 
 def initial_slots(state: TokenState) -> torch.Tensor:

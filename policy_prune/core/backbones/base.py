@@ -206,8 +206,11 @@ class TokenBackbone(ABC, nn.Module):
         """Run blocks[start:stop] on the current tokens with a key-padding mask where needed."""
 
     @abstractmethod
-    def head(self, state: TokenState) -> torch.Tensor:
-        """Final norm + pooling + head: logits [B, C] or pooled embedding [B, D]."""
+    def head(self, state: TokenState, size: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm + pooling + head: logits [B, C] or pooled embedding [B, D].
+
+        ``size`` [B, N]: the embedded tokens each slot stands for (token merging); an average pool then
+        weights each slot by it, the mean over the embedded tokens that ``merge_wavg`` preserves."""
 
     @abstractmethod
     def final_hidden(self, state: TokenState) -> torch.Tensor:

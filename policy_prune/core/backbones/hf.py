@@ -138,9 +138,9 @@ class HFEncoderBackbone(TokenBackbone):
     def final_hidden(self, state: TokenState) -> torch.Tensor:
         return self.final_norm(state.tokens)
 
-    def head(self, state: TokenState) -> torch.Tensor:
+    def head(self, state: TokenState, size: torch.Tensor | None = None) -> torch.Tensor:
         x = self.final_hidden(state)
-        pooled = x[:, 0] if self.pooling == "cls" else ops.masked_mean(x, state.valid)
+        pooled = x[:, 0] if self.pooling == "cls" else ops.weighted_mean(x, state.valid, size)
         return self.classifier(pooled) if self.classifier is not None else pooled
 
     def attention_qk(self, state: TokenState, layer: int, cls_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

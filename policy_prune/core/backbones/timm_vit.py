@@ -63,15 +63,16 @@ class TimmViTBackbone(TokenBackbone):
     def final_hidden(self, state: TokenState) -> torch.Tensor:
         return self.model.norm(state.tokens)
 
-    def head(self, state: TokenState) -> torch.Tensor:
+    def head(self, state: TokenState, size: torch.Tensor | None = None) -> torch.Tensor:
         m = self.model
         x = self.final_hidden(state)
-        if m.global_pool == "avg" and state.key_padding_mask() is not None:
-            # timm's pool would average pack padding; average only the alive tokens instead.
+        if m.global_pool == "avg" and (state.key_padding_mask() is not None or size is not None):
+            # timm's pool would average pack padding (and merged tokens unweighted); average only the alive
+            # tokens, each weighted by the tokens it stands for.
             keep = state.valid.clone()
             if not m.pool_include_prefix:
                 keep &= state.positions >= self.num_prefix
-            pooled = ops.masked_mean(x, keep)
+            pooled = ops.weighted_mean(x, keep, size)
             return m.head(m.head_drop(m.fc_norm(pooled)))
         return m.forward_head(x)
 
