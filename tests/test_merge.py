@@ -64,22 +64,29 @@ def test_r0_equals_unpruned(name: str) -> None:
         assert torch.equal(out, backbone(x)) and bool((size[size > 0] == 1).all())
 
 
+def _duplicate_merged(name: str, pooling: str):
+    """(backbone, the unmerged model's output on inputs whose token 4 repeats token 3, that state with the pair
+    merged into one token of size 2, its sizes) with ``pooling`` for the text model."""
+    model = tiny.make(name)
+    backbone = HFEncoderBackbone(model, pooling=pooling) if name == "hf-bert" else adapt(model)
+    state = backbone.embed(tiny.inputs(name))
+    tokens = state.tokens.clone()
+    tokens[:, 4] = tokens[:, 3]
+    state = replace(state, tokens=tokens)
+    reference = backbone.head(backbone.run_blocks(state, 0, backbone.depth))
+    target = (state.valid & ~state.protected).sum(dim=1) - 1
+    merged, size, _, _ = merge_tokens(backbone, state, state.valid.long(), 0, target)
+    assert merged.alive_counts.tolist() == (state.alive_counts - 1).tolist()
+    assert (size == 2).sum(dim=1).tolist() == [1] * len(size)
+    return backbone, reference, merged, size
+
+
 @pytest.mark.parametrize("name", ["timm-vit-cls", "hf-vit-classifier", "hf-bert"])
 def test_merging_a_duplicate_with_proportional_attention_is_exact(name: str) -> None:
     """Two identical tokens stay identical through every block, so merging them into one token of
     size 2 with log(2) on its logits must reproduce the unmerged model (CLS output)."""
-    model = tiny.make(name)
-    backbone = HFEncoderBackbone(model, pooling="cls") if name == "hf-bert" else adapt(model)
     with torch.no_grad():
-        state = backbone.embed(tiny.inputs(name))
-        tokens = state.tokens.clone()
-        tokens[:, 4] = tokens[:, 3]
-        state = replace(state, tokens=tokens)
-        reference = backbone.head(backbone.run_blocks(state, 0, backbone.depth))
-        target = (state.valid & ~state.protected).sum(dim=1) - 1
-        merged, size, _, _ = merge_tokens(backbone, state, state.valid.long(), 0, target)
-        assert merged.alive_counts.tolist() == (state.alive_counts - 1).tolist()
-        assert (size == 2).sum(dim=1).tolist() == [1] * len(size)
+        backbone, reference, merged, size = _duplicate_merged(name, "cls")
         proportional = backbone.head(run_blocks_sized(backbone, merged, size, 0, backbone.depth))
         plain = backbone.head(run_blocks_sized(backbone, merged, None, 0, backbone.depth))
     assert torch.allclose(proportional, reference, atol=1e-5)
@@ -91,16 +98,8 @@ def test_average_pool_weighted_by_size_keeps_a_duplicate_merge_exact(name: str) 
     """A mean-pooling head (a sentence encoder's mean pool, a GAP ViT) sees the merged token once: weighted by
     its size it averages the embedded tokens again and the duplicate merge stays exact; the reference's
     unweighted pool counts the pair as one token and is not. ToMe's eval methods pool with the sizes."""
-    model = tiny.make(name)
-    backbone = HFEncoderBackbone(model, pooling="mean") if name == "hf-bert" else adapt(model)
     with torch.no_grad():
-        state = backbone.embed(tiny.inputs(name))
-        tokens = state.tokens.clone()
-        tokens[:, 4] = tokens[:, 3]
-        state = replace(state, tokens=tokens)
-        reference = backbone.head(backbone.run_blocks(state, 0, backbone.depth))
-        target = (state.valid & ~state.protected).sum(dim=1) - 1
-        merged, size, _, _ = merge_tokens(backbone, state, state.valid.long(), 0, target)
+        backbone, reference, merged, size = _duplicate_merged(name, "mean")
         ran = run_blocks_sized(backbone, merged, size, 0, backbone.depth)
         weighted, unweighted = backbone.head(ran, size), backbone.head(ran)
         # The eval methods: tome-sites and tome-native pool with their final sizes unless told not to.
