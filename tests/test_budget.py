@@ -295,6 +295,10 @@ def test_text_calibration_runs_the_batches_a_deployment_makes() -> None:
             padded = measure(bert, scorer, random, "keep_ratio", values, executed=True).flops_ratio
             assert abs(sample - whole) < 0.02 < padded - whole
     assert calibration_batches(split, 256, seed=0, device="cpu")[0][0]["input_ids"].equal(batches[0]["input_ids"])
+    # A sample as large as the split is the whole split, in every deployed batch (600 rows: 9.4 batches of 64).
+    small = _lengths_split(600, 6, 60, seed=2, queries=_lengths_split(300, 3, 12, seed=3))
+    whole, _, kinds = calibration_batches(small, 1000, seed=0, device="cpu")
+    assert kinds == [0] * 10 + [1] * 5 and sum(len(b["input_ids"]) for b in whole) == 600 + 300
 
 
 def test_default_rule_is_one_that_met_its_target() -> None:

@@ -425,7 +425,7 @@ def calibration_batches(split: Any, n: int, seed: int, device: str,
         rows = min(n, len(split)) if kind == 0 else round(min(n, len(split)) * len(part) / max(len(split), 1))
         if text:
             deployed = part.inputs["attention_mask"].sum(dim=1).argsort(stable=True).split(batch_size)
-            take = min(max(round(rows / batch_size), 1), len(deployed))
+            take = len(deployed) if rows >= len(part) else min(max(round(rows / batch_size), 1), len(deployed))
             step = len(deployed) / take
             first = float(torch.rand((), generator=g)) * step
             chosen = [deployed[int(first + i * step)] for i in range(take)]
