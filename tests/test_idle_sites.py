@@ -22,7 +22,6 @@ from policy_prune.core.calibration import calibrate, measure
 from policy_prune.core.inference import prune
 from policy_prune.core.scorer import decide, random_scorer, row_full_flops
 from policy_prune.core.selection import learned_flops
-from policy_prune.errors import UserError
 from tests import tiny
 from tests.test_budget import _short_texts
 
@@ -150,24 +149,6 @@ def test_between_points_with_other_idle_sites_the_nearer_point_decides() -> None
     assert [p.flops for p in budget.regime(0.5)] == [0.6, 0.8]
     assert BudgetInput.from_json(budget.to_json()) == budget
     assert BudgetInput(0.3, 0.9, 0.5).idle(0.5, 2) == [False, False]
-
-
-def test_reached_reads_the_points_the_threshold_reads() -> None:
-    """Whether the calibrated threshold met its target at f is read from the same points as the threshold:
-    a neighbour with other idle sites that missed its target does not refuse a threshold solved (and met)
-    without it, and a missed point in the run the threshold follows does."""
-    missed = CalibrationPoint(0.3, 64.0, [0.1, 1.0], reached=False, idle=[1])
-    budget = BudgetInput(0.2, 0.9, 0.5, [missed, CalibrationPoint(0.35, 1.0, [0.3, 0.9]),
-                                         CalibrationPoint(0.4, 0.5, [0.4, 0.95])])
-    assert budget.idle(0.34, 2) == [False, False] and budget.reached(0.34)  # the 0.35-0.4 line: both met
-    budget.check_reached(0.34)
-    assert budget.threshold(0.33) == pytest.approx(1.2) and budget.reached(0.33)  # that line, extended
-    assert budget.idle(0.31, 2) == [False, True] and not budget.reached(0.31)  # the missed point's own run
-    with pytest.raises(UserError, match="could not bring this scorer down"):
-        budget.check_reached(0.31)
-    unmet = BudgetInput(0.2, 0.9, 0.5, [missed, dataclasses.replace(budget.calibration[1], reached=False),
-                                        budget.calibration[2]])
-    assert not unmet.reached(0.38) and not unmet.reached(0.33)  # inside the run, and extended from its end
 
 
 def test_eval_scores_and_writes_the_deployed_call_with_an_idle_site(tmp_path) -> None:

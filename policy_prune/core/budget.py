@@ -168,18 +168,13 @@ class BudgetInput:
         return points[lo:hi + 1]
 
     def reached(self, flops: float) -> bool:
-        """Whether the calibration points that :meth:`threshold` reads at ``flops`` (those of :meth:`regime`
-        around it, or the end of that run it extends) all reached their targets (True without calibration:
-        nothing was missed). A point with other idle sites plays no part, as in :meth:`threshold`."""
+        """Whether the calibration points that :meth:`threshold` interpolates at ``flops`` all reached their
+        targets (True without calibration: nothing was missed)."""
         f = self.check(flops)
-        run = self.regime(f)
-        if not run:
+        if not self.calibration:
             return True
-        xs = [p.flops for p in run]
-        if len(run) > 1 and not xs[0] <= f <= xs[-1]:  # extended past an end: its two points' line
-            ends = run[:2] if f < xs[0] else run[-2:]
-            return all(p.reached for p in ends)
-        return float(np.interp(f, xs, [0.0 if p.reached else 1.0 for p in run])) <= 1e-9
+        missed = [0.0 if p.reached else 1.0 for p in self.calibration]
+        return float(np.interp(f, [p.flops for p in self.calibration], missed)) <= 1e-9
 
     def check_reached(self, flops: float) -> None:
         """UserError when the calibrated threshold at ``flops`` did not meet it on the calibration data."""
