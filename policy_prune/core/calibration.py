@@ -204,8 +204,8 @@ def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[A
     it. ``parts`` (one per batch: the kind of input it holds, e.g. retrieval passages 0 and queries 1): the
     threshold must beat keep_ratio by more than ``rule_margin`` on each kind on its own (a threshold met on
     the total can move compute from one kind to the other, and a user who encodes only passages asked for f
-    on them: they must not get worse embeddings than keep_ratio gives at f). A target that no threshold brings the FLOPs down to is kept with ``reached=False`` (its threshold
-    the deepest cut tried).
+    on them: they must not get worse embeddings than keep_ratio gives at f). A target that no threshold
+    brings the FLOPs down to is kept with ``reached=False`` (its threshold the deepest cut tried).
 
     Sites whose threshold drops save less than ``idle_saving`` of the block compute
     (:func:`policy_prune.core.budget.site_savings`) are made idle (they keep every token and run no scorer;

@@ -49,21 +49,14 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x[rows, index]
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens where mask is True.
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over tokens where mask is True, each weighted by ``weight`` [B, N] when given (the sizes of merged
+    slots: then the mean over the tokens they stand for).
 
     x: [B, N, D]; mask: [B, N] bool. Returns [B, D]; a row with no True tokens gives zeros.
     """
-    w = mask.to(x.dtype).unsqueeze(-1)
-    return (x * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
-
-
-def weighted_mean(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`masked_mean` with each token weighted by ``weight`` [B, N] (None: all 1): the mean over the
-    tokens that merged slots stand for, when ``weight`` is their sizes."""
-    if weight is None:
-        return masked_mean(x, mask)
-    w = (weight.to(x.dtype) * mask.to(x.dtype)).unsqueeze(-1)
+    w = mask.to(x.dtype) if weight is None else weight.to(x.dtype) * mask.to(x.dtype)
+    w = w.unsqueeze(-1)
     return (x * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
 
 

@@ -140,7 +140,7 @@ class HFEncoderBackbone(TokenBackbone):
 
     def head(self, state: TokenState, size: torch.Tensor | None = None) -> torch.Tensor:
         x = self.final_hidden(state)
-        pooled = x[:, 0] if self.pooling == "cls" else ops.weighted_mean(x, state.valid, size)
+        pooled = x[:, 0] if self.pooling == "cls" else ops.masked_mean(x, state.valid, size)
         return self.classifier(pooled) if self.classifier is not None else pooled
 
     def attention_qk(self, state: TokenState, layer: int, cls_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -72,7 +72,7 @@ class TimmViTBackbone(TokenBackbone):
             keep = state.valid.clone()
             if not m.pool_include_prefix:
                 keep &= state.positions >= self.num_prefix
-            pooled = ops.weighted_mean(x, keep, size)
+            pooled = ops.masked_mean(x, keep, size)
             return m.head(m.head_drop(m.fc_norm(pooled)))
         return m.forward_head(x)
 
