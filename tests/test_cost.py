@@ -67,8 +67,12 @@ def test_unpruned_text_batch_executes_its_padding() -> None:
     x = tiny.inputs("hf-bert", batch=3)  # rows of 12, 9 and 6 tokens in one batch
     with torch.no_grad():
         _, work = make_baseline("none", []).forward(backbone, x, Point("none"))
-    ratios = flops_ratios(backbone, work)
-    assert ratios["block"] == pytest.approx(1.0)
+    # The batch runs every row at 12 tokens: executed charges it, and ratios divide like by like (block by the
+    # unpruned model's work on each row's own tokens, executed by its work on the same padded batch).
+    cols = flops_columns(backbone, work)
     depth_flops = backbone.depth * backbone.block_flops(12)
-    expected = 3 * depth_flops / sum(backbone.depth * backbone.block_flops(n) for n in (12, 9, 6))
-    assert ratios["executed"] == pytest.approx(float(expected)) and ratios["executed"] > 1.1
+    padding = 3 * depth_flops - sum(backbone.depth * backbone.block_flops(n) for n in (12, 9, 6))
+    assert float(cols["executed"].sum() - cols["block"].sum()) == pytest.approx(float(padding))
+    assert torch.equal(cols["full_executed"], cols["executed"]) and float(cols["executed"].sum()) > 1.1 * float(cols["full"].sum())
+    ratios = flops_ratios(backbone, work)
+    assert ratios["block"] == pytest.approx(1.0) and ratios["executed"] == pytest.approx(1.0)

@@ -391,7 +391,7 @@ def test_static_text_widths_hold_every_row() -> None:
     alive = lengths
     for value, width in zip(pruned._site_values(), pruned.text_widths(n), strict=True):
         protected = alive.clamp_max(2)
-        alive = keep_count(value, alive - protected) + protected
+        alive = keep_count(value, alive - protected, protected) + protected
         assert int(alive.max()) == width
 
 

@@ -39,7 +39,8 @@ class Measured:
 
     flops_ratio: float
     """Total FLOPs over total unpruned FLOPs (a learned scorer's own features and MLP included; with
-    ``executed``, every row charged its batch's widest count, as a padded batch runs)."""
+    ``executed``, every row charged its batch's widest count, as a padded batch runs, for the pruned and
+    the unpruned model alike)."""
     keep_ratio: list[float]
     """Per site: kept prunable tokens over the prunable alive tokens before the site (ratio of sums)."""
     outputs: torch.Tensor | None = None
@@ -53,7 +54,8 @@ def measure(backbone: TokenBackbone, scorer: Any, inputs: Sequence[Any], rule: s
 
     ``executed``: FLOPs as the batched forward computes them (each row at its batch's widest count at
     every block and site: a batch of rows keeping different counts is packed to its largest), over the
-    unpruned FLOPs of each row's own tokens, as ``eval`` counts them; else each row on its own counts.
+    unpruned model's executed FLOPs on the same batches, as ``eval`` counts them; else each row on its own
+    counts, over the unpruned model's on each row's own tokens.
     """
     sites = list(sites if sites is not None else scorer.sites)
     selection = None
@@ -78,7 +80,8 @@ def measure(backbone: TokenBackbone, scorer: Any, inputs: Sequence[Any], rule: s
             ran = [c.max().expand_as(c) if len(c) else c for c in counts]
         else:
             tc, ran = TokenCounts(n0, prot, start.n_full), counts
-        f, u = flops_per_row(backbone, sites, ran, tc, selection), row_full_flops(backbone, n0, start.n_full)
+        f = flops_per_row(backbone, sites, ran, tc, selection)
+        u = row_full_flops(backbone, tc.n0, start.n_full)
         flops, full = flops + float(f.sum()), full + float(u.sum())
         prev = n0
         for i, c in enumerate(counts):

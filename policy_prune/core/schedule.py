@@ -1,8 +1,8 @@
 """keep_ratio schedules: the token counts a constant ratio leaves after each site, their FLOPs, and the ratio
 that meets a FLOPs target. One implementation for ``prune``'s static plan, ``eval``'s budgets and ``bench``.
 
-Counts compound: site i keeps ``round(ratio * prunable)`` of the prunable tokens that site i - 1 left
-(``scorer.keep_count``, the rounding ``decide`` applies), and every protected token.
+Counts compound: site i keeps ``round(ratio * alive)`` of the tokens that site i - 1 left, every protected token
+among them and at least one prunable token (``scorer.keep_count``, the rounding ``decide`` applies).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def keep_schedule(values: Sequence[float], n_alive: torch.Tensor, n_protected: t
     """
     counts, alive = [], n_alive
     for value in values:
-        alive = keep_count(value, alive - n_protected) + n_protected
+        alive = keep_count(value, alive - n_protected, n_protected) + n_protected
         counts.append(alive)
     return counts
 

@@ -391,7 +391,7 @@ class EvitMethod(Method):
         counts, entering = [], []
         for i in range(len(self.sites)):
             entering.append(prunable)
-            kept = keep_count(values[min(i, len(values) - 1)], prunable)
+            kept = keep_count(values[min(i, len(values) - 1)], prunable, tc.protected + fused)
             fused = fused | (kept < prunable).long()
             prunable = kept
             counts.append(tc.protected + fused + kept)
@@ -451,7 +451,7 @@ class TomeSites(Method):
         counts, entering = [], []
         for i in range(len(self.sites)):
             entering.append(prunable)
-            shares, _ = merge.merge_rounds(prunable, keep_count(values[min(i, len(values) - 1)], prunable))
+            shares, _ = merge.merge_rounds(prunable, keep_count(values[min(i, len(values) - 1)], prunable, tc.protected))
             prunable = prunable - shares.sum(dim=0)
             counts.append(tc.protected + prunable)
         return counts, entering
@@ -462,7 +462,8 @@ class TomeSites(Method):
         hd = tome.head_dim(backbone)
         selection = torch.zeros(len(tc.n0), dtype=torch.float64)
         for i, prunable in enumerate(entering):
-            shares, rounds = merge.merge_rounds(prunable, keep_count(point.values[min(i, len(point.values) - 1)], prunable))
+            shares, rounds = merge.merge_rounds(prunable, keep_count(point.values[min(i, len(point.values) - 1)], prunable,
+                                                                             tc.protected))
             left = prunable.clone()
             for j in range(shares.shape[0]):
                 ran = batch_max(rounds, tc.batch) > j
@@ -558,7 +559,8 @@ def forward_merged(
     start, spent = 0, 0.0
     for i, site in enumerate(sites):
         state = run_blocks_sized(backbone, state, size if prop_attn else None, start, site)
-        target = keep_count(per_site[min(i, len(per_site) - 1)], (state.valid & ~state.protected).sum(dim=1))
+        target = keep_count(per_site[min(i, len(per_site) - 1)], (state.valid & ~state.protected).sum(dim=1),
+                            (state.valid & state.protected).sum(dim=1))
         state, size, flops, slot_of = merge_tokens(backbone, state, size, site, target, slot_of)
         spent += flops
         counts.append(state.alive_counts)
