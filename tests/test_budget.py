@@ -17,7 +17,13 @@ from policy_prune.core.backbones import adapt
 from policy_prune.core.budget import RULE_MARGIN, SLACK, BudgetInput, CalibrationPoint
 from policy_prune.core.calibration import calibrate, measure
 from policy_prune.core.inference import prune
-from policy_prune.core.schedule import TokenCounts, flops_ratio, keep_ratios_for, keep_schedule
+from policy_prune.core.schedule import (
+    TokenCounts,
+    flops_ratio,
+    keep_ratios_for,
+    keep_schedule,
+    schedule_ratio,
+)
 from policy_prune.core.scorer import random_scorer
 from policy_prune.errors import UserError
 from policy_prune.training.budget import BudgetController
@@ -381,6 +387,20 @@ def test_keep_ratios_for_flops_follows_a_profile(vit) -> None:
         else:  # above it: each share raised towards keep-all
             assert ratios[0] > 0.4 and ratios[1] > 0.8
     assert keep_ratios_for(vit, SITES, TokenCounts.dense(17, 1), 0.6, [0.5, 0.5]) == [pytest.approx(0.6, abs=0.1)] * 2
+
+
+def test_a_plan_that_keeps_every_token_at_a_site_runs_no_scorer_there(vit) -> None:
+    """A share that rounds to every token of the longest row is planned as 1 (the site idle, no scorer cost):
+    0.99 of 17 tokens keeps all 17."""
+    tc = TokenCounts.dense(17, 1)
+    assert keep_schedule([0.99], tc.n0, tc.protected)[0].tolist() == [17]
+
+    def selection(i: int, n: int) -> float:
+        return 1e5
+    ratios = keep_ratios_for(vit, SITES, tc, 0.7, profile=[0.4, 0.99], selection=selection)
+    assert ratios[1] == 1.0 and 0.0 < ratios[0] < 1.0
+    charged = schedule_ratio(vit, SITES, ratios, tc, selection)
+    assert charged == pytest.approx(flops_ratio(vit, SITES, keep_schedule(ratios, tc.n0, tc.protected), tc, lambda i, n: 0.0 if i else 1e5))
 
 
 # ---- the artifact -----------------------------------------------------------------------------------
