@@ -37,8 +37,9 @@ class TokenState:
     top-k pruning). Dense states skip the padding mask and its device sync: the compile-friendly path."""
     static: bool = False
     """Padded rows (text) whose layout is known without reading the tensors: [CLS] sits in slot 0 of
-    every row (right padding, as BERT-family tokenizers pad) and blocks always take the padding mask.
-    Static states never sync with the device; prune them with a fixed ``width``."""
+    every row (right padding, as BERT-family tokenizers pad) and blocks take the padding mask (on the CPU
+    outside tracing, only where a row is padded). Static states never sync with the device; prune them with
+    a fixed ``width``."""
 
     @property
     def alive_counts(self) -> torch.Tensor:
@@ -46,10 +47,14 @@ class TokenState:
         return self.valid.sum(dim=1)
 
     def key_padding_mask(self) -> torch.Tensor | None:
-        """[B, N] bool (True = attend) or None when every slot is a real token (fast path)."""
+        """[B, N] bool (True = attend) or None when every slot is a real token (fast path). A static state
+        keeps its mask (reading ``valid`` would sync the device and break a traced graph), except on the CPU
+        outside tracing, where reading it costs nothing: an unpadded row (batch 1) then runs unmasked."""
         if self.dense:
             return None
-        return self.valid if self.static or not bool(self.valid.all()) else None
+        if self.static and (self.valid.device.type != "cpu" or torch.compiler.is_compiling() or torch.jit.is_tracing()):
+            return self.valid
+        return None if bool(self.valid.all()) else self.valid
 
     def with_tokens(self, tokens: torch.Tensor) -> TokenState:
         """The same slots holding new hidden states (after running blocks)."""

@@ -83,6 +83,7 @@ class HFEncoderBackbone(TokenBackbone):
         self.final_norm: nn.Module = getattr(base, "layernorm", None) or nn.Identity()
         self.name = name or getattr(self.config, "_name_or_path", "") or model_type
         self._create_mask = _mask_fn()
+        self._last_mask: tuple[torch.Tensor, torch.dtype, Any] | None = None
 
     # ---- contract ------------------------------------------------------------------------------
     def embed(self, inputs: Any) -> TokenState:
@@ -119,13 +120,23 @@ class HFEncoderBackbone(TokenBackbone):
         return protected
 
     def _layer_mask(self, state: TokenState) -> torch.Tensor | None:
+        """The layers' attention mask for ``state``'s padding, made once per padding layout: the blocks
+        between two sites (a site that keeps every token changes nothing) reuse the last one."""
         mask = state.key_padding_mask()
         if mask is None:
             return None
+        cache = not (torch.compiler.is_compiling() or torch.jit.is_tracing())  # a traced graph holds no state
+        last = self._last_mask
+        if cache and last is not None and last[0] is mask and last[1] == state.tokens.dtype:
+            return last[2]
         if self._create_mask is not None:
-            return self._create_mask(config=self.config, inputs_embeds=state.tokens, attention_mask=mask.long())
-        dtype = state.tokens.dtype
-        return (~mask)[:, None, None, :].to(dtype) * torch.finfo(dtype).min
+            made = self._create_mask(config=self.config, inputs_embeds=state.tokens, attention_mask=mask.long())
+        else:
+            dtype = state.tokens.dtype
+            made = (~mask)[:, None, None, :].to(dtype) * torch.finfo(dtype).min
+        if cache:
+            self._last_mask = (mask, state.tokens.dtype, made)
+        return made
 
     def run_blocks(self, state: TokenState, start: int, stop: int) -> TokenState:
         mask = self._layer_mask(state)
