@@ -308,6 +308,43 @@ def test_text_calibration_runs_the_batches_a_deployment_makes() -> None:
     assert kinds == [0] * 10 + [1] * 5 and sum(len(b["input_ids"]) for b in whole) == 600 + 300
 
 
+def test_keep_ratio_plans_are_solved_on_the_whole_split_at_most_the_target() -> None:
+    """Calibration measures its outputs on a sample of val's batches, but keep_ratio's counts depend on the
+    rows' lengths alone: ``plan_flops`` counts a plan's executed FLOPs on every batch of the split exactly as
+    ``measure`` runs them, and with ``counted`` the plan is the largest that executes at most f on the whole
+    split, as the baselines are solved (issue #23: a plan met on minilm-text's 256-row sample ran 0.507 of the
+    FLOPs on test at 0.5, beside baselines at 0.496: a comparison at unequal FLOPs)."""
+    from policy_prune.core.calibration import batch_counts, plan_flops
+    from policy_prune.core.inference import rule_for_flops, static_ratios
+    from policy_prune.training.train import calibration_batches
+
+    bert = adapt(tiny.make("hf-bert"))
+    split = _lengths_split(384, 4, 40, seed=4, queries=_lengths_split(192, 3, 10, seed=5))
+    sample, _, parts = calibration_batches(split, 64, seed=0, device="cpu")
+    every, _, _ = calibration_batches(split, len(split), seed=0, device="cpu")
+    assert len(sample) == 2 and len(every) == 9
+    scorer = random_scorer(bert, SITES, seed=0, hidden=(16,), budget=BudgetInput(0.3, 0.9, 0.5))
+    counted = batch_counts(bert, every)
+    for values in ([0.5, 0.8], [0.3, 1.0], [0.9, 0.6]):  # counted == run, idle site included
+        run = measure(bert, scorer.at(0.5), every, "keep_ratio", values, executed=True).flops_ratio
+        assert plan_flops(bert, scorer.at(0.5), counted, values) == pytest.approx(run, abs=1e-12)
+    targets = [0.4, 0.5, 0.7]
+    points = calibrate(bert, scorer, sample, targets, idle_saving=0.0, parts=parts, counted=counted)
+    scorer.budget = BudgetInput(0.3, 0.9, 0.5, points)
+    for f, p in zip(targets, points, strict=True):
+        _, values, told = rule_for_flops(bert, scorer, f, rule="keep_ratio")
+        ran = measure(bert, told, every, "keep_ratio", values, executed=True).flops_ratio
+        assert p.spent["keep_ratio"] == pytest.approx(ran, abs=1e-12)
+        assert f - 0.02 < ran <= f  # on every row of the split: at most f
+        # ... and the largest such plan: the next count step up runs above f (steps of ~0.01 on 384 tiny rows).
+        idle = [i in p.idle for i in range(len(SITES))]
+        above = static_ratios(bert, told, p.plan + 1e-6, p.keep_ratio, idle)
+        assert plan_flops(bert, told, counted, above) > f
+    # Without the whole split, the plan is met on the sample's two batches (nearest f there).
+    alone = calibrate(bert, scorer, sample, targets, idle_saving=0.0, parts=parts)
+    assert [p.plan for p in alone] != [p.plan for p in points]
+
+
 def test_default_rule_is_one_that_met_its_target() -> None:
     """Where calibration's better rule did not meet the target and the other did, the default is the other
     (short texts can keep keep_ratio above a tight target; a threshold may find no cut deep enough)."""

@@ -93,9 +93,11 @@ class CalibrationPoint:
     plan: float | None = None
     """keep_ratio's scale: the FLOPs ratio on a full-length input whose per-site shares (``keep_ratio``
     stretched, :func:`policy_prune.core.inference.static_ratios`) execute ``flops`` on the calibration
-    batches. None in artifacts written before it was measured: the plan is then ``flops`` itself."""
+    batches (runs calibrated since the whole split was counted: at most ``flops`` on every batch of it). None in
+    artifacts written before it was measured: the plan is then ``flops`` itself."""
     spent: dict[str, float] = field(default_factory=dict)
-    """Rule -> the FLOPs ratio it executed on the calibration batches at this target."""
+    """Rule -> the FLOPs ratio it executed on the calibration batches at this target (keep_ratio: on the whole
+    split, where it was counted)."""
     idle: list[int] = field(default_factory=list)
     """Sites (indices into the scorer's sites) that keep every token at this target, so no scorer runs at
     them: the tokens the policy dropped there would save less than ``IDLE_SAVING`` of the blocks' work
