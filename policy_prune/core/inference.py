@@ -386,10 +386,13 @@ def static_ratios(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
                   profile: Sequence[float] | None = None, idle: Sequence[bool] | None = None) -> list[float]:
     """Per-site keep ratios shaped like ``profile`` (default: 0.5 everywhere) whose FLOPs on a full-length
     input (images: every patch; text: ``TEXT_PLAN_TOKENS``), the scorer's own cost included, are ``flops``;
-    ``idle`` sites keep every token and run no scorer."""
+    ``idle`` sites keep every token and run no scorer. Text's 128-token row stands for rows of every length: its
+    counts are not rounded, so the ratios move continuously with ``flops``."""
     counts, selection = _full_length_plan(backbone, scorer)
     check_reachable(backbone, scorer.sites, counts, flops, selection, idle)
-    return keep_ratios_for(backbone, scorer.sites, counts, flops, profile or [0.5] * len(scorer.sites), selection, idle)
+    text = token_layout(backbone)[1] is None
+    return keep_ratios_for(backbone, scorer.sites, counts, flops, profile or [0.5] * len(scorer.sites), selection, idle,
+                           smooth=text)
 
 
 def static_floor(backbone: TokenBackbone, scorer: LearnedScorer, idle: Sequence[bool] | None = None) -> float:

@@ -46,6 +46,18 @@ def keep_schedule(values: Sequence[float], n_alive: torch.Tensor, n_protected: t
     return counts
 
 
+def smooth_schedule(values: Sequence[float], n_alive: torch.Tensor, n_protected: torch.Tensor | int) -> list[torch.Tensor]:
+    """:func:`keep_schedule` without the rounding: fractional counts, continuous in ``values`` (a plan costed on a
+    proxy row, whose rounded counts would move the ratios in steps of one token of that row)."""
+    counts, alive = [], n_alive.double()
+    for value in values:
+        if value < 1.0:
+            floor = n_protected + (alive - n_protected).clamp(max=1.0) * (value > 0)
+            alive = torch.maximum(value * alive, torch.as_tensor(floor, dtype=torch.float64))
+        counts.append(alive)
+    return counts
+
+
 Selection = Callable[[int, int], float]
 """(site index, tokens entering the site) -> FLOPs of choosing the tokens there, per row
 (``core.selection``: a learned scorer's features and MLP)."""
@@ -86,11 +98,13 @@ def lowest_flops_ratio(backbone: TokenBackbone, sites: Sequence[int], tc: TokenC
 
 
 def schedule_ratio(backbone: TokenBackbone, sites: Sequence[int], ratios: Sequence[float], tc: TokenCounts,
-                   selection: Selection | None = None) -> float:
+                   selection: Selection | None = None, smooth: bool = False) -> float:
     """FLOPs ratio of the keep_ratio schedule ``ratios``; a site at ratio 1 runs no scorer
-    (``scorer.keeps_all``), so ``selection`` is not charged there."""
+    (``scorer.keeps_all``), so ``selection`` is not charged there. ``smooth``: unrounded counts
+    (:func:`smooth_schedule`)."""
     charged = None if selection is None else (lambda i, n: 0.0 if ratios[i] >= 1.0 else selection(i, n))
-    return flops_ratio(backbone, sites, keep_schedule(ratios, tc.n0, tc.protected), tc, charged)
+    schedule = smooth_schedule if smooth else keep_schedule
+    return flops_ratio(backbone, sites, schedule(ratios, tc.n0, tc.protected), tc, charged)
 
 
 def solve_keep_ratio(fn: Callable[[float], float], target: float, iters: int = 40) -> float:
@@ -113,7 +127,7 @@ def keep_ratio_for(backbone: TokenBackbone, sites: Sequence[int], tc: TokenCount
 
 def keep_ratios_for(backbone: TokenBackbone, sites: Sequence[int], tc: TokenCounts, target: float,
                     profile: Sequence[float], selection: Selection | None = None,
-                    idle: Sequence[bool] | None = None) -> list[float]:
+                    idle: Sequence[bool] | None = None, smooth: bool = False) -> list[float]:
     """Per-site keep ratios shaped like ``profile`` whose schedule runs these rows nearest ``target`` of
     their FLOPs (``selection`` counted in).
 
@@ -122,6 +136,9 @@ def keep_ratios_for(backbone: TokenBackbone, sites: Sequence[int], tc: TokenCoun
     calibrated allocation, stretched to meet any target). ``idle`` sites keep ratio 1 throughout, and so does a
     site whose ratio would keep every token of the longest row of ``tc`` (it would drop none on a row that
     long or shorter, and its scorer would run for nothing: on minilm-text a plan kept 0.9986 at a site).
+    ``smooth``: ``tc`` is a proxy for rows of other lengths (text), costed with unrounded counts, so that the
+    ratios move continuously with ``target`` (rounded on a 128-token row they moved in steps of 1/128: a plan
+    solved on val could keep 0.496 or 0.504 and nothing between, 0.009 of the FLOPs apart).
     """
     base = [min(max(float(r), 0.0), 1.0) for r in profile]
     pinned = list(idle or [False] * len(base))
@@ -136,4 +153,4 @@ def keep_ratios_for(backbone: TokenBackbone, sites: Sequence[int], tc: TokenCoun
         raw = [1.0 if pin else r * u if u <= 1.0 else r + (1.0 - r) * (u - 1.0) for r, pin in zip(base, pinned, strict=True)]
         return [1.0 if keeps_all(r) else r for r in raw]
 
-    return ratios(solve_keep_ratio(lambda s: schedule_ratio(backbone, sites, ratios(s), tc, selection), target))
+    return ratios(solve_keep_ratio(lambda s: schedule_ratio(backbone, sites, ratios(s), tc, selection, smooth), target))
