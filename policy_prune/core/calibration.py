@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from policy_prune.core.backbones.base import TokenBackbone
+from policy_prune.core.backbones.base import TokenBackbone, TokenState
 from policy_prune.core.budget import (
     IDLE_QUALITY,
     IDLE_SAVING,
@@ -24,7 +24,7 @@ from policy_prune.core.budget import (
     site_savings,
 )
 from policy_prune.core.inference import static_floor, static_ratios
-from policy_prune.core.schedule import TokenCounts, flops_per_row, keep_schedule
+from policy_prune.core.schedule import TokenCounts, bisect_at_most, flops_per_row, keep_schedule
 from policy_prune.core.scorer import LearnedScorer, idle_sites, make_keep_fn, row_full_flops
 from policy_prune.core.selection import learned_flops, model_has_cls
 
@@ -58,31 +58,20 @@ def measure(backbone: TokenBackbone, scorer: Any, inputs: Sequence[Any], rule: s
     counts, over the unpruned model's on each row's own tokens.
     """
     sites = list(sites if sites is not None else scorer.sites)
-    selection = None
-    if isinstance(scorer, LearnedScorer):
-        idle = idle_sites(rule, values, len(sites))
-
-        def selection(i: int, n: int) -> float:
-            return 0.0 if idle[i] else learned_flops(backbone, scorer, sites[i], n, has_cls=model_has_cls(backbone))
+    selection = _selection(backbone, scorer, sites, rule, values) if isinstance(scorer, LearnedScorer) else None
     flops = full = 0.0
     kept = torch.zeros(len(sites), dtype=torch.float64)
     before = torch.zeros(len(sites), dtype=torch.float64)
     outs = []
     for x in inputs:
-        start = backbone.embed(x)
-        n0, prot = start.alive_counts.cpu(), (start.protected & start.valid).sum(dim=1).cpu()
+        batch = BatchCounts.of(backbone.embed(x))
+        n0, prot = batch.counts.n0, batch.counts.protected
         out, _, counts = backbone.forward_pruned(x, sites, make_keep_fn(backbone, scorer, rule, values))
         if outputs:
             outs.append(out.float().cpu())
         counts = [c.cpu() for c in counts]
-        if executed:
-            tc = TokenCounts(torch.full_like(n0, start.tokens.shape[1]), prot, start.n_full)
-            ran = [c.max().expand_as(c) if len(c) else c for c in counts]
-        else:
-            tc, ran = TokenCounts(n0, prot, start.n_full), counts
-        f = flops_per_row(backbone, sites, ran, tc, selection)
-        u = row_full_flops(backbone, tc.n0, start.n_full)
-        flops, full = flops + float(f.sum()), full + float(u.sum())
+        f, u = _batch_flops(backbone, sites, counts, batch, selection, executed)
+        flops, full = flops + f, full + u
         prev = n0
         for i, c in enumerate(counts):
             kept[i] += float((c - prot).sum())
@@ -90,6 +79,18 @@ def measure(backbone: TokenBackbone, scorer: Any, inputs: Sequence[Any], rule: s
             prev = c
     shares = (kept / before.clamp_min(1.0)).tolist()
     return Measured(flops / max(full, 1.0), shares, torch.cat(outs) if outs else None)
+
+
+def _selection(backbone: TokenBackbone, scorer: LearnedScorer, sites: Sequence[int], rule: str,
+               values: float | Sequence[float]) -> Callable[[int, int], float]:
+    """What choosing the tokens costs at site i with n tokens entering: the scorer's features and MLP, none at a
+    site the rule idles."""
+    idle = idle_sites(rule, values, len(sites))
+
+    def selection(i: int, n: int) -> float:
+        return 0.0 if idle[i] else learned_flops(backbone, scorer, sites[i], n, has_cls=model_has_cls(backbone))
+
+    return selection
 
 
 @dataclass
@@ -102,16 +103,30 @@ class BatchCounts:
     width: int
     """Slots per row of the padded batch (its longest row)."""
 
+    @classmethod
+    def of(cls, start: TokenState) -> BatchCounts:
+        """The counts of an embedded batch."""
+        prot = (start.protected & start.valid).sum(dim=1).cpu()
+        return cls(TokenCounts(start.alive_counts.cpu(), prot, start.n_full), start.tokens.shape[1])
+
+
+def _batch_flops(backbone: TokenBackbone, sites: Sequence[int], counts: Sequence[torch.Tensor], batch: BatchCounts,
+                 selection: Callable[[int, int], float] | None, executed: bool) -> tuple[float, float]:
+    """(FLOPs, unpruned FLOPs) of a batch whose rows kept ``counts`` [B] after each site: with ``executed``
+    every row at the batch's widest count (a padded batch runs so), for the pruned and the unpruned model alike;
+    else each row on its own tokens."""
+    tc = batch.counts
+    if executed:
+        tc = TokenCounts(torch.full_like(tc.n0, batch.width), tc.protected, tc.n_full)
+        counts = [c.max().expand_as(c) if len(c) else c for c in counts]
+    f = flops_per_row(backbone, sites, counts, tc, selection)
+    return float(f.sum()), float(row_full_flops(backbone, tc.n0, tc.n_full).sum())
+
 
 @torch.inference_mode()
 def batch_counts(backbone: TokenBackbone, inputs: Sequence[Any]) -> list[BatchCounts]:
     """:class:`BatchCounts` of every batch of ``inputs`` (only the embedding runs)."""
-    out = []
-    for x in inputs:
-        start = backbone.embed(x)
-        prot = (start.protected & start.valid).sum(dim=1).cpu()
-        out.append(BatchCounts(TokenCounts(start.alive_counts.cpu(), prot, start.n_full), start.tokens.shape[1]))
-    return out
+    return [BatchCounts.of(backbone.embed(x)) for x in inputs]
 
 
 def plan_flops(backbone: TokenBackbone, scorer: LearnedScorer, batches: Sequence[BatchCounts],
@@ -120,19 +135,12 @@ def plan_flops(backbone: TokenBackbone, scorer: LearnedScorer, batches: Sequence
     ``batches``, counted from their lengths: what :func:`measure` with ``executed`` returns for the same plan,
     without running the model, so that a plan can be solved on a whole split."""
     sites = list(scorer.sites)
-    idle = idle_sites("keep_ratio", values, len(sites))
-
-    def selection(i: int, n: int) -> float:
-        return 0.0 if idle[i] else learned_flops(backbone, scorer, sites[i], n, has_cls=model_has_cls(backbone))
-
+    selection = _selection(backbone, scorer, sites, "keep_ratio", values)
     flops = full = 0.0
     for b in batches:
-        tc = b.counts
-        counts = keep_schedule(list(values), tc.n0, tc.protected)
-        ran = [c.max().expand_as(c) for c in counts]
-        padded = TokenCounts(torch.full_like(tc.n0, b.width), tc.protected, tc.n_full)
-        flops += float(flops_per_row(backbone, sites, ran, padded, selection).sum())
-        full += float(row_full_flops(backbone, padded.n0, tc.n_full).sum())
+        counts = keep_schedule(list(values), b.counts.n0, b.counts.protected)
+        f, u = _batch_flops(backbone, sites, counts, b, selection, executed=True)
+        flops, full = flops + f, full + u
     return flops / max(full, 1.0)
 
 
@@ -206,12 +214,13 @@ def solve_plan(backbone: TokenBackbone, told: LearnedScorer, inputs: Sequence[An
     """
     low = static_floor(backbone, told, idle)
     if counted is not None:
-        g = _largest_plan_within(lambda g: plan_flops(backbone, told, counted, static_ratios(backbone, told, g, profile,
-                                                                                             idle)), f, low)
+        def counted_flops(g: float) -> float:
+            return plan_flops(backbone, told, counted, static_ratios(backbone, told, g, profile, idle))
+
+        g = _largest_plan_within(counted_flops, f, low)
         ran = measure(backbone, told, inputs, "keep_ratio", static_ratios(backbone, told, g, profile, idle),
                       executed=True, outputs=True)
-        ratio = plan_flops(backbone, told, counted, static_ratios(backbone, told, g, profile, idle))
-        return g, Measured(ratio, ran.keep_ratio, ran.outputs)
+        return g, Measured(counted_flops(g), ran.keep_ratio, ran.outputs)
     tried: dict[float, Measured] = {}
     g, slope = min(max(f if start is None else start, low), 1.0), 1.0
     for _ in range(iters):
@@ -239,11 +248,7 @@ def _largest_plan_within(fn: Callable[[float], float], f: float, low: float, ite
         return 1.0
     if fn(low) > f:
         return low
-    lo, hi = low, 1.0  # invariant: fn(lo) <= f < fn(hi)
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if fn(mid) <= f else (lo, mid)
-    return lo
+    return bisect_at_most(fn, f, low, 1.0, iters)[0]
 
 
 def _indices(flags: Sequence[bool]) -> list[int]:

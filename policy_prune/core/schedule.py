@@ -107,6 +107,16 @@ def schedule_ratio(backbone: TokenBackbone, sites: Sequence[int], ratios: Sequen
     return flops_ratio(backbone, sites, schedule(ratios, tc.n0, tc.protected), tc, charged)
 
 
+def bisect_at_most(fn: Callable[[float], float], target: float, lo: float, hi: float,
+                   iters: int) -> tuple[float, float]:
+    """The bracket (lo, hi) narrowed ``iters`` times around where fn (non-decreasing) crosses ``target``, from
+    one with fn(lo) <= target < fn(hi), which it keeps: lo is the largest point found at most the target."""
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if fn(mid) > target else (mid, hi)
+    return lo, hi
+
+
 def solve_keep_ratio(fn: Callable[[float], float], target: float, iters: int = 40) -> float:
     """The r in [0, 1] whose FLOPs ratio fn(r) (non-decreasing, a step function) is nearest ``target``."""
     lo, hi = 0.0, 1.0

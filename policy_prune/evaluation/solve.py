@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from policy_prune.core import calibration
-from policy_prune.core.schedule import TokenCounts, keep_schedule
+from policy_prune.core.schedule import TokenCounts, bisect_at_most, keep_schedule
 
 TOLERANCE = 0.002
 """How far below its target a solved total may stop (on val)."""
@@ -134,10 +134,7 @@ def solve_ratios(cost: Callable[[list[float]], float], prunable: Callable[[list[
         return const(1.0)
     if cost(const(0.0)) > target:
         return const(0.0)  # out of reach: the deepest cut the method has
-    lo, hi = 0.0, 1.0  # invariant: cost(lo) <= target < cost(hi)
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (lo, mid) if cost(const(mid)) > target else (mid, hi)
+    lo, hi = bisect_at_most(lambda r: cost(const(r)), target, 0.0, 1.0, iters)
     found = descend(const(hi), lambda v, k: ratio_step(v, k, prunable(v)), n_sites, cost, target)
     # The descent steps one token of the longest row: rows of other lengths (text) move by whole tokens
     # at other ratios, so a constant ratio just below the crossing can land closer (similarity-pre, one

@@ -14,6 +14,12 @@ from policy_prune.core import ops
 from policy_prune.errors import UserError
 
 
+def tracing() -> bool:
+    """Whether the running code is being traced into a graph (torch.compile, torch.export, TorchScript/ONNX
+    tracing): no device syncs, and no state kept between calls."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 @dataclass
 class TokenState:
     """Tokens flowing through a (possibly pruned) backbone.
@@ -52,7 +58,7 @@ class TokenState:
         outside tracing, where reading it costs nothing: an unpadded row (batch 1) then runs unmasked."""
         if self.dense:
             return None
-        if self.static and (self.valid.device.type != "cpu" or torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        if self.static and (self.valid.device.type != "cpu" or tracing()):
             return self.valid
         return None if bool(self.valid.all()) else self.valid
 

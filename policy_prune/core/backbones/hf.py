@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from policy_prune.core import ops
-from policy_prune.core.backbones.base import TokenBackbone, TokenState, in_dtype_of
+from policy_prune.core.backbones.base import TokenBackbone, TokenState, in_dtype_of, tracing
 from policy_prune.errors import UsageError, UserError
 
 TEXT_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "camembert", "electra")
@@ -125,7 +125,7 @@ class HFEncoderBackbone(TokenBackbone):
         mask = state.key_padding_mask()
         if mask is None:
             return None
-        cache = not (torch.compiler.is_compiling() or torch.jit.is_tracing())  # a traced graph holds no state
+        cache = not tracing()  # a traced graph holds no state
         last = self._last_mask
         if cache and last is not None and last[0] is mask and last[1] == state.tokens.dtype:
             return last[2]
