@@ -176,3 +176,24 @@ def test_dense_and_padded_states_give_the_same_features() -> None:
         masked = token_features(backbone, replace(state, dense=False), 1, make_projection(backbone, spec), spec)
     assert state.dense
     torch.testing.assert_close(dense, masked, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["timm-vit-cls", "timm-vit-reg4", "hf-vit", "hf-bert"])
+def test_unpruned_dense_states_take_the_neighbourhoods_without_a_scatter_and_get_the_same_features(name: str) -> None:
+    """Before any pruning (site 0) slot i holds token i: the neighbourhood means skip the scatter onto the grid
+    and the gather back; every feature equals the general path's, which a padded (non-dense) state takes."""
+    from dataclasses import replace
+
+    backbone = adapt(tiny.make(name))
+    x = tiny.inputs(name, batch=2)
+    if isinstance(x, dict):  # text: one unpadded row, marked dense and static as the deployed batch-1 path marks it
+        x = {k: v[:1] for k, v in x.items()}
+    spec = FeatureSpec(projection_dim=4)
+    projection = make_projection(backbone, spec)
+    with torch.no_grad():
+        state = backbone.embed(x)
+        dense = replace(state, dense=True, static=not state.dense)
+        general = replace(state, dense=False, static=not state.dense)
+        fast, slow = (token_features(backbone, s, 0, projection, spec) for s in (dense, general))
+    assert bool(state.valid.all()) and state.tokens.shape[1] == state.n_full
+    torch.testing.assert_close(fast, slow, rtol=0, atol=0)

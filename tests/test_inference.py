@@ -382,6 +382,37 @@ def test_static_text_path_tells_a_budgeted_scorer_its_budget(flops: float) -> No
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", tiny.TEXT)
+@pytest.mark.parametrize("ratio", [0.3, [0.7, 0.4], [0.5, 1.0], [1.0, 0.4]])
+def test_unpadded_text_takes_the_planned_top_k_path_with_the_keep_mask_decisions(name: str, ratio) -> None:
+    """Text rows of one length (batch 1, or a batch of equal lengths) on the CPU run keep_ratio as images do:
+    one planned count and context per site and a top-k, no mask, no per-site counting; the kept tokens, the
+    contexts the scorer sees and the output are those of the keep-mask path."""
+    model, scorer = _scorer(name, seed=3)
+    pruned = prune(model, scorer, keep_ratio=ratio)
+    full = tiny.inputs(name, batch=4, seed=5)  # rows 0 and 3 are unpadded (12 tokens)
+    contexts: list[torch.Tensor] = []
+    hook = pruned.scorer_net.register_forward_hook(lambda module, args, out: contexts.append(args[1]))
+    for rows in ([0], [2], [0, 3]):
+        x = {k: v[rows] for k, v in full.items()}
+        n = int(x["attention_mask"].sum(dim=1).max())
+        x = {k: v[:, :n] for k, v in x.items()}  # cut to the rows' length, as a tokenizer pads one text
+        contexts.clear()
+        with torch.no_grad():
+            out, state, counts = pruned.run(x)
+            planned = len(contexts)
+            ref, ref_state, ref_counts = pruned.run(x, keep_fn=pruned.keep_fn())
+        assert state.dense and state.static and not ref_state.dense
+        assert [c.tolist() for c in counts] == [c.tolist() for c in ref_counts]
+        assert planned == len(contexts) - planned == sum(v < 1.0 for v in pruned.values + [pruned.values[-1]] * (len(SITES) - len(pruned.values)))
+        for static, mask in zip(contexts[:planned], contexts[planned:], strict=True):
+            torch.testing.assert_close(static.expand_as(mask), mask)
+        kept = [state.positions[r][state.valid[r]].tolist() for r in range(len(rows))]
+        assert kept == [ref_state.positions[r][ref_state.valid[r]].tolist() for r in range(len(rows))]
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    hook.remove()
+
+
 def test_static_text_widths_hold_every_row() -> None:
     """A row of any length keeps at most the planned width (the longest row's count) at every site."""
     model, scorer = _scorer("hf-bert")

@@ -132,18 +132,24 @@ def local_mean(state: TokenState, value: torch.Tensor, layout: tuple[int, tuple[
     prefix, grid = layout
     b, n, c = value.shape
     cells = grid[0] * grid[1] if grid else state.n_full
+    if state.dense and n == state.n_full:  # nothing pruned yet (site 0): slot i holds token i, no scatter
+        return _pooled(value[:, prefix:], grid, b, cells, c) if not prefix else torch.cat(
+            [value.new_zeros(b, prefix, c), _pooled(value[:, prefix:], grid, b, cells, c)], dim=1)
     inside = state.positions >= prefix
     if not state.dense:
         inside = inside & state.valid
     slot = (state.positions - prefix).clamp_min(0)  # [B, N]
     # The canvas is [B, cells, C]: pooled channels-last, the fast layout of CPU avg_pool2d for few channels.
     canvas = value.new_zeros(b, cells, c).scatter_add_(1, slot.unsqueeze(-1).expand(b, n, c), value * inside.unsqueeze(-1))
+    return ops.gather_rows(_pooled(canvas, grid, b, cells, c), slot) * inside.unsqueeze(-1)
+
+
+def _pooled(canvas: torch.Tensor, grid: tuple[int, int] | None, b: int, cells: int, c: int) -> torch.Tensor:
+    """[B, cells, C] mean of ``canvas`` [B, cells, C] over each cell's 3 x 3 grid neighbourhood (or 3-cell window)."""
     if grid:
-        nchw = canvas.view(b, grid[0], grid[1], c).permute(0, 3, 1, 2)
-        pooled = torch.nn.functional.avg_pool2d(nchw, 3, 1, 1, count_include_pad=True).permute(0, 2, 3, 1).reshape(b, cells, c)
-    else:
-        pooled = torch.nn.functional.avg_pool1d(canvas.transpose(1, 2), 3, 1, 1, count_include_pad=True).transpose(1, 2)
-    return ops.gather_rows(pooled, slot) * inside.unsqueeze(-1)
+        nchw = canvas.reshape(b, grid[0], grid[1], c).permute(0, 3, 1, 2)
+        return torch.nn.functional.avg_pool2d(nchw, 3, 1, 1, count_include_pad=True).permute(0, 2, 3, 1).reshape(b, cells, c)
+    return torch.nn.functional.avg_pool1d(canvas.transpose(1, 2), 3, 1, 1, count_include_pad=True).transpose(1, 2)
 
 
 def position_table(backbone: TokenBackbone, n_full: int, device: torch.device) -> torch.Tensor:
@@ -195,10 +201,10 @@ def token_features(
     vf = None if dense else state.valid.to(x.dtype)
     n_alive: torch.Tensor | float = float(n) if vf is None else vf.sum(dim=1, keepdim=True).clamp_min(1.0)
     layout = token_layout(backbone)
-    if dense:
-        has_cls = layout[0] > 0
-    elif state.static:  # [CLS] sits in slot 0 by construction: no device sync
+    if state.static:  # [CLS] sits in slot 0 by construction (text): no device sync
         has_cls = True
+    elif dense:
+        has_cls = layout[0] > 0
     else:
         has_cls = bool(state.protected[:, 0].all()) and bool((state.positions[:, 0] == 0).all())
     folded = backbone.cls_query(layer) if has_cls else None

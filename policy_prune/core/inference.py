@@ -24,6 +24,7 @@ from torch import nn
 from policy_prune.core import ops
 from policy_prune.core.artifact import RULES, check_signature, load_scorer, normalize_rule
 from policy_prune.core.backbones import HFEncoderBackbone, KeepFn, TokenBackbone, TokenState, adapt
+from policy_prune.core.backbones.base import tracing
 from policy_prune.core.backbones.hf import TEXT_PROTECTED
 from policy_prune.core.features import make_projection, token_layout
 from policy_prune.core.schedule import TokenCounts, keep_ratios_for, keep_schedule, lowest_flops_ratio
@@ -126,6 +127,10 @@ class PrunedModel(nn.Module):
         counted = [not all(idle[i + 1:]) for i in range(len(idle))]
 
         def step(state: TokenState, site_index: int, layer: int) -> TokenState:
+            if static and site_index == 0 and state.static and unpadded(state):
+                # Text rows embedded at one length (batch 1): the dense path of images, planned for that
+                # length (the plan holds for rows embedded unpadded, so it is decided on the embedded rows).
+                state = dataclasses.replace(state, dense=True)
             if idle[site_index]:  # keeps every token: no scorer (the keep mask only counts them)
                 if static and state.dense:
                     return state
@@ -175,11 +180,12 @@ class PrunedModel(nn.Module):
 
         Computed with the mask path's own formulas (keep_schedule, spent_fraction, context_rows) for a
         row with every token alive, so the static path sees the same context and keeps the same count.
+        Images protect their prefix tokens; an unpadded text row its [CLS] and last token.
         """
         if n_full not in self._plans:
             n0 = torch.tensor([n_full])
-            # Dense states come from images: their protected tokens are the prefix tokens.
-            kept = keep_schedule(self._site_values(), n0, token_layout(self.backbone)[0])
+            prefix, grid = token_layout(self.backbone)
+            kept = keep_schedule(self._site_values(), n0, prefix if grid else min(n_full, TEXT_PROTECTED))
             device = self.projection.device
             self._plans[n_full] = [
                 (int(kept[i]), context_rows(i, len(self.sites), (kept[i - 1] if i else n0).float() / n_full,
@@ -260,6 +266,12 @@ class PrunedModel(nn.Module):
         pooled = pooler(hidden) if isinstance(pooler, nn.Module) else None
         return PrunedEncoderOutput(last_hidden_state=hidden, pooler_output=pooled, sentence_embedding=out,
                                    kept_mask=kept_mask(state))
+
+
+def unpadded(state: TokenState) -> bool:
+    """Whether a static text state's rows are all of one length, read where that costs no device sync
+    (the CPU, outside tracing): such a batch is dense and takes the planned top-k path of images."""
+    return state.valid.device.type == "cpu" and not tracing() and bool(state.valid.all())
 
 
 def kept_mask(state: TokenState) -> torch.Tensor:
