@@ -147,3 +147,15 @@ def test_packed_alive_tokens_give_the_dense_results() -> None:
     torch.testing.assert_close(values, critic.body(row).squeeze(-1))
     dense_gains = critic.keep_gain(torch.cat([h, row.unsqueeze(1).expand(-1, n, -1)], dim=-1)).squeeze(-1)
     torch.testing.assert_close(gains, dense_gains * alive)
+
+
+@pytest.mark.parametrize("hidden", [(), (8,), (8, 8), (8, 6, 4)])
+def test_token_scorer_is_the_mlp_on_token_and_context(hidden) -> None:
+    """TokenScorer's split first layer and functional head compute out(body([token | context])) for any depth."""
+    torch.manual_seed(1)
+    b, n, f, g = 3, 7, 5, 4
+    tokens, context = torch.randn(b, n, f), torch.rand(b, g)
+    scorer = TokenScorer(f, g, hidden)
+    torch.nn.init.normal_(scorer.out.weight)
+    joined = torch.cat([tokens, context.unsqueeze(1).expand(-1, n, -1)], dim=-1)
+    torch.testing.assert_close(scorer(tokens, context), scorer.out(scorer.body(joined)).squeeze(-1))
