@@ -231,3 +231,32 @@ def test_calibration_idles_every_site_that_saves_less_than_idle_saving_but_the_o
     # negative tolerance asks for a gain no idle site gives): the same points as never idling.
     kept = calibrate(bert, scorer, batches, [0.5, 0.7], idle_saving=1.0, idle_quality=-1.0)
     assert kept == scored
+
+
+def test_calibration_idles_a_site_where_the_keep_ratio_plan_keeps_nearly_everything() -> None:
+    """keep_ratio's plan is the threshold's shares stretched to the target, so it can keep nearly every token
+    at a site where the threshold dropped enough to stay scored: the idle rule is applied to keep_ratio's own
+    shares too (both rules solved again with the site idle), unless keep_ratio's quality then falls by more
+    than idle_quality."""
+    from policy_prune.core.budget import SLACK
+    from policy_prune.core.inference import static_ratios
+
+    bert = adapt(tiny.make("hf-bert"))
+    batches = _short_texts()
+    scorer = random_scorer(bert, SITES, seed=1, hidden=(16,), budget=BudgetInput(0.3, 0.9, 0.5))
+    scored = calibrate(bert, scorer, batches, [0.7], idle_saving=0.0)[0]
+    told = scorer.at(0.7)
+    plan = static_ratios(bert, told, scored.plan, scored.keep_ratio, [False, False])
+    shares = measure(bert, told, batches, "keep_ratio", plan, executed=True).keep_ratio
+    by_threshold, by_plan = (site_savings(s, SITES, bert.depth)[1] for s in (scored.keep_ratio, shares))
+    assert by_plan < by_threshold  # the threshold's drops at site 1 save more than the plan's
+    between = (by_plan + by_threshold) / 2
+    point = calibrate(bert, scorer, batches, [0.7], idle_saving=between, idle_quality=1.0)[0]
+    assert point.idle == [1] and point.keep_ratio[1] == 1.0
+    assert all(spent <= 0.7 + SLACK for spent in point.spent.values())
+    deployed = dataclasses.replace(scorer, budget=BudgetInput(0.3, 0.9, 0.5, [point]))
+    for rule in ("keep_ratio", "threshold"):
+        assert prune(bert.model, deployed, flops=0.7, rule=rule, strict=False).idle_sites() == [False, True]
+    # Where idling costs keep_ratio any quality, the site stays scored and nothing else changes.
+    guarded = calibrate(bert, scorer, batches, [0.7], idle_saving=between, idle_quality=-1.0)[0]
+    assert guarded == scored

@@ -100,9 +100,9 @@ class CalibrationPoint:
     split, where it was counted)."""
     idle: list[int] = field(default_factory=list)
     """Sites (indices into the scorer's sites) that keep every token at this target, so no scorer runs at
-    them: the tokens the policy dropped there would save less than ``IDLE_SAVING`` of the blocks' work
-    (:func:`site_savings`; a scorer pass costs far more wall-clock time than the FLOPs of the few tokens it
-    would drop). Both rules' values were solved with them idle."""
+    them: the tokens the policy dropped there, with the threshold or with keep_ratio's plan, would save less
+    than ``IDLE_SAVING`` of the blocks' work (:func:`site_savings`; a scorer pass costs far more wall-clock time
+    than the FLOPs of the few tokens it would drop). Both rules' values were solved with them idle."""
 
 
 @dataclass
