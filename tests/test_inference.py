@@ -413,6 +413,44 @@ def test_unpadded_text_takes_the_planned_top_k_path_with_the_keep_mask_decisions
     hook.remove()
 
 
+def test_planned_text_contexts_are_normal_tensors_and_survive_dtype_round_trips() -> None:
+    """A text plan is made on first use: one made under inference_mode must not break a later call with
+    gradients on, and .half().float() must not leave rounded contexts behind (they are made again)."""
+    model, scorer = _scorer("hf-bert", seed=3)
+    pruned = prune(model, scorer, keep_ratio=[0.6, 0.45])
+    x = {k: v[:1] for k, v in tiny.inputs("hf-bert", batch=1, seed=5).items()}
+    with torch.inference_mode():
+        first = pruned(**x).sentence_embedding
+    again = pruned(**x).sentence_embedding  # gradients on: the cached contexts are read by F.linear
+    torch.testing.assert_close(again.detach(), first, rtol=0, atol=0)
+    pruned.half().float()
+    contexts: list[torch.Tensor] = []
+    hook = pruned.scorer_net.register_forward_hook(lambda module, args, out: contexts.append(args[1]))
+    with torch.no_grad():
+        pruned.run(x)
+        pruned.run(x, keep_fn=pruned.keep_fn())
+    hook.remove()
+    half = len(contexts) // 2
+    assert half == 2 and all(torch.equal(a, b) for a, b in zip(contexts[:half], contexts[half:], strict=True))
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_keep_top_keeps_a_last_protected_token_against_non_finite_scores(bad: float) -> None:
+    """Text's [SEP] is the last slot: a prunable token scored +inf or NaN must not win the tie against it."""
+    from policy_prune.core.backbones.base import TokenState
+    from policy_prune.core.scorer import decide
+
+    n = 6
+    protected = torch.zeros(1, n, dtype=torch.bool)
+    protected[0, 0] = protected[0, -1] = True
+    state = TokenState(torch.randn(1, n, 4), protected, torch.ones(1, n, dtype=torch.bool), torch.arange(n)[None], n,
+                       dense=True, static=True)
+    scores = torch.tensor([[0.0, 1.0, bad, bad, 0.2, 0.0]])
+    ref = state.prune(decide(scores, state, "keep_ratio", 0.5), width=n)
+    top = state.keep_top(scores, int(ref.valid.sum()))
+    assert top.positions[0].tolist() == ref.positions[ref.valid].tolist() and 5 in top.positions[0].tolist()
+
+
 def test_static_text_widths_hold_every_row() -> None:
     """A row of any length keeps at most the planned width (the longest row's count) at every site."""
     model, scorer = _scorer("hf-bert")

@@ -99,8 +99,12 @@ class PrunedModel(nn.Module):
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> PrunedModel:
         super()._apply(fn, recurse)
         self.scorer.projection = self.projection  # .to() / .half() replaced the buffer: follow it
-        # Planned contexts follow too (a traced call then reads them as constants on the right device).
-        self._plans = {n: [(count, fn(context)) for count, context in plan] for n, plan in self._plans.items()}
+        # Planned contexts are made again where the projection now is (a traced call then reads them as constants
+        # on the right device), never converted: a .half().float() round trip would round them (1e-4) away from
+        # the contexts the keep-mask path builds.
+        self._plans = {}
+        if self.rule == "keep_ratio":
+            self._plan_ahead()
         return self
 
     def extra_repr(self) -> str:
@@ -114,7 +118,8 @@ class PrunedModel(nn.Module):
         """The per-site pruning step of one forward pass (``TokenBackbone.forward_sites``).
 
         keep_ratio takes a static path (no device sync, fixed shapes: what ``torch.compile`` and export
-        want). On a dense state (images): a fixed count and context per site, then top-k and gather.
+        want). On a dense state (images; on the CPU outside tracing, text rows embedded unpadded, as at batch 1):
+        a fixed count and context per site, then top-k and gather.
         On a static state (padded text, see :meth:`static_text`): the keep mask's own per-row decisions
         (counts proportional to each row's length, contexts per row) packed to a fixed width per site,
         with a padding mask for rows that keep fewer. Everything else goes through the keep mask of
@@ -187,12 +192,15 @@ class PrunedModel(nn.Module):
             prefix, grid = token_layout(self.backbone)
             kept = keep_schedule(self._site_values(), n0, prefix if grid else min(n_full, TEXT_PROTECTED))
             device = self.projection.device
-            self._plans[n_full] = [
-                (int(kept[i]), context_rows(i, len(self.sites), (kept[i - 1] if i else n0).float() / n_full,
-                                            spent_fraction(self.backbone, self.sites, n0, kept[:i], n_full),
-                                            device, self.scorer.budget_value))
-                for i in range(len(kept))
-            ]
+            # Normal tensors whatever mode the first call for this length ran in (a text plan is made on first use:
+            # one made under inference_mode would break a later call with gradients on).
+            with torch.inference_mode(False), torch.no_grad():
+                self._plans[n_full] = [
+                    (int(kept[i]), context_rows(i, len(self.sites), (kept[i - 1] if i else n0).float() / n_full,
+                                                spent_fraction(self.backbone, self.sites, n0, kept[:i], n_full),
+                                                device, self.scorer.budget_value))
+                    for i in range(len(kept))
+                ]
         return self._plans[n_full]
 
     def _plan_text(self, n_max: int) -> None:

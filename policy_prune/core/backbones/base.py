@@ -88,14 +88,18 @@ class TokenState:
     def keep_top(self, scores: torch.Tensor, count: int) -> TokenState:
         """Keep ``count`` slots of every row: the protected tokens, then the best-scored others.
 
-        Only for dense states whose rows have the same number of protected tokens (images), with
-        ``count`` at least that number. The decisions are those of ``decide(..., "keep_ratio")`` (a
-        stable descending sort: ties go to the earlier slot) and kept tokens stay in their original
+        Only for dense states whose rows have the same number of protected tokens (images; unpadded text
+        rows), with ``count`` at least that number. The decisions are those of ``decide(..., "keep_ratio")``
+        (a stable descending sort: ties go to the earlier slot) and kept tokens stay in their original
         order, so this equals ``self.prune(decide(...))`` without its count sync; the state stays dense.
+        Scores are clamped to the finite range first, so a protected token ranks above any score, an
+        infinite or NaN one too (text's [SEP] is the last slot and would lose a tie at +inf).
         """
         if not self.dense:
             raise ValueError("keep_top needs a dense state (no padding); use prune(keep) instead")
-        ranked = scores.masked_fill(self.protected, float("inf")).argsort(dim=1, descending=True, stable=True)
+        big = torch.finfo(scores.dtype).max
+        finite = scores.nan_to_num(nan=big, posinf=big, neginf=-big)
+        ranked = finite.masked_fill(self.protected, float("inf")).argsort(dim=1, descending=True, stable=True)
         index = ranked[:, :count].sort(dim=1).values
         return replace(
             self,
