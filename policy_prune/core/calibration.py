@@ -298,8 +298,8 @@ def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[A
     solved with the same idle sites. Then the same rule on keep_ratio's own shares: its plan stretches the
     threshold's shares to f and can keep nearly every token at a site the threshold still scores (minilm-text
     at 0.5: 0.95 at its second site, a scorer pass for 2% of the blocks' work); such sites are made idle and
-    both rules solved again, kept where keep_ratio's quality falls by at most ``idle_quality`` and each rule
-    that met f still does. Each target starts with every site scored: a site's savings need not
+    both rules solved again, kept where keep_ratio's quality falls by at most ``idle_quality`` from its plan
+    before this test, the threshold's from scoring every site, and each rule that met f still does. Each target starts with every site scored: a site's savings need not
     grow or shrink with the budget (on digits-vit a second site saves 3% at 0.1, 14% at 0.3 and 3% at 0.7).
     """
     with torch.inference_mode():
@@ -386,15 +386,18 @@ def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[A
         plan, runs["keep_ratio"] = plan_for(runs["threshold"].keep_ratio)
         # keep_ratio's plan is the threshold's shares stretched to f, so it can keep nearly every token at a site
         # where the threshold dropped enough to be scored (minilm-text at 0.5: 0.95 at a second site): the same
-        # rule on keep_ratio's own shares, kept where keep_ratio's quality holds and both rules still meet f.
+        # rule on keep_ratio's own shares, kept where each rule's quality holds (keep_ratio's within idle_quality
+        # of its plan before this test, the threshold's of scoring every site: the idle sites are both rules')
+        # and each rule that met f still does.
+        planned = score(runs["keep_ratio"])
         while any(more := idling(runs["keep_ratio"].keep_ratio)):
             was_idle, was_ran, was_t, was_runs, was_plan = list(idle), dict(ran), t, dict(runs), plan
             met_before = (met_f(runs["threshold"]), runs["keep_ratio"].flops_ratio <= f + slack)
             t = resolve(more, t)
             trial = ran[t]
             trial_plan, trial_kr = plan_for(trial.keep_ratio)
-            if score(trial_kr) < score(runs["keep_ratio"]) - idle_quality or (met_before[0] and not met_f(trial)) \
-                    or (met_before[1] and trial_kr.flops_ratio > f + slack):
+            if score(trial_kr) < planned - idle_quality or score(trial) < scored - idle_quality \
+                    or (met_before[0] and not met_f(trial)) or (met_before[1] and trial_kr.flops_ratio > f + slack):
                 idle[:], t, runs, plan = was_idle, was_t, was_runs, was_plan
                 ran.clear()
                 ran.update(was_ran)
