@@ -299,8 +299,9 @@ def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[A
     threshold's shares to f and can keep nearly every token at a site the threshold still scores (minilm-text
     at 0.5: 0.95 at its second site, a scorer pass for 2% of the blocks' work); such sites are made idle and
     both rules solved again, kept where keep_ratio's quality falls by at most ``idle_quality`` from its plan
-    before this test, the threshold's from scoring every site, and each rule that met f still does. Each target starts with every site scored: a site's savings need not
-    grow or shrink with the budget (on digits-vit a second site saves 3% at 0.1, 14% at 0.3 and 3% at 0.7).
+    before this test, the threshold's from scoring every site, and each rule that met f still does. Each
+    target starts with every site scored: a site's savings need not grow or shrink with the budget (on
+    digits-vit a second site saves 3% at 0.1, 14% at 0.3 and 3% at 0.7).
     """
     with torch.inference_mode():
         per_batch = [backbone(x).float().cpu() for x in inputs]

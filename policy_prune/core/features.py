@@ -133,8 +133,8 @@ def local_mean(state: TokenState, value: torch.Tensor, layout: tuple[int, tuple[
     b, n, c = value.shape
     cells = grid[0] * grid[1] if grid else state.n_full
     if state.dense and n == state.n_full:  # nothing pruned yet (site 0): slot i holds token i, no scatter
-        return _pooled(value[:, prefix:], grid, b, cells, c) if not prefix else torch.cat(
-            [value.new_zeros(b, prefix, c), _pooled(value[:, prefix:], grid, b, cells, c)], dim=1)
+        pooled = _pooled(value[:, prefix:], grid, b, cells, c)
+        return torch.cat([value.new_zeros(b, prefix, c), pooled], dim=1) if prefix else pooled
     inside = state.positions >= prefix
     if not state.dense:
         inside = inside & state.valid

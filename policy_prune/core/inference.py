@@ -24,7 +24,6 @@ from torch import nn
 from policy_prune.core import ops
 from policy_prune.core.artifact import RULES, check_signature, load_scorer, normalize_rule
 from policy_prune.core.backbones import HFEncoderBackbone, KeepFn, TokenBackbone, TokenState, adapt
-from policy_prune.core.backbones.base import tracing
 from policy_prune.core.backbones.hf import TEXT_PROTECTED
 from policy_prune.core.features import make_projection, token_layout
 from policy_prune.core.schedule import TokenCounts, keep_ratios_for, keep_schedule, lowest_flops_ratio
@@ -132,7 +131,7 @@ class PrunedModel(nn.Module):
         counted = [not all(idle[i + 1:]) for i in range(len(idle))]
 
         def step(state: TokenState, site_index: int, layer: int) -> TokenState:
-            if static and site_index == 0 and state.static and unpadded(state):
+            if static and site_index == 0 and state.static and state.unpadded():
                 # Text rows embedded at one length (batch 1): the dense path of images, planned for that
                 # length (the plan holds for rows embedded unpadded, so it is decided on the embedded rows).
                 state = dataclasses.replace(state, dense=True)
@@ -274,12 +273,6 @@ class PrunedModel(nn.Module):
         pooled = pooler(hidden) if isinstance(pooler, nn.Module) else None
         return PrunedEncoderOutput(last_hidden_state=hidden, pooler_output=pooled, sentence_embedding=out,
                                    kept_mask=kept_mask(state))
-
-
-def unpadded(state: TokenState) -> bool:
-    """Whether a static text state's rows are all of one length, read where that costs no device sync
-    (the CPU, outside tracing): such a batch is dense and takes the planned top-k path of images."""
-    return state.valid.device.type == "cpu" and not tracing() and bool(state.valid.all())
 
 
 def kept_mask(state: TokenState) -> torch.Tensor:

@@ -58,9 +58,19 @@ class TokenState:
         outside tracing, where reading it costs nothing: an unpadded row (batch 1) then runs unmasked."""
         if self.dense:
             return None
-        if self.static and (self.valid.device.type != "cpu" or tracing()):
+        if self.static and not self.readable:
             return self.valid
         return None if bool(self.valid.all()) else self.valid
+
+    @property
+    def readable(self) -> bool:
+        """Whether reading ``valid`` on the host costs no device sync and breaks no traced graph (the CPU,
+        outside tracing): only then does a static state look at which slots are real."""
+        return self.valid.device.type == "cpu" and not tracing()
+
+    def unpadded(self) -> bool:
+        """Whether every slot is known to be a real token: dense, or read where that is free (:attr:`readable`)."""
+        return self.dense or (self.readable and bool(self.valid.all()))
 
     def with_tokens(self, tokens: torch.Tensor) -> TokenState:
         """The same slots holding new hidden states (after running blocks)."""
