@@ -236,8 +236,8 @@ def test_calibration_idles_every_site_that_saves_less_than_idle_saving_but_the_o
 def test_calibration_idles_a_site_where_the_keep_ratio_plan_keeps_nearly_everything() -> None:
     """keep_ratio's plan is the threshold's shares stretched to the target, so it can keep nearly every token
     at a site where the threshold dropped enough to stay scored: the idle rule is applied to keep_ratio's own
-    shares too (both rules solved again with the site idle), unless keep_ratio's quality then falls by more
-    than idle_quality."""
+    shares too, for keep_ratio alone (its plan solved again with the site idle; the threshold, its shares and
+    its idle sites untouched), unless keep_ratio's quality then falls by more than idle_quality."""
     from policy_prune.core.budget import SLACK
     from policy_prune.core.inference import static_ratios
 
@@ -245,6 +245,7 @@ def test_calibration_idles_a_site_where_the_keep_ratio_plan_keeps_nearly_everyth
     batches = _short_texts()
     scorer = random_scorer(bert, SITES, seed=1, hidden=(16,), budget=BudgetInput(0.3, 0.9, 0.5))
     scored = calibrate(bert, scorer, batches, [0.7], idle_saving=0.0)[0]
+    assert scored.idle == [] and scored.idle_keep_ratio is None
     told = scorer.at(0.7)
     plan = static_ratios(bert, told, scored.plan, scored.keep_ratio, [False, False])
     shares = measure(bert, told, batches, "keep_ratio", plan, executed=True).keep_ratio
@@ -252,11 +253,22 @@ def test_calibration_idles_a_site_where_the_keep_ratio_plan_keeps_nearly_everyth
     assert by_plan < by_threshold  # the threshold's drops at site 1 save more than the plan's
     between = (by_plan + by_threshold) / 2
     point = calibrate(bert, scorer, batches, [0.7], idle_saving=between, idle_quality=1.0)[0]
-    assert point.idle == [1] and point.keep_ratio[1] == 1.0
+    assert point.idle == [] and point.idle_keep_ratio == [1]
+    # The threshold is the one solved with every site scored; keep_ratio's plan was solved with site 1 idle.
+    assert (point.threshold, point.keep_ratio, point.spent["threshold"]) == \
+        (scored.threshold, scored.keep_ratio, scored.spent["threshold"])
+    assert point.plan != scored.plan
     assert all(spent <= 0.7 + SLACK for spent in point.spent.values())
     deployed = dataclasses.replace(scorer, budget=BudgetInput(0.3, 0.9, 0.5, [point]))
-    for rule in ("keep_ratio", "threshold"):
-        assert prune(bert.model, deployed, flops=0.7, rule=rule, strict=False).idle_sites() == [False, True]
+    kr = prune(bert.model, deployed, flops=0.7, rule="keep_ratio", strict=False)
+    assert kr.idle_sites() == [False, True] and kr.values[1] == 1.0
+    assert prune(bert.model, deployed, flops=0.7, rule="threshold", strict=False).idle_sites() == [False, False]
+    # The per-rule idle sites survive the artifact's JSON; older artifacts (no field) load as the same for both.
+    again = BudgetInput.from_json(json.loads(json.dumps(deployed.budget.to_json())))
+    assert again.calibration[0].idle_keep_ratio == [1] and again.idle(0.7, 2, "keep_ratio") == [False, True]
+    old = deployed.budget.to_json()
+    del old["calibration"][0]["idle_keep_ratio"]
+    assert BudgetInput.from_json(old).idle(0.7, 2, "keep_ratio") == [False, False]
     # Where idling costs keep_ratio any quality, the site stays scored and nothing else changes.
     guarded = calibrate(bert, scorer, batches, [0.7], idle_saving=between, idle_quality=-1.0)[0]
     assert guarded == scored

@@ -102,7 +102,17 @@ class CalibrationPoint:
     """Sites (indices into the scorer's sites) that keep every token at this target, so no scorer runs at
     them: the tokens the policy dropped there, with the threshold or with keep_ratio's plan, would save less
     than ``IDLE_SAVING`` of the blocks' work (:func:`site_savings`; a scorer pass costs far more wall-clock time
-    than the FLOPs of the few tokens it would drop). Both rules' values were solved with them idle."""
+    than the FLOPs of the few tokens it would drop). The threshold was solved with them idle, and keep_ratio's
+    plan with them and those of ``idle_keep_ratio``."""
+    idle_keep_ratio: list[int] | None = None
+    """keep_ratio's idle sites where they are more than ``idle`` (None: the same): its plan stretches the
+    threshold's shares to the target and can keep nearly every token at a site the threshold still scores,
+    so the idle rule is applied to its own shares too, kept only where its quality holds. Per rule: a site
+    idled for keep_ratio's sake need not cost the threshold anything (artifacts written before load as None)."""
+
+    def idle_of(self, rule: str) -> list[int]:
+        """The sites ``rule`` runs no scorer at (keep_ratio: ``idle_keep_ratio`` where it was recorded)."""
+        return self.idle_keep_ratio if rule == "keep_ratio" and self.idle_keep_ratio is not None else self.idle
 
 
 @dataclass
@@ -150,22 +160,23 @@ class BudgetInput:
         i = 0 if f < xs[0] else len(run) - 2  # towards a point with other idle sites: extend this run's line
         return on_line((xs[i], ts[i]), (xs[i + 1], ts[i + 1]), f)
 
-    def regime(self, flops: float) -> list[CalibrationPoint]:
-        """The run of consecutive calibration points with the idle sites that run at ``flops``: those of the two
-        points around it where both have the same, else those of the nearer one (on a tie, the one with more
-        idle sites: fewer scorer passes). Empty without calibration."""
+    def regime(self, flops: float, rule: str = "threshold") -> list[CalibrationPoint]:
+        """The run of consecutive calibration points with the idle sites of ``rule`` that run at ``flops``: those
+        of the two points around it where both have the same, else those of the nearer one (on a tie, the one
+        with more idle sites: fewer scorer passes). Empty without calibration."""
         f = float(flops)
         points = self.calibration
         if not points:
             return []
+        idle = [set(p.idle_of(rule)) for p in points]
         right = next((i for i, p in enumerate(points) if p.flops >= f), len(points) - 1)
         left = max(right - 1, 0) if points[right].flops > f else right
         a, b = points[left], points[right]
-        pick = right if (abs(b.flops - f), -len(b.idle)) < (abs(a.flops - f), -len(a.idle)) else left
+        pick = right if (abs(b.flops - f), -len(idle[right])) < (abs(a.flops - f), -len(idle[left])) else left
         lo = hi = pick
-        while lo > 0 and set(points[lo - 1].idle) == set(points[pick].idle):
+        while lo > 0 and idle[lo - 1] == idle[pick]:
             lo -= 1
-        while hi < len(points) - 1 and set(points[hi + 1].idle) == set(points[pick].idle):
+        while hi < len(points) - 1 and idle[hi + 1] == idle[pick]:
             hi += 1
         return points[lo:hi + 1]
 
@@ -230,12 +241,12 @@ class BudgetInput:
             return "threshold"
         return rule
 
-    def idle(self, flops: float, n_sites: int) -> list[bool]:
-        """Per site: whether it runs no scorer at ``flops``: idle at the calibration points of :meth:`regime`
-        (those on both sides where they agree, else the nearer one's); all False without calibration."""
+    def idle(self, flops: float, n_sites: int, rule: str = "threshold") -> list[bool]:
+        """Per site: whether ``rule`` runs no scorer there at ``flops``: idle at the calibration points of
+        :meth:`regime` (those on both sides where they agree, else the nearer one's); all False without calibration."""
         f = self.check(flops)
-        run = self.regime(f)
-        return [bool(run) and i in run[0].idle for i in range(n_sites)]
+        run = self.regime(f, rule)
+        return [bool(run) and i in run[0].idle_of(rule) for i in range(n_sites)]
 
     def keep_ratios(self, flops: float) -> list[float] | None:
         """Calibrated per-site keep shares at ``flops`` (None without calibration)."""
@@ -261,7 +272,8 @@ class BudgetInput:
                                        {str(k): float(v) for k, v in p.get("quality", {}).items()},
                                        None if p.get("plan") is None else float(p["plan"]),
                                        {str(k): float(v) for k, v in p.get("spent", {}).items()},
-                                       [int(i) for i in p.get("idle", [])])
+                                       [int(i) for i in p.get("idle", [])],
+                                       None if p.get("idle_keep_ratio") is None else [int(i) for i in p["idle_keep_ratio"]])
                       for p in data.get("calibration", [])]
             if bad := [p.rule for p in points if p.rule not in ("threshold", "keep_ratio")]:
                 raise ValueError(f"unknown calibrated rule {bad[0]!r} (threshold or keep_ratio)")

@@ -297,9 +297,9 @@ def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[A
     scoring every site gave, or it no longer meets f where it did (those sites stay scored); keep_ratio is
     solved with the same idle sites. Then the same rule on keep_ratio's own shares: its plan stretches the
     threshold's shares to f and can keep nearly every token at a site the threshold still scores (minilm-text
-    at 0.5: 0.95 at its second site, a scorer pass for 2% of the blocks' work); such sites are made idle and
-    both rules solved again, kept where keep_ratio's quality falls by at most ``idle_quality`` from its plan
-    before this test, the threshold's from scoring every site, and each rule that met f still does. Each
+    at 0.5: 0.95 at its second site, a scorer pass for 2% of the blocks' work); such sites are made idle for
+    keep_ratio alone (``CalibrationPoint.idle_keep_ratio``) and its plan solved again, kept where its quality
+    falls by at most ``idle_quality`` from its plan before this test and it still meets f where it did. Each
     target starts with every site scored: a site's savings need not grow or shrink with the budget (on
     digits-vit a second site saves 3% at 0.1, 14% at 0.3 and 3% at 0.7).
     """
@@ -365,10 +365,10 @@ def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[A
             known = [(p.flops, p.threshold) for p in points[-2:] if p.idle == _indices(idle)]
             return solve_threshold(flops_at, f, tol=tol, start=_next_on_line(known, f) if known else t, step=0.25)
 
-        def plan_for(profile: Sequence[float], f: float = f, told: LearnedScorer = told,
-                     idle: list[bool] = idle) -> tuple[float, Measured]:
+        def plan_for(profile: Sequence[float], idle: Sequence[bool], f: float = f,
+                     told: LearnedScorer = told) -> tuple[float, Measured]:
             """keep_ratio's plan from the previous target's offset (plan - target) where it had the same idle sites."""
-            near = points[-1] if points and points[-1].idle == _indices(idle) else None
+            near = points[-1] if points and points[-1].idle_of("keep_ratio") == _indices(idle) else None
             start = None if near is None or near.plan is None else f + near.plan - near.flops
             return solve_plan(backbone, told, inputs, f, profile, tol, idle=idle, start=start, counted=counted)
 
@@ -384,26 +384,19 @@ def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[A
                 ran.update(was_ran)
                 break
             runs["threshold"] = trial
-        plan, runs["keep_ratio"] = plan_for(runs["threshold"].keep_ratio)
+        plan, runs["keep_ratio"] = plan_for(runs["threshold"].keep_ratio, idle)
         # keep_ratio's plan is the threshold's shares stretched to f, so it can keep nearly every token at a site
         # where the threshold dropped enough to be scored (minilm-text at 0.5: 0.95 at a second site): the same
-        # rule on keep_ratio's own shares, kept where each rule's quality holds (keep_ratio's within idle_quality
-        # of its plan before this test, the threshold's of scoring every site: the idle sites are both rules')
-        # and each rule that met f still does.
-        planned = score(runs["keep_ratio"])
-        while any(more := idling(runs["keep_ratio"].keep_ratio)):
-            was_idle, was_ran, was_t, was_runs, was_plan = list(idle), dict(ran), t, dict(runs), plan
-            met_before = (met_f(runs["threshold"]), runs["keep_ratio"].flops_ratio <= f + slack)
-            t = resolve(more, t)
-            trial = ran[t]
-            trial_plan, trial_kr = plan_for(trial.keep_ratio)
-            if score(trial_kr) < planned - idle_quality or score(trial) < scored - idle_quality \
-                    or (met_before[0] and not met_f(trial)) or (met_before[1] and trial_kr.flops_ratio > f + slack):
-                idle[:], t, runs, plan = was_idle, was_t, was_runs, was_plan
-                ran.clear()
-                ran.update(was_ran)
+        # rule on keep_ratio's own shares, for keep_ratio alone (the threshold is not solved again), kept where
+        # its quality stays within idle_quality of its plan before this test and it still meets f where it did.
+        planned, kr_met = score(runs["keep_ratio"]), runs["keep_ratio"].flops_ratio <= f + slack
+        kr_idle = list(idle)
+        while any(more := idling(runs["keep_ratio"].keep_ratio, kr_idle)):
+            trial_idle = [a or b for a, b in zip(kr_idle, more, strict=True)]
+            trial_plan, trial_kr = plan_for(runs["threshold"].keep_ratio, trial_idle)
+            if score(trial_kr) < planned - idle_quality or (kr_met and trial_kr.flops_ratio > f + slack):
                 break
-            runs, plan = {"threshold": trial, "keep_ratio": trial_kr}, trial_plan
+            kr_idle, plan, runs["keep_ratio"] = trial_idle, trial_plan, trial_kr
         scores = {rule: score(m) for rule, m in runs.items()}
         by_kind = {rule: score_kinds(m) for rule, m in runs.items()}
         if len(by_kind["threshold"]) > 1:  # recorded per kind too: "threshold@1" (queries)
@@ -417,5 +410,6 @@ def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[A
             best = met[0] if met else "keep_ratio"
         points.append(CalibrationPoint(float(f), float(t), runs["threshold"].keep_ratio, reached=reached(), rule=best,
                                        quality=scores, plan=float(plan), spent=spent,
-                                       idle=_indices(idle)))
+                                       idle=_indices(idle),
+                                       idle_keep_ratio=_indices(kr_idle) if kr_idle != idle else None))
     return points

@@ -362,7 +362,7 @@ def rule_for_flops(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
     keep_ratio: fixed per-site counts, the policy's calibrated allocation scaled so that they execute
     ``flops`` on the calibration batches (``BudgetInput.plan``; uncalibrated: on a full-length input), the
     scorer's own cost included (:func:`static_ratios`). threshold (budget-conditioned scorers): the calibrated threshold.
-    Sites the calibration left idle at ``flops`` (``BudgetInput.idle``) keep every token with either rule
+    Sites the calibration left idle at ``flops`` for the rule (``BudgetInput.idle``) keep every token
     (keep_ratio 1, threshold -inf) and run no scorer.
     UserError, never a silently different budget, for an ``flops`` below what keep_ratio reaches
     (:func:`check_reachable`) or, with threshold, one the calibration did not reach or without calibration.
@@ -391,7 +391,7 @@ def rule_for_flops(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
         plan = budget.plan(flops)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    idle = budget.idle(flops, len(scorer.sites))
+    idle = budget.idle(flops, len(scorer.sites), "keep_ratio")
     return "keep_ratio", static_ratios(backbone, told, plan, budget.keep_ratios(flops), idle), told
 
 
