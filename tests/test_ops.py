@@ -29,6 +29,11 @@ def test_gather_rows_matches_indexing() -> None:
     out = ops.gather_rows(x, index)
     assert torch.equal(out[0], x[0, [4, 0]]) and torch.equal(out[1], x[1, [2, 2]])
     assert torch.equal(ops.gather_rows(x[..., 0], index), out[..., 0])
+    # One row (batch 1) takes index_select: the same rows, for 2-D and 3-D inputs and any index dtype layout.
+    for row in range(2):
+        one = ops.gather_rows(x[row:row + 1], index[row:row + 1])
+        assert one.shape == (1, 2, 3) and torch.equal(one, out[row:row + 1])
+        assert torch.equal(ops.gather_rows(x[row:row + 1, :, 0], index[row:row + 1]), out[row:row + 1, :, 0])
 
 
 def test_masked_mean_ignores_masked_tokens() -> None:

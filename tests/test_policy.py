@@ -159,3 +159,7 @@ def test_token_scorer_is_the_mlp_on_token_and_context(hidden) -> None:
     torch.nn.init.normal_(scorer.out.weight)
     joined = torch.cat([tokens, context.unsqueeze(1).expand(-1, n, -1)], dim=-1)
     torch.testing.assert_close(scorer(tokens, context), scorer.out(scorer.body(joined)).squeeze(-1))
+    # One context row for every row (the planned sites pass [1, G]): the same as that row repeated.
+    one = context[:1]
+    torch.testing.assert_close(scorer(tokens, one), scorer(tokens, one.expand(b, -1)), rtol=0, atol=1e-6)
+    torch.testing.assert_close(scorer(tokens[:1], one), scorer(tokens, context)[:1], rtol=0, atol=1e-6)

@@ -145,9 +145,8 @@ class PrunedModel(nn.Module):
                 # state keeps its planned width), so packing again would change nothing.
                 return state if state.dense or state.static or site_index else state.prune(keep)
             if static and state.dense:
-                count, context = self._plan(state.n_full)[site_index]
-                context = context.to(state.tokens.device).expand(state.tokens.shape[0], -1)
-                return state.keep_top(self.scorer.logits(self.backbone, state, layer, context), count)
+                count, context = self._plan(state.n_full)[site_index]  # one context row [1, G] for every row
+                return state.keep_top(self.scorer.logits(self.backbone, state, layer, context.to(state.tokens.device)), count)
             width = self.text_widths(state.n_full)[site_index] if state.static else None
             return state.prune(fn(state, site_index, layer), width)
 

@@ -41,6 +41,8 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
     x: [B, N, ...]; index: [B, M] long. Returns [B, M, ...].
     """
+    if index.shape[0] == 1 and x.shape[0] == 1:  # one row (batch 1): one index_select, no row index built
+        return x.index_select(1, index[0])
     if x.dim() == 2:
         return torch.gather(x, 1, index)
     # Advanced indexing copies whole rows of the trailing dims: about twice as fast on CPU as a

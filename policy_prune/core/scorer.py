@@ -65,7 +65,7 @@ class TokenScorer(nn.Module):
         self.hidden = list(hidden)
 
     def forward(self, tokens: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """tokens [B, N, F], context [B, G] -> logits [B, N].
+        """tokens [B, N, F], context [B, G] (or [1, G]: the same for every row) -> logits [B, N].
 
         The first layer sees [token | context]; its context half is applied once per row and broadcast
         over the tokens (the same weights and result as concatenating, without an [B, N, G] copy).
@@ -83,6 +83,8 @@ class TokenScorer(nn.Module):
         first: nn.Linear = self.body[0] if len(self.body) else self.out  # type: ignore[assignment]
         w_tok, w_ctx = first.weight[:, : self.feature_dim], first.weight[:, self.feature_dim :]
         row = torch.nn.functional.linear(context.to(w_ctx.dtype), w_ctx, first.bias)  # [B, H]
+        if rows is None and row.shape[0] == 1:  # one context for every row (batch 1, planned sites): the bias
+            return torch.nn.functional.linear(tokens, w_tok, row[0])
         return torch.nn.functional.linear(tokens, w_tok) + (row.unsqueeze(1) if rows is None else row[rows])
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
@@ -196,7 +198,7 @@ class LearnedScorer:
         return self.logits(backbone, state, layer, self.context(state, site_index, spent, n0))
 
     def logits(self, backbone: TokenBackbone, state: TokenState, layer: int, context: torch.Tensor) -> torch.Tensor:
-        """Logits [B, N] of the state's slots before block ``layer`` given the [B, G] context rows."""
+        """Logits [B, N] of the state's slots before block ``layer`` given the [B, G] context rows (or one [1, G] row for all)."""
         # Read, never written back: a PrunedModel moves its own copy of the projection (a buffer).
         projection = self.projection if self.projection is not None else make_projection(backbone, self.spec)
         device = state.tokens.device
