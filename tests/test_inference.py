@@ -415,7 +415,8 @@ def test_unpadded_text_takes_the_planned_top_k_path_with_the_keep_mask_decisions
 
 def test_planned_text_contexts_are_normal_tensors_and_survive_dtype_round_trips() -> None:
     """A text plan is made on first use: one made under inference_mode must not break a later call with
-    gradients on, and .half().float() must not leave rounded contexts behind (they are made again)."""
+    gradients on, and .half().float() must not leave rounded contexts behind (they are made again; the
+    device-free text widths are kept)."""
     model, scorer = _scorer("hf-bert", seed=3)
     pruned = prune(model, scorer, keep_ratio=[0.6, 0.45])
     x = {k: v[:1] for k, v in tiny.inputs("hf-bert", batch=1, seed=5).items()}
@@ -423,7 +424,12 @@ def test_planned_text_contexts_are_normal_tensors_and_survive_dtype_round_trips(
         first = pruned(**x).sentence_embedding
     again = pruned(**x).sentence_embedding  # gradients on: the cached contexts are read by F.linear
     torch.testing.assert_close(again.detach(), first, rtol=0, atol=0)
+    # The text widths are device-free ints, planned once: a .to() / .half() re-plans only the contexts.
+    widths, replanned = dict(pruned._widths), []
+    plan_text = pruned._plan_text
+    pruned._plan_text = lambda n: (replanned.append(n), plan_text(n))[1]  # type: ignore[method-assign]
     pruned.half().float()
+    assert replanned == [] and pruned._widths == widths
     contexts: list[torch.Tensor] = []
     hook = pruned.scorer_net.register_forward_hook(lambda module, args, out: contexts.append(args[1]))
     with torch.no_grad():

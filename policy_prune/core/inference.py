@@ -214,7 +214,9 @@ class PrunedModel(nn.Module):
         if grid is not None:
             self._plan(prefix + grid[0] * grid[1])
         elif isinstance(self.backbone, HFEncoderBackbone) and not self.backbone.is_vision:
-            self._plan_text(int(getattr(self.backbone.config, "max_position_embeddings", 512)))
+            n_max = int(getattr(self.backbone.config, "max_position_embeddings", 512))
+            if n_max not in self._widths:  # ints, device-free: a .to() keeps them
+                self._plan_text(n_max)
 
     def _site_values(self) -> list[float]:
         return site_values(self.values, len(self.sites))
