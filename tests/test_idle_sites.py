@@ -88,10 +88,15 @@ def test_an_idle_site_is_charged_no_selection_flops() -> None:
             fast.run(x, keep_fn=keep_fn)
         return counter.get_total_flops()
 
-    skipped = counted(scoring_everywhere(fast.backbone, fast.scorer, "keep_ratio", [0.5, 1.0])) - counted()
+    # The keep-mask path with and without a scorer pass at the idle site.
+    skipped = counted(scoring_everywhere(fast.backbone, fast.scorer, "keep_ratio", [0.5, 1.0])) - counted(fast.keep_fn())
     with torch.inference_mode():
         n_at_idle = int(fast.run(x)[2][0][0])
     assert skipped == 4 * learned_flops(backbone, scorer, SITES[1], n_at_idle)
+    # The planned path (images' keep_ratio) computes the same but the context's part of the first layer once for
+    # the batch at its scored site, not once per row (learned_flops charges every row: at most this much over).
+    context_part = 2 * fast.scorer_net.context_dim * fast.scorer_net.hidden[0]
+    assert counted(fast.keep_fn()) - counted() == (len(x) - 1) * context_part
     idle = measure(backbone, scorer, [x], "keep_ratio", [0.5, 1.0]).flops_ratio
     busy = measure(backbone, scorer, [x], "keep_ratio", [0.5, 0.9999]).flops_ratio  # same counts, site 1 scored
     n = backbone.embed(x).n_full

@@ -175,7 +175,7 @@ def token_yx(backbone: TokenBackbone, state: TokenState, layout: tuple[int, tupl
     padded length: the same sentence got other features in another batch).
     """
     if state.dense and state.tokens.shape[1] == state.n_full:  # nothing pruned yet: slot i holds token i
-        # Text: a dense row keeps its [SEP] last, so its last alive position is n_full - 1, the table's divisor.
+        # Text: every slot is alive, so the row's last alive position is n_full - 1, the table's divisor.
         table = position_table(backbone, state.n_full, state.tokens.device)
         return table.unsqueeze(0).expand(state.tokens.shape[0], -1, -1)
     if layout[1] is not None:
