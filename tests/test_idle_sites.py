@@ -154,6 +154,16 @@ def test_between_points_with_other_idle_sites_the_nearer_point_decides() -> None
     assert [p.flops for p in budget.regime(0.5)] == [0.6, 0.8]
     assert BudgetInput.from_json(budget.to_json()) == budget
     assert BudgetInput(0.3, 0.9, 0.5).idle(0.5, 2) == [False, False]
+    # keep_ratio's own idle sites make its own runs: the threshold's are untouched.
+    per_rule = BudgetInput(0.3, 0.9, 0.5, [CalibrationPoint(0.4, 1.0, [0.3, 0.95], idle_keep_ratio=[1]),
+                                           CalibrationPoint(0.6, 0.5, [0.5, 0.9]),
+                                           CalibrationPoint(0.8, 0.0, [0.7, 0.9])])
+    assert [per_rule.idle(f, 2, "keep_ratio") for f in (0.35, 0.45, 0.55, 0.7)] == \
+        [[False, True], [False, True], [False, False], [False, False]]
+    assert all(per_rule.idle(f, 2) == [False, False] for f in (0.35, 0.45, 0.55, 0.7))
+    assert [p.flops for p in per_rule.regime(0.45, "keep_ratio")] == [0.4]
+    assert [p.flops for p in per_rule.regime(0.45)] == [0.4, 0.6, 0.8]
+    assert BudgetInput.from_json(json.loads(json.dumps(per_rule.to_json()))) == per_rule
 
 
 def test_eval_scores_and_writes_the_deployed_call_with_an_idle_site(tmp_path) -> None:
