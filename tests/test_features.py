@@ -197,3 +197,36 @@ def test_unpruned_dense_states_take_the_neighbourhoods_without_a_scatter_and_get
         fast, slow = (token_features(backbone, s, 0, projection, spec) for s in (dense, general))
     assert bool(state.valid.all()) and state.tokens.shape[1] == state.n_full
     torch.testing.assert_close(fast, slow, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["timm-vit-cls", "hf-vit", "hf-bert"])
+def test_site_zero_reuses_the_cls_query_directions_of_the_same_cls_row(name: str) -> None:
+    """Before block 0 every input's CLS row is the model's own [CLS] embedding: the CLS query's directions are
+    stored and reused, equal to computing them; another CLS row computes them again, rows that need gradients
+    are never stored, and a result stored under inference_mode serves a call with gradients on."""
+    backbone = adapt(tiny.make(name))
+    folded = backbone.cls_query(0)
+    assert folded is not None
+    spec = FeatureSpec(projection_dim=4)
+    projection = make_projection(backbone, spec)
+    a, b = tiny.inputs(name, batch=2, seed=0), tiny.inputs(name, batch=2, seed=1)
+    for x in (a, b):
+        if isinstance(x, dict):  # text: the tokenizer's [CLS] id opens every row
+            x["input_ids"][:, 0] = 1
+    with torch.inference_mode():
+        sa, sb = backbone.embed(a), backbone.embed(b)
+        cls_b = sb.tokens[:, 0].float()
+        assert torch.equal(sa.tokens[:, 0], sb.tokens[:, 0]) and not torch.equal(sa.tokens, sb.tokens)
+        token_features(backbone, sa, 0, projection, spec)
+        stored = folded.last[1]
+        token_features(backbone, sb, 0, projection, spec)
+        assert folded.last[1] is stored  # reused, not computed again
+        torch.testing.assert_close(stored, folded.directions(folded.normalize(cls_b)), rtol=0, atol=0)
+        other = cls_b + 1.0
+        torch.testing.assert_close(folded.directions_of(other), folded.directions(folded.normalize(other)), rtol=0, atol=0)
+        assert torch.equal(folded.last[0], other)
+    needs_grad = cls_b.clone().requires_grad_()
+    assert folded.directions_of(needs_grad).requires_grad and torch.equal(folded.last[0], other)
+    tokens = torch.randn(2, 5, cls_b.shape[1], requires_grad=True)
+    torch.bmm(tokens, folded.directions_of(other.clone())).sum().backward()  # stored under inference_mode
+    assert tokens.grad is not None

@@ -216,7 +216,7 @@ def token_features(
     pre_norm = block_eps is not None  # the block normalises before attention
 
     norms = x.norm(dim=-1)  # [B, N]
-    inv = 1.0 / norms.clamp_min(1e-12)  # unit token u_i = x_i * inv_i (0 on padded slots)
+    inv = norms.clamp_min(1e-12).reciprocal()  # unit token u_i = x_i * inv_i (0 on padded slots)
     if vf is not None:
         inv = inv * vf
     # Sum of the unit tokens that may be pruned (protected ones are never compared, as in the seed paper's
@@ -237,7 +237,8 @@ def token_features(
     k = proj_w.shape[2]
     cols = [proj_w]
     if folded is not None:
-        cols.append(folded.directions(folded.normalize(x[:, 0])))
+        # Before block 0 the CLS row is the model's [CLS] embedding for every input: its directions are reused.
+        cols.append(folded.directions_of(x[:, 0]) if layer == 0 else folded.directions(folded.normalize(x[:, 0])))
     normed = sum(c.shape[2] for c in cols)  # columns read through the layer norm (or raw, post-norm)
     cols += [anchor.transpose(1, 2), unit_sum.transpose(1, 2), x.new_ones(b, d, 1)]
     m = torch.cat(cols, dim=2)
