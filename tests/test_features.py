@@ -218,15 +218,15 @@ def test_site_zero_reuses_the_cls_query_directions_of_the_same_cls_row(name: str
         cls_b = sb.tokens[:, 0].float()
         assert torch.equal(sa.tokens[:, 0], sb.tokens[:, 0]) and not torch.equal(sa.tokens, sb.tokens)
         token_features(backbone, sa, 0, projection, spec)
-        stored = folded.last[1]
+        stored = folded.last[-1][1]
         token_features(backbone, sb, 0, projection, spec)
-        assert folded.last[1] is stored  # reused, not computed again
+        assert folded.last[-1][1] is stored  # reused, not computed again
         torch.testing.assert_close(stored, folded.directions(folded.normalize(cls_b)), rtol=0, atol=0)
         other = cls_b + 1.0
         torch.testing.assert_close(folded.directions_of(other), folded.directions(folded.normalize(other)), rtol=0, atol=0)
-        assert torch.equal(folded.last[0], other)
+        assert torch.equal(folded.last[-1][0], other)
     needs_grad = cls_b.clone().requires_grad_()
-    assert folded.directions_of(needs_grad).requires_grad and torch.equal(folded.last[0], other)
+    assert folded.directions_of(needs_grad).requires_grad and torch.equal(folded.last[-1][0], other)
     tokens = torch.randn(2, 5, cls_b.shape[1], requires_grad=True)
     torch.bmm(tokens, folded.directions_of(other.clone())).sum().backward()  # stored under inference_mode
     assert tokens.grad is not None

@@ -138,8 +138,9 @@ class ClsQuery:
     """[A] query bias (shift folded in)."""
     wk: torch.Tensor
     """[H, head_dim, D] key weights per head (gain and the 1/sqrt(head_dim) scale folded in)."""
-    last: list[torch.Tensor] = field(default_factory=list, compare=False, repr=False)
-    """[raw CLS rows, their directions] of the last :meth:`directions_of` call that stored them."""
+    last: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, compare=False, repr=False)
+    """[(raw CLS rows, their directions)] of the last :meth:`directions_of` call that stored them (one tuple,
+    read and replaced whole: a concurrent caller never pairs one call's rows with another's directions)."""
 
     @property
     def heads(self) -> int:
@@ -167,12 +168,13 @@ class ClsQuery:
         gradients (a stored result would cut them off)."""
         if cls_rows.device.type != "cpu" or cls_rows.requires_grad or tracing():
             return self.directions(self.normalize(cls_rows))
-        last = self.last
-        if last and last[0].shape == cls_rows.shape and last[0].dtype == cls_rows.dtype and torch.equal(last[0], cls_rows):
-            return last[1]
+        hit = self.last[-1] if self.last else None
+        if hit is not None and hit[0].shape == cls_rows.shape and hit[0].dtype == cls_rows.dtype \
+                and torch.equal(hit[0], cls_rows):
+            return hit[1]
         with torch.inference_mode(False), torch.no_grad():  # stored: usable inside and outside inference mode
             out = self.directions(self.normalize(cls_rows))
-            self.last[:] = [cls_rows.clone(), out]
+            self.last[:] = [(cls_rows.clone(), out)]
         return out
 
     @staticmethod
