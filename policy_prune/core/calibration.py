@@ -356,15 +356,6 @@ def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[A
             most = max((i for i in range(n_sites) if not idle[i]), key=lambda i: saved[i])
             return [not off and s < idle_saving and i != most for i, (s, off) in enumerate(zip(saved, idle, strict=True))]
 
-        def resolve(more: list[bool], t: float, f: float = f, idle: list[bool] = idle, ran: dict[float, Measured] = ran,
-                    flops_at: Callable[[float], float] = flops_at) -> float:
-            """The threshold solved again with the ``more`` sites idle too, from ``t`` (the one just found)."""
-            idle[:] = [a or b for a, b in zip(idle, more, strict=True)]
-            ran.clear()
-            # From the line through the last targets' thresholds with these idle sites, where they had them.
-            known = [(p.flops, p.threshold) for p in points[-2:] if p.idle == _indices(idle)]
-            return solve_threshold(flops_at, f, tol=tol, start=_next_on_line(known, f) if known else t, step=0.25)
-
         def plan_for(profile: Sequence[float], idle: Sequence[bool], f: float = f,
                      told: LearnedScorer = told) -> tuple[float, Measured]:
             """keep_ratio's plan from the previous target's offset (plan - target) where it had the same idle sites."""
@@ -373,10 +364,14 @@ def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[A
             return solve_plan(backbone, told, inputs, f, profile, tol, idle=idle, start=start, counted=counted)
 
         while any(more := idling(runs["threshold"].keep_ratio)):
-            # Kept only where the threshold's quality holds (within idle_quality of scoring every site) and it
-            # still meets f.
+            # Solve again with those sites idle too, from the threshold just found; kept only where the
+            # threshold's quality holds (within idle_quality of scoring every site) and it still meets f.
             was_idle, was_ran, was_t, was_met = list(idle), dict(ran), t, met_f(runs["threshold"])
-            t = resolve(more, t)
+            idle[:] = [a or b for a, b in zip(idle, more, strict=True)]
+            ran.clear()
+            # From the line through the last targets' thresholds with these idle sites, where they had them.
+            known = [(p.flops, p.threshold) for p in points[-2:] if p.idle == _indices(idle)]
+            t = solve_threshold(flops_at, f, tol=tol, start=_next_on_line(known, f) if known else t, step=0.25)
             trial = ran[t]
             if score(trial) < scored - idle_quality or (was_met and not met_f(trial)):
                 idle[:], t = was_idle, was_t
