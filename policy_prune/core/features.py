@@ -132,7 +132,7 @@ def local_mean(state: TokenState, value: torch.Tensor, layout: tuple[int, tuple[
     prefix, grid = layout
     b, n, c = value.shape
     cells = grid[0] * grid[1] if grid else state.n_full
-    if state.dense and n == state.n_full:  # nothing pruned yet (site 0): slot i holds token i, no scatter
+    if state.unpruned:  # slot i holds token i: no scatter onto the grid and gather back
         pooled = _pooled(value[:, prefix:], grid, b, cells, c)
         return torch.cat([value.new_zeros(b, prefix, c), pooled], dim=1) if prefix else pooled
     inside = state.positions >= prefix
@@ -174,7 +174,7 @@ def token_yx(backbone: TokenBackbone, state: TokenState, layout: tuple[int, tupl
     [SEP]), so the feature does not depend on how far the batch was padded (version 3 divided by the
     padded length: the same sentence got other features in another batch).
     """
-    if state.dense and state.tokens.shape[1] == state.n_full:  # nothing pruned yet: slot i holds token i
+    if state.unpruned:  # slot i holds token i: the table itself
         # Text: every slot is alive, so the row's last alive position is n_full - 1, the table's divisor.
         table = position_table(backbone, state.n_full, state.tokens.device)
         return table.unsqueeze(0).expand(state.tokens.shape[0], -1, -1)

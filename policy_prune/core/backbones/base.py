@@ -68,6 +68,12 @@ class TokenState:
         outside tracing): only then does a static state look at which slots are real."""
         return self.valid.device.type == "cpu" and not tracing()
 
+    @property
+    def unpruned(self) -> bool:
+        """Dense with every embedded token still in its slot (before any pruning, or a site that kept all):
+        slot i holds token i, so positions are 0..n_full-1 without reading them."""
+        return self.dense and self.tokens.shape[1] == self.n_full
+
     def unpadded(self) -> bool:
         """Whether every slot is known to be a real token: dense, or read where that is free (:attr:`readable`)."""
         return self.dense or (self.readable and bool(self.valid.all()))
