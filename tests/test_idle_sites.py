@@ -44,6 +44,18 @@ def scoring_everywhere(backbone, scorer, rule, values):
     return fn
 
 
+def block_segments(backbone):
+    """The (start, stop) of every ``run_blocks`` call on ``backbone`` from now on."""
+    seen, run = [], backbone.run_blocks
+
+    def spy(state, start, stop):
+        seen.append((start, stop))
+        return run(state, start, stop)
+
+    backbone.run_blocks = spy
+    return seen
+
+
 def mlp_calls(fast):
     calls = [0]
     fast.scorer_net.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
@@ -60,9 +72,12 @@ def test_a_keep_all_site_runs_no_scorer_and_decides_the_same(family, rule, value
     fast = prune(model, scorer, rule=rule, **{rule: values}, strict=False)
     assert fast.idle_sites() == [False, True]
     calls = mlp_calls(fast)
+    segments = block_segments(fast.backbone)
     with torch.inference_mode():
         out, state, counts = fast.run(x)
         assert calls[0] == 1  # site 0 only
+        # The idle site after the last scored one splits no block run: (0, 1), then (1, depth) in one go.
+        assert segments == [(0, SITES[0]), (SITES[0], fast.backbone.depth)]
         ref, ref_state, ref_counts = fast.run(x, keep_fn=scoring_everywhere(fast.backbone, fast.scorer, rule, values))
         assert calls[0] == 3  # the reference scores at both sites
     assert torch.allclose(out, ref, atol=1e-6)

@@ -6,6 +6,7 @@ Drives the model's own embeddings and layer modules and builds masks with transf
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -141,7 +142,7 @@ class HFEncoderBackbone(TokenBackbone):
     def run_blocks(self, state: TokenState, start: int, stop: int) -> TokenState:
         mask = self._layer_mask(state)
         x = state.tokens
-        for layer in self.layers[start:stop]:
+        for layer in itertools.islice(self.layers, start, stop):  # slicing a ModuleList builds a new one per call
             out = layer(x, mask)
             x = out[0] if isinstance(out, tuple) else out
         return state.with_tokens(x)

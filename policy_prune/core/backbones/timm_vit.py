@@ -5,6 +5,7 @@ Drives timm's own modules (patch_embed, _pos_embed, blocks, norm, forward_head);
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,7 +57,7 @@ class TimmViTBackbone(TokenBackbone):
         # SDPA bool semantics: True = take part; broadcast over heads and queries.
         attn_mask = None if mask is None else mask[:, None, None, :]
         x = state.tokens
-        for blk in self.model.blocks[start:stop]:
+        for blk in itertools.islice(self.model.blocks, start, stop):  # slicing a Sequential builds a new one per call
             x = blk(x) if attn_mask is None else blk(x, attn_mask=attn_mask)
         return state.with_tokens(x)
 
