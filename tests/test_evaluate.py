@@ -574,3 +574,33 @@ def test_eval_max_items_caps_every_split(tmp_path, fake_env) -> None:
     assert payload["n_groups"] == 3 and payload["n_samples"] == 6  # two rows per item
     with pytest.raises(UserError, match="--max-items must be at least 1"):
         _cli([str(run), "--max-items", "0"])
+
+
+def test_timing_runs_batches_and_single_rows_spread_over_the_split(vit, splits, monkeypatch) -> None:
+    """The eval-batch columns time TIMED_BATCHES batches spread over the split, the batch-1 columns the first
+    rows of B1_ROWS such batches (each row its own call: one row's length does not decide the column), and
+    ms per sample divides by every row timed."""
+    from policy_prune.evaluation import bench
+
+    data = evaluate.prepare(vit, splits["test"], 2, "cpu")  # 8 batches of 2
+    batches = [x for x, _ in data.batches]
+    assert len(batches) == 8 and evaluate.B1_ROWS == 8 and evaluate.TIMED_BATCHES == 3
+    assert evaluate.spread(list(range(8)), 3) == [1, 4, 6] and evaluate.spread(list(range(8)), 1) == [4]
+    seen = []
+
+    class Spy:
+        name = "spy"
+
+        def timed(self, backbone, x, point):
+            seen.append(x)
+            return lambda: None
+
+    monkeypatch.setattr(bench, "time_round_robin", lambda fns, *a: {"full": 0.024, "0": 0.012})
+    rows = [{}]
+    scored = [evaluate.Scored(Spy(), evaluate.Point("keep_ratio", [0.5], 0.5), {}, None)]
+    evaluate.add_timing(vit, scored, rows, data, repeats=1, device="cpu")
+    assert len(seen) == 3 + 8
+    assert all(got is want for got, want in zip(seen[:3], [batches[1], batches[4], batches[6]], strict=True))
+    assert all(torch.equal(got, want[:1]) for got, want in zip(seen[3:], batches, strict=True))  # every batch's first row
+    assert rows[0]["ms_b64"] == pytest.approx(1e3 * 0.012 / 6) and rows[0]["ms_b1"] == pytest.approx(1e3 * 0.012 / 8)
+    assert rows[0]["speedup_b64"] == pytest.approx(2.0) and rows[0]["speedup_b1"] == pytest.approx(2.0)

@@ -23,7 +23,7 @@ The protocol (issue #15):
    "learned minus best baseline", the baseline chosen on val by that metric.
    Queries are inside the budget: every point is solved on val for one total over passages and queries.
 5. Time per sample and speed-up over the unpruned model at batch 64 and batch 1 are measured round-robin
-   per target in the same run (``--repeats 0`` skips it).
+   per target in the same run, over batches (and single rows) spread over the split (``--repeats 0`` skips it).
 
 Cost: every method point encodes the scored split (and val, to choose the best baseline), queries
 included; ``--max-items N`` caps each split at N whole source items (``data.cap_groups``).
@@ -396,27 +396,51 @@ def group_comparisons(scored: Sequence[Scored], metrics: Sequence[str], data: Ev
 # ---- wall-clock -----------------------------------------------------------------------------------------
 B1_REPEATS = 5
 """Batch-1 timings take this many times ``--repeats`` (a call is ~64x shorter than at batch 64)."""
+TIMED_BATCHES = 3
+"""Eval-batch timings run this many batches in turn, spread evenly over the split (text is length-sorted:
+its length quantiles), so one batch's lengths do not decide the column."""
+B1_ROWS = 8
+"""Batch-1 timings run the first row of this many batches spread the same way, one row per call: on text a
+single row's length (and how its keep counts round) would decide the column."""
+
+
+def spread(batches: Sequence[Any], k: int) -> list[Any]:
+    """``k`` of ``batches`` at evenly spaced quantiles of their order (k = 1: the middle one)."""
+    return [batches[int((j + 0.5) * len(batches) / k)] for j in range(k)]
+
+
+def in_turn(calls: Sequence[Callable[[], Any]]) -> Callable[[], None]:
+    """One call that makes each of ``calls`` in order."""
+
+    def run() -> None:
+        for call in calls:
+            call()
+
+    return run
 
 
 def add_timing(backbone: TokenBackbone, scored: Sequence[Scored], rows: list[dict[str, Any]], data: EvalData,
                repeats: int, device: str, warmup: int = 1) -> None:
     """ms per sample at the eval batch size and at batch 1, per target group, timed round-robin with the
     unpruned model (``bench.time_round_robin``: warm-up, then one call of each per repeat, median; batch 1
-    ``B1_REPEATS`` times as many). Each method's ``timed`` call: the deployed row times the public
+    ``B1_REPEATS`` times as many): at the eval batch size over ``TIMED_BATCHES`` batches spread over the split,
+    at batch 1 over the first rows of ``B1_ROWS`` such batches (each row its own call), so the time per
+    sample averages typical lengths. Each method's ``timed`` call: the deployed row times the public
     ``PrunedModel`` itself, scorer baselines their scorer and rule, EViT and ToMe their eval forward."""
     from policy_prune.evaluation.bench import time_round_robin
 
-    x64 = data.batches[len(data.batches) // 2][0]  # a middle batch: typical lengths when text is length-sorted
-    x1 = {k: v[:1] for k, v in x64.items()} if isinstance(x64, dict) else x64[:1]
+    batches = [x for x, _ in data.batches]
+    x64 = spread(batches, TIMED_BATCHES)
+    x1 = [trim_padding({k: v[:1] for k, v in x.items()} if isinstance(x, dict) else x[:1]) for x in spread(batches, B1_ROWS)]
     groups: dict[float | None, list[int]] = {}
     for i, s in enumerate(scored):
         groups.setdefault(s.point.target, []).append(i)
-    for tag, x in (("b64", x64), ("b1", trim_padding(x1))):
-        n = _rows(x)
+    for tag, xs in (("b64", x64), ("b1", x1)):
+        n = sum(_rows(x) for x in xs)
         for ids in groups.values():
-            fns: dict[str, Callable[[], Any]] = {"full": functools.partial(backbone, x)}
+            fns: dict[str, Callable[[], Any]] = {"full": in_turn([functools.partial(backbone, x) for x in xs])}
             for i in ids:
-                fns[str(i)] = scored[i].method.timed(backbone, x, scored[i].point)
+                fns[str(i)] = in_turn([scored[i].method.timed(backbone, x, scored[i].point) for x in xs])
             with torch.inference_mode():  # batch 1: short calls, noisier on a shared CPU: more repeats
                 t = time_round_robin(fns, warmup, repeats * (B1_REPEATS if tag == "b1" else 1), device)
             for i in ids:

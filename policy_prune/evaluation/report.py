@@ -229,7 +229,8 @@ def describe(results: dict[str, Any]) -> str:
         "where the paired interval of learned minus that baseline lies above 0 (across seeds), and \"unequal FLOPs\" "
         f"in place of a verdict that favours the side whose scored total is more than {MATCH} above the other's; the verdict per "
         "seed is each seed's own paired interval. Times are medians of round-robin "
-        "runs on this machine (ms per sample)."
+        "runs on this machine (ms per sample): at the eval batch size over a few batches spread over the split, "
+        "at batch 1 over the first rows of several such batches, one row per call."
     )
 
 
