@@ -227,14 +227,16 @@ class PrunedModel(nn.Module):
         ``keep_fn`` replaces the scorer's decisions (then every state takes the keep-mask path).
         """
         static = self.static_text(inputs, keep_fn)
-        sites = self.sites
-        if keep_fn is None:
-            # Sites after the last scored one keep every token and no later site reads their counts: the
-            # blocks run through them in one segment (each boundary cost ~35 us per call at batch 1 on the CPU).
-            scored = [i for i, idle in enumerate(self.idle_sites()) if not idle]
-            sites = sites[: max(scored, default=0) + 1]
+        sites = self.sites if keep_fn is not None else self.run_sites()
         out, state, counts = self.backbone.forward_sites(inputs, sites, self.step_fn(keep_fn), static=static)
         return out, state, counts + counts[-1:] * (len(self.sites) - len(sites))
+
+    def run_sites(self) -> list[int]:
+        """The sites a call splits the blocks at: up to the last scored one. The sites after it keep every
+        token and no later site reads their counts, so the blocks run through them in one segment (each
+        boundary cost ~35 us per call at batch 1 on the CPU)."""
+        scored = [i for i, idle in enumerate(self.idle_sites()) if not idle]
+        return self.sites[: max(scored, default=0) + 1]
 
     def forward(self, *args: Any, return_kept: bool = False, **kwargs: Any) -> Any:
         """The wrapped model's output on pruned tokens; with ``return_kept``, ``(output, kept [B, N] bool)``."""

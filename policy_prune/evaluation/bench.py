@@ -499,7 +499,7 @@ def _free_schedule(pruned: PrunedModel, x: Any, kept: Sequence[int], compile: bo
                        positions=state.positions[:, :c])
 
     def forward(inputs: Any) -> torch.Tensor:
-        return pruned.backbone.forward_sites(inputs, pruned.sites, step, static=pruned.static_text(inputs))[0]
+        return pruned.backbone.forward_sites(inputs, pruned.run_sites(), step, static=pruned.static_text(inputs))[0]
 
     run = torch.compile(forward, dynamic=False) if compile else forward
     return lambda: run(x)
@@ -528,7 +528,7 @@ def _scorer_share(pruned: PrunedModel, x: Any, device: str = "cpu") -> float:
 
     sync()
     t0 = time.perf_counter()
-    pruned.backbone.forward_sites(x, pruned.sites, timed, static=pruned.static_text(x))
+    pruned.backbone.forward_sites(x, pruned.run_sites(), timed, static=pruned.static_text(x))
     sync()
     total = time.perf_counter() - t0
     return spent[0] / total if total > 0 and math.isfinite(total) else 0.0

@@ -395,10 +395,11 @@ def group_comparisons(scored: Sequence[Scored], metrics: Sequence[str], data: Ev
 
 # ---- wall-clock -----------------------------------------------------------------------------------------
 B1_REPEATS = 5
-"""Batch-1 timings take this many times ``--repeats`` (a call is ~64x shorter than at batch 64)."""
+"""Batch-1 timings take this many times ``--repeats`` (a row alone is short and noisier on a shared CPU)."""
 TIMED_BATCHES = 3
 """Eval-batch timings run this many batches in turn, spread evenly over the split (text is length-sorted:
-its length quantiles), so one batch's lengths do not decide the column."""
+its length quantiles), so one batch's lengths do not decide the column (a split of a few batches may give
+its last, partial one: ms per sample still divides by the rows timed)."""
 B1_ROWS = 8
 """Batch-1 timings run the first row of this many batches spread the same way, one row per call: on text a
 single row's length (and how its keep counts round) would decide the column."""
