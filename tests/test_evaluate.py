@@ -173,20 +173,31 @@ def _calibrated_scorer(backbone, batches):
 
 
 def test_deployed_row_is_the_public_call(vit, splits) -> None:
-    """learned-deployed runs exactly prune(model, scorer, flops=f): its rule, values and outputs; no point
-    outside the budgets the scorer was trained on (prune refuses them)."""
-    from policy_prune.core.inference import prune
+    """learned-deployed runs exactly prune(model, scorer, flops=f) and learned-deployed-threshold the same call
+    with rule="threshold": rule, values and outputs; no point outside the budgets the scorer was trained on
+    (prune refuses them)."""
 
     scorer = _calibrated_scorer(vit, [splits["val"].inputs[:6], splits["val"].inputs[6:]])
     methods = learned_methods(scorer, "seed 0")
-    assert [m.name for m in methods] == ["learned-deployed", "learned", "learned-topk"]
+    assert [m.name for m in methods] == ["learned-deployed", "learned", "learned-topk", "learned-deployed-threshold"]
     res = evaluate.evaluate(vit, splits, methods, [0.7, 0.5, 0.3], "test", batch_size=4, repeats=1, n_boot=50)
-    rows = {r["target"]: r for r in res["results"] if r["method"] == "learned-deployed"}
-    assert sorted(rows) == [0.5, 0.7]
     data = evaluate.prepare(vit, splits["test"], 4, "cpu")
-    deployed = methods[0]
+    for deployed, rule in ((methods[0], None), (methods[3], "threshold")):
+        rows = {r["target"]: r for r in res["results"] if r["method"] == deployed.name}
+        assert sorted(rows) == [0.5, 0.7]
+        _is_the_public_call(vit, scorer, deployed, rule, rows, data)
+    assert {(r["method"], r["rule"]) for r in res["results"] if r["method"] == "learned-deployed-threshold"} \
+        == {("learned-deployed-threshold", "threshold")}
+    header, body = report.main_table(res)
+    assert sum(row[1] == "learned-deployed" for row in body) == 2
+
+
+def _is_the_public_call(vit, scorer, deployed, rule, rows, data) -> None:
+    """Each row of ``deployed`` is prune(model, scorer, rule=rule, flops=target): rule, values, outputs, timing."""
+    from policy_prune.core.inference import prune
+
     for target, row in rows.items():
-        fast = prune(vit.model, scorer, flops=target, strict=False)
+        fast = prune(vit.model, scorer, rule=rule, flops=target, strict=False)
         assert (row["rule"], row["values"], row["told"]) == (fast.rule, fast.values, target)
         with torch.inference_mode():
             expected = torch.cat([fast(x) for x, _ in data.batches])
@@ -199,8 +210,6 @@ def test_deployed_row_is_the_public_call(vit, splits) -> None:
         assert timed.func.__self__ is deployed.model(vit, target)
         torch.testing.assert_close(timed()[0], expected[: len(first)])
         assert row["ms_b64"] > 0 and row["speedup_b1"] > 0
-    header, body = report.main_table(res)
-    assert sum(row[1] == "learned-deployed" for row in body) == 2
 
 
 def test_seeds_of_the_deployed_call_are_one_method_whatever_rule_each_runs(vit, splits) -> None:

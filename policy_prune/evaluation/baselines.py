@@ -668,18 +668,18 @@ class DeployedMethod(Method):
     solved here: ``solve`` only measures on val what the call spends. Targets outside the budgets the
     scorer was trained on have no point (``prune`` refuses them)."""
 
-    def __init__(self, name: str, scorer: LearnedScorer, run: str | None = None) -> None:
+    def __init__(self, name: str, scorer: LearnedScorer, run: str | None = None, rule: str | None = None) -> None:
         super().__init__(name, scorer.sites)
-        self.scorer, self.run = scorer, run
+        self.scorer, self.run, self.rule = scorer, run, rule
         self._models: dict[tuple[int, float], Any] = {}
 
     def model(self, backbone: TokenBackbone, target: float) -> Any:
-        """``prune(backbone.model, scorer, flops=target)``, built once per backbone and target."""
+        """``prune(backbone.model, scorer, flops=target[, rule=rule])``, built once per backbone and target."""
         from policy_prune.core.inference import prune
 
         key = (id(backbone), target)
         if key not in self._models:
-            self._models[key] = prune(backbone.model, self.scorer, flops=target, strict=False)
+            self._models[key] = prune(backbone.model, self.scorer, rule=self.rule, flops=target, strict=False)
         return self._models[key]
 
     def forward(self, backbone: TokenBackbone, inputs: Any, point: Point, watch: Watch | None = None) -> tuple[torch.Tensor, Work]:
@@ -708,15 +708,18 @@ class DeployedMethod(Method):
 
 
 def learned_methods(scorer: LearnedScorer, run: str | None = None, group: str | None = None) -> list[Method]:
-    """A learned scorer three ways. "learned-deployed" is the public ``prune(model, scorer, flops=f)``
-    (:class:`DeployedMethod`): the headline. "learned" reaches a target with one logit threshold at every
-    site solved on val (its own per-sample, per-site allocation) and also runs its trained point
+    """A learned scorer four ways. "learned-deployed" is the public ``prune(model, scorer, flops=f)``
+    (:class:`DeployedMethod`): the headline. "learned-deployed-threshold" is the same call with
+    ``rule="threshold"`` (the calibrated threshold: per-sample counts whose total meets f on the calibration
+    mix, e.g. retrieval passages and queries together). "learned" reaches a target with one logit threshold at
+    every site solved on val (its own per-sample, per-site allocation) and also runs its trained point
     (threshold 0); "learned-topk" ranks tokens by the same logits with per-site keep ratios solved on val
-    (static shapes). A named ``group`` of runs (eval's ``NAME=RUN_DIR``) gives "learned-deployed[NAME]",
-    "learned[NAME]" and "learned-topk[NAME]"."""
+    (static shapes). A named ``group`` of runs (eval's ``NAME=RUN_DIR``) gives "learned-deployed[NAME]" and so on."""
     sites = list(scorer.sites)
     own = [Point("threshold", [0.0] * len(sites))]
     tag = f"[{group}]" if group else ""
-    deployed: list[Method] = [DeployedMethod(f"learned-deployed{tag}", scorer, run)] if scorer.budget is not None else []
-    return [*deployed, ScorerMethod(f"learned{tag}", scorer, sites, "threshold", own, run),
-            ScorerMethod(f"learned-topk{tag}", scorer, sites, "keep_ratio", (), run)]
+    deployed = scorer.budget is not None
+    return [*([DeployedMethod(f"learned-deployed{tag}", scorer, run)] if deployed else []),
+            ScorerMethod(f"learned{tag}", scorer, sites, "threshold", own, run),
+            ScorerMethod(f"learned-topk{tag}", scorer, sites, "keep_ratio", (), run),
+            *([DeployedMethod(f"learned-deployed-threshold{tag}", scorer, run, rule="threshold")] if deployed else [])]

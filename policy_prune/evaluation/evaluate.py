@@ -70,7 +70,8 @@ RETRIEVAL = ("ret_ndcg@10", "ret_recall@10")
 has a retrieval task; every method also has them with unpruned queries or passages (``:full_queries``,
 ``:full_passages``, see :mod:`policy_prune.evaluation.retrieval`)."""
 RETRIEVAL_K = 10
-LEARNED = ("learned-deployed", "learned", "learned-topk")
+LEARNED = ("learned-deployed", "learned-deployed-threshold", "learned", "learned-topk")
+DEFAULT_LEARNED = ("learned-deployed", "learned", "learned-topk")
 """The ways a run's scorer is evaluated (``baselines.learned_methods``)."""
 
 
@@ -525,9 +526,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="output folder (default: RUN_DIR/eval, RUN_DIR/eval-val for --split val; several runs or --env: "
                         "runs/eval__<env>__<time>/eval)")
     p.add_argument("--methods", nargs="+", default=list(BASELINES), help=f"baselines to compare ({', '.join(BASELINES)})")
-    p.add_argument("--learned", nargs="+", choices=LEARNED, default=list(LEARNED),
+    p.add_argument("--learned", nargs="+", choices=LEARNED, default=list(DEFAULT_LEARNED),
                    help="how the runs' scorers are evaluated: learned-deployed (prune(model, scorer, flops=f), the "
-                        "headline), learned (one threshold solved on val), learned-topk (per-site keep ratios solved on val)")
+                        "headline), learned-deployed-threshold (the same call with rule='threshold'; not by default), "
+                        "learned (one threshold solved on val), learned-topk (per-site keep ratios solved on val)")
     p.add_argument("--targets", type=float, nargs="+", default=list(DEFAULT_TARGETS), help="total FLOPs ratio targets")
     p.add_argument("--diversity", type=float, default=0.0, help="spatial-diversity weight of the similarity baselines")
     p.add_argument("--no-prop-attn", action="store_true", help="ToMe without proportional attention")
