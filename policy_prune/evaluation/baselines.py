@@ -718,8 +718,9 @@ def learned_methods(scorer: LearnedScorer, run: str | None = None, group: str | 
     sites = list(scorer.sites)
     own = [Point("threshold", [0.0] * len(sites))]
     tag = f"[{group}]" if group else ""
-    deployed = scorer.budget is not None
-    return [*([DeployedMethod(f"learned-deployed{tag}", scorer, run)] if deployed else []),
-            ScorerMethod(f"learned{tag}", scorer, sites, "threshold", own, run),
-            ScorerMethod(f"learned-topk{tag}", scorer, sites, "keep_ratio", (), run),
-            *([DeployedMethod(f"learned-deployed-threshold{tag}", scorer, run, rule="threshold")] if deployed else [])]
+    solved: list[Method] = [ScorerMethod(f"learned{tag}", scorer, sites, "threshold", own, run),
+                            ScorerMethod(f"learned-topk{tag}", scorer, sites, "keep_ratio", (), run)]
+    if scorer.budget is None:  # no flops=f call to deploy
+        return solved
+    return [DeployedMethod(f"learned-deployed{tag}", scorer, run), *solved,
+            DeployedMethod(f"learned-deployed-threshold{tag}", scorer, run, rule="threshold")]
