@@ -67,6 +67,10 @@ class TextOptions:
     max_passages: dict[str, int] = field(default_factory=dict)
     """Cap on passages per split, e.g. ``{train: 4000}``: a seeded subset of whole items (their queries
     stay complete); a split not named is uncapped."""
+    train_queries: bool = False
+    """The train split's rows are its passages and then its retrieval queries (a deployed encoder embeds
+    both, and queries are short: a policy trained on passages alone never sees a 5-token input). Val and
+    test keep passages as rows and queries as their retrieval task."""
 
     def __post_init__(self) -> None:
         if not 0 < self.min_words <= self.max_words or self.min_item_words < 1:
@@ -406,13 +410,17 @@ def build_splits(cfg: DataConfig, tokenizer: Any) -> dict[str, Any]:
 
     if tokenizer is None:
         raise UserError("dataset python-docs is text: its backbone must come with a tokenizer (e.g. spec minilm)")
+    rows_with_queries = from_dict(TextOptions, cfg.options or {}, "data.options").train_queries
     out = {}
     for name, ts in corpus(cfg.options).items():
         queries = Split(f"{name}-queries", tokenize(ts.queries, tokenizer, cfg.max_length), None,
                         groups=torch.tensor(ts.query_groups, dtype=torch.long), kinds=ts.query_kinds,
                         units=torch.tensor(ts.query_units, dtype=torch.long))
-        out[name] = Split(name, tokenize(ts.passages, tokenizer, cfg.max_length), None,
-                          groups=torch.tensor(ts.groups, dtype=torch.long), kinds=None,
+        # Train rows may hold the queries after the passages (the relevant pairs still name passage rows).
+        extra = rows_with_queries and name == "train"
+        out[name] = Split(name, tokenize(ts.passages + (ts.queries if extra else []), tokenizer, cfg.max_length),
+                          None, groups=torch.tensor(ts.groups + (ts.query_groups if extra else []), dtype=torch.long),
+                          kinds=["passage"] * len(ts.passages) + ts.query_kinds if extra else None,
                           queries=queries, relevant=relevance_pairs(ts.relevant),
-                          units=torch.tensor(ts.units, dtype=torch.long))
+                          units=torch.tensor(ts.units + (ts.query_units if extra else []), dtype=torch.long))
     return out
