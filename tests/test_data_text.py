@@ -151,6 +151,26 @@ def test_minilm_text_splits_are_tokenised_with_their_retrieval_task(minilm) -> N
 
 
 @needs_minilm
+def test_train_queries_adds_the_train_queries_as_train_rows(minilm) -> None:
+    _, tokenizer = minilm
+    plain = load_splits(load_env_config("minilm-text", ["data.max_length=32"]), seed=0, tokenizer=tokenizer)
+    mixed = load_splits(load_env_config("minilm-text", ["data.max_length=32", "data.options.train_queries=true"]),
+                        seed=0, tokenizer=tokenizer)
+    train, q = mixed["train"], plain["train"].queries
+    n = len(plain["train"])
+    assert len(train) == n + len(q) and train.kinds == ["passage"] * n + q.kinds
+    for key in ("input_ids", "attention_mask"):
+        assert torch.equal(train.inputs[key][:n], plain["train"].inputs[key])
+        width = q.inputs[key].shape[1]  # queries padded to their own longest row; here to the passages' width
+        assert torch.equal(train.inputs[key][n:, :width], q.inputs[key]) and not train.inputs[key][n:, width:].any()
+    assert torch.equal(train.groups[n:], q.groups) and torch.equal(train.units[n:], q.units)
+    assert torch.equal(train.relevant, plain["train"].relevant)  # pairs still name passage rows
+    for name in ("val", "test"):  # held-out splits keep passages as rows, queries as their retrieval task
+        assert torch.equal(mixed[name].inputs["input_ids"], plain[name].inputs["input_ids"])
+        assert mixed[name].kinds is None
+
+
+@needs_minilm
 def test_minilm_backbone_matches_sentence_transformers_pooling(minilm) -> None:
     backbone, tokenizer = minilm
     assert backbone.output_kind == "embedding" and backbone.depth == 6
