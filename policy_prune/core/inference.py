@@ -331,7 +331,8 @@ def prune(
     such data, a batch packed to its largest row; its total follows the data, so on inputs unlike
     them it can run above ``flops``: minilm-text's calibrated threshold at 0.5 ran 0.58 on the test split,
     where keep_ratio runs close to ``flops`` on every kind of row: 0.49 on passages, 0.51 on queries).
-    A scorer without a budget input meets it with one constant keep_ratio on a full-length input. See :mod:`policy_prune.core.budget`.
+    A scorer without a budget input meets it with one constant keep_ratio on a full-length input. See
+    :mod:`policy_prune.core.budget`.
 
     A scorer trained for another backbone raises ScorerMismatchError (``strict=False`` tolerates a
     different architecture name or class count when every shape matches).

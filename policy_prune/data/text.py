@@ -416,11 +416,12 @@ def build_splits(cfg: DataConfig, tokenizer: Any) -> dict[str, Any]:
         queries = Split(f"{name}-queries", tokenize(ts.queries, tokenizer, cfg.max_length), None,
                         groups=torch.tensor(ts.query_groups, dtype=torch.long), kinds=ts.query_kinds,
                         units=torch.tensor(ts.query_units, dtype=torch.long))
-        # Train rows may hold the queries after the passages (the relevant pairs still name passage rows).
-        extra = rows_with_queries and name == "train"
-        out[name] = Split(name, tokenize(ts.passages + (ts.queries if extra else []), tokenizer, cfg.max_length),
-                          None, groups=torch.tensor(ts.groups + (ts.query_groups if extra else []), dtype=torch.long),
-                          kinds=["passage"] * len(ts.passages) + ts.query_kinds if extra else None,
+        texts, groups, units, kinds = ts.passages, ts.groups, ts.units, None
+        if rows_with_queries and name == "train":  # the queries after the passages (pairs still name passage rows)
+            texts, groups, units = texts + ts.queries, groups + ts.query_groups, units + ts.query_units
+            kinds = ["passage"] * len(ts.passages) + ts.query_kinds
+        out[name] = Split(name, tokenize(texts, tokenizer, cfg.max_length), None,
+                          groups=torch.tensor(groups, dtype=torch.long), kinds=kinds,
                           queries=queries, relevant=relevance_pairs(ts.relevant),
-                          units=torch.tensor(ts.units + (ts.query_units if extra else []), dtype=torch.long))
+                          units=torch.tensor(units, dtype=torch.long))
     return out

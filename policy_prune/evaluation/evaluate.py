@@ -71,8 +71,9 @@ has a retrieval task; every method also has them with unpruned queries or passag
 ``:full_passages``, see :mod:`policy_prune.evaluation.retrieval`)."""
 RETRIEVAL_K = 10
 LEARNED = ("learned-deployed", "learned-deployed-threshold", "learned", "learned-topk")
-DEFAULT_LEARNED = ("learned-deployed", "learned", "learned-topk")
 """The ways a run's scorer is evaluated (``baselines.learned_methods``)."""
+DEFAULT_LEARNED = ("learned-deployed", "learned", "learned-topk")
+"""Those ``--learned`` runs unless told otherwise."""
 
 
 # ---- data ---------------------------------------------------------------------------------------------
