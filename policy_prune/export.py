@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from policy_prune.cli_args import finite, fraction, positive, ratio
 from policy_prune.config import read_run_config
 from policy_prune.core.artifact import EXPORT_FILE, META_FILE, ONNX_FILE, save_scorer
 from policy_prune.core.scorer import LearnedScorer, TokenScorer
@@ -35,11 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help="artifact directory (default: RUN_DIR/scorer)")
     p.add_argument("--checkpoint", default="last", help="checkpoint name in RUN_DIR/checkpoints (default: last)")
     rule = p.add_mutually_exclusive_group()
-    rule.add_argument("--threshold", type=float, nargs="+", default=None,
+    rule.add_argument("--threshold", type=finite, nargs="+", default=None,
                       help="default rule: keep tokens whose logit exceeds this (one value or one per site; default 0)")
-    rule.add_argument("--keep-ratio", type=float, nargs="+", default=None,
+    rule.add_argument("--keep-ratio", type=fraction, nargs="+", default=None,
                       help="default rule: keep this fraction of prunable tokens at each site (static shapes)")
-    rule.add_argument("--flops", type=float, default=None,
+    rule.add_argument("--flops", type=ratio, default=None,
                       help="--onnx-model: the keep_ratio (same at every site) whose schedule runs this FLOPs ratio")
     p.add_argument("--calibrate", action="store_true",
                    help="budget-conditioned runs: calibrate the budget input again on the run's val split, as train does "
@@ -51,8 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="--onnx-model: the model to prune (default: the run's backbone); "
                                                  "digits-vit, minilm, a timm name, hf:<id> or a folder")
     p.add_argument("--model-out", type=Path, default=None, help="--onnx-model: output folder (default RUN_DIR/onnx)")
-    p.add_argument("--batch", type=int, default=2, help="--onnx-model: rows of the example inputs it is checked on")
-    p.add_argument("--length", type=int, default=None,
+    p.add_argument("--batch", type=positive, default=2, help="--onnx-model: rows of the example inputs it is checked on")
+    p.add_argument("--length", type=positive, default=None,
                    help="--onnx-model, text: the graph's fixed input length L (default: the env's data.max_length)")
     p.add_argument("--check-split", default=None, metavar="SPLIT",
                    help="--onnx-model: run the ONNX model over this labelled split of the run's env (e.g. test) and "

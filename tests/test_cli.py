@@ -46,6 +46,36 @@ def test_console_script_user_error_is_one_line(tmp_path) -> None:
     assert len(lines) == 1 and "unknown backbone" in lines[0] and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("argv", [
+    ["eval", "--env", "digits-vit", "--targets", "0.5", "1.5"],  # a FLOPs ratio above 1
+    ["eval", "--env", "digits-vit", "--targets", "nan"],  # was a StopIteration after the whole eval
+    ["eval", "--env", "digits-vit", "--targets", "0"],
+    ["eval", "--env", "digits-vit", "--batch-size", "0"],  # was torch's "split_size can only be 0" traceback
+    ["eval", "--env", "digits-vit", "--bootstrap", "0"],  # was "quantile() input tensor must be non-empty"
+    ["eval", "--env", "digits-vit", "--max-samples", "0"],  # was a ZeroDivisionError
+    ["eval", "--env", "digits-vit", "--repeats", "-2"],  # silently skipped the timing
+    ["eval", "--env", "digits-vit", "--vis-target", "3"],
+    ["eval", "--env", "digits-vit", "--tome-inflect", "2"],
+    ["bench", "--what", "model", "--model", "digits-vit", "--flops", "1.5"],  # ran unpruned, no word said
+    ["bench", "--what", "model", "--model", "digits-vit", "--batch", "0"],  # was an IndexError
+    ["bench", "--what", "model", "--model", "digits-vit", "--repeats", "0"],  # was "no median for empty data"
+    ["bench", "--keep", "-0.1"],
+    ["export", "runs/x", "--flops", "inf"],
+    ["export", "runs/x", "--keep-ratio", "0.5", "1.2"],
+    ["sweep", "--cpus-per-trial", "0"],
+])
+def test_numbers_out_of_their_domain_are_one_usage_error(argv, capsys) -> None:
+    """An out-of-range or non-finite number is refused while parsing (exit 2, argparse's one error line
+    naming the option), before any model or data loads."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"policy-prune {argv[0]}: error: argument ") and "Traceback" not in err
+    assert any(word in last for word in ("(0, 1]", "[0, 1]", "at least", "above 0", "finite", "[-1, 2]", "[-1, 1]"))
+
+
 def test_bench_compile_options_are_parsed_and_checked(capsys) -> None:
     from policy_prune.evaluation.bench import compile_options
 

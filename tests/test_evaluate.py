@@ -172,7 +172,7 @@ def _calibrated_scorer(backbone, batches):
     return scorer
 
 
-def test_deployed_row_is_the_public_call(vit, splits) -> None:
+def test_deployed_row_is_the_public_call(vit, splits, tmp_path) -> None:
     """learned-deployed runs exactly prune(model, scorer, flops=f) and learned-deployed-threshold the same call
     with rule="threshold": rule, values and outputs; no point outside the budgets the scorer was trained on
     (prune refuses them)."""
@@ -190,6 +190,11 @@ def test_deployed_row_is_the_public_call(vit, splits) -> None:
         == {("learned-deployed-threshold", "threshold")}
     header, body = report.main_table(res)
     assert sum(row[1] == "learned-deployed" for row in body) == 2
+    # The target it has no point at is said, with prune's own reason, not dropped silently.
+    notes = [n for n in res["notes"] if n.startswith("learned-deployed seed 0 has no point at 0.3: ")]
+    assert len(notes) == 1 and "0.4" in notes[0]
+    report.write_markdown(res, tmp_path / "table.md")
+    assert f"**Not scored:** {notes[0]}" in (tmp_path / "table.md").read_text()
 
 
 def _is_the_public_call(vit, scorer, deployed, rule, rows, data) -> None:
@@ -581,8 +586,22 @@ def test_eval_max_items_caps_every_split(tmp_path, fake_env) -> None:
                  "--bootstrap", "50", "--max-items", "3", "--out", str(out)]) == 0
     payload = json.loads((out / "pareto.json").read_text())
     assert payload["n_groups"] == 3 and payload["n_samples"] == 6  # two rows per item
-    with pytest.raises(UserError, match="--max-items must be at least 1"):
+    with pytest.raises(SystemExit):  # refused while parsing (policy_prune.cli_args), before anything loads
         _cli([str(run), "--max-items", "0"])
+
+
+def test_eval_refuses_a_picture_target_it_does_not_score(tmp_path, fake_env, monkeypatch) -> None:
+    """--vis-target must be one of --targets: refused before the eval runs (it used to fail in the picture,
+    after the whole eval). Without a method scored at it (only "none") no picture is drawn."""
+    run = _run_dir(tmp_path, fake_env, 0)
+    with monkeypatch.context() as m, \
+            pytest.raises(UserError, match=r"--vis-target 0.3 is not one of --targets \(0.6 0.5\)"):
+        m.setattr(evaluate, "evaluate", lambda *a, **k: pytest.fail("the eval ran"))
+        _cli([str(run), "--targets", "0.6", "0.5", "--vis-target", "0.3"])
+    out = tmp_path / "none"
+    assert _cli(["--env", "digits-vit", "--methods", "none", "--targets", "0.6", "--repeats", "0",
+                 "--bootstrap", "50", "--out", str(out)]) == 0  # (the fake env's model and splits)
+    assert (out / "table.md").exists() and not (out / "kept.png").exists()
 
 
 def test_timing_runs_batches_and_single_rows_spread_over_the_split(vit, splits, monkeypatch) -> None:

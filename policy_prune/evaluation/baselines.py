@@ -193,9 +193,11 @@ class Method:
     """True for a method that scores nothing at a site whose rule keeps every token (keep_ratio 1)."""
     own_points: list[Point]
     """Points evaluated besides the FLOPs-matched sweep (the learned scorer's trained threshold)."""
+    unsolved: dict[float, str]
+    """Target -> why the method has no point there (``solve`` returned None), for the report."""
 
     def __init__(self, name: str, sites: Sequence[int]) -> None:
-        self.name, self.sites, self.own_points = name, list(sites), []
+        self.name, self.sites, self.own_points, self.unsolved = name, list(sites), [], {}
 
     def own(self, targets: Sequence[float]) -> list[Point]:
         """Points evaluated besides the solved ones (given the targets of this evaluation)."""
@@ -701,8 +703,9 @@ class DeployedMethod(Method):
     def solve(self, ctx: SolveContext, target: float) -> Point | None:
         try:
             fast = self.model(ctx.backbone, target)
-        except UserError:
-            return None  # outside the trained budgets, or below what the scorer reaches
+        except UserError as exc:  # outside the trained budgets, or below what the scorer reaches: said in the report
+            self.unsolved[target] = str(exc)
+            return None
         point = Point(fast.rule, list(fast.values), target, None, target)
         return replace(point, solved=total_ratio(ctx.backbone, self.measure(ctx, point)))
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from policy_prune.cli_args import non_negative, positive, ratio
 from policy_prune.core.artifact import json_safe
 from policy_prune.core.backbones import TokenBackbone, TokenState, adapt
 from policy_prune.core.executed import executed_schedule
@@ -41,22 +42,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="timm name (random init), hf:<id>, model folder, digits-vit (the cached embedded backbone) or "
                         "minilm (all-MiniLM-L6-v2, real weights, on padded python-docs test passages)")
     p.add_argument("--scorer", type=Path, default=None, help="scorer folder for --what model (default: random weights)")
-    p.add_argument("--flops", type=float, default=0.5, help="FLOPs ratio of the keep_ratio schedule (--what model)")
-    p.add_argument("--sites", type=int, nargs="+", default=[0], help="pruning sites of the random scorer (--what model)")
-    p.add_argument("--targets", type=float, nargs="+", default=[0.7, 0.5, 0.35],
+    p.add_argument("--flops", type=ratio, default=0.5, help="FLOPs ratio of the keep_ratio schedule (--what model)")
+    p.add_argument("--sites", type=non_negative, nargs="+", default=[0], help="pruning sites of the random scorer (--what model)")
+    p.add_argument("--targets", type=ratio, nargs="+", default=[0.7, 0.5, 0.35],
                    help="--what budget: the FLOPs ratios asked of prune(model, scorer, flops=f)")
-    p.add_argument("--samples", type=int, default=256, help="--what budget: test samples the FLOPs are counted on")
-    p.add_argument("--length", type=int, default=128,
+    p.add_argument("--samples", type=positive, default=256, help="--what budget: test samples the FLOPs are counted on")
+    p.add_argument("--length", type=positive, default=128,
                    help="--what onnx, text models: the fixed input length of both graphs (rows padded to it)")
     p.add_argument("--env", default="digits-vit", help="env preset (name or YAML path) for --what env")
     p.add_argument("--agent", default="ppo", help="agent preset whose rollout buffer size is measured (--what env)")
-    p.add_argument("--episodes", type=int, default=20, help="batched episodes timed per repeat (--what env)")
-    p.add_argument("--batch", type=int, nargs="+", default=[32], help="batch sizes to measure")
-    p.add_argument("--keep", type=float, default=0.5, help="fraction of prunable tokens kept at the site")
-    p.add_argument("--site", type=int, default=0, help="block index before which tokens are dropped")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--episodes", type=positive, default=20, help="batched episodes timed per repeat (--what env)")
+    p.add_argument("--batch", type=positive, nargs="+", default=[32], help="batch sizes to measure")
+    p.add_argument("--keep", type=ratio, default=0.5, help="fraction of prunable tokens kept at the site")
+    p.add_argument("--site", type=non_negative, default=0, help="block index before which tokens are dropped")
+    p.add_argument("--warmup", type=non_negative, default=3)
+    p.add_argument("--repeats", type=positive, default=15)
+    p.add_argument("--threads", type=positive, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--compile", nargs="?", const="", default=None, metavar="OPTIONS",
                    help="--what model: time torch.compile'd original and pruned models (inductor, static shapes); "
                         "OPTIONS: inductor options for both, comma-separated, e.g. freezing,cpp_wrapper (CPU "

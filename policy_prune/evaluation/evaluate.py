@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from policy_prune.cli_args import at_least, between, non_negative, positive, ratio
 from policy_prune.core.backbones.base import TokenBackbone
 from policy_prune.core.ops import to_device, trim_padding
 from policy_prune.embedded import DTYPE_NAMES, DTYPES, check_device
@@ -251,6 +252,8 @@ def evaluate(backbone: TokenBackbone, splits: dict[str, Any], methods: Sequence[
         say("timing")
         add_timing(backbone, scored, rows, data, repeats, device)
     runs = list(dict.fromkeys(m.run for m in methods if m.run is not None))
+    notes = [f"{m.name}{'' if m.run is None else ' ' + m.run} has no point at {t:g}: {why}"
+             for m in methods for t, why in m.unsolved.items()]
     retrieval = {} if data.queries is None else {
         "n_queries": len(data.queries), "n_query_groups": int(data.queries.groups.unique().numel())}
     return {
@@ -259,7 +262,7 @@ def evaluate(backbone: TokenBackbone, splits: dict[str, Any], methods: Sequence[
         "sites": sorted({s for m in methods for s in m.sites}), "targets": list(targets), "batch_size": batch_size,
         "length_sorted": length_sort and isinstance(splits[split].inputs, dict),
         "signature": backbone.signature(), "output_kind": backbone.output_kind, "primary": primary,
-        "compared": compared, "n_boot": n_boot, "results": rows,
+        "compared": compared, "n_boot": n_boot, "results": rows, "notes": notes,
         "summary": summaries(scored, data, primary, n_boot, seed),
         "comparisons": comparisons(scored, [r["flops"]["total"] for r in rows], best, data, n_boot, seed),
         "group_comparisons": group_comparisons(scored, compared, data, n_boot, seed),
@@ -531,29 +534,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how the runs' scorers are evaluated: learned-deployed (prune(model, scorer, flops=f), the "
                         "headline), learned-deployed-threshold (the same call with rule='threshold'; not by default), "
                         "learned (one threshold solved on val), learned-topk (per-site keep ratios solved on val)")
-    p.add_argument("--targets", type=float, nargs="+", default=list(DEFAULT_TARGETS), help="total FLOPs ratio targets")
-    p.add_argument("--diversity", type=float, default=0.0, help="spatial-diversity weight of the similarity baselines")
+    p.add_argument("--targets", type=ratio, nargs="+", default=list(DEFAULT_TARGETS), help="total FLOPs ratio targets")
+    p.add_argument("--diversity", type=at_least(0.0, float), default=0.0, help="spatial-diversity weight of the similarity baselines")
     p.add_argument("--no-prop-attn", action="store_true", help="ToMe without proportional attention")
     p.add_argument("--tome-unweighted-pool", action="store_true",
                    help="ToMe on a mean-pooling model (text encoders) averages merged tokens unweighted, as the "
                         "reference's timm heads do (default: weighted by the tokens each stands for)")
-    p.add_argument("--tome-inflect", type=float, default=0.0,
+    p.add_argument("--tome-inflect", type=between(-1.0, 1.0), default=0.0,
                    help="tome-native's r schedule: 0 constant per block, -1 the authors' decreasing schedule")
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline, subsets and the bootstrap")
-    p.add_argument("--max-samples", type=int, default=None, help="cap on val and scored samples (seeded subsets of rows)")
-    p.add_argument("--max-items", type=int, default=None, metavar="N",
+    p.add_argument("--max-samples", type=positive, default=None, help="cap on val and scored samples (seeded subsets of rows)")
+    p.add_argument("--max-items", type=positive, default=None, metavar="N",
                    help="cap each split at N source items (Split.groups: python-docs' docstrings and help sections, "
                         "digits' source digits), a subset seeded by --seed, with all their rows and retrieval queries; "
                         "every kept query keeps all its relevant passages (minilm-text: --max-items 800, about 10 minutes for "
                         "the baselines at three targets on 2 CPU cores)")
-    p.add_argument("--batch-size", type=int, default=64, help="eval batch size (executed FLOPs and solving use it)")
+    p.add_argument("--batch-size", type=positive, default=64, help="eval batch size (executed FLOPs and solving use it)")
     p.add_argument("--no-length-sort", action="store_true",
                    help="batch text rows in split order (default: by length, as SentenceTransformer.encode does)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats per wall-clock measurement (0: skip timing)")
-    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap replicates of every interval")
-    p.add_argument("--vis-target", type=float, default=None, help="FLOPs target of the kept-token picture "
+    p.add_argument("--repeats", type=non_negative, default=3, help="timed repeats per wall-clock measurement (0: skip timing)")
+    p.add_argument("--bootstrap", type=positive, default=2000, help="bootstrap replicates of every interval")
+    p.add_argument("--vis-target", type=ratio, default=None, help="FLOPs target of the kept-token picture "
                    "(default: the target nearest 0.5)")
-    p.add_argument("--vis-samples", type=int, default=3, help="val samples in the kept-token picture")
+    p.add_argument("--vis-samples", type=positive, default=3, help="val samples in the kept-token picture")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="dtype of the frozen backbone")
 
@@ -577,8 +580,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.run_dirs and args.env is None:
         raise UserError("give a RUN_DIR or --env ENV")
-    if args.max_items is not None and args.max_items < 1:
-        raise UserError(f"--max-items must be at least 1, got {args.max_items}")
+    if args.vis_target is not None and not any(abs(t - args.vis_target) < 1e-9 for t in args.targets):
+        raise UserError(f"--vis-target {args.vis_target:g} is not one of --targets ({' '.join(f'{t:g}' for t in args.targets)})")
     console = make_console()
     runs = [load_run(path, group) for group, path in (parse_run_arg(str(d)) for d in args.run_dirs)]
     env_cfg = load_env_config(args.env) if args.env else runs[0].env
@@ -613,5 +616,5 @@ def run(args: argparse.Namespace) -> int:
     picture = vis.draw_kept(backbone, methods, results, splits["val"], vis_target, env_cfg.sites, out_dir,
                             args.vis_samples, tokenizer, args.device)
     report.print_tables(results, console)
-    console.print(f"wrote {out_dir}/pareto.json, table.md, pareto.png, {picture.name}")
+    console.print(f"wrote {out_dir}/pareto.json, table.md, pareto.png" + (f", {picture.name}" if picture else ""))
     return 0

@@ -255,7 +255,7 @@ def markdown(header: list[str], body: list[list[str]]) -> str:
 
 
 def write_markdown(results: dict[str, Any], path: Path) -> None:
-    parts = [describe(results)]
+    parts = [describe(results), *(f"**Not scored:** {note}" for note in results.get("notes", ()))]
     for metric in compared(results):
         parts += [f"## {glance_title(results, metric)}", markdown(*glance_table(results, metric))]
     parts += ["## Every method at equal total FLOPs", markdown(*main_table(results))]
@@ -363,3 +363,5 @@ def print_tables(results: dict[str, Any], console: Any) -> None:
         for row in body:
             table.add_row(*row)
         console.print(table)
+    for note in results.get("notes", ()):
+        console.print(f"not scored: {note}", markup=False)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from policy_prune.cli_args import positive
 from policy_prune.evaluation.metrics import retrieval_scores
 
 Encoder = Callable[[Any], torch.Tensor]
@@ -123,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m policy_prune.evaluation.retrieval", description=main.__doc__)
     p.add_argument("--env", default="minilm-text", help="env preset (name or YAML) with a retrieval dataset")
     p.add_argument("--splits", nargs="+", default=["val", "test"])
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--batch-size", type=positive, default=64)
+    p.add_argument("--k", type=positive, default=10)
     p.add_argument("--no-trim", action="store_true", help="encode at the split's common padding (slower)")
     p.add_argument("--seed", type=int, default=0, help="run seed (train subsets under data.max_samples)")
     args = p.parse_args(argv)

@@ -56,11 +56,15 @@ def groupings(backbone: TokenBackbone, method: Method, point: Point, inputs: Any
 
 
 def draw_kept(backbone: TokenBackbone, methods: Sequence[Method], results: dict[str, Any], split: Any, target: float,
-              sites: Sequence[int], out_dir: Path, n_samples: int = 3, tokenizer: Any = None, device: str = "cpu") -> Path:
-    """Write kept.png (images) or kept.html (text) for the first ``n_samples`` rows of ``split``."""
+              sites: Sequence[int], out_dir: Path, n_samples: int = 3, tokenizer: Any = None,
+              device: str = "cpu") -> Path | None:
+    """Write kept.png (images) or kept.html (text) for the first ``n_samples`` rows of ``split``; None (nothing
+    written) where no method was scored at ``target`` (e.g. ``--methods none``)."""
+    picks = method_points(methods, results, target)
+    if not picks:
+        return None
     sample = split.select(torch.arange(min(n_samples, len(split))))
     inputs = trim_padding(to_device(sample.inputs, device))
-    picks = method_points(methods, results, target)
     maps = [(m.name, groupings(backbone, m, p, inputs, sites)) for m, p in picks]
     out_dir.mkdir(parents=True, exist_ok=True)
     if isinstance(inputs, dict):

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from policy_prune.cli_args import positive
 from policy_prune.config import EnvConfig, from_dict
 from policy_prune.core.embedded_models import (
     CACHE_FORMAT,
@@ -420,7 +421,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the model initialisation and training canvases (default: backbone.pretrain.seed, 0)")
     p.add_argument("--force", action="store_true", help="fit again even if a cached checkpoint exists")
-    p.add_argument("--epochs", type=int, default=None, help="override backbone.pretrain.epochs")
+    p.add_argument("--epochs", type=positive, default=None, help="override backbone.pretrain.epochs")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a preset key, e.g. --set backbone.pretrain.lr=0.002 (repeatable)")
 

@@ -42,6 +42,7 @@ from typing import Any
 
 import yaml
 
+from policy_prune.cli_args import at_least, positive, positive_number
 from policy_prune.config import ConfigError, from_dict, load_env_config, read_preset, to_dict
 from policy_prune.errors import UserError
 
@@ -87,20 +88,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a config value for every trial, or a grid over comma-separated values "
                         "(--set train.seed=0,1 --set env.reward.lam=0.05,0.3); a YAML search primitive "
                         "works too: --set 'agent.hyperparams.learning_rate={loguniform: [3e-4, 3e-3]}'")
-    p.add_argument("--timesteps", type=int, default=None, help="train.timesteps of every trial")
-    p.add_argument("--num-samples", type=int, default=None, help="repetitions of the grid / draws of random keys")
+    p.add_argument("--timesteps", type=positive, default=None, help="train.timesteps of every trial")
+    p.add_argument("--num-samples", type=positive, default=None, help="repetitions of the grid / draws of random keys")
     p.add_argument("--seed", type=int, default=None, help="seed of the random search and default train.seed (0)")
     p.add_argument("--device", default=None, help="train.device of every trial (default cpu; cuda with --gpus-per-trial)")
     p.add_argument("--dtype", default=None, help="train.dtype of every trial: fp32, bf16 or fp16")
     p.add_argument("--track", choices=("wandb",), default=None, help="track every trial in W&B (one group per sweep)")
     p.add_argument("--name", default=None, help="sweep folder name")
     p.add_argument("--runs-dir", default="runs", help="where the sweep folder is created (default ./runs)")
-    p.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs reserved per trial (default 1)")
-    p.add_argument("--gpus-per-trial", type=float, default=None, help="GPUs reserved per trial (default 0)")
-    p.add_argument("--max-concurrent", type=int, default=None, help="cap on trials running at once")
+    p.add_argument("--cpus-per-trial", type=positive_number, default=None, help="CPUs reserved per trial (default 1)")
+    p.add_argument("--gpus-per-trial", type=at_least(0.0, float), default=None, help="GPUs reserved per trial (default 0)")
+    p.add_argument("--max-concurrent", type=positive, default=None, help="cap on trials running at once")
     p.add_argument("--address", default=None, help="join this Ray cluster (e.g. auto, ray://host:10001) "
                    "instead of starting a local instance")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--num-cpus", type=positive, default=None, help="CPUs of the local Ray instance (default: all)")
     p.add_argument("--resume", type=Path, default=None, metavar="SWEEP_DIR",
                    help="continue an interrupted sweep: finished trials are kept, unfinished ones resume")
 
