@@ -467,6 +467,20 @@ def test_budget_round_trips_through_the_artifact(vit, tmp_path) -> None:
     (tmp_path / "s" / "scorer.json").write_text(json.dumps(meta))
     with pytest.raises(ScorerFileError, match="bad budget"):
         load_scorer(tmp_path / "s")
+    # Calibration points that would fail only later, inside prune(flops=f) (numpy's "inhomogeneous array"):
+    # shares of another number of sites, a share or a threshold that is not a finite number in range.
+    good = json.loads(json.dumps(meta["budget"]))
+    good["low"] = 0.3
+    for edit, message in ((lambda p: p.update(keep_ratio=[0.5]), "one share per site (2)"),
+                          (lambda p: p.update(idle=[2]), "idle sites indices below it"),
+                          (lambda p: p.update(keep_ratio=[0.5, 1.5]), "keep_ratio shares in [0, 1]"),
+                          (lambda p: p.update(threshold=float("nan")), "must be finite numbers")):
+        meta["budget"] = json.loads(json.dumps(good))
+        edit(meta["budget"]["calibration"][1])
+        (tmp_path / "s" / "scorer.json").write_text(json.dumps(meta))
+        with pytest.raises(ScorerFileError, match="bad budget") as exc:
+            load_scorer(tmp_path / "s")
+        assert message in str(exc.value)
     meta["budget"] = None  # a budget scorer's weights read one more context column than a plain one
     (tmp_path / "s" / "scorer.json").write_text(json.dumps(meta))
     with pytest.raises(ScorerFileError, match="context_dim"):

@@ -244,13 +244,20 @@ def load_scorer(path: str | Path) -> LearnedScorer:
         raise ScorerFileError(f"scorer not found: {root} is not a directory")
     meta = read_meta(root / META_FILE)
     where = root / META_FILE
-    spec = _spec_from_json(meta["feature_spec"], where)
-    sites = _sites(meta["sites"], where)
-    budget = _budget(meta.get("budget"), where)
-    net = _build_net(meta["layer_sizes"], spec, len(sites), budget is not None, where)
-    tensors = read_tensors(root / WEIGHTS_FILE)
-    _load_weights(net, tensors, root / WEIGHTS_FILE)
-    projection = _projection(tensors, meta["backbone"], spec, root / WEIGHTS_FILE)
+    try:
+        spec = _spec_from_json(meta["feature_spec"], where)
+        sites = _sites(meta["sites"], where)
+        budget = _budget(meta.get("budget"), where, len(sites))
+        tensors = read_tensors(root / WEIGHTS_FILE)
+        net = _build_net(meta["layer_sizes"], spec, len(sites), budget is not None, where, tensors)
+        _load_weights(net, tensors, root / WEIGHTS_FILE)
+        projection = _projection(tensors, meta["backbone"], spec, root / WEIGHTS_FILE)
+    except ScorerFileError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, IndexError) as exc:  # a wrong type anywhere
+        raise ScorerFileError(f"{where}: malformed scorer file ({exc!r})") from None
+    if not isinstance(meta["default_rule"], Mapping):
+        raise ScorerFileError(f"{where}: bad default_rule: expected an object {{rule, values}}, got {meta['default_rule']!r}")
     try:
         rule = normalize_rule(meta["default_rule"], len(sites))
     except UserError as exc:
@@ -278,8 +285,9 @@ def read_meta(path: Path) -> dict[str, Any]:
     if meta["format_version"] != FORMAT_VERSION:
         raise ScorerFileError(f"{path}: unknown format_version {meta['format_version']!r} "
                               f"(this policy-prune reads version {FORMAT_VERSION}; upgrade policy-prune)")
-    if not isinstance(meta["backbone"], dict) or "width" not in meta["backbone"]:
-        raise ScorerFileError(f"{path}: 'backbone' must be a signature object with a width")
+    backbone = meta["backbone"]
+    if not isinstance(backbone, dict) or not isinstance(backbone.get("width"), int) or isinstance(backbone["width"], bool):
+        raise ScorerFileError(f"{path}: 'backbone' must be a signature object with an integer width")
     return meta
 
 
@@ -319,27 +327,39 @@ def _sites(data: Any, where: Path) -> list[int]:
     return list(data)
 
 
-def _budget(data: Any, where: Path) -> BudgetInput | None:
+def _budget(data: Any, where: Path, n_sites: int) -> BudgetInput | None:
     if data is None:
         return None
     try:
-        return BudgetInput.from_json(data)
+        return BudgetInput.from_json(data, n_sites)
     except ValueError as exc:
         raise ScorerFileError(f"{where}: bad budget ({exc})") from None
 
 
-def _build_net(sizes: Any, spec: FeatureSpec, n_sites: int, budgeted: bool, where: Path) -> TokenScorer:
+def _build_net(sizes: Any, spec: FeatureSpec, n_sites: int, budgeted: bool, where: Path,
+               tensors: Mapping[str, torch.Tensor]) -> TokenScorer:
     try:
         feature_dim, context_dim = int(sizes["feature_dim"]), int(sizes["context_dim"])
         hidden = [int(h) for h in sizes["hidden"]]
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise ScorerFileError(f"{where}: bad layer_sizes ({exc!r})") from None
+    # Widths are checked against the weights file before anything is allocated (a typo of 10**12 would
+    # otherwise try to allocate terabytes): each hidden layer's bias has its width.
+    stored = [int(tensors[k].numel()) if k in tensors else None for k in _hidden_biases(len(hidden))]
+    if any(h < 1 for h in hidden) or stored != hidden:
+        raise ScorerFileError(f"{where}: layer_sizes hidden {hidden} do not match the weights file's hidden layers "
+                              f"{[w for w in stored if w is not None]}")
     want = context_width(n_sites, budgeted)
     if feature_dim != spec.dim or context_dim != want:
         raise ScorerFileError(f"{where}: layer_sizes feature_dim={feature_dim}, context_dim={context_dim} do not "
                               f"match the feature spec ({spec.dim}) and {n_sites} sites"
                               f"{' with a budget input' if budgeted else ''} ({want})")
     return TokenScorer(feature_dim, context_dim, hidden)
+
+
+def _hidden_biases(n_hidden: int) -> list[str]:
+    """The weights file's names of a TokenScorer's hidden-layer biases (Linear and Tanh alternate in its body)."""
+    return [f"net.body.{2 * i}.bias" for i in range(n_hidden)]
 
 
 def _load_weights(net: TokenScorer, tensors: Mapping[str, torch.Tensor], where: Path) -> None:

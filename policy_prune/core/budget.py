@@ -22,6 +22,7 @@ Shapes: B rows, N token slots; counts are per row.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -262,8 +263,9 @@ class BudgetInput:
                 "calibration": [asdict(p) for p in self.calibration]}
 
     @staticmethod
-    def from_json(data: Any) -> BudgetInput:
-        """From :meth:`to_json` output; ValueError (with the reason) on anything malformed."""
+    def from_json(data: Any, n_sites: int | None = None) -> BudgetInput:
+        """From :meth:`to_json` output; ValueError (with the reason) on anything malformed. ``n_sites``: the
+        scorer's sites, which every calibration point's per-site shares and idle sites must fit."""
         try:
             if data["input"] != "flops":
                 raise ValueError(f"unknown budget input {data['input']!r}")
@@ -283,4 +285,13 @@ class BudgetInput:
             raise ValueError(f"malformed budget entry ({exc!r})") from None
         if not 0.0 < budget.low <= budget.default <= budget.high <= 1.0:
             raise ValueError(f"budget range must satisfy 0 < low <= default <= high <= 1, got {data!r}")
+        for p in points:
+            numbers = [p.flops, p.threshold, *p.keep_ratio, *([] if p.plan is None else [p.plan])]
+            idle = [*p.idle, *(p.idle_keep_ratio or [])]
+            if not all(math.isfinite(v) for v in numbers) or not all(0.0 <= r <= 1.0 for r in p.keep_ratio):
+                raise ValueError(f"calibration point {p.flops:g}: flops, threshold and plan must be finite numbers and "
+                                 f"keep_ratio shares in [0, 1], got {asdict(p)}")
+            if n_sites is not None and (len(p.keep_ratio) != n_sites or not all(0 <= i < n_sites for i in idle)):
+                raise ValueError(f"calibration point {p.flops:g}: keep_ratio needs one share per site ({n_sites}) and "
+                                 f"idle sites indices below it, got {p.keep_ratio} and idle {idle}")
         return budget
