@@ -53,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PolicyPruneError as exc:  # UserError, ConfigError, UsageError, scorer file / mismatch errors
         print(f"policy-prune {args.verb}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the file system refused: a folder that is a file, no permission, a full disk
+        print(f"policy-prune {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"policy-prune {args.verb}: interrupted", file=sys.stderr)
         return 130

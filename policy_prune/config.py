@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,48 @@ from policy_prune.errors import UserError
 
 class ConfigError(UserError, ValueError):
     """A user mistake in a preset, a --set override or a flag: reported in one line, exit code 2."""
+
+
+# YAML 1.1 (PyYAML) reads a float only with a dot: "3e-4" and "1e5" are strings there, and a learning rate
+# written as everyone writes it reached the agent as the text '3e-4'. Configs read YAML 1.2's floats too.
+_FLOAT = r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$"""
+
+
+@functools.cache
+def _config_yaml() -> tuple[Any, Any]:
+    """(loader, dumper): yaml's safe ones with YAML 1.2's floats added, so the dumper quotes a string such as
+    "1e5" that the loader would read as a number (made once)."""
+    import re
+
+    import yaml
+
+    class ConfigLoader(yaml.SafeLoader):
+        pass
+
+    class ConfigDumper(yaml.SafeDumper):
+        pass
+
+    for cls in (ConfigLoader, ConfigDumper):
+        cls.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_FLOAT, re.X), list("-+0123456789."))
+    return ConfigLoader, ConfigDumper
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with YAML 1.2's floats ("3e-4" is 0.0003, not a string); raises yaml.YAMLError as it does."""
+    import yaml
+
+    return yaml.load(text, Loader=_config_yaml()[0])  # noqa: S506 (a SafeLoader)
+
+
+def dump_yaml(data: Any) -> str:
+    """``yaml.safe_dump`` (keys in order) that :func:`load_yaml` reads back to ``data``."""
+    import yaml
+
+    return yaml.dump(data, Dumper=_config_yaml()[1], sort_keys=False)
 
 
 @dataclass
@@ -218,7 +261,7 @@ def read_preset(kind: str, name_or_path: str) -> tuple[dict[str, Any], str]:
         text = resources.files(PRESET_PACKAGES[kind]).joinpath(f"{name_or_path}.yaml").read_text()
         where = f"{kind}/{name_or_path}.yaml"
     try:
-        data = yaml.safe_load(text) or {}
+        data = load_yaml(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where}: invalid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -235,7 +278,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw)
+            value = load_yaml(raw)
         except yaml.YAMLError:
             value = raw
         node = data
@@ -295,7 +338,7 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"not a run folder (no {RUN_CONFIG_FILE}): {run_dir}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):

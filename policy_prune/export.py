@@ -67,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"run folder not found: {run_dir}")
     if args.flops is not None and not args.onnx_model:
         raise UserError("--flops sets the schedule of --onnx-model; for the artifact's default rule use --keep-ratio")
+    model_flags = {"--model": args.model, "--model-out": args.model_out, "--length": args.length,
+                   "--check-split": args.check_split}
+    if not args.onnx_model and (given := [flag for flag, value in model_flags.items() if value is not None]):
+        raise UserError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --onnx-model only")
     config = read_run_config(run_dir)
     scorer = read_run_scorer(run_dir, config, args.checkpoint)
     own_rule: dict[str, Any] | None

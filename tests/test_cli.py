@@ -76,6 +76,15 @@ def test_numbers_out_of_their_domain_are_one_usage_error(argv, capsys) -> None:
     assert any(word in last for word in ("(0, 1]", "[0, 1]", "at least", "above 0", "finite", "[-1, 2]", "[-1, 1]"))
 
 
+def test_bench_exec_and_flops_take_the_embedded_model_names(tmp_path) -> None:
+    """--what exec / flops load --model as every other verb does (they said "unknown backbone 'minilm'")."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--what", "flops", "exec", "--model", "minilm", "--batch", "1", "--warmup", "0", "--repeats", "1",
+                 "--site", "1", "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["flops"][0]["rel_error"] < 0.05 and payload["pruned_execution"][0]["batch"] == 1
+
+
 def test_bench_compile_options_are_parsed_and_checked(capsys) -> None:
     from policy_prune.evaluation.bench import compile_options
 

@@ -490,6 +490,14 @@ def _run_dir(tmp_path, backbone, seed: int, sites=SITES, name: str | None = None
     return run_dir
 
 
+def test_eval_refuses_a_run_given_twice(tmp_path, fake_env) -> None:
+    """One scorer counted as two seeds would narrow every interval it is in: refused, however it is named."""
+    run = _run_dir(tmp_path, fake_env, 0)
+    for argv in ([str(run), str(run)], [f"a={run}", f"a={tmp_path / '.' / run.name}"], [str(run), f"b={run}"]):
+        with pytest.raises(UserError, match="run folder given twice"):
+            _cli([*argv, "--methods", "none", "--targets", "0.6", "--repeats", "0"])
+
+
 def test_eval_two_runs_writes_one_table(tmp_path, fake_env, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     runs = [_run_dir(tmp_path, fake_env, s) for s in (0, 1)]

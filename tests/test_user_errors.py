@@ -34,6 +34,12 @@ TRAIN_MISTAKES = {
     "budget range upside down": (["--set", "env.reward.budget=[0.9,0.3]"], "env.reward.budget must be [low, high]"),
     "budget outside (0, 1]": (["--set", "env.reward.budget=[0.3,1.5]"], "0 < low <= high <= 1"),
     "validation budget out of range": (["--set", "train.eval_targets=[0.5,2]"], "train.eval_targets must be FLOPs ratios"),
+    "learning rate not a number": (["--set", "agent.hyperparams.learning_rate=abc"],
+                                   "agent.hyperparams.learning_rate must be a number, got 'abc'"),
+    "no torch threads": (["--set", "train.threads=0"], "train.threads must be a positive integer or null"),
+    "unknown tracker": (["--set", "train.track=mlflow"], "train.track must be null or wandb, got 'mlflow'"),
+    "critic without layers": (["--set", "agent.critic_hidden=[]"], "agent.critic_hidden needs at least one layer"),
+    "run name with a path": (["--name", "../elsewhere"], "must be one folder name (no path separators)"),
     "missing timm checkpoint": (["--set", "env.backbone.spec=vit_small_patch16_224", "--set",
                                  "env.backbone.checkpoint=/nowhere/w.safetensors"], "checkpoint not found"),
 }
@@ -42,6 +48,9 @@ if not torch.cuda.is_available():
 OTHER_MISTAKES = {
     "eval of a missing run": (["eval", "/nonexistent/run"], "run folder not found"),
     "export of a missing run": (["export", "/nonexistent/run"], "run folder not found"),
+    "bench told to write its JSON over a folder": (["bench", "--out", "/"], "--out / is a folder"),
+    "an ONNX model option without --onnx-model": (["export", ".", "--model", "digits-vit", "--check-split", "test"],
+                                                  "--model, --check-split apply to --onnx-model only"),
     "bench with an unknown inductor option": (["bench", "--what", "model", "--model", "digits-vit", "--compile", "frezing"],
                                               "'frezing' is not an inductor option"),
 }
@@ -99,8 +108,83 @@ def test_library_mistakes_are_value_or_type_errors(tmp_path) -> None:
         (ValueError, "unknown backbone 'no_such_model'", lambda: policy_prune.load_backbone("no_such_model")),
         (ValueError, "flops must be a FLOPs ratio in (0, 1]", lambda: policy_prune.prune(model, scorer, flops=1.5)),
         (ValueError, "no budget input", lambda: policy_prune.prune(model, scorer, flops=0.5, rule="threshold")),
+        (TypeError, "flops must be a number", lambda: policy_prune.prune(model, scorer, flops="0.5")),
+        (TypeError, "scorer must be a LearnedScorer", lambda: policy_prune.prune(model, 5)),
     ]
     for kind, message, call in cases:
         with pytest.raises(kind) as exc:
             call()
         assert isinstance(exc.value, PolicyPruneError) and message in str(exc.value)
+
+
+def _train_parser():
+    import argparse
+
+    from policy_prune.training.train import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser
+
+
+def test_yaml_numbers_are_read_as_numbers_wherever_a_config_is() -> None:
+    """YAML 1.1 (PyYAML) reads "3e-4" as a string: a learning rate written so reached SB3 as text and crashed
+    the run after its folder was made. Configs read it as the number; a string that looks like one is quoted
+    when written, so a run's config.yaml reads back as it was."""
+    from policy_prune.config import dump_yaml, load_yaml
+    from policy_prune.training.train import resolve_config
+
+    assert load_yaml("[3e-4, 1E5, -2.5e-3, .5, 1.0, 10, abc]") == [3e-4, 1e5, -2.5e-3, 0.5, 1.0, 10, "abc"]
+    data = {"name": "1e5", "lr": 3e-4, "tag": "2e-3x"}
+    assert load_yaml(dump_yaml(data)) == data
+    cfg = resolve_config(_train_parser().parse_args(["--set", "agent.hyperparams.learning_rate=3e-4"]))
+    assert cfg.agent.hyperparams["learning_rate"] == 3e-4
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tmp_path, monkeypatch) -> None:
+    """Any failure of a new run before it saved a checkpoint (a late mistake, a crash, Ctrl-C) removes its
+    folder: it could not be resumed, and it blocked its name ("run folder already exists")."""
+    from policy_prune.training import train
+
+    runs = tmp_path / "runs"
+
+    def crash(*args, **kwargs):
+        assert (runs / "x" / "config.yaml").is_file()  # the folder existed while it ran
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(train, "train", crash)
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["train", "--name", "x", "--runs-dir", str(runs)])
+    assert not (runs / "x").exists()
+
+
+def test_resume_keeps_the_run_config_and_refuses_a_broken_checkpoint(tmp_path, capsys, no_backbone_work) -> None:
+    """--resume takes only --timesteps (validated like a new run's); other flags would be ignored silently, so
+    they are refused; a checkpoint that is not an SB3 zip is one line, not SB3's traceback."""
+    from policy_prune.config import dump_yaml, to_dict
+    from policy_prune.training import train
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(dump_yaml(to_dict(train.resolve_config(_train_parser().parse_args([])))))
+    for argv, message in ((["--set", "train.threads=1"], "--set cannot change it"),
+                          (["--env", "minilm-text", "--seed", "3"], "--env, --seed cannot change it"),
+                          (["--timesteps", "-1"], "must be positive"),
+                          ([], "no checkpoint to resume from")):
+        assert main(["train", "--resume", str(run), *argv]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and message in err[0], err
+    (run / "checkpoints" / "last.zip").write_bytes(b"not a zip")
+    cfg = train.load_run_config(run)
+    with pytest.raises(PolicyPruneError, match="cannot resume from .*last.zip"):
+        train.load_agent(cfg, None, run / "checkpoints" / "last.zip")
+
+
+def test_file_system_refusals_are_one_line(tmp_path, capsys, no_backbone_work) -> None:
+    """A runs folder that is a file: the OS's own message in one line, exit 2; eval's --out a file: said before
+    the eval runs."""
+    (tmp_path / "afile").write_text("x")
+    for argv in (["train", "--runs-dir", str(tmp_path / "afile")], ["eval", "--env", "digits-vit", "--out", str(tmp_path / "afile")]):
+        assert main(argv) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith(f"policy-prune {argv[0]}: error: ") and "afile" in err[0], err

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
@@ -348,6 +349,11 @@ def prune(
         raise UsageError("the model is already a PrunedModel; pass the original model")
     if isinstance(scorer, str | Path):
         scorer = load_scorer(scorer)
+    if not isinstance(scorer, LearnedScorer):
+        raise UsageError(f"scorer must be a LearnedScorer (policy_prune.load_scorer) or the path of a scorer folder, "
+                         f"got {type(scorer).__name__}")
+    if flops is not None and (isinstance(flops, bool) or not isinstance(flops, numbers.Real)):
+        raise UsageError(f"flops must be a number (a FLOPs ratio in (0, 1]), got {flops!r}")
     backbone = _adapt_for(model, scorer)
     check_signature(scorer, backbone.signature(), strict=strict)
     try:

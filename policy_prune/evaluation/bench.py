@@ -110,10 +110,11 @@ def random_keep_fn(keep: float, seed: int) -> Callable[..., torch.Tensor]:
 
 def bench_pruned_execution(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Original vs adapter (keep-all) vs pruned, per batch size."""
-    from policy_prune.core.backbones import load_backbone
+    from policy_prune.core.backbones import adapt
+    from policy_prune.embedded import load_model
 
-    torch.manual_seed(args.seed)
-    backbone = load_backbone(args.model).to(args.device, DTYPES[args.dtype])
+    # The --model names every verb takes (digits-vit, minilm too); a timm name gets weights seeded by --seed.
+    backbone = adapt(load_model(args.model, args.seed)[0]).to(args.device, DTYPES[args.dtype])
     model = backbone.model
     call_original = (lambda x: model(**x)) if backbone.output_kind == "embedding" else model
     keep_fn = random_keep_fn(args.keep, args.seed)
@@ -202,9 +203,10 @@ def flops_agreement(args: argparse.Namespace) -> list[dict[str, Any]]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from policy_prune.core.backbones import load_backbone
+    from policy_prune.core.backbones import adapt
+    from policy_prune.embedded import load_model
 
-    backbone = load_backbone(args.model)
+    backbone = adapt(load_model(args.model, args.seed)[0])
     x = backbone.example_inputs(1, torch.Generator().manual_seed(args.seed))
     state = backbone.embed(x)
     n_full = state.n_full
@@ -294,6 +296,8 @@ def rollout_buffer_mib(vec: Any, agent_cfg: Any) -> float:
 def run(args: argparse.Namespace) -> int:
     from policy_prune.console import make_console
 
+    if args.out is not None and args.out.is_dir():  # checked before the benchmark, not when writing after it
+        raise UserError(f"--out {args.out} is a folder; give the JSON file to write")
     if args.threads:
         torch.set_num_threads(args.threads)
     console = make_console()
@@ -350,10 +354,9 @@ def bench_model(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def compile_options(text: str) -> dict[str, Any]:
     """Inductor options from ``name[=value],...`` (a bare name is True; values are read as YAML scalars)."""
-    import yaml
     from torch._inductor import list_options
 
-    from policy_prune.config import ConfigError
+    from policy_prune.config import ConfigError, load_yaml
 
     known = set(list_options())
     options: dict[str, Any] = {}
@@ -361,7 +364,7 @@ def compile_options(text: str) -> dict[str, Any]:
         name, _, raw = item.partition("=")
         if name not in known:
             raise ConfigError(f"--compile: {name!r} is not an inductor option (see torch._inductor.list_options())")
-        options[name] = yaml.safe_load(raw) if raw else True
+        options[name] = load_yaml(raw) if raw else True
     return options
 
 

@@ -503,7 +503,13 @@ def env_key(env: Any) -> dict[str, Any]:
 
 
 def check_same_env(runs: Sequence[RunInfo], env: Any = None) -> None:
-    """One clear error when runs (or --env) differ in backbone, data or sites, or scorers in sites."""
+    """One clear error when a run folder is given twice, or runs (or --env) differ in backbone, data or sites, or
+    scorers in sites."""
+    seen: dict[Path, Path] = {}
+    for r in runs:  # one scorer counted as two seeds would narrow every interval it is in
+        if (real := r.path.resolve()) in seen:
+            raise UserError(f"run folder given twice: {seen[real]} and {r.path} (each run is one seed)")
+        seen[real] = r.path
     ref_name, ref = (("--env", env_key(env)) if env is not None else (str(runs[0].path), env_key(runs[0].env)))
     for r in runs:
         key = env_key(r.env)
@@ -580,6 +586,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.run_dirs and args.env is None:
         raise UserError("give a RUN_DIR or --env ENV")
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a file; give a folder for pareto.json, table.md and the pictures")
     if args.vis_target is not None and not any(abs(t - args.vis_target) < 1e-9 for t in args.targets):
         raise UserError(f"--vis-target {args.vis_target:g} is not one of --targets ({' '.join(f'{t:g}' for t in args.targets)})")
     console = make_console()

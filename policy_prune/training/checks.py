@@ -47,6 +47,10 @@ def init_parameters(cls: type) -> dict[str, inspect.Parameter]:
     return params
 
 
+NUMERIC_HYPERPARAMS = ("learning_rate", "clip_range", "ent_coef", "vf_coef", "max_grad_norm", "target_kl", "gamma",
+                       "gae_lambda")
+
+
 def check_hyperparams(hyper: dict[str, Any], params: dict[str, inspect.Parameter], algo: str, algo_name: str) -> None:
     """Names against the algorithm's constructor, values of the common ones against their ranges."""
     allowed = set(params) - set(SET_BY_TRAIN) | (set(PPO_ONLY) if algo == "a2c" else set())
@@ -65,6 +69,9 @@ def check_hyperparams(hyper: dict[str, Any], params: dict[str, inspect.Parameter
     for key in ("learning_rate", "clip_range"):
         if key in hyper and _is_number(hyper[key]) and not hyper[key] > 0:
             raise ConfigError(f"agent.hyperparams.{key} must be positive, got {hyper[key]!r}")
+    for key in NUMERIC_HYPERPARAMS:  # numbers (a schedule is code, not a config value)
+        if key in hyper and not (key == "target_kl" and hyper[key] is None) and not _is_number(hyper[key]):
+            raise ConfigError(f"agent.hyperparams.{key} must be a number, got {hyper[key]!r}")
 
 
 def check_rollout(cfg: Any, params: dict[str, inspect.Parameter]) -> None:
@@ -76,6 +83,9 @@ def check_rollout(cfg: Any, params: dict[str, inspect.Parameter]) -> None:
         raise ConfigError(f"agent.amp must be null, bf16 or auto, got {agent.amp!r}")
     if agent.group_size < 1 or agent.n_envs % agent.group_size:
         raise ConfigError(f"agent.group_size {agent.group_size} must be a positive divisor of agent.n_envs {agent.n_envs}")
+    if not agent.critic_hidden:
+        raise ConfigError("agent.critic_hidden needs at least one layer width (the critic pools token features "
+                          "through it); agent.scorer_hidden may be empty (a linear scorer)")
     if any(h < 1 for h in [*agent.scorer_hidden, *agent.critic_hidden]):
         raise ConfigError(f"agent.scorer_hidden / critic_hidden widths must be positive, got "
                           f"{agent.scorer_hidden} / {agent.critic_hidden}")
@@ -149,6 +159,10 @@ def check_train(train: Any) -> None:
         raise ConfigError(f"train.eval_targets must be FLOPs ratios in (0, 1], got {train.eval_targets}")
     if not (_is_number(train.calibration_step) and 0.0 < train.calibration_step <= 1.0):
         raise ConfigError(f"train.calibration_step must lie in (0, 1], got {train.calibration_step}")
+    if train.threads is not None and not (_is_int(train.threads) and train.threads >= 1):
+        raise ConfigError(f"train.threads must be a positive integer or null (torch's default), got {train.threads!r}")
+    if train.track not in (None, "wandb"):
+        raise ConfigError(f"train.track must be null or wandb, got {train.track!r}")
     check_device(train.device, "train.device")
 
 

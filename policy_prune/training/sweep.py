@@ -43,7 +43,15 @@ from typing import Any
 import yaml
 
 from policy_prune.cli_args import at_least, positive, positive_number
-from policy_prune.config import ConfigError, from_dict, load_env_config, read_preset, to_dict
+from policy_prune.config import (
+    ConfigError,
+    dump_yaml,
+    from_dict,
+    load_env_config,
+    load_yaml,
+    read_preset,
+    to_dict,
+)
 from policy_prune.errors import UserError
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "quniform", "loguniform", "qloguniform", "randn", "qrandn",
@@ -122,7 +130,7 @@ def parse_set(item: str) -> tuple[str, Any]:
         raise ConfigError(f"--set expects key=value, got {item!r}")
     key, raw = item.split("=", 1)
     try:
-        values = yaml.safe_load(f"[{raw}]")  # commas outside brackets separate grid values
+        values = load_yaml(f"[{raw}]")  # commas outside brackets separate grid values
     except yaml.YAMLError:
         values = [raw]
     return key, values[0] if len(values) == 1 else {"grid": values}
@@ -330,7 +338,7 @@ def _train_trial(config: dict[str, Any], setup: TrialSetup, name: str, run_dir: 
         if run_dir.exists():
             shutil.rmtree(run_dir)  # killed before its first checkpoint: nothing to continue from
         run_dir = new_run_dir(cfg)
-        write_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        write_atomic(run_dir / "config.yaml", dump_yaml(to_dict(cfg)))
     with (run_dir / "train.log").open("a") as log:  # the trial's console: progress, messages
         console = make_console(log)
         train(cfg, run_dir, console, resume=resume, callbacks=[TuneReport()])
@@ -344,7 +352,7 @@ def resolve_sweep(args: argparse.Namespace) -> SweepConfig:
         if not args.sweep_file.is_file():
             raise ConfigError(f"sweep file not found: {args.sweep_file}")
         try:
-            data = yaml.safe_load(args.sweep_file.read_text()) or {}
+            data = load_yaml(args.sweep_file.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{args.sweep_file}: invalid YAML ({str(exc).splitlines()[0]})") from None
     cfg = from_dict(SweepConfig, data, str(args.sweep_file or "sweep"))
@@ -392,7 +400,7 @@ def copy_presets(cfg: SweepConfig, sweep_dir: Path) -> tuple[str, str]:
             data.setdefault("name", Path(spec).stem)
         path = sweep_dir / "presets" / kind / f"{Path(spec).stem}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        path.write_text(dump_yaml(data))
         paths.append(str(path.resolve()))
     return paths[0], paths[1]
 
@@ -409,7 +417,7 @@ def load_sweep(sweep_dir: Path) -> SweepConfig:
     if not path.is_file():
         raise UserError(f"not a sweep folder (no sweep.yaml): {sweep_dir}")
     try:
-        return from_dict(SweepConfig, yaml.safe_load(path.read_text()), str(path))
+        return from_dict(SweepConfig, load_yaml(path.read_text()), str(path))
     except yaml.YAMLError:
         raise UserError(f"corrupt sweep.yaml in {sweep_dir}") from None
 
@@ -461,7 +469,7 @@ def create_sweep_dir(cfg: SweepConfig, sweep_dir: Path) -> tuple[str, str]:
     presets = copy_presets(cfg, sweep_dir)
     if cfg.space.get("train.track") == "wandb":
         cfg.space.setdefault("train.wandb_group", sweep_dir.name)
-    (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (sweep_dir / "sweep.yaml").write_text(dump_yaml(to_dict(cfg)))
     return presets
 
 

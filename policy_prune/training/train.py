@@ -18,14 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from policy_prune.config import (
     RUN_CONFIG_FILE,
     AgentConfig,
     ConfigError,
     EnvConfig,
     apply_overrides,
+    dump_yaml,
     from_dict,
     load_agent_config,
     load_env_config,
@@ -90,8 +89,14 @@ class RunConfig:
     """Name of the agent preset (used in the run folder name)."""
 
 
+DEFAULT_ENV = "digits-vit"
+RESUME_FIXED = {"agent": "--agent", "lam": "--lam", "seed": "--seed", "name": "--name", "overrides": "--set",
+                "device": "--device", "dtype": "--dtype", "track": "--track", "runs_dir": "--runs-dir"}
+"""Flags (argument name -> flag) that --resume refuses: the run's config.yaml fixes them."""
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--env", default="digits-vit", help="env preset name or YAML path")
+    p.add_argument("--env", default=DEFAULT_ENV, help="env preset name or YAML path")
     p.add_argument("--agent", default=None, help="agent preset name or YAML path (ppo, a2c; default: the env's own, else ppo)")
     p.add_argument("--lam", type=float, default=None, help="compute penalty lambda (overrides the env preset)")
     p.add_argument("--timesteps", type=int, default=None, help="total environment steps")
@@ -164,6 +169,8 @@ def write_atomic(path: Path, text: str) -> None:
 def new_run_dir(cfg: RunConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = cfg.train.name or f"{cfg.env.name}__{cfg.agent_name}__{cfg.train.seed}__{stamp}"
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise UserError(f"run name {name!r} must be one folder name (no path separators); use --runs-dir for the place")
     run_dir = Path(cfg.train.runs_dir) / name
     if run_dir.exists():
         raise UserError(f"run folder already exists: {run_dir} (use --resume to continue it, or another --name)")
@@ -178,20 +185,29 @@ def run(args: argparse.Namespace) -> int:
     console = make_console()
     if args.resume is not None:
         run_dir = args.resume
+        # A run resumes with the config it was started with; only its length may change.
+        given = [flag for name, flag in RESUME_FIXED.items() if getattr(args, name, None) not in (None, [])]
+        if args.env != DEFAULT_ENV:
+            given.insert(0, "--env")
+        if given:
+            raise UserError(f"--resume continues {run_dir} with its own config.yaml: {', '.join(given)} cannot change "
+                            "it (only --timesteps can)")
         cfg = load_run_config(run_dir)
         if args.timesteps is not None:
             cfg.train.timesteps = args.timesteps
+        validate(cfg)
         if not (run_dir / "checkpoints" / "last.zip").is_file():
             raise UserError(f"no checkpoint to resume from in {run_dir / 'checkpoints'}")
     else:
         cfg = resolve_config(args)
         run_dir = new_run_dir(cfg)
-        write_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        write_atomic(run_dir / "config.yaml", dump_yaml(to_dict(cfg)))
     try:
         summary = train(cfg, run_dir, console, resume=args.resume is not None)
-    except UserError:
+    except BaseException:  # a mistake found late, a crash or Ctrl-C
         if args.resume is None and not (run_dir / "checkpoints" / "last.zip").exists():
-            shutil.rmtree(run_dir)  # a run that never started leaves no folder behind
+            # A run that never saved a checkpoint cannot be resumed: it leaves no folder behind to block its name.
+            shutil.rmtree(run_dir, ignore_errors=True)
         raise
     print_summary(console, summary, run_dir)
     return 0
@@ -303,7 +319,12 @@ def make_agent(cfg: RunConfig, env: Any) -> Any:
 
 
 def load_agent(cfg: RunConfig, env: Any, ckpt: Path) -> Any:
-    return algorithm_class(cfg).load(ckpt, env=env, device=cfg.train.device)
+    import zipfile
+
+    try:
+        return algorithm_class(cfg).load(ckpt, env=env, device=cfg.train.device)
+    except (zipfile.BadZipFile, EOFError, KeyError, ValueError) as exc:  # SB3 checkpoints are zip files
+        raise UserError(f"cannot resume from {ckpt}: {str(exc).strip() or type(exc).__name__}") from None
 
 
 # ---- end-of-run comparison and export ---------------------------------------------------------------
