@@ -117,6 +117,10 @@ def check_env(env: Any) -> None:
         raise ConfigError(f"env.sites {sites} must be a non-empty, strictly increasing list of block indices")
     if env.data.max_samples is not None and env.data.max_samples < 1:
         raise ConfigError(f"env.data.max_samples must be at least 1, got {env.data.max_samples}")
+    if env.data.max_length < 3:  # [CLS], one word, [SEP]
+        raise ConfigError(f"env.data.max_length must be at least 3 tokens, got {env.data.max_length}")
+    if env.data.image_size is not None and env.data.image_size < 1:
+        raise ConfigError(f"env.data.image_size must be a positive number of pixels, got {env.data.image_size}")
     get_builder(env.data.dataset)  # an unknown dataset name fails here, listing the choices
     if env.backbone.spec == "digits-vit":
         from policy_prune.training.pretrain import checkpoint_for
