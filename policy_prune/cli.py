@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -21,6 +22,12 @@ VERBS: dict[str, tuple[str, str]] = {
     "eval": ("policy_prune.evaluation.evaluate", "Pareto of a learned scorer vs baselines at equal FLOPs"),
     "export": ("policy_prune.export", "export a run's scorer (safetensors + JSON, optional ONNX)"),
 }
+
+
+FILE_SYSTEM_REFUSALS = frozenset({errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS,
+                                  errno.EEXIST, errno.ENOENT, errno.ENAMETOOLONG})
+"""OSErrors that are the user's file system refusing a path they gave (a folder that is a file, no permission,
+a full disk): one line, exit 2, like any user mistake."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,10 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
-    except PolicyPruneError as exc:  # UserError, ConfigError, UsageError, scorer file / mismatch errors
-        print(f"policy-prune {args.verb}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # the file system refused: a folder that is a file, no permission, a full disk
+    except (PolicyPruneError, OSError) as exc:  # UserError, ConfigError, UsageError, scorer file / mismatch errors
+        if isinstance(exc, OSError) and exc.errno not in FILE_SYSTEM_REFUSALS:
+            raise  # not the user's folders: a bug or a broken install keeps its traceback
         print(f"policy-prune {args.verb}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from typing import Any
 
 
-def _number(text: str, kind: type) -> float:
+def _number(text: str, kind: type) -> Any:
     try:
         value = kind(text)
     except ValueError:
@@ -42,6 +43,16 @@ def finite(text: str) -> float:
     return _number(text, float)
 
 
+def threshold(text: str) -> float:
+    """A logit threshold: a finite number, or -inf (keep every token at that site: no scorer runs there)."""
+    try:
+        if float(text) == float("-inf"):
+            return float("-inf")
+    except ValueError:
+        pass
+    return _number(text, float)
+
+
 def positive_number(text: str) -> float:
     """A finite number above 0 (e.g. CPUs per trial)."""
     value = _number(text, float)
@@ -50,9 +61,9 @@ def positive_number(text: str) -> float:
     return value
 
 
-def at_least(low: float, kind: type = int) -> Callable[[str], float]:
+def at_least(low: float, kind: type = int) -> Callable[[str], Any]:
     """An integer (or, with ``kind=float``, a finite number) of at least ``low``."""
-    def parse(text: str) -> float:
+    def parse(text: str) -> Any:
         value = _number(text, kind)
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low:g}, got {text}")

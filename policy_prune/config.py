@@ -24,6 +24,10 @@ class ConfigError(UserError, ValueError):
     """A user mistake in a preset, a --set override or a flag: reported in one line, exit code 2."""
 
 
+TRACKERS = ("wandb",)
+"""Experiment trackers a run can log to (``train.track``, ``--track``)."""
+
+
 # YAML 1.1 (PyYAML) reads a float only with a dot: "3e-4" and "1e5" are strings there, and a learning rate
 # written as everyone writes it reached the agent as the text '3e-4'. Configs read YAML 1.2's floats too.
 _FLOAT = r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?

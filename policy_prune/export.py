@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from policy_prune.cli_args import finite, fraction, positive, ratio
+from policy_prune.cli_args import fraction, positive, ratio, threshold
 from policy_prune.config import read_run_config
 from policy_prune.core.artifact import EXPORT_FILE, META_FILE, ONNX_FILE, save_scorer
 from policy_prune.core.scorer import LearnedScorer, TokenScorer
@@ -36,8 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help="artifact directory (default: RUN_DIR/scorer)")
     p.add_argument("--checkpoint", default="last", help="checkpoint name in RUN_DIR/checkpoints (default: last)")
     rule = p.add_mutually_exclusive_group()
-    rule.add_argument("--threshold", type=finite, nargs="+", default=None,
-                      help="default rule: keep tokens whose logit exceeds this (one value or one per site; default 0)")
+    rule.add_argument("--threshold", type=threshold, nargs="+", default=None,
+                      help="default rule: keep tokens whose logit exceeds this (one value or one per site, -inf: keep every "
+                           "token there; default 0)")
     rule.add_argument("--keep-ratio", type=fraction, nargs="+", default=None,
                       help="default rule: keep this fraction of prunable tokens at each site (static shapes)")
     rule.add_argument("--flops", type=ratio, default=None,

@@ -121,7 +121,7 @@ BREAKAGES = {
     "negative hidden size": (lambda a: _edit_json(a / META_FILE, layer_sizes__hidden=[-64, 64]), "do not match the weights"),
     "names not a list": (lambda a: _edit_json(a / META_FILE, feature_spec__names=5), "malformed scorer file"),
     "infinite projection_dim": (lambda a: _edit_json(a / META_FILE, feature_spec__projection_dim=float("inf")),
-                                "malformed scorer file"),
+                                "bad feature_spec"),
     "width not a number": (lambda a: _edit_json(a / META_FILE, backbone__width="64"), "an integer width"),
     "rule not an object": (lambda a: _edit_json(a / META_FILE, default_rule="keep_ratio"), "expected an object"),
     "context size": (lambda a: _edit_json(a / META_FILE, sites=[1, 2, 3]), "do not match the feature spec"),

@@ -73,7 +73,19 @@ def test_numbers_out_of_their_domain_are_one_usage_error(argv, capsys) -> None:
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"policy-prune {argv[0]}: error: argument ") and "Traceback" not in err
-    assert any(word in last for word in ("(0, 1]", "[0, 1]", "at least", "above 0", "finite", "[-1, 2]", "[-1, 1]"))
+    assert any(word in last for word in ("(0, 1]", "[0, 1]", "at least", "above 0", "finite", "[-1, 1]"))
+
+
+def test_numbers_at_the_edge_of_their_domain_are_taken() -> None:
+    """A threshold of -inf (keep every token at that site) is a valid export rule; 1 is a FLOPs ratio; 0 repeats
+    skip eval's timing."""
+    from policy_prune.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["export", "run", "--threshold=-inf"]).threshold == [float("-inf")]
+    assert parser.parse_args(["export", "run", "--threshold", "-1.5", "2"]).threshold == [-1.5, 2.0]
+    args = parser.parse_args(["eval", "--env", "digits-vit", "--targets", "1", "0.05", "--repeats", "0"])
+    assert args.targets == [1.0, 0.05] and args.repeats == 0
 
 
 def test_bench_exec_and_flops_take_the_embedded_model_names(tmp_path) -> None:

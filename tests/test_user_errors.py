@@ -111,12 +111,18 @@ def test_library_mistakes_are_value_or_type_errors(tmp_path) -> None:
         (ValueError, "flops must be a FLOPs ratio in (0, 1]", lambda: policy_prune.prune(model, scorer, flops=1.5)),
         (ValueError, "no budget input", lambda: policy_prune.prune(model, scorer, flops=0.5, rule="threshold")),
         (TypeError, "flops must be a number", lambda: policy_prune.prune(model, scorer, flops="0.5")),
+        (TypeError, "flops must be a number", lambda: policy_prune.prune(model, scorer, flops=[0.5])),
         (TypeError, "scorer must be a LearnedScorer", lambda: policy_prune.prune(model, 5)),
     ]
     for kind, message, call in cases:
         with pytest.raises(kind) as exc:
             call()
         assert isinstance(exc.value, PolicyPruneError) and message in str(exc.value)
+    # Numbers of any kind are FLOPs targets: numpy and 0-d torch scalars give the same model as a float.
+    import numpy as np
+
+    values = {policy_prune.prune(model, scorer, flops=f).values[0] for f in (0.5, np.float32(0.5), torch.tensor(0.5))}
+    assert len(values) == 1
 
 
 def _train_parser():
@@ -159,6 +165,19 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tmp_path,
         main(["train", "--name", "x", "--runs-dir", str(runs)])
     assert not (runs / "x").exists()
 
+    # A crash after training logged metrics keeps them (the evidence), and the folder then says why it blocks
+    # the name.
+    def crash_later(cfg, run_dir, *args, **kwargs):
+        (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(train, "train", crash_later)
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["train", "--name", "x", "--runs-dir", str(runs)])
+    assert (runs / "x" / "metrics.jsonl").is_file()
+    with pytest.raises(PolicyPruneError, match="no checkpoint to resume .* delete it or give another --name"):
+        train.new_run_dir(train.resolve_config(_train_parser().parse_args(["--name", "x", "--runs-dir", str(runs)])))
+
 
 def test_resume_keeps_the_run_config_and_refuses_a_broken_checkpoint(tmp_path, capsys, no_backbone_work) -> None:
     """--resume takes only --timesteps (validated like a new run's); other flags would be ignored silently, so
@@ -171,7 +190,7 @@ def test_resume_keeps_the_run_config_and_refuses_a_broken_checkpoint(tmp_path, c
     (run / "config.yaml").write_text(dump_yaml(to_dict(train.resolve_config(_train_parser().parse_args([])))))
     for argv, message in ((["--set", "train.threads=1"], "--set cannot change it"),
                           (["--env", "minilm-text", "--seed", "3"], "--env, --seed cannot change it"),
-                          (["--timesteps", "-1"], "must be positive"),
+                          (["--timesteps", "100"], "is below one rollout"),
                           ([], "no checkpoint to resume from")):
         assert main(["train", "--resume", str(run), *argv]) == 2
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]

@@ -244,18 +244,18 @@ def load_scorer(path: str | Path) -> LearnedScorer:
         raise ScorerFileError(f"scorer not found: {root} is not a directory")
     meta = read_meta(root / META_FILE)
     where = root / META_FILE
-    try:
+    try:  # the JSON's values: a wrong type anywhere in them is the file's fault
         spec = _spec_from_json(meta["feature_spec"], where)
         sites = _sites(meta["sites"], where)
         budget = _budget(meta.get("budget"), where, len(sites))
-        tensors = read_tensors(root / WEIGHTS_FILE)
-        net = _build_net(meta["layer_sizes"], spec, len(sites), budget is not None, where, tensors)
-        _load_weights(net, tensors, root / WEIGHTS_FILE)
-        projection = _projection(tensors, meta["backbone"], spec, root / WEIGHTS_FILE)
     except ScorerFileError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, IndexError) as exc:  # a wrong type anywhere
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise ScorerFileError(f"{where}: malformed scorer file ({exc!r})") from None
+    tensors = read_tensors(root / WEIGHTS_FILE)
+    net = _build_net(meta["layer_sizes"], spec, len(sites), budget is not None, where, tensors)
+    _load_weights(net, tensors, root / WEIGHTS_FILE)
+    projection = _projection(tensors, meta["backbone"], spec, root / WEIGHTS_FILE)
     if not isinstance(meta["default_rule"], Mapping):
         raise ScorerFileError(f"{where}: bad default_rule: expected an object {{rule, values}}, got {meta['default_rule']!r}")
     try:
@@ -309,7 +309,7 @@ def _spec_from_json(data: Any, where: Path) -> FeatureSpec:
         spec = FeatureSpec(version=int(data["version"]), names=tuple(data["base"]),
                            projection_dim=int(data["projection_dim"]), projection_seed=int(data["projection_seed"]),
                            projection_kind=str(data["projection_kind"]))
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise ScorerFileError(f"{where}: bad feature_spec ({exc!r})") from None
     if spec.version != FEATURE_VERSION:
         raise ScorerFileError(f"{where}: feature spec version {spec.version}, but this policy-prune computes "

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
@@ -347,13 +346,18 @@ def prune(
             model, lambda encoder: prune(encoder, scorer, rule, keep_ratio, threshold, strict, flops))
     if isinstance(model, PrunedModel):
         raise UsageError("the model is already a PrunedModel; pass the original model")
+    if flops is not None:  # a number of any kind (a numpy or 0-d torch scalar too), never text
+        try:
+            if isinstance(flops, str | bool):
+                raise TypeError
+            flops = float(flops)
+        except (TypeError, ValueError):
+            raise UsageError(f"flops must be a number (a FLOPs ratio in (0, 1]), got {flops!r}") from None
     if isinstance(scorer, str | Path):
         scorer = load_scorer(scorer)
     if not isinstance(scorer, LearnedScorer):
         raise UsageError(f"scorer must be a LearnedScorer (policy_prune.load_scorer) or the path of a scorer folder, "
                          f"got {type(scorer).__name__}")
-    if flops is not None and (isinstance(flops, bool) or not isinstance(flops, numbers.Real)):
-        raise UsageError(f"flops must be a number (a FLOPs ratio in (0, 1]), got {flops!r}")
     backbone = _adapt_for(model, scorer)
     check_signature(scorer, backbone.signature(), strict=strict)
     try:
@@ -363,7 +367,7 @@ def prune(
     if flops is not None:
         if keep_ratio is not None or threshold is not None:
             raise UserError("give one of flops, keep_ratio or threshold")
-        name, values, scorer = rule_for_flops(backbone, scorer, float(flops), rule)
+        name, values, scorer = rule_for_flops(backbone, scorer, flops, rule)
     else:
         scorer = scorer.at(None)
         name, values = resolve_rule(scorer, rule, keep_ratio, threshold)

@@ -110,9 +110,6 @@ def random_keep_fn(keep: float, seed: int) -> Callable[..., torch.Tensor]:
 
 def bench_pruned_execution(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Original vs adapter (keep-all) vs pruned, per batch size."""
-    from policy_prune.core.backbones import adapt
-    from policy_prune.embedded import load_model
-
     # The --model names every verb takes (digits-vit, minilm too); a timm name gets weights seeded by --seed.
     backbone = adapt(load_model(args.model, args.seed)[0]).to(args.device, DTYPES[args.dtype])
     model = backbone.model
@@ -202,9 +199,6 @@ def flops_agreement(args: argparse.Namespace) -> list[dict[str, Any]]:
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
-
-    from policy_prune.core.backbones import adapt
-    from policy_prune.embedded import load_model
 
     backbone = adapt(load_model(args.model, args.seed)[0])
     x = backbone.example_inputs(1, torch.Generator().manual_seed(args.seed))

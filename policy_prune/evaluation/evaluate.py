@@ -28,7 +28,8 @@ The protocol (issue #15):
 Cost: every method point encodes the scored split (and val, to choose the best baseline), queries
 included; ``--max-items N`` caps each split at N whole source items (``data.cap_groups``).
 
-Writes ``pareto.json``, ``table.md``, ``pareto.png`` and ``kept.png`` (``kept.html`` for text) to
+Writes ``pareto.json``, ``table.md``, ``pareto.png`` and ``kept.png`` (``kept.html`` for text; none where no
+method was scored at the picture's target, e.g. ``--methods none``) to
 RUN_DIR/eval (RUN_DIR/eval-val for --split val; runs/eval__<env>__<time>/ for several runs or --env).
 """
 

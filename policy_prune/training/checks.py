@@ -1,7 +1,8 @@
 """Every mistake in a run's config that can be seen without fitting or loading a backbone, caught before any work.
 
-``check_run_config`` runs when ``train`` resolves its config, before the run folder exists: a typo in a
-hyperparameter, a negative lambda or a site past the model's last block costs one line, not a backbone fit.
+``check_run_config`` runs when ``train`` resolves its config, before the run folder exists (and on the run's own
+config when it resumes): a typo in a hyperparameter, a negative lambda or a site past the model's last block costs
+one line, not a backbone fit.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from policy_prune.config import ConfigError
+from policy_prune.config import TRACKERS, ConfigError
 
 PPO_ONLY = ("batch_size", "n_epochs", "clip_range", "clip_range_vf", "target_kl")
 """PPO settings an a2c agent drops (so one hyperparameter file can serve both)."""
@@ -49,6 +50,7 @@ def init_parameters(cls: type) -> dict[str, inspect.Parameter]:
 
 NUMERIC_HYPERPARAMS = ("learning_rate", "clip_range", "ent_coef", "vf_coef", "max_grad_norm", "target_kl", "gamma",
                        "gae_lambda")
+"""Hyperparameters that must be numbers in a config (SB3 also takes schedules, which are code; target_kl may be null)."""
 
 
 def check_hyperparams(hyper: dict[str, Any], params: dict[str, inspect.Parameter], algo: str, algo_name: str) -> None:
@@ -163,9 +165,9 @@ def check_train(train: Any) -> None:
         raise ConfigError(f"train.eval_targets must be FLOPs ratios in (0, 1], got {train.eval_targets}")
     if not (_is_number(train.calibration_step) and 0.0 < train.calibration_step <= 1.0):
         raise ConfigError(f"train.calibration_step must lie in (0, 1], got {train.calibration_step}")
-    if train.threads is not None and not (_is_int(train.threads) and train.threads >= 1):
+    if train.threads is not None and train.threads < 1:
         raise ConfigError(f"train.threads must be a positive integer or null (torch's default), got {train.threads!r}")
-    if train.track not in (None, "wandb"):
+    if train.track not in (None, *TRACKERS):
         raise ConfigError(f"train.track must be null or wandb, got {train.track!r}")
     check_device(train.device, "train.device")
 

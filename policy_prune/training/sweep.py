@@ -44,6 +44,7 @@ import yaml
 
 from policy_prune.cli_args import at_least, positive, positive_number
 from policy_prune.config import (
+    TRACKERS,
     ConfigError,
     dump_yaml,
     from_dict,
@@ -101,7 +102,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed of the random search and default train.seed (0)")
     p.add_argument("--device", default=None, help="train.device of every trial (default cpu; cuda with --gpus-per-trial)")
     p.add_argument("--dtype", default=None, help="train.dtype of every trial: fp32, bf16 or fp16")
-    p.add_argument("--track", choices=("wandb",), default=None, help="track every trial in W&B (one group per sweep)")
+    p.add_argument("--track", choices=TRACKERS, default=None, help="track every trial in W&B (one group per sweep)")
     p.add_argument("--name", default=None, help="sweep folder name")
     p.add_argument("--runs-dir", default="runs", help="where the sweep folder is created (default ./runs)")
     p.add_argument("--cpus-per-trial", type=positive_number, default=None, help="CPUs reserved per trial (default 1)")

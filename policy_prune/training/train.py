@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from policy_prune.cli_args import positive
 from policy_prune.config import (
     RUN_CONFIG_FILE,
+    TRACKERS,
     AgentConfig,
     ConfigError,
     EnvConfig,
@@ -90,24 +92,25 @@ class RunConfig:
 
 
 DEFAULT_ENV = "digits-vit"
-RESUME_FIXED = {"agent": "--agent", "lam": "--lam", "seed": "--seed", "name": "--name", "overrides": "--set",
+RESUME_FIXED = {"env": "--env", "agent": "--agent", "lam": "--lam", "seed": "--seed", "name": "--name", "overrides": "--set",
                 "device": "--device", "dtype": "--dtype", "track": "--track", "runs_dir": "--runs-dir"}
 """Flags (argument name -> flag) that --resume refuses: the run's config.yaml fixes them."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--env", default=DEFAULT_ENV, help="env preset name or YAML path")
+    p.add_argument("--env", default=None, help=f"env preset name or YAML path (default {DEFAULT_ENV})")
     p.add_argument("--agent", default=None, help="agent preset name or YAML path (ppo, a2c; default: the env's own, else ppo)")
     p.add_argument("--lam", type=float, default=None, help="compute penalty lambda (overrides the env preset)")
-    p.add_argument("--timesteps", type=int, default=None, help="total environment steps")
+    p.add_argument("--timesteps", type=positive, default=None, help="total environment steps")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--name", default=None, help="run folder name")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value: env.reward.task=teacher_agree, agent.hyperparams.n_steps=96, train.eval_every=5000")
     p.add_argument("--device", default=None, help="cpu or cuda")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="dtype of the frozen backbone (default fp32)")
-    p.add_argument("--track", choices=("wandb",), default=None, help="track the run in Weights & Biases")
-    p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.add_argument("--track", choices=TRACKERS, default=None, help="track the run in Weights & Biases")
+    p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR", help="continue a run from its last checkpoint, with its own config (only --timesteps may "
+                        "be given with it)")
     p.add_argument("--runs-dir", default=None, help="where run folders are created (default ./runs)")
 
 
@@ -123,7 +126,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         if target is None or not rest:
             raise ConfigError(f"--set {item!r}: keys start with env., agent. or train.")
         target.append(rest)
-    env_cfg = load_env_config(args.env, env_over)
+    env_cfg = load_env_config(args.env or DEFAULT_ENV, env_over)
     agent_name = args.agent or env_cfg.agent or "ppo"
     agent_cfg = load_agent_config(agent_name, agent_over)
     train_raw: dict[str, Any] = dict(env_cfg.train)  # the env's recommended settings; flags and --set win
@@ -166,6 +169,12 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _logged(run_dir: Path) -> bool:
+    """Whether the run logged any training metrics (metrics.jsonl has a row)."""
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.is_file() and metrics.stat().st_size > 0
+
+
 def new_run_dir(cfg: RunConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = cfg.train.name or f"{cfg.env.name}__{cfg.agent_name}__{cfg.train.seed}__{stamp}"
@@ -173,6 +182,9 @@ def new_run_dir(cfg: RunConfig) -> Path:
         raise UserError(f"run name {name!r} must be one folder name (no path separators); use --runs-dir for the place")
     run_dir = Path(cfg.train.runs_dir) / name
     if run_dir.exists():
+        if not (run_dir / "checkpoints" / "last.zip").is_file():
+            raise UserError(f"run folder already exists: {run_dir}, with no checkpoint to resume (a run that failed "
+                            "before its first one): delete it or give another --name")
         raise UserError(f"run folder already exists: {run_dir} (use --resume to continue it, or another --name)")
     (run_dir / "checkpoints").mkdir(parents=True)
     return run_dir
@@ -187,8 +199,6 @@ def run(args: argparse.Namespace) -> int:
         run_dir = args.resume
         # A run resumes with the config it was started with; only its length may change.
         given = [flag for name, flag in RESUME_FIXED.items() if getattr(args, name, None) not in (None, [])]
-        if args.env != DEFAULT_ENV:
-            given.insert(0, "--env")
         if given:
             raise UserError(f"--resume continues {run_dir} with its own config.yaml: {', '.join(given)} cannot change "
                             "it (only --timesteps can)")
@@ -201,12 +211,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = resolve_config(args)
         run_dir = new_run_dir(cfg)
-        write_atomic(run_dir / "config.yaml", dump_yaml(to_dict(cfg)))
     try:
+        if args.resume is None:
+            write_atomic(run_dir / "config.yaml", dump_yaml(to_dict(cfg)))
         summary = train(cfg, run_dir, console, resume=args.resume is not None)
-    except BaseException:  # a mistake found late, a crash or Ctrl-C
-        if args.resume is None and not (run_dir / "checkpoints" / "last.zip").exists():
-            # A run that never saved a checkpoint cannot be resumed: it leaves no folder behind to block its name.
+    except BaseException as exc:  # a mistake found late, a crash or Ctrl-C
+        if args.resume is None and not (run_dir / "checkpoints" / "last.zip").exists() \
+                and (isinstance(exc, UserError | KeyboardInterrupt) or not _logged(run_dir)):
+            # A run that never saved a checkpoint cannot be resumed: no folder is left to block its name. A crash
+            # after training logged metrics keeps them (the evidence); its folder then says why it blocks the name.
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     print_summary(console, summary, run_dir)
