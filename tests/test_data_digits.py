@@ -109,7 +109,9 @@ def test_fragment_positions_avoid_digit_box() -> None:
 
 @pytest.mark.parametrize(
     ("options", "match"),
-    [({"canvass": 48}, "unknown key 'canvass'"), ({"digit_size": 64}, "digit_size"), ({"fragment_min": 6, "fragment_max": 4}, "fragment_min")],
+    [({"canvass": 48}, "unknown key 'canvass'"), ({"digit_size": 64}, "digit_size"), ({"fragment_min": 6, "fragment_max": 4}, "fragment_min"),
+     ({"n_distractors": -1}, "must not be negative"), ({"noise": -0.1}, "must not be negative"),
+     ({"canvases_val": 0}, "must be at least 1")],
 )
 def test_bad_options_are_config_errors(options: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):

@@ -39,6 +39,7 @@ TRAIN_MISTAKES = {
     "no torch threads": (["--set", "train.threads=0"], "train.threads must be a positive integer or null"),
     "unknown tracker": (["--set", "train.track=mlflow"], "train.track must be null or wandb, got 'mlflow'"),
     "critic without layers": (["--set", "agent.critic_hidden=[]"], "agent.critic_hidden needs at least one layer"),
+    "unknown pooling": (["--env", "minilm-text", "--set", "env.backbone.pooling=max"], "pooling must be null or one of mean, cls"),
     "no room for a word": (["--env", "minilm-text", "--set", "env.data.max_length=0"], "max_length must be at least 3"),
     "negative image size": (["--set", "env.data.image_size=-3"], "image_size must be a positive number"),
     "run name with a path": (["--name", "../elsewhere"], "must be one folder name (no path separators)"),

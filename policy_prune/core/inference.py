@@ -24,7 +24,7 @@ from torch import nn
 from policy_prune.core import ops
 from policy_prune.core.artifact import RULES, check_signature, load_scorer, normalize_rule
 from policy_prune.core.backbones import HFEncoderBackbone, KeepFn, TokenBackbone, TokenState, adapt
-from policy_prune.core.backbones.hf import TEXT_PROTECTED
+from policy_prune.core.backbones.hf import POOLINGS, TEXT_PROTECTED
 from policy_prune.core.features import make_projection, token_layout
 from policy_prune.core.schedule import TokenCounts, keep_ratios_for, keep_schedule, lowest_flops_ratio
 from policy_prune.core.scorer import (
@@ -470,7 +470,7 @@ def _adapt_for(model: nn.Module, scorer: LearnedScorer) -> TokenBackbone:
     backbone = adapt(model)
     stored = scorer.meta.get("backbone") or {}
     pooling = stored.get("pooling")
-    if isinstance(backbone, HFEncoderBackbone) and not backbone.is_vision and pooling in ("mean", "cls") \
+    if isinstance(backbone, HFEncoderBackbone) and not backbone.is_vision and pooling in POOLINGS \
             and pooling != backbone.pooling:
         backbone = adapt(model, pooling=pooling)
     return backbone

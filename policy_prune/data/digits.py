@@ -77,6 +77,10 @@ class DigitsOptions:
             raise ConfigError(f"data.options: need 1 <= fragment_min <= fragment_max <= {GLYPH}")
         if self.val_fraction <= 0 or self.test_fraction <= 0 or self.val_fraction + self.test_fraction >= 1:
             raise ConfigError("data.options: val_fraction and test_fraction must be > 0 and sum below 1")
+        if self.n_distractors < 0 or self.noise < 0 or (self.max_offset is not None and self.max_offset < 0):
+            raise ConfigError("data.options: n_distractors, noise and max_offset must not be negative")
+        if min(self.canvases_train, self.canvases_val, self.canvases_test) < 1:
+            raise ConfigError("data.options: canvases_train, canvases_val and canvases_test must be at least 1")
 
     def canvases_per_source(self, split: str) -> int:
         return int(getattr(self, f"canvases_{split}"))

@@ -119,6 +119,10 @@ def check_env(env: Any) -> None:
         raise ConfigError(f"env.sites {sites} must be a non-empty, strictly increasing list of block indices")
     if env.data.max_samples is not None and env.data.max_samples < 1:
         raise ConfigError(f"env.data.max_samples must be at least 1, got {env.data.max_samples}")
+    from policy_prune.core.backbones.hf import POOLINGS
+
+    if env.backbone.pooling is not None and env.backbone.pooling not in POOLINGS:
+        raise ConfigError(f"env.backbone.pooling must be null or one of {', '.join(POOLINGS)}, got {env.backbone.pooling!r}")
     if env.data.max_length < 3:  # [CLS], one word, [SEP]
         raise ConfigError(f"env.data.max_length must be at least 3 tokens, got {env.data.max_length}")
     if env.data.image_size is not None and env.data.image_size < 1:

@@ -50,6 +50,10 @@ def _find_linear(block: nn.Module, names: tuple[str, ...]) -> nn.Linear:
     raise UsageError(f"cannot find a projection named {names} in {type(block).__name__}")
 
 
+POOLINGS = ("mean", "cls")
+"""How a text encoder's sentence embedding pools its last hidden states (sentence-transformers' mean, or [CLS])."""
+
+
 class HFEncoderBackbone(TokenBackbone):
     """A Hugging Face encoder (base model or *ForImageClassification) as a TokenBackbone.
 
@@ -68,7 +72,7 @@ class HFEncoderBackbone(TokenBackbone):
         model_type = getattr(getattr(base, "config", None), "model_type", None)
         if model_type not in TEXT_TYPES + VISION_TYPES:
             raise UsageError(f"unsupported Hugging Face model type {model_type!r}")
-        if pooling not in ("mean", "cls"):
+        if pooling not in POOLINGS:
             raise UserError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
         super().__init__(model)
         self.base = base
