@@ -192,18 +192,24 @@ def load_model(spec: str, seed: int = 0) -> tuple[nn.Module, Any]:
     return model, _tokenizer_for(adapt(model), getattr(model, "name_or_path", spec) if spec in MINILM_SPECS else spec)
 
 
-def text_inputs(tokenizer: Any, batch: int, seed: int = 0, length: int | None = None) -> dict[str, Any]:
-    """``batch`` passages of the minilm-text preset's test split (python-docs), drawn with ``seed``,
-    tokenized as the preset does: padded to the longest row, or to ``length`` tokens when given."""
+def test_passages(n: int, seed: int = 0) -> list[str]:
+    """``n`` passages of the minilm-text preset's test split (python-docs), drawn with ``seed``."""
     import numpy as np
 
     from policy_prune.config import load_env_config
     from policy_prune.data.text import corpus
 
+    passages = corpus(load_env_config("minilm-text").data.options)["test"].passages
+    return [passages[i] for i in np.random.default_rng(seed).choice(len(passages), n, replace=n > len(passages))]
+
+
+def text_inputs(tokenizer: Any, batch: int, seed: int = 0, length: int | None = None) -> dict[str, Any]:
+    """``batch`` passages of the minilm-text preset's test split (:func:`test_passages`), tokenized as the
+    preset does: padded to the longest row, or to ``length`` tokens when given."""
+    from policy_prune.config import load_env_config
+
     data = load_env_config("minilm-text").data
-    passages = corpus(data.options)["test"].passages
-    picked = np.random.default_rng(seed).choice(len(passages), batch, replace=batch > len(passages))
-    enc = tokenizer([passages[i] for i in picked], padding="max_length" if length else "longest", truncation=True,
+    enc = tokenizer(test_passages(batch, seed), padding="max_length" if length else "longest", truncation=True,
                     max_length=length or data.max_length, return_tensors="pt")
     return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
 

@@ -97,6 +97,37 @@ def test_bench_exec_and_flops_take_the_embedded_model_names(tmp_path) -> None:
     assert payload["flops"][0]["rel_error"] < 0.05 and payload["pruned_execution"][0]["batch"] == 1
 
 
+def test_bench_encode_times_the_sentence_transformer_users_call(tmp_path, monkeypatch) -> None:
+    """--what encode: SentenceTransformer.encode of all-MiniLM-L6-v2, unpruned and through prune(model, scorer,
+    flops=f), ms per text at each batch size; the pruned model it times is the public call's."""
+    pytest.importorskip("sentence_transformers")
+    from policy_prune.core import inference
+    from policy_prune.core.artifact import save_scorer
+    from policy_prune.core.backbones import adapt
+    from policy_prune.core.scorer import random_scorer
+    from policy_prune.embedded import load_model
+
+    backbone = adapt(load_model("minilm")[0])
+    save_scorer(random_scorer(backbone, [1, 3], seed=3), tmp_path / "scorer", backbone.signature())
+    built = []
+    original = inference.PrunedModel
+
+    class Spy(original):  # type: ignore[misc, valid-type]
+        def __init__(self, backbone, scorer, rule, values) -> None:
+            built.append((rule, values))
+            super().__init__(backbone, scorer, rule, values)
+
+    monkeypatch.setattr(inference, "PrunedModel", Spy)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--what", "encode", "--scorer", str(tmp_path / "scorer"), "--targets", "0.5", "0.3",
+                 "--batch", "2", "1", "--samples", "3", "--warmup", "0", "--repeats", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["encode"]
+    assert [(r["batch"], r["target"]) for r in rows] == [(2, 0.5), (2, 0.3), (1, 0.5), (1, 0.3)]
+    assert all(r["texts"] == 3 and r["ms_unpruned"] > 0 and r["ms_pruned"] > 0 for r in rows)
+    assert [rule for rule, _ in built] == ["keep_ratio", "keep_ratio"]  # prune(model, scorer, flops=f), once each
+    assert main(["bench", "--what", "encode"]) == 2  # no scorer: one line
+
+
 def test_bench_compile_options_are_parsed_and_checked(capsys) -> None:
     from policy_prune.evaluation.bench import compile_options
 

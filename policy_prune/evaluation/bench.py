@@ -7,6 +7,7 @@ machine load hits all of them alike; the median is reported and ratios are taken
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -31,13 +32,16 @@ from policy_prune.errors import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--what", nargs="+", choices=("exec", "model", "onnx", "env", "flops", "budget"), default=["exec"],
+    p.add_argument("--what", nargs="+", choices=("exec", "model", "onnx", "env", "flops", "budget", "encode"),
+                   default=["exec"],
                    help="exec: original vs pruned forward of --model (random keep); model: original vs "
                         "PrunedModel with a scorer (--scorer, else random weights) at --flops; onnx: the same two "
                         "exported as ONNX graphs and run in onnxruntime (CPU); env: batched-env samples/s vs plain "
                         "forward on --env; flops: analytic FLOPs of --model vs FlopCounterMode; budget: the FLOPs "
                         "that prune(model, --scorer, flops=f) really runs (FlopCounterMode) on --env's test split, "
-                        "for each of --targets and both rules")
+                        "for each of --targets and both rules; encode: SentenceTransformer.encode of all-MiniLM-L6-v2 (what a user "
+                        "calls: tokenizing and pooling included) unpruned vs prune(model, --scorer, flops=f) for each of "
+                        "--targets, ms per text at each --batch on --samples test passages")
     p.add_argument("--model", default="deit_small_patch16_224",
                    help="timm name (random init), hf:<id>, model folder, digits-vit (the cached embedded backbone) or "
                         "minilm (all-MiniLM-L6-v2, real weights, on padded python-docs test passages)")
@@ -46,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sites", type=non_negative, nargs="+", default=[0], help="pruning sites of the random scorer (--what model)")
     p.add_argument("--targets", type=ratio, nargs="+", default=[0.7, 0.5, 0.35],
                    help="--what budget: the FLOPs ratios asked of prune(model, scorer, flops=f)")
-    p.add_argument("--samples", type=positive, default=256, help="--what budget: test samples the FLOPs are counted on")
+    p.add_argument("--samples", type=positive, default=256, help="--what budget: test samples the FLOPs are counted on; --what encode: test passages encoded")
     p.add_argument("--length", type=positive, default=128,
                    help="--what onnx, text models: the fixed input length of both graphs (rows padded to it)")
     p.add_argument("--env", default="digits-vit", help="env preset (name or YAML path) for --what env")
@@ -256,6 +260,49 @@ def bench_budget(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def bench_encode(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``SentenceTransformer.encode`` as a user calls it: all-MiniLM-L6-v2 unpruned vs
+    ``prune(model, scorer, flops=f)`` for each target, on ``--samples`` minilm-text test passages drawn with
+    ``--seed``, at each ``--batch`` (ST's own batching: length-sorted). Per pass every model encodes all the
+    passages; passes run round-robin (``--warmup``, ``--repeats``), the median pass over the passages is ms per
+    text. The encoder call is most of it, but not all: tokenizing, pooling and normalizing cost the same pruned
+    or not, so at batch 1 the speed-up is below the encoder's own."""
+    from policy_prune.core.artifact import load_scorer
+    from policy_prune.core.embedded_models import minilm_path
+    from policy_prune.embedded import test_passages
+
+    if args.scorer is None:
+        raise UserError("--what encode needs --scorer SCORER_DIR (a minilm-text scorer)")
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        raise UserError("--what encode needs sentence-transformers: pip install 'policy-prune[st]'") from None
+    scorer = load_scorer(args.scorer)
+    model = SentenceTransformer(str(minilm_path()), device=args.device)
+    texts = test_passages(args.samples, args.seed)
+    models = {"unpruned": model, **{f"{t:g}": prune(model, scorer, flops=t) for t in args.targets}}
+    rows = []
+    for batch in args.batch:
+        fns = {name: functools.partial(m.encode, texts, batch_size=batch, convert_to_tensor=True, show_progress_bar=False)
+               for name, m in models.items()}
+        with torch.inference_mode():
+            t = time_round_robin(fns, args.warmup, args.repeats, args.device)
+        rows += [{"batch": batch, "target": float(name), "texts": len(texts), "ms_unpruned": 1000 * t["unpruned"] / len(texts),
+                  "ms_pruned": 1000 * t[name] / len(texts), "speedup": t["unpruned"] / t[name]}
+                 for name in models if name != "unpruned"]
+    return rows
+
+
+def print_encode(args: argparse.Namespace, console: Any) -> list[dict[str, Any]]:
+    rows = bench_encode(args)
+    print_table(console, f"SentenceTransformer.encode, all-MiniLM-L6-v2: unpruned vs prune(model, {args.scorer}, flops=f) "
+                         f"(ms per text, median of {args.repeats}, threads={torch.get_num_threads()})",
+                ("batch", "f", "texts", "unpruned ms", "pruned ms", "speed-up"),
+                [(str(r["batch"]), f"{r['target']:g}", str(r["texts"]), f"{r['ms_unpruned']:.2f}", f"{r['ms_pruned']:.2f}",
+                  f"{r['speedup']:.2f}x") for r in rows])
+    return rows
+
+
 def print_table(console: Any, title: str, columns: Sequence[str], body: Sequence[Sequence[str]]) -> None:
     """One right-aligned rich table of a benchmark's rows."""
     from rich.table import Table
@@ -316,6 +363,8 @@ def run(args: argparse.Namespace) -> int:
         payload["pruned_model"] = print_model(args, console)
     if "onnx" in args.what:
         payload["onnx"] = print_onnx(args, console)
+    if "encode" in args.what:
+        payload["encode"] = print_encode(args, console)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")}
