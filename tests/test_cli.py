@@ -137,6 +137,9 @@ def test_bench_compile_options_are_parsed_and_checked(capsys) -> None:
     assert main(["bench", "--what", "model", "--model", "digits-vit", "--compile", "freezing,no_such_knob"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'no_such_knob' is not an inductor option" in err[0]
+    assert main(["bench", "--what", "model", "--model", "digits-vit", "--compile", "max_autotune=banana"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "max_autotune is a switch (true or false), got 'banana'" in err[0]
 
 
 def test_bench_flops_agreement(tmp_path) -> None:

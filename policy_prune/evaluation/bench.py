@@ -397,6 +397,7 @@ def bench_model(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def compile_options(text: str) -> dict[str, Any]:
     """Inductor options from ``name[=value],...`` (a bare name is True; values are read as YAML scalars)."""
+    import torch._inductor.config as inductor
     from torch._inductor import list_options
 
     from policy_prune.config import ConfigError, load_yaml
@@ -407,7 +408,11 @@ def compile_options(text: str) -> dict[str, Any]:
         name, _, raw = item.partition("=")
         if name not in known:
             raise ConfigError(f"--compile: {name!r} is not an inductor option (see torch._inductor.list_options())")
-        options[name] = load_yaml(raw) if raw else True
+        value = load_yaml(raw) if raw else True
+        # A switch takes true / false only: inductor reads any other value ("banana") as on.
+        if isinstance(getattr(inductor, name, None), bool) and not isinstance(value, bool):
+            raise ConfigError(f"--compile: {name} is a switch (true or false), got {raw!r}")
+        options[name] = value
     return options
 
 
