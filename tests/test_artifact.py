@@ -100,6 +100,15 @@ def _edit_json(path: Path, **changes: object) -> None:
     path.write_text(json.dumps(meta))
 
 
+def _edit_tensor(artifact: Path, name: str, value: float | None) -> None:
+    """Set every entry of one tensor of the weights file to ``value`` (None: make it an integer tensor)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(artifact / WEIGHTS_FILE))
+    tensors[name] = tensors[name].long() if value is None else torch.full_like(tensors[name], value)
+    save_file(tensors, str(artifact / WEIGHTS_FILE))
+
+
 BREAKAGES = {
     "missing dir": (lambda a: a.rename(a.with_name("gone")), "scorer not found"),
     "deleted json": (lambda a: (a / META_FILE).unlink(), "scorer file missing"),
@@ -124,6 +133,12 @@ BREAKAGES = {
                                 "bad feature_spec"),
     "width not a number": (lambda a: _edit_json(a / META_FILE, backbone__width="64"), "an integer width"),
     "rule not an object": (lambda a: _edit_json(a / META_FILE, default_rule="keep_ratio"), "expected an object"),
+    "a site that is a bool": (lambda a: _edit_json(a / META_FILE, sites=[True, 2]), "sites must be a non-empty"),
+    "fractional projection_dim": (lambda a: _edit_json(a / META_FILE, feature_spec__projection_dim=16.7),
+                                  "feature_spec.projection_dim must be an integer, got 16.7"),
+    # NaN weights give NaN logits: every token dropped or kept without a word.
+    "NaN weights": (lambda a: _edit_tensor(a, "net.out.bias", float("nan")), "tensor net.out.bias must hold finite"),
+    "integer weights": (lambda a: _edit_tensor(a, "projection", None), "tensor projection must hold finite"),
     "context size": (lambda a: _edit_json(a / META_FILE, sites=[1, 2, 3]), "do not match the feature spec"),
     "projection width": (lambda a: _edit_json(a / META_FILE, backbone__width=48), "projection has shape"),
     "bad rule": (lambda a: _edit_json(a / META_FILE, default_rule={"rule": "topk", "values": [1]}), "bad default_rule"),

@@ -305,6 +305,10 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _spec_from_json(data: Any, where: Path) -> FeatureSpec:
+    for key in ("version", "projection_dim", "projection_seed"):  # int() would truncate 16.7 without a word
+        value = data.get(key) if isinstance(data, dict) else None
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ScorerFileError(f"{where}: bad feature_spec (feature_spec.{key} must be an integer, got {value!r})")
     try:
         spec = FeatureSpec(version=int(data["version"]), names=tuple(data["base"]),
                            projection_dim=int(data["projection_dim"]), projection_seed=int(data["projection_seed"]),
@@ -321,7 +325,7 @@ def _spec_from_json(data: Any, where: Path) -> FeatureSpec:
 
 
 def _sites(data: Any, where: Path) -> list[int]:
-    ok = isinstance(data, list) and data and all(isinstance(s, int) and s >= 0 for s in data)
+    ok = isinstance(data, list) and data and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in data)
     if not ok or data != sorted(set(data)):
         raise ScorerFileError(f"{where}: sites must be a non-empty increasing list of block indices, got {data!r}")
     return list(data)
@@ -374,13 +378,24 @@ def _load_weights(net: TokenScorer, tensors: Mapping[str, torch.Tensor], where: 
         if got[k].shape != v.shape:
             raise ScorerFileError(f"{where}: tensor net.{k} has shape {list(got[k].shape)}, "
                                   f"but {META_FILE} layer sizes need {list(v.shape)}")
+    _check_finite({f"net.{k}": v for k, v in got.items()}, where)
     net.load_state_dict({k: v.float() for k, v in got.items()})
+
+
+def _check_finite(tensors: Mapping[str, torch.Tensor], where: Path) -> None:
+    """Weights must be finite floating-point numbers: a NaN would give NaN logits, and every token would then be
+    dropped or kept without a word (a silent wrong answer)."""
+    for name, t in tensors.items():
+        if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            raise ScorerFileError(f"{where}: tensor {name} must hold finite floating-point numbers "
+                                  f"({t.dtype}{'' if not t.is_floating_point() else ', with NaN or inf'})")
 
 
 def _projection(tensors: Mapping[str, torch.Tensor], signature: Mapping[str, Any], spec: FeatureSpec,
                 where: Path) -> torch.Tensor:
     if "projection" not in tensors:
         raise ScorerFileError(f"{where}: missing tensor 'projection'")
+    _check_finite({"projection": tensors["projection"]}, where)
     projection = tensors["projection"].float()
     want = [int(signature["width"]), spec.projection_dim]
     if list(projection.shape) != want:
