@@ -27,7 +27,7 @@ from policy_prune.core.executed import executed_schedule
 from policy_prune.core.inference import PrunedModel, prune
 from policy_prune.core.schedule import TokenCounts, keep_ratio_for
 from policy_prune.core.scorer import LearnedScorer, random_scorer
-from policy_prune.embedded import DTYPE_NAMES, DTYPES, load_model, model_inputs
+from policy_prune.embedded import DTYPE_NAMES, DTYPES, load_backbone, load_model, model_inputs
 from policy_prune.errors import UserError
 
 
@@ -115,7 +115,8 @@ def random_keep_fn(keep: float, seed: int) -> Callable[..., torch.Tensor]:
 def bench_pruned_execution(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Original vs adapter (keep-all) vs pruned, per batch size."""
     # The --model names every verb takes (digits-vit, minilm too); a timm name gets weights seeded by --seed.
-    backbone = adapt(load_model(args.model, args.seed)[0]).to(args.device, DTYPES[args.dtype])
+    torch.manual_seed(args.seed)
+    backbone = adapt(load_backbone(args.model)).to(args.device, DTYPES[args.dtype])
     model = backbone.model
     call_original = (lambda x: model(**x)) if backbone.output_kind == "embedding" else model
     keep_fn = random_keep_fn(args.keep, args.seed)
@@ -204,7 +205,8 @@ def flops_agreement(args: argparse.Namespace) -> list[dict[str, Any]]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    backbone = adapt(load_model(args.model, args.seed)[0])
+    torch.manual_seed(args.seed)
+    backbone = adapt(load_backbone(args.model))
     x = backbone.example_inputs(1, torch.Generator().manual_seed(args.seed))
     state = backbone.embed(x)
     n_full = state.n_full
