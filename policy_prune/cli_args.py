@@ -38,11 +38,6 @@ def fraction(text: str) -> float:
     return value
 
 
-def finite(text: str) -> float:
-    """Any finite number (not nan or inf)."""
-    return _number(text, float)
-
-
 def threshold(text: str) -> float:
     """A logit threshold: a finite number, or -inf (keep every token at that site: no scorer runs there)."""
     try:

@@ -163,6 +163,8 @@ def normalize_rule(rule: Mapping[str, Any], n_sites: int, finite: bool = True) -
     A threshold of -inf keeps every token at its site (no scorer runs there); scorer.json writes it as null.
     ``finite=False`` admits +inf thresholds too (keep nothing); NaN is never valid.
     """
+    if not isinstance(rule, Mapping):
+        raise UserError(f"expected an object {{rule, values}}, got {rule!r}")
     name = rule.get("rule")
     if name not in RULES:
         raise UserError(f"unknown decision rule {name!r} (threshold or keep_ratio)")
@@ -256,8 +258,6 @@ def load_scorer(path: str | Path) -> LearnedScorer:
     net = _build_net(meta["layer_sizes"], spec, len(sites), budget is not None, where, tensors)
     _load_weights(net, tensors, root / WEIGHTS_FILE)
     projection = _projection(tensors, meta["backbone"], spec, root / WEIGHTS_FILE)
-    if not isinstance(meta["default_rule"], Mapping):
-        raise ScorerFileError(f"{where}: bad default_rule: expected an object {{rule, values}}, got {meta['default_rule']!r}")
     try:
         rule = normalize_rule(meta["default_rule"], len(sites))
     except UserError as exc:

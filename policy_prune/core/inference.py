@@ -346,13 +346,8 @@ def prune(
             model, lambda encoder: prune(encoder, scorer, rule, keep_ratio, threshold, strict, flops))
     if isinstance(model, PrunedModel):
         raise UsageError("the model is already a PrunedModel; pass the original model")
-    if flops is not None:  # a number of any kind (a numpy or 0-d torch scalar too), never text
-        try:
-            if isinstance(flops, str | bool):
-                raise TypeError
-            flops = float(flops)
-        except (TypeError, ValueError):
-            raise UsageError(f"flops must be a number (a FLOPs ratio in (0, 1]), got {flops!r}") from None
+    if flops is not None:
+        flops = _flops_number(flops)
     if isinstance(scorer, str | Path):
         scorer = load_scorer(scorer)
     if not isinstance(scorer, LearnedScorer):
@@ -374,6 +369,16 @@ def prune(
     # The scorer's MLP and projection go where the model is (a CUDA model, a CPU-loaded scorer); their dtype stays.
     device = next(model.parameters(), torch.empty(0)).device
     return PrunedModel(backbone, scorer, name, values).to(device)
+
+
+def _flops_number(flops: Any) -> float:
+    """``flops`` as a float: a number of any kind (numpy and 0-d torch scalars too), never text or a bool."""
+    try:
+        if not isinstance(flops, str | bool):
+            return float(flops)
+    except (TypeError, ValueError):
+        pass
+    raise UsageError(f"flops must be a number (a FLOPs ratio in (0, 1]), got {flops!r}")
 
 
 def rule_for_flops(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,

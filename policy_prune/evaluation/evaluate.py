@@ -587,7 +587,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.run_dirs and args.env is None:
         raise UserError("give a RUN_DIR or --env ENV")
-    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out} is a file; give a folder for pareto.json, table.md and the pictures")
     if args.vis_target is not None and not any(abs(t - args.vis_target) < 1e-9 for t in args.targets):
         raise UserError(f"--vis-target {args.vis_target:g} is not one of --targets ({' '.join(f'{t:g}' for t in args.targets)})")

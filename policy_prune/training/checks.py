@@ -172,7 +172,7 @@ def check_train(train: Any) -> None:
     if train.threads is not None and train.threads < 1:
         raise ConfigError(f"train.threads must be a positive integer or null (torch's default), got {train.threads!r}")
     if train.track not in (None, *TRACKERS):
-        raise ConfigError(f"train.track must be null or wandb, got {train.track!r}")
+        raise ConfigError(f"train.track must be null or {' or '.join(TRACKERS)}, got {train.track!r}")
     check_device(train.device, "train.device")
 
 

@@ -73,7 +73,7 @@ class HFEncoderBackbone(TokenBackbone):
         if model_type not in TEXT_TYPES + VISION_TYPES:
             raise UsageError(f"unsupported Hugging Face model type {model_type!r}")
         if pooling not in POOLINGS:
-            raise UserError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+            raise UserError(f"pooling must be {' or '.join(map(repr, POOLINGS))}, got {pooling!r}")
         super().__init__(model)
         self.base = base
         self.config = base.config
