@@ -282,6 +282,20 @@ def test_return_kept_gives_the_kept_tokens_for_every_family(name: str, rule: str
         assert torch.equal(out.kept_mask, kept)
 
 
+@pytest.mark.parametrize("name", ["timm-vit-cls", "timm-deit-distilled"])
+@pytest.mark.parametrize("rule,value", [("threshold", 0.0), ("keep_ratio", 0.5)])
+def test_an_empty_batch_gets_what_the_model_gives(name: str, rule: str, value: float) -> None:
+    """A batch of 0 rows (the tail of a filtered data set) is the wrapped model's own answer: timm's ViTs
+    return [0, classes] there, and the scorer's features would fail on it."""
+    model, scorer = _scorer(name)
+    pruned = prune(model, scorer, **{rule: value})
+    empty = torch.randn(0, 3, 32, 32)
+    with torch.no_grad():
+        out, kept = pruned(empty, return_kept=True)
+        assert torch.equal(out, model(empty)) and out.shape[0] == 0
+    assert kept.dtype == torch.bool and kept.shape == (0, pruned.run(tiny.inputs(name, batch=1))[1].n_full)
+
+
 def test_library_errors_are_value_and_type_errors() -> None:
     """What prune / load_scorer raise for a caller's mistake is a ValueError or TypeError (and a PolicyPruneError)."""
     from policy_prune.errors import PolicyPruneError

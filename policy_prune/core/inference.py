@@ -242,11 +242,21 @@ class PrunedModel(nn.Module):
         """The wrapped model's output on pruned tokens; with ``return_kept``, ``(output, kept [B, N] bool)``."""
         return_dict = kwargs.pop("return_dict", None)
         inputs = self._inputs(args, kwargs)
+        if _rows(inputs) == 0:  # nothing to prune: the wrapped model's own answer (or its own error)
+            if return_dict is not None:
+                kwargs["return_dict"] = return_dict
+            out = self.backbone.model(*args, **kwargs)
+            return (out, torch.zeros(0, self._n_full(inputs), dtype=torch.bool)) if return_kept else out
         out, state, _ = self.run(inputs)
         result = self._format(out, state)
         if return_dict is False and hasattr(result, "to_tuple"):
             result = result.to_tuple()
         return (result, kept_mask(state)) if return_kept else result
+
+    def _n_full(self, inputs: Any) -> int:
+        """Tokens of the embedded sequence for ``inputs``: the prefix and patch grid, or the padded length."""
+        prefix, grid = token_layout(self.backbone)
+        return prefix + grid[0] * grid[1] if grid is not None else int(inputs["input_ids"].shape[1])
 
     # ---- calling conventions ------------------------------------------------------------------------
     def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -283,6 +293,12 @@ class PrunedModel(nn.Module):
         pooled = pooler(hidden) if isinstance(pooler, nn.Module) else None
         return PrunedEncoderOutput(last_hidden_state=hidden, pooler_output=pooled, sentence_embedding=out,
                                    kept_mask=kept_mask(state))
+
+
+def _rows(inputs: Any) -> int:
+    """Batch size of adapter-style ``inputs`` (images, or a mapping with input_ids)."""
+    first = inputs["input_ids"] if isinstance(inputs, Mapping) else inputs
+    return int(first.shape[0]) if isinstance(first, torch.Tensor) else -1
 
 
 def kept_mask(state: TokenState) -> torch.Tensor:
