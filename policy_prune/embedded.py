@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from policy_prune.config import BackboneConfig, ConfigError, EnvConfig, from_dict
-from policy_prune.core import embedded_models
+from policy_prune.core import embedded_models, hub
 from policy_prune.core.backbones import TokenBackbone
 from policy_prune.core.embedded_models import DIGITS_VIT, MINILM_DEPTH, MINILM_NAME, MINILM_SPECS
 from policy_prune.errors import UserError, require_train_extra
@@ -83,7 +83,8 @@ def _tokenizer_for(backbone: TokenBackbone, spec: str) -> Any:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(spec.removeprefix("hf:"))
+    with hub.fetching(spec.removeprefix("hf:"), "tokenizer"):
+        return AutoTokenizer.from_pretrained(spec.removeprefix("hf:"))
 
 
 def resolve_backbone(env_cfg: EnvConfig, console: Any = None, progress: Any = None) -> tuple[TokenBackbone, Any]:
@@ -133,7 +134,8 @@ def _describe_timm(name: str, model_kwargs: dict[str, Any]) -> tuple[str | None,
 def _describe_hf(name_or_path: str) -> tuple[str | None, int | None]:
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(name_or_path)
+    with hub.fetching(name_or_path, "model config"):
+        config = AutoConfig.from_pretrained(name_or_path)
     classifier = any(a.endswith("ForImageClassification") for a in getattr(config, "architectures", None) or [])
     depth = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers", None)
     return ("logits" if classifier else "embedding"), depth
@@ -147,6 +149,8 @@ def _load_user_backbone(cfg: BackboneConfig) -> tuple[TokenBackbone, Any]:
         backbone = load_backbone(cfg.spec, cfg.checkpoint, cfg.pretrained, **extra, **cfg.model_kwargs).eval()
         tokenizer = _tokenizer_for(backbone, cfg.spec)
     except (FileNotFoundError, OSError, ValueError, TypeError) as exc:
+        if isinstance(exc, UserError):
+            raise
         # A wrong name, folder or kwarg in the preset: one line, not a traceback.
         raise UserError(f"cannot load backbone {cfg.spec!r}: {str(exc).splitlines()[0]}") from None
     return backbone, tokenizer

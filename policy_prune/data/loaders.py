@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from policy_prune.config import ConfigError, DataConfig, from_dict
+from policy_prune.core import hub
 from policy_prune.data.split import SPLIT_NAMES, Split
 from policy_prune.errors import UserError
 
@@ -192,8 +193,11 @@ def hf_splits(spec: str, opts: SplitOptions, label_column: str | None) -> dict[s
     datasets = _import_datasets()
     name, config, split = parse_hf_spec(spec)
     try:
-        loaded = datasets.load_dataset(name, config, split=split)
+        with hub.fetching(name, "dataset"):
+            loaded = datasets.load_dataset(name, config, split=split)
     except (FileNotFoundError, ValueError, ConnectionError) as exc:
+        if isinstance(exc, UserError):
+            raise
         raise UserError(f"cannot load dataset {name!r}: {str(exc).splitlines()[0]}") from None
     if isinstance(loaded, datasets.Dataset):
         loaded = {"train": loaded}

@@ -9,11 +9,13 @@ A spec is one of:
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from policy_prune.core import hub
 from policy_prune.core.backbones.base import KeepFn, TokenBackbone, TokenState
 from policy_prune.core.backbones.hf import HFEncoderBackbone
 from policy_prune.core.backbones.timm_vit import TimmViTBackbone
@@ -81,7 +83,9 @@ def load_backbone(
     if not timm.is_model(name):
         raise UserError(f"unknown backbone {spec!r}: not a timm model name, 'hf:<id>' or a model folder")
     # A checkpoint of the user's replaces the weights whole: fetching the hub's first would be a wasted download.
-    model = timm.create_model(name, pretrained=pretrained and checkpoint is None, **model_kwargs)
+    fetch = pretrained and checkpoint is None
+    with hub.hub_access(f"the pretrained weights of {name!r}") if fetch else nullcontext():
+        model = timm.create_model(name, pretrained=fetch, **model_kwargs)
     if checkpoint is not None:
         model.load_state_dict(_read_state_dict(Path(checkpoint)))
     return TimmViTBackbone(model.eval().requires_grad_(False), name=name)
@@ -90,11 +94,12 @@ def load_backbone(
 def _load_hf(name_or_path: str) -> nn.Module:
     from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
-    config = AutoConfig.from_pretrained(name_or_path)
-    archs = getattr(config, "architectures", None) or []
-    if any(a.endswith("ForImageClassification") for a in archs):
-        return AutoModelForImageClassification.from_pretrained(name_or_path)
-    return AutoModel.from_pretrained(name_or_path)
+    with hub.fetching(name_or_path, "model"):
+        config = AutoConfig.from_pretrained(name_or_path)
+        archs = getattr(config, "architectures", None) or []
+        if any(a.endswith("ForImageClassification") for a in archs):
+            return AutoModelForImageClassification.from_pretrained(name_or_path)
+        return AutoModel.from_pretrained(name_or_path)
 
 
 def _read_state_dict(path: Path) -> dict[str, Any]:

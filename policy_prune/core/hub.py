@@ -1,0 +1,93 @@
+"""Loads from the Hugging Face Hub that fail in seconds, not minutes, where there is no network.
+
+huggingface_hub retries a request that cannot connect five times with backoff (about 25 s for one file)
+before it looks in its local cache, and a model's config, weights and tokenizer are several such
+requests: a hub id that is not cached took 25-55 s to fail on a machine without a network, and one that
+is cached as long to load. :func:`hub_access` probes the Hub once per process (a TCP connection, a few
+seconds at most); when it cannot be reached, the load inside runs in the libraries' own offline mode, so
+what is cached loads at once and what is not fails at once, in one line. ``HF_HUB_OFFLINE=1`` is
+respected as it is (no probe).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from policy_prune.errors import UserError
+
+PROBE_TIMEOUT_S = 3.0
+"""Seconds the probe waits for a TCP connection to the Hub's host."""
+
+
+@cache
+def reachable(endpoint: str) -> bool:
+    """Whether a TCP connection to ``endpoint``'s host opens within PROBE_TIMEOUT_S (asked once per process)."""
+    url = urlparse(endpoint)
+    if not url.hostname:
+        return False
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+def is_local(name_or_path: str | Path) -> bool:
+    """Whether ``name_or_path`` names something on this machine (then nothing is fetched)."""
+    return Path(name_or_path).expanduser().exists()
+
+
+def _offline_switches() -> list[tuple[Any, str]]:
+    """The offline flags the hub libraries read at call time: huggingface_hub's (transformers and timm
+    go through it) and datasets' own copy, where datasets is installed."""
+    from huggingface_hub import constants
+
+    switches: list[tuple[Any, str]] = [(constants, "HF_HUB_OFFLINE")]
+    try:
+        import datasets.config
+    except ImportError:
+        pass
+    else:
+        switches.append((datasets.config, "HF_HUB_OFFLINE"))
+    return switches
+
+
+@contextmanager
+def hub_access(what: str) -> Iterator[None]:
+    """Around a load that may fetch ``what`` (e.g. "model 'org/name'") from the Hub.
+
+    With the Hub reachable, or offline mode already asked for, the load runs as it is. Otherwise it runs in
+    offline mode (the flags are restored after), and a miss in the cache raises one UserError.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or reachable(constants.ENDPOINT):
+        yield
+        return
+    switches = _offline_switches()
+    saved = [getattr(module, name) for module, name in switches]
+    for module, name in switches:
+        setattr(module, name, True)
+    try:
+        yield
+    except (OSError, ValueError) as exc:  # transformers: OSError; timm: LocalEntryNotFoundError; datasets: ConnectionError
+        if isinstance(exc, UserError):
+            raise
+        raise UserError(f"cannot load {what}: not in the local Hugging Face cache, and {constants.ENDPOINT} cannot be "
+                        f"reached (no network?); fetch it once where there is one, or give a local folder or checkpoint "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    finally:
+        for (module, name), value in zip(switches, saved, strict=True):
+            setattr(module, name, value)
+
+
+def fetching(name_or_path: str, kind: str) -> AbstractContextManager[None]:
+    """:func:`hub_access` for a hub id, nothing for a local path. ``kind``: "model", "tokenizer", "dataset", ..."""
+    return nullcontext() if is_local(name_or_path) else hub_access(f"{kind} {name_or_path!r}")
