@@ -72,8 +72,16 @@ def run(args: argparse.Namespace) -> int:
                    "--check-split": args.check_split}
     if not args.onnx_model and (given := [flag for flag, value in model_flags.items() if value is not None]):
         raise UserError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --onnx-model only")
+    if args.onnx_model and args.keep_ratio is None and args.flops is None:
+        raise UserError("--onnx-model needs a keep_ratio schedule: --keep-ratio R [R ...] or --flops F")
     config = read_run_config(run_dir)
     scorer = read_run_scorer(run_dir, config, args.checkpoint)
+    if args.onnx_model:  # the model, data and output folder are checked before calibrating or writing anything
+        from policy_prune.config import EnvConfig, from_dict
+        from policy_prune.model_export import export_run_model, prepare_run_model
+
+        env = from_dict(EnvConfig, _lookup(config, ("env",)) or {}, "env")
+        prepared = prepare_run_model(env, scorer, args)
     own_rule: dict[str, Any] | None
     if args.calibrate:
         scorer, own_rule = calibrate_run_scorer(run_dir, scorer, run_signature(run_dir, config, scorer), log=print)
@@ -82,18 +90,12 @@ def run(args: argparse.Namespace) -> int:
     rule = {"rule": "keep_ratio", "values": args.keep_ratio} if args.keep_ratio else \
         {"rule": "threshold", "values": args.threshold} if args.threshold else \
         own_rule or {"rule": "threshold", "values": [0.0]}
-    if args.onnx_model and args.keep_ratio is None and args.flops is None:
-        raise UserError("--onnx-model needs a keep_ratio schedule: --keep-ratio R [R ...] or --flops F")
     out = args.out or run_dir / "scorer"
     files = export_scorer(scorer, out, run_signature(run_dir, config, scorer),
                           lam=_lookup(config, ("env", "reward", "lam"), ("reward", "lam"), ("lam",)),
                           metrics=validation_metrics(run_dir), default_rule=rule, onnx=args.onnx, log=print)
     if args.onnx_model:
-        from policy_prune.config import EnvConfig, from_dict
-        from policy_prune.model_export import export_run_model
-
-        env = from_dict(EnvConfig, _lookup(config, ("env",)) or {}, "env")
-        files += export_run_model(env, out, args, log=print)
+        files += export_run_model(env, prepared, out, args, log=print)
     for f in files:
         print(f"wrote {f}")
     return 0

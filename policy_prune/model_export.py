@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -232,10 +233,43 @@ def compare_on_split(session: Any, module: GraphModel, inputs: torch.Tensor, lab
             "max_abs_diff": float(d.max()), "rows_over_atol": int((d > atol).sum())}
 
 
-def export_run_model(env: Any, scorer_dir: Path, args: Any, log: Any = print) -> list[Path]:
-    """``export RUN_DIR --onnx-model``: the run's scorer (artifact in ``scorer_dir``) with ``--model`` (default
-    the run's backbone) at ``--keep-ratio`` or ``--flops`` as one verified ONNX graph + torch.export program
-    in ``--model-out`` (default RUN_DIR/onnx, replaced whole or not at all), with ``export.json``."""
+@dataclass
+class RunModel:
+    """What ``export RUN_DIR --onnx-model`` needs besides the scorer, resolved before anything is written."""
+
+    backbone: Any
+    split: tuple[torch.Tensor, torch.Tensor] | None
+    length: int | None
+    example: Any
+    out: Path
+
+
+def prepare_run_model(env: Any, scorer: Any, args: Any) -> RunModel:
+    """Load ``--model`` (default the run's backbone) and ``--check-split``, make the example inputs and check
+    the output folder and that ``scorer`` prunes that model at the asked schedule: every mistake is refused
+    here, before ``export`` rewrites the run's scorer folder."""
+    from policy_prune.core.inference import prune
+    from policy_prune.embedded import model_inputs
+
+    backbone, tokenizer = _run_backbone(env, args.model, args.seed)
+    out = Path(args.model_out or Path(args.run_dir) / "onnx")
+    _check_model_out(out)
+    _pruned(prune, backbone, scorer, args)  # a scorer of another model or a budget it cannot meet fails now
+    split = _labelled_split(env, backbone, tokenizer, args.check_split) if args.check_split else None
+    length = (args.length or env.data.max_length) if tokenizer is not None else None
+    example = model_inputs(backbone.model, tokenizer, args.seed, length)(args.batch)
+    return RunModel(backbone, split, length, example, out)
+
+
+def _pruned(prune: Any, backbone: Any, scorer: Any, args: Any) -> Any:
+    return prune(backbone, scorer, keep_ratio=args.keep_ratio) if args.keep_ratio else \
+        prune(backbone, scorer, rule="keep_ratio", flops=args.flops)
+
+
+def export_run_model(env: Any, prepared: RunModel, scorer_dir: Path, args: Any, log: Any = print) -> list[Path]:
+    """``export RUN_DIR --onnx-model``: the run's scorer (artifact in ``scorer_dir``) with the prepared model
+    (:func:`prepare_run_model`) at ``--keep-ratio`` or ``--flops`` as one verified ONNX graph + torch.export
+    program in ``--model-out`` (default RUN_DIR/onnx, replaced whole or not at all), with ``export.json``."""
     import json
     import shutil
     import tempfile
@@ -243,18 +277,10 @@ def export_run_model(env: Any, scorer_dir: Path, args: Any, log: Any = print) ->
     from policy_prune.core.artifact import _swap_in, load_scorer
     from policy_prune.core.executed import executed_schedule
     from policy_prune.core.inference import prune
-    from policy_prune.embedded import model_inputs
 
-    backbone, tokenizer = _run_backbone(env, args.model, args.seed)
-    split = _labelled_split(env, backbone, tokenizer, args.check_split) if args.check_split else None
-    length = (args.length or env.data.max_length) if tokenizer is not None else None
-    example = model_inputs(backbone.model, tokenizer, args.seed, length)(args.batch)
-    scorer = load_scorer(scorer_dir)
-    # The adapter itself: it carries the preset name the scorer was trained on.
-    fast = prune(backbone, scorer, keep_ratio=args.keep_ratio) if args.keep_ratio else \
-        prune(backbone, scorer, rule="keep_ratio", flops=args.flops)
-    out = Path(args.model_out or Path(args.run_dir) / "onnx")
-    _check_model_out(out)
+    split, length, example, out = prepared.split, prepared.length, prepared.example, prepared.out
+    # The artifact as written (what users load); the adapter itself carries the preset name it was trained on.
+    fast = _pruned(prune, prepared.backbone, load_scorer(scorer_dir), args)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:

@@ -152,11 +152,17 @@ def test_export_verb_writes_the_whole_model(tmp_path, monkeypatch) -> None:
     session = onnx_session(run / "onnx" / "model.onnx")
     assert run_onnx(session, tuple(_text(5, 9, 14).values()))[0].shape == (5, 32)
     (run / "onnx" / "notes.txt").write_text("mine")
+    scorer_files = {p.name: p.read_bytes() for p in (run / "scorer").iterdir()}
     with pytest.raises(UserError, match="refusing to replace"):
         _export_verb([str(run), "--onnx-model", "--keep-ratio", "0.5"])
     with pytest.raises(UserError, match="vision model|labelled images"):  # a text run has no labelled images
         _export_verb([str(run), "--onnx-model", "--keep-ratio", "0.5", "--model-out", str(tmp_path / "o"),
                       "--check-split", "test"])
+    with pytest.raises(UserError, match="unknown backbone 'no-such-model'"):
+        _export_verb([str(run), "--onnx-model", "--keep-ratio", "0.5", "--model-out", str(tmp_path / "o"),
+                      "--model", "no-such-model"])
+    # Every refusal came before the run's scorer folder was written (the default rule differs from these calls').
+    assert {p.name: p.read_bytes() for p in (run / "scorer").iterdir()} == scorer_files
 
 
 def test_bench_onnx_times_both_graphs_on_the_same_inputs(monkeypatch) -> None:
