@@ -16,6 +16,7 @@ from tests import tiny
 ROOT = Path(__file__).resolve().parents[1]
 # Nothing listens on port 9 of loopback: the connection is refused at once, as without a network.
 NO_HUB = "http://127.0.0.1:9"
+PROXIES = ("https_proxy", "http_proxy", "all_proxy")
 CHILD = """
 import sys, time
 def no_retry(seconds):
@@ -36,8 +37,8 @@ print("OFFLINE AFTER", constants.HF_HUB_OFFLINE)
 
 def _child(spec: str, cache: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_ENDPOINT": NO_HUB, "HF_HUB_CACHE": str(cache), "HF_HOME": str(cache.parent / "home")}
-    env.pop("HF_HUB_OFFLINE", None)
-    env.pop("TRANSFORMERS_OFFLINE", None)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", *PROXIES, *(p.upper() for p in PROXIES)):
+        env.pop(name, None)
     return subprocess.run([sys.executable, "-c", CHILD, spec], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=120)
 
@@ -80,7 +81,13 @@ def test_local_folders_never_probe_the_hub(tmp_path: Path, monkeypatch: pytest.M
         pass
 
 
-def test_the_probe_reports_a_closed_port() -> None:
+def test_the_probe_reports_a_closed_port_and_trusts_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (*PROXIES, *(p.upper() for p in PROXIES)):
+        monkeypatch.delenv(name, raising=False)
     hub.reachable.cache_clear()
     assert hub.reachable(NO_HUB) is False
     assert hub.reachable("not a url") is False
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # the libraries go through it: no direct probe
+    hub.reachable.cache_clear()
+    assert hub.reachable(NO_HUB) is True
+    hub.reachable.cache_clear()

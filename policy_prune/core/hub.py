@@ -11,6 +11,7 @@ respected as it is (no probe).
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -27,10 +28,17 @@ PROBE_TIMEOUT_S = 3.0
 
 @cache
 def reachable(endpoint: str) -> bool:
-    """Whether a TCP connection to ``endpoint``'s host opens within PROBE_TIMEOUT_S (asked once per process)."""
+    """Whether a TCP connection to ``endpoint``'s host opens within PROBE_TIMEOUT_S (asked once per process).
+
+    Behind a proxy (HTTPS_PROXY, HTTP_PROXY or ALL_PROXY set) the libraries go through it and a direct
+    connection tells nothing: the Hub is taken as reachable.
+    """
     url = urlparse(endpoint)
     if not url.hostname:
         return False
+    proxies = ("https_proxy", "http_proxy", "all_proxy")
+    if any(os.environ.get(name) or os.environ.get(name.upper()) for name in proxies):
+        return True
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         with socket.create_connection((url.hostname, port), timeout=PROBE_TIMEOUT_S):
