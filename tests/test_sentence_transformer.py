@@ -65,7 +65,8 @@ def test_the_original_model_is_untouched(st_model) -> None:
     fast = prune(st_model, _scorer(st_model), keep_ratio=0.3)
     fast.encode(texts)
     assert st_model[0] is first and list(st_model) == modules and type(first).__name__ == "Transformer"
-    assert isinstance(fast[0], PrunedTransformer) and fast[0].inner is first and fast[1] is st_model[1]
+    assert isinstance(fast[0], PrunedTransformer) and fast[0].inner.auto_model is first.auto_model and fast[1] is st_model[1]
+    assert fast[0].inner is not first and fast[0].inner.tokenizer is not first.tokenizer  # the copy's own settings
     assert torch.equal(st_model.encode(texts, convert_to_tensor=True), before)
 
 
@@ -82,7 +83,27 @@ def test_threshold_rule_and_what_is_refused(st_model, tmp_path) -> None:
     texts = tiny.sentences(4, seed=4)
     fast = prune(st_model, _scorer(st_model), threshold=0.0)
     assert fast.encode(texts).shape == (4, 32)
-    assert fast.tokenizer is st_model.tokenizer and fast.max_seq_length == st_model.max_seq_length
+    assert fast.tokenizer.get_vocab() == st_model.tokenizer.get_vocab() and fast.max_seq_length == st_model.max_seq_length
     np.testing.assert_allclose(copy.deepcopy(fast).encode(texts), fast.encode(texts), rtol=1e-6, atol=1e-6)
     with pytest.raises(UserError, match="save the original model"):
         fast.save(str(tmp_path / "out"))
+
+
+def test_max_seq_length_is_the_pruned_models_own(st_model) -> None:
+    """Set on the pruned model it truncates what that model encodes (it was stored beside the tokenizer and
+    changed nothing); set on the user's model it changes only that one (the tokenizer was shared)."""
+    text = " ".join(tiny.sentences(6, seed=4))
+    original = st_model.max_seq_length
+    fast = prune(st_model, _scorer(st_model), keep_ratio=0.5)
+    full = len(fast.encode([text], output_value=None)[0]["input_ids"])
+    assert full > 10
+    fast.max_seq_length = 10
+    assert fast.max_seq_length == 10 and st_model.max_seq_length == original
+    assert len(fast.encode([text], output_value=None)[0]["input_ids"]) == 10
+    assert len(st_model.encode([text], output_value=None)[0]["input_ids"]) == full
+    try:
+        st_model.max_seq_length = 12
+        assert fast.max_seq_length == 10
+        assert fast[0].inner.auto_model is st_model[0].auto_model  # the weights stay shared
+    finally:
+        st_model.max_seq_length = original

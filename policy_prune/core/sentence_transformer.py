@@ -3,8 +3,8 @@
 
 Imported only when a SentenceTransformer is passed to ``prune`` (extra ``policy-prune[st]``). The user's
 model is never modified: the result is a shallow copy whose input module (ST's ``Transformer``, which
-holds the HF encoder) is wrapped by :class:`PrunedTransformer`; the other modules (Pooling, Dense,
-Normalize, ...) are the user's own, shared.
+holds the HF encoder) is a copy with its own tokenizer, wrapped by :class:`PrunedTransformer`; the weights
+and the other modules (Pooling, Dense, Normalize, ...) are the user's own, shared.
 """
 
 from __future__ import annotations
@@ -53,6 +53,16 @@ class PrunedTransformer(nn.Module):
         raise UserError("a pruned SentenceTransformer is not saved: save the original model and the scorer, "
                         "then prune again after loading")
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A setting of ST's input module (max_seq_length, do_lower_case, ...) goes to the wrapped copy, which
+        # tokenizes: stored here it would shadow the module's own and change nothing.
+        inner = self.__dict__.get("_modules", {}).get("inner")
+        if inner is not None and name not in _MODULE_ATTRS and name not in self.__dict__ and hasattr(inner, name) \
+                and not isinstance(value, nn.Module):
+            setattr(inner, name, value)
+            return
+        super().__setattr__(name, value)
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
@@ -62,6 +72,22 @@ class PrunedTransformer(nn.Module):
             if inner is None or name.startswith("__"):
                 raise
             return getattr(inner, name)
+
+
+_MODULE_ATTRS = frozenset(vars(nn.Module())) | {"inner", "pruned"}
+"""Attributes a PrunedTransformer keeps for itself (nn.Module's own state and its two submodules)."""
+
+
+def own_input_module(inner: nn.Module) -> nn.Module:
+    """A shallow copy of ST's input module with its own tokenizer (or processor): the encoder's weights stay
+    shared, while settings such as ``max_seq_length`` (held by the tokenizer in sentence-transformers 5 and
+    newer, by the module before) are the pruned model's own and the user's model keeps its own."""
+    own = copy.copy(inner)
+    own.__dict__["_modules"] = OrderedDict(inner._modules)
+    for name in ("processor", "tokenizer"):
+        if name in inner.__dict__ and inner.__dict__[name] is not None:
+            own.__dict__[name] = copy.deepcopy(inner.__dict__[name])
+    return own
 
 
 def prune_sentence_transformer(model: Any, prune_encoder: Any) -> Any:
@@ -75,5 +101,5 @@ def prune_sentence_transformer(model: Any, prune_encoder: Any) -> Any:
     fast = copy.copy(model)
     # copy.copy shares the module dict itself: give the copy its own before replacing the input module.
     fast._modules = OrderedDict(model._modules)
-    fast._modules[first] = PrunedTransformer(inner, prune_encoder(encoder))
+    fast._modules[first] = PrunedTransformer(own_input_module(inner), prune_encoder(encoder))
     return fast
