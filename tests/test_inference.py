@@ -296,6 +296,12 @@ def test_an_empty_batch_gets_what_the_model_gives(name: str, rule: str, value: f
     assert kept.dtype == torch.bool and kept.shape == (0, pruned.run(tiny.inputs(name, batch=1))[1].n_full)
 
 
+def test_the_pruned_model_reports_the_wrapped_models_mode() -> None:
+    model, scorer = _scorer("timm-vit-cls")
+    assert model.training is False and prune(model, scorer, keep_ratio=0.5).training is False  # was True
+    assert prune(model.train(), scorer, keep_ratio=0.5).training is True
+
+
 def test_library_errors_are_value_and_type_errors() -> None:
     """What prune / load_scorer raise for a caller's mistake is a ValueError or TypeError (and a PolicyPruneError)."""
     from policy_prune.errors import PolicyPruneError

@@ -81,6 +81,7 @@ class PrunedModel(nn.Module):
 
     def __init__(self, backbone: TokenBackbone, scorer: LearnedScorer, rule: str, values: Sequence[float]) -> None:
         super().__init__()
+        self.training = bool(backbone.training)  # the wrapped model's mode, not a new module's default (train)
         self.backbone = backbone
         self.scorer_net: TokenScorer = scorer.net  # registered so .to() / .eval() reach the scorer too
         projection = scorer.projection if scorer.projection is not None else make_projection(backbone, scorer.spec)
