@@ -64,6 +64,24 @@ def test_spaces_and_protected_forced(vit, vit_split) -> None:
     assert obs["alive"].sum() == 5
 
 
+@pytest.mark.parametrize("action,match", [
+    (np.full(21, 0.3), "zeros and ones .*got the value 0.3"),  # a keep probability read as "keep" before
+    (np.full(21, np.nan), "got the value nan"),
+    (-np.ones(21), "got the value -1.0"),
+    (np.ones(30, dtype=np.int8), r"21 zeros and ones per row .*got shape \(30,\)"),  # was cut to 21
+    (np.ones(10, dtype=np.int8), r"got shape \(10,\)"),  # failed inside a gather
+])
+def test_an_action_outside_the_action_space_is_refused(vit, vit_split, action, match: str) -> None:
+    env = TokenPruneEnv(vit, vit_split, SITES)
+    env.reset(seed=0)
+    assert not env.action_space.contains(action)
+    with pytest.raises(UserError, match=match):
+        env.step(action)
+    _run_episode(env, [np.ones(21, dtype=bool)] * 2)  # the refused step left the episode as it was
+    with pytest.raises(UserError, match="no episode is running .*call reset"):  # the head would run again
+        env.step(np.ones(21, dtype=np.int8))
+
+
 def test_keep_all_gives_full_flops_and_agreement(vit, vit_split) -> None:
     env = TokenPruneEnv(vit, vit_split, SITES, lam=0.25, task="teacher_kl")
     env.reset(seed=0)

@@ -114,6 +114,7 @@ class PruneCore:
             # The observation grid spans the split's full (padded) width: every row's positions fit in it.
             self.n_tokens = backbone.embed(ops.to_device(split.select(torch.tensor([0])).inputs, device)).n_full
         self._teacher: torch.Tensor | None = None
+        self.over = True  # no episode yet: begin() starts one
         self._cached = torch.zeros(len(split), dtype=torch.bool)
         # The blocks before the first site do not depend on any action: each sample's state there is
         # computed once and reused by every later episode on it (and by every row of a group).
@@ -167,6 +168,7 @@ class PruneCore:
         self.spent = torch.zeros(b, dtype=torch.float64)
         self.n0 = state.alive_counts  # each row's own tokens: the context's alive fraction is relative to them
         self.t = 0
+        self.over = False  # set at the last site: an action after it would run the head again
         self.keep_ratios: list[torch.Tensor] = []
         self.state = state
         return self.observe(feats=feats)
@@ -201,10 +203,25 @@ class PruneCore:
             "context": context.cpu().numpy(),
         }
 
+    def check_actions(self, actions: Any) -> np.ndarray:
+        """``actions`` as keep masks [B, N] of the action space (MultiBinary(N) per row), else one UserError:
+        a keep probability or a NaN read as "keep" and a mask of the wrong length was cut or failed inside."""
+        if self.over:
+            raise UserError("no episode is running (one ends at the last pruning site): call reset() first")
+        masks = np.asarray(actions)
+        want = (len(self.idx), self.n_tokens)
+        if masks.shape != want:
+            raise UserError(f"an action is a keep mask of {self.n_tokens} zeros and ones per row (MultiBinary("
+                            f"{self.n_tokens})): got shape {masks.shape[1:] if len(want) == masks.ndim else masks.shape}")
+        if masks.dtype != bool and not np.isin(masks, (0, 1)).all():
+            bad = masks[~np.isin(masks, (0, 1))].ravel()[0]
+            raise UserError(f"an action is a keep mask of zeros and ones (MultiBinary({self.n_tokens})): got the value {bad}")
+        return masks
+
     @torch.inference_mode()
     def advance(self, actions: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, bool, list[dict[str, Any]]]:
         """Apply keep masks [B, N] at the current site and run to the next one (or to the head)."""
-        keep_grid = torch.as_tensor(np.asarray(actions), device=self.device).reshape(len(self.idx), -1).bool()
+        keep_grid = torch.as_tensor(self.check_actions(actions), device=self.device).bool()
         before = self.state.alive_counts
         keep_slots = ops.gather_rows(keep_grid, self.state.positions) & self.state.valid
         self.state = self.state.prune(keep_slots)
@@ -223,6 +240,7 @@ class PruneCore:
         rewards = -self.lam_rows * cost
         infos: list[dict[str, Any]] = [{} for _ in range(len(self.idx))]
         if last:
+            self.over = True
             rewards = rewards + self._finish(infos)
             obs = self.observe(final=True)
         else:
