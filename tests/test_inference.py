@@ -296,6 +296,18 @@ def test_an_empty_batch_gets_what_the_model_gives(name: str, rule: str, value: f
     assert kept.dtype == torch.bool and kept.shape == (0, pruned.run(tiny.inputs(name, batch=1))[1].n_full)
 
 
+def test_torch_export_keeps_the_batch_dynamic() -> None:
+    """The empty-batch check never branches on a traced batch size (it would pin the batch to the example's),
+    and tracing leaves no fake tensor in a cache that a later eager call reads (it returned a FakeTensor)."""
+    model, scorer = _scorer("timm-vit-cls")
+    fast = prune(model, scorer, keep_ratio=0.5)
+    program = torch.export.export(fast, (torch.randn(3, 3, 32, 32),), dynamic_shapes=(({0: torch.export.Dim("batch")},),))
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        got, want = program.module()(x), fast(x)
+    assert type(want) is torch.Tensor and got.shape == (5, 5) and float((got - want).abs().max()) < 1e-5
+
+
 def test_the_pruned_model_reports_the_wrapped_models_mode() -> None:
     model, scorer = _scorer("timm-vit-cls")
     assert model.training is False and prune(model, scorer, keep_ratio=0.5).training is False  # was True

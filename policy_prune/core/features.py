@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from policy_prune.core import ops
-from policy_prune.core.backbones.base import TokenBackbone, TokenState, cls_row_attention
+from policy_prune.core.backbones.base import TokenBackbone, TokenState, cls_row_attention, tracing
 
 FEATURE_VERSION = 5
 """5: the context's alive fraction is relative to the row's own tokens, not the padded width (issue #23)."""
@@ -155,16 +155,21 @@ def _pooled(canvas: torch.Tensor, grid: tuple[int, int] | None, b: int, cells: i
 def position_table(backbone: TokenBackbone, n_full: int, device: torch.device) -> torch.Tensor:
     """[n_full, 2] (pos_y, pos_x) of every embedded token position, by :func:`token_positions`.
 
-    Cached per (n_full, device) on the backbone, so a site reads its slots' positions with one gather.
+    Cached per (n_full, device) on the backbone, so a site reads its slots' positions with one gather. Never
+    stored while tracing: ``torch.export`` traces with fake tensors, and a later eager call read the fake table
+    (it returned a FakeTensor).
     """
     tables: dict[Any, torch.Tensor] = backbone.__dict__.setdefault("_position_tables", {})
     key = (n_full, str(device))
-    if key not in tables:
+    table = tables.get(key)
+    if table is None:
         pos = torch.arange(n_full, device=device).unsqueeze(0)
         one = TokenState(pos.unsqueeze(-1).float(), pos < 0, pos >= 0, pos, n_full)
         with torch.inference_mode(False), torch.no_grad():
-            tables[key] = torch.stack(token_positions(backbone, one), dim=-1)[0]
-    return tables[key]
+            table = torch.stack(token_positions(backbone, one), dim=-1)[0]
+        if not tracing():
+            tables[key] = table
+    return table
 
 
 def token_yx(backbone: TokenBackbone, state: TokenState, layout: tuple[int, tuple[int, int] | None]) -> torch.Tensor:

@@ -24,6 +24,7 @@ from torch import nn
 from policy_prune.core import ops
 from policy_prune.core.artifact import RULES, check_signature, load_scorer, normalize_rule
 from policy_prune.core.backbones import HFEncoderBackbone, KeepFn, TokenBackbone, TokenState, adapt
+from policy_prune.core.backbones.base import tracing
 from policy_prune.core.backbones.hf import POOLINGS, TEXT_PROTECTED
 from policy_prune.core.features import make_projection, token_layout
 from policy_prune.core.schedule import TokenCounts, keep_ratios_for, keep_schedule, lowest_flops_ratio
@@ -243,11 +244,13 @@ class PrunedModel(nn.Module):
         """The wrapped model's output on pruned tokens; with ``return_kept``, ``(output, kept [B, N] bool)``."""
         return_dict = kwargs.pop("return_dict", None)
         inputs = self._inputs(args, kwargs)
-        if _rows(inputs) == 0:  # nothing to prune: the wrapped model's own answer (or its own error)
+        if _empty(inputs):  # nothing to prune: the wrapped model's own answer (or its own error)
             if return_dict is not None:
                 kwargs["return_dict"] = return_dict
+            kwargs.pop("special_tokens_mask", None)  # ours, not the model's
             out = self.backbone.model(*args, **kwargs)
-            return (out, torch.zeros(0, self._n_full(inputs), dtype=torch.bool)) if return_kept else out
+            device = (inputs["input_ids"] if isinstance(inputs, Mapping) else inputs).device
+            return (out, torch.zeros(0, self._n_full(inputs), dtype=torch.bool, device=device)) if return_kept else out
         out, state, _ = self.run(inputs)
         result = self._format(out, state)
         if return_dict is False and hasattr(result, "to_tuple"):
@@ -296,10 +299,11 @@ class PrunedModel(nn.Module):
                                    kept_mask=kept_mask(state))
 
 
-def _rows(inputs: Any) -> int:
-    """Batch size of adapter-style ``inputs`` (images, or a mapping with input_ids)."""
+def _empty(inputs: Any) -> bool:
+    """Whether adapter-style ``inputs`` (images, or a mapping with input_ids) hold no row. Never while tracing:
+    a traced batch size is a symbol (``torch.export`` with a dynamic batch), not a number to branch on."""
     first = inputs["input_ids"] if isinstance(inputs, Mapping) else inputs
-    return int(first.shape[0]) if isinstance(first, torch.Tensor) else -1
+    return isinstance(first, torch.Tensor) and not tracing() and first.shape[0] == 0
 
 
 def kept_mask(state: TokenState) -> torch.Tensor:
