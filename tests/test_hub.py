@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from policy_prune.core import hub
+from policy_prune.errors import UserError
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +80,9 @@ def test_local_folders_never_probe_the_hub(tmp_path: Path, monkeypatch: pytest.M
     assert backbone.depth == 4
     with hub.fetching(str(tmp_path / "model"), "model"):
         pass
+    for typo in (str(tmp_path / "modle"), "./models/my-bert", "~/no-such-folder"):  # a path, not a hub id
+        with pytest.raises(UserError, match="model folder not found: "):
+            load_backbone(f"hf:{typo}")
 
 
 def test_the_probe_reports_a_closed_port_and_trusts_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,8 +3,8 @@
 huggingface_hub retries a request that cannot connect five times with backoff (about 25 s for one file)
 before it looks in its local cache, and a model's config, weights and tokenizer are several such
 requests: a hub id that is not cached took 25-55 s to fail on a machine without a network, and one that
-is cached as long to load. :func:`hub_access` probes the Hub once per process (a TCP connection, a few
-seconds at most); when it cannot be reached, the load inside runs in the libraries' own offline mode, so
+is cached as long to load. :func:`hub_access` probes the Hub once per process (a TCP connection that waits
+at most PROBE_TIMEOUT_S once the system has looked the name up); when it cannot be reached, the load inside runs in the libraries' own offline mode, so
 what is cached loads at once and what is not fails at once, in one line. ``HF_HUB_OFFLINE=1`` is
 respected as it is (no probe).
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import cache
@@ -22,6 +23,7 @@ from urllib.parse import urlparse
 
 from policy_prune.errors import UserError
 
+_SWITCHING = threading.RLock()
 PROBE_TIMEOUT_S = 3.0
 """Seconds the probe waits for a TCP connection to the Hub's host."""
 
@@ -68,17 +70,10 @@ def _offline_switches() -> list[tuple[Any, str]]:
 
 
 @contextmanager
-def hub_access(what: str) -> Iterator[None]:
-    """Around a load that may fetch ``what`` (e.g. "model 'org/name'") from the Hub.
-
-    With the Hub reachable, or offline mode already asked for, the load runs as it is. Otherwise it runs in
-    offline mode (the flags are restored after), and a miss in the cache raises one UserError.
-    """
+def _offline(what: str) -> Iterator[None]:
+    """The libraries' offline flags set for the block (restored after); a miss in the cache is one UserError."""
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE or reachable(constants.ENDPOINT):
-        yield
-        return
     switches = _offline_switches()
     saved = [getattr(module, name) for module, name in switches]
     for module, name in switches:
@@ -96,6 +91,29 @@ def hub_access(what: str) -> Iterator[None]:
             setattr(module, name, value)
 
 
+@contextmanager
+def hub_access(what: str) -> Iterator[None]:
+    """Around a load that may fetch ``what`` (e.g. "model 'org/name'") from the Hub.
+
+    With the Hub reachable, or offline mode already asked for, the load runs as it is. Otherwise it runs in
+    offline mode (the flags are restored after), and a miss in the cache raises one UserError.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or reachable(constants.ENDPOINT):
+        yield
+        return
+    with _SWITCHING, _offline(what):  # process-wide flags: one offline load at a time, each restoring what it found
+        yield
+
+
 def fetching(name_or_path: str, kind: str) -> AbstractContextManager[None]:
-    """:func:`hub_access` for a hub id, nothing for a local path. ``kind``: "model", "tokenizer", "dataset", ..."""
-    return nullcontext() if is_local(name_or_path) else hub_access(f"{kind} {name_or_path!r}")
+    """:func:`hub_access` for a hub id, nothing for a local path. ``kind``: "model", "tokenizer", "dataset", ...
+
+    A name written as a path ("/...", "./...", "../...", "~...") that does not exist is a folder not found,
+    not a hub id to look for (in the cache or on the Hub)."""
+    if is_local(name_or_path):
+        return nullcontext()
+    if name_or_path.startswith(("/", "./", "../", "~", ".\\", "..\\")):
+        raise UserError(f"{kind} folder not found: {name_or_path}")
+    return hub_access(f"{kind} {name_or_path!r}")
