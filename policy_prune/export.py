@@ -78,10 +78,10 @@ def run(args: argparse.Namespace) -> int:
     scorer = read_run_scorer(run_dir, config, args.checkpoint)
     if args.onnx_model:  # the model, data and output folder are checked before calibrating or writing anything
         from policy_prune.config import EnvConfig, from_dict
-        from policy_prune.model_export import export_run_model, prepare_run_model
+        from policy_prune.model_export import check_run_model, export_run_model, prepare_run_model
 
         env = from_dict(EnvConfig, _lookup(config, ("env",)) or {}, "env")
-        prepared = prepare_run_model(env, scorer, args)
+        prepared = prepare_run_model(env, args)
     own_rule: dict[str, Any] | None
     if args.calibrate:
         scorer, own_rule = calibrate_run_scorer(run_dir, scorer, run_signature(run_dir, config, scorer), log=print)
@@ -91,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         {"rule": "threshold", "values": args.threshold} if args.threshold else \
         own_rule or {"rule": "threshold", "values": [0.0]}
     out = args.out or run_dir / "scorer"
+    if args.onnx_model:
+        check_run_model(prepared, scorer, run_signature(run_dir, config, scorer), args)
     files = export_scorer(scorer, out, run_signature(run_dir, config, scorer),
                           lam=_lookup(config, ("env", "reward", "lam"), ("reward", "lam"), ("lam",)),
                           metrics=validation_metrics(run_dir), default_rule=rule, onnx=args.onnx, log=print)

@@ -244,21 +244,30 @@ class RunModel:
     out: Path
 
 
-def prepare_run_model(env: Any, scorer: Any, args: Any) -> RunModel:
+def prepare_run_model(env: Any, args: Any) -> RunModel:
     """Load ``--model`` (default the run's backbone) and ``--check-split``, make the example inputs and check
-    the output folder and that ``scorer`` prunes that model at the asked schedule: every mistake is refused
-    here, before ``export`` rewrites the run's scorer folder."""
-    from policy_prune.core.inference import prune
+    the output folder: these mistakes are refused before ``export`` calibrates or writes anything (then
+    :func:`check_run_model`, before the scorer folder is rewritten)."""
     from policy_prune.embedded import model_inputs
 
     backbone, tokenizer = _run_backbone(env, args.model, args.seed)
     out = Path(args.model_out or Path(args.run_dir) / "onnx")
     _check_model_out(out)
-    _pruned(prune, backbone, scorer, args)  # a scorer of another model or a budget it cannot meet fails now
     split = _labelled_split(env, backbone, tokenizer, args.check_split) if args.check_split else None
     length = (args.length or env.data.max_length) if tokenizer is not None else None
     example = model_inputs(backbone.model, tokenizer, args.seed, length)(args.batch)
     return RunModel(backbone, split, length, example, out)
+
+
+def check_run_model(prepared: RunModel, scorer: Any, signature: Mapping[str, Any], args: Any) -> None:
+    """Whether ``scorer`` (as it will be written, with the run's backbone ``signature``) prunes the prepared
+    model at the asked schedule: a scorer of another model, or a budget it cannot meet, is refused here,
+    before the run's scorer folder is rewritten (``load_scorer`` of the written artifact checks the same)."""
+    import dataclasses
+
+    from policy_prune.core.inference import prune
+
+    _pruned(prune, prepared.backbone, dataclasses.replace(scorer, meta={**scorer.meta, "backbone": dict(signature)}), args)
 
 
 def _pruned(prune: Any, backbone: Any, scorer: Any, args: Any) -> Any:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from policy_prune import export, prune
+from policy_prune.core.artifact import ScorerMismatchError
 from policy_prune.core.backbones import adapt
 from policy_prune.core.scorer import random_scorer
 from policy_prune.errors import UserError
@@ -161,6 +162,10 @@ def test_export_verb_writes_the_whole_model(tmp_path, monkeypatch) -> None:
     with pytest.raises(UserError, match="unknown backbone 'no-such-model'"):
         _export_verb([str(run), "--onnx-model", "--keep-ratio", "0.5", "--model-out", str(tmp_path / "o"),
                       "--model", "no-such-model"])
+    tiny.make("hf-bert", seed=1).save_pretrained(tmp_path / "other-bert")  # same architecture, other weights
+    with pytest.raises(ScorerMismatchError):
+        _export_verb([str(run), "--onnx-model", "--keep-ratio", "0.5", "--model-out", str(tmp_path / "o"),
+                      "--model", str(tmp_path / "other-bert")])
     # Every refusal came before the run's scorer folder was written (the default rule differs from these calls').
     assert {p.name: p.read_bytes() for p in (run / "scorer").iterdir()} == scorer_files
 
