@@ -10,6 +10,7 @@ and the other modules (Pooling, Dense, Normalize, ...) are the user's own, share
 from __future__ import annotations
 
 import copy
+import warnings
 from collections import OrderedDict
 from typing import Any
 
@@ -58,7 +59,7 @@ class PrunedTransformer(nn.Module):
         # tokenizes: stored here it would shadow the module's own and change nothing.
         inner = self.__dict__.get("_modules", {}).get("inner")
         if inner is not None and name not in _MODULE_ATTRS and name not in self.__dict__ and hasattr(inner, name) \
-                and not isinstance(value, nn.Module):
+                and not hasattr(type(self), name) and not isinstance(value, nn.Module):
             setattr(inner, name, value)
             return
         super().__setattr__(name, value)
@@ -86,7 +87,11 @@ def own_input_module(inner: nn.Module) -> nn.Module:
     own.__dict__["_modules"] = OrderedDict(inner._modules)
     for name in ("processor", "tokenizer"):
         if name in inner.__dict__ and inner.__dict__[name] is not None:
-            own.__dict__[name] = copy.deepcopy(inner.__dict__[name])
+            try:
+                own.__dict__[name] = copy.deepcopy(inner.__dict__[name])
+            except Exception as exc:  # a tokenizer that cannot be copied: shared, as before, and said so
+                warnings.warn(f"the pruned model shares the {name} of yours ({type(exc).__name__} copying it): "
+                              "a setting such as max_seq_length made on one applies to both", stacklevel=3)
     return own
 
 

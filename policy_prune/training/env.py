@@ -212,7 +212,7 @@ class PruneCore:
         want = (len(self.idx), self.n_tokens)
         if masks.shape != want:
             raise UserError(f"an action is a keep mask of {self.n_tokens} zeros and ones per row (MultiBinary("
-                            f"{self.n_tokens})): got shape {masks.shape[1:] if len(want) == masks.ndim else masks.shape}")
+                            f"{self.n_tokens})): got shape {masks.shape[1:] if masks.shape[:1] == (1,) == want[:1] else masks.shape}")
         if masks.dtype != bool and not np.isin(masks, (0, 1)).all():
             bad = masks[~np.isin(masks, (0, 1))].ravel()[0]
             raise UserError(f"an action is a keep mask of zeros and ones (MultiBinary({self.n_tokens})): got the value {bad}")
