@@ -536,6 +536,8 @@ def test_named_groups_of_runs_are_compared_paired(tmp_path, fake_env) -> None:
     same = pairs[("learned", "learned[same]")]["difference"]  # the same scorers: identical rows
     assert same["mean"] == 0.0 and same["lo"] == 0.0 and same["hi"] == 0.0
     assert pairs[("learned", "learned[same]")]["n_runs"] == [2, 2] and pairs[("learned", "learned[third]")]["n_runs"] == [2, 1]
+    flops = {r["run"]: r["flops"]["total"] for r in payload["results"] if r["method"] == "learned[third]" and r["target"] == 0.6}
+    assert pairs[("learned", "learned[third]")]["other_flops"] == pytest.approx(sum(flops.values()) / len(flops))
     assert "Between groups of runs" in (out / "table.md").read_text()
     with pytest.raises(UserError, match="run group name"):
         _cli([f"bad name={a[0]}", "--repeats", "0"])

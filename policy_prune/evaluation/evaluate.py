@@ -7,12 +7,12 @@ The protocol (issue #15):
    most the target and as close as the method's steps allow (:mod:`policy_prune.evaluation.solve`).
    The points are then scored on ``--split`` (test for reporting; val while developing).
 2. Several runs (seeds) of one env are evaluated together: a row per seed, their mean and a 95%
-   interval from a two-level bootstrap over the **units the split was drawn by** (``Split.unit_ids``:
-   digits-cluttered's source digits; python-docs' modules and help topics, never rows or passages) and
-   over the seeds (:mod:`policy_prune.evaluation.stats`).
+   interval over the **units the split was drawn by** (``Split.unit_ids``: digits-cluttered's source
+   digits; python-docs' modules and help topics, never rows or passages) and over the seeds
+   (:mod:`policy_prune.evaluation.stats`: a bootstrap over the units, with the seeds' variance added).
 3. At each target the **best baseline** is the one with the highest primary metric (accuracy, else
    cosine) on val at that target, so the choice does not look at the reported split. "learned minus
-   best baseline" is a paired bootstrap over the same units and the seeds; the tables and the plot say
+   best baseline" is paired over the same units, with the seeds' variance; the tables and the plot say
    "better" only where its interval lies above 0 (each seed's own verdict is listed beside it).
    The headline learned row is ``learned-deployed``: exactly ``prune(model, scorer, flops=f)``, its
    default rule, values and batching (:class:`~policy_prune.evaluation.baselines.DeployedMethod`).
@@ -266,7 +266,7 @@ def evaluate(backbone: TokenBackbone, splits: dict[str, Any], methods: Sequence[
         "compared": compared, "n_boot": n_boot, "results": rows, "notes": notes,
         "summary": summaries(scored, data, primary, n_boot, seed),
         "comparisons": comparisons(scored, [r["flops"]["total"] for r in rows], best, data, n_boot, seed),
-        "group_comparisons": group_comparisons(scored, compared, data, n_boot, seed),
+        "group_comparisons": group_comparisons(scored, [r["flops"]["total"] for r in rows], compared, data, n_boot, seed),
     }
 
 
@@ -288,7 +288,7 @@ def best_baselines(backbone: TokenBackbone, scored: Sequence[Scored], val: EvalD
 
 def intervals(values: dict[str, torch.Tensor], data: EvalData, n_boot: int, seed: int) -> dict[str, dict[str, float]]:
     """Metric -> its mean and 95% interval (values [M] / [Q], or [S, M] / [S, Q] for S seeds), each
-    resampling the source items of its rows (passages) or of its queries (retrieval)."""
+    over the units of its rows (passages) or of its queries (retrieval)."""
     return {k: bootstrap_mean(v, data.groups_of(k), n_boot, seed).to_json() for k, v in values.items()}
 
 
@@ -339,7 +339,7 @@ def summaries(scored: Sequence[Scored], data: EvalData, primary: str, n_boot: in
 def comparisons(scored: Sequence[Scored], spent: Sequence[float], best: dict[str, dict[float, str]], data: EvalData,
                 n_boot: int, seed: int) -> list[dict[str, Any]]:
     """Per compared metric, target and learned method: learned (seeds averaged) minus the best baseline
-    on that metric, a paired bootstrap over the metric's source items (passages', or queries').
+    on that metric, paired over the metric's units (passages', or queries'), with the seeds' variance.
 
     ``spent``: each scored point's total FLOPs ratio on the scored split. A verdict in favour of the side
     that spent more than :data:`MATCH` above the other is "unequal FLOPs" (overall and per seed).
@@ -375,11 +375,14 @@ def fair(verdict: str, mine: float, theirs: float) -> str:
     return verdict
 
 
-def group_comparisons(scored: Sequence[Scored], metrics: Sequence[str], data: EvalData, n_boot: int,
-                      seed: int) -> list[dict[str, Any]]:
+def group_comparisons(scored: Sequence[Scored], spent: Sequence[float], metrics: Sequence[str], data: EvalData,
+                      n_boot: int, seed: int) -> list[dict[str, Any]]:
     """With named groups of runs (``NAME=RUN_DIR``): per metric and target, each kind of learned method
     ("learned", "learned-topk") of the first group minus the same kind of every other group, each group's
-    seeds averaged row by row, a paired bootstrap over the metric's source items."""
+    seeds averaged row by row, paired over the metric's units (with both groups' seed variances).
+    ``spent`` as for :func:`comparisons`: a verdict for the group that spent more than :data:`MATCH` above
+    the other is "unequal FLOPs"."""
+    total = {id(s): f for s, f in zip(scored, spent, strict=True)}
     by: dict[tuple[str, float], dict[str, list[Scored]]] = {}
     for s in scored:
         if s.method.run is not None and s.point.target is not None:
@@ -393,9 +396,10 @@ def group_comparisons(scored: Sequence[Scored], metrics: Sequence[str], data: Ev
                 diff = bootstrap_difference(torch.stack([s.values[metric] for s in groups[names[0]]]),
                                             torch.stack([s.values[metric] for s in groups[other]]),
                                             data.groups_of(metric), n_boot, seed)
+                mine, theirs = (sum(total[id(s)] for s in groups[n]) / len(groups[n]) for n in (names[0], other))
                 out.append({"metric": metric, "target": target, "method": names[0], "other": other,
                             "n_runs": [len(groups[names[0]]), len(groups[other])], "difference": diff.to_json(),
-                            "verdict": diff.verdict})
+                            "verdict": fair(diff.verdict, mine, theirs), "flops": mine, "other_flops": theirs})
     return out
 
 

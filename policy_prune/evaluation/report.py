@@ -192,11 +192,11 @@ def comparison_table(results: dict[str, Any], metric: str | None = None) -> tupl
 
 def group_table(results: dict[str, Any], metric: str | None = None) -> tuple[list[str], list[list[str]]]:
     """Named groups of runs (``NAME=RUN_DIR``): per target, the first group's learned method minus the same
-    kind of method of each other group, paired over source items."""
+    kind of method of each other group, paired over units."""
     metric = metric or results["primary"]
-    header = ["target", "method", "minus", f"delta {metric}", "95% CI (paired)", "verdict"]
+    header = ["target", "method", "minus", f"delta {metric}", "95% CI (paired)", "verdict", "FLOPs: method / minus"]
     body = [[f"{c['target']:.2f}", c["method"], c["other"], f"{c['difference']['mean']:+.3f}", _ci(c["difference"]),
-             c["verdict"]]
+             c["verdict"], f"{c['flops']:.3f} / {c['other_flops']:.3f}"]
             for c in results.get("group_comparisons", []) if c["metric"] == metric]
     return header, body
 
@@ -215,7 +215,7 @@ def describe(results: dict[str, Any]) -> str:
     runs = ", ".join(results["runs"]) or "none (baselines only)"
     return (
         f"{results.get('env', '')}: {results['split']} split, {results['n_samples']} samples from {results['n_groups']} "
-        f"source groups; learned runs: {runs}; eval batch {results['batch_size']}"
+        f"units (what the split was drawn by); learned runs: {runs}; eval batch {results['batch_size']}"
         f"{' (text rows batched in order of length)' if results.get('length_sorted') else ''}.\n\n"
         f"{_describe_retrieval(results)}"
         "FLOPs are ratios to the unpruned model on each row's own tokens. total = executed + selection: executed is "
@@ -223,8 +223,9 @@ def describe(results: dict[str, Any]) -> str:
         "selection what choosing the tokens costs (scorer features and MLP, CLS query, similarities, ToMe keys and "
         "matching); block counts each row's blocks on its own tokens. Every operating point is solved on the val split "
         f"for total <= target (* : the scored total is more than {MATCH} from the target). "
-        f"Intervals are 95% percentile bootstraps over source groups ({results['n_boot']} replicates), two-level "
-        "where a method has several seeds: each replicate draws the groups and, with replacement, the seeds. "
+        f"Intervals are 95%: a percentile bootstrap over the units ({results['n_boot']} replicates) for one seed; where "
+        "a method has several seeds, mean +- t x sqrt(unit variance + seed variance) at Welch-Satterthwaite degrees of "
+        "freedom (the seeds' variance added, so that a verdict holds across seeds, not for these seeds taken as fixed). "
         "The best baseline at a target is the one with the highest val score there; \"better\" only "
         "where the paired interval of learned minus that baseline lies above 0 (across seeds), and \"unequal FLOPs\" "
         f"in place of a verdict that favours the side whose scored total is more than {MATCH} above the other's; the verdict per "
@@ -238,11 +239,11 @@ def _describe_retrieval(results: dict[str, Any]) -> str:
     if "n_queries" not in results:
         return ""
     return (
-        f"Retrieval: {results['n_queries']} queries from {results['n_query_groups']} source items search the "
+        f"Retrieval: {results['n_queries']} queries from {results['n_query_groups']} units search the "
         f"{results['n_samples']} passages; every method encodes both the queries and the passages at the same point "
         "(a user swaps the encoder for both), binary relevance (the passages of the query's item), recall@10 and "
         "nDCG@10 per query. \"Unpruned queries\": the same pruned index searched with the unpruned model's query "
-        "embeddings. Retrieval intervals resample the queries' source items. Queries are inside the budget: "
+        "embeddings. Retrieval intervals are over the queries' units. Queries are inside the budget: "
         "every point is solved on val for one total over the passages and the queries, and the FLOPs columns are "
         "that total (each part: `flops_passages`, `flops_queries` in pareto.json). Neighbour recall@10: share of a passage's 10 nearest "
         "passages (unpruned) that its pruned embedding finds among the unpruned ones.\n\n"
