@@ -48,6 +48,8 @@ def test_several_relevant_passages() -> None:
     torch.testing.assert_close(got["ndcg@2"], torch.tensor([1 / ideal, (1 / math.log2(3)) / ideal]))
     perfect = retrieval_at_k(P[[0, 1]], P, relevance_pairs([[0], [1]]), k=10)
     assert perfect == {"recall@10": 1.0, "ndcg@10": 1.0}
+    twice = retrieval_at_k(P[[0, 1]], P, relevance_pairs([[0, 0], [1]]), k=10)  # a pair given twice is one passage
+    assert twice == {"recall@10": 1.0, "ndcg@10": 1.0}
     with pytest.raises(ValueError, match="no relevant"):
         retrieval_scores(Q, P, relevance_pairs([[0], []]), k=2)
 

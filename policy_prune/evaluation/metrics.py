@@ -67,6 +67,7 @@ def retrieval_scores(query_emb: torch.Tensor, passage_emb: torch.Tensor, relevan
     1 / log2(r + 1), over its ideal, the sum for ranks 1..min(|relevant|, k).
     """
     n_q, n_p = query_emb.shape[0], passage_emb.shape[0]
+    relevant = torch.unique(relevant, dim=0)  # a pair given twice is one relevant passage (it counted twice in the denominator)
     n_rel = torch.bincount(relevant[:, 0], minlength=n_q)
     if (n_rel == 0).any():
         raise ValueError(f"{int((n_rel == 0).sum())} queries have no relevant passage")
