@@ -432,7 +432,7 @@ def test_text_outputs_show_every_comparison(text_results, tmp_path) -> None:
     table = (tmp_path / "table.md").read_text()
     assert "## Learned minus the best baseline\n" in table and "| delta cosine |" in table
     assert "## Learned minus the best baseline: retrieval nDCG@10" in table and "| delta ret_recall@10 |" in table
-    assert "18 queries from 12 source items" in table and "## Retrieval at the same points" in table
+    assert "18 queries from 12 units" in table and "## Retrieval at the same points" in table
     assert "| retrieval nDCG@10 | 95% CI |" in table
     payload = json.loads((tmp_path / "pareto.json").read_text())
     assert {c["metric"] for c in payload["comparisons"]} == {"cosine", "ret_ndcg@10", "ret_recall@10"}

@@ -1,4 +1,4 @@
-"""Bootstrap intervals over source items: wider than a row bootstrap when rows repeat a source, paired."""
+"""Bootstrap intervals over source units (and seeds): wider than a row bootstrap when rows repeat a source, paired."""
 
 from __future__ import annotations
 
