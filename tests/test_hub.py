@@ -80,18 +80,21 @@ def test_local_folders_never_probe_the_hub(tmp_path: Path, monkeypatch: pytest.M
     assert backbone.depth == 4
     with hub.fetching(str(tmp_path / "model"), "model"):
         pass
+    monkeypatch.setenv("HOME", str(tmp_path))  # a folder in your home, written with "~": loaded, not looked up
+    assert load_backbone("hf:~/model").depth == 4 and load_backbone("~/model").depth == 4
     for typo in (str(tmp_path / "modle"), "./models/my-bert", "~/no-such-folder"):  # a path, not a hub id
         with pytest.raises(UserError, match="model folder not found: "):
             load_backbone(f"hf:{typo}")
 
 
-def test_the_probe_reports_a_closed_port_and_trusts_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_probe_reports_a_closed_port_trusts_a_proxy_and_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in (*PROXIES, *(p.upper() for p in PROXIES)):
         monkeypatch.delenv(name, raising=False)
-    hub.reachable.cache_clear()
+    hub.forget_probes()
     assert hub.reachable(NO_HUB) is False
     assert hub.reachable("not a url") is False
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # the libraries go through it: no direct probe
-    hub.reachable.cache_clear()
+    assert hub.reachable(NO_HUB) is False  # a failed probe is believed for a while
+    monkeypatch.setattr(hub, "RETRY_AFTER_S", 0.0)  # then probed again (a network may have come)
     assert hub.reachable(NO_HUB) is True
-    hub.reachable.cache_clear()
+    hub.forget_probes()

@@ -3,10 +3,10 @@
 huggingface_hub retries a request that cannot connect five times with backoff (about 25 s for one file)
 before it looks in its local cache, and a model's config, weights and tokenizer are several such
 requests: a hub id that is not cached took 25-55 s to fail on a machine without a network, and one that
-is cached as long to load. :func:`hub_access` probes the Hub once per process (a TCP connection that waits
-at most PROBE_TIMEOUT_S once the system has looked the name up); when it cannot be reached, the load inside runs in the libraries' own offline mode, so
-what is cached loads at once and what is not fails at once, in one line. ``HF_HUB_OFFLINE=1`` is
-respected as it is (no probe).
+is cached as long to load. :func:`hub_access` probes the Hub (a TCP connection that waits at most
+PROBE_TIMEOUT_S once the system has looked the name up; a yes is kept for the process, a no for RETRY_AFTER_S);
+when it cannot be reached, the load inside runs in the libraries' own offline mode, so what is cached loads at
+once and what is not fails at once, in one line. ``HF_HUB_OFFLINE=1`` is respected as it is (no probe).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from functools import cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -26,11 +26,29 @@ from policy_prune.errors import UserError
 _SWITCHING = threading.RLock()
 PROBE_TIMEOUT_S = 3.0
 """Seconds the probe waits for a TCP connection to the Hub's host."""
+RETRY_AFTER_S = 60.0
+"""Seconds a failed probe is believed before the Hub is probed again."""
+_PROBES: dict[str, tuple[bool, float]] = {}
 
 
-@cache
 def reachable(endpoint: str) -> bool:
-    """Whether a TCP connection to ``endpoint``'s host opens within PROBE_TIMEOUT_S (asked once per process).
+    """Whether the Hub at ``endpoint`` can be reached (:func:`_probe`): a yes is kept for the process, a no for
+    RETRY_AFTER_S (a notebook that gets a network later probes again)."""
+    hit = _PROBES.get(endpoint)
+    if hit is not None and (hit[0] or time.monotonic() - hit[1] < RETRY_AFTER_S):
+        return hit[0]
+    result = _probe(endpoint)
+    _PROBES[endpoint] = (result, time.monotonic())
+    return result
+
+
+def forget_probes() -> None:
+    """Drop every kept probe result (the next load probes again)."""
+    _PROBES.clear()
+
+
+def _probe(endpoint: str) -> bool:
+    """Whether a TCP connection to ``endpoint``'s host opens within PROBE_TIMEOUT_S.
 
     Behind a proxy (HTTPS_PROXY, HTTP_PROXY or ALL_PROXY set) the libraries go through it and a direct
     connection tells nothing: the Hub is taken as reachable.
@@ -47,6 +65,13 @@ def reachable(endpoint: str) -> bool:
             return True
     except OSError:
         return False
+
+
+def model_ref(spec: str) -> str:
+    """What the loaders take for a spec: without its "hf:" prefix, and a leading "~" expanded (transformers
+    reads "~/my-encoder" as a hub id, not as the folder in your home)."""
+    name = spec.removeprefix("hf:")
+    return str(Path(name).expanduser()) if name.startswith("~") else name
 
 
 def is_local(name_or_path: str | Path) -> bool:

@@ -74,8 +74,9 @@ def load_backbone(
         return adapt(spec)
     pooling = model_kwargs.pop("pooling", None)
     hf_kwargs = {} if pooling is None else {"pooling": pooling}
-    if spec.startswith("hf:") or (Path(spec).is_dir() and (Path(spec) / "config.json").exists()):
-        model = _load_hf(spec.removeprefix("hf:"))
+    ref = hub.model_ref(spec)
+    if spec.startswith("hf:") or (Path(ref).is_dir() and (Path(ref) / "config.json").exists()):
+        model = _load_hf(ref)
         return HFEncoderBackbone(model.eval().requires_grad_(False), name=spec.removeprefix("hf:"), **hf_kwargs)
     name = spec.removeprefix("timm:")
     import timm
