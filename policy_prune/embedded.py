@@ -83,8 +83,9 @@ def _tokenizer_for(backbone: TokenBackbone, spec: str) -> Any:
         return None
     from transformers import AutoTokenizer
 
-    with hub.fetching(hub.model_ref(spec), "tokenizer"):
-        return AutoTokenizer.from_pretrained(hub.model_ref(spec))
+    ref = hub.model_ref(spec)
+    with hub.fetching(ref, "tokenizer"):
+        return AutoTokenizer.from_pretrained(ref)
 
 
 def resolve_backbone(env_cfg: EnvConfig, console: Any = None, progress: Any = None) -> tuple[TokenBackbone, Any]:
@@ -110,8 +111,9 @@ def describe_backbone(cfg: BackboneConfig) -> tuple[str | None, int | None]:
     if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_file():
         raise UserError(f"backbone.checkpoint not found: {cfg.checkpoint}")
     try:
-        if cfg.spec.startswith("hf:") or (Path(hub.model_ref(cfg.spec)) / "config.json").is_file():
-            return _describe_hf(hub.model_ref(cfg.spec))
+        ref = hub.model_ref(cfg.spec)
+        if cfg.spec.startswith("hf:") or (Path(ref) / "config.json").is_file():
+            return _describe_hf(ref)
         return _describe_timm(cfg.spec.removeprefix("timm:"), cfg.model_kwargs)
     except (OSError, ValueError, TypeError) as exc:
         if isinstance(exc, UserError):

@@ -91,9 +91,10 @@ def run(args: argparse.Namespace) -> int:
         {"rule": "threshold", "values": args.threshold} if args.threshold else \
         own_rule or {"rule": "threshold", "values": [0.0]}
     out = args.out or run_dir / "scorer"
+    signature = run_signature(run_dir, config, scorer)
     if args.onnx_model:
-        check_run_model(prepared, scorer, run_signature(run_dir, config, scorer), args)
-    files = export_scorer(scorer, out, run_signature(run_dir, config, scorer),
+        check_run_model(prepared, scorer, signature, args)
+    files = export_scorer(scorer, out, signature,
                           lam=_lookup(config, ("env", "reward", "lam"), ("reward", "lam"), ("lam",)),
                           metrics=validation_metrics(run_dir), default_rule=rule, onnx=args.onnx, log=print)
     if args.onnx_model:

@@ -265,12 +265,13 @@ def check_run_model(prepared: RunModel, scorer: Any, signature: Mapping[str, Any
     before the run's scorer folder is rewritten (``load_scorer`` of the written artifact checks the same)."""
     import dataclasses
 
+    _pruned(prepared.backbone, dataclasses.replace(scorer, meta={**scorer.meta, "backbone": dict(signature)}), args)
+
+
+def _pruned(backbone: Any, scorer: Any, args: Any) -> Any:
+    """``prune`` at the command's schedule: ``--keep-ratio`` or ``--flops``."""
     from policy_prune.core.inference import prune
 
-    _pruned(prune, prepared.backbone, dataclasses.replace(scorer, meta={**scorer.meta, "backbone": dict(signature)}), args)
-
-
-def _pruned(prune: Any, backbone: Any, scorer: Any, args: Any) -> Any:
     return prune(backbone, scorer, keep_ratio=args.keep_ratio) if args.keep_ratio else \
         prune(backbone, scorer, rule="keep_ratio", flops=args.flops)
 
@@ -285,11 +286,10 @@ def export_run_model(env: Any, prepared: RunModel, scorer_dir: Path, args: Any, 
 
     from policy_prune.core.artifact import _swap_in, load_scorer
     from policy_prune.core.executed import executed_schedule
-    from policy_prune.core.inference import prune
 
     split, length, example, out = prepared.split, prepared.length, prepared.example, prepared.out
     # The artifact as written (what users load); the adapter itself carries the preset name it was trained on.
-    fast = _pruned(prune, prepared.backbone, load_scorer(scorer_dir), args)
+    fast = _pruned(prepared.backbone, load_scorer(scorer_dir), args)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:

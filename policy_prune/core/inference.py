@@ -249,8 +249,8 @@ class PrunedModel(nn.Module):
                 kwargs["return_dict"] = return_dict
             kwargs.pop("special_tokens_mask", None)  # ours, not the model's
             out = self.backbone.model(*args, **kwargs)
-            device = (inputs["input_ids"] if isinstance(inputs, Mapping) else inputs).device
-            return (out, torch.zeros(0, self._n_full(inputs), dtype=torch.bool, device=device)) if return_kept else out
+            kept = torch.zeros(0, self._n_full(inputs), dtype=torch.bool, device=_lead(inputs).device)
+            return (out, kept) if return_kept else out
         out, state, _ = self.run(inputs)
         result = self._format(out, state)
         if return_dict is False and hasattr(result, "to_tuple"):
@@ -260,7 +260,7 @@ class PrunedModel(nn.Module):
     def _n_full(self, inputs: Any) -> int:
         """Tokens of the embedded sequence for ``inputs``: the prefix and patch grid, or the padded length."""
         prefix, grid = token_layout(self.backbone)
-        return prefix + grid[0] * grid[1] if grid is not None else int(inputs["input_ids"].shape[1])
+        return prefix + grid[0] * grid[1] if grid is not None else int(_lead(inputs).shape[1])
 
     # ---- calling conventions ------------------------------------------------------------------------
     def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -299,10 +299,15 @@ class PrunedModel(nn.Module):
                                    kept_mask=kept_mask(state))
 
 
+def _lead(inputs: Any) -> Any:
+    """The batch-leading tensor of adapter-style ``inputs``: the images, or a mapping's input_ids."""
+    return inputs["input_ids"] if isinstance(inputs, Mapping) else inputs
+
+
 def _empty(inputs: Any) -> bool:
-    """Whether adapter-style ``inputs`` (images, or a mapping with input_ids) hold no row. Never while tracing:
-    a traced batch size is a symbol (``torch.export`` with a dynamic batch), not a number to branch on."""
-    first = inputs["input_ids"] if isinstance(inputs, Mapping) else inputs
+    """Whether adapter-style ``inputs`` hold no row. Never while tracing: a traced batch size is a symbol
+    (``torch.export`` with a dynamic batch), not a number to branch on."""
+    first = _lead(inputs)
     return isinstance(first, torch.Tensor) and not tracing() and first.shape[0] == 0
 
 

@@ -257,6 +257,7 @@ def evaluate(backbone: TokenBackbone, splits: dict[str, Any], methods: Sequence[
              for m in methods for t, why in m.unsolved.items()]
     retrieval = {} if data.queries is None else {
         "n_queries": len(data.queries), "n_query_groups": int(data.queries.groups.unique().numel())}
+    spent = [r["flops"]["total"] for r in rows]  # each scored point's total, as the comparisons weigh FLOPs
     return {
         "split": data.name, "n_samples": len(data), "n_groups": int(data.groups.unique().numel()), **retrieval,
         "runs": runs,
@@ -265,8 +266,8 @@ def evaluate(backbone: TokenBackbone, splits: dict[str, Any], methods: Sequence[
         "signature": backbone.signature(), "output_kind": backbone.output_kind, "primary": primary,
         "compared": compared, "n_boot": n_boot, "results": rows, "notes": notes,
         "summary": summaries(scored, data, primary, n_boot, seed),
-        "comparisons": comparisons(scored, [r["flops"]["total"] for r in rows], best, data, n_boot, seed),
-        "group_comparisons": group_comparisons(scored, [r["flops"]["total"] for r in rows], compared, data, n_boot, seed),
+        "comparisons": comparisons(scored, spent, best, data, n_boot, seed),
+        "group_comparisons": group_comparisons(scored, spent, compared, data, n_boot, seed),
     }
 
 
@@ -357,7 +358,7 @@ def comparisons(scored: Sequence[Scored], spent: Sequence[float], best: dict[str
                 groups = data.groups_of(metric)
                 diff = bootstrap_difference(torch.stack([s.values[metric] for s in items]), base.values[metric],
                                             groups, n_boot, seed)
-                mine = sum(total[id(s)] for s in items) / len(items)
+                mine = mean_spent(items, total)
                 per_seed = [fair(bootstrap_difference(s.values[metric], base.values[metric], groups, n_boot, seed).verdict,
                                  total[id(s)], total[id(base)]) for s in items]
                 out.append({"metric": metric, "target": target, "method": name, "baseline": baseline,
@@ -365,6 +366,11 @@ def comparisons(scored: Sequence[Scored], spent: Sequence[float], best: dict[str
                             "verdict": fair(diff.verdict, mine, total[id(base)]), "per_seed": per_seed,
                             "flops": mine, "baseline_flops": total[id(base)]})
     return out
+
+
+def mean_spent(items: Sequence[Scored], total: dict[int, float]) -> float:
+    """The mean scored total FLOPs of one method's seeds (``total``: by ``id`` of each scored point)."""
+    return sum(total[id(s)] for s in items) / len(items)
 
 
 def fair(verdict: str, mine: float, theirs: float) -> str:
@@ -396,7 +402,7 @@ def group_comparisons(scored: Sequence[Scored], spent: Sequence[float], metrics:
                 diff = bootstrap_difference(torch.stack([s.values[metric] for s in groups[names[0]]]),
                                             torch.stack([s.values[metric] for s in groups[other]]),
                                             data.groups_of(metric), n_boot, seed)
-                mine, theirs = (sum(total[id(s)] for s in groups[n]) / len(groups[n]) for n in (names[0], other))
+                mine, theirs = mean_spent(groups[names[0]], total), mean_spent(groups[other], total)
                 out.append({"metric": metric, "target": target, "method": names[0], "other": other,
                             "n_runs": [len(groups[names[0]]), len(groups[other])], "difference": diff.to_json(),
                             "verdict": fair(diff.verdict, mine, theirs), "flops": mine, "other_flops": theirs})

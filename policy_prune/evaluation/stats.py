@@ -79,21 +79,30 @@ def seed_term(values: torch.Tensor) -> tuple[float, int]:
     return float(v.mean(dim=1).var(unbiased=True)) / v.shape[0], v.shape[0] - 1
 
 
-def combined(mean: float, unit_reps: torch.Tensor, n_units: int, seeds: list[tuple[float, int]],
+def combined(mean: float, unit_reps: torch.Tensor, units: int, seeds: list[tuple[float, int]],
              level: float = LEVEL) -> Interval:
     """mean +- t x sqrt(unit variance + seed variances), t at the Welch-Satterthwaite degrees of freedom.
 
-    The unit part is the bootstrap replicates' variance, with ``n_units`` - 1 degrees of freedom; each seed
+    The unit part is the bootstrap replicates' variance, with ``units`` - 1 degrees of freedom; each seed
     part (variance, df) is one method's (:func:`seed_term`)."""
     from scipy.stats import t as student_t
 
-    parts = [(float(unit_reps.var(unbiased=True)), max(n_units - 1, 1))] + [(var, df) for var, df in seeds if df > 0]
+    parts = [(float(unit_reps.var(unbiased=True)), max(units - 1, 1))] + [(var, df) for var, df in seeds if df > 0]
     total = sum(var for var, _ in parts)
     if total <= 0.0:
         return Interval(mean, mean, mean)
     df = total**2 / sum(var**2 / df for var, df in parts if var > 0)
     half = float(student_t.ppf(0.5 + level / 2, df)) * total**0.5
     return Interval(mean, mean - half, mean + half)
+
+
+def seed_aware(mean: float, reps: torch.Tensor, groups: torch.Tensor, seeds: list[tuple[float, int]],
+               level: float = LEVEL) -> Interval:
+    """:func:`combined` where any of ``seeds`` (:func:`seed_term` of each side) has several seeds, else the
+    percentile interval of the unit bootstrap ``reps``."""
+    if any(df for _, df in seeds):
+        return combined(mean, reps, n_units(groups), seeds, level)
+    return interval(mean, reps, level)
 
 
 def interval(mean: float, reps: torch.Tensor, level: float = LEVEL) -> Interval:
@@ -112,8 +121,7 @@ def bootstrap_mean(values: torch.Tensor, groups: torch.Tensor, n_boot: int = 200
     are computed on the same resamples.
     """
     mean, reps = float(values.double().mean()), replicates(values, groups, n_boot, seed)
-    term = seed_term(values)
-    return combined(mean, reps, n_units(groups), [term], level) if term[1] else interval(mean, reps, level)
+    return seed_aware(mean, reps, groups, [seed_term(values)], level)
 
 
 def bootstrap_difference(a: torch.Tensor, b: torch.Tensor, groups: torch.Tensor, n_boot: int = 2000, seed: int = 0,
@@ -128,5 +136,4 @@ def bootstrap_difference(a: torch.Tensor, b: torch.Tensor, groups: torch.Tensor,
     a2, b2 = a.double().reshape(-1, m), b.double().reshape(-1, m)
     mean = float(a2.mean() - b2.mean())
     reps = replicates(a2.mean(dim=0) - b2.mean(dim=0), groups, n_boot, seed)
-    terms = [seed_term(a2), seed_term(b2)]
-    return combined(mean, reps, n_units(groups), terms, level) if any(df for _, df in terms) else interval(mean, reps, level)
+    return seed_aware(mean, reps, groups, [seed_term(a2), seed_term(b2)], level)
