@@ -193,6 +193,9 @@ class Method:
     """True for a method that scores nothing at a site whose rule keeps every token (keep_ratio 1)."""
     own_points: list[Point]
     """Points evaluated besides the FLOPs-matched sweep (the learned scorer's trained threshold)."""
+    counts_only: bool = True
+    """True where ``solve`` reads the split's token counts alone (keep ratios, ToMe's r: their FLOPs follow from
+    the rows' lengths), so a point can be matched to any split's FLOPs without reading its outputs or labels."""
     unsolved: dict[float, str]
     """Target -> why the method has no point there (``solve`` returned None), for the report."""
 
@@ -320,6 +323,7 @@ class ScorerMethod(Method):
                  own_points: Sequence[Point] = (), run: str | None = None) -> None:
         super().__init__(name, sites)
         self.scorer, self.solver, self.own_points, self.run = scorer, solver, list(own_points), run
+        self.counts_only = solver != "threshold"  # a threshold's FLOPs are measured by running the scorer
 
     def told(self, target: float) -> float | None:
         """The budget a budget-conditioned scorer is told for ``target`` (None for other scorers)."""
@@ -669,6 +673,8 @@ class DeployedMethod(Method):
     batching (text: length-sorted batches, as ``SentenceTransformer.encode`` makes them). Nothing is
     solved here: ``solve`` only measures on val what the call spends. Targets outside the budgets the
     scorer was trained on have no point (``prune`` refuses them)."""
+
+    counts_only = False  # what the call spends is the scorer's plan: measured, never matched
 
     def __init__(self, name: str, scorer: LearnedScorer, run: str | None = None, rule: str | None = None) -> None:
         super().__init__(name, scorer.sites)

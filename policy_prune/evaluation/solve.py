@@ -17,6 +17,14 @@ on the val split is at most ``target`` and as close to it as the method's steps 
 - ToMe per block: the same descent over the per-block r of its schedule (:mod:`...tome`).
 
 Executed FLOPs depend on the batching, so solving uses the eval batch size on val.
+
+A point solved on val can spend otherwise on a split of other lengths: text rows keep whole tokens, EViT
+adds its fused token and ToMe merges in rounds, so short rows spend a larger share than long ones, and
+minilm-text's test holds more (short) queries per passage than its val (0.25 of the unpruned FLOPs
+against 0.20). Where a baseline whose point depends only on token counts (``Method.counts_only``) lands
+further than ``MATCH`` from its target on the scored split, eval solves it again on that split's counts
+(``evaluate.match_scored``): FLOPs alone, no output or label is read, and the best baseline is still
+chosen by the val point.
 """
 
 from __future__ import annotations
@@ -49,21 +57,33 @@ class Point:
     target: float | None = None
     """FLOPs target the point was solved for (None: the method's own point or no pruning)."""
     solved: float | None = None
-    """Total FLOPs ratio on the split the point was solved on (val)."""
+    """Total FLOPs ratio on the split the point was solved on (val, or ``matched``)."""
     budget: float | None = None
     """The FLOPs ratio a budget-conditioned scorer is told (its budget input); None for other methods."""
+    matched: str | None = None
+    """The split this point's FLOPs were matched on instead of val (None: solved on val): a baseline whose val
+    point lands further than MATCH from its target on the scored split (``evaluate.match_scored``)."""
+    replaces: Point | None = None
+    """The val point a matched point stands in for (what the best baseline is chosen by)."""
 
     def label(self) -> str:
-        """Short text for tables: the rule and its values (and the budget a scorer is told)."""
+        """Short text for tables: the rule and its values (and the budget a scorer is told, and the split
+        the FLOPs were matched on where it is not val)."""
         if self.rule == "none":
             return "-"
         vals = self.values
         told = "" if self.budget is None else f" told {self.budget:g}"
+        told += "" if self.matched is None else f" (FLOPs matched on {self.matched})"
         if self.rule == "tome-r":
-            return "r " + ",".join(str(int(v)) for v in vals)
+            return "r " + ",".join(str(int(v)) for v in vals) + told
         if len(set(vals)) == 1:
             return f"{self.rule} {vals[0]:.3g}{told}"
         return f"{self.rule} " + ",".join(f"{v:.3g}" for v in vals) + told
+
+    @property
+    def on_val(self) -> Point:
+        """The point as solved on val (itself, unless its FLOPs were matched on the scored split)."""
+        return self.replaces or self
 
 
 @dataclass
