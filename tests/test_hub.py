@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,29 @@ def test_local_folders_never_probe_the_hub(tmp_path: Path, monkeypatch: pytest.M
     for typo in (str(tmp_path / "modle"), "./models/my-bert", "~/no-such-folder"):  # a path, not a hub id
         with pytest.raises(UserError, match="model folder not found: "):
             load_backbone(f"hf:{typo}")
+
+
+def test_a_name_lookup_that_never_answers_is_no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resolver that does not answer (the lookup ignores the connection's timeout) reads as no Hub once
+    PROBE_TIMEOUT_S has passed: the probe does not wait for the lookup to come back."""
+    for name in (*PROXIES, *(p.upper() for p in PROXIES)):
+        monkeypatch.delenv(name, raising=False)
+    release, returned = threading.Event(), threading.Event()
+
+    def stuck_lookup(*args: object, **kwargs: object) -> None:
+        release.wait(60)  # a lookup that hangs until the test lets it go
+        returned.set()
+        raise OSError("name lookup timed out")
+
+    monkeypatch.setattr(hub.socket, "create_connection", stuck_lookup)
+    monkeypatch.setattr(hub, "PROBE_TIMEOUT_S", 0.2)
+    hub.forget_probes()
+    try:
+        assert hub.reachable("https://hub.example") is False
+        assert not returned.is_set()  # answered while the lookup was still hanging
+    finally:
+        release.set()
+        hub.forget_probes()
 
 
 def test_the_probe_reports_a_closed_port_trusts_a_proxy_and_retries(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,8 +3,8 @@
 huggingface_hub retries a request that cannot connect five times with backoff (about 25 s for one file)
 before it looks in its local cache, and a model's config, weights and tokenizer are several such
 requests: a hub id that is not cached took 25-55 s to fail on a machine without a network, and one that
-is cached as long to load. :func:`hub_access` probes the Hub (a TCP connection that waits at most
-PROBE_TIMEOUT_S once the system has looked the name up; a yes is kept for the process, a no for RETRY_AFTER_S);
+is cached as long to load. :func:`hub_access` probes the Hub (a name lookup and a TCP connection that together
+wait at most PROBE_TIMEOUT_S; a yes is kept for the process, a no for RETRY_AFTER_S);
 when it cannot be reached, the load inside runs in the libraries' own offline mode, so what is cached loads at
 once and what is not fails at once, in one line. ``HF_HUB_OFFLINE=1`` is respected as it is (no probe).
 """
@@ -48,7 +48,7 @@ def forget_probes() -> None:
 
 
 def _probe(endpoint: str) -> bool:
-    """Whether a TCP connection to ``endpoint``'s host opens within PROBE_TIMEOUT_S.
+    """Whether a TCP connection to ``endpoint``'s host, its name lookup included, opens within PROBE_TIMEOUT_S.
 
     Behind a proxy (HTTPS_PROXY, HTTP_PROXY or ALL_PROXY set) the libraries go through it and a direct
     connection tells nothing: the Hub is taken as reachable.
@@ -59,12 +59,19 @@ def _probe(endpoint: str) -> bool:
     proxies = ("https_proxy", "http_proxy", "all_proxy")
     if any(os.environ.get(name) or os.environ.get(name.upper()) for name in proxies):
         return True
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname, port), timeout=PROBE_TIMEOUT_S):
-            return True
-    except OSError:
-        return False
+    port, host, opened = url.port or (443 if url.scheme == "https" else 80), url.hostname, threading.Event()
+
+    def connect() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+                opened.set()
+        except OSError:
+            pass
+
+    # The name lookup inside create_connection obeys no timeout (a resolver that does not answer can hold it
+    # for tens of seconds): the probe runs in a daemon thread, and whatever has not answered in time is a no.
+    threading.Thread(target=connect, name="policy-prune-hub-probe", daemon=True).start()
+    return opened.wait(PROBE_TIMEOUT_S)
 
 
 def model_ref(spec: str) -> str:
