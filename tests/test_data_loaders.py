@@ -98,14 +98,19 @@ def _tokenizer(tmp_path: Path):
         return BertTokenizer(vocab_file=str(tmp_path / "vocab.txt"))
 
 
-def test_hf_local_text_folder(tmp_path) -> None:
+@pytest.mark.parametrize("from_home", [False, True])
+def test_hf_local_text_folder(tmp_path, monkeypatch, from_home: bool) -> None:
+    """A local dataset folder, given by its path or as ~/... (your home: datasets would look the name up on
+    the Hub)."""
     pytest.importorskip("datasets")
     data = tmp_path / "reviews"
     data.mkdir()
     rows = [{"text": " ".join(["good"] * (1 + i % 4)) + " movie", "label": i % 2} for i in range(40)]
     (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     (data / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:6]))
-    splits = load_splits(_env(f"hf:{data}", max_length=4), seed=0, tokenizer=_tokenizer(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    spec = "hf:~/reviews" if from_home else f"hf:{data}"
+    splits = load_splits(_env(spec, max_length=4), seed=0, tokenizer=_tokenizer(tmp_path))
     assert {k: len(v) for k, v in splits.items()} == {"train": 36, "val": 4, "test": 6}  # val carved from train
     ids = splits["test"].inputs["input_ids"]
     assert ids.shape == (6, 4) and ids[0, :3].tolist() == [2, 5, 7]  # [CLS] good movie, truncated at 4

@@ -76,7 +76,7 @@ def _probe(endpoint: str) -> bool:
 
 def model_ref(spec: str) -> str:
     """What the loaders take for a spec: without its "hf:" prefix, and a leading "~" expanded (transformers
-    reads "~/my-encoder" as a hub id, not as the folder in your home)."""
+    and datasets read "~/my-encoder" as a hub id, not as the folder in your home)."""
     name = spec.removeprefix("hf:")
     return str(Path(name).expanduser()) if name.startswith("~") else name
 

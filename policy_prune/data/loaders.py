@@ -172,12 +172,13 @@ def load_imagefolder(cfg: DataConfig, seed: int, backbone: Any = None, tokenizer
 
 # ---- Hugging Face datasets -------------------------------------------------------------------------------
 def parse_hf_spec(spec: str) -> tuple[str, str | None, str | None]:
-    """"hf:<name>[:<config>][:<split>]" -> (name, config or None, split or None)."""
+    """"hf:<name>[:<config>][:<split>]" -> (name, config or None, split or None); a name "~/..." is the
+    folder in your home (``datasets`` would take it for a hub id)."""
     parts = spec.removeprefix("hf:").split(":")
     if not parts[0] or len(parts) > 3:
         raise UserError(f"bad dataset spec {spec!r}: expected hf:<name>[:<config>][:<split>]")
     parts += [""] * (3 - len(parts))
-    return parts[0], parts[1] or None, parts[2] or None
+    return hub.model_ref(parts[0]), parts[1] or None, parts[2] or None
 
 
 def _import_datasets() -> Any:
