@@ -203,7 +203,7 @@ def score(backbone: TokenBackbone, method: Method, point: Point, data: EvalData)
     values = row_metrics(backbone.output_kind, out, data.teacher, data.labels)
     if data.queries is None or data.relevant is None:
         return Scored(method, point, values, work)
-    queries, query_work = run_method(backbone, method, point, data.queries)
+    queries, query_work = run_method(backbone, method, point.queries or point, data.queries)
     full = RetrievalEmbeddings(data.queries.teacher, data.teacher)
     values.update(retrieval_values(data.relevant, RetrievalEmbeddings(queries, out), full, RETRIEVAL_K))
     return Scored(method, point, values, work, query_work)
@@ -222,18 +222,30 @@ def solve_context(backbone: TokenBackbone, val: EvalData) -> SolveContext:
     return SolveContext(backbone, counts, [b for p in parts for b in p.batches])
 
 
-def operating_points(method: Method, ctx: SolveContext, targets: Sequence[float]) -> list[Point]:
-    """The method's points: each target solved on val, then its own points (or "none" once)."""
+def operating_points(method: Method, ctx: SolveContext, targets: Sequence[float],
+                     queries: tuple[SolveContext, float] | None = None) -> list[Point]:
+    """The method's points: each target solved on val, then its own points (or "none" once). ``queries``
+    (their context and target): the queries' own point, solved once, goes with every solved point (none where
+    the method has no point for the queries: the reason is in ``method.unsolved``)."""
     if not method.sweeps:
         return [Point("none")]
-    solved = [method.solve(ctx, t) for t in targets]
-    return [p for p in solved if p is not None] + method.own(targets)
+    solved = [p for p in (method.solve(ctx, t) for t in targets) if p is not None]
+    if queries is not None:
+        for_queries = method.solve(*queries)
+        solved = [] if for_queries is None else [replace(p, queries=for_queries) for p in solved]
+    return solved + method.own(targets)
 
 
 def evaluate(backbone: TokenBackbone, splits: dict[str, Any], methods: Sequence[Method], targets: Sequence[float],
              split: str = "test", batch_size: int = 64, device: str = "cpu", repeats: int = 3, n_boot: int = 2000,
-             seed: int = 0, progress: Callable[[str], None] | None = None, length_sort: bool = True) -> dict[str, Any]:
+             seed: int = 0, progress: Callable[[str], None] | None = None, length_sort: bool = True,
+             query_target: float | None = None) -> dict[str, Any]:
     """Every method at every target (solved on val) scored on ``split``; the pareto.json payload.
+
+    ``query_target`` (retrieval): the queries get a budget of their own. Each method's queries run its point
+    solved on the val queries alone for at most ``query_target`` of their FLOPs (the deployed call:
+    ``prune(..., flops=query_target)``), its passages the point solved on the val passages alone for each
+    target; None: one point per target, solved for one total over both.
 
     ``methods``: baselines (``run`` None) and learned methods (``run`` = the seed's label).
     Returns {"split", "n_samples", "n_groups", "runs", "sites", "targets", "signature", "output_kind",
@@ -242,16 +254,27 @@ def evaluate(backbone: TokenBackbone, splits: dict[str, Any], methods: Sequence[
     say = progress or (lambda text: None)
     val = prepare(backbone, splits["val"], batch_size, device, length_sort)
     data = val if split == "val" else prepare(backbone, splits[split], batch_size, device, length_sort)
-    ctx = solve_context(backbone, val)
-    scored_ctx = None if data is val else solve_context(backbone, data)  # to match off-target baselines' FLOPs
+    if query_target is not None and (data.queries is None or val.queries is None):
+        raise UserError("--query-target gives retrieval queries a budget of their own: this split has no queries")
+
+    def contexts(d: EvalData) -> tuple[SolveContext, SolveContext | None]:
+        """Where points are solved on ``d``: (its rows with its queries, None), or with a query budget of their
+        own (its rows alone, its queries alone)."""
+        if query_target is None or d.queries is None:
+            return solve_context(backbone, d), None
+        return solve_context(backbone, replace(d, queries=None, relevant=None)), solve_context(backbone, d.queries)
+
+    ctx, query_ctx = contexts(val)
+    scored_ctx = None if data is val else contexts(data)  # to match off-target baselines' FLOPs
     primary = primary_metric(backbone.output_kind, data.labels is not None)
     compared = [primary, *(RETRIEVAL if data.queries is not None and val.queries is not None else ())]
     scored: list[Scored] = []
     for m in methods:
         say(f"solving {m.name}{'' if m.run is None else ' ' + m.run} on val")
-        for point in operating_points(m, ctx, targets):
+        queries = None if query_ctx is None or query_target is None else (query_ctx, query_target)
+        for point in operating_points(m, ctx, targets, queries):
             s = score(backbone, m, point, data)
-            scored.append(s if scored_ctx is None else match_scored(backbone, s, data, scored_ctx))
+            scored.append(s if scored_ctx is None else match_scored(backbone, s, data, *scored_ctx))
     say("choosing the best baseline per target on val")
     best = best_baselines(backbone, scored, val, data, compared)
     rows = [result_row(backbone, s, data, primary, n_boot, seed) for s in scored]
@@ -270,6 +293,7 @@ def evaluate(backbone: TokenBackbone, splits: dict[str, Any], methods: Sequence[
         "sites": sorted({s for m in methods for s in m.sites}), "targets": list(targets), "batch_size": batch_size,
         "length_sorted": length_sort and isinstance(splits[split].inputs, dict),
         "signature": backbone.signature(), "output_kind": backbone.output_kind, "primary": primary,
+        "query_target": query_target,
         "compared": compared, "n_boot": n_boot, "results": rows, "notes": notes,
         "summary": summaries(scored, data, primary, n_boot, seed),
         "comparisons": comparisons(scored, spent, best, data, n_boot, seed),
@@ -282,7 +306,8 @@ def scored_ratios(backbone: TokenBackbone, s: Scored) -> dict[str, float]:
     return flops_ratios(backbone, s.work if s.query_work is None else Work.cat([s.work, s.query_work]))
 
 
-def match_scored(backbone: TokenBackbone, s: Scored, data: EvalData, ctx: SolveContext) -> Scored:
+def match_scored(backbone: TokenBackbone, s: Scored, data: EvalData, ctx: SolveContext,
+                 query_ctx: SolveContext | None = None) -> Scored:
     """``s`` scored again at a point solved on ``data``'s own token counts (``ctx``), where ``s`` is a baseline's
     val point whose total on ``data`` is further than MATCH from its target and whose method's FLOPs follow
     from token counts alone (``Method.counts_only``); ``s`` itself otherwise, or where no point comes within
@@ -292,15 +317,29 @@ def match_scored(backbone: TokenBackbone, s: Scored, data: EvalData, ctx: SolveC
     a fused token, ToMe merges in rounds: short rows spend more; minilm-text's test has more short queries per
     passage than its val), and a comparison at unequal FLOPs is not one. Only FLOPs are matched: the solve
     reads ``data``'s lengths, never an output or a label, and the best baseline is still chosen by the val
-    point (``Point.on_val``). Learned methods are never matched: they are scored as calibrated or solved."""
-    target = s.point.target
-    if (target is None or s.method.run is not None or not s.method.counts_only
-            or abs(scored_ratios(backbone, s)["total"] - target) <= MATCH):
+    point (``Point.on_val``). Learned methods are never matched: they are scored as calibrated or solved.
+    Where the queries have a point of their own (``query_ctx``: ``data``'s queries), each part is matched on
+    its own (``ctx``: ``data``'s rows alone)."""
+    if s.point.target is None or s.method.run is not None or not s.method.counts_only:
         return s
-    point = s.method.solve(ctx, target)
-    if point is None or point.solved is None or abs(point.solved - target) > MATCH:
-        return s
-    return score(backbone, s.method, replace(point, matched=data.name, replaces=s.point), data)
+    if s.point.queries is None:
+        point = _rematched(s.method, scored_ratios(backbone, s)["total"], s.point, ctx)
+    else:
+        assert query_ctx is not None and s.query_work is not None
+        rows = _rematched(s.method, flops_ratios(backbone, s.work)["total"], s.point, ctx)
+        queries = _rematched(s.method, flops_ratios(backbone, s.query_work)["total"], s.point.queries, query_ctx)
+        point = None if rows is None and queries is None else replace(rows or s.point, queries=queries or s.point.queries)
+    return s if point is None else score(backbone, s.method, replace(point, matched=data.name, replaces=s.point), data)
+
+
+def _rematched(method: Method, spent: float, point: Point, ctx: SolveContext) -> Point | None:
+    """``point`` solved again on ``ctx`` where it ``spent`` further than MATCH from its target and the new
+    point comes within MATCH of it; None otherwise."""
+    assert point.target is not None
+    if abs(spent - point.target) <= MATCH:
+        return None
+    again = method.solve(ctx, point.target)
+    return again if again is not None and again.solved is not None and abs(again.solved - point.target) <= MATCH else None
 
 
 def best_baselines(backbone: TokenBackbone, scored: Sequence[Scored], val: EvalData, data: EvalData,
@@ -331,14 +370,21 @@ def result_row(backbone: TokenBackbone, s: Scored, data: EvalData, primary: str,
     queries (what the point was solved to meet on val), ``flops_passages`` / ``flops_queries`` each part."""
     ratios = scored_ratios(backbone, s)
     target = s.point.target
-    on_target = target is None or abs(ratios["total"] - target) <= MATCH
+    if s.point.queries is None or s.query_work is None or target is None:
+        on_target = target is None or abs(ratios["total"] - target) <= MATCH
+    else:  # each part on its own budget
+        q_target = s.point.queries.target
+        assert q_target is not None
+        on_target = (abs(flops_ratios(backbone, s.work)["total"] - target) <= MATCH
+                     and abs(flops_ratios(backbone, s.query_work)["total"] - q_target) <= MATCH)
     ci = intervals(s.values, data, n_boot, seed)
     queries = {} if s.query_work is None else {"flops_passages": flops_ratios(backbone, s.work),
                                                "flops_queries": flops_ratios(backbone, s.query_work)}
     return {
         "method": s.method.name, "run": s.method.run, "target": target, "rule": s.point.rule, "told": s.point.budget,
         "values": s.point.values, "point": s.point.label(), "sites": s.method.sites, "solved_val": s.point.on_val.solved,
-        "matched_on": s.point.matched, "on_target": on_target, "flops": ratios, **queries,
+        "matched_on": s.point.matched, "on_target": on_target,
+        "query_values": None if s.point.queries is None else s.point.queries.values, "flops": ratios, **queries,
         "gflops_total": float(flops_columns(backbone, s.work)["total"].mean()) / 1e9,
         "tokens": [float(c) for c in s.work.attn.double().mean(dim=0)],
         **{k: float(v.mean()) for k, v in s.values.items()}, "interval": ci[primary], "intervals": ci,
@@ -598,6 +644,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "digits' source digits), a subset seeded by --seed, with all their rows and retrieval queries; "
                         "every kept query keeps all its relevant passages (minilm-text: --max-items 800, about 10 minutes for "
                         "the baselines at three targets on 2 CPU cores)")
+    p.add_argument("--query-target", type=ratio, default=None, metavar="F",
+                   help="retrieval: the queries' own FLOPs target (each method's queries solved on the val queries "
+                        "alone, its passages on the val passages alone for each --targets value; default: one total "
+                        "over both)")
     p.add_argument("--batch-size", type=positive, default=64, help="eval batch size (executed FLOPs and solving use it)")
     p.add_argument("--no-length-sort", action="store_true",
                    help="batch text rows in split order (default: by length, as SentenceTransformer.encode does)")
@@ -659,7 +709,7 @@ def run(args: argparse.Namespace) -> int:
     with console.status("evaluating") as status:
         results = evaluate(backbone, splits, methods, args.targets, args.split, args.batch_size, args.device,
                            args.repeats, args.bootstrap, args.seed, progress=lambda t: status.update(t),
-                           length_sort=not args.no_length_sort)
+                           length_sort=not args.no_length_sort, query_target=args.query_target)
     results["env"] = env_cfg.name
     out_dir = output_dir(args, env_cfg.name)
     report.write_outputs(results, out_dir)

@@ -65,6 +65,9 @@ class Point:
     point lands further than MATCH from its target on the scored split (``evaluate.match_scored``)."""
     replaces: Point | None = None
     """The val point a matched point stands in for (what the best baseline is chosen by)."""
+    queries: Point | None = None
+    """The point retrieval queries are encoded at where they have a budget of their own (eval
+    ``--query-target``: this point's target is then the passages'); None: the queries run this point."""
 
     def label(self) -> str:
         """Short text for tables: the rule and its values (and the budget a scorer is told, and the split
@@ -74,11 +77,12 @@ class Point:
         vals = self.values
         told = "" if self.budget is None else f" told {self.budget:g}"
         told += "" if self.matched is None else f" (FLOPs matched on {self.matched})"
+        queries = "" if self.queries is None else f"; queries {self.queries.label()}"
         if self.rule == "tome-r":
-            return "r " + ",".join(str(int(v)) for v in vals) + told
+            return "r " + ",".join(str(int(v)) for v in vals) + told + queries
         if len(set(vals)) == 1:
-            return f"{self.rule} {vals[0]:.3g}{told}"
-        return f"{self.rule} " + ",".join(f"{v:.3g}" for v in vals) + told
+            return f"{self.rule} {vals[0]:.3g}{told}{queries}"
+        return f"{self.rule} " + ",".join(f"{v:.3g}" for v in vals) + told + queries
 
     @property
     def on_val(self) -> Point:
