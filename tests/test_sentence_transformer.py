@@ -107,3 +107,17 @@ def test_max_seq_length_is_the_pruned_models_own(st_model) -> None:
         assert fast[0].inner.auto_model is st_model[0].auto_model  # the weights stay shared
     finally:
         st_model.max_seq_length = original
+
+
+def test_two_pruned_copies_keep_their_own_budgets(st_model) -> None:
+    """Retrieval with a budget per side (README): passages through one pruned copy, queries through another that
+    keeps more; each encodes as a copy of its own does, whichever of the two ran last."""
+    texts = tiny.sentences(6, seed=2)
+    scorer = _scorer(st_model)
+    passages, queries = prune(st_model, scorer, keep_ratio=0.5), prune(st_model, scorer, keep_ratio=0.8)
+    first = queries.encode(texts, convert_to_tensor=True)
+    got = passages.encode(texts, convert_to_tensor=True)
+    again = queries.encode(texts, convert_to_tensor=True)
+    torch.testing.assert_close(got, prune(st_model, scorer, keep_ratio=0.5).encode(texts, convert_to_tensor=True))
+    torch.testing.assert_close(again, first)
+    assert not torch.allclose(got, first, atol=1e-3)  # the two budgets differ
