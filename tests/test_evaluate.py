@@ -477,10 +477,12 @@ def test_best_baseline_per_retrieval_metric_is_chosen_on_val(bert, text_splits, 
             assert chosen == {max(means, key=means.get)}
 
 
-def test_queries_with_a_budget_of_their_own(bert, text_splits, vit, splits) -> None:
+@pytest.mark.parametrize("own", [0.8, "same"])
+def test_queries_with_a_budget_of_their_own(bert, text_splits, vit, splits, own) -> None:
     """--query-target: each method's queries run its point solved on the val queries alone (the deployed call:
-    prune(flops=query target)), its passages the point solved on the val passages alone for each target; what
-    the queries spend on test is that point's. A split without queries is one clear error."""
+    prune(flops=query target)), its passages the point solved on the val passages alone for each target
+    ("same": the queries' target is each target too); what the queries spend on test is that point's. A split
+    without queries is one clear error."""
     from dataclasses import replace
 
     from policy_prune.core.inference import prune
@@ -490,8 +492,8 @@ def test_queries_with_a_budget_of_their_own(bert, text_splits, vit, splits) -> N
     scorer = _calibrated_scorer(bert, halves)
     methods = [learned_methods(scorer, "seed 0")[0], *(make_baseline(n, SITES) for n in ("token-norm", "similarity-pre"))]
     res = evaluate.evaluate(bert, text_splits, methods, [0.7, 0.5], "test", batch_size=5, repeats=0, n_boot=50,
-                            query_target=0.8)
-    assert res["query_target"] == 0.8
+                            query_target=own)
+    assert res["query_target"] == own
     val, test = (evaluate.prepare(bert, text_splits[k], 5, "cpu") for k in ("val", "test"))
     passages_ctx = evaluate.solve_context(bert, replace(val, queries=None, relevant=None))
     queries_ctx = evaluate.solve_context(bert, val.queries)
@@ -500,9 +502,9 @@ def test_queries_with_a_budget_of_their_own(bert, text_splits, vit, splits) -> N
     assert sorted({r["method"] for r in solved}) == ["learned-deployed", "similarity-pre", "token-norm"]
     checked = 0
     for r in solved:
-        m = by_name[r["method"]]
-        q = m.solve(queries_ctx, 0.8)
-        assert q.solved <= 0.8 + 1e-9 or m.run is not None, r  # the deployed call spends what prune gives
+        m, q_target = by_name[r["method"]], r["target"] if own == "same" else own
+        q = m.solve(queries_ctx, q_target)
+        assert q.solved <= q_target + 1e-9 or m.run is not None, r  # the deployed call spends what prune gives
         if r["matched_on"] is not None:  # a baseline part off target on test: matched there (the test above)
             continue
         assert r["query_values"] == q.values and r["point"].endswith(f"; queries {q.label()}"), r
@@ -511,8 +513,9 @@ def test_queries_with_a_budget_of_their_own(bert, text_splits, vit, splits) -> N
         assert r["flops_queries"]["total"] == pytest.approx(spent, abs=1e-12), r
         checked += 1
     assert checked >= 4
-    fast = prune(bert.model, scorer, flops=0.8, strict=False)
-    assert all(r["query_values"] == list(fast.values) for r in solved if r["method"] == "learned-deployed")
+    for r in (r for r in solved if r["method"] == "learned-deployed"):
+        fast = prune(bert.model, scorer, flops=r["target"] if own == "same" else own, strict=False)
+        assert r["query_values"] == list(fast.values), r
     assert any(r["method"] == "learned-deployed" for r in solved)
     with pytest.raises(UserError, match="no queries"):
         evaluate.evaluate(vit, splits, [make_baseline("token-norm", SITES)], [0.5], "test", batch_size=4, repeats=0,

@@ -72,6 +72,8 @@ DEFAULT_TARGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.42, 0.35)
 METRICS = ("accuracy", "agreement", "cosine", "recall@10")
 """Task metrics in display order; classifiers have the first two, encoders the last two."""
 RETRIEVAL = ("ret_ndcg@10", "ret_recall@10")
+SAME = "same"
+"""``--query-target same``: the queries' budget is each target itself (each part at most the target)."""
 """Retrieval metrics (per query) compared with the best baseline besides the primary, where the split
 has a retrieval task; every method also has them with unpruned queries or passages (``:full_queries``,
 ``:full_passages``, see :mod:`policy_prune.evaluation.retrieval`)."""
@@ -223,29 +225,32 @@ def solve_context(backbone: TokenBackbone, val: EvalData) -> SolveContext:
 
 
 def operating_points(method: Method, ctx: SolveContext, targets: Sequence[float],
-                     queries: tuple[SolveContext, float] | None = None) -> list[Point]:
+                     queries: tuple[SolveContext, float | None] | None = None) -> list[Point]:
     """The method's points: each target solved on val, then its own points (or "none" once). ``queries``
-    (their context and target): the queries' own point, solved once, goes with every solved point (none where
-    the method has no point for the queries: the reason is in ``method.unsolved``)."""
+    (their context and target; None: each point's own target): the queries' own point goes with every solved
+    point (none where the method has no point for the queries: the reason is in ``method.unsolved``)."""
     if not method.sweeps:
         return [Point("none")]
     solved = [p for p in (method.solve(ctx, t) for t in targets) if p is not None]
     if queries is not None:
-        for_queries = method.solve(*queries)
-        solved = [] if for_queries is None else [replace(p, queries=for_queries) for p in solved]
+        q_ctx, q_target = queries
+        for_queries = functools.cache(lambda t: method.solve(q_ctx, t))
+        with_queries = [(p, for_queries(p.target if q_target is None else q_target)) for p in solved]
+        solved = [replace(p, queries=q) for p, q in with_queries if q is not None]
     return solved + method.own(targets)
 
 
 def evaluate(backbone: TokenBackbone, splits: dict[str, Any], methods: Sequence[Method], targets: Sequence[float],
              split: str = "test", batch_size: int = 64, device: str = "cpu", repeats: int = 3, n_boot: int = 2000,
              seed: int = 0, progress: Callable[[str], None] | None = None, length_sort: bool = True,
-             query_target: float | None = None) -> dict[str, Any]:
+             query_target: float | str | None = None) -> dict[str, Any]:
     """Every method at every target (solved on val) scored on ``split``; the pareto.json payload.
 
     ``query_target`` (retrieval): the queries get a budget of their own. Each method's queries run its point
     solved on the val queries alone for at most ``query_target`` of their FLOPs (the deployed call:
     ``prune(..., flops=query_target)``), its passages the point solved on the val passages alone for each
-    target; None: one point per target, solved for one total over both.
+    target; ``"same"`` (SAME): the queries' point is solved for each target too (each part at most the target);
+    None: one point per target, solved for one total over both.
 
     ``methods``: baselines (``run`` None) and learned methods (``run`` = the seed's label).
     Returns {"split", "n_samples", "n_groups", "runs", "sites", "targets", "signature", "output_kind",
@@ -269,9 +274,10 @@ def evaluate(backbone: TokenBackbone, splits: dict[str, Any], methods: Sequence[
     primary = primary_metric(backbone.output_kind, data.labels is not None)
     compared = [primary, *(RETRIEVAL if data.queries is not None and val.queries is not None else ())]
     scored: list[Scored] = []
+    own_target = None if query_target is None or query_target == SAME else float(query_target)
     for m in methods:
         say(f"solving {m.name}{'' if m.run is None else ' ' + m.run} on val")
-        queries = None if query_ctx is None or query_target is None else (query_ctx, query_target)
+        queries = None if query_ctx is None else (query_ctx, own_target)
         for point in operating_points(m, ctx, targets, queries):
             s = score(backbone, m, point, data)
             scored.append(s if scored_ctx is None else match_scored(backbone, s, data, *scored_ctx))
@@ -644,10 +650,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "digits' source digits), a subset seeded by --seed, with all their rows and retrieval queries; "
                         "every kept query keeps all its relevant passages (minilm-text: --max-items 800, about 10 minutes for "
                         "the baselines at three targets on 2 CPU cores)")
-    p.add_argument("--query-target", type=ratio, default=None, metavar="F",
+    p.add_argument("--query-target", type=query_target, default=None, metavar="F|same",
                    help="retrieval: the queries' own FLOPs target (each method's queries solved on the val queries "
-                        "alone, its passages on the val passages alone for each --targets value; default: one total "
-                        "over both)")
+                        "alone, its passages on the val passages alone for each --targets value; 'same': each "
+                        "target for both parts; default: one total over both)")
     p.add_argument("--batch-size", type=positive, default=64, help="eval batch size (executed FLOPs and solving use it)")
     p.add_argument("--no-length-sort", action="store_true",
                    help="batch text rows in split order (default: by length, as SentenceTransformer.encode does)")
@@ -667,6 +673,11 @@ def output_dir(args: argparse.Namespace, env_name: str) -> Path:
     if len(args.run_dirs) == 1:
         return parse_run_arg(str(args.run_dirs[0]))[1] / leaf
     return Path("runs") / f"eval__{env_name}__{time.strftime('%Y%m%d-%H%M%S')}" / leaf
+
+
+def query_target(text: str) -> float | str:
+    """``--query-target``: a FLOPs ratio, or "same" (each target)."""
+    return SAME if text == SAME else ratio(text)
 
 
 def run(args: argparse.Namespace) -> int:
