@@ -72,11 +72,11 @@ DEFAULT_TARGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.42, 0.35)
 METRICS = ("accuracy", "agreement", "cosine", "recall@10")
 """Task metrics in display order; classifiers have the first two, encoders the last two."""
 RETRIEVAL = ("ret_ndcg@10", "ret_recall@10")
-SAME = "same"
-"""``--query-target same``: the queries' budget is each target itself (each part at most the target)."""
 """Retrieval metrics (per query) compared with the best baseline besides the primary, where the split
 has a retrieval task; every method also has them with unpruned queries or passages (``:full_queries``,
 ``:full_passages``, see :mod:`policy_prune.evaluation.retrieval`)."""
+SAME = "same"
+"""``--query-target same``: the queries' budget is each target itself (each part at most the target)."""
 RETRIEVAL_K = 10
 LEARNED = ("learned-deployed", "learned-deployed-threshold", "learned", "learned-topk")
 """The ways a run's scorer is evaluated (``baselines.learned_methods``)."""
