@@ -65,7 +65,7 @@ from policy_prune.evaluation.baselines import (
 from policy_prune.evaluation.cost import Work, flops_columns, flops_ratios
 from policy_prune.evaluation.metrics import cosine_fidelity, neighbour_recall
 from policy_prune.evaluation.retrieval import RetrievalEmbeddings, retrieval_values
-from policy_prune.evaluation.solve import MATCH, BatchedCounts, Point, SolveContext
+from policy_prune.evaluation.solve import MATCH, SAME, BatchedCounts, Point, SolveContext
 from policy_prune.evaluation.stats import bootstrap_difference, bootstrap_mean
 
 DEFAULT_TARGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.42, 0.35)
@@ -75,8 +75,6 @@ RETRIEVAL = ("ret_ndcg@10", "ret_recall@10")
 """Retrieval metrics (per query) compared with the best baseline besides the primary, where the split
 has a retrieval task; every method also has them with unpruned queries or passages (``:full_queries``,
 ``:full_passages``, see :mod:`policy_prune.evaluation.retrieval`)."""
-SAME = "same"
-"""``--query-target same``: the queries' budget is each target itself (each part at most the target)."""
 RETRIEVAL_K = 10
 LEARNED = ("learned-deployed", "learned-deployed-threshold", "learned", "learned-topk")
 """The ways a run's scorer is evaluated (``baselines.learned_methods``)."""
@@ -275,9 +273,9 @@ def evaluate(backbone: TokenBackbone, splits: dict[str, Any], methods: Sequence[
     compared = [primary, *(RETRIEVAL if data.queries is not None and val.queries is not None else ())]
     scored: list[Scored] = []
     own_target = None if query_target is None or query_target == SAME else float(query_target)
+    queries = None if query_ctx is None else (query_ctx, own_target)
     for m in methods:
         say(f"solving {m.name}{'' if m.run is None else ' ' + m.run} on val")
-        queries = None if query_ctx is None else (query_ctx, own_target)
         for point in operating_points(m, ctx, targets, queries):
             s = score(backbone, m, point, data)
             scored.append(s if scored_ctx is None else match_scored(backbone, s, data, *scored_ctx))
@@ -376,16 +374,16 @@ def result_row(backbone: TokenBackbone, s: Scored, data: EvalData, primary: str,
     queries (what the point was solved to meet on val), ``flops_passages`` / ``flops_queries`` each part."""
     ratios = scored_ratios(backbone, s)
     target = s.point.target
-    if s.point.queries is None or s.query_work is None or target is None:
+    queries = {} if s.query_work is None else {"flops_passages": flops_ratios(backbone, s.work),
+                                               "flops_queries": flops_ratios(backbone, s.query_work)}
+    if s.point.queries is None or not queries or target is None:
         on_target = target is None or abs(ratios["total"] - target) <= MATCH
     else:  # each part on its own budget
         q_target = s.point.queries.target
         assert q_target is not None
-        on_target = (abs(flops_ratios(backbone, s.work)["total"] - target) <= MATCH
-                     and abs(flops_ratios(backbone, s.query_work)["total"] - q_target) <= MATCH)
+        on_target = (abs(queries["flops_passages"]["total"] - target) <= MATCH
+                     and abs(queries["flops_queries"]["total"] - q_target) <= MATCH)
     ci = intervals(s.values, data, n_boot, seed)
-    queries = {} if s.query_work is None else {"flops_passages": flops_ratios(backbone, s.work),
-                                               "flops_queries": flops_ratios(backbone, s.query_work)}
     return {
         "method": s.method.name, "run": s.method.run, "target": target, "rule": s.point.rule, "told": s.point.budget,
         "values": s.point.values, "point": s.point.label(), "sites": s.method.sites, "solved_val": s.point.on_val.solved,
@@ -650,7 +648,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "digits' source digits), a subset seeded by --seed, with all their rows and retrieval queries; "
                         "every kept query keeps all its relevant passages (minilm-text: --max-items 800, about 10 minutes for "
                         "the baselines at three targets on 2 CPU cores)")
-    p.add_argument("--query-target", type=query_target, default=None, metavar="F|same",
+    p.add_argument("--query-target", type=parse_query_target, default=None, metavar="F|same",
                    help="retrieval: the queries' own FLOPs target (each method's queries solved on the val queries "
                         "alone, its passages on the val passages alone for each --targets value; 'same': each "
                         "target for both parts; default: one total over both)")
@@ -675,7 +673,7 @@ def output_dir(args: argparse.Namespace, env_name: str) -> Path:
     return Path("runs") / f"eval__{env_name}__{time.strftime('%Y%m%d-%H%M%S')}" / leaf
 
 
-def query_target(text: str) -> float | str:
+def parse_query_target(text: str) -> float | str:
     """``--query-target``: a FLOPs ratio, or "same" (each target)."""
     return SAME if text == SAME else ratio(text)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from policy_prune.core.artifact import json_safe
-from policy_prune.evaluation.solve import MATCH
+from policy_prune.evaluation.solve import MATCH, SAME
 
 SECONDARY = {"accuracy": "agreement", "agreement": None, "cosine": "recall@10"}
 FLOPS_DETAIL = ("executed", "selection", "block")
@@ -257,7 +257,7 @@ def _query_budget(results: dict[str, Any]) -> str:
     if results.get("query_target") is None:
         return ("Queries are inside the budget: every point is solved for one total over the passages and the queries, "
                 "and the FLOPs columns are that total (each part: `flops_passages`, `flops_queries` in pareto.json).")
-    own = "the target" if results["query_target"] == "same" else f"{results['query_target']:g} of their FLOPs"
+    own = "the target" if results["query_target"] == SAME else f"{results['query_target']:g} of their FLOPs"
     return (f"Queries have a budget of their own: every method encodes them at its point solved on the val queries "
             f"alone for at most {own}, and the passages at its point solved on "
             "the val passages alone for the target; a row is on target where each part is within "

@@ -44,6 +44,8 @@ MATCH = 0.01
 """A row whose scored total FLOPs is further than this from its target is flagged off target (*), and a
 comparison whose better side spent more than this above the other gets no verdict ("unequal FLOPs"): a
 comparison at unequal FLOPs is not one (issue #23)."""
+SAME = "same"
+"""eval ``--query-target same``: the retrieval queries' budget is each target itself (each part at most the target)."""
 
 
 @dataclass
