@@ -15,6 +15,7 @@ from policy_prune.errors import UserError
 from policy_prune.evaluation import evaluate, report, vis
 from policy_prune.evaluation.baselines import BASELINES, learned_methods, make_baseline
 from policy_prune.evaluation.evaluate import score
+from policy_prune.evaluation.solve import MATCH
 from policy_prune.evaluation.stats import bootstrap_difference, bootstrap_mean
 from tests import tiny
 
@@ -513,13 +514,49 @@ def test_queries_with_a_budget_of_their_own(bert, text_splits, vit, splits, own)
         assert r["flops_queries"]["total"] == pytest.approx(spent, abs=1e-12), r
         checked += 1
     assert checked >= 4
+    deployed = by_name["learned-deployed"]
     for r in (r for r in solved if r["method"] == "learned-deployed"):
-        fast = prune(bert.model, scorer, flops=r["target"] if own == "same" else own, strict=False)
-        assert r["query_values"] == list(fast.values), r
+        q_target = r["target"] if own == "same" else own
+        q = deployed.solve(queries_ctx, q_target)  # the call at flops=q_target, or a smaller flops where that overspends
+        assert q.budget == q_target or deployed.called(queries_ctx, q_target, q_target).solved > q_target + MATCH
+        assert r["query_values"] == list(prune(bert.model, scorer, flops=q.budget, strict=False).values), r
     assert any(r["method"] == "learned-deployed" for r in solved)
     with pytest.raises(UserError, match="no queries"):
         evaluate.evaluate(vit, splits, [make_baseline("token-norm", SITES)], [0.5], "test", batch_size=4, repeats=0,
                           n_boot=10, query_target=0.8)
+
+
+def test_deployed_call_on_short_inputs_alone_is_called_with_the_flops_that_meets_the_target(bert) -> None:
+    """A plan calibrated on long rows runs above its target on short rows alone (retrieval queries with a budget
+    of their own keep [CLS], [SEP] and a word): the deployed row's point there is prune(flops=F) with F the largest
+    flops argument that spends at most the target on those rows, where flops=target spends more than MATCH above
+    it; on the rows it was calibrated on it stays flops=target."""
+    from policy_prune.core.inference import prune
+
+    x = tiny.inputs("hf-bert", batch=30, seed=1)
+    lengths = x["attention_mask"].sum(dim=1)
+    long, short = ({k: v[lengths == n] for k, v in x.items()} for n in (lengths.max(), lengths.min()))
+    scorer = _calibrated_scorer(bert, [long])
+    deployed = learned_methods(scorer, "seed 0")[0]
+
+    def context(rows):
+        return evaluate.solve_context(bert, evaluate.prepare(bert, Split("q", rows, None, torch.arange(10)), 5, "cpu"))
+
+    short_ctx, target, low = context(short), 0.65, scorer.budget.low
+    asked = deployed.called(short_ctx, target, target)
+    assert asked.solved > target + MATCH  # what the test is about: flops=target overspends on the short rows
+    point = deployed.solve(short_ctx, target)
+    assert low <= point.budget < target and point.solved <= target and point.target == target
+    fast = prune(bert.model, scorer, flops=point.budget, strict=False)
+    assert (point.rule, point.values) == (fast.rule, list(fast.values))
+    step = (target - low) / 2 ** 10  # the bisection's resolution: one step up spends above the target
+    assert deployed.called(short_ctx, target, point.budget + step).solved > target
+    data = evaluate.prepare(bert, Split("q", short, None, torch.arange(10)), 5, "cpu")
+    with torch.inference_mode():
+        expected = torch.cat([fast.run(x)[0].float() for x, _ in data.batches])
+    torch.testing.assert_close(evaluate.run_method(bert, deployed, point, data)[0], expected)
+    on_long = deployed.solve(context(long), 0.7)
+    assert on_long.budget == 0.7 and abs(on_long.solved - 0.7) <= MATCH
 
 
 def test_text_outputs_show_every_comparison(text_results, tmp_path) -> None:

@@ -38,6 +38,7 @@ import torch
 from policy_prune.core import ops
 from policy_prune.core.backbones.base import TokenBackbone, TokenState
 from policy_prune.core.features import position_table
+from policy_prune.core.schedule import bisect_at_most
 from policy_prune.core.scorer import (
     LearnedScorer,
     Scorer,
@@ -51,6 +52,7 @@ from policy_prune.errors import UserError
 from policy_prune.evaluation import cost, merge, tome
 from policy_prune.evaluation.cost import Work, batch_max, site_work, total_ratio
 from policy_prune.evaluation.solve import (
+    MATCH,
     BatchedCounts,
     Point,
     SolveContext,
@@ -670,9 +672,12 @@ def make_baseline(name: str, sites: Sequence[int], options: BaselineOptions | No
 class DeployedMethod(Method):
     """The public call, as a user runs it: ``prune(model, scorer, flops=f)`` with its default rule (chosen
     on val at calibration and stored in the scorer), its values, its static or packed path and the eval
-    batching (text: length-sorted batches, as ``SentenceTransformer.encode`` makes them). Nothing is
-    solved here: ``solve`` only measures on val what the call spends. Targets outside the budgets the
-    scorer was trained on have no point (``prune`` refuses them)."""
+    batching (text: length-sorted batches, as ``SentenceTransformer.encode`` makes them). ``solve`` measures on
+    val what ``flops=target`` spends; only where that is more than MATCH above the target (one kind of input
+    on its own, e.g. short retrieval queries under eval's ``--query-target``: the plan was calibrated for the
+    mix) is the flops argument itself solved, as a user would pick it on their own val data. The point's
+    ``budget`` is the flops argument. Targets outside the budgets the scorer was trained on have no point
+    (``prune`` refuses them)."""
 
     counts_only = False  # what the call spends is the scorer's plan: measured, never matched
 
@@ -690,9 +695,15 @@ class DeployedMethod(Method):
             self._models[key] = prune(backbone.model, self.scorer, rule=self.rule, flops=target, strict=False)
         return self._models[key]
 
+    @staticmethod
+    def flops_argument(point: Point) -> float:
+        """The ``flops`` the point calls ``prune`` with (its budget; the target for points made before it was)."""
+        flops = point.target if point.budget is None else point.budget
+        assert flops is not None
+        return flops
+
     def forward(self, backbone: TokenBackbone, inputs: Any, point: Point, watch: Watch | None = None) -> tuple[torch.Tensor, Work]:
-        assert point.target is not None
-        fast = self.model(backbone, point.target)
+        fast = self.model(backbone, self.flops_argument(point))
         step, cls, idle = fast.step_fn(), model_has_cls(fast.backbone), fast.idle_sites()
 
         def reduce(state: TokenState, i: int, layer: int) -> tuple[TokenState, float]:
@@ -703,16 +714,37 @@ class DeployedMethod(Method):
 
     def timed(self, backbone: TokenBackbone, inputs: Any, point: Point) -> Callable[[], Any]:
         """The public call itself (the PrunedModel on the adapter's inputs), without eval's bookkeeping."""
-        assert point.target is not None
-        return functools.partial(self.model(backbone, point.target).run, inputs)
+        return functools.partial(self.model(backbone, self.flops_argument(point)).run, inputs)
 
     def solve(self, ctx: SolveContext, target: float) -> Point | None:
         try:
-            fast = self.model(ctx.backbone, target)
+            point = self.called(ctx, target, target)
         except UserError as exc:  # outside the trained budgets, or below what the scorer reaches: said in the report
             self.unsolved[target] = str(exc)
             return None
-        point = Point(fast.rule, list(fast.values), target, None, target)
+        assert point.solved is not None
+        if point.solved <= target + MATCH or self.scorer.budget is None:
+            return point
+        # The plan meets the target on the calibration mix but runs above it on these inputs alone (short retrieval
+        # queries keep [CLS], [SEP] and a word): the largest flops argument, down to the trained range's low end,
+        # whose call spends at most the target here (where none does, the one that spends least of the two ends).
+        @functools.cache
+        def spent(flops: float) -> float:
+            try:
+                return float(self.called(ctx, target, flops).solved)  # type: ignore[arg-type]
+            except UserError:  # prune refuses it (keep_ratio ran above it on the calibration data): not a candidate
+                return math.inf
+
+        low = self.scorer.budget.low
+        if spent(low) > target:
+            return self.called(ctx, target, low) if spent(low) < point.solved else point
+        return self.called(ctx, target, bisect_at_most(spent, target, low, target, iters=10)[0])
+
+    def called(self, ctx: SolveContext, target: float, flops: float) -> Point:
+        """The point of ``prune(flops=flops)`` for ``target``, with what it spends on ``ctx``'s batches
+        (UserError where ``prune`` refuses the flops)."""
+        fast = self.model(ctx.backbone, flops)
+        point = Point(fast.rule, list(fast.values), target, None, flops)
         return replace(point, solved=total_ratio(ctx.backbone, self.measure(ctx, point)))
 
 
