@@ -673,9 +673,10 @@ class DeployedMethod(Method):
     """The public call, as a user runs it: ``prune(model, scorer, flops=f)`` with its default rule (chosen
     on val at calibration and stored in the scorer), its values, its static or packed path and the eval
     batching (text: length-sorted batches, as ``SentenceTransformer.encode`` makes them). ``solve`` measures on
-    val what ``flops=target`` spends; only where that is more than MATCH above the target (one kind of input
-    on its own, e.g. short retrieval queries under eval's ``--query-target``: the plan was calibrated for the
-    mix) is the flops argument itself solved, as a user would pick it on their own val data. The point's
+    val what ``flops=target`` spends: the headline, nothing solved. Only for one kind of input on its own
+    (``SolveContext.alone``: retrieval queries under eval's ``--query-target``; the plan was calibrated for the
+    mix), where that call runs more than MATCH above the target, is the flops argument itself solved, as a user
+    would set it for a copy that encodes only that kind. The point's
     ``budget`` is the flops argument. Targets outside the budgets the scorer was trained on have no point
     (``prune`` refuses them)."""
 
@@ -717,28 +718,29 @@ class DeployedMethod(Method):
         return functools.partial(self.model(backbone, self.flops_argument(point)).run, inputs)
 
     def solve(self, ctx: SolveContext, target: float) -> Point | None:
+        called = functools.cache(lambda flops: self.called(ctx, target, flops))
         try:
-            point = self.called(ctx, target, target)
+            point = called(target)
         except UserError as exc:  # outside the trained budgets, or below what the scorer reaches: said in the report
             self.unsolved[target] = str(exc)
             return None
         assert point.solved is not None
-        if point.solved <= target + MATCH or self.scorer.budget is None:
+        if not ctx.alone or point.solved <= target + MATCH or self.scorer.budget is None:
             return point
-        # The plan meets the target on the calibration mix but runs above it on these inputs alone (short retrieval
-        # queries keep [CLS], [SEP] and a word): the largest flops argument, down to the trained range's low end,
-        # whose call spends at most the target here (where none does, the one that spends least of the two ends).
-        @functools.cache
+        # One kind of input alone (short retrieval queries keep [CLS], [SEP] and a word), on which the plan
+        # calibrated for the mix runs above the target: a flops argument, bisected between the trained range's low
+        # end and the target, that spends at most the target here (where none does, the end that spends less).
+
         def spent(flops: float) -> float:
             try:
-                return float(self.called(ctx, target, flops).solved)  # type: ignore[arg-type]
+                return float(called(flops).solved)  # type: ignore[arg-type]
             except UserError:  # prune refuses it (keep_ratio ran above it on the calibration data): not a candidate
                 return math.inf
 
         low = self.scorer.budget.low
         if spent(low) > target:
-            return self.called(ctx, target, low) if spent(low) < point.solved else point
-        return self.called(ctx, target, bisect_at_most(spent, target, low, target, iters=10)[0])
+            return called(low) if spent(low) < point.solved else point
+        return called(bisect_at_most(spent, target, low, target, iters=10)[0])
 
     def called(self, ctx: SolveContext, target: float, flops: float) -> Point:
         """The point of ``prune(flops=flops)`` for ``target``, with what it spends on ``ctx``'s batches

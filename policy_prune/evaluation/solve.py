@@ -110,6 +110,9 @@ class SolveContext:
     counts: BatchedCounts
     batches: Sequence[tuple[Any, Any]]
     """The val split in eval batches (inputs, labels): for methods whose FLOPs must be measured."""
+    alone: bool = False
+    """One kind of input on its own (retrieval passages or queries with a budget of their own, eval's
+    ``--query-target``), not the mix a scorer's plan was calibrated for."""
 
 
 def ratio_counts(values: Sequence[float], tc: TokenCounts, n_sites: int) -> list[torch.Tensor]:
