@@ -676,9 +676,8 @@ class DeployedMethod(Method):
     val what ``flops=target`` spends: the headline, nothing solved. Only for one kind of input on its own
     (``SolveContext.alone``: retrieval queries under eval's ``--query-target``; the plan was calibrated for the
     mix), where that call runs more than MATCH above the target, is the flops argument itself solved, as a user
-    would set it for a copy that encodes only that kind. The point's
-    ``budget`` is the flops argument. Targets outside the budgets the scorer was trained on have no point
-    (``prune`` refuses them)."""
+    would set it for a copy that encodes only that kind. The point's ``budget`` is the flops argument. Targets
+    outside the budgets the scorer was trained on have no point (``prune`` refuses them)."""
 
     counts_only = False  # what the call spends is the scorer's plan: measured, never matched
 

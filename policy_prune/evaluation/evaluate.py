@@ -353,10 +353,10 @@ def best_baselines(backbone: TokenBackbone, scored: Sequence[Scored], val: EvalD
                    metrics: Sequence[str]) -> dict[str, dict[float, str]]:
     """Metric -> target -> the baseline with the highest mean of that metric on val at that target
     (ties: first registered), among the baselines whose val point does not run more than MATCH above the
-    target (:func:`reaches_on_val`; all of them where none does). A baseline that cannot bring its FLOPs down to a target on val (ToMe's
-    queries under ``--query-target same``: merge rounds leave a short query 0.43 of its FLOPs at best) spends
-    more than the others there, and a comparison at unequal FLOPs is not one: it stays in the tables, flagged,
-    but is not the one the learned methods are measured against."""
+    target (:func:`reaches_on_val`; all of them where none does). A baseline that cannot bring its FLOPs down to
+    a target on val (ToMe's queries under ``--query-target same``: merge rounds leave a short query 0.43 of its
+    FLOPs at best) spends more than the others there, and a comparison at unequal FLOPs is not one: it stays in
+    the tables, flagged, but is not the one the learned methods are measured against."""
     best: dict[str, dict[float, tuple[bool, float, str]]] = {m: {} for m in metrics}
     for s in scored:
         if s.method.run is not None or s.point.target is None:
