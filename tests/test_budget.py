@@ -347,6 +347,51 @@ def test_keep_ratio_plans_are_solved_on_the_whole_split_at_most_the_target() -> 
     assert [p.plan for p in alone] != [p.plan for p in points]
 
 
+def test_each_kind_of_retrieval_input_gets_a_plan_that_meets_the_target_on_it(tmp_path) -> None:
+    """A retrieval calibration holds passages and short queries: the plan for the mix runs above f on the
+    queries alone (they keep [CLS] and [SEP] of few tokens; minilm-text at 0.35: 0.368 of their FLOPs on val),
+    so each kind also gets the largest plan (same shares, same idle sites) that runs at most f on its own val
+    batches, and ``prune(flops=f, task=kind)`` runs it (issue #23: queries inside their budget)."""
+    from policy_prune.core.budget import TASKS
+    from policy_prune.core.calibration import batch_counts, plan_flops
+    from policy_prune.core.inference import static_ratios
+    from policy_prune.training.train import calibration_batches
+
+    bert = adapt(tiny.make("hf-bert"))
+    split = _lengths_split(384, 4, 40, seed=4, queries=_lengths_split(192, 3, 10, seed=5))
+    sample, _, parts = calibration_batches(split, 64, seed=0, device="cpu")
+    every, _, every_parts = calibration_batches(split, len(split), seed=0, device="cpu")
+    scorer = random_scorer(bert, SITES, seed=0, hidden=(16,), budget=BudgetInput(0.3, 0.9, 0.5))
+    targets = [0.6, 0.8]
+    points = calibrate(bert, scorer, sample, targets, idle_saving=0.0, parts=parts, counted=batch_counts(bert, every),
+                       counted_parts=every_parts)
+    scorer.budget = BudgetInput(0.3, 0.9, 0.5, points)
+    assert scorer.budget.tasks == list(TASKS) == ["document", "query"]
+    kinds = {task: [b for b, k in zip(every, every_parts, strict=True) if k == i] for i, task in enumerate(TASKS)}
+    for f, p in zip(targets, points, strict=True):
+        mix = prune(bert.model, scorer, flops=f)
+        assert measure(bert, mix.scorer, kinds["query"], "keep_ratio", mix.values, executed=True).flops_ratio > f + SLACK
+        for task, batches in kinds.items():
+            fast = prune(bert.model, scorer, flops=f, task=task)
+            ran = measure(bert, fast.scorer, batches, "keep_ratio", fast.values, executed=True).flops_ratio
+            assert ran <= f and ran == pytest.approx(p.spent[f"keep_ratio@{task}"], abs=1e-12), (f, task)
+            # ... and the largest such plan: the next count step up runs above f on that kind.
+            idle = [i in p.idle_of("keep_ratio") for i in range(len(SITES))]
+            above = static_ratios(bert, fast.scorer, p.plans[task] + 1e-6, p.keep_ratio, idle)
+            assert plan_flops(bert, fast.scorer, batch_counts(bert, batches), above) > f
+    assert scorer.budget.plan(0.7, "query") < scorer.budget.plan(0.7) < scorer.budget.plan(0.7, "document")
+    save_scorer(scorer, tmp_path / "s", bert.signature())
+    assert load_scorer(tmp_path / "s").budget == scorer.budget
+    for kwargs, message in (({"task": "query"}, "give flops"), ({"flops": 0.7, "task": "passage"}, "no plan for it"),
+                            ({"flops": 0.7, "task": "query", "rule": "threshold"}, "threshold rule has none")):
+        with pytest.raises(UserError, match=message):
+            prune(bert.model, scorer, **kwargs)
+    one_kind = BudgetInput(0.3, 0.9, 0.5, calibrate(bert, scorer, sample[:1], [0.6], counted=batch_counts(bert, every)))
+    assert one_kind.tasks == []
+    with pytest.raises(UserError, match="calibrated on one kind of input"):
+        one_kind.plan(0.6, "query")
+
+
 def test_default_rule_is_one_that_met_its_target() -> None:
     """Where calibration's better rule did not meet the target and the other did, the default is the other
     (short texts can keep keep_ratio above a tight target; a threshold may find no cut deep enough)."""

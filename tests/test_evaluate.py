@@ -231,6 +231,20 @@ def _calibrated_scorer(backbone, batches):
     return scorer
 
 
+def _retrieval_scorer(backbone, split, batch_size):
+    """A scorer calibrated as a retrieval run's: on every row and query of ``split`` in deployed batches, each kind
+    also on its own (plans per task)."""
+    from policy_prune.core.budget import BudgetInput
+    from policy_prune.core.calibration import batch_counts, calibrate
+    from policy_prune.training.train import calibration_batches
+
+    batches, _, parts = calibration_batches(split, len(split), 0, "cpu", batch_size)
+    scorer = random_scorer(backbone, SITES, seed=0, hidden=(16,), budget=BudgetInput.over(0.4, 0.9))
+    scorer.budget = BudgetInput.over(0.4, 0.9, calibrate(backbone, scorer, batches, [0.4, 0.5, 0.7, 0.9], parts=parts,
+                                                         counted=batch_counts(backbone, batches), counted_parts=parts))
+    return scorer
+
+
 def test_deployed_row_is_the_public_call(vit, splits, tmp_path) -> None:
     """learned-deployed runs exactly prune(model, scorer, flops=f) and learned-deployed-threshold the same call
     with rule="threshold": rule, values and outputs; no point outside the budgets the scorer was trained on
@@ -520,15 +534,14 @@ def test_queries_with_a_budget_of_their_own(bert, text_splits, vit, splits, own)
     from policy_prune.core.inference import prune
     from policy_prune.evaluation.cost import flops_ratios
 
-    halves = [{k: v[:8] for k, v in text_splits["val"].inputs.items()}, {k: v[8:] for k, v in text_splits["val"].inputs.items()}]
-    scorer = _calibrated_scorer(bert, halves)
+    scorer = _retrieval_scorer(bert, text_splits["val"], 5)
     methods = [learned_methods(scorer, "seed 0")[0], *(make_baseline(n, SITES) for n in ("token-norm", "similarity-pre"))]
     res = evaluate.evaluate(bert, text_splits, methods, [0.7, 0.5], "test", batch_size=5, repeats=0, n_boot=50,
                             query_target=own)
     assert res["query_target"] == own
     val, test = (evaluate.prepare(bert, text_splits[k], 5, "cpu") for k in ("val", "test"))
-    passages_ctx = evaluate.solve_context(bert, replace(val, queries=None, relevant=None), alone=True)
-    queries_ctx = evaluate.solve_context(bert, val.queries, alone=True)
+    passages_ctx = evaluate.solve_context(bert, replace(val, queries=None, relevant=None), kind="document")
+    queries_ctx = evaluate.solve_context(bert, val.queries, kind="query")
     by_name = {m.name: m for m in methods}
     solved = [r for r in res["results"] if r["target"] is not None]
     assert sorted({r["method"] for r in solved}) == ["learned-deployed", "similarity-pre", "token-norm"]
@@ -545,55 +558,63 @@ def test_queries_with_a_budget_of_their_own(bert, text_splits, vit, splits, own)
         assert r["flops_queries"]["total"] == pytest.approx(spent, abs=1e-12), r
         checked += 1
     assert checked >= 4
-    deployed = by_name["learned-deployed"]
+    deployed, plans = by_name["learned-deployed"], set()
     for r in (r for r in solved if r["method"] == "learned-deployed"):
         q_target = r["target"] if own == "same" else own
-        q = deployed.solve(queries_ctx, q_target)  # the call at flops=q_target, or a smaller flops where that overspends
-        asked = deployed.called(queries_ctx, q_target, q_target).solved  # flops=q_target on the val queries
-        assert q.budget == q_target or (asked > q_target + MATCH and q.solved <= q_target) \
-            or (q.budget == scorer.budget.low and q.solved < asked)
-        assert r["query_values"] == list(prune(bert.model, scorer, flops=q.budget, strict=False).values), r
-    assert any(r["method"] == "learned-deployed" for r in solved)
+        q = deployed.solve(queries_ctx, q_target)  # the call with the scorer's plan for queries (keep_ratio's)
+        for point, values, target, task in ((q, r["query_values"], q_target, "query"),
+                                            (None, r["values"], r["target"], "document")):
+            mix = prune(bert.model, scorer, flops=target, strict=False)
+            own_plan = mix.rule == "keep_ratio"  # the threshold has no plan per task: the call for the mix runs
+            call = prune(bert.model, scorer, flops=target, task=task, strict=False) if own_plan else mix
+            assert values == list(call.values), (r, task)
+            if point is not None:
+                assert (point.budget, point.task) == (target, task if own_plan else None), r
+                assert point.solved <= target + 1e-9 or not own_plan, r
+            plans.add(own_plan)
+    assert plans == {True, False}  # both kinds of call were checked (a plan per task, the threshold for the mix)
     with pytest.raises(UserError, match="no queries"):
         evaluate.evaluate(vit, splits, [make_baseline("token-norm", SITES)], [0.5], "test", batch_size=4, repeats=0,
                           n_boot=10, query_target=0.8)
 
 
-def test_deployed_call_on_short_inputs_alone_is_called_with_the_flops_that_meets_the_target(bert) -> None:
-    """A plan calibrated on long rows runs above its target on short rows alone (retrieval queries with a budget
-    of their own keep [CLS], [SEP] and a word): the deployed row's point there is prune(flops=F) with F the largest
-    flops argument that spends at most the target on those rows, where flops=target spends more than MATCH above
-    it; on the rows it was calibrated on it stays flops=target."""
+def test_deployed_call_on_one_kind_of_input_alone_runs_the_plan_for_it(bert) -> None:
+    """A plan calibrated for a mix of long and short rows runs above its target on the short rows alone
+    (retrieval queries with a budget of their own keep [CLS], [SEP] and a word): there the deployed row is
+    prune(flops=target, task="query"), the scorer's plan for that kind, which meets the target; on the mix it
+    stays prune(flops=target) whatever it spends; a scorer without plans per task runs the call for the mix."""
+    from policy_prune.core.budget import BudgetInput
+    from policy_prune.core.calibration import batch_counts, calibrate
     from policy_prune.core.inference import prune
+    from policy_prune.core.ops import trim_padding
 
     x = tiny.inputs("hf-bert", batch=30, seed=1)
     lengths = x["attention_mask"].sum(dim=1)
-    long, short = ({k: v[lengths == n] for k, v in x.items()} for n in (lengths.max(), lengths.min()))
-    scorer = _calibrated_scorer(bert, [long])
+    long, short = (trim_padding({k: v[lengths == n] for k, v in x.items()}) for n in (lengths.max(), lengths.min()))
+    batches = [long, short]  # as deployed: each batch cut to its longest row
+    scorer = random_scorer(bert, SITES, seed=0, hidden=(16,), budget=BudgetInput.over(0.4, 0.9))
+    scorer.budget = BudgetInput.over(0.4, 0.9, calibrate(bert, scorer, batches, [0.5, 0.7, 0.9], parts=[0, 1],
+                                                         counted=batch_counts(bert, batches), counted_parts=[0, 1]))
     deployed = learned_methods(scorer, "seed 0")[0]
 
-    def context(rows, alone=True):
-        data = evaluate.prepare(bert, Split("q", rows, None, torch.arange(10)), 5, "cpu")
-        return evaluate.solve_context(bert, data, alone=alone)
+    def context(rows, kind="query"):
+        data = evaluate.prepare(bert, Split("q", rows, None, torch.arange(10)), len(rows["input_ids"]), "cpu")
+        return evaluate.solve_context(bert, data, kind=kind)
 
-    short_ctx, target, low = context(short), 0.65, scorer.budget.low
-    asked = deployed.called(short_ctx, target, target)
-    assert asked.solved > target + MATCH  # what the test is about: flops=target overspends on the short rows
-    point = deployed.solve(short_ctx, target)
-    assert low <= point.budget < target and point.solved <= target and point.target == target
-    fast = prune(bert.model, scorer, flops=point.budget, strict=False)
+    target = 0.9  # 6-token rows keep 0-4 tokens: the mix's plan steps from 0.79 to 0.92 of their FLOPs
+    mixed = deployed.solve(context(short, kind=None), target)  # the call for the mix, on the short rows
+    assert mixed.task is None and mixed.solved > target + MATCH  # what the test is about
+    point = deployed.solve(context(short), target)
+    assert (point.task, point.budget, point.target) == ("query", target, target) and point.solved <= target
+    fast = prune(bert.model, scorer, flops=target, task="query", strict=False)
     assert (point.rule, point.values) == (fast.rule, list(fast.values))
-    step = (target - low) / 2 ** 10  # the bisection's resolution: one step up spends above the target
-    assert deployed.called(short_ctx, target, point.budget + step).solved > target
     data = evaluate.prepare(bert, Split("q", short, None, torch.arange(10)), 5, "cpu")
     with torch.inference_mode():
         expected = torch.cat([fast.run(x)[0].float() for x, _ in data.batches])
     torch.testing.assert_close(evaluate.run_method(bert, deployed, point, data)[0], expected)
-    on_long = deployed.solve(context(long), 0.7)
-    assert on_long.budget == 0.7 and abs(on_long.solved - 0.7) <= MATCH
-    # The headline (the mix the plan was calibrated for, not one kind alone) is the call itself, whatever it spends.
-    mixed = deployed.solve(context(short, alone=False), target)
-    assert mixed.budget == target and mixed.solved == asked.solved
+    # Without plans per task (calibrated on one kind): the call for the mix, as it is.
+    plain = _calibrated_scorer(bert, [long])
+    assert learned_methods(plain, "seed 0")[0].solve(context(short), target).task is None
 
 
 def test_text_outputs_show_every_comparison(text_results, tmp_path) -> None:

@@ -121,3 +121,46 @@ def test_two_pruned_copies_keep_their_own_budgets(st_model) -> None:
     torch.testing.assert_close(got, prune(st_model, scorer, keep_ratio=0.5).encode(texts, convert_to_tensor=True))
     torch.testing.assert_close(again, first)
     assert not torch.allclose(got, first, atol=1e-3)  # the two budgets differ
+
+
+def test_encode_query_and_encode_document_run_the_plan_of_their_task(st_model) -> None:
+    """prune(st, scorer, flops=f) with a retrieval calibration: encode_query and encode_document run the
+    scorer's plan for queries and for documents (each at most f on its own kind), encode the plan for the mix;
+    a task whose plan cannot reach f runs the mix's plan, with a warning."""
+    from policy_prune.core.budget import BudgetInput
+    from policy_prune.core.calibration import batch_counts, calibrate, measure
+
+    if not hasattr(st_model, "encode_query"):
+        pytest.skip("sentence-transformers before 5 has no encode_query")
+    words = tiny.WORDS
+    docs = [" ".join(words[(7 * i + j) % len(words)] for j in range(14)) for i in range(8)]
+    queries = [" ".join(words[(5 * i + j) % len(words)] for j in range(4)) for i in range(8)]
+    encoder = st_model[0].auto_model
+    backbone = adapt(encoder)
+    batches = [_features(st_model, docs), _features(st_model, queries)]
+    scorer = random_scorer(backbone, SITES, seed=3, hidden=(16,), budget=BudgetInput.over(0.4, 0.9))
+    scorer.budget = BudgetInput.over(0.4, 0.9, calibrate(backbone, scorer, batches, [0.5, 0.7], parts=[0, 1],
+                                                         counted=batch_counts(backbone, batches), counted_parts=[0, 1]))
+    fast = prune(st_model, scorer, flops=0.7)
+    expected = {task: prune(encoder, scorer, flops=0.7, task=task) for task in (None, "query", "document")}
+    spent = {task: measure(backbone, m.scorer, [batches[1]], "keep_ratio", m.values, executed=True).flops_ratio
+             for task, m in expected.items()}
+    assert spent["query"] <= 0.7 < spent[None]  # on the queries: their own plan meets f, the mix's does not
+    with torch.no_grad():
+        for texts, got in ((queries, fast.encode_query(queries, convert_to_tensor=True)),
+                           (docs, fast.encode_document(docs, convert_to_tensor=True))):
+            task = "query" if texts is queries else "document"
+            want = expected[task](**_features(st_model, texts)).sentence_embedding
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        mixed = fast.encode(queries, convert_to_tensor=True)
+        torch.testing.assert_close(mixed, expected[None](**_features(st_model, queries)).sentence_embedding,
+                                   rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(mixed, fast.encode_query(queries, convert_to_tensor=True), atol=1e-4)
+    with pytest.warns(UserWarning, match="task='query' runs the plan for the mix"):
+        tight = prune(st_model, scorer, flops=0.5)  # 4-word queries cannot be brought to 0.5 of their FLOPs
+    assert sorted(tight[0].tasks) == ["document"]
+
+
+def _features(st_model, texts):
+    features = st_model.preprocess(texts)
+    return {k: v for k, v in features.items() if k in ("input_ids", "attention_mask", "token_type_ids")}

@@ -12,7 +12,10 @@ then met by one of the two decision rules:
   come from the calibration (the policy's own allocation at f), scaled so that the FLOPs the calibration
   batches execute equal f: the scale is stored as ``plan``, the FLOPs ratio the shares would cost on a
   full-length input (short texts keep relatively more protected tokens and spend relatively more on the
-  linear layers, so a plan for a 128-token input overspends on 45-token passages).
+  linear layers, so a plan for a 128-token input overspends on 45-token passages). Where the calibration
+  data held retrieval passages and queries, each kind also has a scale of its own (``plans``): one plan for
+  the mix runs above f on short queries alone, so a query encoder gets the scale solved on the queries
+  (``prune(..., task="query")``; a SentenceTransformer's ``encode_query`` / ``encode_document`` choose it).
 
 Scorers without a budget input (trained at one lambda) meet a FLOPs target with keep_ratio only: one
 constant ratio at every site, solved on the analytic FLOPs.
@@ -43,6 +46,10 @@ slows a batch-1 call down and saves next to nothing in a batch."""
 IDLE_QUALITY = 0.005
 """Sites below ``IDLE_SAVING`` stay scored where idling them lowers the threshold rule's calibration quality
 by more than this (mean cosine, or accuracy: one of the 256 samples calibration scores is 0.0039)."""
+
+TASKS = ("document", "query")
+"""The kinds of input a retrieval scorer's calibration holds (part 0: the split's rows, part 1: its queries),
+named as sentence-transformers' ``encode_document`` / ``encode_query`` pass them to a model's modules (``task``)."""
 
 RULE_MARGIN = 0.005
 """The threshold rule is the default at a target only where its calibration quality beats keep_ratio's by more
@@ -110,6 +117,10 @@ class CalibrationPoint:
     threshold's shares to the target and can keep nearly every token at a site the threshold still scores,
     so the idle rule is applied to its own shares too, kept only where its quality holds. Per rule: a site
     idled for keep_ratio's sake need not cost the threshold anything (artifacts written before load as None)."""
+    plans: dict[str, float] = field(default_factory=dict)
+    """Task (a kind of input of ``TASKS``) -> keep_ratio's scale solved on that kind alone: the largest plan
+    (the same shares and idle sites) that executes at most ``flops`` on every val batch of it. Retrieval
+    calibrations only (empty otherwise, and in artifacts written before)."""
 
     def idle_of(self, rule: str) -> list[int]:
         """The sites ``rule`` runs no scorer at (keep_ratio: ``idle_keep_ratio`` where it was recorded)."""
@@ -198,14 +209,26 @@ class BudgetInput:
             raise UserError(f"flops={float(flops):g} with rule='threshold': calibration could not bring this scorer down "
                             f"to that FLOPs ratio ({floor}); ask for a larger flops, or use rule='keep_ratio'")
 
-    def plan(self, flops: float) -> float:
+    def plan(self, flops: float, task: str | None = None) -> float:
         """keep_ratio's calibrated scale at ``flops`` (linear between calibration points; ``flops`` itself
-        without calibration or for points calibrated before plans were measured)."""
+        without calibration or for points calibrated before plans were measured). ``task``: the scale solved
+        on that kind of input alone (:attr:`tasks`; UserError for one the calibration has no plan for)."""
         f = self.check(flops)
+        if task is not None and task not in self.tasks:
+            have = f"its tasks are {', '.join(self.tasks)}" if self.tasks else "it was calibrated on one kind of input"
+            raise UserError(f"task={task!r}: this scorer's calibration has no plan for it ({have}); a retrieval run "
+                            "calibrated again (policy-prune export RUN --calibrate) has 'document' and 'query'")
         if not self.calibration:
             return f
         xs = [p.flops for p in self.calibration]
+        if task is not None:
+            return float(np.interp(f, xs, [p.plans[task] for p in self.calibration]))
         return float(np.interp(f, xs, [p.flops if p.plan is None else p.plan for p in self.calibration]))
+
+    @property
+    def tasks(self) -> list[str]:
+        """The kinds of input every calibration point has a keep_ratio plan of its own for (in ``TASKS`` order)."""
+        return [t for t in TASKS if self.calibration and all(t in p.plans for p in self.calibration)]
 
     def _gaps(self, rule: str) -> list[float]:
         """Per calibration point, how far above its target ``rule`` ran (0 where it was not recorded)."""
@@ -275,10 +298,13 @@ class BudgetInput:
                                        None if p.get("plan") is None else float(p["plan"]),
                                        {str(k): float(v) for k, v in p.get("spent", {}).items()},
                                        [int(i) for i in p.get("idle", [])],
-                                       None if p.get("idle_keep_ratio") is None else [int(i) for i in p["idle_keep_ratio"]])
+                                       None if p.get("idle_keep_ratio") is None else [int(i) for i in p["idle_keep_ratio"]],
+                                       {str(k): float(v) for k, v in p.get("plans", {}).items()})
                       for p in data.get("calibration", [])]
             if bad := [p.rule for p in points if p.rule not in ("threshold", "keep_ratio")]:
                 raise ValueError(f"unknown calibrated rule {bad[0]!r} (threshold or keep_ratio)")
+            if bad := [t for p in points for t in p.plans if t not in TASKS]:
+                raise ValueError(f"unknown calibrated task {bad[0]!r} ({' or '.join(TASKS)})")
             budget = BudgetInput(float(data["low"]), float(data["high"]), float(data["default"]),
                                  sorted(points, key=lambda p: p.flops))
         except (KeyError, TypeError, AttributeError) as exc:
@@ -286,7 +312,7 @@ class BudgetInput:
         if not 0.0 < budget.low <= budget.default <= budget.high <= 1.0:
             raise ValueError(f"budget range must satisfy 0 < low <= default <= high <= 1, got {data!r}")
         for p in points:
-            numbers = [p.flops, p.threshold, *p.keep_ratio, *([] if p.plan is None else [p.plan])]
+            numbers = [p.flops, p.threshold, *p.keep_ratio, *([] if p.plan is None else [p.plan]), *p.plans.values()]
             idle = [*p.idle, *(p.idle_keep_ratio or [])]
             if not all(math.isfinite(v) for v in numbers) or not all(0.0 <= r <= 1.0 for r in p.keep_ratio):
                 raise ValueError(f"calibration point {p.flops:g}: flops, threshold and plan must be finite numbers and "

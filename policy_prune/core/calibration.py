@@ -19,6 +19,7 @@ from policy_prune.core.budget import (
     IDLE_SAVING,
     RULE_MARGIN,
     SLACK,
+    TASKS,
     CalibrationPoint,
     on_line,
     site_savings,
@@ -269,7 +270,8 @@ def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[A
               tol: float = 0.002, labels: torch.Tensor | None = None, slack: float = SLACK,
               idle_saving: float = IDLE_SAVING, idle_quality: float = IDLE_QUALITY,
               rule_margin: float = RULE_MARGIN, parts: Sequence[int] | None = None,
-              counted: Sequence[BatchCounts] | None = None) -> list[CalibrationPoint]:
+              counted: Sequence[BatchCounts] | None = None,
+              counted_parts: Sequence[int] | None = None) -> list[CalibrationPoint]:
     """For each target f: the threshold at which ``scorer`` told f meets f on ``inputs``, the per-site keep
     shares it then has, the keep_ratio plan that meets f with those shares, and the rule
     ``prune(model, scorer, flops=f)`` runs by default.
@@ -289,6 +291,10 @@ def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[A
     plan is the largest that executes at most f on it (:func:`solve_plan`), its recorded FLOPs that split's; a
     sample of a few batches has its own mix of lengths (on minilm-text's val a plan met on 256 rows ran 0.507
     on test at 0.5, where baselines solved on the whole split ran 0.496).
+    ``counted_parts`` (one per ``counted`` batch, as ``parts``): where it holds several kinds, each kind also
+    gets keep_ratio's plan solved on its batches alone, the same shares and idle sites
+    (``CalibrationPoint.plans``, named by ``TASKS``): the mix's plan runs above f on short retrieval queries
+    alone (minilm-text at 0.35: 0.368 on the val queries), which a query encoder asked f for must not.
 
     Sites whose threshold drops save less than ``idle_saving`` of the block compute
     (:func:`policy_prune.core.budget.site_savings`) are made idle (they keep every token and run no scorer;
@@ -392,11 +398,12 @@ def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[A
             if score(trial_kr) < planned - idle_quality or (kr_met and trial_kr.flops_ratio > f + slack):
                 break
             kr_idle, plan, runs["keep_ratio"] = trial_idle, trial_plan, trial_kr
+        plans, task_spent = _task_plans(backbone, told, f, runs["threshold"].keep_ratio, kr_idle, counted, counted_parts)
         scores = {rule: score(m) for rule, m in runs.items()}
         by_kind = {rule: score_kinds(m) for rule, m in runs.items()}
         if len(by_kind["threshold"]) > 1:  # recorded per kind too: "threshold@1" (queries)
             scores.update({f"{rule}@{k}": q for rule, qs in by_kind.items() for k, q in enumerate(qs)})
-        spent = {rule: m.flops_ratio for rule, m in runs.items()}
+        spent = {rule: m.flops_ratio for rule, m in runs.items()} | task_spent
         met = [rule for rule in runs if spent[rule] <= f + slack and (rule != "threshold" or reached())]
         if len(met) == 2:  # static shapes unless the mask path wins clearly, on every kind of input
             lead = min(a - b for a, b in zip(by_kind["threshold"], by_kind["keep_ratio"], strict=True))
@@ -406,5 +413,26 @@ def calibrate(backbone: TokenBackbone, scorer: LearnedScorer, inputs: Sequence[A
         points.append(CalibrationPoint(float(f), float(t), runs["threshold"].keep_ratio, reached=reached(), rule=best,
                                        quality=scores, plan=float(plan), spent=spent,
                                        idle=_indices(idle),
-                                       idle_keep_ratio=_indices(kr_idle) if kr_idle != idle else None))
+                                       idle_keep_ratio=_indices(kr_idle) if kr_idle != idle else None,
+                                       plans=plans))
     return points
+
+
+def _task_plans(backbone: TokenBackbone, told: LearnedScorer, f: float, profile: Sequence[float], idle: Sequence[bool],
+                counted: Sequence[BatchCounts] | None,
+                parts: Sequence[int] | None) -> tuple[dict[str, float], dict[str, float]]:
+    """({task: keep_ratio's plan solved on that kind's ``counted`` batches alone}, {"keep_ratio@task": what it
+    executes there}), both empty unless ``parts`` names several kinds (:func:`calibrate`'s ``counted_parts``)."""
+    if counted is None or parts is None or len(set(parts)) < 2:
+        return {}, {}
+    low = static_floor(backbone, told, idle)
+    plans, spent = {}, {}
+    for kind, task in enumerate(TASKS[:max(parts) + 1]):
+        batches = [b for b, k in zip(counted, parts, strict=True) if k == kind]
+
+        def counted_flops(g: float, batches: list[BatchCounts] = batches) -> float:
+            return plan_flops(backbone, told, batches, static_ratios(backbone, told, g, profile, idle))
+
+        plans[task] = _largest_plan_within(counted_flops, f, low)
+        spent[f"keep_ratio@{task}"] = counted_flops(plans[task])
+    return plans, spent

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
@@ -321,13 +322,13 @@ def kept_mask(state: TokenState) -> torch.Tensor:
 def prune(model: SentenceTransformer,  # type: ignore[overload-overlap]
           scorer: LearnedScorer | str | Path, rule: str | None = None,
           keep_ratio: float | Sequence[float] | None = None, threshold: float | Sequence[float] | None = None,
-          strict: bool = True, flops: float | None = None) -> SentenceTransformer: ...
+          strict: bool = True, flops: float | None = None, task: str | None = None) -> SentenceTransformer: ...
 
 
 @overload
 def prune(model: nn.Module, scorer: LearnedScorer | str | Path, rule: str | None = None,
           keep_ratio: float | Sequence[float] | None = None, threshold: float | Sequence[float] | None = None,
-          strict: bool = True, flops: float | None = None) -> PrunedModel: ...
+          strict: bool = True, flops: float | None = None, task: str | None = None) -> PrunedModel: ...
 
 
 def prune(
@@ -338,6 +339,7 @@ def prune(
     threshold: float | Sequence[float] | None = None,
     strict: bool = True,
     flops: float | None = None,
+    task: str | None = None,
 ) -> Any:
     """Wrap ``model`` (timm ViT or HF encoder, in memory) so that ``scorer`` prunes its tokens.
 
@@ -360,16 +362,20 @@ def prune(
     A scorer without a budget input meets it with one constant keep_ratio on a full-length input. See
     :mod:`policy_prune.core.budget`.
 
+    ``task`` ("query" or "document", with ``flops``; retrieval scorers, whose calibration held both): the
+    keep_ratio plan solved on that kind of input alone, so that it runs at most ``flops`` on it (one plan for
+    the mix runs above it on short queries alone: minilm-text's at 0.35 ran 0.368 on val queries). See
+    ``BudgetInput.tasks``.
+
     A scorer trained for another backbone raises ScorerMismatchError (``strict=False`` tolerates a
     different architecture name or class count when every shape matches).
 
     A ``sentence_transformers.SentenceTransformer`` gives a shallow copy of it whose own ``encode``
     runs the pruned encoder (same arguments: batch_size, normalize_embeddings, convert_to_tensor, ...);
-    the original model is left as it was.
+    the original model is left as it was. With ``flops`` and a keep_ratio rule, its ``encode_query`` and
+    ``encode_document`` (sentence-transformers 5 and newer) run the scorer's plan for that task, where it has
+    one; ``encode`` runs the plan for the mix.
     """
-    if is_sentence_transformer(model):  # the optional integration: sentence_transformers is not imported
-        return prune_sentence_transformer(
-            model, lambda encoder: prune(encoder, scorer, rule, keep_ratio, threshold, strict, flops))
     if isinstance(model, PrunedModel):
         raise UsageError("the model is already a PrunedModel; pass the original model")
     if flops is not None:
@@ -379,6 +385,17 @@ def prune(
     if not isinstance(scorer, LearnedScorer):
         raise UsageError(f"scorer must be a LearnedScorer (policy_prune.load_scorer) or the path of a scorer folder, "
                          f"got {type(scorer).__name__}")
+    if task is not None and flops is None:
+        raise UserError(f"task={task!r} picks the plan for a FLOPs target: give flops=... too")
+    if is_sentence_transformer(model):  # the optional integration: sentence_transformers is not imported
+        if task is not None:
+            raise UserError("a pruned SentenceTransformer picks the task itself: encode_query and encode_document run "
+                            "the plan for queries and for documents (leave task out)")
+
+        def prune_encoder(encoder: nn.Module) -> tuple[PrunedModel, dict[str, PrunedModel]]:
+            return _with_tasks(prune(encoder, scorer, rule, keep_ratio, threshold, strict, flops), encoder, flops)
+
+        return prune_sentence_transformer(model, prune_encoder)
     backbone = _adapt_for(model, scorer)
     check_signature(scorer, backbone.signature(), strict=strict)
     try:
@@ -388,13 +405,31 @@ def prune(
     if flops is not None:
         if keep_ratio is not None or threshold is not None:
             raise UserError("give one of flops, keep_ratio or threshold")
-        name, values, scorer = rule_for_flops(backbone, scorer, flops, rule)
+        name, values, scorer = rule_for_flops(backbone, scorer, flops, rule, task)
     else:
         scorer = scorer.at(None)
         name, values = resolve_rule(scorer, rule, keep_ratio, threshold)
     # The scorer's MLP and projection go where the model is (a CUDA model, a CPU-loaded scorer); their dtype stays.
     device = next(model.parameters(), torch.empty(0)).device
     return PrunedModel(backbone, scorer, name, values).to(device)
+
+
+def _with_tasks(pruned: PrunedModel, encoder: nn.Module, flops: float | None) -> tuple[PrunedModel, dict[str, PrunedModel]]:
+    """(``pruned``, {task: the same call with that task's plan}) for a SentenceTransformer's encode_query /
+    encode_document: where ``pruned`` runs a calibrated keep_ratio plan at ``flops`` and its scorer has plans per
+    task (none otherwise: every task runs ``pruned``). They share the encoder and the scorer's weights. A task
+    whose plan does not reach ``flops`` on its calibration data runs ``pruned``, and a warning says so."""
+    budget = pruned.scorer.budget
+    if flops is None or pruned.rule != "keep_ratio" or budget is None:
+        return pruned, {}
+    tasks = {}
+    for task in budget.tasks:
+        try:
+            tasks[task] = prune(encoder, pruned.scorer, "keep_ratio", strict=False, flops=flops, task=task)
+        except UserError as exc:
+            warnings.warn(f"encode with task={task!r} runs the plan for the mix, above flops={flops:g} on that kind "
+                          f"of input: {exc}", stacklevel=4)
+    return pruned, tasks
 
 
 def _flops_number(flops: Any) -> float:
@@ -407,8 +442,8 @@ def _flops_number(flops: Any) -> float:
     raise UsageError(f"flops must be a number (a FLOPs ratio in (0, 1]), got {flops!r}")
 
 
-def rule_for_flops(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
-                   rule: str | None = None) -> tuple[str, list[float], LearnedScorer]:
+def rule_for_flops(backbone: TokenBackbone, scorer: LearnedScorer, flops: float, rule: str | None = None,
+                   task: str | None = None) -> tuple[str, list[float], LearnedScorer]:
     """(rule, one value per site, the scorer told its budget) that run ``scorer`` at ``flops``.
 
     The default rule is the one calibration chose at the nearest calibrated target (``BudgetInput.rule``:
@@ -420,6 +455,8 @@ def rule_for_flops(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
     (keep_ratio 1, threshold -inf) and run no scorer.
     UserError, never a silently different budget, for an ``flops`` below what keep_ratio reaches
     (:func:`check_reachable`) or, with threshold, one the calibration did not reach or without calibration.
+    ``task``: keep_ratio's plan solved on that kind of input alone (``BudgetInput.plan``); UserError for the
+    threshold rule, which has no plan per task.
     """
     if not 0.0 < flops <= 1.0:
         raise UserError(f"flops must be a FLOPs ratio in (0, 1], got {flops:g}")
@@ -431,6 +468,10 @@ def rule_for_flops(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
         rule = rule or (budget.rule(flops) if budget is not None else "keep_ratio")
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    if task is not None and (rule == "threshold" or budget is None):
+        why = "the threshold rule has none (ask rule='keep_ratio')" if budget is not None else \
+            "this scorer has no budget input, so no calibration"
+        raise UserError(f"task={task!r} picks a keep_ratio plan solved for that kind of input: {why}")
     if rule == "threshold":
         if budget is None:
             raise UserError("this scorer has no budget input, so no threshold is calibrated for a FLOPs target: "
@@ -441,8 +482,8 @@ def rule_for_flops(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
     if budget is None:
         return "keep_ratio", static_ratios(backbone, told, flops), told
     try:
-        budget.check_spent(flops, "keep_ratio")
-        plan = budget.plan(flops)
+        plan = budget.plan(flops, task)
+        budget.check_spent(flops, "keep_ratio" if task is None else f"keep_ratio@{task}")
     except ValueError as exc:
         raise UserError(str(exc)) from None
     idle = budget.idle(flops, len(scorer.sites), "keep_ratio")

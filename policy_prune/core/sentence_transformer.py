@@ -34,18 +34,26 @@ class PrunedTransformer(nn.Module):
     module's output name and sets ``attention_mask`` [B, N] to the kept tokens, so ST's own Pooling
     (mean, max, CLS, ...) reads only what the pruned model kept. Everything else (``preprocess``,
     ``tokenizer``, ``max_seq_length``, ...) is the wrapped module's.
+
+    ``tasks``: the PrunedModel for a task that sentence-transformers passes (``encode_query``: "query",
+    ``encode_document``: "document"; ``forward_kwargs`` asks for it), ``pruned`` for any other.
     """
 
-    def __init__(self, inner: nn.Module, pruned: nn.Module) -> None:
+    forward_kwargs = frozenset({"task"})
+    """The keyword arguments sentence-transformers passes to this module's forward (5 and newer)."""
+
+    def __init__(self, inner: nn.Module, pruned: nn.Module, tasks: dict[str, nn.Module] | None = None) -> None:
         super().__init__()
         self.inner = inner
         self.pruned = pruned
+        self.tasks = nn.ModuleDict(tasks or {})
 
-    def forward(self, features: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    def forward(self, features: dict[str, Any], task: str | None = None, **kwargs: Any) -> dict[str, Any]:
         if features.get("modality", "text") != "text" or "cu_seq_lens_q" in features:
             raise UserError("a pruned SentenceTransformer encodes padded text batches only (no images, no "
                             "flattened flash-attention inputs)")
-        out = self.pruned(**{k: features[k] for k in TEXT_FEATURES if k in features})
+        pruned = self.tasks[task] if task is not None and task in self.tasks else self.pruned
+        out = pruned(**{k: features[k] for k in TEXT_FEATURES if k in features})
         features[getattr(self.inner, "module_output_name", "token_embeddings")] = out.last_hidden_state
         features["attention_mask"] = out.kept_mask.to(features["attention_mask"].dtype)
         return features
@@ -75,8 +83,8 @@ class PrunedTransformer(nn.Module):
             return getattr(inner, name)
 
 
-_MODULE_ATTRS = frozenset(vars(nn.Module())) | {"inner", "pruned"}
-"""Attributes a PrunedTransformer keeps for itself (nn.Module's own state and its two submodules)."""
+_MODULE_ATTRS = frozenset(vars(nn.Module())) | {"inner", "pruned", "tasks"}
+"""Attributes a PrunedTransformer keeps for itself (nn.Module's own state and its submodules)."""
 
 
 def own_input_module(inner: nn.Module) -> nn.Module:
@@ -96,7 +104,8 @@ def own_input_module(inner: nn.Module) -> nn.Module:
 
 
 def prune_sentence_transformer(model: Any, prune_encoder: Any) -> Any:
-    """A shallow copy of ``model`` whose input module runs ``prune_encoder(hf_encoder)`` (a PrunedModel)."""
+    """A shallow copy of ``model`` whose input module runs what ``prune_encoder(hf_encoder)`` returns: (a
+    PrunedModel, {task: the PrunedModel for that task})."""
     first = next(iter(model._modules))
     inner = model._modules[first]
     encoder = getattr(inner, "auto_model", None)
@@ -106,5 +115,5 @@ def prune_sentence_transformer(model: Any, prune_encoder: Any) -> Any:
     fast = copy.copy(model)
     # copy.copy shares the module dict itself: give the copy its own before replacing the input module.
     fast._modules = OrderedDict(model._modules)
-    fast._modules[first] = PrunedTransformer(own_input_module(inner), prune_encoder(encoder))
+    fast._modules[first] = PrunedTransformer(own_input_module(inner), *prune_encoder(encoder))
     return fast

@@ -38,7 +38,6 @@ import torch
 from policy_prune.core import ops
 from policy_prune.core.backbones.base import TokenBackbone, TokenState
 from policy_prune.core.features import position_table
-from policy_prune.core.schedule import bisect_at_most
 from policy_prune.core.scorer import (
     LearnedScorer,
     Scorer,
@@ -52,7 +51,6 @@ from policy_prune.errors import UserError
 from policy_prune.evaluation import cost, merge, tome
 from policy_prune.evaluation.cost import Work, batch_max, site_work, total_ratio
 from policy_prune.evaluation.solve import (
-    MATCH,
     BatchedCounts,
     Point,
     SolveContext,
@@ -673,37 +671,38 @@ class DeployedMethod(Method):
     """The public call, as a user runs it: ``prune(model, scorer, flops=f)`` with its default rule (chosen
     on val at calibration and stored in the scorer), its values, its static or packed path and the eval
     batching (text: length-sorted batches, as ``SentenceTransformer.encode`` makes them). ``solve`` measures on
-    val what ``flops=target`` spends: the headline, nothing solved. Only for one kind of input on its own
-    (``SolveContext.alone``: retrieval queries under eval's ``--query-target``; the plan was calibrated for the
-    mix), where that call runs more than MATCH above the target, is the flops argument itself solved, as a user
-    would set it for a copy that encodes only that kind. The point's ``budget`` is the flops argument. Targets
-    outside the budgets the scorer was trained on have no point (``prune`` refuses them)."""
+    val what ``flops=target`` spends: nothing is solved in eval. For one kind of input on its own
+    (``SolveContext.kind``: retrieval passages or queries under eval's ``--query-target``) the call is
+    ``prune(..., flops=target, task=kind)`` where the scorer has a plan for that kind (what a pruned
+    SentenceTransformer's ``encode_query`` / ``encode_document`` run), else the call for the mix. The point's
+    ``budget`` is the flops argument. Targets outside the budgets the scorer was trained on have no point
+    (``prune`` refuses them)."""
 
     counts_only = False  # what the call spends is the scorer's plan: measured, never matched
 
     def __init__(self, name: str, scorer: LearnedScorer, run: str | None = None, rule: str | None = None) -> None:
         super().__init__(name, scorer.sites)
         self.scorer, self.run, self.rule = scorer, run, rule
-        self._models: dict[tuple[int, float], Any] = {}
+        self._models: dict[tuple[int, float, str | None], Any] = {}
 
-    def model(self, backbone: TokenBackbone, target: float) -> Any:
-        """``prune(backbone.model, scorer, flops=target[, rule=rule])``, built once per backbone and target."""
+    def model(self, backbone: TokenBackbone, target: float, task: str | None = None) -> Any:
+        """``prune(backbone.model, scorer, flops=target[, rule=rule][, task=task])``, built once per backbone,
+        target and task."""
         from policy_prune.core.inference import prune
 
-        key = (id(backbone), target)
+        key = (id(backbone), target, task)
         if key not in self._models:
-            self._models[key] = prune(backbone.model, self.scorer, rule=self.rule, flops=target, strict=False)
+            self._models[key] = prune(backbone.model, self.scorer, rule=self.rule, flops=target, strict=False, task=task)
         return self._models[key]
 
-    @staticmethod
-    def flops_argument(point: Point) -> float:
-        """The ``flops`` the point calls ``prune`` with (its budget; the target for points made before it was)."""
+    def _called(self, backbone: TokenBackbone, point: Point) -> Any:
+        """The PrunedModel ``point`` runs (its flops argument and task)."""
         flops = point.target if point.budget is None else point.budget
         assert flops is not None
-        return flops
+        return self.model(backbone, flops, point.task)
 
     def forward(self, backbone: TokenBackbone, inputs: Any, point: Point, watch: Watch | None = None) -> tuple[torch.Tensor, Work]:
-        fast = self.model(backbone, self.flops_argument(point))
+        fast = self._called(backbone, point)
         step, cls, idle = fast.step_fn(), model_has_cls(fast.backbone), fast.idle_sites()
 
         def reduce(state: TokenState, i: int, layer: int) -> tuple[TokenState, float]:
@@ -714,38 +713,20 @@ class DeployedMethod(Method):
 
     def timed(self, backbone: TokenBackbone, inputs: Any, point: Point) -> Callable[[], Any]:
         """The public call itself (the PrunedModel on the adapter's inputs), without eval's bookkeeping."""
-        return functools.partial(self.model(backbone, self.flops_argument(point)).run, inputs)
+        return functools.partial(self._called(backbone, point).run, inputs)
 
     def solve(self, ctx: SolveContext, target: float) -> Point | None:
-        called = functools.cache(lambda flops: self.called(ctx, target, flops))
+        budget = self.scorer.budget
         try:
-            point = called(target)
+            fast = self.model(ctx.backbone, target)
+            # The threshold rule has no plan per task: one kind alone then runs the call for the mix.
+            task = ctx.kind if fast.rule == "keep_ratio" and budget is not None and ctx.kind in budget.tasks else None
+            if task is not None:
+                fast = self.model(ctx.backbone, target, task)
         except UserError as exc:  # outside the trained budgets, or below what the scorer reaches: said in the report
             self.unsolved[target] = str(exc)
             return None
-        assert point.solved is not None
-        if not ctx.alone or point.solved <= target + MATCH or self.scorer.budget is None:
-            return point
-        # One kind of input alone (short retrieval queries keep [CLS], [SEP] and a word), on which the plan
-        # calibrated for the mix runs above the target: a flops argument, bisected between the trained range's low
-        # end and the target, that spends at most the target here (where none does, the end that spends less).
-
-        def spent(flops: float) -> float:
-            try:
-                return float(called(flops).solved)  # type: ignore[arg-type]
-            except UserError:  # prune refuses it (keep_ratio ran above it on the calibration data): not a candidate
-                return math.inf
-
-        low = self.scorer.budget.low
-        if spent(low) > target:
-            return called(low) if spent(low) < point.solved else point
-        return called(bisect_at_most(spent, target, low, target, iters=10)[0])
-
-    def called(self, ctx: SolveContext, target: float, flops: float) -> Point:
-        """The point of ``prune(flops=flops)`` for ``target``, with what it spends on ``ctx``'s batches
-        (UserError where ``prune`` refuses the flops)."""
-        fast = self.model(ctx.backbone, flops)
-        point = Point(fast.rule, list(fast.values), target, None, flops)
+        point = Point(fast.rule, list(fast.values), target, None, target, task=task)
         return replace(point, solved=total_ratio(ctx.backbone, self.measure(ctx, point)))
 
 

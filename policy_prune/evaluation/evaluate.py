@@ -210,10 +210,10 @@ def score(backbone: TokenBackbone, method: Method, point: Point, data: EvalData)
     return Scored(method, point, values, work, query_work)
 
 
-def solve_context(backbone: TokenBackbone, val: EvalData, alone: bool = False) -> SolveContext:
+def solve_context(backbone: TokenBackbone, val: EvalData, kind: str | None = None) -> SolveContext:
     """What methods reach their targets on: the val rows and, with a retrieval task, the val queries too,
-    so that one total over queries and passages meets the target (a user's encoder embeds both). ``alone``:
-    ``val`` is one kind of input given a budget of its own (``SolveContext.alone``)."""
+    so that one total over queries and passages meets the target (a user's encoder embeds both). ``kind``:
+    ``val`` is that kind of input alone, given a budget of its own (``SolveContext.kind``)."""
     parts = [val] if val.queries is None else [val, val.queries]
     offsets = [0]
     for p in parts[:-1]:
@@ -221,7 +221,7 @@ def solve_context(backbone: TokenBackbone, val: EvalData, alone: bool = False) -
     counts = BatchedCounts(torch.cat([p.counts.n0 for p in parts]), torch.cat([p.counts.protected for p in parts]),
                            max(p.counts.n_full for p in parts),
                            torch.cat([p.counts.batch + o for p, o in zip(parts, offsets, strict=True)]))
-    return SolveContext(backbone, counts, [b for p in parts for b in p.batches], alone)
+    return SolveContext(backbone, counts, [b for p in parts for b in p.batches], kind)
 
 
 def operating_points(method: Method, ctx: SolveContext, targets: Sequence[float],
@@ -248,7 +248,7 @@ def evaluate(backbone: TokenBackbone, splits: dict[str, Any], methods: Sequence[
 
     ``query_target`` (retrieval): the queries get a budget of their own. Each method's queries run its point
     solved on the val queries alone for at most ``query_target`` of their FLOPs (the deployed call:
-    ``prune(..., flops=query_target)``), its passages the point solved on the val passages alone for each
+    ``prune(..., flops=query_target, task="query")``, where the scorer has that plan), its passages the point solved on the val passages alone for each
     target; ``"same"`` (SAME): the queries' point is solved for each target too (each part at most the target);
     None: one point per target, solved for one total over both.
 
@@ -267,8 +267,8 @@ def evaluate(backbone: TokenBackbone, splits: dict[str, Any], methods: Sequence[
         own (its rows alone, its queries alone)."""
         if query_target is None or d.queries is None:
             return solve_context(backbone, d), None
-        return (solve_context(backbone, replace(d, queries=None, relevant=None), alone=True),
-                solve_context(backbone, d.queries, alone=True))
+        return (solve_context(backbone, replace(d, queries=None, relevant=None), kind="document"),
+                solve_context(backbone, d.queries, kind="query"))
 
     ctx, query_ctx = contexts(val)
     scored_ctx = None if data is val else contexts(data)  # to match off-target baselines' FLOPs

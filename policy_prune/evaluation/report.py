@@ -261,7 +261,8 @@ def _query_budget(results: dict[str, Any]) -> str:
     own = "the target" if results["query_target"] == SAME else f"{results['query_target']:g} of their FLOPs"
     return (f"Queries have a budget of their own: every method encodes them at its point solved on the val queries "
             f"alone for at most {own}, and the passages at its point solved on "
-            "the val passages alone for the target; a row is on target where each part is within "
+            "the val passages alone for the target (the deployed call: the scorer's plan for each kind, "
+            "`prune(..., task=\"query\")` and `task=\"document\"`, where it has them); a row is on target where each part is within "
             f"{MATCH} of its own. The FLOPs columns are the total over both (each part: `flops_passages`, "
             "`flops_queries` in pareto.json).")
 

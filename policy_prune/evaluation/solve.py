@@ -67,6 +67,8 @@ class Point:
     point lands further than MATCH from its target on the scored split (``evaluate.match_scored``)."""
     replaces: Point | None = None
     """The val point a matched point stands in for (what the best baseline is chosen by)."""
+    task: str | None = None
+    """The kind of input a deployed call's plan was solved for (``prune(..., task=task)``); None: the mix."""
     queries: Point | None = None
     """The point retrieval queries are encoded at where they have a budget of their own (eval
     ``--query-target``: this point's target is then the passages'); None: the queries run this point."""
@@ -78,6 +80,7 @@ class Point:
             return "-"
         vals = self.values
         told = "" if self.budget is None else f" told {self.budget:g}"
+        told += "" if self.task is None else f" ({self.task} plan)"
         told += "" if self.matched is None else f" (FLOPs matched on {self.matched})"
         queries = "" if self.queries is None else f"; queries {self.queries.label()}"
         if self.rule == "tome-r":
@@ -110,9 +113,9 @@ class SolveContext:
     counts: BatchedCounts
     batches: Sequence[tuple[Any, Any]]
     """The val split in eval batches (inputs, labels): for methods whose FLOPs must be measured."""
-    alone: bool = False
-    """One kind of input on its own (retrieval passages or queries with a budget of their own, eval's
-    ``--query-target``), not the mix a scorer's plan was calibrated for."""
+    kind: str | None = None
+    """One kind of input on its own (``TASKS``: retrieval passages "document" or queries "query", with a budget
+    of their own under eval's ``--query-target``), not the mix; None: the mix a scorer's plan was calibrated for."""
 
 
 def ratio_counts(values: Sequence[float], tc: TokenCounts, n_sites: int) -> list[torch.Tensor]:

@@ -416,7 +416,8 @@ def calibrated_scorer(cfg: RunConfig, scorer: Any, backbone: Any, val: Any) -> t
 def calibrated_budget(cfg: RunConfig, scorer: Any, backbone: Any, val: Any) -> Any:
     """The BudgetInput of a budget-conditioned run's scorer, calibrated on the validation split as deployed:
     the backbone in fp32 (whatever dtype it trained in), a sample drawn across val (:func:`calibration_batches`)
-    for the outputs and every val batch for keep_ratio's FLOPs (counted from the lengths)."""
+    for the outputs and every val batch for keep_ratio's FLOPs (counted from the lengths; with retrieval queries,
+    also per kind of input: the plans of ``prune(..., task=...)``)."""
     import dataclasses
 
     import numpy as np
@@ -432,11 +433,12 @@ def calibrated_budget(cfg: RunConfig, scorer: Any, backbone: Any, val: Any) -> A
     backbone.to(dtype=torch.float32)
     inputs, labels, parts = calibration_batches(val, cfg.train.calibration_samples, cfg.train.seed, cfg.train.device)
     # keep_ratio plans are solved on every val row as deployed (counted from their lengths, no model run).
-    counted = batch_counts(backbone, calibration_batches(val, len(val), cfg.train.seed, cfg.train.device)[0])
+    every, _, every_part = calibration_batches(val, len(val), cfg.train.seed, cfg.train.device)
+    counted = batch_counts(backbone, every)
     steps = max(int(round((high - low) / cfg.train.calibration_step)), 1)
     targets = [round(float(t), 6) for t in np.linspace(low, high, steps + 1)]
     return BudgetInput.over(low, high, calibrate(backbone, scorer, inputs, targets, labels=labels, parts=parts,
-                                                 counted=counted))
+                                                 counted=counted, counted_parts=every_part))
 
 
 def calibration_batches(split: Any, n: int, seed: int, device: str,
