@@ -386,6 +386,18 @@ def test_each_kind_of_retrieval_input_gets_a_plan_that_meets_the_target_on_it(tm
                             ({"flops": 0.7, "task": "query", "rule": "threshold"}, "threshold rule has none")):
         with pytest.raises(UserError, match=message):
             prune(bert.model, scorer, **kwargs)
+    # A task's plan is keep_ratio's: with a task it runs even where the mix's default rule is the threshold.
+    by_threshold = dataclasses.replace(scorer, budget=BudgetInput(0.3, 0.9, 0.5, [
+        dataclasses.replace(p, rule="threshold") for p in points]))
+    assert prune(bert.model, by_threshold, flops=0.6).rule == "threshold"
+    assert prune(bert.model, by_threshold, flops=0.6, task="query").values == \
+        prune(bert.model, scorer, flops=0.6, task="query").values
+    meta = json.loads((tmp_path / "s" / "scorer.json").read_text())
+    for plans, message in (({"passage": 0.5}, "unknown calibrated task"), ({"query": float("nan")}, "finite")):
+        meta["budget"]["calibration"][0]["plans"] = plans
+        (tmp_path / "s" / "scorer.json").write_text(json.dumps(meta))
+        with pytest.raises(ScorerFileError, match=message):
+            load_scorer(tmp_path / "s")
     one_kind = BudgetInput(0.3, 0.9, 0.5, calibrate(bert, scorer, sample[:1], [0.6], counted=batch_counts(bert, every)))
     assert one_kind.tasks == []
     with pytest.raises(UserError, match="calibrated on one kind of input"):

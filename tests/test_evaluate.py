@@ -612,6 +612,11 @@ def test_deployed_call_on_one_kind_of_input_alone_runs_the_plan_for_it(bert) -> 
     with torch.inference_mode():
         expected = torch.cat([fast.run(x)[0].float() for x, _ in data.batches])
     torch.testing.assert_close(evaluate.run_method(bert, deployed, point, data)[0], expected)
+    # Where the task's plan cannot reach the target (6-token rows at 0.5): the call for the mix, as a pruned
+    # SentenceTransformer's encode_query runs it, and the report says so.
+    unreached = deployed.solve(context(short), 0.5)
+    assert unreached.task is None and unreached.values == list(prune(bert.model, scorer, flops=0.5).values)
+    assert any("0.5" in note and "query inputs run the call for the mix" in note for note in deployed.notes)
     # Without plans per task (calibrated on one kind): the call for the mix, as it is.
     plain = _calibrated_scorer(bert, [long])
     assert learned_methods(plain, "seed 0")[0].solve(context(short), target).task is None

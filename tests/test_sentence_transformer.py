@@ -159,6 +159,7 @@ def test_encode_query_and_encode_document_run_the_plan_of_their_task(st_model) -
     with pytest.warns(UserWarning, match="task='query' runs the plan for the mix"):
         tight = prune(st_model, scorer, flops=0.5)  # 4-word queries cannot be brought to 0.5 of their FLOPs
     assert sorted(tight[0].tasks) == ["document"]
+    assert not prune(st_model, scorer, flops=0.7, rule="threshold")[0].tasks  # no plan per task for the threshold
 
 
 def _features(st_model, texts):

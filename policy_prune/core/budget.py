@@ -105,7 +105,8 @@ class CalibrationPoint:
     artifacts written before it was measured: the plan is then ``flops`` itself."""
     spent: dict[str, float] = field(default_factory=dict)
     """Rule -> the FLOPs ratio it executed on the calibration batches at this target (keep_ratio: on the whole
-    split, where it was counted)."""
+    split, where it was counted); "keep_ratio@task" -> what the plan of ``plans[task]`` executes on that kind's
+    batches alone."""
     idle: list[int] = field(default_factory=list)
     """Sites (indices into the scorer's sites) that keep every token at this target, so no scorer runs at
     them: the tokens the policy dropped there, with the threshold or with keep_ratio's plan, would save less
@@ -212,17 +213,21 @@ class BudgetInput:
     def plan(self, flops: float, task: str | None = None) -> float:
         """keep_ratio's calibrated scale at ``flops`` (linear between calibration points; ``flops`` itself
         without calibration or for points calibrated before plans were measured). ``task``: the scale solved
-        on that kind of input alone (:attr:`tasks`; UserError for one the calibration has no plan for)."""
+        on that kind of input alone (:attr:`tasks`; UserError for one the calibration has no plan for), linear
+        between the points of keep_ratio's :meth:`regime` at ``flops``: at most ``flops`` on that kind's
+        calibration batches at a calibration point, about ``flops`` between two."""
         f = self.check(flops)
         if task is not None and task not in self.tasks:
-            have = f"its tasks are {', '.join(self.tasks)}" if self.tasks else "it was calibrated on one kind of input"
+            have = f"its tasks are {', '.join(self.tasks)}" if self.tasks else \
+                "it was calibrated on one kind of input" if self.calibration else "it is not calibrated"
             raise UserError(f"task={task!r}: this scorer's calibration has no plan for it ({have}); a retrieval run "
                             "calibrated again (policy-prune export RUN --calibrate) has 'document' and 'query'")
         if not self.calibration:
             return f
         xs = [p.flops for p in self.calibration]
-        if task is not None:
-            return float(np.interp(f, xs, [p.plans[task] for p in self.calibration]))
+        if task is not None:  # between the points solved with the idle sites that run at f (a plan is solved for them)
+            run = self.regime(f, "keep_ratio")
+            return float(np.interp(f, [p.flops for p in run], [p.plans[task] for p in run]))
         return float(np.interp(f, xs, [p.flops if p.plan is None else p.plan for p in self.calibration]))
 
     @property
@@ -238,17 +243,20 @@ class BudgetInput:
         """How far above its target ``rule`` ran on the calibration batches, interpolated at ``f``."""
         return float(np.interp(f, [p.flops for p in self.calibration], self._gaps(rule)))
 
-    def check_spent(self, flops: float, rule: str, slack: float = SLACK) -> None:
-        """UserError when ``rule`` executed more than ``flops`` + ``slack`` on the calibration batches at the
-        calibration points around ``flops`` (points that did not record it count as met)."""
+    def check_spent(self, flops: float, rule: str, slack: float = SLACK, task: str | None = None) -> None:
+        """UserError when ``rule`` (with ``task``: its plan for that kind of input, on that kind's batches alone)
+        executed more than ``flops`` + ``slack`` on the calibration batches at the calibration points around
+        ``flops`` (points that did not record it count as met)."""
         f = self.check(flops)
         if not self.calibration:
             return
-        if self._over(f, rule) > slack:
-            met = [p.flops for p, gap in zip(self.calibration, self._gaps(rule), strict=True) if gap <= slack]
+        key = rule if task is None else f"{rule}@{task}"
+        if self._over(f, key) > slack:
+            met = [p.flops for p, gap in zip(self.calibration, self._gaps(key), strict=True) if gap <= slack]
             floor = f"the lowest target it met is {min(met):g}" if met else "it met none of its targets"
-            raise UserError(f"flops={f:g} with rule={rule!r}: on the calibration data this scorer runs above that FLOPs "
-                            f"ratio ({floor}); ask for a larger flops")
+            on = "" if task is None else f" on {task} inputs alone"
+            raise UserError(f"flops={f:g} with rule={rule!r}{on}: on the calibration data this scorer runs above that "
+                            f"FLOPs ratio ({floor}); ask for a larger flops")
 
     def rule(self, flops: float) -> str:
         """The default rule at ``flops``: that of the nearest calibration point (keep_ratio without any), or the

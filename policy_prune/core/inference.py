@@ -373,8 +373,8 @@ def prune(
     A ``sentence_transformers.SentenceTransformer`` gives a shallow copy of it whose own ``encode``
     runs the pruned encoder (same arguments: batch_size, normalize_embeddings, convert_to_tensor, ...);
     the original model is left as it was. With ``flops`` and a keep_ratio rule, its ``encode_query`` and
-    ``encode_document`` (sentence-transformers 5 and newer) run the scorer's plan for that task, where it has
-    one; ``encode`` runs the plan for the mix.
+    ``encode_document`` (sentence-transformers 5 and newer) run the scorer's keep_ratio plan for that task,
+    where it has one (unless ``rule="threshold"``); ``encode`` runs the call for the mix.
     """
     if isinstance(model, PrunedModel):
         raise UsageError("the model is already a PrunedModel; pass the original model")
@@ -393,7 +393,8 @@ def prune(
                             "the plan for queries and for documents (leave task out)")
 
         def prune_encoder(encoder: nn.Module) -> tuple[PrunedModel, dict[str, PrunedModel]]:
-            return _with_tasks(prune(encoder, scorer, rule, keep_ratio, threshold, strict, flops), encoder, flops)
+            pruned = prune(encoder, scorer, rule, keep_ratio, threshold, strict, flops)
+            return (pruned, {}) if rule == "threshold" else _with_tasks(pruned, encoder, flops)
 
         return prune_sentence_transformer(model, prune_encoder)
     backbone = _adapt_for(model, scorer)
@@ -415,12 +416,13 @@ def prune(
 
 
 def _with_tasks(pruned: PrunedModel, encoder: nn.Module, flops: float | None) -> tuple[PrunedModel, dict[str, PrunedModel]]:
-    """(``pruned``, {task: the same call with that task's plan}) for a SentenceTransformer's encode_query /
-    encode_document: where ``pruned`` runs a calibrated keep_ratio plan at ``flops`` and its scorer has plans per
-    task (none otherwise: every task runs ``pruned``). They share the encoder and the scorer's weights. A task
-    whose plan does not reach ``flops`` on its calibration data runs ``pruned``, and a warning says so."""
+    """(``pruned``, {task: the call with that task's keep_ratio plan}) for a SentenceTransformer's encode_query /
+    encode_document: where ``pruned`` runs at ``flops`` (its default rule, the threshold included: a task's plan
+    is keep_ratio's) and its scorer has plans per task (none otherwise: every task runs ``pruned``). They share
+    the encoder and the scorer's weights. A task whose plan does not reach ``flops`` on its calibration data runs
+    ``pruned``, and a warning says so."""
     budget = pruned.scorer.budget
-    if flops is None or pruned.rule != "keep_ratio" or budget is None:
+    if flops is None or budget is None:
         return pruned, {}
     tasks = {}
     for task in budget.tasks:
@@ -428,7 +430,7 @@ def _with_tasks(pruned: PrunedModel, encoder: nn.Module, flops: float | None) ->
             tasks[task] = prune(encoder, pruned.scorer, "keep_ratio", strict=False, flops=flops, task=task)
         except UserError as exc:
             warnings.warn(f"encode with task={task!r} runs the plan for the mix, above flops={flops:g} on that kind "
-                          f"of input: {exc}", stacklevel=4)
+                          f"of input: {exc}", stacklevel=5)
     return pruned, tasks
 
 
@@ -455,8 +457,9 @@ def rule_for_flops(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
     (keep_ratio 1, threshold -inf) and run no scorer.
     UserError, never a silently different budget, for an ``flops`` below what keep_ratio reaches
     (:func:`check_reachable`) or, with threshold, one the calibration did not reach or without calibration.
-    ``task``: keep_ratio's plan solved on that kind of input alone (``BudgetInput.plan``); UserError for the
-    threshold rule, which has no plan per task.
+    ``task``: keep_ratio's plan solved on that kind of input alone (``BudgetInput.plan``), the default rule
+    with a task (also where the mix's default at ``flops`` is the threshold); UserError for ``rule="threshold"``,
+    which has no plan per task.
     """
     if not 0.0 < flops <= 1.0:
         raise UserError(f"flops must be a FLOPs ratio in (0, 1], got {flops:g}")
@@ -465,7 +468,8 @@ def rule_for_flops(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
         raise UserError(f"unknown decision rule {rule!r} (threshold or keep_ratio)")
     try:
         told = scorer.at(flops) if budget is not None else scorer
-        rule = rule or (budget.rule(flops) if budget is not None else "keep_ratio")
+        # A task's plan is keep_ratio's: with a task, keep_ratio unless the threshold is asked for.
+        rule = rule or (budget.rule(flops) if budget is not None and task is None else "keep_ratio")
     except ValueError as exc:
         raise UserError(str(exc)) from None
     if task is not None and (rule == "threshold" or budget is None):
@@ -483,7 +487,7 @@ def rule_for_flops(backbone: TokenBackbone, scorer: LearnedScorer, flops: float,
         return "keep_ratio", static_ratios(backbone, told, flops), told
     try:
         plan = budget.plan(flops, task)
-        budget.check_spent(flops, "keep_ratio" if task is None else f"keep_ratio@{task}")
+        budget.check_spent(flops, "keep_ratio", task=task)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     idle = budget.idle(flops, len(scorer.sites), "keep_ratio")

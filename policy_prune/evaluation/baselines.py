@@ -201,6 +201,7 @@ class Method:
 
     def __init__(self, name: str, sites: Sequence[int]) -> None:
         self.name, self.sites, self.own_points, self.unsolved = name, list(sites), [], {}
+        self.notes: list[str] = []  # what the report should say about points it did solve
 
     def own(self, targets: Sequence[float]) -> list[Point]:
         """Points evaluated besides the solved ones (given the targets of this evaluation)."""
@@ -717,12 +718,16 @@ class DeployedMethod(Method):
 
     def solve(self, ctx: SolveContext, target: float) -> Point | None:
         budget = self.scorer.budget
+        task = ctx.kind if budget is not None and ctx.kind in budget.tasks and self.rule != "threshold" else None
         try:
             fast = self.model(ctx.backbone, target)
-            # The threshold rule has no plan per task: one kind alone then runs the call for the mix.
-            task = ctx.kind if fast.rule == "keep_ratio" and budget is not None and ctx.kind in budget.tasks else None
             if task is not None:
-                fast = self.model(ctx.backbone, target, task)
+                try:
+                    fast = self.model(ctx.backbone, target, task)
+                except UserError as exc:  # the task's plan does not reach the target: the call for the mix, as ST runs
+                    self.notes.append(f"{self.name} {self.run} at {target:g}: {exc}; the {task} inputs run the call "
+                                      "for the mix")
+                    task = None
         except UserError as exc:  # outside the trained budgets, or below what the scorer reaches: said in the report
             self.unsolved[target] = str(exc)
             return None

@@ -290,7 +290,7 @@ def evaluate(backbone: TokenBackbone, splits: dict[str, Any], methods: Sequence[
         add_timing(backbone, scored, rows, data, repeats, device)
     runs = list(dict.fromkeys(m.run for m in methods if m.run is not None))
     notes = [f"{m.name}{'' if m.run is None else ' ' + m.run} has no point at {t:g}: {why}"
-             for m in methods for t, why in m.unsolved.items()]
+             for m in methods for t, why in m.unsolved.items()] + list(dict.fromkeys(note for m in methods for note in m.notes))
     retrieval = {} if data.queries is None else {
         "n_queries": len(data.queries), "n_query_groups": int(data.queries.groups.unique().numel())}
     spent = [r["flops"]["total"] for r in rows]  # each scored point's total, as the comparisons weigh FLOPs
