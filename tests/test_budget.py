@@ -555,7 +555,7 @@ def test_budget_run_validates_calibrates_and_resumes(tmp_path, capsys, monkeypat
     args = ["train", "--env", str(tmp_path / "env.yaml"), "--agent", str(tmp_path / "agent.yaml"), "--runs-dir",
             str(runs), "--name", "b", "--timesteps", "40", "--set", "train.eval_every=32", "--set", "train.eval_samples=8",
             "--set", "train.final_samples=8", "--set", "train.checkpoint_every=32", "--set", "train.calibration_samples=8",
-            "--set", "train.calibration_step=0.3"]
+            "--set", "train.calibration_step=0.3", "--set", "train.dtype=bf16"]  # calibrated on fp32 weights all the same
     assert main(args) == 0
     assert "64/64" in capsys.readouterr().out  # 40 steps asked, whole rollouts of 32 run: the bar says 64
     run = runs / "b"
@@ -589,7 +589,8 @@ def test_budget_run_validates_calibrates_and_resumes(tmp_path, capsys, monkeypat
     assert main(["export", str(run)]) == 0
     bare = load_scorer(run / "scorer").budget
     assert (bare.low, bare.high, bare.calibration) == (0.3, 0.9, []) and "uncalibrated" in capsys.readouterr().out
-    # export --calibrate: calibrated again as train does at its end (same val sample, seed, backbone): the same
+    # export --calibrate: calibrated again as train does at its end (same val sample, seed, fp32 backbone as a user
+    # loads it, not the bf16-rounded one the run trained with): the same
     assert main(["export", str(run), "--calibrate"]) == 0
     again = load_scorer(run / "scorer")
     assert again.budget == own.budget and again.meta["default_rule"] == own.meta["default_rule"]

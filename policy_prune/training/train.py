@@ -421,16 +421,13 @@ def calibrated_budget(cfg: RunConfig, scorer: Any, backbone: Any, val: Any) -> A
     import dataclasses
 
     import numpy as np
-    import torch
 
     from policy_prune.core.budget import BudgetInput
     from policy_prune.core.calibration import batch_counts, calibrate
 
     low, high = cfg.env.reward.budget  # type: ignore[misc]
     scorer = dataclasses.replace(scorer, budget=BudgetInput.over(low, high))
-    # Deployment runs the model in fp32. A run trained in bf16 holds bf16-rounded weights: they are cast
-    # back (reloading could give another model where the backbone is not a saved checkpoint).
-    backbone.to(dtype=torch.float32)
+    backbone = deployed_backbone(cfg, backbone)
     inputs, labels, parts = calibration_batches(val, cfg.train.calibration_samples, cfg.train.seed, cfg.train.device)
     # keep_ratio plans are solved on every val row as deployed (counted from their lengths, no model run).
     every, _, every_part = calibration_batches(val, len(val), cfg.train.seed, cfg.train.device)
@@ -439,6 +436,32 @@ def calibrated_budget(cfg: RunConfig, scorer: Any, backbone: Any, val: Any) -> A
     targets = [round(float(t), 6) for t in np.linspace(low, high, steps + 1)]
     return BudgetInput.over(low, high, calibrate(backbone, scorer, inputs, targets, labels=labels, parts=parts,
                                                  counted=counted, counted_parts=every_part))
+
+
+def deployed_backbone(cfg: RunConfig, backbone: Any) -> Any:
+    """The backbone as deployed, in fp32: a run whose frozen backbone ran in another dtype (minilm-text: bf16)
+    holds weights rounded to it, so it is built again as ``train`` built it (seeded first) and used where it is
+    the same checkpoint (:func:`~policy_prune.core.artifact.same_weights`); else, or where it cannot be built,
+    the rounded weights cast back. ``export --calibrate`` builds it so too: both calibrate on the weights a user
+    loads (on the rounded ones, minilm-text's seed 2 left other sites idle at 0.25)."""
+    import torch
+
+    from policy_prune.core.artifact import same_weights
+    from policy_prune.embedded import resolve_backbone
+
+    backbone.to(dtype=torch.float32)  # the caller's copy too, as before (what follows the calibration runs fp32)
+    if cfg.train.dtype != "fp32":
+        rng = torch.random.get_rng_state()
+        try:
+            torch.manual_seed(cfg.train.seed)
+            fresh = resolve_backbone(cfg.env)[0]
+        except Exception:  # a model that cannot be built again here: the rounded weights, cast back
+            fresh = None
+        finally:
+            torch.random.set_rng_state(rng)
+        if fresh is not None and same_weights(fresh.weights_fingerprint(), backbone.weights_fingerprint()):
+            return fresh.to(device=next(backbone.model.parameters()).device, dtype=torch.float32)
+    return backbone
 
 
 def calibration_batches(split: Any, n: int, seed: int, device: str,
