@@ -558,21 +558,19 @@ def test_queries_with_a_budget_of_their_own(bert, text_splits, vit, splits, own)
         assert r["flops_queries"]["total"] == pytest.approx(spent, abs=1e-12), r
         checked += 1
     assert checked >= 4
-    deployed, plans = by_name["learned-deployed"], set()
+    deployed, mix_rules = by_name["learned-deployed"], set()
     for r in (r for r in solved if r["method"] == "learned-deployed"):
         q_target = r["target"] if own == "same" else own
         q = deployed.solve(queries_ctx, q_target)  # the call with the scorer's plan for queries (keep_ratio's)
         for point, values, target, task in ((q, r["query_values"], q_target, "query"),
                                             (None, r["values"], r["target"], "document")):
-            mix = prune(bert.model, scorer, flops=target, strict=False)
-            own_plan = mix.rule == "keep_ratio"  # the threshold has no plan per task: the call for the mix runs
-            call = prune(bert.model, scorer, flops=target, task=task, strict=False) if own_plan else mix
-            assert values == list(call.values), (r, task)
+            call = prune(bert.model, scorer, flops=target, task=task, strict=False)
+            assert call.rule == "keep_ratio" and values == list(call.values), (r, task)
             if point is not None:
-                assert (point.budget, point.task) == (target, task if own_plan else None), r
-                assert point.solved <= target + 1e-9 or not own_plan, r
-            plans.add(own_plan)
-    assert plans == {True, False}  # both kinds of call were checked (a plan per task, the threshold for the mix)
+                assert (point.budget, point.task) == (target, task) and point.solved <= target + 1e-9, r
+            mix_rules.add(prune(bert.model, scorer, flops=target, strict=False).rule)
+    # Also where the mix's default is the threshold, each kind runs keep_ratio's plan for it.
+    assert mix_rules == {"threshold", "keep_ratio"}
     with pytest.raises(UserError, match="no queries"):
         evaluate.evaluate(vit, splits, [make_baseline("token-norm", SITES)], [0.5], "test", batch_size=4, repeats=0,
                           n_boot=10, query_target=0.8)
