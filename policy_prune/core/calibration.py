@@ -215,13 +215,10 @@ def solve_plan(backbone: TokenBackbone, told: LearnedScorer, inputs: Sequence[An
     """
     low = static_floor(backbone, told, idle)
     if counted is not None:
-        def counted_flops(g: float) -> float:
-            return plan_flops(backbone, told, counted, static_ratios(backbone, told, g, profile, idle))
-
-        g = _largest_plan_within(counted_flops, f, low)
+        g, spent = _largest_counted_plan(backbone, told, counted, f, profile, idle)
         ran = measure(backbone, told, inputs, "keep_ratio", static_ratios(backbone, told, g, profile, idle),
                       executed=True, outputs=True)
-        return g, Measured(counted_flops(g), ran.keep_ratio, ran.outputs)
+        return g, Measured(spent, ran.keep_ratio, ran.outputs)
     tried: dict[float, Measured] = {}
     g, slope = min(max(f if start is None else start, low), 1.0), 1.0
     for _ in range(iters):
@@ -240,6 +237,17 @@ def solve_plan(backbone: TokenBackbone, told: LearnedScorer, inputs: Sequence[An
         g = nxt
     best = min(tried, key=lambda k: abs(tried[k].flops_ratio - f))
     return best, tried[best]
+
+
+def _largest_counted_plan(backbone: TokenBackbone, told: LearnedScorer, batches: Sequence[BatchCounts], f: float,
+                          profile: Sequence[float], idle: Sequence[bool] | None) -> tuple[float, float]:
+    """(g, its FLOPs ratio on ``batches``): the largest keep_ratio plan shaped like ``profile`` (``idle`` sites
+    keep every token) that executes at most ``f`` on ``batches``, counted from their lengths (:func:`plan_flops`)."""
+    def counted_flops(g: float) -> float:
+        return plan_flops(backbone, told, batches, static_ratios(backbone, told, g, profile, idle))
+
+    g = _largest_plan_within(counted_flops, f, static_floor(backbone, told, idle))
+    return g, counted_flops(g)
 
 
 def _largest_plan_within(fn: Callable[[float], float], f: float, low: float, iters: int = 30) -> float:
@@ -425,14 +433,8 @@ def _task_plans(backbone: TokenBackbone, told: LearnedScorer, f: float, profile:
     executes there}), both empty unless ``parts`` names several kinds (:func:`calibrate`'s ``counted_parts``)."""
     if counted is None or parts is None or len(set(parts)) < 2:
         return {}, {}
-    low = static_floor(backbone, told, idle)
     plans, spent = {}, {}
     for kind, task in enumerate(TASKS[:max(parts) + 1]):
         batches = [b for b, k in zip(counted, parts, strict=True) if k == kind]
-
-        def counted_flops(g: float, batches: list[BatchCounts] = batches) -> float:
-            return plan_flops(backbone, told, batches, static_ratios(backbone, told, g, profile, idle))
-
-        plans[task] = _largest_plan_within(counted_flops, f, low)
-        spent[f"keep_ratio@{task}"] = counted_flops(plans[task])
+        plans[task], spent[f"keep_ratio@{task}"] = _largest_counted_plan(backbone, told, batches, f, profile, idle)
     return plans, spent
