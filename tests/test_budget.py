@@ -404,6 +404,75 @@ def test_each_kind_of_retrieval_input_gets_a_plan_that_meets_the_target_on_it(tm
         one_kind.plan(0.6, "query")
 
 
+def test_one_total_is_split_between_queries_and_documents_where_it_retrieves_best(tmp_path) -> None:
+    """Retrieval under one total: at each target f, queries asked q = f, f + step, ... and documents the rest of f at
+    the bound on the queries' share, the pair that retrieved best on val among those whose documents stay within the
+    allowed loss of fidelity (ties: the smaller q; pairs whose plans cannot run are skipped; where (f, f) cannot, no
+    split). prune(flops=f, task=...) runs that pair by default (split="total"), split="each" the
+    plan of each kind at f; the split round-trips through scorer.json and malformed ones are refused."""
+    from policy_prune.core.calibration import batch_counts, solve_splits
+    from policy_prune.training.train import calibration_batches
+
+    bert = adapt(tiny.make("hf-bert"))
+    split = _lengths_split(96, 4, 40, seed=4, queries=_lengths_split(48, 3, 10, seed=5))
+    every, _, parts = calibration_batches(split, len(split), seed=0, device="cpu")
+    scorer = random_scorer(bert, SITES, seed=0, hidden=(16,), budget=BudgetInput(0.3, 0.9, 0.5))
+    scorer.budget = BudgetInput(0.3, 0.9, 0.5, calibrate(bert, scorer, every, [0.4, 0.5, 0.7], parts=parts,
+                                                         counted=batch_counts(bert, every), counted_parts=parts))
+    assert not scorer.budget.splits and scorer.budget.task_flops(0.5, "query") == 0.5
+    tried: list[tuple[float, float]] = []
+
+    def score(q: float, d: float) -> tuple[float, float]:
+        """Retrieval best at q = f + 0.2 (f = 0.3 q + 0.7 d); the documents' fidelity falls as q rises, within the
+        allowed loss up to q = f + 0.1; the pair at q = 0.8 cannot run, nor (0.4, 0.4)."""
+        tried.append((q, d))
+        f = 0.3 * q + 0.7 * d
+        if q == pytest.approx(0.8) or (q, d) == (0.4, 0.4):
+            raise UserError("above its target")
+        return -abs(q - f - 0.2), 1.0 - 0.1 * (1.0 + 1.5 * (q - f))
+
+    budget = solve_splits(scorer.budget, score, share=0.3, step=0.1, loss=0.2)
+    assert budget.splits and budget.query_share == 0.3 and not scorer.budget.splits  # a new budget
+    by_f = {p.flops: p.split for p in budget.calibration}
+    assert by_f[0.5] == {"query": 0.6, "document": pytest.approx((0.5 - 0.3 * 0.6) / 0.7)}  # 0.7 loses too much
+    assert by_f[0.7]["query"] == 0.7 and (0.8, pytest.approx((0.7 - 0.24) / 0.7)) in tried  # 0.8 cannot run
+    assert (0.9, pytest.approx((0.7 - 0.27) / 0.7)) in tried  # ... and 0.9 loses too much
+    assert by_f[0.4] == {"query": 0.4, "document": 0.4} and not [t for t in tried if t[0] == 0.5 and t[1] < 0.4]
+    for f, pair in by_f.items():
+        assert 0.3 * pair["query"] + 0.7 * pair["document"] == pytest.approx(f, abs=1e-6)  # one total at the bound
+    assert (0.5, 0.5) in tried and all(d >= 0.3 - 1e-9 for _, d in tried)  # each kind at f is a candidate
+    # Any loss allowed: the best retrieval; ties keep the smaller query ratio (flat: every point at (f, f)).
+    assert solve_splits(scorer.budget, score, share=0.3, step=0.1, loss=10.0).calibration[1].split["query"] == 0.7
+    flat = solve_splits(scorer.budget, lambda q, d: (0.5, 0.9), share=0.3)
+    assert all(p.split == {"query": p.flops, "document": p.flops} for p in flat.calibration)
+    scorer.budget = budget
+    assert budget.task_flops(0.6, "query") == pytest.approx((0.6 + 0.7) / 2)  # linear between the points
+    for task in ("query", "document"):
+        by_default = prune(bert.model, scorer, flops=0.5, task=task)
+        asked = prune(bert.model, scorer, flops=by_f[0.5][task], task=task, split="each")
+        assert list(by_default.values) == list(asked.values), task
+        assert list(prune(bert.model, scorer, flops=0.5, task=task, split="each").values) != list(asked.values), task
+    assert list(prune(bert.model, scorer, flops=0.5).values) == list(prune(bert.model, scorer, flops=0.5, split="total").values)
+    for kwargs, message in (({"flops": 0.5, "split": "both"}, "split='both': one of 'total', 'each'"),
+                            ({"split": "each"}, "give flops")):
+        with pytest.raises(UserError, match=message):
+            prune(bert.model, scorer, **kwargs)
+    save_scorer(scorer, tmp_path / "s", bert.signature())
+    assert load_scorer(tmp_path / "s").budget == budget
+    meta = json.loads((tmp_path / "s" / "scorer.json").read_text())
+    for key, value, message in (("query_share", 1.0, "query_share must lie in"),
+                                ("split", {"passage": 0.5}, "unknown calibrated task"),
+                                ("split", {"query": 0.95, "document": 0.4}, "must lie in the trained range")):
+        bad = json.loads(json.dumps(meta))
+        if key == "query_share":
+            bad["budget"]["query_share"] = value
+        else:
+            bad["budget"]["calibration"][1]["split"] = value
+        (tmp_path / "s" / "scorer.json").write_text(json.dumps(bad))
+        with pytest.raises(ScorerFileError, match=message):
+            load_scorer(tmp_path / "s")
+
+
 def test_default_rule_is_one_that_met_its_target() -> None:
     """Where calibration's better rule did not meet the target and the other did, the default is the other
     (short texts can keep keep_ratio above a tight target; a threshold may find no cut deep enough)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import pytest
@@ -574,6 +575,78 @@ def test_queries_with_a_budget_of_their_own(bert, text_splits, vit, splits, own)
     with pytest.raises(UserError, match="no queries"):
         evaluate.evaluate(vit, splits, [make_baseline("token-norm", SITES)], [0.5], "test", batch_size=4, repeats=0,
                           n_boot=10, query_target=0.8)
+
+
+def test_deployed_call_splits_one_total_between_queries_and_passages(bert, text_splits) -> None:
+    """Under one total (no --query-target) a scorer whose calibration has a split (training's retrieval_splits: the
+    pair of task plans that retrieved best on val) runs the passages through prune(flops=f, task="document") and the
+    queries through task="query" (split="total", the default: what a pruned SentenceTransformer's
+    encode_document / encode_query run); the val total is each part at its own call, and the chosen pair retrieves
+    at least as well on val (recall@10 and the passages' cosine) as each kind at f."""
+    from policy_prune.core.calibration import SPLIT_LOSS, solve_splits
+    from policy_prune.core.inference import prune
+    from policy_prune.evaluation.cost import Work, flops_ratios
+    from policy_prune.evaluation.metrics import retrieval_scores
+    from policy_prune.evaluation.retrieval import embed_rows
+    from policy_prune.training.train import retrieval_splits
+
+    val_split = text_splits["val"]
+    scorer = _retrieval_scorer(bert, val_split, 5)
+    calibrated = scorer.budget
+    scorer.budget = retrieval_splits(scorer, bert, val_split, 0.3, "cpu", batch_size=5)
+    assert scorer.budget.splits
+
+    def val_scores(f: float, split: str) -> tuple[float, float]:  # retrieval_splits' (recall, fidelity), publicly
+        calls = {t: prune(bert.model, scorer, flops=f, task=t, split=split, strict=False) for t in ("query", "document")}
+        q, d = (embed_rows(lambda x, m=calls[t]: m.run(x)[0], val_split.queries if t == "query" else val_split, 5,
+                           trim=True) for t in ("query", "document"))
+        full = embed_rows(bert, val_split, 5, trim=True)
+        recall = float(retrieval_scores(q, d, val_split.relevant, 10)["recall@10"].mean())
+        return recall, float(torch.nn.functional.cosine_similarity(d, full).mean())
+
+    compared = 0
+    for p in scorer.budget.calibration:
+        try:
+            each = val_scores(p.flops, "each")
+        except UserError:  # a kind's plan above f on its val rows (short queries at 0.4): not a candidate
+            continue
+        total = val_scores(p.flops, "total")
+        assert total[0] >= each[0] - 1e-6 and 1 - total[1] <= (1 + SPLIT_LOSS) * (1 - each[1]) + 1e-6, p.flops
+        compared += 1
+    assert compared >= 2
+    # A split with queries well above f (as minilm-text's), to see each part run its own call: the fullest queries
+    # whose pair of plans runs (retrieval_splits skips the others so too).
+    def fullest(q: float, d: float) -> tuple[float, float]:
+        for flops, task in ((q, "query"), (d, "document")):
+            prune(bert.model, dataclasses.replace(scorer, budget=calibrated), flops=flops, task=task, split="each",
+                  strict=False)
+        return q, 1.0
+
+    scorer.budget = solve_splits(calibrated, fullest, share=0.3)
+    method = learned_methods(scorer, "seed 0")[0]
+    res = evaluate.evaluate(bert, text_splits, [method, make_baseline("token-norm", SITES)], [0.7, 0.5], "test",
+                            batch_size=5, repeats=0, n_boot=50)
+    val = evaluate.prepare(bert, val_split, 5, "cpu")
+    rows = [r for r in res["results"] if r["method"] == "learned-deployed"]
+    assert sorted(r["target"] for r in rows) == [0.5, 0.7]
+    for r in rows:
+        f = r["target"]
+        assert scorer.budget.task_flops(f, "query") > f > scorer.budget.task_flops(f, "document")
+        for task, values in (("document", r["values"]), ("query", r["query_values"])):
+            call = prune(bert.model, scorer, flops=f, task=task, strict=False)
+            asked = prune(bert.model, scorer, flops=scorer.budget.task_flops(f, task), task=task, split="each",
+                          strict=False)
+            assert values == list(call.values) == list(asked.values), (f, task)
+        assert "(document plan, one total)" in r["point"] and "(query plan, one total)" in r["point"]
+        point = method.solve(evaluate.solve_context(bert, val), f)
+        works = [evaluate.run_method(bert, method, point, val)[1], evaluate.run_method(bert, method, point.queries, val.queries)[1]]
+        assert r["solved_val"] == pytest.approx(flops_ratios(bert, Work.cat(works))["total"], abs=1e-12)
+    # --query-target same: each kind at f (split="each"), whatever the calibration's split.
+    same = evaluate.evaluate(bert, text_splits, [method], [0.7], "test", batch_size=5, repeats=0, n_boot=50,
+                             query_target="same")
+    row = next(r for r in same["results"] if r["method"] == "learned-deployed")
+    assert row["query_values"] == list(prune(bert.model, scorer, flops=0.7, task="query", split="each", strict=False).values)
+    assert "one total" not in row["point"]
 
 
 def test_deployed_call_on_one_kind_of_input_alone_runs_the_plan_for_it(bert) -> None:

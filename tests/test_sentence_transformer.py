@@ -127,20 +127,12 @@ def test_encode_query_and_encode_document_run_the_plan_of_their_task(st_model) -
     """prune(st, scorer, flops=f) with a retrieval calibration: encode_query and encode_document run the
     scorer's plan for queries and for documents (each at most f on its own kind), encode the plan for the mix;
     a task whose plan cannot reach f runs the mix's plan, with a warning."""
-    from policy_prune.core.budget import BudgetInput
-    from policy_prune.core.calibration import batch_counts, calibrate, measure
 
-    if not hasattr(st_model, "encode_query"):
-        pytest.skip("sentence-transformers before 5 has no encode_query")
-    words = tiny.WORDS
-    docs = [" ".join(words[(7 * i + j) % len(words)] for j in range(14)) for i in range(8)]
-    queries = [" ".join(words[(5 * i + j) % len(words)] for j in range(4)) for i in range(8)]
+    from policy_prune.core.calibration import measure
+
+    scorer, docs, queries, batches = _task_scorer(st_model)
     encoder = st_model[0].auto_model
     backbone = adapt(encoder)
-    batches = [_features(st_model, docs), _features(st_model, queries)]
-    scorer = random_scorer(backbone, SITES, seed=3, hidden=(16,), budget=BudgetInput.over(0.4, 0.9))
-    scorer.budget = BudgetInput.over(0.4, 0.9, calibrate(backbone, scorer, batches, [0.5, 0.7], parts=[0, 1],
-                                                         counted=batch_counts(backbone, batches), counted_parts=[0, 1]))
     fast = prune(st_model, scorer, flops=0.7)
     expected = {task: prune(encoder, scorer, flops=0.7, task=task) for task in (None, "query", "document")}
     spent = {task: measure(backbone, m.scorer, [batches[1]], "keep_ratio", m.values, executed=True).flops_ratio
@@ -160,6 +152,51 @@ def test_encode_query_and_encode_document_run_the_plan_of_their_task(st_model) -
         tight = prune(st_model, scorer, flops=0.5)  # 4-word queries cannot be brought to 0.5 of their FLOPs
     assert sorted(tight[0].tasks) == ["document"]
     assert not prune(st_model, scorer, flops=0.7, rule="threshold")[0].tasks  # no plan per task for the threshold
+
+
+def test_encode_query_and_encode_document_split_one_total(st_model) -> None:
+    """Where the calibration has a split of one total (retrieval runs), prune(st, scorer, flops=f) runs
+    encode_query and encode_document at their parts of f (split="total", the default; as prune(encoder, flops=f,
+    task=...) does); split="each" runs each kind's plan at f."""
+    from policy_prune.core.calibration import solve_splits
+
+    scorer, docs, queries, _ = _task_scorer(st_model)
+    scorer.budget = solve_splits(scorer.budget, lambda q, d: (q, 1.0), share=0.3)  # queries as full as the range lets them
+    encoder = st_model[0].auto_model
+    assert scorer.budget.task_flops(0.7, "query") == pytest.approx(0.9)
+    for split in ("total", "each", None):
+        fast = prune(st_model, scorer, flops=0.7, split=split)
+        for task, texts, encode in (("query", queries, fast.encode_query), ("document", docs, fast.encode_document)):
+            flops = 0.7 if split == "each" else scorer.budget.task_flops(0.7, task)
+            want = prune(encoder, scorer, flops=flops, task=task, split="each")
+            with torch.no_grad():
+                torch.testing.assert_close(encode(texts, convert_to_tensor=True),
+                                           want(**_features(st_model, texts)).sentence_embedding, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        total, each = (prune(st_model, scorer, flops=0.7, split=s).encode_document(docs, convert_to_tensor=True)
+                       for s in ("total", "each"))
+    assert not torch.allclose(total, each, atol=1e-4)
+    with pytest.raises(UserError, match="split='any'"):
+        prune(st_model, scorer, flops=0.7, split="any")
+
+
+def _task_scorer(st_model):
+    """(a scorer calibrated on 8 docs of 14 words and 8 queries of 4, with plans per task; docs; queries; their
+    batches), or a skip before sentence-transformers 5 (no encode_query)."""
+    from policy_prune.core.budget import BudgetInput
+    from policy_prune.core.calibration import batch_counts, calibrate
+
+    if not hasattr(st_model, "encode_query"):
+        pytest.skip("sentence-transformers before 5 has no encode_query")
+    words = tiny.WORDS
+    docs = [" ".join(words[(7 * i + j) % len(words)] for j in range(14)) for i in range(8)]
+    queries = [" ".join(words[(5 * i + j) % len(words)] for j in range(4)) for i in range(8)]
+    backbone = adapt(st_model[0].auto_model)
+    batches = [_features(st_model, docs), _features(st_model, queries)]
+    scorer = random_scorer(backbone, SITES, seed=3, hidden=(16,), budget=BudgetInput.over(0.4, 0.9))
+    scorer.budget = BudgetInput.over(0.4, 0.9, calibrate(backbone, scorer, batches, [0.5, 0.7], parts=[0, 1],
+                                                         counted=batch_counts(backbone, batches), counted_parts=[0, 1]))
+    return scorer, docs, queries, batches
 
 
 def _features(st_model, texts):

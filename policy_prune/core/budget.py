@@ -51,6 +51,16 @@ TASKS = ("document", "query")
 """The kinds of input a retrieval scorer's calibration holds (part 0: the split's rows, part 1: its queries),
 named as sentence-transformers' ``encode_document`` / ``encode_query`` pass them to a model's modules (``task``)."""
 
+SPLITS = ("total", "each")
+"""What ``prune(..., flops=f, split=...)`` bounds for retrieval: one total over queries and documents, or each kind."""
+
+QUERY_SHARE = 0.3
+"""Retrieval: the largest share of the unpruned FLOPs that queries may carry in a mix for which one total of
+``flops`` still holds with the calibrated split (``CalibrationPoint.split``: queries above ``flops``, documents
+below). python-docs' val queries carry 0.21 of them (12 tokens against 50 for a passage); a corpus of shorter
+passages carries more, so the bound sits above it: at share s, a split asked q for queries and d for documents
+runs s q + (1 - s) d at most, which is ``flops`` at the bound and less below it."""
+
 RULE_MARGIN = 0.005
 """The threshold rule is the default at a target only where its calibration quality beats keep_ratio's by more
 than this (one of 256 calibration samples is 0.0039): keep_ratio runs static shapes, the same counts in any
@@ -123,6 +133,14 @@ class CalibrationPoint:
     (the same shares and idle sites) that executes at most ``flops`` on every val batch of it. Retrieval
     calibrations only (empty otherwise, and in artifacts written before)."""
 
+    split: dict[str, float] = field(default_factory=dict)
+    """Retrieval: task -> the FLOPs ratio its plan (``plans``) is asked for where ``flops`` is one total over queries
+    and documents (``prune(..., split="total")``, the default): the pair, among query ratios from ``flops`` up in
+    steps, with ``BudgetInput.query_share`` q + (1 - query_share) d = ``flops``, that retrieved best on val
+    (recall@10 of the val passages for the val queries) among those whose passages stay close to their unpruned
+    embeddings (:func:`policy_prune.core.calibration.solve_splits`); short queries kept fuller cost little of the
+    total. Empty: no split (artifacts written before it, and non-retrieval runs)."""
+
     def idle_of(self, rule: str) -> list[int]:
         """The sites ``rule`` runs no scorer at (keep_ratio: ``idle_keep_ratio`` where it was recorded)."""
         return self.idle_keep_ratio if rule == "keep_ratio" and self.idle_keep_ratio is not None else self.idle
@@ -140,6 +158,9 @@ class BudgetInput:
     """Budget used when the caller gives none."""
     calibration: list[CalibrationPoint] = field(default_factory=list)
     """Sorted by ``flops``; empty before calibration (then no threshold is known)."""
+    query_share: float | None = None
+    """Retrieval calibrations with a split (``CalibrationPoint.split``): the queries' share of the unpruned FLOPs up
+    to which one total of ``flops`` holds (``QUERY_SHARE`` by default); None without a split."""
 
     @classmethod
     def over(cls, low: float, high: float, calibration: list[CalibrationPoint] | None = None) -> BudgetInput:
@@ -235,6 +256,21 @@ class BudgetInput:
         """The kinds of input every calibration point has a keep_ratio plan of its own for (in ``TASKS`` order)."""
         return [t for t in TASKS if self.calibration and all(t in p.plans for p in self.calibration)]
 
+    @property
+    def splits(self) -> bool:
+        """Whether every calibration point has a split of one total between every task (:attr:`tasks`)."""
+        return bool(self.tasks) and self.query_share is not None and \
+            all(set(p.split) == set(self.tasks) for p in self.calibration)
+
+    def task_flops(self, flops: float, task: str) -> float:
+        """The FLOPs ratio ``task``'s plan is asked for where ``flops`` is one total over queries and documents
+        (linear between the calibration points' splits: their total at ``query_share`` stays ``flops``);
+        ``flops`` itself without a split."""
+        f = self.check(flops)
+        if not self.splits:
+            return f
+        return float(np.interp(f, [p.flops for p in self.calibration], [p.split[task] for p in self.calibration]))
+
     def _gaps(self, rule: str) -> list[float]:
         """Per calibration point, how far above its target ``rule`` ran (0 where it was not recorded)."""
         return [p.spent.get(rule, p.flops) - p.flops for p in self.calibration]
@@ -290,7 +326,8 @@ class BudgetInput:
         return [float(np.interp(f, xs, per_site[:, s])) for s in range(per_site.shape[1])]
 
     def to_json(self) -> dict[str, Any]:
-        return {"input": "flops", "low": self.low, "high": self.high, "default": self.default,
+        share = {} if self.query_share is None else {"query_share": self.query_share}
+        return {"input": "flops", "low": self.low, "high": self.high, "default": self.default, **share,
                 "calibration": [asdict(p) for p in self.calibration]}
 
     @staticmethod
@@ -307,18 +344,25 @@ class BudgetInput:
                                        {str(k): float(v) for k, v in p.get("spent", {}).items()},
                                        [int(i) for i in p.get("idle", [])],
                                        None if p.get("idle_keep_ratio") is None else [int(i) for i in p["idle_keep_ratio"]],
-                                       {str(k): float(v) for k, v in p.get("plans", {}).items()})
+                                       {str(k): float(v) for k, v in p.get("plans", {}).items()},
+                                       {str(k): float(v) for k, v in p.get("split", {}).items()})
                       for p in data.get("calibration", [])]
             if bad := [p.rule for p in points if p.rule not in ("threshold", "keep_ratio")]:
                 raise ValueError(f"unknown calibrated rule {bad[0]!r} (threshold or keep_ratio)")
-            if bad := [t for p in points for t in p.plans if t not in TASKS]:
+            if bad := [t for p in points for t in (*p.plans, *p.split) if t not in TASKS]:
                 raise ValueError(f"unknown calibrated task {bad[0]!r} ({' or '.join(TASKS)})")
+            share = data.get("query_share")
             budget = BudgetInput(float(data["low"]), float(data["high"]), float(data["default"]),
-                                 sorted(points, key=lambda p: p.flops))
+                                 sorted(points, key=lambda p: p.flops), None if share is None else float(share))
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"malformed budget entry ({exc!r})") from None
         if not 0.0 < budget.low <= budget.default <= budget.high <= 1.0:
             raise ValueError(f"budget range must satisfy 0 < low <= default <= high <= 1, got {data!r}")
+        if budget.query_share is not None and not 0.0 < budget.query_share < 1.0:
+            raise ValueError(f"query_share must lie in (0, 1), got {budget.query_share!r}")
+        if off := [p for p in points if any(not budget.low - 1e-6 <= v <= budget.high + 1e-6 for v in p.split.values())]:
+            raise ValueError(f"calibration point {off[0].flops:g}: a split's FLOPs ratios must lie in the trained range "
+                             f"[{budget.low:g}, {budget.high:g}], got {off[0].split}")
         for p in points:
             numbers = [p.flops, p.threshold, *p.keep_ratio, *([] if p.plan is None else [p.plan]), *p.plans.values()]
             idle = [*p.idle, *(p.idle_keep_ratio or [])]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -17,9 +17,11 @@ from policy_prune.core.backbones.base import TokenBackbone, TokenState
 from policy_prune.core.budget import (
     IDLE_QUALITY,
     IDLE_SAVING,
+    QUERY_SHARE,
     RULE_MARGIN,
     SLACK,
     TASKS,
+    BudgetInput,
     CalibrationPoint,
     on_line,
     site_savings,
@@ -28,6 +30,7 @@ from policy_prune.core.inference import static_floor, static_ratios
 from policy_prune.core.schedule import TokenCounts, bisect_at_most, flops_per_row, keep_schedule
 from policy_prune.core.scorer import LearnedScorer, idle_sites, make_keep_fn, row_full_flops
 from policy_prune.core.selection import learned_flops, model_has_cls
+from policy_prune.errors import UserError
 
 RESOLUTION = 1e-3
 """:func:`solve_plan` stops once its next plan lies this close to one it tried (it would run within about tol of
@@ -438,3 +441,52 @@ def _task_plans(backbone: TokenBackbone, told: LearnedScorer, f: float, profile:
         batches = [b for b, k in zip(counted, parts, strict=True) if k == kind]
         plans[task], spent[f"keep_ratio@{task}"] = _largest_counted_plan(backbone, told, batches, f, profile, idle)
     return plans, spent
+
+
+SPLIT_STEP = 0.05
+""":func:`solve_splits` tries query ratios from the target up in steps of this much."""
+
+SPLIT_LOSS = 0.2
+"""How much more distant from their unpruned embeddings the documents may get to pay for fuller queries in a split
+(training's ``retrieval_splits``): 1 - their mean cosine may grow by this share of what it is with each kind at the
+target. Fuller queries retrieve better, and the documents that pay for them lose fidelity, which other uses of the
+same embeddings (clustering, deduplication) need; a cosine budget in proportion leaves more room where pruning
+already costs more (tight targets). Chosen on minilm-text's val (seeds 0 and 1, with the baselines' val numbers in
+view) from 0.15, 0.2 and a sum of recall and half the cosine: the sum's argmax followed the noise of recall@10
+(seed 1 at 0.35: cosine 0.688 against 0.737 two steps earlier, for 0.001 of recall); 0.15 kept 0.25's queries at
+0.30; 0.2 keeps the documents' cosine above every baseline's on val at every target and 0.25's queries at 0.35."""
+
+
+def solve_splits(budget: BudgetInput, score: Callable[[float, float], tuple[float, float]], share: float = QUERY_SHARE,
+                 step: float = SPLIT_STEP, loss: float = SPLIT_LOSS) -> BudgetInput:
+    """``budget`` with a split of one total per calibration point (``CalibrationPoint.split``): at each target f,
+    queries asked q = f, f + step, ... (within the trained range) and documents d = (f - share q) / (1 - share)
+    (at least the range's low end). ``score(q, d)``: (retrieval quality, the documents' fidelity) on val (training's:
+    recall@10 of queries encoded at q for documents at d, each through its task's plan, and the documents' mean
+    cosine to their unpruned embeddings). The split is the pair with the best retrieval among those whose
+    documents' 1 - fidelity is at most (1 + ``loss``) times that of (f, f); ties keep the smaller q. A pair whose
+    plans cannot run (UserError: a plan above its target on its calibration data) is skipped; where (f, f) cannot
+    run, the split is (f, f) (prune then runs the mix's call for that kind, with a warning)."""
+    points = []
+    for p in budget.calibration:
+        f = p.flops
+        best: tuple[float, float, float] | None = None
+        floor = -math.inf
+        for k in range(int(math.floor((budget.high - f) / step + 1e-6)) + 1):
+            q = round(f + k * step, 6)
+            d = round((f - share * q) / (1.0 - share), 6)
+            if d < budget.low - 1e-6:
+                break
+            try:
+                quality, fidelity = score(q, d)
+            except UserError:
+                if k == 0:
+                    break
+                continue
+            if k == 0:
+                floor = 1.0 - (1.0 + loss) * (1.0 - fidelity)
+            if fidelity >= floor - 1e-9 and (best is None or quality > best[0]):
+                best = (quality, q, d)
+        q, d = (f, f) if best is None else best[1:]
+        points.append(replace(p, split={"document": d, "query": q}))
+    return replace(budget, calibration=points, query_share=share)

@@ -27,6 +27,7 @@ from policy_prune.core.artifact import RULES, check_signature, load_scorer, norm
 from policy_prune.core.backbones import HFEncoderBackbone, KeepFn, TokenBackbone, TokenState, adapt
 from policy_prune.core.backbones.base import tracing
 from policy_prune.core.backbones.hf import POOLINGS, TEXT_PROTECTED
+from policy_prune.core.budget import SPLITS
 from policy_prune.core.features import make_projection, token_layout
 from policy_prune.core.schedule import TokenCounts, keep_ratios_for, keep_schedule, lowest_flops_ratio
 from policy_prune.core.scorer import (
@@ -322,13 +323,15 @@ def kept_mask(state: TokenState) -> torch.Tensor:
 def prune(model: SentenceTransformer,  # type: ignore[overload-overlap]
           scorer: LearnedScorer | str | Path, rule: str | None = None,
           keep_ratio: float | Sequence[float] | None = None, threshold: float | Sequence[float] | None = None,
-          strict: bool = True, flops: float | None = None, task: str | None = None) -> SentenceTransformer: ...
+          strict: bool = True, flops: float | None = None, task: str | None = None,
+          split: str | None = None) -> SentenceTransformer: ...
 
 
 @overload
 def prune(model: nn.Module, scorer: LearnedScorer | str | Path, rule: str | None = None,
           keep_ratio: float | Sequence[float] | None = None, threshold: float | Sequence[float] | None = None,
-          strict: bool = True, flops: float | None = None, task: str | None = None) -> PrunedModel: ...
+          strict: bool = True, flops: float | None = None, task: str | None = None,
+          split: str | None = None) -> PrunedModel: ...
 
 
 def prune(
@@ -340,6 +343,7 @@ def prune(
     strict: bool = True,
     flops: float | None = None,
     task: str | None = None,
+    split: str | None = None,
 ) -> Any:
     """Wrap ``model`` (timm ViT or HF encoder, in memory) so that ``scorer`` prunes its tokens.
 
@@ -367,6 +371,13 @@ def prune(
     the mix runs above it on short queries alone: minilm-text's at 0.35 ran 0.368 on val queries). See
     ``BudgetInput.tasks``.
 
+    ``split`` (with ``task``, or a SentenceTransformer): what ``flops`` bounds for retrieval. ``"total"`` (the
+    default where the calibration has a split, ``BudgetInput.splits``): one total over queries and documents, each
+    task's plan asked for its share of it (``BudgetInput.task_flops``: queries above ``flops``, documents below,
+    the pair that retrieved best on val), so any mix whose queries carry at most ``BudgetInput.query_share`` of the
+    unpruned FLOPs runs at most ``flops``; a query encoder alone runs above it (minilm-text at 0.5: queries 0.7,
+    documents 0.41). ``"each"``: each task's plan at ``flops`` itself, at most ``flops`` on each kind of input.
+
     A scorer trained for another backbone raises ScorerMismatchError (``strict=False`` tolerates a
     different architecture name or class count when every shape matches).
 
@@ -374,7 +385,7 @@ def prune(
     runs the pruned encoder (same arguments: batch_size, normalize_embeddings, convert_to_tensor, ...);
     the original model is left as it was. With ``flops`` and a keep_ratio rule, its ``encode_query`` and
     ``encode_document`` (sentence-transformers 5 and newer) run the scorer's keep_ratio plan for that task,
-    where it has one (unless ``rule="threshold"``); ``encode`` runs the call for the mix.
+    where it has one (unless ``rule="threshold"``), split as ``split`` says; ``encode`` runs the call for the mix.
     """
     if isinstance(model, PrunedModel):
         raise UsageError("the model is already a PrunedModel; pass the original model")
@@ -387,6 +398,10 @@ def prune(
                          f"got {type(scorer).__name__}")
     if task is not None and flops is None:
         raise UserError(f"task={task!r} picks the plan for a FLOPs target: give flops=... too")
+    if split not in (None, *SPLITS):
+        raise UserError(f"split={split!r}: one of {', '.join(repr(s) for s in SPLITS)} (what flops bounds for retrieval)")
+    if split is not None and flops is None:
+        raise UserError(f"split={split!r} says what a FLOPs target bounds: give flops=... too")
     if is_sentence_transformer(model):  # the optional integration: sentence_transformers is not imported
         if task is not None:
             raise UserError("a pruned SentenceTransformer picks the task itself: encode_query and encode_document run "
@@ -394,7 +409,7 @@ def prune(
 
         def prune_encoder(encoder: nn.Module) -> tuple[PrunedModel, dict[str, PrunedModel]]:
             pruned = prune(encoder, scorer, rule, keep_ratio, threshold, strict, flops)
-            return (pruned, {}) if rule == "threshold" else _with_tasks(pruned, encoder, flops)
+            return (pruned, {}) if rule == "threshold" else _with_tasks(pruned, encoder, flops, split)
 
         return prune_sentence_transformer(model, prune_encoder)
     backbone = _adapt_for(model, scorer)
@@ -406,6 +421,11 @@ def prune(
     if flops is not None:
         if keep_ratio is not None or threshold is not None:
             raise UserError("give one of flops, keep_ratio or threshold")
+        if task is not None and split != "each" and scorer.budget is not None and scorer.budget.splits:
+            try:
+                flops = scorer.budget.task_flops(flops, task)
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
         name, values, scorer = rule_for_flops(backbone, scorer, flops, rule, task)
     else:
         scorer = scorer.at(None)
@@ -415,19 +435,20 @@ def prune(
     return PrunedModel(backbone, scorer, name, values).to(device)
 
 
-def _with_tasks(pruned: PrunedModel, encoder: nn.Module, flops: float | None) -> tuple[PrunedModel, dict[str, PrunedModel]]:
+def _with_tasks(pruned: PrunedModel, encoder: nn.Module, flops: float | None,
+                split: str | None = None) -> tuple[PrunedModel, dict[str, PrunedModel]]:
     """(``pruned``, {task: the call with that task's keep_ratio plan}) for a SentenceTransformer's encode_query /
     encode_document: where ``pruned`` runs at ``flops`` (its default rule, the threshold included: a task's plan
     is keep_ratio's) and its scorer has plans per task (none otherwise: every task runs ``pruned``). They share
-    the encoder and the scorer's weights. A task whose plan does not reach ``flops`` on its calibration data runs
-    ``pruned``, and a warning says so."""
+    the encoder and the scorer's weights, and split ``flops`` as ``split`` says (:func:`prune`). A task whose plan
+    does not reach its FLOPs on its calibration data runs ``pruned``, and a warning says so."""
     budget = pruned.scorer.budget
     if flops is None or budget is None:
         return pruned, {}
     tasks = {}
     for task in budget.tasks:
         try:
-            tasks[task] = prune(encoder, pruned.scorer, "keep_ratio", strict=False, flops=flops, task=task)
+            tasks[task] = prune(encoder, pruned.scorer, "keep_ratio", strict=False, flops=flops, task=task, split=split)
         except UserError as exc:
             warnings.warn(f"encode with task={task!r} runs the plan for the mix, above flops={flops:g} on that kind "
                           f"of input: {exc}", stacklevel=5)

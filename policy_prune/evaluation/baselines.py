@@ -672,35 +672,37 @@ class DeployedMethod(Method):
     """The public call, as a user runs it: ``prune(model, scorer, flops=f)`` with its default rule (chosen
     on val at calibration and stored in the scorer), its values, its static or packed path and the eval
     batching (text: length-sorted batches, as ``SentenceTransformer.encode`` makes them). ``solve`` measures on
-    val what ``flops=target`` spends: nothing is solved in eval. For one kind of input on its own
-    (``SolveContext.kind``: retrieval passages or queries under eval's ``--query-target``) the call is
-    ``prune(..., flops=target, task=kind)`` where the scorer has a plan for that kind (what a pruned
-    SentenceTransformer's ``encode_query`` / ``encode_document`` run), else the call for the mix. The point's
-    ``budget`` is the flops argument. Targets outside the budgets the scorer was trained on have no point
-    (``prune`` refuses them)."""
+    val what ``flops=target`` spends: nothing is solved in eval. Retrieval, where the scorer has plans per task
+    (what a pruned SentenceTransformer's ``encode_query`` / ``encode_document`` run): for one total over queries
+    and passages the passages run ``prune(..., flops=target, task="document")`` and the queries ``task="query"``
+    (the default ``split="total"``), where the calibration has a split; for one kind of input on its own
+    (``SolveContext.kind``: eval's ``--query-target``) ``prune(..., flops=target, task=kind, split="each")``;
+    else the call for the mix. The point's ``budget`` is the flops argument. Targets outside the budgets the
+    scorer was trained on have no point (``prune`` refuses them)."""
 
     counts_only = False  # what the call spends is the scorer's plan: measured, never matched
 
     def __init__(self, name: str, scorer: LearnedScorer, run: str | None = None, rule: str | None = None) -> None:
         super().__init__(name, scorer.sites)
         self.scorer, self.run, self.rule = scorer, run, rule
-        self._models: dict[tuple[int, float, str | None], Any] = {}
+        self._models: dict[tuple[int, float, str | None, str | None], Any] = {}
 
-    def model(self, backbone: TokenBackbone, target: float, task: str | None = None) -> Any:
-        """``prune(backbone.model, scorer, flops=target[, rule=rule][, task=task])``, built once per backbone,
-        target and task."""
+    def model(self, backbone: TokenBackbone, target: float, task: str | None = None, split: str | None = None) -> Any:
+        """``prune(backbone.model, scorer, flops=target[, rule=rule][, task=task, split=split])``, built once per
+        backbone, target, task and split."""
         from policy_prune.core.inference import prune
 
-        key = (id(backbone), target, task)
+        key = (id(backbone), target, task, split)
         if key not in self._models:
-            self._models[key] = prune(backbone.model, self.scorer, rule=self.rule, flops=target, strict=False, task=task)
+            self._models[key] = prune(backbone.model, self.scorer, rule=self.rule, flops=target, strict=False, task=task,
+                                      split=split if task is not None else None)
         return self._models[key]
 
     def _called(self, backbone: TokenBackbone, point: Point) -> Any:
-        """The PrunedModel ``point`` runs (its flops argument and task)."""
+        """The PrunedModel ``point`` runs (its flops argument, task and split)."""
         flops = point.target if point.budget is None else point.budget
         assert flops is not None
-        return self.model(backbone, flops, point.task)
+        return self.model(backbone, flops, point.task, point.split)
 
     def forward(self, backbone: TokenBackbone, inputs: Any, point: Point, watch: Watch | None = None) -> tuple[torch.Tensor, Work]:
         fast = self._called(backbone, point)
@@ -718,12 +720,18 @@ class DeployedMethod(Method):
 
     def solve(self, ctx: SolveContext, target: float) -> Point | None:
         budget = self.scorer.budget
-        task = ctx.kind if budget is not None and ctx.kind in budget.tasks and self.rule != "threshold" else None
+        routed = budget is not None and self.rule != "threshold"
+        task = ctx.kind if routed and ctx.kind in budget.tasks else None  # type: ignore[union-attr]
+        split = routed and ctx.kind is None and ctx.queries_from is not None and budget.splits  # type: ignore[union-attr]
         try:
             fast = self.model(ctx.backbone, target)
+            if split:  # one total: each part through its task's plan, as encode_query / encode_document run them
+                doc, qry = (self._part(ctx.backbone, target, t) for t in ("document", "query"))
+                point = replace(doc, queries=qry)
+                return replace(point, solved=total_ratio(ctx.backbone, self._measure_split(ctx, point)))
             if task is not None:
                 try:
-                    fast = self.model(ctx.backbone, target, task)
+                    fast = self.model(ctx.backbone, target, task, "each")
                 except UserError as exc:  # the task's plan does not reach the target: the call for the mix, as ST runs
                     self.notes.append(f"{self.name} {self.run} at {target:g}: {exc}; the {task} inputs run the call "
                                       "for the mix")
@@ -731,8 +739,27 @@ class DeployedMethod(Method):
         except UserError as exc:  # outside the trained budgets, or below what the scorer reaches: said in the report
             self.unsolved[target] = str(exc)
             return None
-        point = Point(fast.rule, list(fast.values), target, None, target, task=task)
+        point = Point(fast.rule, list(fast.values), target, None, target, task=task,
+                      split=None if task is None else "each")
         return replace(point, solved=total_ratio(ctx.backbone, self.measure(ctx, point)))
+
+    def _part(self, backbone: TokenBackbone, target: float, task: str) -> Point:
+        """The point of one part of a retrieval mix under one total: ``prune(..., flops=target, task=task)``, or the
+        call for the mix where that task's part of the split cannot run (as a pruned SentenceTransformer runs it;
+        the report notes it)."""
+        try:
+            fast, split = self.model(backbone, target, task, "total"), "total"
+        except UserError as exc:
+            self.notes.append(f"{self.name} {self.run} at {target:g}: {exc}; the {task} inputs run the call for the mix")
+            fast, task, split = self.model(backbone, target), None, None  # type: ignore[assignment]
+        return Point(fast.rule, list(fast.values), target, None, target, task=task, split=split)
+
+    def _measure_split(self, ctx: SolveContext, point: Point) -> Work:
+        """The Work over the val mix with the passages at ``point`` and the queries at ``point.queries``."""
+        assert ctx.queries_from is not None and point.queries is not None
+        with torch.inference_mode():
+            return Work.cat([self.forward(ctx.backbone, x, point if i < ctx.queries_from else point.queries)[1]
+                             for i, (x, _) in enumerate(ctx.batches)])
 
 
 def learned_methods(scorer: LearnedScorer, run: str | None = None, group: str | None = None) -> list[Method]:

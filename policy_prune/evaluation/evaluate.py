@@ -221,7 +221,8 @@ def solve_context(backbone: TokenBackbone, val: EvalData, kind: str | None = Non
     counts = BatchedCounts(torch.cat([p.counts.n0 for p in parts]), torch.cat([p.counts.protected for p in parts]),
                            max(p.counts.n_full for p in parts),
                            torch.cat([p.counts.batch + o for p, o in zip(parts, offsets, strict=True)]))
-    return SolveContext(backbone, counts, [b for p in parts for b in p.batches], kind)
+    return SolveContext(backbone, counts, [b for p in parts for b in p.batches], kind,
+                        offsets[1] if len(parts) > 1 else None)
 
 
 def operating_points(method: Method, ctx: SolveContext, targets: Sequence[float],

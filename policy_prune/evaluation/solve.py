@@ -69,6 +69,9 @@ class Point:
     """The val point a matched point stands in for (what the best baseline is chosen by)."""
     task: str | None = None
     """The kind of input a deployed call's plan was solved for (``prune(..., task=task)``); None: the mix."""
+    split: str | None = None
+    """With ``task``: what the deployed call's flops bounds (``prune(..., split=split)``: "total" over queries and
+    documents, or "each" kind)."""
     queries: Point | None = None
     """The point retrieval queries are encoded at where they have a budget of their own (eval
     ``--query-target``: this point's target is then the passages'); None: the queries run this point."""
@@ -80,7 +83,7 @@ class Point:
             return "-"
         vals = self.values
         told = "" if self.budget is None else f" told {self.budget:g}"
-        told += "" if self.task is None else f" ({self.task} plan)"
+        told += "" if self.task is None else f" ({self.task} plan{', one total' if self.split == 'total' else ''})"
         told += "" if self.matched is None else f" (FLOPs matched on {self.matched})"
         queries = "" if self.queries is None else f"; queries {self.queries.label()}"
         if self.rule == "tome-r":
@@ -116,6 +119,9 @@ class SolveContext:
     kind: str | None = None
     """One kind of input on its own (``TASKS``: retrieval passages "document" or queries "query", with a budget
     of their own under eval's ``--query-target``), not the mix; None: the mix a scorer's plan was calibrated for."""
+    queries_from: int | None = None
+    """The mix of a retrieval split: the index of the first of ``batches`` that holds queries (those before hold
+    passages); None: no queries."""
 
 
 def ratio_counts(values: Sequence[float], tc: TokenCounts, n_sites: int) -> list[torch.Tensor]:

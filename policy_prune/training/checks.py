@@ -169,6 +169,8 @@ def check_train(train: Any) -> None:
         raise ConfigError(f"train.eval_targets must be FLOPs ratios in (0, 1], got {train.eval_targets}")
     if not (_is_number(train.calibration_step) and 0.0 < train.calibration_step <= 1.0):
         raise ConfigError(f"train.calibration_step must lie in (0, 1], got {train.calibration_step}")
+    if not (_is_number(train.query_share) and 0.0 < train.query_share < 1.0):
+        raise ConfigError(f"train.query_share must lie in (0, 1), got {train.query_share}")
     if train.threads is not None and train.threads < 1:
         raise ConfigError(f"train.threads must be a positive integer or null (torch's default), got {train.threads!r}")
     if train.track not in (None, *TRACKERS):

@@ -33,6 +33,7 @@ from policy_prune.config import (
     read_run_config,
     to_dict,
 )
+from policy_prune.core.budget import QUERY_SHARE
 from policy_prune.embedded import DTYPE_NAMES
 from policy_prune.errors import UserError
 
@@ -66,6 +67,9 @@ class TrainConfig:
     calibration_step: float = 0.05
     """Budget-conditioned runs: spacing of the calibrated targets over the trained range (0.05: the budgets users
     ask for most, 0.15 / 0.25 / 0.35, are points of their own, with their own rule and idle sites)."""
+    query_share: float = QUERY_SHARE
+    """Budget-conditioned retrieval runs: the queries' share of the unpruned FLOPs up to which ``prune(...,
+    flops=f)`` keeps one total over queries and documents at most f (``BudgetInput.query_share``)."""
     checkpoint_every: int = 15_000
     """Save checkpoints/last.zip every this many timesteps (a kill loses at most this much)."""
     track: str | None = None
@@ -434,8 +438,44 @@ def calibrated_budget(cfg: RunConfig, scorer: Any, backbone: Any, val: Any) -> A
     counted = batch_counts(backbone, every)
     steps = max(int(round((high - low) / cfg.train.calibration_step)), 1)
     targets = [round(float(t), 6) for t in np.linspace(low, high, steps + 1)]
-    return BudgetInput.over(low, high, calibrate(backbone, scorer, inputs, targets, labels=labels, parts=parts,
-                                                 counted=counted, counted_parts=every_part))
+    budget = BudgetInput.over(low, high, calibrate(backbone, scorer, inputs, targets, labels=labels, parts=parts,
+                                                   counted=counted, counted_parts=every_part))
+    if val.queries is None or val.relevant is None or not budget.tasks:
+        return budget
+    return retrieval_splits(dataclasses.replace(scorer, budget=budget), backbone, val, cfg.train.query_share,
+                            cfg.train.device)
+
+
+def retrieval_splits(scorer: Any, backbone: Any, val: Any, share: float, device: str, batch_size: int = 64) -> Any:
+    """``scorer``'s calibrated budget with its split of one total (:func:`~policy_prune.core.calibration.solve_splits`):
+    each pair scored by recall@10 of every val passage, encoded through the documents' plan, for every val query,
+    encoded through the queries' (as ``prune(..., task=...)`` runs them, in length-sorted batches as deployed), and
+    the passages' fidelity: their mean cosine to their unpruned embeddings."""
+    import functools
+
+    import torch
+
+    from policy_prune.core.calibration import solve_splits
+    from policy_prune.core.inference import rule_for_flops
+    from policy_prune.core.scorer import make_keep_fn
+    from policy_prune.evaluation.metrics import retrieval_scores
+    from policy_prune.evaluation.retrieval import embed_rows
+
+    @functools.cache
+    def embedded(task: str, flops: float | None) -> Any:
+        rows = val.queries if task == "query" else val
+        if flops is None:
+            return embed_rows(backbone, rows, batch_size, device, trim=True)
+        _, values, told = rule_for_flops(backbone, scorer, flops, "keep_ratio", task)
+        keep = make_keep_fn(backbone, told, "keep_ratio", values)
+        return embed_rows(lambda x: backbone.forward_pruned(x, told.sites, keep)[0], rows, batch_size, device, trim=True)
+
+    def score(q: float, d: float) -> tuple[float, float]:
+        docs = embedded("document", d)
+        recall = float(retrieval_scores(embedded("query", q), docs, val.relevant, 10)["recall@10"].mean())
+        return recall, float(torch.nn.functional.cosine_similarity(docs, embedded("document", None)).mean())
+
+    return solve_splits(scorer.budget, score, share)
 
 
 def deployed_backbone(cfg: RunConfig, backbone: Any) -> Any:
