@@ -452,17 +452,23 @@ def test_one_total_is_split_between_queries_and_documents_where_it_retrieves_bes
         asked = prune(bert.model, scorer, flops=by_f[0.5][task], task=task, split="each")
         assert list(by_default.values) == list(asked.values), task
         assert list(prune(bert.model, scorer, flops=0.5, task=task, split="each").values) != list(asked.values), task
-    assert list(prune(bert.model, scorer, flops=0.5).values) == list(prune(bert.model, scorer, flops=0.5, split="total").values)
     for kwargs, message in (({"flops": 0.5, "split": "both"}, "split='both': one of 'total', 'each'"),
-                            ({"split": "each"}, "give flops")):
+                            ({"split": "each"}, "give flops"), ({"flops": 0.5, "split": "total"}, "give task="),
+                            ({"flops": 0.5, "task": "passage"}, "task='passage': this scorer's calibration has no plan")):
         with pytest.raises(UserError, match=message):
             prune(bert.model, scorer, **kwargs)
+    with pytest.raises(UserError, match="split='total': this scorer's calibration has no split"):
+        no_split = BudgetInput(0.3, 0.9, 0.5, [dataclasses.replace(p, split={}) for p in budget.calibration])
+        prune(bert.model, dataclasses.replace(scorer, budget=no_split), flops=0.5, task="query", split="total")
     save_scorer(scorer, tmp_path / "s", bert.signature())
     assert load_scorer(tmp_path / "s").budget == budget
     meta = json.loads((tmp_path / "s" / "scorer.json").read_text())
     for key, value, message in (("query_share", 1.0, "query_share must lie in"),
+                                ("query_share", None, "needs one on every calibration point"),
                                 ("split", {"passage": 0.5}, "unknown calibrated task"),
-                                ("split", {"query": 0.95, "document": 0.4}, "must lie in the trained range")):
+                                ("split", {"query": 0.95, "document": 0.4}, "must lie in the trained range"),
+                                ("split", {"query": 0.6, "document": 0.5}, "is not one total of 0.5"),
+                                ("split", {}, "needs one on every calibration point")):
         bad = json.loads(json.dumps(meta))
         if key == "query_share":
             bad["budget"]["query_share"] = value

@@ -637,10 +637,26 @@ def test_deployed_call_splits_one_total_between_queries_and_passages(bert, text_
             asked = prune(bert.model, scorer, flops=scorer.budget.task_flops(f, task), task=task, split="each",
                           strict=False)
             assert values == list(call.values) == list(asked.values), (f, task)
-        assert "(document plan, one total)" in r["point"] and "(query plan, one total)" in r["point"]
+        for task in ("document", "query"):
+            assert f"({task} plan at {scorer.budget.task_flops(f, task):.3g}, one total)" in r["point"], r["point"]
+        # On target where the total is at most f (the tiny split's queries carry more than the bound's 0.3 of its
+        # FLOPs, so it can run above): a split's parts are not each held to f.
+        assert r["on_target"] == (r["flops"]["total"] <= f + MATCH)
+        assert (r["flops_queries"]["total"] > f + MATCH) and (r["flops_passages"]["total"] < f - MATCH)
         point = method.solve(evaluate.solve_context(bert, val), f)
         works = [evaluate.run_method(bert, method, point, val)[1], evaluate.run_method(bert, method, point.queries, val.queries)[1]]
         assert r["solved_val"] == pytest.approx(flops_ratios(bert, Work.cat(works))["total"], abs=1e-12)
+    # A total that cannot be split (the queries' part, at 0.4, above its target on their val rows): each part its
+    # plan at f, as a pruned SentenceTransformer runs it, and the report says so.
+    low = [dataclasses.replace(p, split={"query": p.flops - 0.1, "document": (p.flops - 0.3 * (p.flops - 0.1)) / 0.7})
+           for p in calibrated.calibration]
+    method = learned_methods(dataclasses.replace(scorer, budget=dataclasses.replace(
+        calibrated, calibration=low, query_share=0.3)), "seed 0")[0]
+    point = method.solve(evaluate.solve_context(bert, val), 0.5)
+    assert point.split != "total" and point.queries.split != "total"
+    assert point.values == list(prune(bert.model, scorer, flops=0.5, task="document", split="each", strict=False).values)
+    assert any("each part runs its plan at 0.5" in note for note in method.notes)
+    method = learned_methods(scorer, "seed 0")[0]
     # --query-target same: each kind at f (split="each"), whatever the calibration's split.
     same = evaluate.evaluate(bert, text_splits, [method], [0.7], "test", batch_size=5, repeats=0, n_boot=50,
                              query_target="same")

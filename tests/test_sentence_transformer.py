@@ -178,6 +178,22 @@ def test_encode_query_and_encode_document_split_one_total(st_model) -> None:
     assert not torch.allclose(total, each, atol=1e-4)
     with pytest.raises(UserError, match="split='any'"):
         prune(st_model, scorer, flops=0.7, split="any")
+    with pytest.raises(UserError, match="rule='threshold' runs one threshold for every task"):
+        prune(st_model, scorer, flops=0.7, split="each", rule="threshold")
+    # A split whose queries' part cannot run (4-word queries at 0.4): no part alone, so each kind runs its plan at f
+    # (the queries' at 0.5 cannot either: they run the mix's), with warnings.
+    import dataclasses
+
+    from policy_prune.core.budget import BudgetInput
+
+    low = [dataclasses.replace(p, split={"query": p.flops - 0.1, "document": (p.flops - 0.3 * (p.flops - 0.1)) / 0.7})
+           for p in scorer.budget.calibration]
+    scorer.budget = BudgetInput(0.4, 0.9, 0.5, low, query_share=0.3)
+    with pytest.warns(UserWarning, match="cannot be split between queries and documents") as caught:
+        fast = prune(st_model, scorer, flops=0.5)
+    assert any("task='query' runs the plan for the mix" in str(w.message) for w in caught)
+    assert sorted(fast[0].tasks) == ["document"]
+    assert fast[0].tasks["document"].values == prune(encoder, scorer, flops=0.5, task="document", split="each").values
 
 
 def _task_scorer(st_model):

@@ -238,11 +238,8 @@ class BudgetInput:
         between the points of keep_ratio's :meth:`regime` at ``flops``: at most ``flops`` on that kind's
         calibration batches at a calibration point, about ``flops`` between two."""
         f = self.check(flops)
-        if task is not None and task not in self.tasks:
-            have = f"its tasks are {', '.join(self.tasks)}" if self.tasks else \
-                "it was calibrated on one kind of input" if self.calibration else "it is not calibrated"
-            raise UserError(f"task={task!r}: this scorer's calibration has no plan for it ({have}); a retrieval run "
-                            "calibrated again (policy-prune export RUN --calibrate) has 'document' and 'query'")
+        if task is not None:
+            self._check_task(task)
         if not self.calibration:
             return f
         xs = [p.flops for p in self.calibration]
@@ -250,6 +247,14 @@ class BudgetInput:
             run = self.regime(f, "keep_ratio")
             return float(np.interp(f, [p.flops for p in run], [p.plans[task] for p in run]))
         return float(np.interp(f, xs, [p.flops if p.plan is None else p.plan for p in self.calibration]))
+
+    def _check_task(self, task: str) -> None:
+        """UserError unless the calibration has a plan for ``task``."""
+        if task not in self.tasks:
+            have = f"its tasks are {', '.join(self.tasks)}" if self.tasks else \
+                "it was calibrated on one kind of input" if self.calibration else "it is not calibrated"
+            raise UserError(f"task={task!r}: this scorer's calibration has no plan for it ({have}); a retrieval run "
+                            "calibrated again (policy-prune export RUN --calibrate) has 'document' and 'query'")
 
     @property
     def tasks(self) -> list[str]:
@@ -267,6 +272,7 @@ class BudgetInput:
         (linear between the calibration points' splits: their total at ``query_share`` stays ``flops``);
         ``flops`` itself without a split."""
         f = self.check(flops)
+        self._check_task(task)
         if not self.splits:
             return f
         return float(np.interp(f, [p.flops for p in self.calibration], [p.split[task] for p in self.calibration]))
@@ -363,6 +369,15 @@ class BudgetInput:
         if off := [p for p in points if any(not budget.low - 1e-6 <= v <= budget.high + 1e-6 for v in p.split.values())]:
             raise ValueError(f"calibration point {off[0].flops:g}: a split's FLOPs ratios must lie in the trained range "
                              f"[{budget.low:g}, {budget.high:g}], got {off[0].split}")
+        split = [bool(p.split) for p in points]
+        if any(split) and (not all(split) or budget.query_share is None or not budget.splits):
+            raise ValueError("a split of one total needs one on every calibration point, between every task it has a "
+                             "plan for, and the budget's query_share")
+        share = budget.query_share
+        if share is not None and any(split) and (off := [p for p in points if abs(
+                share * p.split["query"] + (1 - share) * p.split["document"] - p.flops) > 1e-4]):
+            raise ValueError(f"calibration point {off[0].flops:g}: its split {off[0].split} is not one total of "
+                             f"{off[0].flops:g} at query_share {share:g}")
         for p in points:
             numbers = [p.flops, p.threshold, *p.keep_ratio, *([] if p.plan is None else [p.plan]), *p.plans.values()]
             idle = [*p.idle, *(p.idle_keep_ratio or [])]

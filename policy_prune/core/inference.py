@@ -367,16 +367,17 @@ def prune(
     :mod:`policy_prune.core.budget`.
 
     ``task`` ("query" or "document", with ``flops``; retrieval scorers, whose calibration held both): the
-    keep_ratio plan solved on that kind of input alone, so that it runs at most ``flops`` on it (one plan for
-    the mix runs above it on short queries alone: minilm-text's at 0.35 ran 0.368 on val queries). See
-    ``BudgetInput.tasks``.
+    keep_ratio plan solved on that kind of input alone, which runs at most the FLOPs it is asked for on it (one plan
+    for the mix runs above it on short queries alone: minilm-text's at 0.35 ran 0.368 on val queries), asked as
+    ``split`` says. See ``BudgetInput.tasks``.
 
     ``split`` (with ``task``, or a SentenceTransformer): what ``flops`` bounds for retrieval. ``"total"`` (the
     default where the calibration has a split, ``BudgetInput.splits``): one total over queries and documents, each
     task's plan asked for its share of it (``BudgetInput.task_flops``: queries above ``flops``, documents below,
     the pair that retrieved best on val), so any mix whose queries carry at most ``BudgetInput.query_share`` of the
-    unpruned FLOPs runs at most ``flops``; a query encoder alone runs above it (minilm-text at 0.5: queries 0.7,
-    documents 0.41). ``"each"``: each task's plan at ``flops`` itself, at most ``flops`` on each kind of input.
+    unpruned FLOPs runs at most ``flops``; a query encoder alone runs above it. ``"each"``: each task's plan at
+    ``flops`` itself, at most ``flops`` on each kind of input. UserError for ``"total"`` with a scorer that has no
+    split, and for ``split`` without a task on a plain model (it has no effect there).
 
     A scorer trained for another backbone raises ScorerMismatchError (``strict=False`` tolerates a
     different architecture name or class count when every shape matches).
@@ -396,6 +397,9 @@ def prune(
     if not isinstance(scorer, LearnedScorer):
         raise UsageError(f"scorer must be a LearnedScorer (policy_prune.load_scorer) or the path of a scorer folder, "
                          f"got {type(scorer).__name__}")
+    if split == "total" and (scorer.budget is None or not scorer.budget.splits):
+        raise UserError("split='total': this scorer's calibration has no split of one total between queries and "
+                        "documents (a retrieval run calibrated again, policy-prune export RUN --calibrate, has one)")
     if task is not None and flops is None:
         raise UserError(f"task={task!r} picks the plan for a FLOPs target: give flops=... too")
     if split not in (None, *SPLITS):
@@ -411,6 +415,9 @@ def prune(
             pruned = prune(encoder, scorer, rule, keep_ratio, threshold, strict, flops)
             return (pruned, {}) if rule == "threshold" else _with_tasks(pruned, encoder, flops, split)
 
+        if split is not None and rule == "threshold":
+            raise UserError(f"split={split!r}: rule='threshold' runs one threshold for every task (no plan per task)")
+
         return prune_sentence_transformer(model, prune_encoder)
     backbone = _adapt_for(model, scorer)
     check_signature(scorer, backbone.signature(), strict=strict)
@@ -418,6 +425,9 @@ def prune(
         backbone.check_sites(scorer.sites)
     except ValueError as exc:
         raise UserError(f"scorer does not fit this model: {exc}") from None
+    if split is not None and task is None:
+        raise UserError(f"split={split!r} splits one total between task plans: give task='query' or 'document' too "
+                        "(a pruned SentenceTransformer routes encode_query / encode_document itself)")
     if flops is not None:
         if keep_ratio is not None or threshold is not None:
             raise UserError("give one of flops, keep_ratio or threshold")
@@ -440,15 +450,24 @@ def _with_tasks(pruned: PrunedModel, encoder: nn.Module, flops: float | None,
     """(``pruned``, {task: the call with that task's keep_ratio plan}) for a SentenceTransformer's encode_query /
     encode_document: where ``pruned`` runs at ``flops`` (its default rule, the threshold included: a task's plan
     is keep_ratio's) and its scorer has plans per task (none otherwise: every task runs ``pruned``). They share
-    the encoder and the scorer's weights, and split ``flops`` as ``split`` says (:func:`prune`). A task whose plan
-    does not reach its FLOPs on its calibration data runs ``pruned``, and a warning says so."""
+    the encoder and the scorer's weights, and split ``flops`` as ``split`` says (:func:`prune`). Where one total
+    cannot be split (a task's part of it runs above what it is asked for on its calibration data), every task
+    runs its plan at ``flops`` instead (a part alone would break the total), and a warning says so; a task whose
+    plan at ``flops`` does not reach it runs ``pruned``, with a warning too."""
     budget = pruned.scorer.budget
     if flops is None or budget is None:
         return pruned, {}
+    if split != "each" and budget.splits:
+        try:
+            return pruned, {task: prune(encoder, pruned.scorer, "keep_ratio", strict=False, flops=flops, task=task,
+                                        split="total") for task in budget.tasks}
+        except UserError as exc:
+            warnings.warn(f"flops={flops:g} cannot be split between queries and documents here ({exc}): each runs its "
+                          "plan at flops", stacklevel=5)
     tasks = {}
     for task in budget.tasks:
         try:
-            tasks[task] = prune(encoder, pruned.scorer, "keep_ratio", strict=False, flops=flops, task=task, split=split)
+            tasks[task] = prune(encoder, pruned.scorer, "keep_ratio", strict=False, flops=flops, task=task, split="each")
         except UserError as exc:
             warnings.warn(f"encode with task={task!r} runs the plan for the mix, above flops={flops:g} on that kind "
                           f"of input: {exc}", stacklevel=5)

@@ -725,30 +725,37 @@ class DeployedMethod(Method):
         split = routed and ctx.kind is None and ctx.queries_from is not None and budget.splits  # type: ignore[union-attr]
         try:
             fast = self.model(ctx.backbone, target)
-            if split:  # one total: each part through its task's plan, as encode_query / encode_document run them
-                doc, qry = (self._part(ctx.backbone, target, t) for t in ("document", "query"))
-                point = replace(doc, queries=qry)
-                return replace(point, solved=total_ratio(ctx.backbone, self._measure_split(ctx, point)))
-            if task is not None:
-                try:
-                    fast = self.model(ctx.backbone, target, task, "each")
-                except UserError as exc:  # the task's plan does not reach the target: the call for the mix, as ST runs
-                    self.notes.append(f"{self.name} {self.run} at {target:g}: {exc}; the {task} inputs run the call "
-                                      "for the mix")
-                    task = None
         except UserError as exc:  # outside the trained budgets, or below what the scorer reaches: said in the report
             self.unsolved[target] = str(exc)
             return None
-        point = Point(fast.rule, list(fast.values), target, None, target, task=task,
-                      split=None if task is None else "each")
+        if split:  # one total: each part through its task's plan, as encode_query / encode_document run them
+            point = self._split(ctx.backbone, target)
+            return replace(point, solved=total_ratio(ctx.backbone, self._measure_split(ctx, point)))
+        # One kind alone (--query-target): its plan at the target, where it has one, as ST runs it.
+        point = self._each(ctx.backbone, target, task) if task is not None else \
+            Point(fast.rule, list(fast.values), target, None, target)
         return replace(point, solved=total_ratio(ctx.backbone, self.measure(ctx, point)))
 
-    def _part(self, backbone: TokenBackbone, target: float, task: str) -> Point:
-        """The point of one part of a retrieval mix under one total: ``prune(..., flops=target, task=task)``, or the
-        call for the mix where that task's part of the split cannot run (as a pruned SentenceTransformer runs it;
-        the report notes it)."""
+    def _split(self, backbone: TokenBackbone, target: float) -> Point:
+        """The passages' point with the queries' (``queries``) under one total, as a pruned SentenceTransformer runs
+        them: each part ``prune(..., flops=target, task=task)`` (split "total"); where the total cannot be split,
+        each part's plan at the target (split "each"), or the call for the mix where that cannot run (noted)."""
+        budget = self.scorer.budget
+        assert budget is not None
         try:
-            fast, split = self.model(backbone, target, task, "total"), "total"
+            calls = {t: self.model(backbone, target, t, "total") for t in ("document", "query")}
+            doc, qry = (Point(calls[t].rule, list(calls[t].values), target, None, target, task=t, split="total",
+                              asked=budget.task_flops(target, t)) for t in ("document", "query"))
+        except UserError as exc:
+            self.notes.append(f"{self.name} {self.run} at {target:g}: {exc}; each part runs its plan at {target:g}")
+            doc, qry = (self._each(backbone, target, t) for t in ("document", "query"))
+        return replace(doc, queries=qry)
+
+    def _each(self, backbone: TokenBackbone, target: float, task: str) -> Point:
+        """``prune(..., flops=target, task=task, split="each")``, or the call for the mix where that task's plan
+        cannot reach the target (noted)."""
+        try:
+            fast, split = self.model(backbone, target, task, "each"), "each"
         except UserError as exc:
             self.notes.append(f"{self.name} {self.run} at {target:g}: {exc}; the {task} inputs run the call for the mix")
             fast, task, split = self.model(backbone, target), None, None  # type: ignore[assignment]

@@ -26,7 +26,11 @@ The protocol (issue #15):
    scored per query by recall@10 and nDCG@10 (also with the unpruned model's queries or passages, free:
    those are encoded once). Their intervals resample the **queries'** units, and each has its own
    "learned minus best baseline", the baseline chosen on val by that metric.
-   Queries are inside the budget: every point is solved on val for one total over passages and queries.
+   Queries are inside the budget: every point is solved on val for one total over passages and queries. The
+   deployed call of a scorer whose calibration splits one total (``CalibrationPoint.split``) runs its passages
+   through ``prune(..., flops=f, task="document")`` and its queries through ``task="query"``, as a pruned
+   SentenceTransformer's ``encode_document`` / ``encode_query`` do; ``--query-target`` gives each part its own
+   budget instead (``split="each"``).
 5. Time per sample and speed-up over the unpruned model at batch 64 and batch 1 are measured round-robin
    per target in the same run, over batches (and single rows) spread over the split (``--repeats 0`` skips it).
 
@@ -249,7 +253,7 @@ def evaluate(backbone: TokenBackbone, splits: dict[str, Any], methods: Sequence[
 
     ``query_target`` (retrieval): the queries get a budget of their own. Each method's queries run its point
     solved on the val queries alone for at most ``query_target`` of their FLOPs (the deployed call:
-    ``prune(..., flops=query_target, task="query")``, where the scorer has that plan), its passages the point solved on the val passages alone for each
+    ``prune(..., flops=query_target, task="query", split="each")``, where the scorer has that plan), its passages the point solved on the val passages alone for each
     target; ``"same"`` (SAME): the queries' point is solved for each target too (each part at most the target);
     None: one point per target, solved for one total over both.
 
@@ -395,6 +399,8 @@ def result_row(backbone: TokenBackbone, s: Scored, data: EvalData, primary: str,
                                                "flops_queries": flops_ratios(backbone, s.query_work)}
     if s.point.queries is None or not queries or target is None:
         on_target = target is None or abs(ratios["total"] - target) <= MATCH
+    elif s.point.queries.split == "total":  # one total split between the parts: at most the target (below it where
+        on_target = ratios["total"] <= target + MATCH  # the queries carry less than the split's bound on their share)
     else:  # each part on its own budget
         q_target = s.point.queries.target
         assert q_target is not None

@@ -257,12 +257,15 @@ def _query_budget(results: dict[str, Any]) -> str:
     """How the queries' FLOPs are budgeted: one total with the passages, or a target of their own."""
     if results.get("query_target") is None:
         return ("Queries are inside the budget: every point is solved for one total over the passages and the queries, "
-                "and the FLOPs columns are that total (each part: `flops_passages`, `flops_queries` in pareto.json).")
+                "and the FLOPs columns are that total (each part: `flops_passages`, `flops_queries` in pareto.json). "
+                "A deployed call whose calibration splits the total runs each part through its task's plan "
+                "(`prune(..., task=\"document\")` and `task=\"query\"`, split=\"total\"), at most the target in total "
+                "where the queries carry at most its query share of the FLOPs (below it where they carry less).")
     own = "the target" if results["query_target"] == SAME else f"{results['query_target']:g} of their FLOPs"
     return (f"Queries have a budget of their own: every method encodes them at its point solved on the val queries "
             f"alone for at most {own}, and the passages at its point solved on "
             "the val passages alone for the target (the deployed call: the scorer's plan for each kind, "
-            "`prune(..., task=\"query\")` and `task=\"document\"`, where it has them); a row is on target where each part is within "
+            "`prune(..., task=\"query\", split=\"each\")` and `task=\"document\"`, where it has them); a row is on target where each part is within "
             f"{MATCH} of its own. The FLOPs columns are the total over both (each part: `flops_passages`, "
             "`flops_queries` in pareto.json).")
 

@@ -61,7 +61,8 @@ class Point:
     solved: float | None = None
     """Total FLOPs ratio on the split the point was solved on (val, or ``matched``)."""
     budget: float | None = None
-    """The FLOPs ratio a budget-conditioned scorer is told (its budget input); None for other methods."""
+    """The FLOPs ratio a budget-conditioned scorer is told (its budget input; a deployed call's ``flops`` argument,
+    whose task's plan may be asked for its part of a split, ``asked``); None for other methods."""
     matched: str | None = None
     """The split this point's FLOPs were matched on instead of val (None: solved on val): a baseline whose val
     point lands further than MATCH from its target on the scored split (``evaluate.match_scored``)."""
@@ -74,7 +75,11 @@ class Point:
     documents, or "each" kind)."""
     queries: Point | None = None
     """The point retrieval queries are encoded at where they have a budget of their own (eval
-    ``--query-target``: this point's target is then the passages'); None: the queries run this point."""
+    ``--query-target``: this point's target is then the passages'), or where a deployed call splits one total
+    between the parts (``split`` "total"); None: the queries run this point."""
+    asked: float | None = None
+    """A deployed call's part of a split of one total: the FLOPs ratio its task's plan is asked for
+    (``BudgetInput.task_flops``)."""
 
     def label(self) -> str:
         """Short text for tables: the rule and its values (and the budget a scorer is told, and the split
@@ -83,7 +88,8 @@ class Point:
             return "-"
         vals = self.values
         told = "" if self.budget is None else f" told {self.budget:g}"
-        told += "" if self.task is None else f" ({self.task} plan{', one total' if self.split == 'total' else ''})"
+        part = "" if self.asked is None else f" at {self.asked:.3g}"
+        told += "" if self.task is None else f" ({self.task} plan{part}{', one total' if self.split == 'total' else ''})"
         told += "" if self.matched is None else f" (FLOPs matched on {self.matched})"
         queries = "" if self.queries is None else f"; queries {self.queries.label()}"
         if self.rule == "tome-r":
