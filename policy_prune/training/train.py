@@ -449,15 +449,15 @@ def calibrated_budget(cfg: RunConfig, scorer: Any, backbone: Any, val: Any) -> A
 def retrieval_splits(scorer: Any, backbone: Any, val: Any, share: float, device: str, batch_size: int = 64) -> Any:
     """``scorer``'s calibrated budget with its split of one total (:func:`~policy_prune.core.calibration.solve_splits`):
     each pair scored by recall@10 of every val passage, encoded through the documents' plan, for every val query,
-    encoded through the queries' (as ``prune(..., task=...)`` runs them, in length-sorted batches as deployed), and
-    the passages' fidelity: their mean cosine to their unpruned embeddings."""
+    encoded through the queries' (the PrunedModel ``prune(..., flops=..., task=..., split="each")`` builds, run on
+    ``backbone`` itself, in length-sorted batches as deployed), and the passages' fidelity: their mean cosine to
+    their unpruned embeddings."""
     import functools
 
     import torch
 
     from policy_prune.core.calibration import solve_splits
-    from policy_prune.core.inference import rule_for_flops
-    from policy_prune.core.scorer import make_keep_fn
+    from policy_prune.core.inference import PrunedModel, rule_for_flops
     from policy_prune.evaluation.metrics import retrieval_scores
     from policy_prune.evaluation.retrieval import embed_rows
 
@@ -466,9 +466,11 @@ def retrieval_splits(scorer: Any, backbone: Any, val: Any, share: float, device:
         rows = val.queries if task == "query" else val
         if flops is None:
             return embed_rows(backbone, rows, batch_size, device, trim=True)
-        _, values, told = rule_for_flops(backbone, scorer, flops, "keep_ratio", task)
-        keep = make_keep_fn(backbone, told, "keep_ratio", values)
-        return embed_rows(lambda x: backbone.forward_pruned(x, told.sites, keep)[0], rows, batch_size, device, trim=True)
+        # prune()'s own last steps (its rule, then the PrunedModel), without rebuilding the adapter: the calibration's
+        # backbone holds the run's pooling, which a scorer not yet saved does not carry in its meta.
+        rule, values, told = rule_for_flops(backbone, scorer, flops, "keep_ratio", task)
+        call = PrunedModel(backbone, told, rule, values).to(device)
+        return embed_rows(lambda x: call.run(x)[0], rows, batch_size, device, trim=True)
 
     def score(q: float, d: float) -> tuple[float, float]:
         docs = embedded("document", d)
