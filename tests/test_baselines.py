@@ -70,18 +70,28 @@ def test_predicted_work_equals_the_forward(name: str, baseline: str) -> None:
     assert torch.allclose(predicted.selection, work.selection)
 
 
-def test_evit_fuses_the_dropped_tokens_weighted_by_cls_attention() -> None:
-    """EViT's extra token is sum_j a_j x_j over the dropped tokens (a_j: attention from CLS), protected."""
-    backbone = adapt(tiny.make("timm-vit-cls"))
-    x = tiny.inputs("timm-vit-cls", batch=2)
+@pytest.mark.parametrize(("name", "sum_fusion", "mean"), [("timm-vit-cls", False, False), ("hf-bert", False, True),
+                                                           ("hf-bert", True, False), ("hf-vit-classifier", False, False)])
+def test_evit_fuses_the_dropped_tokens_weighted_by_cls_attention(name: str, sum_fusion: bool, mean: bool) -> None:
+    """EViT's extra token is sum_j a_j x_j over the dropped tokens (a_j: attention from CLS), protected; on a
+    post-norm encoder (BERT: attention reads the tokens unnormalised) the a_j are divided by their sum, unless
+    ``sum_fusion`` (eval's --evit-sum) asks for the authors' sum there too."""
+    from policy_prune.core.scorer import decide
+
+    backbone = adapt(tiny.make(name))
+    x = tiny.inputs(name, batch=2)
     with torch.no_grad():
         state = backbone.run_blocks(backbone.embed(x), 0, 1)
         attn = backbone.attention_from_cls(state, 1)
-        keep = __import__("policy_prune.core.scorer", fromlist=["decide"]).decide(attn, state, "keep_ratio", 0.25)
+        keep = decide(attn, state, "keep_ratio", 0.25)
         dropped = state.valid & ~state.protected & ~keep
-        expected = (attn * dropped).unsqueeze(-1).mul(state.tokens).sum(dim=1)  # [B, D]
+        weights = attn * dropped
+        if mean:
+            weights = weights / weights.sum(dim=1, keepdim=True)
+        expected = weights.unsqueeze(-1).mul(state.tokens).sum(dim=1)  # [B, D]
         seen: list = []
-        method = EvitMethod([1])
+        method = make_baseline("evit", [1], BaselineOptions(evit_sum=sum_fusion))
+        assert isinstance(method, EvitMethod) and method.sum_fusion == sum_fusion
         orig = backbone.forward_sites
 
         def spy(inputs, sites, step, static=False):
@@ -91,10 +101,13 @@ def test_evit_fuses_the_dropped_tokens_weighted_by_cls_attention() -> None:
         method.forward(backbone, x, Point("keep_ratio", [0.25]))
         del backbone.forward_sites
     after = seen[0]
-    assert after.alive_counts.tolist() == [1 + 3 + 1] * 2  # CLS and 3 kept (0.25 of 17, CLS counted in), the fused token
-    fused = after.protected & (after.positions != 0)
+    assert dropped.any(dim=1).all()
+    assert after.alive_counts.tolist() == (state.alive_counts - dropped.sum(dim=1) + 1).tolist()  # the fused token
+    fused = after.protected & ~state.protected.gather(1, after.positions.clamp_min(0)) & after.valid
     assert fused.sum(dim=1).tolist() == [1, 1]
     assert torch.allclose(after.tokens[fused], expected, atol=1e-5)
+    scale = after.tokens[fused].norm(dim=-1) / state.tokens[dropped].norm(dim=-1).mean()
+    assert (scale > 0.5).all() if mean else (scale < 0.9).all()  # the mean has a token's scale, the sum less
 
 
 def test_random_is_seeded() -> None:

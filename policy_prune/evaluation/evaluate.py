@@ -662,6 +662,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tome-unweighted-pool", action="store_true",
                    help="ToMe on a mean-pooling model (text encoders) averages merged tokens unweighted, as the "
                         "reference's timm heads do (default: weighted by the tokens each stands for)")
+    p.add_argument("--evit-sum", action="store_true",
+                   help="EViT's fused token as the authors' attention-weighted sum on every model (default: the "
+                        "weighted mean on post-norm text encoders such as BERT and MiniLM, whose blocks read tokens "
+                        "unnormalised)")
     p.add_argument("--tome-inflect", type=between(-1.0, 1.0), default=0.0,
                    help="tome-native's r schedule: 0 constant per block, -1 the authors' decreasing schedule")
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline, subsets and the bootstrap")
@@ -721,7 +725,8 @@ def run(args: argparse.Namespace) -> int:
     if runs:
         check_same_env(runs, env_cfg if args.env else None)
     options = BaselineOptions(seed=args.seed, diversity=args.diversity, prop_attn=not args.no_prop_attn,
-                              tome_inflect=args.tome_inflect, tome_size_pool=not args.tome_unweighted_pool)
+                              tome_inflect=args.tome_inflect, tome_size_pool=not args.tome_unweighted_pool,
+                              evit_sum=args.evit_sum)
     methods: list[Method] = [m for r in runs for m in learned_methods(r.scorer, r.label, r.group)
                              if m.name.partition("[")[0] in args.learned]
     methods += [make_baseline(name, env_cfg.sites, options) for name in args.methods]
