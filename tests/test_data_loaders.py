@@ -117,6 +117,23 @@ def test_hf_local_text_folder(tmp_path, monkeypatch, from_home: bool) -> None:
     assert splits["test"].labels.tolist() == [0, 1, 0, 1, 0, 1]
 
 
+def test_hf_text_splits_share_one_width(tmp_path) -> None:
+    """Every split of a text corpus is padded to one width (the widest split's): an env sized by train's rows reads
+    val and test rows in the final eval (padded per split, train 7 and test 4 columns did not fit its policy)."""
+    pytest.importorskip("datasets")
+    data = tmp_path / "short"
+    data.mkdir()
+    rows = [{"text": " ".join(["good"] * (1 + i % 4)) + " movie", "label": i % 2} for i in range(40)]
+    (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (data / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows[::4][:6]))  # "good movie" only
+    splits = load_splits(_env(f"hf:{data}", max_length=16), seed=0, tokenizer=_tokenizer(tmp_path))
+    widths = {k: v.inputs["input_ids"].shape[1] for k, v in splits.items()}
+    assert widths == {"train": 7, "val": 7, "test": 7}  # [CLS] good x4 movie [SEP]
+    test = splits["test"].inputs
+    assert test["attention_mask"].sum(dim=1).tolist() == [4] * 6  # [CLS] good movie [SEP], the rest padding
+    assert (test["input_ids"][:, 4:] == 0).all() and (test["attention_mask"][:, 4:] == 0).all()
+
+
 def test_hf_string_labels_image_column_and_missing_columns(tmp_path, backbone) -> None:
     pytest.importorskip("datasets")
     from PIL import Image

@@ -239,7 +239,7 @@ def _class_list(splits: dict[str, Any], label: str) -> list[Any] | None:
 
 def load_hf(cfg: DataConfig, seed: int, backbone: Any = None, tokenizer: Any = None) -> dict[str, Split]:
     """``hf:<name>[:<config>][:<split>]``: text (tokenised) or image (preprocessed) splits."""
-    from policy_prune.data.text import tokenize
+    from policy_prune.data.text import common_width, pad_id, tokenize
 
     opts = split_options(cfg)
     splits = hf_splits(cfg.dataset, opts, cfg.label_column)
@@ -256,12 +256,9 @@ def load_hf(cfg: DataConfig, seed: int, backbone: Any = None, tokenizer: Any = N
     transform = None if is_text else image_transform(cfg, backbone)
     label = _label_name(splits["train"], cfg.label_column)
     classes = _class_list(splits, label) if label else None
-    out = {}
-    for split in SPLIT_NAMES:
-        ds = splits[split]
-        if is_text:
-            inputs: Any = tokenize([str(t) for t in ds[cfg.text_column]], tokenizer, cfg.max_length)
-        else:
-            inputs = stack_images(ds[cfg.image_column], transform)  # type: ignore[arg-type]
-        out[split] = Split(split, inputs, _labels(ds[label], classes) if label else None)
-    return out
+    if is_text:  # one width for every split (common_width: an env sized by train reads val and test too)
+        inputs: dict[str, Any] = common_width({s: tokenize([str(t) for t in splits[s][cfg.text_column]], tokenizer,
+                                                            cfg.max_length) for s in SPLIT_NAMES}, pad_id(tokenizer))
+    else:
+        inputs = {s: stack_images(splits[s][cfg.image_column], transform) for s in SPLIT_NAMES}  # type: ignore[arg-type]
+    return {s: Split(s, inputs[s], _labels(splits[s][label], classes) if label else None) for s in SPLIT_NAMES}

@@ -18,6 +18,7 @@ run evaluates the same text. The text changes a little between Python versions.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -404,6 +405,25 @@ def tokenize(texts: list[str], tokenizer: Any, max_length: int) -> dict[str, Any
     return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
 
 
+def common_width(inputs: dict[str, dict[str, Any]], pad_id: int) -> dict[str, dict[str, Any]]:
+    """The tokenised splits ``inputs`` (name: {"input_ids", "attention_mask"}), each right-padded to the widest of
+    them: an env is sized by train's width and reads val and test rows too (a corpus of short texts, padded per
+    split to its own longest row, gave train 26 columns and val 25, and the final eval's observations did not
+    fit the policy's)."""
+    width = max((x["input_ids"].shape[1] for x in inputs.values()), default=0)
+
+    def padded(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) if len(t) else t.new_zeros(0, width)
+
+    return {name: {"input_ids": padded(x["input_ids"], pad_id), "attention_mask": padded(x["attention_mask"], 0)}
+            for name, x in inputs.items()}
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The tokenizer's padding id (0 where it names none, as BERT's [PAD])."""
+    return int(getattr(tokenizer, "pad_token_id", None) or 0)
+
+
 def build_splits(cfg: DataConfig, tokenizer: Any) -> dict[str, Any]:
     """Tokenised, label-free splits of python-docs, each with its retrieval queries."""
     from policy_prune.data.split import Split, relevance_pairs
@@ -424,4 +444,5 @@ def build_splits(cfg: DataConfig, tokenizer: Any) -> dict[str, Any]:
                           groups=torch.tensor(groups, dtype=torch.long), kinds=kinds,
                           queries=queries, relevant=relevance_pairs(ts.relevant),
                           units=torch.tensor(units, dtype=torch.long))
-    return out
+    padded = common_width({name: dict(split.inputs) for name, split in out.items()}, pad_id(tokenizer))
+    return {name: dataclasses.replace(split, inputs=padded[name]) for name, split in out.items()}
