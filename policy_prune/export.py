@@ -158,8 +158,9 @@ def export_scorer_onnx(net: TokenScorer, example: tuple[torch.Tensor, torch.Tens
         return
     batch, tokens = torch.export.Dim("batch"), torch.export.Dim("tokens")
     shapes = ({0: batch, 1: tokens}, {0: batch})
+    # One file: the weights inside (a scorer is a few kB), no scorer.onnx.data beside it.
     torch.onnx.export(net, example, str(path), dynamo=True, dynamic_shapes=shapes, input_names=inputs,
-                      output_names=outputs)
+                      output_names=outputs, external_data=False)
 
 
 def export_program(net: TokenScorer, example: tuple[torch.Tensor, torch.Tensor], path: Path) -> Path:

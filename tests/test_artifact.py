@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -65,6 +66,25 @@ def test_round_trip(artifact, vit) -> None:
     assert set(written["created"]) == {"time", "policy_prune", "torch"}
 
 
+def test_the_same_scorer_gives_the_same_bytes_in_every_process(tmp_path) -> None:
+    """scorer.safetensors is byte-for-byte the same when written again in another process (safetensors orders its
+    metadata keys by a per-process hash map: two keys came out in either order)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from pathlib import Path; from policy_prune.core.artifact import _write_files; "
+            "_write_files(Path(sys.argv[1]), {'a': torch.arange(6.0), 'b': torch.ones(2, 3)}, {'k': 1})")
+    written = []
+    for i in range(4):
+        out = tmp_path / str(i)
+        out.mkdir()
+        subprocess.run([sys.executable, "-c", code, str(out)], check=True)
+        written.append((out / "scorer.safetensors").read_bytes())
+    assert all(w == written[0] for w in written)
+    header = json.loads(written[0][8:8 + int.from_bytes(written[0][:8], "little")])
+    assert header["__metadata__"] == {"format": "policy-prune-scorer"}
+
+
 def test_save_is_atomic_and_never_clobbers_foreign_dirs(artifact, vit) -> None:
     _, backbone = vit
     scorer = load_scorer(artifact)
@@ -77,8 +97,14 @@ def test_save_is_atomic_and_never_clobbers_foreign_dirs(artifact, vit) -> None:
         save_scorer(scorer, artifact, backbone.signature(), extra=crash)
     assert (artifact / WEIGHTS_FILE).read_bytes() == before  # the old artifact is untouched
     assert [p.name for p in artifact.parent.iterdir()] == ["scorer"]  # no temp dir left behind
-    save_scorer(scorer, artifact, backbone.signature(), default_rule={"rule": "keep_ratio", "values": [0.5, 0.25]})
+    mask = os.umask(0o022)
+    try:
+        save_scorer(scorer, artifact, backbone.signature(), default_rule={"rule": "keep_ratio", "values": [0.5, 0.25]})
+    finally:
+        os.umask(mask)
     assert load_scorer(artifact).meta["default_rule"] == {"rule": "keep_ratio", "values": [0.5, 0.25]}
+    # As readable as any new folder and file under the umask (mkdtemp's own folder is 0700).
+    assert {oct(p.stat().st_mode & 0o777) for p in (artifact, *artifact.iterdir())} == {"0o755", "0o644"}
     (artifact.parent / "run").mkdir()
     (artifact.parent / "run" / "config.yaml").write_text("a: 1\n")
     with pytest.raises(UserError, match="refusing to replace"):
@@ -230,6 +256,10 @@ def test_export_onnx_matches_torch(tmp_path, vit) -> None:
         for tokens, context in seen:
             got = session.run(None, {"tokens": tokens.numpy(), "context": context.numpy()})[0]
             torch.testing.assert_close(torch.from_numpy(got), loaded.net(tokens, context), rtol=1e-4, atol=1e-5)
+    # One file (no scorer.onnx.data beside it), and a later export replaces the folder.
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["scorer.json", "scorer.onnx", "scorer.safetensors"]
+    assert [f.name for f in export_scorer(scorer, tmp_path / "s", backbone.signature())] == ["scorer.safetensors",
+                                                                                           "scorer.json"]
 
 
 def _fake_run(root: Path, scorer, model_dir: Path, projection: bool = True, env: dict | None = None) -> Path:

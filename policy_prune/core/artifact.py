@@ -55,7 +55,8 @@ WEIGHTS_FILE = "scorer.safetensors"
 META_FILE = "scorer.json"
 ONNX_FILE = "scorer.onnx"
 EXPORT_FILE = "scorer.pt2"
-ARTIFACT_FILES = frozenset({WEIGHTS_FILE, META_FILE, ONNX_FILE, EXPORT_FILE})
+ARTIFACT_FILES = frozenset({WEIGHTS_FILE, META_FILE, ONNX_FILE, f"{ONNX_FILE}.data", EXPORT_FILE})
+"""What a scorer folder may hold (``scorer.onnx.data``: the weights file earlier exports wrote beside the ONNX graph)."""
 REQUIRED_KEYS = ("format_version", "feature_spec", "sites", "layer_sizes", "backbone", "default_rule")
 RULES = ("threshold", "keep_ratio")
 # Signature keys whose mismatch makes features meaningless or shapes wrong: always an error.
@@ -209,13 +210,20 @@ def _check_replaceable(out: Path) -> None:
 def _write_files(tmp: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
-    save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "policy-prune-scorer",
-                                                          "format_version": str(FORMAT_VERSION)})
+    # One metadata key: safetensors writes the keys in its hash map's order, which changes from process to process
+    # (with two, the same scorer saved twice differed in its bytes half the time). The version is scorer.json's.
+    save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "policy-prune-scorer"})
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` onto ``out``; an old ``out`` is moved aside first and restored if the rename fails."""
+    """Rename ``tmp`` onto ``out``; an old ``out`` is moved aside first and restored if the rename fails. The folder
+    and its files get the modes the umask gives new ones (``mkdtemp`` makes a private 0700 folder, and a scorer
+    copied for another serving user must stay readable)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in (tmp, *tmp.iterdir()):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
     if not out.exists():
         os.replace(tmp, out)
         return
