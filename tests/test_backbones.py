@@ -125,6 +125,19 @@ def test_load_backbone_specs(tmp_path) -> None:
         load_backbone("no_such_model_xyz")
     with pytest.raises(UserError, match="checkpoint not found"):
         load_backbone("vit_tiny_patch16_224", checkpoint=tmp_path / "missing.safetensors")
+    # A checkpoint that is not one, is broken, or is for another head: one line each, never a traceback.
+    kw = {"img_size": 32, "patch_size": 8, "depth": 2}
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    (tmp_path / "broken.safetensors").write_bytes(b"\xff" * 64)
+    for path, why in ((tmp_path / "notes.pt", "cannot be read as a state dict"),
+                      (tmp_path / "broken.safetensors", "cannot be read as a state dict"),
+                      (ckpt, "does not fit 'vit_tiny_patch16_224' as built .*head")):  # 3 classes, built with 10
+        with pytest.raises(UserError, match=why) as err:
+            load_backbone("vit_tiny_patch16_224", checkpoint=path, num_classes=10, **kw)
+        assert "\n" not in str(err.value)
+    torch.save([torch.ones(2)], tmp_path / "list.pt")
+    with pytest.raises(UserError, match="holds a list, not a state dict"):
+        load_backbone("vit_tiny_patch16_224", checkpoint=tmp_path / "list.pt", **kw)
 
 
 def test_unsupported_models_are_rejected() -> None:

@@ -382,7 +382,7 @@ def test_each_kind_of_retrieval_input_gets_a_plan_that_meets_the_target_on_it(tm
     assert scorer.budget.plan(0.7, "query") < scorer.budget.plan(0.7) < scorer.budget.plan(0.7, "document")
     save_scorer(scorer, tmp_path / "s", bert.signature())
     assert load_scorer(tmp_path / "s").budget == scorer.budget
-    for kwargs, message in (({"task": "query"}, "give flops"), ({"flops": 0.7, "task": "passage"}, "no plan for it"),
+    for kwargs, message in (({"task": "query"}, "give flops"), ({"flops": 0.7, "task": "passage"}, "unknown task .passage.: one of .document., .query."),
                             ({"flops": 0.7, "task": "query", "rule": "threshold"}, "threshold rule has none")):
         with pytest.raises(UserError, match=message):
             prune(bert.model, scorer, **kwargs)

@@ -250,6 +250,8 @@ class BudgetInput:
 
     def _check_task(self, task: str) -> None:
         """UserError unless the calibration has a plan for ``task``."""
+        if task not in TASKS:
+            raise UserError(f"unknown task {task!r}: one of {', '.join(repr(t) for t in TASKS)}")
         if task not in self.tasks:
             have = f"its tasks are {', '.join(self.tasks)}" if self.tasks else \
                 "it was calibrated on one kind of input" if self.calibration else "it is not calibrated"

@@ -88,7 +88,13 @@ def load_backbone(
     with hub.hub_access(f"the pretrained weights of {name!r}") if fetch else nullcontext():
         model = timm.create_model(name, pretrained=fetch, **model_kwargs)
     if checkpoint is not None:
-        model.load_state_dict(_read_state_dict(Path(checkpoint)))
+        state = _read_state_dict(Path(checkpoint))
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:  # missing, unexpected or misshapen keys: the first of torch's lines names them
+            detail = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
+            raise UserError(f"checkpoint {checkpoint} does not fit {name!r} as built (num_classes, img_size, ... in "
+                            f"the preset): {detail}") from None
     return TimmViTBackbone(model.eval().requires_grad_(False), name=name)
 
 
@@ -106,11 +112,25 @@ def _load_hf(name_or_path: str) -> nn.Module:
 def _read_state_dict(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    import pickle
 
-        return load_file(str(path))
     import torch
 
-    # weights_only refuses arbitrary pickled objects: loading a checkpoint never runs foreign code.
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+
+            try:
+                return load_file(str(path))
+            except SafetensorError as exc:
+                raise ValueError(str(exc)) from None
+        # weights_only refuses arbitrary pickled objects: loading a checkpoint never runs foreign code.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"checkpoint {path} cannot be read as a state dict (a safetensors file or a torch file of "
+                        f"tensors): {first}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict of tensors")
+    return state
