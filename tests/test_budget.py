@@ -454,7 +454,7 @@ def test_one_total_is_split_between_queries_and_documents_where_it_retrieves_bes
         assert list(prune(bert.model, scorer, flops=0.5, task=task, split="each").values) != list(asked.values), task
     for kwargs, message in (({"flops": 0.5, "split": "both"}, "split='both': one of 'total', 'each'"),
                             ({"split": "each"}, "give flops"), ({"flops": 0.5, "split": "total"}, "give task="),
-                            ({"flops": 0.5, "task": "passage"}, "task='passage': this scorer's calibration has no plan")):
+                            ({"flops": 0.5, "task": "passage"}, "unknown task 'passage': one of 'document', 'query'")):
         with pytest.raises(UserError, match=message):
             prune(bert.model, scorer, **kwargs)
     with pytest.raises(UserError, match="split='total': this scorer's calibration has no split"):
