@@ -181,6 +181,12 @@ def test_broken_artifacts_are_rejected_in_one_line(artifact, breakage: str) -> N
     assert message in text and "\n" not in text
 
 
+def test_a_run_folder_given_for_its_scorer_says_where_the_scorer_is(artifact) -> None:
+    run = artifact.parent  # the fixture's artifact is <tmp>/scorer, as train writes RUN/scorer
+    with pytest.raises(ScorerFileError, match=f"{run} is a run folder, not a scorer: load {artifact}$"):
+        load_scorer(run)
+
+
 def test_wrong_backbone_names_both_architectures(artifact) -> None:
     bert = tiny.make("hf-bert")
     with pytest.raises(ScorerMismatchError) as exc:

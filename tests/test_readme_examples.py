@@ -109,3 +109,13 @@ def test_readme_gymnasium_example_runs_as_written(capsys) -> None:
     flops, agreement = (float(v) for v in printed[2].split())
     assert 0.0 < flops < 1.0 and agreement in (0.0, 1.0)
     assert names["terminated"] and type(names["env"].unwrapped).__name__ == "TokenPruneEnv"
+
+
+def test_a_preset_env_on_an_unknown_split_is_one_clear_error() -> None:
+    import gymnasium as gym
+
+    import policy_prune  # noqa: F401  (registers the env id)
+    from policy_prune.errors import UserError
+
+    with pytest.raises(UserError, match="split='foo': a preset's env runs on 'train', 'val' or 'test'"):
+        gym.make("PolicyPrune/TokenPrune-v0", preset="digits-vit-random", split="foo")

@@ -252,6 +252,8 @@ def load_scorer(path: str | Path) -> LearnedScorer:
         root = root.parent
     if not root.is_dir():
         raise ScorerFileError(f"scorer not found: {root} is not a directory")
+    if not (root / META_FILE).exists() and (root / "scorer" / META_FILE).is_file():
+        raise ScorerFileError(f"{root} is a run folder, not a scorer: load {root / 'scorer'}")
     meta = read_meta(root / META_FILE)
     where = root / META_FILE
     try:  # the JSON's values: a wrong type anywhere in them is the file's fault

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from policy_prune.config import EnvConfig, load_env_config
+from policy_prune.errors import UserError
 from policy_prune.training.budget import BudgetController
 from policy_prune.training.env import PruneVecEnv, TokenPruneEnv
 
@@ -62,6 +63,8 @@ def make_env(preset: str | None = None, split: Any = "train", seed: int = 0, dev
         return TokenPruneEnv(split=split, **kwargs)
     from policy_prune.embedded import resolve
 
+    if split not in ("train", "val", "test"):
+        raise UserError(f"split={split!r}: a preset's env runs on 'train', 'val' or 'test'")
     env_cfg = load_env_config(preset, list(overrides))
     backbone, splits = resolve(env_cfg, seed=seed, device=device)
     reward = env_cfg.reward
