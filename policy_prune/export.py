@@ -24,7 +24,7 @@ import torch
 
 from policy_prune.cli_args import fraction, positive, ratio, threshold
 from policy_prune.config import read_run_config
-from policy_prune.core.artifact import EXPORT_FILE, META_FILE, ONNX_FILE, save_scorer
+from policy_prune.core.artifact import EXPORT_FILE, META_FILE, ONNX_FILE, learned_metrics, save_scorer
 from policy_prune.core.scorer import LearnedScorer, TokenScorer
 from policy_prune.errors import UserError
 
@@ -95,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     if args.onnx_model:
         check_run_model(prepared, scorer, signature, args)
     files = export_scorer(scorer, out, signature,
-                          lam=_lookup(config, ("env", "reward", "lam"), ("reward", "lam"), ("lam",)),
+                          lam=None if scorer.budget is not None else  # budget-conditioned: no one lambda (as train)
+                          _lookup(config, ("env", "reward", "lam"), ("reward", "lam"), ("lam",)),
                           metrics=validation_metrics(run_dir), default_rule=rule, onnx=args.onnx, log=print)
     if args.onnx_model:
         files += export_run_model(env, prepared, out, args, log=print)
@@ -301,12 +302,12 @@ def _backbone_for(env: Any, seed: int) -> Any:
 
 
 def validation_metrics(run_dir: Path) -> dict[str, Any]:
-    """Headline metrics: the learned policy in eval/summary.json, else the last validation record
-    ("eval/x", "val/x" keys) of metrics.jsonl, else {}."""
+    """Headline metrics: what train writes (the learned policy's in eval/summary.json, "learned" or a budget run's
+    first "learned@f"), else the last validation record ("eval/x", "val/x" keys) of metrics.jsonl, else {}."""
     summary = _read_json(run_dir / "eval" / "summary.json")
-    learned = _lookup(summary, ("methods", "learned")) if isinstance(summary, dict) else None
-    if isinstance(learned, dict):
-        return {k: v for k, v in learned.items() if isinstance(v, int | float)}
+    found = learned_metrics(summary.get("methods")) if isinstance(summary, dict) else {}
+    if found:
+        return found
     path = run_dir / "metrics.jsonl"
     last: dict[str, Any] = {}
     for line in path.read_text().splitlines() if path.is_file() else []:

@@ -324,6 +324,10 @@ def test_export_verb_on_a_run_folder(tmp_path) -> None:
     (run / "eval").mkdir()
     (run / "eval" / "summary.json").write_text(json.dumps({"methods": {"learned": {"agreement": 0.8, "x": "y"}}}))
     assert validation_metrics(run) == {"agreement": 0.8}
+    # A budget-conditioned run's summary names its learned rows by target, as train writes them.
+    (run / "eval" / "summary.json").write_text(json.dumps({"methods": {
+        "learned@0.7": {"cosine": 0.96, "flops_ratio": 0.75, "keep_ratio": [0.8]}, "random-same-ratio@0.7": {"cosine": 0.8}}}))
+    assert validation_metrics(run) == {"cosine": 0.96, "flops_ratio": 0.75}
 
 
 def test_torch_export_fallback_when_onnx_fails(tmp_path, vit, monkeypatch) -> None:

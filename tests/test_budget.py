@@ -670,6 +670,8 @@ def test_budget_run_validates_calibrates_and_resumes(tmp_path, capsys, monkeypat
     again = load_scorer(run / "scorer")
     assert again.budget == own.budget and again.meta["default_rule"] == own.meta["default_rule"]
     assert all(p.plan is not None and set(p.spent) == {"threshold", "keep_ratio"} for p in again.budget.calibration)
+    # ... and the metadata train wrote: no one lambda for a budget-conditioned scorer, the same headline metrics
+    assert again.meta["lam"] is None is own.meta["lam"] and again.meta["metrics"] == own.meta["metrics"] != {}
 
 
 def test_env_preset_recommends_agent_and_train_settings(tmp_path) -> None:

@@ -198,6 +198,20 @@ def json_safe(x: Any) -> Any:
     return str(x)
 
 
+HEADLINE_METRICS = ("return", "task", "flops_ratio", "agreement", "accuracy", "cosine")
+"""The numbers of a run's final validation record that its scorer artifact carries (``metrics``)."""
+
+
+def learned_metrics(methods: Any) -> dict[str, Any]:
+    """``metrics`` for an artifact from a run's final validation (``eval/summary.json``'s "methods"): the first
+    learned method's headline numbers ("learned", or "learned@f" for a budget-conditioned run), else {}."""
+    if not isinstance(methods, Mapping):
+        return {}
+    learned = next((m for name, m in methods.items() if str(name).startswith("learned") and isinstance(m, Mapping)), {})
+    return {k: learned[k] for k in HEADLINE_METRICS if isinstance(learned.get(k), int | float)
+            and not isinstance(learned[k], bool)}
+
+
 def _check_replaceable(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"cannot write a scorer to {out}: it is a file, not a directory")

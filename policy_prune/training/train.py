@@ -387,7 +387,7 @@ def export_run_scorer(cfg: RunConfig, model: Any, backbone: Any, run_dir: Path, 
     ``train.calibration_step`` over its range, both rules solved to meet the target on
     ``train.calibration_samples`` validation samples, and the better one recorded as that target's default.
     """
-    from policy_prune.core.artifact import save_scorer
+    from policy_prune.core.artifact import learned_metrics, save_scorer
 
     reward = cfg.env.reward
     scorer = model.policy.learned_scorer(cfg.env.sites)
@@ -395,10 +395,8 @@ def export_run_scorer(cfg: RunConfig, model: Any, backbone: Any, run_dir: Path, 
     if reward.budget is not None:
         scorer, rule = calibrated_scorer(cfg, scorer, backbone, val)
     budget = scorer.budget
-    learned = next(m for name, m in summary["methods"].items() if name.startswith("learned"))
-    metrics = {k: learned[k] for k in ("return", "task", "flops_ratio", "agreement", "accuracy", "cosine") if k in learned}
     lam = reward.lam if budget is None else None
-    return save_scorer(scorer, run_dir / "scorer", backbone.signature(), lam, metrics, rule)
+    return save_scorer(scorer, run_dir / "scorer", backbone.signature(), lam, learned_metrics(summary["methods"]), rule)
 
 
 def calibrated_scorer(cfg: RunConfig, scorer: Any, backbone: Any, val: Any) -> tuple[Any, dict[str, Any]]:
