@@ -94,10 +94,10 @@ def run(args: argparse.Namespace) -> int:
     signature = run_signature(run_dir, config, scorer)
     if args.onnx_model:
         check_run_model(prepared, scorer, signature, args)
-    files = export_scorer(scorer, out, signature,
-                          lam=None if scorer.budget is not None else  # budget-conditioned: no one lambda (as train)
-                          _lookup(config, ("env", "reward", "lam"), ("reward", "lam"), ("lam",)),
-                          metrics=validation_metrics(run_dir), default_rule=rule, onnx=args.onnx, log=print)
+    # A budget-conditioned scorer was trained at no one lambda: none recorded, as train writes it.
+    lam = None if scorer.budget is not None else _lookup(config, ("env", "reward", "lam"), ("reward", "lam"), ("lam",))
+    files = export_scorer(scorer, out, signature, lam=lam, metrics=validation_metrics(run_dir), default_rule=rule,
+                          onnx=args.onnx, log=print)
     if args.onnx_model:
         files += export_run_model(env, prepared, out, args, log=print)
     for f in files:

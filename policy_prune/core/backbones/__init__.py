@@ -115,19 +115,14 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
     import pickle
 
     import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
     try:
-        if path.suffix == ".safetensors":
-            from safetensors import SafetensorError
-            from safetensors.torch import load_file
-
-            try:
-                return load_file(str(path))
-            except SafetensorError as exc:
-                raise ValueError(str(exc)) from None
         # weights_only refuses arbitrary pickled objects: loading a checkpoint never runs foreign code.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        state = load_file(str(path)) if path.suffix == ".safetensors" else \
+            torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"checkpoint {path} cannot be read as a state dict (a safetensors file or a torch file of "
                         f"tensors): {first}") from None
