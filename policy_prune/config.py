@@ -124,6 +124,9 @@ class RewardConfig:
     """[low, high]: train one scorer for every budget. Each episode draws a target FLOPs ratio from this
     range, the policy sees it, and its compute is charged at a multiplier lambda(target) that dual ascent
     moves until the mean FLOPs ratio meets the target (policy_prune/training/budget.py). None: one lambda."""
+    budget_draw: str = "uniform"
+    """How each episode draws its target from ``budget``: "uniform", or "log" (uniform in log f: as many
+    episodes in [0.1, 0.2] as in [0.2, 0.4], where uniform gives the tight end few)."""
     budget_knots: int = 8
     """Knots of the piecewise-linear lambda(target) curve."""
     budget_lr: float = 0.05

@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from policy_prune.cli import main
+from policy_prune.config import ConfigError, EnvConfig, RewardConfig
 from policy_prune.core.artifact import ScorerFileError, load_scorer, save_scorer
 from policy_prune.core.backbones import adapt
 from policy_prune.core.budget import RULE_MARGIN, SLACK, BudgetInput, CalibrationPoint
@@ -27,7 +28,9 @@ from policy_prune.core.schedule import (
 from policy_prune.core.scorer import random_scorer
 from policy_prune.errors import UserError
 from policy_prune.training.budget import BudgetController
+from policy_prune.training.checks import check_budget
 from policy_prune.training.env import PruneVecEnv, TokenPruneEnv
+from policy_prune.training.factory import make_vec_env
 from tests import tiny
 from tests.test_train import TINY_AGENT, TINY_ENV
 
@@ -61,6 +64,33 @@ def test_controller_interpolates_and_moves_towards_the_target() -> None:
     c.lr = 100.0
     c.update([0.3], [1.0])
     assert c.lam[0] == c.bound  # clipped
+
+
+def test_log_draw_trains_the_tight_end_more() -> None:
+    uniform, log = BudgetController(0.1, 0.9), BudgetController(0.1, 0.9, draw="log")
+    u = np.array([uniform.draw(np.random.default_rng(i)) for i in range(4000)])
+    g = np.array([log.draw(np.random.default_rng(i)) for i in range(4000)])
+    assert g.min() >= 0.1 and g.max() <= 0.9 and u.min() >= 0.1 and u.max() <= 0.9
+    # Uniform in f: 1/8 of the episodes below 0.2; uniform in log f: log(2) / log(9) = 0.315 of them.
+    assert np.mean(u < 0.2) == pytest.approx(0.125, abs=0.02)
+    assert np.mean(g < 0.2) == pytest.approx(np.log(2) / np.log(9), abs=0.02)
+    assert np.median(g) == pytest.approx(0.3, abs=0.02)  # the geometric midpoint of 0.1 and 0.9
+    with pytest.raises(ValueError, match="budget draw"):
+        BudgetController(0.1, 0.9, draw="beta")
+
+
+def test_the_presets_draw_reaches_the_env(vit, vit_split) -> None:
+    cfg = EnvConfig(sites=list(SITES), reward=RewardConfig(budget=[0.1, 0.9], budget_draw="log"))
+    env = make_vec_env(cfg, vit, vit_split, 8, group_size=1)
+    env.seed(3)
+    targets = []
+    for _ in range(50):
+        targets += env.reset()["context"][:, -1].tolist()
+    # 400 draws: about 126 below 0.2 when log-uniform, 50 when uniform.
+    assert 90 < sum(t < 0.2 for t in targets) < 170
+    cfg.reward.budget_draw = "normal"
+    with pytest.raises(ConfigError, match="budget_draw"):
+        check_budget(cfg.reward)
 
 
 # ---- the env ----------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Budget-conditioned training: a target FLOPs ratio per episode and the multiplier that enforces it.
 
-Each group of rows draws a target f uniformly from the preset's range; the policy sees f in its context
+Each group of rows draws a target f from the preset's range (uniformly, or log-uniformly with
+``reward.budget_draw: log``, which trains the tight end more: there the choice of tokens decides the task); the policy sees f in its context
 (``core.scorer.context_rows``) and the episode pays ``lambda(f)`` per unit of FLOPs ratio:
 
     return = task - lambda(f) * FLOPs ratio
@@ -25,20 +26,34 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from policy_prune.errors import UserError
+
+DRAWS = ("uniform", "log")
+
 
 class BudgetController:
     """Multipliers lambda(f) at ``knots`` evenly spaced targets in [low, high], linear in between."""
 
     def __init__(self, low: float, high: float, knots: int = 8, init_lam: float = 0.0, lr: float = 0.05,
-                 bound: float = 2.0) -> None:
-        """Multipliers start at ``init_lam`` and stay in [0, ``bound``]."""
+                 bound: float = 2.0, draw: str = "uniform") -> None:
+        """Multipliers start at ``init_lam`` and stay in [0, ``bound``]. ``draw``: how episodes draw their
+        target from [low, high], "uniform" or "log" (uniform in log f)."""
         if not 0.0 < low <= high <= 1.0:
-            raise ValueError(f"budget range must satisfy 0 < low <= high <= 1, got [{low}, {high}]")
+            raise UserError(f"budget must be [low, high] FLOPs ratios with 0 < low <= high <= 1, got [{low}, {high}]")
+        if draw not in DRAWS:
+            raise UserError(f"budget draw must be one of {', '.join(map(repr, DRAWS))}, got {draw!r}")
+        self.draw_kind = draw
         self.low, self.high = float(low), float(high)
         self.knots = np.linspace(self.low, self.high, max(int(knots), 1) if high > low else 1)
         self.lam = np.full(len(self.knots), float(init_lam))
         self.lr = float(lr)
         self.bound = float(bound)
+
+    def draw(self, rng: np.random.Generator) -> float:
+        """One episode's target FLOPs ratio (one uniform draw from ``rng`` either way)."""
+        if self.draw_kind == "log":
+            return float(np.exp(rng.uniform(np.log(self.low), np.log(self.high))))
+        return float(rng.uniform(self.low, self.high))
 
     def weights(self, targets: np.ndarray) -> np.ndarray:
         """[M, K] linear-interpolation weights of each target on the knots (rows sum to 1)."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from policy_prune.config import TRACKERS, ConfigError
+from policy_prune.training.budget import DRAWS
 
 PPO_ONLY = ("batch_size", "n_epochs", "clip_range", "clip_range_vf", "target_kl")
 """PPO settings an a2c agent drops (so one hyperparameter file can serve both)."""
@@ -153,6 +154,8 @@ def check_budget(reward: Any) -> None:
     budget = reward.budget
     if len(budget) != 2 or not all(_is_number(b) for b in budget) or not 0.0 < budget[0] <= budget[1] <= 1.0:
         raise ConfigError(f"env.reward.budget must be [low, high] FLOPs ratios with 0 < low <= high <= 1, got {budget}")
+    if reward.budget_draw not in DRAWS:
+        raise ConfigError(f"env.reward.budget_draw must be one of {', '.join(map(repr, DRAWS))}, got {reward.budget_draw!r}")
     if reward.budget_knots < 1:
         raise ConfigError(f"env.reward.budget_knots must be at least 1, got {reward.budget_knots}")
     if not (math.isfinite(reward.budget_lr) and reward.budget_lr > 0):

@@ -373,9 +373,9 @@ class SampleSampler:
         bucket = self.buckets[int(self.rngs[0].choice(len(self.buckets), p=sizes / sizes.sum()))]
         return np.array([int(bucket[self.rngs[i].integers(len(bucket))]) for i in range(rows)])
 
-    def draw_targets(self, rows: int, low: float, high: float) -> np.ndarray:
-        """[rows] target FLOPs ratios drawn uniformly from [low, high] (each row's own generator)."""
-        return np.array([float(self.rngs[i].uniform(low, high)) for i in range(rows)])
+    def draw_targets(self, rows: int, controller: BudgetController) -> np.ndarray:
+        """[rows] target FLOPs ratios drawn from the controller's range (each row's own generator)."""
+        return np.array([controller.draw(self.rngs[i]) for i in range(rows)])
 
 
 class TokenPruneEnv(gym.Env[dict[str, Any], np.ndarray]):
@@ -394,8 +394,9 @@ class TokenPruneEnv(gym.Env[dict[str, Any], np.ndarray]):
         sequential: bool = False,
         device: str = "cpu",
         budget: Sequence[float] | None = None,
+        controller: BudgetController | None = None,
     ) -> None:
-        self.core = PruneCore(backbone, split, sites, lam, task, feature_spec, device, budget)
+        self.core = PruneCore(backbone, split, sites, lam, task, feature_spec, device, budget, controller)
         self.observation_space = self.core.observation_space  # type: ignore[assignment]
         self.action_space = self.core.action_space
         self.sequential = sequential
@@ -413,7 +414,8 @@ class TokenPruneEnv(gym.Env[dict[str, Any], np.ndarray]):
         targets = None
         if self.core.budget is not None:  # options={"target": f} fixes the budget of this episode
             target = (options or {}).get("target")
-            targets = np.array([float(self.np_random.uniform(*self.core.budget)) if target is None else float(target)])
+            assert self.core.controller is not None
+            targets = np.array([self.core.controller.draw(self.np_random) if target is None else float(target)])
         obs = self.core.begin(np.array([idx]), targets)
         info: dict[str, Any] = {"sample": idx} if targets is None else {"sample": idx, "target": float(targets[0])}
         return {k: v[0] for k, v in obs.items()}, info
@@ -474,8 +476,8 @@ class PruneVecEnv(VecEnv):
         groups = self.num_envs // self.group_size
         idx = np.repeat(self.sampler.draw(groups), self.group_size)
         targets = None
-        if self.core.budget is not None:
-            drawn = self.sampler.draw_targets(groups, *self.core.budget) if self.target is None \
+        if self.core.controller is not None:
+            drawn = self.sampler.draw_targets(groups, self.core.controller) if self.target is None \
                 else np.full(groups, float(self.target))
             targets = np.repeat(drawn, self.group_size)
         return self.core.begin(idx, targets)

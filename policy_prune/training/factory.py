@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from policy_prune.config import EnvConfig, load_env_config
+from policy_prune.config import EnvConfig, RewardConfig, load_env_config
 from policy_prune.errors import UserError
 from policy_prune.training.budget import BudgetController
 from policy_prune.training.env import PruneVecEnv, TokenPruneEnv
@@ -30,9 +31,8 @@ def make_vec_env(
     between its training and validation envs), else the env makes its own.
     """
     reward = env_cfg.reward
-    if reward.budget is not None and controller is None:
-        controller = BudgetController(reward.budget[0], reward.budget[1], knots=reward.budget_knots, init_lam=reward.lam,
-                                      lr=reward.budget_lr)
+    if controller is None:
+        controller = budget_controller(reward)
     return PruneVecEnv(
         backbone,
         split,
@@ -47,6 +47,14 @@ def make_vec_env(
         target=target,
         controller=controller,
     )
+
+
+def budget_controller(reward: RewardConfig) -> BudgetController | None:
+    """The multipliers and target draw of a budget-conditioned reward (None without ``reward.budget``)."""
+    if reward.budget is None:
+        return None
+    return BudgetController(reward.budget[0], reward.budget[1], knots=reward.budget_knots, init_lam=reward.lam,
+                            lr=reward.budget_lr, draw=reward.budget_draw)
 
 
 def make_env(preset: str | None = None, split: Any = "train", seed: int = 0, device: str = "cpu",
@@ -68,5 +76,8 @@ def make_env(preset: str | None = None, split: Any = "train", seed: int = 0, dev
     env_cfg = load_env_config(preset, list(overrides))
     backbone, splits = resolve(env_cfg, seed=seed, device=device)
     reward = env_cfg.reward
-    args: dict[str, Any] = {"lam": reward.lam, "task": reward.task, "device": device, "budget": reward.budget}
+    # The preset's multipliers and target draw, at the budget range and starting lambda the env gets.
+    reward = dataclasses.replace(reward, **{k: kwargs[k] for k in ("budget", "lam") if k in kwargs})
+    args: dict[str, Any] = {"lam": reward.lam, "task": reward.task, "device": device, "budget": reward.budget,
+                            "controller": budget_controller(reward)}
     return TokenPruneEnv(backbone, splits[split], env_cfg.sites, **{**args, **kwargs})
