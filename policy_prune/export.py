@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="default rule: keep tokens whose logit exceeds this (one value or one per site, -inf: keep every "
                            "token there; default 0)")
     rule.add_argument("--keep-ratio", type=fraction, nargs="+", default=None,
-                      help="default rule: keep this fraction of prunable tokens at each site (static shapes)")
+                      help="default rule: keep this fraction of prunable tokens at each site (static shapes); with "
+                           "--onnx-model, the pruned graph's schedule only (the scorer keeps its default rule)")
     rule.add_argument("--flops", type=ratio, default=None,
                       help="--onnx-model: the keep_ratio (same at every site) whose schedule runs this FLOPs ratio")
     p.add_argument("--calibrate", action="store_true",
@@ -60,9 +61,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--onnx-model: run the ONNX model over this labelled split of the run's env (e.g. test) and "
                         "compare its accuracy with the PyTorch PrunedModel's")
     p.add_argument("--seed", type=int, default=0, help="seed of the example inputs")
+    p.add_argument("--threads", type=positive, default=None,
+                   help="torch intra-op threads while exporting and calibrating (default: torch's choice; on a busy "
+                        "machine fewer threads than free cores is faster)")
 
 
 def run(args: argparse.Namespace) -> int:
+    previous = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     run_dir: Path = args.run_dir
     if not run_dir.is_dir():
         raise UserError(f"run folder not found: {run_dir}")
@@ -87,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
         scorer, own_rule = calibrate_run_scorer(run_dir, scorer, run_signature(run_dir, config, scorer), log=print)
     else:
         scorer, own_rule = with_run_budget(scorer, run_dir, config, log=print)
-    rule = {"rule": "keep_ratio", "values": args.keep_ratio} if args.keep_ratio else \
+    # With --onnx-model, --keep-ratio is the graph's schedule: the artifact keeps the default rule it has.
+    rule = {"rule": "keep_ratio", "values": args.keep_ratio} if args.keep_ratio and not args.onnx_model else \
         {"rule": "threshold", "values": args.threshold} if args.threshold else \
         own_rule or {"rule": "threshold", "values": [0.0]}
     out = args.out or run_dir / "scorer"

@@ -99,6 +99,19 @@ def test_image_graph_breaks_ties_like_pytorch(image_export) -> None:
     assert check["agreement"] == 1.0 and check["max_abs_diff"] <= 1e-4 and check["rows_over_atol"] == 0
 
 
+def test_example_inputs_may_be_a_tuple_as_torch_onnx_takes_them(text_export, image_export) -> None:
+    text = GraphModel(text_export[0])
+    x = _text(2, seed=5)
+    got, want = graph_args(text, (x["input_ids"], x["attention_mask"])), graph_args(text, x)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert torch.equal(graph_args(text, (x["input_ids"],))[1], torch.ones_like(x["input_ids"]))  # no mask: all real
+    image = GraphModel(image_export[0])
+    pixels = tiny.inputs("timm-vit-cls", batch=2, seed=1)
+    assert torch.equal(graph_args(image, (pixels,))[0], pixels)
+    with pytest.raises(ExportError, match="one tensor"):
+        graph_args(image, (pixels, pixels))
+
+
 def test_what_cannot_be_one_graph_is_refused_in_one_line(tmp_path) -> None:
     model = tiny.make("hf-bert")
     scorer = random_scorer(adapt(model), SITES)
@@ -166,8 +179,19 @@ def test_export_verb_writes_the_whole_model(tmp_path, monkeypatch) -> None:
     with pytest.raises(ScorerMismatchError):
         _export_verb([str(run), "--onnx-model", "--keep-ratio", "0.5", "--model-out", str(tmp_path / "o"),
                       "--model", str(tmp_path / "other-bert")])
-    # Every refusal came before the run's scorer folder was written (the default rule differs from these calls').
+    # Every refusal came before the run's scorer folder was written.
     assert {p.name: p.read_bytes() for p in (run / "scorer").iterdir()} == scorer_files
+    # --keep-ratio is the graph's schedule there, not the scorer's default rule (it stays the threshold).
+    assert _export_verb([str(run), "--onnx-model", "--keep-ratio", "0.5", "--model-out", str(tmp_path / "o"),
+                         "--batch", "2", "--length", "14"]) == 0
+    assert json.loads((tmp_path / "o" / "export.json").read_text())["rule"] == "keep_ratio"
+    assert json.loads((run / "scorer" / "scorer.json").read_text())["default_rule"]["rule"] == "threshold"
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    _export_verb([str(run), "--keep-ratio", "0.5", "--threads", "1"])  # without --onnx-model: the default rule
+    assert threads == [1, torch.get_num_threads()]  # set for the export, then given back
+    rule = json.loads((run / "scorer" / "scorer.json").read_text())["default_rule"]
+    assert rule["rule"] == "keep_ratio" and set(rule["values"]) == {0.5}
 
 
 def test_bench_onnx_times_both_graphs_on_the_same_inputs(monkeypatch) -> None:
