@@ -72,7 +72,7 @@ def test_same_seed_same_result(presets, tmp_path) -> None:
     assert one("a") == one("b")
 
 
-def test_resume_after_sigkill(presets, tmp_path) -> None:
+def test_resume_after_sigkill(presets, tmp_path, capsys) -> None:
     runs = tmp_path / "runs"
     args = _train_args(presets, runs, "--timesteps", "4000", "--name", "killed")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -95,6 +95,11 @@ def test_resume_after_sigkill(presets, tmp_path) -> None:
     assert steps == sorted(steps) and len(set(steps)) == len(steps), "resume must not duplicate metrics rows"
     assert steps[-1] >= 160
     assert (runs / "killed" / "scorer" / "scorer.json").is_file()
+    # Finished: resuming again is refused in one line, and nothing in the folder is rewritten.
+    before = {p: p.read_bytes() for p in (runs / "killed").rglob("*") if p.is_file()}
+    assert main(["train", "--resume", str(runs / "killed"), "--timesteps", "160"]) == 2
+    assert "is finished" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in (runs / "killed").rglob("*") if p.is_file()} == before
 
 
 def test_wandb_offline_run_has_pruning_metrics(presets, tmp_path) -> None:

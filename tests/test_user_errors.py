@@ -203,10 +203,12 @@ def test_resume_keeps_the_run_config_and_refuses_a_broken_checkpoint(tmp_path, c
 
 
 def test_file_system_refusals_are_one_line(tmp_path, capsys, no_backbone_work) -> None:
-    """A runs folder that is a file: the OS's own message in one line, exit 2; eval's --out a file: said before
+    """A runs folder that is a file: said in one line (the OS's reason, no errno), exit 2; eval's --out a file: said before
     the eval runs."""
     (tmp_path / "afile").write_text("x")
     for argv in (["train", "--runs-dir", str(tmp_path / "afile")], ["eval", "--env", "digits-vit", "--out", str(tmp_path / "afile")]):
         assert main(argv) == 2
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(err) == 1 and err[0].startswith(f"policy-prune {argv[0]}: error: ") and "afile" in err[0], err
+        if argv[0] == "train":
+            assert "cannot make the run folder" in err[0] and "Not a directory" in err[0] and "[Errno" not in err[0]

@@ -190,7 +190,11 @@ def new_run_dir(cfg: RunConfig) -> Path:
             raise UserError(f"run folder already exists: {run_dir}, with no checkpoint to resume (a run that failed "
                             "before its first one): delete it or give another --name")
         raise UserError(f"run folder already exists: {run_dir} (use --resume to continue it, or another --name)")
-    (run_dir / "checkpoints").mkdir(parents=True)
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True)
+    except OSError as exc:  # --runs-dir is a file, or a folder this user cannot write to
+        raise UserError(f"cannot make the run folder {run_dir}: {exc.strerror or exc} (check --runs-dir "
+                        f"{cfg.train.runs_dir})") from None
     return run_dir
 
 
@@ -280,6 +284,11 @@ def _setup(cfg: RunConfig, run_dir: Path, console: Any, backbone: Any, splits: d
     env = VecMonitor(vec)
     ckpt = run_dir / "checkpoints" / "last.zip"
     model = load_agent(cfg, env, ckpt) if resume else make_agent(cfg, env)
+    if resume and model.num_timesteps >= cfg.train.timesteps and (run_dir / "scorer" / "scorer.json").is_file():
+        # Nothing left to learn and the scorer is written: going on would only redo the final eval and export.
+        raise UserError(f"{run_dir} is finished ({model.num_timesteps} timesteps, its scorer in {run_dir / 'scorer'}): "
+                        f"--timesteps N above {model.num_timesteps} trains it further; `policy-prune export "
+                        f"{run_dir} --calibrate` calibrates its scorer again")
     if resume:
         truncate_metrics(run_dir / "metrics.jsonl", model.num_timesteps)
         console.print(f"resuming {run_dir.name} at {model.num_timesteps} / {cfg.train.timesteps} timesteps")
