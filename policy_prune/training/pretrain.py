@@ -423,7 +423,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="fit again even if a cached checkpoint exists")
     p.add_argument("--epochs", type=positive, default=None, help="override backbone.pretrain.epochs")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a preset key, e.g. --set backbone.pretrain.lr=0.002 (repeatable)")
+                   help="override an env preset key as train takes it, e.g. --set env.backbone.pretrain.lr=0.002 "
+                        "(the env. prefix may be left out; repeatable)")
+
+
+def env_overrides(overrides: list[str]) -> list[str]:
+    """``--set`` overrides of the env preset, written as train takes them (``env.backbone...``) or without the
+    ``env.`` prefix; UserError for the keys of another section (agent., train.)."""
+    keys = []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        section = key.split(".", 1)[0]
+        if section in ("agent", "train"):
+            raise UserError(f"--set {key}: pretrain fits the env's backbone and takes env keys only "
+                            "(env.backbone.pretrain.*, env.data.*)")
+        keys.append(item.strip()[4:] if section == "env" else item)
+    return keys
 
 
 def run(args: argparse.Namespace) -> int:
@@ -433,7 +448,7 @@ def run(args: argparse.Namespace) -> int:
     from policy_prune.console import make_console
 
     console = make_console()
-    env_cfg = load_env_config(args.env, args.overrides)
+    env_cfg = load_env_config(args.env, env_overrides(args.overrides))
     if env_cfg.backbone.spec != EMBEDDED_SPEC:
         console.print(f"env {env_cfg.name!r} uses backbone {env_cfg.backbone.spec!r}: nothing to pretrain "
                       f"(only the embedded {EMBEDDED_SPEC!r} is fitted here)")
