@@ -151,7 +151,7 @@ def test_bench_flops_agreement(tmp_path) -> None:
     assert all(r["rel_error"] <= 0.02 for r in rows)
 
 
-def test_bench_pruned_model_with_saved_and_random_scorer(tmp_path) -> None:
+def test_bench_pruned_model_with_saved_and_random_scorer(tmp_path, capsys) -> None:
     from policy_prune.core.artifact import save_scorer
     from policy_prune.core.backbones import load_backbone
     from policy_prune.core.scorer import random_scorer
@@ -168,3 +168,7 @@ def test_bench_pruned_model_with_saved_and_random_scorer(tmp_path) -> None:
         for r in rows:  # the keep_ratio schedule is solved for the FLOPs target (coarse on a tiny sequence)
             assert abs(r["flops_ratio"] - 0.6) < 0.15 and r["tokens_kept"][0] < r["tokens_full"]
             assert 0 < r["scorer_share"] < 1 and r["speedup"] > 0
+    # --sites is the random scorer's: a saved scorer at other sites is refused, not run at its own silently.
+    assert main(["bench", "--what", "model", "--model", str(tmp_path / "bert"), "--sites", "2",
+                 "--scorer", str(tmp_path / "scorer")]) == 2
+    assert "--sites sets the random scorer's sites" in capsys.readouterr().err

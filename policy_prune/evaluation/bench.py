@@ -47,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "minilm (all-MiniLM-L6-v2, real weights, on padded python-docs test passages)")
     p.add_argument("--scorer", type=Path, default=None, help="scorer folder for --what model (default: random weights)")
     p.add_argument("--flops", type=ratio, default=0.5, help="FLOPs ratio of the keep_ratio schedule (--what model)")
-    p.add_argument("--sites", type=non_negative, nargs="+", default=[0], help="pruning sites of the random scorer (--what model)")
+    p.add_argument("--sites", type=non_negative, nargs="+", default=None,
+                   help="pruning sites of the random scorer (--what model and onnx, without --scorer; default 0)")
     p.add_argument("--targets", type=ratio, nargs="+", default=[0.7, 0.5, 0.35],
                    help="--what budget: the FLOPs ratios asked of prune(model, scorer, flops=f)")
     p.add_argument("--samples", type=positive, default=256, help="--what budget: test samples the FLOPs are counted on; --what encode: test passages encoded")
@@ -59,16 +60,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=positive, nargs="+", default=[32], help="batch sizes to measure")
     p.add_argument("--keep", type=ratio, default=0.5, help="fraction of prunable tokens kept at the site")
     p.add_argument("--site", type=non_negative, default=0, help="block index before which tokens are dropped")
-    p.add_argument("--warmup", type=non_negative, default=3)
-    p.add_argument("--repeats", type=positive, default=15)
+    p.add_argument("--warmup", type=non_negative, default=3, help="untimed calls before timing (default 3)")
+    p.add_argument("--repeats", type=positive, default=15, help="timed calls per measurement; the median is reported (default 15)")
     p.add_argument("--threads", type=positive, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--compile", nargs="?", const="", default=None, metavar="OPTIONS",
                    help="--what model: time torch.compile'd original and pruned models (inductor, static shapes); "
                         "OPTIONS: inductor options for both, comma-separated, e.g. freezing,cpp_wrapper (CPU "
                         "inference) or max_autotune=true")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="dtype of the model (the scorer stays fp32)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random scorers, example inputs and sampled rows (default 0)")
     p.add_argument("--out", type=Path, default=None, help="write the measurements as JSON here")
 
 
@@ -391,7 +392,7 @@ def bench_model(args: argparse.Namespace) -> list[dict[str, Any]]:
     options = None if args.compile is None else compile_options(args.compile)  # a typo fails before any loading
     scorer = _scorer_arg(args)
     model, tokenizer = load_model(args.model, args.seed)
-    sites = scorer.sites if scorer is not None else args.sites
+    sites = scorer.sites if scorer is not None else args.sites or [0]
     return bench_pruned_model(model, scorer, args.batch, sites, args.flops, args.warmup, args.repeats, args.seed,
                               args.threads, compile=options is not None, compile_options=options,
                               device=args.device, dtype=args.dtype, inputs=model_inputs(model, tokenizer, args.seed))
@@ -599,7 +600,7 @@ def bench_onnx(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     model, tokenizer = load_model(args.model, args.seed)
     backbone = adapt(model)
-    scorer = _scorer_arg(args) or random_scorer(backbone, args.sites, args.seed)
+    scorer = _scorer_arg(args) or random_scorer(backbone, args.sites or [0], args.seed)
     make = model_inputs(model, tokenizer, args.seed, args.length if tokenizer is not None else None)
     example = make(2)
     fast = prune(model, scorer, rule="keep_ratio", flops=args.flops, strict=False)
@@ -618,7 +619,11 @@ def _scorer_arg(args: argparse.Namespace) -> LearnedScorer | None:
         return None
     from policy_prune.core.artifact import load_scorer
 
-    return load_scorer(args.scorer)
+    scorer = load_scorer(args.scorer)
+    if args.sites is not None and list(args.sites) != list(scorer.sites):
+        raise UserError(f"--sites sets the random scorer's sites; {args.scorer} prunes at its own, "
+                        f"{' '.join(map(str, scorer.sites))} (leave --sites out)")
+    return scorer
 
 
 def _bench_onnx_batch(sessions: Mapping[str, Any], graphs: Mapping[str, Any], x: Any,

@@ -687,7 +687,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vis-target", type=ratio, default=None, help="FLOPs target of the kept-token picture "
                    "(default: the target nearest 0.5)")
     p.add_argument("--vis-samples", type=positive, default=3, help="val samples in the kept-token picture")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="dtype of the frozen backbone")
 
 

@@ -53,6 +53,7 @@ from policy_prune.config import (
     read_preset,
     to_dict,
 )
+from policy_prune.embedded import DTYPE_NAMES
 from policy_prune.errors import UserError
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "quniform", "loguniform", "qloguniform", "randn", "qrandn",
@@ -101,7 +102,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=positive, default=None, help="repetitions of the grid / draws of random keys")
     p.add_argument("--seed", type=int, default=None, help="seed of the random search and default train.seed (0)")
     p.add_argument("--device", default=None, help="train.device of every trial (default cpu; cuda with --gpus-per-trial)")
-    p.add_argument("--dtype", default=None, help="train.dtype of every trial: fp32, bf16 or fp16")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="train.dtype of every trial")
     p.add_argument("--track", choices=TRACKERS, default=None, help="track every trial in W&B (one group per sweep)")
     p.add_argument("--name", default=None, help="sweep folder name")
     p.add_argument("--runs-dir", default="runs", help="where the sweep folder is created (default ./runs)")
