@@ -198,12 +198,19 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         hint = hints[key]
-        path = f"{where}.{key}" if where else key
+        path = _child(where, key)
         if dataclasses.is_dataclass(hint):
             kwargs[key] = from_dict(hint, value, path)  # type: ignore[arg-type]
         else:
             kwargs[key] = _check_type(value, hint, path)
     return cls(**kwargs)
+
+
+def _child(where: str, key: str) -> str:
+    """Where a key of ``where`` is: ``file.yaml: reward.lam`` from a file, ``reward.lam`` from a section."""
+    if not where:
+        return key
+    return f"{where}: {key}" if where.endswith((".yaml", ".yml")) else f"{where}.{key}"
 
 
 def _check_type(value: Any, hint: Any, path: str) -> Any:

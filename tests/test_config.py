@@ -66,5 +66,8 @@ def test_bad_preset_names_and_files(tmp_path) -> None:
     own = tmp_path / "mine.yaml"
     own.write_text("backbone: {spec: vit_tiny_patch16_224}\nsites: [2]\n")
     assert load_env_config(str(own)).name == "mine"
+    own.write_text("backbone: {spec: vit_tiny_patch16_224}\nsites: [2]\nreward: {lam: high}\n")
+    with pytest.raises(ConfigError, match=r"mine\.yaml: reward\.lam: expected float"):  # the file, then the key
+        load_env_config(str(own))
     with pytest.raises(ConfigError, match="key=value"):
         apply_overrides({}, ["reward.lam"])
