@@ -76,13 +76,18 @@ def _unchanged(state: TokenState, site_index: int, layer: int) -> TokenState:
 
 
 def graph_args(module: GraphModel, example_inputs: Any) -> tuple[torch.Tensor, ...]:
-    """The graph's positional inputs from images [B, C, H, W] or a tokenizer output (checked)."""
+    """The graph's positional inputs from images [B, C, H, W] or a tokenizer output (checked); a tuple of
+    them, as ``torch.onnx.export`` takes its args, works too: ``(images,)`` or ``(input_ids, attention_mask)``."""
+    if isinstance(example_inputs, tuple | list) and 1 <= len(example_inputs) <= (2 if module.text else 1):
+        example_inputs = dict(zip(("input_ids", "attention_mask"), example_inputs, strict=False)) if module.text \
+            else example_inputs[0]
     if not module.text:
         if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() != 4:
-            raise ExportError("example_inputs of an image model: one tensor [B, C, H, W]")
+            raise ExportError("example_inputs of an image model: one tensor [B, C, H, W] (or a tuple of it)")
         return (example_inputs,)
     if not isinstance(example_inputs, Mapping) or "input_ids" not in example_inputs:
-        raise ExportError("example_inputs of a text model: a mapping with input_ids and attention_mask [B, L]")
+        raise ExportError("example_inputs of a text model: a mapping with input_ids and attention_mask [B, L] (or "
+                          "the tuple (input_ids, attention_mask))")
     extra = sorted(set(example_inputs) - {"input_ids", "attention_mask", "token_type_ids"})
     types = example_inputs.get("token_type_ids")
     if extra or (types is not None and bool(types.any())):

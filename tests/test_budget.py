@@ -213,8 +213,10 @@ def test_prune_at_a_flops_target(vit, vit_split) -> None:
     assert adaptive.values == [scorer.budget.threshold(0.6)] * 2
     ratio = measure(vit, adaptive.scorer, inputs, "threshold", adaptive.values, executed=True).flops_ratio
     assert ratio == pytest.approx(0.6, abs=0.02)
-    with pytest.raises(UserError, match="outside the budgets"):
+    with pytest.raises(UserError, match=r"outside the budgets this scorer was trained on \[0.3, 0.9\]$"):
         prune(model, scorer, flops=0.2, strict=False)
+    with pytest.raises(UserError, match="flops=1 is the unpruned model"):
+        prune(model, scorer, flops=1.0, strict=False)
     with pytest.raises(UserError, match="one of flops"):
         prune(model, scorer, flops=0.5, keep_ratio=0.3, strict=False)
 
