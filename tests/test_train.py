@@ -96,10 +96,19 @@ def test_resume_after_sigkill(presets, tmp_path, capsys) -> None:
     assert steps[-1] >= 160
     assert (runs / "killed" / "scorer" / "scorer.json").is_file()
     # Finished: resuming again is refused in one line, and nothing in the folder is rewritten.
+    scorer_json = runs / "killed" / "scorer" / "scorer.json"
+    steps = json.loads(scorer_json.read_text())["meta"]["timesteps"]
+    assert steps >= 160  # the checkpoint's steps, recorded by the export at the end of train
     before = {p: p.read_bytes() for p in (runs / "killed").rglob("*") if p.is_file()}
     assert main(["train", "--resume", str(runs / "killed"), "--timesteps", "160"]) == 2
     assert "is finished" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in (runs / "killed").rglob("*") if p.is_file()} == before
+    # A scorer from an earlier checkpoint (a run killed in its final eval after training further): it resumes.
+    meta = json.loads(scorer_json.read_text())
+    meta["meta"]["timesteps"] = steps - 1
+    scorer_json.write_text(json.dumps(meta))
+    assert main(["train", "--resume", str(runs / "killed"), "--timesteps", "160"]) == 0
+    assert json.loads(scorer_json.read_text())["meta"]["timesteps"] == steps
 
 
 def test_wandb_offline_run_has_pruning_metrics(presets, tmp_path) -> None:

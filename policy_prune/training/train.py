@@ -216,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
         validate(cfg)
         if not (run_dir / "checkpoints" / "last.zip").is_file():
             raise UserError(f"no checkpoint to resume from in {run_dir / 'checkpoints'}")
+        refuse_finished(cfg, run_dir)
     else:
         cfg = resolve_config(args)
         run_dir = new_run_dir(cfg)
@@ -232,6 +233,33 @@ def run(args: argparse.Namespace) -> int:
         raise
     print_summary(console, summary, run_dir)
     return 0
+
+
+def refuse_finished(cfg: RunConfig, run_dir: Path) -> None:
+    """UserError where resuming would only redo the final eval and export: the checkpoint has every step asked
+    for, and the scorer in ``run_dir/scorer`` was exported from that very checkpoint at the end of ``train``."""
+    steps = checkpoint_timesteps(run_dir / "checkpoints" / "last.zip")
+    try:
+        exported = json.loads((run_dir / "scorer" / "scorer.json").read_text())["meta"]["timesteps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no scorer, or not one train wrote at its end: the final eval and export run (again)
+    if steps is not None and steps >= cfg.train.timesteps and exported == steps:
+        again = f"; `policy-prune export {run_dir} --calibrate` calibrates its scorer again" \
+            if cfg.env.reward.budget is not None else ""
+        raise UserError(f"{run_dir} is finished ({steps} timesteps, its scorer in {run_dir / 'scorer'}): "
+                        f"--timesteps N above {steps} trains it further{again}")
+
+
+def checkpoint_timesteps(path: Path) -> int | None:
+    """The steps an SB3 checkpoint was saved at, read from its JSON ``data`` entry (nothing unpickled)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            steps = json.loads(archive.read("data"))["num_timesteps"]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+    return int(steps) if isinstance(steps, int) else None
 
 
 def train(cfg: RunConfig, run_dir: Path, console: Any, resume: bool = False, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
@@ -284,11 +312,6 @@ def _setup(cfg: RunConfig, run_dir: Path, console: Any, backbone: Any, splits: d
     env = VecMonitor(vec)
     ckpt = run_dir / "checkpoints" / "last.zip"
     model = load_agent(cfg, env, ckpt) if resume else make_agent(cfg, env)
-    if resume and model.num_timesteps >= cfg.train.timesteps and (run_dir / "scorer" / "scorer.json").is_file():
-        # Nothing left to learn and the scorer is written: going on would only redo the final eval and export.
-        raise UserError(f"{run_dir} is finished ({model.num_timesteps} timesteps, its scorer in {run_dir / 'scorer'}): "
-                        f"--timesteps N above {model.num_timesteps} trains it further; `policy-prune export "
-                        f"{run_dir} --calibrate` calibrates its scorer again")
     if resume:
         truncate_metrics(run_dir / "metrics.jsonl", model.num_timesteps)
         console.print(f"resuming {run_dir.name} at {model.num_timesteps} / {cfg.train.timesteps} timesteps")
@@ -405,6 +428,7 @@ def export_run_scorer(cfg: RunConfig, model: Any, backbone: Any, run_dir: Path, 
         scorer, rule = calibrated_scorer(cfg, scorer, backbone, val)
     budget = scorer.budget
     lam = reward.lam if budget is None else None
+    scorer.meta["timesteps"] = int(model.num_timesteps)  # a finished run: resuming it is refused (refuse_finished)
     return save_scorer(scorer, run_dir / "scorer", backbone.signature(), lam, learned_metrics(summary["methods"]), rule)
 
 
