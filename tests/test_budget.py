@@ -30,7 +30,7 @@ from policy_prune.errors import UserError
 from policy_prune.training.budget import BudgetController
 from policy_prune.training.checks import check_budget
 from policy_prune.training.env import PruneVecEnv, TokenPruneEnv
-from policy_prune.training.factory import make_vec_env
+from policy_prune.training.factory import make_env, make_vec_env
 from tests import tiny
 from tests.test_train import TINY_AGENT, TINY_ENV
 
@@ -75,7 +75,7 @@ def test_log_draw_trains_the_tight_end_more() -> None:
     assert np.mean(u < 0.2) == pytest.approx(0.125, abs=0.02)
     assert np.mean(g < 0.2) == pytest.approx(np.log(2) / np.log(9), abs=0.02)
     assert np.median(g) == pytest.approx(0.3, abs=0.02)  # the geometric midpoint of 0.1 and 0.9
-    with pytest.raises(ValueError, match="budget draw"):
+    with pytest.raises(UserError, match="budget_draw"):
         BudgetController(0.1, 0.9, draw="beta")
 
 
@@ -91,6 +91,20 @@ def test_the_presets_draw_reaches_the_env(vit, vit_split) -> None:
     cfg.reward.budget_draw = "normal"
     with pytest.raises(ConfigError, match="budget_draw"):
         check_budget(cfg.reward)
+
+
+def test_gym_make_builds_the_controller_of_what_it_was_given() -> None:
+    """make_env (gym.make with a preset): the preset's draw and knots, at the budget and lambda passed in."""
+    env = make_env("digits-vit-random", overrides=["reward.budget=[0.1, 0.9]", "reward.budget_draw=log",
+                                                   "reward.budget_knots=5"], budget=[0.2, 0.8], lam=0.4)
+    c = env.core.controller
+    assert (c.low, c.high, c.draw_kind, len(c.knots)) == (0.2, 0.8, "log", 5) and c.lam.tolist() == [0.4] * 5
+    assert 0.2 <= env.reset(seed=0)[1]["target"] <= 0.8
+    for bad in ([0.5], "0.3,0.9", [0.3, None]):
+        with pytest.raises(UserError, match="budget must be"):
+            make_env("digits-vit-random", budget=bad)
+    with pytest.raises(UserError, match="controller's range"):
+        make_env("digits-vit-random", budget=[0.2, 0.8], controller=BudgetController(0.1, 0.9))
 
 
 # ---- the env ----------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ class BudgetController:
         if not 0.0 < low <= high <= 1.0:
             raise UserError(f"budget must be [low, high] FLOPs ratios with 0 < low <= high <= 1, got [{low}, {high}]")
         if draw not in DRAWS:
-            raise UserError(f"budget draw must be one of {', '.join(map(repr, DRAWS))}, got {draw!r}")
+            raise UserError(f"env.reward.budget_draw must be one of {', '.join(map(repr, DRAWS))}, got {draw!r}")
         self.draw_kind = draw
         self.low, self.high = float(low), float(high)
         self.knots = np.linspace(self.low, self.high, max(int(knots), 1) if high > low else 1)
@@ -52,7 +52,7 @@ class BudgetController:
     def draw(self, rng: np.random.Generator) -> float:
         """One episode's target FLOPs ratio (one uniform draw from ``rng`` either way)."""
         if self.draw_kind == "log":
-            return float(np.exp(rng.uniform(np.log(self.low), np.log(self.high))))
+            return float(np.clip(np.exp(rng.uniform(np.log(self.low), np.log(self.high))), self.low, self.high))
         return float(rng.uniform(self.low, self.high))
 
     def weights(self, targets: np.ndarray) -> np.ndarray:

@@ -105,6 +105,9 @@ class PruneCore:
         self.budget = None if budget is None else (float(budget[0]), float(budget[1]))
         if self.budget is not None and controller is None:
             controller = BudgetController(*self.budget, init_lam=self.lam)
+        if controller is not None and (self.budget is None or (controller.low, controller.high) != self.budget):
+            raise UserError(f"the budget controller's range [{controller.low:g}, {controller.high:g}] must be the env's "
+                            f"budget, {None if self.budget is None else list(self.budget)}")
         self.controller = controller
         self.task = task
         self.device = device
@@ -476,7 +479,8 @@ class PruneVecEnv(VecEnv):
         groups = self.num_envs // self.group_size
         idx = np.repeat(self.sampler.draw(groups), self.group_size)
         targets = None
-        if self.core.controller is not None:
+        if self.core.budget is not None:
+            assert self.core.controller is not None
             drawn = self.sampler.draw_targets(groups, self.core.controller) if self.target is None \
                 else np.full(groups, float(self.target))
             targets = np.repeat(drawn, self.group_size)

@@ -51,9 +51,13 @@ def make_vec_env(
 
 def budget_controller(reward: RewardConfig) -> BudgetController | None:
     """The multipliers and target draw of a budget-conditioned reward (None without ``reward.budget``)."""
-    if reward.budget is None:
+    budget = reward.budget
+    if budget is None:
         return None
-    return BudgetController(reward.budget[0], reward.budget[1], knots=reward.budget_knots, init_lam=reward.lam,
+    if not (isinstance(budget, list | tuple) and len(budget) == 2
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in budget)):
+        raise UserError(f"budget must be [low, high] FLOPs ratios with 0 < low <= high <= 1, got {budget!r}")
+    return BudgetController(float(budget[0]), float(budget[1]), knots=reward.budget_knots, init_lam=reward.lam,
                             lr=reward.budget_lr, draw=reward.budget_draw)
 
 
