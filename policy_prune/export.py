@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                            "token there; default 0)")
     rule.add_argument("--keep-ratio", type=fraction, nargs="+", default=None,
                       help="default rule: keep this fraction of prunable tokens at each site (static shapes); with "
-                           "--onnx-model, the pruned graph's schedule only (the scorer keeps its default rule)")
+                           "--onnx-model, the pruned graph's schedule only (not the scorer's default rule)")
     rule.add_argument("--flops", type=ratio, default=None,
                       help="--onnx-model: the keep_ratio (same at every site) whose schedule runs this FLOPs ratio")
     p.add_argument("--calibrate", action="store_true",
@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the example inputs")
     p.add_argument("--threads", type=positive, default=None,
                    help="torch intra-op threads while exporting and calibrating (default: torch's choice; on a busy "
-                        "machine fewer threads than free cores is faster)")
+                        "machine fewer threads than free cores is faster); onnxruntime picks its own")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,7 +101,7 @@ def _run(args: argparse.Namespace) -> int:
         scorer, own_rule = calibrate_run_scorer(run_dir, scorer, run_signature(run_dir, config, scorer), log=print)
     else:
         scorer, own_rule = with_run_budget(scorer, run_dir, config, log=print)
-    # With --onnx-model, --keep-ratio is the graph's schedule: the artifact keeps the default rule it has.
+    # With --onnx-model, --keep-ratio is the graph's schedule, not the artifact's default rule.
     rule = {"rule": "keep_ratio", "values": args.keep_ratio} if args.keep_ratio and not args.onnx_model else \
         {"rule": "threshold", "values": args.threshold} if args.threshold else \
         own_rule or {"rule": "threshold", "values": [0.0]}

@@ -182,7 +182,8 @@ def export_onnx(fast: PrunedModel, example_inputs: Any, path: str | Path, progra
     ``example_inputs``; returns the max |onnxruntime - PyTorch| (an ExportError above ``atol``).
 
     ``example_inputs``: images [B, C, H, W], or ``{"input_ids", "attention_mask"}`` [B, L] right-padded
-    to the length L the graph will take. ``program_path`` also saves the ``torch.export`` program.
+    to the length L the graph will take (or, as ``torch.onnx.export`` takes args, ``(images,)`` or
+    ``(input_ids, attention_mask)``). ``program_path`` also saves the ``torch.export`` program.
     ``pruned=False`` exports the same model unpruned (the baseline).
     """
     if not isinstance(fast, PrunedModel):

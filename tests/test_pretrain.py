@@ -167,8 +167,10 @@ def test_cli_pretrain_then_cached(cache, tmp_path, capsys) -> None:
     # Keys as train takes them (env.): the same config, so the same cached fit.
     assert cli.main(["pretrain", "--env", str(preset), "--set", "env.backbone.pretrain.epochs=1"]) == 0
     assert "cached:" in capsys.readouterr().out
+    assert cli.main(["pretrain", "--env", str(preset), "--set", "env.backbone.pretrain.epoch=2"]) == 2
+    assert "unknown key 'epoch'" in capsys.readouterr().err  # the env. key reached the preset
     assert cli.main(["pretrain", "--env", str(preset), "--set", "train.threads=1"]) == 2
-    assert "takes env keys only" in capsys.readouterr().err
+    assert "train. keys set the RL run" in capsys.readouterr().err
 
 
 def test_cli_pretrain_other_backbone_is_a_no_op(capsys) -> None:

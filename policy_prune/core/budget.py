@@ -172,7 +172,7 @@ class BudgetInput:
         """``flops`` as a float; ValueError outside the trained range (with a little rounding slack)."""
         f = float(flops)
         if not (self.low - 1e-6 <= f <= self.high + 1e-6):
-            unpruned = "; flops=1 is the unpruned model: call the model itself" if f >= 1.0 else ""
+            unpruned = "; flops=1 is the unpruned model: call the model itself" if abs(f - 1.0) < 1e-9 else ""
             raise ValueError(f"flops={f:g} is outside the budgets this scorer was trained on "
                              f"[{self.low:g}, {self.high:g}]{unpruned}")
         return f

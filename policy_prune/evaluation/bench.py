@@ -598,9 +598,10 @@ def bench_onnx(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     from policy_prune.model_export import GraphModel, export_onnx, onnx_session
 
+    saved = _scorer_arg(args)  # a bad --scorer or --sites is said before the model loads
     model, tokenizer = load_model(args.model, args.seed)
     backbone = adapt(model)
-    scorer = _scorer_arg(args) or random_scorer(backbone, args.sites or [0], args.seed)
+    scorer = saved or random_scorer(backbone, args.sites or [0], args.seed)
     make = model_inputs(model, tokenizer, args.seed, args.length if tokenizer is not None else None)
     example = make(2)
     fast = prune(model, scorer, rule="keep_ratio", flops=args.flops, strict=False)

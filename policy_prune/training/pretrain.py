@@ -432,12 +432,12 @@ def env_overrides(overrides: list[str]) -> list[str]:
     ``env.`` prefix; UserError for the keys of another section (agent., train.)."""
     keys = []
     for item in overrides:
-        key = item.split("=", 1)[0].strip()
-        section = key.split(".", 1)[0]
-        if section in ("agent", "train"):
-            raise UserError(f"--set {key}: pretrain fits the env's backbone and takes env keys only "
+        item = item.strip()
+        scope, dot, rest = item.partition(".")
+        if dot and rest and scope in ("agent", "train"):
+            raise UserError(f"--set {item}: {scope}. keys set the RL run; pretrain fits the env's backbone "
                             "(env.backbone.pretrain.*, env.data.*)")
-        keys.append(item.strip()[4:] if section == "env" else item)
+        keys.append(rest if scope == "env" and dot and rest else item)
     return keys
 
 
