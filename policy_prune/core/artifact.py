@@ -23,7 +23,8 @@ the file and the problem.
     lam             training lambda (compute penalty), or null
     metrics         headline validation metrics, e.g. {"agreement": 0.97, "flops_ratio": 0.52}
     created         {"time", "policy_prune", "torch"}
-    meta            free-form extra metadata of the LearnedScorer (JSON values)
+    meta            free-form extra metadata of the LearnedScorer (JSON values); a scorer train exports at the
+                    end of a run records the checkpoint's steps there ("timesteps")
 
 ``scorer.safetensors`` holds ``net.<name>`` for every TokenScorer parameter and ``projection`` [D, P].
 """
