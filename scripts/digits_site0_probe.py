@@ -1,0 +1,166 @@
+"""What site 0 could do on digits-vit, and what a trained scorer does there (issue #24's tight budgets).
+
+digits-cluttered knows where each canvas's digit is (its 3 x 3 patches), so site 0's choices can be scored
+against that. On a held-out split (default val) this prints, at a few keep ratios of site 0 alone (every
+later site keeps everything):
+
+- ``similarity-pre``: the seed paper's score (as the baseline of that name ranks);
+- ``oracle+similarity`` / ``oracle+random`` / ``oracle+clutter``: the digit's 9 patches first, the rest filled
+  by that score, at random (mostly blank: a canvas holds about 11 clutter patches and 124 blank ones), or
+  with the clutter first;
+- ``probe``: a one-hidden-layer MLP of the scorer's width trained (with labels of which token is the digit's,
+  which the policy never gets) on the site-0 features the scorer sees, on the train canvases;
+- ``learned`` (with ``--run``): the run's scorer told ``--flops``.
+
+and, for the probe and the learned scorer, how many of the digit's patches and of the clutter patches their
+top k holds. Accuracy is the model's on the split's labels; FLOPs as ``eval`` counts them (the selection's
+own cost left out: the oracle has none to count).
+
+    python scripts/digits_site0_probe.py --run runs/digits-s0 --flops 0.15
+
+Everything is fitted and drawn from ``--seed``; the embedded backbone is fitted on first use as ``train`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from policy_prune.config import load_env_config
+from policy_prune.core.artifact import load_scorer
+from policy_prune.core.backbones.base import TokenBackbone, TokenState
+from policy_prune.core.calibration import measure
+from policy_prune.core.features import FeatureSpec, make_projection, token_features
+from policy_prune.data import digits as D
+from policy_prune.embedded import resolve
+from policy_prune.evaluation.baselines import redundancy
+
+PATCH, GRID = 4, 12
+RATIOS = (0.1, 0.125, 0.15, 0.2, 0.25)
+TOP_K = (9, 12, 17, 21, 28, 35)
+
+
+def canvases(cfg: Any, backbone: TokenBackbone, split: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images as the backbone reads them, labels, digit token mask [M, 145], clutter token mask [M, 145])."""
+    opts = D.parse_options(cfg.data.options)
+    glyphs, labels = D.load_glyphs()
+    idx = D.split_sources(labels, opts)[split]
+    src = D.sources_for(split, idx, opts)
+    images, corners = D.make_canvases(glyphs, src, idx, opts, D.split_seed(split, seed, opts))
+    digit = torch.zeros(len(src), 1 + GRID * GRID, dtype=torch.bool)
+    for i, (cx, cy) in enumerate(corners):
+        rows = torch.arange(cy // PATCH, cy // PATCH + opts.digit_size // PATCH)
+        cols = torch.arange(cx // PATCH, cx // PATCH + opts.digit_size // PATCH)
+        digit[i, 1 + (rows[:, None] * GRID + cols[None, :]).flatten()] = True
+    pixels = images[:, 0] * D.STD + D.MEAN
+    ink = pixels.unfold(1, PATCH, PATCH).unfold(2, PATCH, PATCH).amax((-1, -2)).reshape(len(src), -1) > 0.3
+    clutter = torch.cat([torch.zeros(len(src), 1, dtype=torch.bool), ink], dim=1) & ~digit
+    return D.match_backbone(images, backbone), torch.from_numpy(labels[src]), digit, clutter
+
+
+class Fixed:
+    """Scores every canvas's tokens by a fixed [M, 145] table (rows ``rows`` of it in the current batch)."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        self.table, self.rows = table, slice(None)
+
+    def scores(self, backbone: TokenBackbone, state: TokenState, site_index: int, layer: int) -> torch.Tensor:
+        return self.table[self.rows].gather(1, state.positions)
+
+
+def site0_accuracy(backbone: TokenBackbone, scorer: Any, x: torch.Tensor, y: torch.Tensor, ratio: float,
+                   n_sites: int = 1) -> tuple[float, float]:
+    """(accuracy, FLOPs ratio) keeping ``ratio`` of the tokens at site 0 by ``scorer``, every other site idle."""
+    correct, flops = 0, 0.0
+    for start in range(0, len(x), 64):
+        rows = slice(start, start + 64)
+        if isinstance(scorer, Fixed):
+            scorer.rows = rows
+        m = measure(backbone, scorer, [x[rows]], "keep_ratio", [ratio] + [1.0] * (n_sites - 1),
+                    sites=None if n_sites > 1 else [0], executed=True, outputs=True)
+        correct += int((m.outputs.argmax(1) == y[rows]).sum())  # type: ignore[union-attr]
+        flops += m.flops_ratio * len(x[rows])
+    return correct / len(x), flops / len(x)
+
+
+def top_k_shares(scores: torch.Tensor, digit: torch.Tensor, clutter: torch.Tensor) -> list[str]:
+    """Per k: the share of the digit's patches and of the clutter patches among each canvas's top k (CLS aside)."""
+    out = []
+    for k in TOP_K:
+        top = scores[:, 1:].topk(k, dim=1).indices + 1
+        d = digit.gather(1, top).sum(1).float() / digit.sum(1)
+        c = clutter.gather(1, top).sum(1).float() / clutter.sum(1).clamp_min(1)
+        out.append(f"k={k}: digit {d.mean():.3f} (all 9: {(d == 1).float().mean():.3f}), clutter {c.mean():.3f}")
+    return out
+
+
+@torch.inference_mode()
+def site0_features(backbone: TokenBackbone, x: torch.Tensor, spec: FeatureSpec, projection: torch.Tensor) -> torch.Tensor:
+    return torch.cat([token_features(backbone, backbone.embed(x[i:i + 256]), 0, projection, spec) for i in range(0, len(x), 256)])
+
+
+def fit_probe(features: torch.Tensor, digit: torch.Tensor, hidden: int, seed: int, epochs: int = 30) -> torch.nn.Module:
+    """A [hidden] MLP predicting which patch tokens are the digit's (binary cross-entropy)."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(features.shape[-1], hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1))
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    xs, ys = features[:, 1:].reshape(-1, features.shape[-1]), digit[:, 1:].reshape(-1).float()
+    for _ in range(epochs):
+        for b in torch.randperm(len(xs)).split(4096):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(net(xs[b]).squeeze(-1), ys[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return net
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", default=None, help="a digits-vit run folder: its scorer's site-0 ranking too")
+    p.add_argument("--flops", type=float, default=0.15, help="the budget the run's scorer is told (default 0.15)")
+    p.add_argument("--split", default="val", choices=("val", "test"))
+    p.add_argument("--hidden", type=int, default=16, help="probe width (default 16, the digits-vit scorer's)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    torch.manual_seed(args.seed)
+    cfg = load_env_config("digits-vit", [])
+    backbone, _ = resolve(cfg, seed=args.seed, device="cpu")
+    x, y, digit, clutter = canvases(cfg, backbone, args.split, args.seed)
+    with torch.inference_mode():
+        full = torch.cat([backbone(x[i:i + 256]).argmax(1) for i in range(0, len(x), 256)])
+    print(f"{args.split}: {len(x)} canvases, unpruned accuracy {(full == y).float().mean():.4f}, "
+          f"{clutter.sum(1).float().mean():.1f} clutter patches per canvas")
+    with torch.inference_mode():
+        states = [backbone.embed(x[i:i + 256]) for i in range(0, len(x), 256)]
+        similarity = torch.cat([-redundancy(s.tokens, s.valid & ~s.protected) for s in states])
+    g = torch.Generator().manual_seed(args.seed)
+    noise = torch.rand(digit.shape, generator=g)
+    tables = {"similarity-pre": similarity, "oracle+similarity": similarity + 100.0 * digit,
+              "oracle+random": noise + 100.0 * digit, "oracle+clutter": noise + 100.0 * digit + 50.0 * clutter}
+    spec = FeatureSpec()
+    projection = make_projection(backbone, spec)
+    x_train, _, digit_train, _ = canvases(cfg, backbone, "train", args.seed)
+    probe = fit_probe(site0_features(backbone, x_train, spec, projection), digit_train, args.hidden, args.seed)
+    with torch.no_grad():
+        tables["probe"] = probe(site0_features(backbone, x, spec, projection)).squeeze(-1)
+    print("probe's top k:", *top_k_shares(tables["probe"], digit, clutter), sep="\n  ")
+    for name, table in tables.items():
+        table = table.clone()
+        table[:, 0] = 1e9  # [CLS] is protected anyway
+        for r in RATIOS:
+            acc, flops = site0_accuracy(backbone, Fixed(table), x, y, r)
+            print(f"{name:18s} keep {r:.3f} at site 0: FLOPs {flops:.3f}, accuracy {acc:.4f}")
+    if args.run:
+        told = load_scorer(f"{args.run}/scorer").at(args.flops)
+        with torch.inference_mode():
+            learned = torch.cat([told.scores_in_episode(backbone, s, 0, 0, s.alive_counts, []).float() for s in states])
+        print(f"learned (told {args.flops}) top k:", *top_k_shares(learned, digit, clutter), sep="\n  ")
+        for r in RATIOS:
+            acc, flops = site0_accuracy(backbone, told, x, y, r, n_sites=len(told.sites))
+            print(f"{'learned':18s} keep {r:.3f} at site 0: FLOPs {flops:.3f}, accuracy {acc:.4f}")
+
+
+if __name__ == "__main__":
+    main()

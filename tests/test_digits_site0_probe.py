@@ -1,0 +1,50 @@
+"""scripts/digits_site0_probe.py scores site 0 against where each canvas's digit is: its digit and clutter
+masks must be the patches the digit and the fragments were drawn on."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from policy_prune.config import load_env_config
+from policy_prune.data import digits as D
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "digits_site0_probe.py"
+
+
+def _probe():
+    spec = importlib.util.spec_from_file_location("digits_site0_probe", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def _ink(images: torch.Tensor) -> torch.Tensor:
+    """[M, 144] patches holding ink (as the script reads them)."""
+    pixels = images[:, 0] * D.STD + D.MEAN
+    return pixels.unfold(1, 4, 4).unfold(2, 4, 4).amax((-1, -2)).reshape(len(images), -1) > 0.3
+
+
+def test_digit_mask_is_where_the_digit_was_drawn() -> None:
+    probe = _probe()
+    # No clutter and no noise: every inked patch is the digit's, and the digit's 3 x 3 patches hold its ink.
+    cfg = load_env_config("digits-vit", ["data.options.n_distractors=0", "data.options.noise=0.0"])
+    images, labels, digit, clutter = probe.canvases(cfg, None, "val", 0)
+    assert digit.shape == (len(images), 145) and digit.sum(1).eq(9).all() and not digit[:, 0].any()
+    ink = _ink(images)
+    assert not (ink & ~digit[:, 1:]).any()  # no ink outside the digit's patches
+    assert (ink & digit[:, 1:]).sum(1).float().mean() > 6  # most of its 9 patches are inked
+    assert not clutter.any()
+    assert len(labels) == len(images)
+
+
+def test_clutter_mask_is_ink_off_the_digit() -> None:
+    probe = _probe()
+    cfg = load_env_config("digits-vit", ["data.options.noise=0.0"])
+    images, _, digit, clutter = probe.canvases(cfg, None, "val", 0)
+    ink = _ink(images)
+    assert torch.equal(clutter[:, 1:], ink & ~digit[:, 1:])
+    assert clutter.sum(1).float().mean() > 3  # four fragments per canvas, each on a patch or more
+    assert not (clutter & digit).any()
