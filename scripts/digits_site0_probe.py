@@ -24,6 +24,7 @@ Everything is fitted and drawn from ``--seed``; the embedded backbone is fitted 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -42,7 +43,7 @@ RATIOS = (0.1, 0.125, 0.15, 0.2, 0.25)
 TOP_K = (9, 12, 17, 21, 28, 35)
 
 
-def canvases(cfg: Any, backbone: TokenBackbone, split: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def canvases(cfg: Any, backbone: TokenBackbone | None, split: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(images as the backbone reads them, labels, digit token mask [M, 145], clutter token mask [M, 145])."""
     opts = D.parse_options(cfg.data.options)
     glyphs, labels = D.load_glyphs()
@@ -61,24 +62,23 @@ def canvases(cfg: Any, backbone: TokenBackbone, split: str, seed: int) -> tuple[
 
 
 class Fixed:
-    """Scores every canvas's tokens by a fixed [M, 145] table (rows ``rows`` of it in the current batch)."""
+    """Scores a batch's tokens by its rows of a fixed [M, 145] table."""
 
-    def __init__(self, table: torch.Tensor) -> None:
-        self.table, self.rows = table, slice(None)
+    def __init__(self, rows: torch.Tensor) -> None:
+        self.rows = rows
 
     def scores(self, backbone: TokenBackbone, state: TokenState, site_index: int, layer: int) -> torch.Tensor:
-        return self.table[self.rows].gather(1, state.positions)
+        return self.rows.gather(1, state.positions)
 
 
-def site0_accuracy(backbone: TokenBackbone, scorer: Any, x: torch.Tensor, y: torch.Tensor, ratio: float,
-                   n_sites: int = 1) -> tuple[float, float]:
-    """(accuracy, FLOPs ratio) keeping ``ratio`` of the tokens at site 0 by ``scorer``, every other site idle."""
+def site0_accuracy(backbone: TokenBackbone, scorer_for: Callable[[slice], Any], x: torch.Tensor, y: torch.Tensor,
+                   ratio: float, n_sites: int = 1) -> tuple[float, float]:
+    """(accuracy, FLOPs ratio) keeping ``ratio`` of the tokens at site 0 by ``scorer_for(rows)`` (the scorer of the
+    batch of rows ``rows``), every other site idle."""
     correct, flops = 0, 0.0
     for start in range(0, len(x), 64):
         rows = slice(start, start + 64)
-        if isinstance(scorer, Fixed):
-            scorer.rows = rows
-        m = measure(backbone, scorer, [x[rows]], "keep_ratio", [ratio] + [1.0] * (n_sites - 1),
+        m = measure(backbone, scorer_for(rows), [x[rows]], "keep_ratio", [ratio] + [1.0] * (n_sites - 1),
                     sites=None if n_sites > 1 else [0], executed=True, outputs=True)
         correct += int((m.outputs.argmax(1) == y[rows]).sum())  # type: ignore[union-attr]
         flops += m.flops_ratio * len(x[rows])
@@ -97,8 +97,15 @@ def top_k_shares(scores: torch.Tensor, digit: torch.Tensor, clutter: torch.Tenso
 
 
 @torch.inference_mode()
-def site0_features(backbone: TokenBackbone, x: torch.Tensor, spec: FeatureSpec, projection: torch.Tensor) -> torch.Tensor:
-    return torch.cat([token_features(backbone, backbone.embed(x[i:i + 256]), 0, projection, spec) for i in range(0, len(x), 256)])
+def embedded(backbone: TokenBackbone, x: torch.Tensor) -> list[TokenState]:
+    """The states before block 0 (site 0's input), in chunks of 256 canvases."""
+    return [backbone.embed(x[i:i + 256]) for i in range(0, len(x), 256)]
+
+
+@torch.inference_mode()
+def site0_features(backbone: TokenBackbone, states: Sequence[TokenState], spec: FeatureSpec,
+                   projection: torch.Tensor) -> torch.Tensor:
+    return torch.cat([token_features(backbone, s, 0, projection, spec) for s in states])
 
 
 def fit_probe(features: torch.Tensor, digit: torch.Tensor, hidden: int, seed: int, epochs: int = 30) -> torch.nn.Module:
@@ -132,8 +139,8 @@ def main() -> None:
         full = torch.cat([backbone(x[i:i + 256]).argmax(1) for i in range(0, len(x), 256)])
     print(f"{args.split}: {len(x)} canvases, unpruned accuracy {(full == y).float().mean():.4f}, "
           f"{clutter.sum(1).float().mean():.1f} clutter patches per canvas")
+    states = embedded(backbone, x)
     with torch.inference_mode():
-        states = [backbone.embed(x[i:i + 256]) for i in range(0, len(x), 256)]
         similarity = torch.cat([-redundancy(s.tokens, s.valid & ~s.protected) for s in states])
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.rand(digit.shape, generator=g)
@@ -142,15 +149,16 @@ def main() -> None:
     spec = FeatureSpec()
     projection = make_projection(backbone, spec)
     x_train, _, digit_train, _ = canvases(cfg, backbone, "train", args.seed)
-    probe = fit_probe(site0_features(backbone, x_train, spec, projection), digit_train, args.hidden, args.seed)
+    probe = fit_probe(site0_features(backbone, embedded(backbone, x_train), spec, projection), digit_train,
+                      args.hidden, args.seed)
     with torch.no_grad():
-        tables["probe"] = probe(site0_features(backbone, x, spec, projection)).squeeze(-1)
+        tables["probe"] = probe(site0_features(backbone, states, spec, projection)).squeeze(-1)
     print("probe's top k:", *top_k_shares(tables["probe"], digit, clutter), sep="\n  ")
     for name, table in tables.items():
         table = table.clone()
         table[:, 0] = 1e9  # [CLS] is protected anyway
         for r in RATIOS:
-            acc, flops = site0_accuracy(backbone, Fixed(table), x, y, r)
+            acc, flops = site0_accuracy(backbone, lambda rows, table=table: Fixed(table[rows]), x, y, r)
             print(f"{name:18s} keep {r:.3f} at site 0: FLOPs {flops:.3f}, accuracy {acc:.4f}")
     if args.run:
         told = load_scorer(f"{args.run}/scorer").at(args.flops)
@@ -158,7 +166,7 @@ def main() -> None:
             learned = torch.cat([told.scores_in_episode(backbone, s, 0, 0, s.alive_counts, []).float() for s in states])
         print(f"learned (told {args.flops}) top k:", *top_k_shares(learned, digit, clutter), sep="\n  ")
         for r in RATIOS:
-            acc, flops = site0_accuracy(backbone, told, x, y, r, n_sites=len(told.sites))
+            acc, flops = site0_accuracy(backbone, lambda rows: told, x, y, r, n_sites=len(told.sites))
             print(f"{'learned':18s} keep {r:.3f} at site 0: FLOPs {flops:.3f}, accuracy {acc:.4f}")
 
 
