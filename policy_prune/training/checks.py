@@ -72,6 +72,8 @@ def check_hyperparams(hyper: dict[str, Any], params: dict[str, inspect.Parameter
     for key in ("learning_rate", "clip_range"):
         if key in hyper and _is_number(hyper[key]) and not hyper[key] > 0:
             raise ConfigError(f"agent.hyperparams.{key} must be positive, got {hyper[key]!r}")
+    if "normalize_returns" in hyper and not isinstance(hyper["normalize_returns"], bool):
+        raise ConfigError(f"agent.hyperparams.normalize_returns must be true or false, got {hyper['normalize_returns']!r}")
     for key in NUMERIC_HYPERPARAMS:  # numbers (a schedule is code, not a config value)
         if key in hyper and not (key == "target_kl" and hyper[key] is None) and not _is_number(hyper[key]):
             raise ConfigError(f"agent.hyperparams.{key} must be a number, got {hyper[key]!r}")
