@@ -10,7 +10,14 @@ later site keeps everything):
   with the clutter first;
 - ``probe``: a one-hidden-layer MLP of the scorer's width trained (with labels of which token is the digit's,
   which the policy never gets) on the site-0 features the scorer sees, on the train canvases;
-- ``learned`` (with ``--run``): the run's scorer told ``--flops``.
+- ``teacher-attention`` / ``teacher-gradient``: what the frozen, unpruned model itself points at, the attention
+  its [CLS] pays each token in the last block and the norm of the gradient of the true class's log-probability
+  with respect to each embedded token (labels the policy never gets): a denser training signal could come from
+  these only if they single out the digit;
+- ``learned`` (with ``--run``): the run's scorer told ``--flops``;
+- the critic's keep gains (with ``--run``, from its last checkpoint): what keeping a token adds to the return,
+  as the per-token credit (training/token_ppo.py) models it, averaged over the digit's, the clutter and the
+  blank patches at site 0, in the units of the returns the critic was trained on.
 
 and, for the probe and the learned scorer, how many of the digit's patches and of the clutter patches their
 top k holds. Accuracy is the model's on the split's labels; FLOPs as ``eval`` counts them (the selection's
@@ -34,6 +41,7 @@ from policy_prune.core.artifact import load_scorer
 from policy_prune.core.backbones.base import TokenBackbone, TokenState
 from policy_prune.core.calibration import measure
 from policy_prune.core.features import FeatureSpec, make_projection, token_features
+from policy_prune.core.scorer import spent_fraction
 from policy_prune.data import digits as D
 from policy_prune.embedded import resolve
 from policy_prune.evaluation.baselines import redundancy
@@ -96,6 +104,40 @@ def top_k_shares(scores: torch.Tensor, digit: torch.Tensor, clutter: torch.Tenso
     return out
 
 
+def teacher_tables(backbone: TokenBackbone, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """[M, 145] site-0 rankings from the unpruned model: its last block's [CLS] attention, and the norm of the
+    gradient of the true class's log-probability with respect to each embedded token."""
+    attention, gradient = [], []
+    for i in range(0, len(x), 256):
+        with torch.inference_mode():
+            state = backbone.embed(x[i:i + 256])
+            last = backbone.depth - 1
+            attention.append(backbone.attention_from_cls(backbone.run_blocks(state, 0, last), last).float())
+        state = backbone.embed(x[i:i + 256])
+        tokens = state.tokens.detach().requires_grad_(True)
+        logits = backbone.head(backbone.run_blocks(state.with_tokens(tokens), 0, backbone.depth))
+        (grad,) = torch.autograd.grad(logits.log_softmax(1).gather(1, y[i:i + 256, None]).sum(), tokens)
+        gradient.append(grad.norm(dim=-1))
+    return {"teacher-attention": torch.cat(attention), "teacher-gradient": torch.cat(gradient)}
+
+
+def critic_gains(run: str, told: Any, backbone: TokenBackbone, states: Sequence[TokenState],
+                 groups: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean keep gain of the run's critic (its last checkpoint) at site 0 over each group's tokens [M, 145]."""
+    from policy_prune.training.token_ppo import TokenCreditPPO
+
+    policy = TokenCreditPPO.load(f"{run}/checkpoints/last.zip", device="cpu").policy
+    gains = []
+    with torch.inference_mode():
+        for s in states:
+            spent = spent_fraction(backbone, told.sites, s.alive_counts, [], s.n_full)
+            obs = {"tokens": token_features(backbone, s, 0, told.projection, told.spec), "alive": s.valid.float(),
+                   "context": told.context(s, 0, spent, s.alive_counts)}
+            gains.append(policy.token_terms(obs)[2])
+    g = torch.cat(gains)
+    return {name: float(g[mask].mean()) for name, mask in groups.items()}
+
+
 @torch.inference_mode()
 def embedded(backbone: TokenBackbone, x: torch.Tensor) -> list[TokenState]:
     """The states before block 0 (site 0's input), in chunks of 256 canvases."""
@@ -146,6 +188,9 @@ def main() -> None:
     noise = torch.rand(digit.shape, generator=g)
     tables = {"similarity-pre": similarity, "oracle+similarity": similarity + 100.0 * digit,
               "oracle+random": noise + 100.0 * digit, "oracle+clutter": noise + 100.0 * digit + 50.0 * clutter}
+    for name, table in teacher_tables(backbone, x, y).items():
+        tables[name] = table
+        print(f"{name} top k:", *top_k_shares(table, digit, clutter), sep="\n  ")
     spec = FeatureSpec()
     projection = make_projection(backbone, spec)
     x_train, _, digit_train, _ = canvases(cfg, backbone, "train", args.seed)
@@ -165,6 +210,10 @@ def main() -> None:
         with torch.inference_mode():
             learned = torch.cat([told.scores_in_episode(backbone, s, 0, 0, s.alive_counts, []).float() for s in states])
         print(f"learned (told {args.flops}) top k:", *top_k_shares(learned, digit, clutter), sep="\n  ")
+        blank = ~digit & ~clutter
+        blank[:, 0] = False  # [CLS]
+        gains = critic_gains(args.run, told, backbone, states, {"digit": digit, "clutter": clutter, "blank": blank})
+        print(f"critic's keep gains at site 0 (told {args.flops}): " + ", ".join(f"{k} {v:+.4f}" for k, v in gains.items()))
         for r in RATIOS:
             acc, flops = site0_accuracy(backbone, lambda rows: told, x, y, r, n_sites=len(told.sites))
             print(f"{'learned':18s} keep {r:.3f} at site 0: FLOPs {flops:.3f}, accuracy {acc:.4f}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 from policy_prune.config import load_env_config
@@ -49,3 +50,35 @@ def test_clutter_mask_is_ink_off_the_digit() -> None:
     assert torch.equal(clutter[:, 1:], ink & ~digit[:, 1:])
     assert clutter.sum(1).float().mean() > 3  # four fragments per canvas, each on a patch or more
     assert not (clutter & digit).any()
+
+
+def test_teacher_tables_are_cls_attention_and_the_true_class_gradient() -> None:
+    """The last block's [CLS] attention sums to 1 over the tokens; the gradient norm predicts what a small step
+    of one token along its gradient does to the true class's log-probability (a finite difference)."""
+    from policy_prune.core.backbones import adapt
+    from tests import tiny
+
+    torch.manual_seed(0)
+    backbone = adapt(tiny.make("timm-vit-cls")).eval()
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 2, 4])
+    tables = _probe().teacher_tables(backbone, x, y)
+    attention, gradient = tables["teacher-attention"], tables["teacher-gradient"]
+    n = backbone.embed(x).tokens.shape[1]
+    assert attention.shape == gradient.shape == (3, n)
+    torch.testing.assert_close(attention.sum(1), torch.ones(3))
+
+    def log_prob(tokens: torch.Tensor) -> torch.Tensor:
+        state = backbone.embed(x)
+        return backbone.head(backbone.run_blocks(state.with_tokens(tokens), 0, backbone.depth)).log_softmax(1)[1, 2]
+
+    tokens = backbone.embed(x).tokens.detach()
+    j = int(gradient[1].argmax())
+    direction = torch.zeros_like(tokens)
+    with torch.enable_grad():
+        t = tokens.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(log_prob(t), t)
+    direction[1, j] = g[1, j] / g[1, j].norm()
+    eps = 1e-3
+    with torch.no_grad():
+        slope = (log_prob(tokens + eps * direction) - log_prob(tokens - eps * direction)) / (2 * eps)
+    assert float(slope) == pytest.approx(float(gradient[1, j]), rel=1e-2)
