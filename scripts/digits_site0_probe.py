@@ -41,7 +41,6 @@ from policy_prune.core.artifact import load_scorer
 from policy_prune.core.backbones.base import TokenBackbone, TokenState
 from policy_prune.core.calibration import measure
 from policy_prune.core.features import FeatureSpec, make_projection, token_features
-from policy_prune.core.scorer import spent_fraction
 from policy_prune.data import digits as D
 from policy_prune.embedded import resolve
 from policy_prune.evaluation.baselines import redundancy
@@ -108,14 +107,14 @@ def teacher_tables(backbone: TokenBackbone, x: torch.Tensor, y: torch.Tensor) ->
     """[M, 145] site-0 rankings from the unpruned model: its last block's [CLS] attention, and the norm of the
     gradient of the true class's log-probability with respect to each embedded token."""
     attention, gradient = [], []
-    for i in range(0, len(x), 256):
-        with torch.inference_mode():
-            state = backbone.embed(x[i:i + 256])
-            last = backbone.depth - 1
-            attention.append(backbone.attention_from_cls(backbone.run_blocks(state, 0, last), last).float())
+    last = backbone.depth - 1
+    for i in range(0, len(x), 256):  # one forward serves both: the attention is read before the last block
         state = backbone.embed(x[i:i + 256])
         tokens = state.tokens.detach().requires_grad_(True)
-        logits = backbone.head(backbone.run_blocks(state.with_tokens(tokens), 0, backbone.depth))
+        before_last = backbone.run_blocks(state.with_tokens(tokens), 0, last)
+        with torch.no_grad():
+            attention.append(backbone.attention_from_cls(before_last, last).float())
+        logits = backbone.head(backbone.run_blocks(before_last, last, backbone.depth))
         (grad,) = torch.autograd.grad(logits.log_softmax(1).gather(1, y[i:i + 256, None]).sum(), tokens)
         gradient.append(grad.norm(dim=-1))
     return {"teacher-attention": torch.cat(attention), "teacher-gradient": torch.cat(gradient)}
@@ -130,9 +129,8 @@ def critic_gains(run: str, told: Any, backbone: TokenBackbone, states: Sequence[
     gains = []
     with torch.inference_mode():
         for s in states:
-            spent = spent_fraction(backbone, told.sites, s.alive_counts, [], s.n_full)
             obs = {"tokens": token_features(backbone, s, 0, told.projection, told.spec), "alive": s.valid.float(),
-                   "context": told.context(s, 0, spent, s.alive_counts)}
+                   "context": told.episode_context(backbone, s, 0, s.alive_counts, [])}
             gains.append(policy.token_terms(obs)[2])
     g = torch.cat(gains)
     return {name: float(g[mask].mean()) for name, mask in groups.items()}

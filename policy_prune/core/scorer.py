@@ -191,11 +191,15 @@ class LearnedScorer:
         tokens each row was embedded with."""
         return site_context(state, site_index, len(self.sites), spent, n0, self.budget_value)
 
+    def episode_context(self, backbone: TokenBackbone, state: TokenState, site_index: int, n0: torch.Tensor,
+                        kept: Sequence[torch.Tensor]) -> torch.Tensor:
+        """[B, G] context with the exact compute spent by this episode's earlier decisions ``kept``."""
+        return self.context(state, site_index, spent_fraction(backbone, self.sites, n0, kept, state.n_full), n0)
+
     def scores_in_episode(self, backbone: TokenBackbone, state: TokenState, site_index: int, layer: int,
                           n0: torch.Tensor, kept: Sequence[torch.Tensor]) -> torch.Tensor:
         """Logits [B, N] with the exact compute-spent context of this episode's earlier decisions."""
-        spent = spent_fraction(backbone, self.sites, n0, kept, state.n_full)
-        return self.logits(backbone, state, layer, self.context(state, site_index, spent, n0))
+        return self.logits(backbone, state, layer, self.episode_context(backbone, state, site_index, n0, kept))
 
     def logits(self, backbone: TokenBackbone, state: TokenState, layer: int, context: torch.Tensor) -> torch.Tensor:
         """Logits [B, N] of the state's slots before block ``layer`` given the [B, G] context rows (or one [1, G] row for all)."""
