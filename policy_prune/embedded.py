@@ -143,12 +143,19 @@ def _describe_hf(name_or_path: str) -> tuple[str | None, int | None]:
     return ("logits" if classifier else "embedding"), depth
 
 
+RANDOM_WEIGHTS_SEED = 0
+"""Seed of a preset backbone's random weights (a timm name with neither checkpoint nor pretrained weights):
+one frozen model for every run and eval of the preset, whatever their --seed."""
+
+
 def _load_user_backbone(cfg: BackboneConfig) -> tuple[TokenBackbone, Any]:
     from policy_prune.core.backbones import load_backbone
 
     extra = {} if cfg.pooling is None else {"pooling": cfg.pooling}
     try:
-        backbone = load_backbone(cfg.spec, cfg.checkpoint, cfg.pretrained, **extra, **cfg.model_kwargs).eval()
+        with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            backbone = load_backbone(cfg.spec, cfg.checkpoint, cfg.pretrained, **extra, **cfg.model_kwargs).eval()
         tokenizer = _tokenizer_for(backbone, cfg.spec)
     except (FileNotFoundError, OSError, ValueError, TypeError) as exc:
         if isinstance(exc, UserError):

@@ -121,6 +121,23 @@ def test_train_with_a_bf16_backbone(presets, tmp_path) -> None:
     assert np.isfinite(learned["return"]) and 0 < learned["flops_ratio"] <= 1
 
 
+def test_eval_of_a_run_at_another_seed_and_dtype(presets, tmp_path) -> None:
+    """A preset's random-weights backbone is one model whatever the --seed: a run trained with --seed 3 on a
+    bf16 backbone is evaluated (eval's default --seed 0) on an fp16 one, not refused as another checkpoint."""
+    from policy_prune.config import load_env_config
+    from policy_prune.embedded import resolve_backbone
+
+    assert main(_train(presets, tmp_path / "runs", "--dtype", "bf16", "--name", "bf16")) == 0
+    assert main(["eval", str(tmp_path / "runs" / "bf16"), "--dtype", "fp16", "--targets", "0.5", "--repeats", "0",
+                 "--methods", "random"]) == 0
+    torch.manual_seed(5)
+    before = torch.random.get_rng_state()
+    first = resolve_backbone(load_env_config(presets[0]))[0].weights_fingerprint()
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's random stream is untouched
+    torch.manual_seed(6)
+    assert resolve_backbone(load_env_config(presets[0]))[0].weights_fingerprint() == first
+
+
 # An unavailable device or an unknown dtype: tests/test_train.py::test_user_errors_exit_2_and_leave_no_run.
 
 
