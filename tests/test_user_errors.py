@@ -57,6 +57,9 @@ OTHER_MISTAKES = {
     "bench with an unknown inductor option": (["bench", "--what", "model", "--model", "digits-vit", "--compile", "frezing"],
                                               "'frezing' is not an inductor option"),
 }
+if not torch.cuda.is_available():
+    OTHER_MISTAKES["bench of a model on cuda without a GPU"] = (
+        ["bench", "--what", "model", "--model", "digits-vit", "--device", "cuda"], "no CUDA device is available here")
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from policy_prune.core.executed import executed_schedule
 from policy_prune.core.inference import PrunedModel, prune
 from policy_prune.core.schedule import TokenCounts, keep_ratio_for
 from policy_prune.core.scorer import LearnedScorer, random_scorer
-from policy_prune.embedded import DTYPE_NAMES, DTYPES, load_backbone, load_model, model_inputs
+from policy_prune.embedded import DTYPE_NAMES, DTYPES, check_device, load_backbone, load_model, model_inputs
 from policy_prune.errors import UserError
 
 
@@ -342,6 +342,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out is not None and args.out.is_dir():  # checked before the benchmark, not when writing after it
         raise UserError(f"--out {args.out} is a folder; give the JSON file to write")
+    check_device(args.device)  # every --what, before a model is loaded
     if args.threads:
         torch.set_num_threads(args.threads)
     console = make_console()
