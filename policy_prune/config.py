@@ -253,9 +253,21 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 PRESET_PACKAGES = {"envs": "policy_prune._presets.envs", "agents": "policy_prune._presets.agents"}
 
 
+def preset_root(kind: str) -> Any:
+    """The folder of the shipped presets for ``kind`` ("envs" or "agents"): the installed package's, or in a
+    source checkout that was not installed (``PYTHONPATH=.``) the repository's own ``envs/`` or ``agents/``."""
+    try:
+        return resources.files(PRESET_PACKAGES[kind])
+    except ModuleNotFoundError:
+        checkout = Path(__file__).resolve().parent.parent / kind
+        if not checkout.is_dir():
+            raise
+        return checkout
+
+
 def preset_names(kind: str) -> list[str]:
     """Names of the presets shipped in the wheel for ``kind`` ("envs" or "agents")."""
-    root = resources.files(PRESET_PACKAGES[kind])
+    root = preset_root(kind)
     return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
@@ -272,7 +284,7 @@ def read_preset(kind: str, name_or_path: str) -> tuple[dict[str, Any], str]:
         names = preset_names(kind)
         if name_or_path not in names:
             raise ConfigError(f"unknown {kind[:-1]} preset {name_or_path!r} (available: {', '.join(names)})")
-        text = resources.files(PRESET_PACKAGES[kind]).joinpath(f"{name_or_path}.yaml").read_text()
+        text = preset_root(kind).joinpath(f"{name_or_path}.yaml").read_text()
         where = f"{kind}/{name_or_path}.yaml"
     try:
         data = load_yaml(text) or {}

@@ -22,6 +22,18 @@ def test_shipped_env_presets_parse() -> None:
     assert cfg.name == "digits-vit" and cfg.reward.task and cfg.sites == sorted(cfg.sites)
 
 
+def test_presets_of_a_source_checkout_that_was_not_installed(monkeypatch) -> None:
+    """Without the installed package's preset modules (PYTHONPATH=. on a checkout), the repository's envs/
+    and agents/ folders serve the same presets."""
+    from policy_prune import config
+
+    installed = preset_names("envs"), config.read_preset("agents", "ppo")[0]
+    for kind in config.PRESET_PACKAGES:
+        monkeypatch.setitem(config.PRESET_PACKAGES, kind, f"policy_prune._no_such_package.{kind}")
+    assert preset_names("envs") == installed[0] and config.read_preset("agents", "ppo")[0] == installed[1]
+    assert load_env_config("digits-vit").name == "digits-vit"
+
+
 def test_overrides_and_roundtrip() -> None:
     cfg = load_env_config("digits-vit", ["reward.lam=0.5", "sites=[2, 4]", "backbone.model_kwargs.depth=3"])
     assert cfg.reward.lam == 0.5 and cfg.sites == [2, 4] and cfg.backbone.model_kwargs["depth"] == 3
