@@ -14,6 +14,11 @@ later site keeps everything):
   its [CLS] pays each token in the last block and the norm of the gradient of the true class's log-probability
   with respect to each embedded token (labels the policy never gets): a denser training signal could come from
   these only if they single out the digit;
+- with ``--occlusion``, ``teacher-occlusion``: what each token is worth at the tight end, with no label: around S,
+  [CLS] and the 20 patches similarity-pre keeps, the unpruned model's predicted class's probability with the
+  token added to S (or removed, for one of S), the model run on those tokens alone; and ``probe-occlusion``, the
+  probe's MLP fitted on the train canvases to the top 20 of that value instead of the digit's location (a
+  training target the env could compute without labels; about 4 minutes more);
 - ``learned`` (with ``--run``): the run's scorer told ``--flops``;
 - the critic's keep gains (with ``--run``, from its last checkpoint): what keeping a token adds to the return,
   as the per-token credit (training/token_ppo.py) models it, averaged over the digit's, the clutter and the
@@ -31,6 +36,7 @@ Everything is fitted and drawn from ``--seed``; the embedded backbone is fitted 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -120,6 +126,44 @@ def teacher_tables(backbone: TokenBackbone, x: torch.Tensor, y: torch.Tensor) ->
     return {"teacher-attention": torch.cat(attention), "teacher-gradient": torch.cat(gradient)}
 
 
+OCCLUSION_BASE = 20
+
+
+@torch.inference_mode()
+def occlusion_table(backbone: TokenBackbone, x: torch.Tensor, target: torch.Tensor,
+                    base: int = OCCLUSION_BASE) -> torch.Tensor:
+    """[M, N] what each patch token is worth to class ``target`` [M] at the tight end: with S the ``base`` patches
+    similarity-pre keeps, p(S + i) - p(S) for a patch i outside S and p(S) - p(S - i) for one of S, p the class's
+    probability from the frozen model run on [CLS] and those patches alone. [CLS] gets +inf (always kept)."""
+    tables = []
+    for state in embedded(backbone, x):
+        keep = -redundancy(state.tokens, state.valid & ~state.protected)
+        keep[:, 0] = -torch.inf  # [CLS] is not one of S: it is always there
+        n = state.tokens.shape[1]
+        for row in range(len(state.tokens)):
+            chosen = keep[row].argsort(descending=True)[:base]
+            taken = set(chosen.tolist())
+            others = [i for i in range(1, n) if i not in taken]
+            cls = torch.zeros(1, dtype=torch.long)
+            sets = [torch.cat([cls, chosen])[None],
+                    torch.stack([torch.cat([cls, chosen, torch.tensor([i])]) for i in others]),
+                    torch.stack([torch.cat([cls, chosen[chosen != i]]) for i in chosen.tolist()])]
+            c = int(target[len(tables)])
+            p_base, p_added, p_removed = (_class_prob(backbone, state, row, idx, c) for idx in sets)
+            value = torch.full((n,), torch.inf)
+            value[others] = p_added - p_base
+            value[chosen] = p_base - p_removed
+            tables.append(value)
+    return torch.stack(tables)
+
+
+def _class_prob(backbone: TokenBackbone, state: TokenState, row: int, idx: torch.Tensor, cls: int) -> torch.Tensor:
+    """[R] probability of class ``cls`` from the model run on the tokens ``idx`` [R, k] of the state's row."""
+    sub = dataclasses.replace(state, tokens=state.tokens[row][idx], protected=state.protected[row][idx],
+                              valid=torch.ones_like(idx, dtype=torch.bool), positions=idx, dense=True)
+    return backbone.head(backbone.run_blocks(sub, 0, backbone.depth)).float().softmax(-1)[:, cls]
+
+
 def critic_gains(run: str, told: Any, backbone: TokenBackbone, states: Sequence[TokenState],
                  groups: dict[str, torch.Tensor]) -> dict[str, float]:
     """Mean keep gain of the run's critic (its last checkpoint) at site 0 over each group's tokens [M, 145]."""
@@ -170,6 +214,7 @@ def main() -> None:
     p.add_argument("--split", default="val", choices=("val", "test"))
     p.add_argument("--hidden", type=int, default=16, help="probe width (default 16, the digits-vit scorer's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--occlusion", action="store_true", help="the occlusion teacher and a probe fitted to it")
     args = p.parse_args()
     torch.manual_seed(args.seed)
     cfg = load_env_config("digits-vit", [])
@@ -192,11 +237,23 @@ def main() -> None:
     spec = FeatureSpec()
     projection = make_projection(backbone, spec)
     x_train, _, digit_train, _ = canvases(cfg, backbone, "train", args.seed)
-    probe = fit_probe(site0_features(backbone, embedded(backbone, x_train), spec, projection), digit_train,
-                      args.hidden, args.seed)
+    train_features = site0_features(backbone, embedded(backbone, x_train), spec, projection)
+    probe = fit_probe(train_features, digit_train, args.hidden, args.seed)
+    features = site0_features(backbone, states, spec, projection)
     with torch.no_grad():
-        tables["probe"] = probe(site0_features(backbone, states, spec, projection)).squeeze(-1)
+        tables["probe"] = probe(features).squeeze(-1)
     print("probe's top k:", *top_k_shares(tables["probe"], digit, clutter), sep="\n  ")
+    if args.occlusion:  # the unpruned model's own prediction as the class: no label
+        tables["teacher-occlusion"] = occlusion_table(backbone, x, full)
+        with torch.inference_mode():
+            predicted = torch.cat([backbone(x_train[i:i + 256]).argmax(1) for i in range(0, len(x_train), 256)])
+        value = occlusion_table(backbone, x_train, predicted)
+        top = torch.zeros_like(digit_train).scatter_(1, value[:, 1:].topk(OCCLUSION_BASE, dim=1).indices + 1, True)
+        fitted = fit_probe(train_features, top, args.hidden, args.seed)
+        with torch.no_grad():
+            tables["probe-occlusion"] = fitted(features).squeeze(-1)
+        for name in ("teacher-occlusion", "probe-occlusion"):
+            print(f"{name} top k:", *top_k_shares(tables[name], digit, clutter), sep="\n  ")
     for name, table in tables.items():
         table = table.clone()
         table[:, 0] = 1e9  # [CLS] is protected anyway

@@ -82,3 +82,38 @@ def test_teacher_tables_are_cls_attention_and_the_true_class_gradient() -> None:
     with torch.no_grad():
         slope = (log_prob(tokens + eps * direction) - log_prob(tokens - eps * direction)) / (2 * eps)
     assert float(slope) == pytest.approx(float(gradient[1, j]), rel=1e-2)
+
+
+def test_occlusion_is_what_adding_or_removing_one_token_does_to_the_class_probability() -> None:
+    """Against the model run on a boolean selection of the embedded tokens (another path than the script's
+    index sets): a patch outside the base set is worth p(S + i) - p(S), one inside p(S) - p(S - i)."""
+    from policy_prune.core.backbones import adapt
+    from policy_prune.evaluation.baselines import redundancy
+    from tests import tiny
+
+    torch.manual_seed(0)
+    backbone = adapt(tiny.make("timm-vit-cls")).eval()
+    x, target = torch.randn(2, 3, 32, 32), torch.tensor([1, 3])
+    table = _probe().occlusion_table(backbone, x, target, base=5)
+    state = backbone.embed(x)
+    n = state.tokens.shape[1]
+    assert table.shape == (2, n) and torch.isinf(table[:, 0]).all() and torch.isfinite(table[:, 1:]).all()
+
+    def prob(row: int, keep: torch.Tensor) -> float:
+        tokens = state.tokens[row, keep][None]
+        sub = type(state)(tokens, state.protected[row, keep][None], torch.ones(1, len(tokens[0]), dtype=torch.bool),
+                        torch.arange(n)[keep][None], n)
+        return float(backbone.head(backbone.run_blocks(sub, 0, backbone.depth)).softmax(-1)[0, target[row]])
+
+    with torch.no_grad():
+        for row in range(2):
+            score = -redundancy(state.tokens[row:row + 1], ~state.protected[row:row + 1])[0]
+            score[0] = -torch.inf
+            base = torch.zeros(n, dtype=torch.bool)
+            base[score.argsort(descending=True)[:5]] = True
+            base[0] = True
+            inside, outside = int(base[1:].nonzero()[0]) + 1, int((~base[1:]).nonzero()[0]) + 1
+            without, with_ = base.clone(), base.clone()
+            without[inside], with_[outside] = False, True
+            assert float(table[row, inside]) == pytest.approx(prob(row, base) - prob(row, without), abs=1e-5)
+            assert float(table[row, outside]) == pytest.approx(prob(row, with_) - prob(row, base), abs=1e-5)
