@@ -18,7 +18,10 @@ later site keeps everything):
   [CLS] and the 20 patches similarity-pre keeps, the unpruned model's predicted class's probability with the
   token added to S (or removed, for one of S), the model run on those tokens alone; and ``probe-occlusion``, the
   probe's MLP fitted on the train canvases to the top 20 of that value instead of the digit's location (a
-  training target the env could compute without labels; about 4 minutes more);
+  training target the env could compute without labels; about 3 minutes more); with ``--run`` too, the run's
+  deployed call (``prune(model, scorer, flops=f)``'s rule and values at a few targets) with site 0 ranked by
+  ``probe-occlusion`` instead of the scorer, its later sites unchanged: what a warm start of site 0 on that
+  target could give the deployed call;
 - ``learned`` (with ``--run``): the run's scorer told ``--flops``;
 - the critic's keep gains (with ``--run``, from its last checkpoint): what keeping a token adds to the return,
   as the per-token credit (training/token_ppo.py) models it, averaged over the digit's, the clutter and the
@@ -47,6 +50,8 @@ from policy_prune.core.artifact import load_scorer
 from policy_prune.core.backbones.base import TokenBackbone, TokenState
 from policy_prune.core.calibration import measure
 from policy_prune.core.features import FeatureSpec, make_projection, token_features
+from policy_prune.core.inference import prune
+from policy_prune.core.scorer import LearnedScorer
 from policy_prune.data import digits as D
 from policy_prune.embedded import resolve
 from policy_prune.evaluation.baselines import redundancy
@@ -164,6 +169,40 @@ def _class_prob(backbone: TokenBackbone, state: TokenState, row: int, idx: torch
     return backbone.head(backbone.run_blocks(sub, 0, backbone.depth)).float().softmax(-1)[:, cls]
 
 
+@dataclasses.dataclass
+class Site0Table(LearnedScorer):
+    """A learned scorer whose site-0 scores are a fixed [M, N] table's rows (one per canvas of the batch); its later
+    sites score as the scorer does."""
+
+    table: torch.Tensor | None = None
+
+    def scores_in_episode(self, backbone: TokenBackbone, state: TokenState, site_index: int, layer: int,
+                          n0: torch.Tensor, kept: Sequence[torch.Tensor]) -> torch.Tensor:
+        if site_index == 0 and self.table is not None:
+            return self.table.gather(1, state.positions)
+        return super().scores_in_episode(backbone, state, site_index, layer, n0, kept)
+
+
+DEPLOYED_TARGETS = (0.25, 0.15, 0.1)
+
+
+def deployed_accuracy(backbone: TokenBackbone, scorer: LearnedScorer, x: torch.Tensor, y: torch.Tensor, flops: float,
+                      site0: torch.Tensor | None = None) -> tuple[float, float, list[float]]:
+    """(accuracy, FLOPs ratio, keep ratios) of ``prune(model, scorer, flops=flops)``'s rule and values, with site 0
+    ranked by ``site0`` [M, N] when given."""
+    pruned = prune(backbone.model, scorer, flops=flops)
+    correct, spent = 0, 0.0
+    for start in range(0, len(x), 64):
+        rows = slice(start, start + 64)
+        table = None if site0 is None else site0[rows]
+        told = Site0Table(**{f.name: getattr(pruned.scorer, f.name) for f in dataclasses.fields(LearnedScorer)},
+                          table=table)
+        m = measure(backbone, told, [x[rows]], pruned.rule, pruned.values, executed=True, outputs=True)
+        correct += int((m.outputs.argmax(1) == y[rows]).sum())  # type: ignore[union-attr]
+        spent += m.flops_ratio * len(x[rows])
+    return correct / len(x), spent / len(x), pruned.values
+
+
 def critic_gains(run: str, told: Any, backbone: TokenBackbone, states: Sequence[TokenState],
                  groups: dict[str, torch.Tensor]) -> dict[str, float]:
     """Mean keep gain of the run's critic (its last checkpoint) at site 0 over each group's tokens [M, 145]."""
@@ -272,6 +311,13 @@ def main() -> None:
         for r in RATIOS:
             acc, flops = site0_accuracy(backbone, lambda rows: told, x, y, r, n_sites=len(told.sites))
             print(f"{'learned':18s} keep {r:.3f} at site 0: FLOPs {flops:.3f}, accuracy {acc:.4f}")
+        if args.occlusion:
+            scorer = load_scorer(f"{args.run}/scorer")
+            for f in DEPLOYED_TARGETS:
+                for name, site0 in (("deployed", None), ("deployed, site 0 by probe-occlusion", tables["probe-occlusion"])):
+                    acc, flops, values = deployed_accuracy(backbone, scorer, x, y, f, site0)
+                    print(f"{name} at {f}: keep ratios {', '.join(f'{v:.3f}' for v in values)}, FLOPs {flops:.3f}, "
+                          f"accuracy {acc:.4f}")
 
 
 if __name__ == "__main__":

@@ -117,3 +117,34 @@ def test_occlusion_is_what_adding_or_removing_one_token_does_to_the_class_probab
             without[inside], with_[outside] = False, True
             assert float(table[row, inside]) == pytest.approx(prob(row, base) - prob(row, without), abs=1e-5)
             assert float(table[row, outside]) == pytest.approx(prob(row, with_) - prob(row, base), abs=1e-5)
+
+
+def test_site0_table_replaces_the_scorers_site_0_only() -> None:
+    """Site 0 keeps the table's top tokens; a later site and a table of None score as the scorer itself does."""
+    import dataclasses
+
+    from policy_prune.core.backbones import adapt
+    from policy_prune.core.scorer import LearnedScorer, make_keep_fn, random_scorer
+    from tests import tiny
+
+    torch.manual_seed(0)
+    backbone = adapt(tiny.make("timm-vit-cls")).eval()
+    scorer = random_scorer(backbone, [0, 1], seed=1)
+    x = torch.randn(2, 3, 32, 32)
+    n = backbone.embed(x).tokens.shape[1]
+    table = torch.arange(n, dtype=torch.float).flip(0).repeat(2, 1)  # the first patches rank highest
+    probe = _probe()
+
+    def run(told, values):
+        with torch.no_grad():
+            out, state, _ = backbone.forward_pruned(x, scorer.sites, make_keep_fn(backbone, told, "keep_ratio", values))
+        return out, state.positions.sort(dim=1).values
+
+    copy = {f.name: getattr(scorer, f.name) for f in dataclasses.fields(LearnedScorer)}
+    _, kept = run(probe.Site0Table(**copy, table=table), [0.5, 1.0])
+    assert 1 < kept.shape[1] < n and torch.equal(kept, torch.arange(kept.shape[1]).repeat(2, 1))  # the first ones
+    assert not torch.equal(kept, run(scorer, [0.5, 1.0])[1])  # the scorer itself keeps others
+    for values in ([0.5, 0.5], [1.0, 0.5]):
+        assert torch.equal(run(probe.Site0Table(**copy, table=None), values)[1], run(scorer, values)[1])
+    # Site 0 idle: site 1 ranks by the scorer, table or not.
+    assert torch.equal(run(probe.Site0Table(**copy, table=table), [1.0, 0.5])[1], run(scorer, [1.0, 0.5])[1])
