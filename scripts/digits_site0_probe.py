@@ -89,18 +89,31 @@ class Fixed:
         return self.rows.gather(1, state.positions)
 
 
+def accuracy(backbone: TokenBackbone, scorer_for: Callable[[slice], Any], x: torch.Tensor, y: torch.Tensor, rule: str,
+             values: Sequence[float], sites: Sequence[int] | None = None) -> tuple[float, float]:
+    """(accuracy, FLOPs ratio as ``eval`` counts them) of ``rule`` / ``values`` with the scorer ``scorer_for(rows)`` of
+    each batch of 64 rows."""
+    correct, flops = 0, 0.0
+    for start in range(0, len(x), 64):
+        rows = slice(start, start + 64)
+        m = measure(backbone, scorer_for(rows), [x[rows]], rule, values, sites=sites, executed=True, outputs=True)
+        correct += int((m.outputs.argmax(1) == y[rows]).sum())  # type: ignore[union-attr]
+        flops += m.flops_ratio * len(x[rows])
+    return correct / len(x), flops / len(x)
+
+
 def site0_accuracy(backbone: TokenBackbone, scorer_for: Callable[[slice], Any], x: torch.Tensor, y: torch.Tensor,
                    ratio: float, n_sites: int = 1) -> tuple[float, float]:
     """(accuracy, FLOPs ratio) keeping ``ratio`` of the tokens at site 0 by ``scorer_for(rows)`` (the scorer of the
     batch of rows ``rows``), every other site idle."""
-    correct, flops = 0, 0.0
-    for start in range(0, len(x), 64):
-        rows = slice(start, start + 64)
-        m = measure(backbone, scorer_for(rows), [x[rows]], "keep_ratio", [ratio] + [1.0] * (n_sites - 1),
-                    sites=None if n_sites > 1 else [0], executed=True, outputs=True)
-        correct += int((m.outputs.argmax(1) == y[rows]).sum())  # type: ignore[union-attr]
-        flops += m.flops_ratio * len(x[rows])
-    return correct / len(x), flops / len(x)
+    return accuracy(backbone, scorer_for, x, y, "keep_ratio", [ratio] + [1.0] * (n_sites - 1),
+                    sites=None if n_sites > 1 else [0])
+
+
+@torch.inference_mode()
+def predictions(backbone: TokenBackbone, x: torch.Tensor) -> torch.Tensor:
+    """[M] the unpruned model's predicted classes, in chunks of 256 canvases."""
+    return torch.cat([backbone(x[i:i + 256]).argmax(1) for i in range(0, len(x), 256)])
 
 
 def top_k_shares(scores: torch.Tensor, digit: torch.Tensor, clutter: torch.Tensor) -> list[str]:
@@ -191,16 +204,10 @@ def deployed_accuracy(backbone: TokenBackbone, scorer: LearnedScorer, x: torch.T
     """(accuracy, FLOPs ratio, keep ratios) of ``prune(model, scorer, flops=flops)``'s rule and values, with site 0
     ranked by ``site0`` [M, N] when given."""
     pruned = prune(backbone.model, scorer, flops=flops)
-    correct, spent = 0, 0.0
-    for start in range(0, len(x), 64):
-        rows = slice(start, start + 64)
-        table = None if site0 is None else site0[rows]
-        told = Site0Table(**{f.name: getattr(pruned.scorer, f.name) for f in dataclasses.fields(LearnedScorer)},
-                          table=table)
-        m = measure(backbone, told, [x[rows]], pruned.rule, pruned.values, executed=True, outputs=True)
-        correct += int((m.outputs.argmax(1) == y[rows]).sum())  # type: ignore[union-attr]
-        spent += m.flops_ratio * len(x[rows])
-    return correct / len(x), spent / len(x), pruned.values
+    told = Site0Table(**{f.name: getattr(pruned.scorer, f.name) for f in dataclasses.fields(LearnedScorer)})
+    acc, spent = accuracy(backbone, lambda rows: dataclasses.replace(told, table=None if site0 is None else site0[rows]),
+                          x, y, pruned.rule, pruned.values)
+    return acc, spent, pruned.values
 
 
 def critic_gains(run: str, told: Any, backbone: TokenBackbone, states: Sequence[TokenState],
@@ -259,8 +266,7 @@ def main() -> None:
     cfg = load_env_config("digits-vit", [])
     backbone, _ = resolve(cfg, seed=args.seed, device="cpu")
     x, y, digit, clutter = canvases(cfg, backbone, args.split, args.seed)
-    with torch.inference_mode():
-        full = torch.cat([backbone(x[i:i + 256]).argmax(1) for i in range(0, len(x), 256)])
+    full = predictions(backbone, x)
     print(f"{args.split}: {len(x)} canvases, unpruned accuracy {(full == y).float().mean():.4f}, "
           f"{clutter.sum(1).float().mean():.1f} clutter patches per canvas")
     states = embedded(backbone, x)
@@ -284,9 +290,7 @@ def main() -> None:
     print("probe's top k:", *top_k_shares(tables["probe"], digit, clutter), sep="\n  ")
     if args.occlusion:  # the unpruned model's own prediction as the class: no label
         tables["teacher-occlusion"] = occlusion_table(backbone, x, full)
-        with torch.inference_mode():
-            predicted = torch.cat([backbone(x_train[i:i + 256]).argmax(1) for i in range(0, len(x_train), 256)])
-        value = occlusion_table(backbone, x_train, predicted)
+        value = occlusion_table(backbone, x_train, predictions(backbone, x_train))
         top = torch.zeros_like(digit_train).scatter_(1, value[:, 1:].topk(OCCLUSION_BASE, dim=1).indices + 1, True)
         fitted = fit_probe(train_features, top, args.hidden, args.seed)
         with torch.no_grad():

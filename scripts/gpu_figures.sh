@@ -48,7 +48,7 @@ for dev in cuda cpu; do
   step "env_$dev" 120 $PP bench --what env --env digits-vit-random --batch 64 256 --device "$dev" --warmup 2 --repeats 5 \
        --seed 0 --out "$OUT/env_$dev.json"
 done
-step train_cuda_bf16 240 $PP train --env digits-vit-random --device cuda --dtype bf16 --timesteps 30720 --seed 0 \
+step train_cuda_bf16 240 $PP train --env digits-vit-random --device cuda --dtype bf16 --timesteps 15360 --seed 0 \
      --runs-dir "$OUT/runs" --name train_cuda_bf16 --set train.eval_every=15360 --set train.checkpoint_every=15360
 step model_fp16_compiled 240 $PP bench "${MODEL[@]}" --compile --out "$OUT/model_fp16_compiled.json"
 echo "done: $OUT (steps.log has each step's exit code and seconds)"
