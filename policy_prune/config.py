@@ -155,6 +155,24 @@ class EnvConfig:
 
 
 @dataclass
+class WarmStartConfig:
+    """A supervised warm start of the scorer at the first site before RL (policy_prune.training.warm_start)."""
+
+    samples: int = 0
+    """Train samples whose first-site occlusion values the scorer is fitted to (0: no warm start)."""
+    keep: float = 0.14
+    """Share of each sample's prunable tokens around which the values are measured: the tight end."""
+    epochs: int = 10
+    """Passes of the fit before RL (0: none, the ranking only as ``aux_coef``'s loss)."""
+    lr: float = 3e-3
+    smoothing: float = 0.1
+    """Share of the target spread over every prunable token: bounds the logit gap the fit opens."""
+    aux_coef: float = 0.0
+    """Weight of the ranking's cross-entropy added to every PPO minibatch's loss (credit: token), so that RL
+    does not wash the ranking out (0: the fit before RL only)."""
+
+
+@dataclass
 class AgentConfig:
     """One agent preset: algorithm + hyperparameters + scorer size."""
 
@@ -180,6 +198,8 @@ class AgentConfig:
     """"step": SB3's own update, one advantage per step shared by all its token decisions; "token"
     (ppo only): each token decision gets its own advantage, the other tokens' predicted contributions
     taken out by a per-token critic head (policy_prune.training.token_ppo)."""
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    """The scorer's first site fitted to a label-free occlusion ranking before RL (``samples: 0``: off)."""
 
 
 T = TypeVar("T")

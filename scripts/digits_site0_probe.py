@@ -55,6 +55,7 @@ from policy_prune.core.scorer import LearnedScorer
 from policy_prune.data import digits as D
 from policy_prune.embedded import resolve
 from policy_prune.evaluation.baselines import redundancy
+from policy_prune.training.warm_start import occlusion_values
 
 PATCH, GRID = 4, 12
 RATIOS = (0.1, 0.125, 0.15, 0.2, 0.25)
@@ -147,39 +148,24 @@ def teacher_tables(backbone: TokenBackbone, x: torch.Tensor, y: torch.Tensor) ->
 OCCLUSION_BASE = 20
 
 
-@torch.inference_mode()
 def occlusion_table(backbone: TokenBackbone, x: torch.Tensor, target: torch.Tensor,
                     base: int = OCCLUSION_BASE) -> torch.Tensor:
     """[M, N] what each patch token is worth to class ``target`` [M] at the tight end: with S the ``base`` patches
     similarity-pre keeps, p(S + i) - p(S) for a patch i outside S and p(S) - p(S - i) for one of S, p the class's
-    probability from the frozen model run on [CLS] and those patches alone. [CLS] gets +inf (always kept)."""
-    tables = []
+    probability from the frozen model run on [CLS] and those patches alone (``occlusion_values``, what
+    ``agent.warm_start`` fits the scorer to, with the unpruned prediction's class). [CLS] gets +inf."""
+    tables, done = [], 0
     for state in embedded(backbone, x):
-        keep = -redundancy(state.tokens, state.valid & ~state.protected)
-        keep[:, 0] = -torch.inf  # [CLS] is not one of S: it is always there
-        n = state.tokens.shape[1]
-        for row in range(len(state.tokens)):
-            chosen = keep[row].argsort(descending=True)[:base]
-            taken = set(chosen.tolist())
-            others = [i for i in range(1, n) if i not in taken]
-            cls = torch.zeros(1, dtype=torch.long)
-            sets = [torch.cat([cls, chosen])[None],
-                    torch.stack([torch.cat([cls, chosen, torch.tensor([i])]) for i in others]),
-                    torch.stack([torch.cat([cls, chosen[chosen != i]]) for i in chosen.tolist()])]
-            c = int(target[len(tables)])
-            p_base, p_added, p_removed = (_class_prob(backbone, state, row, idx, c) for idx in sets)
-            value = torch.full((n,), torch.inf)
-            value[others] = p_added - p_base
-            value[chosen] = p_base - p_removed
-            tables.append(value)
-    return torch.stack(tables)
+        eligible = state.valid & ~state.protected
+        classes = target[done:done + len(state.tokens)]
 
+        def value(out: torch.Tensor, row: int, classes: torch.Tensor = classes) -> torch.Tensor:
+            return out.float().softmax(-1)[:, int(classes[row])]
 
-def _class_prob(backbone: TokenBackbone, state: TokenState, row: int, idx: torch.Tensor, cls: int) -> torch.Tensor:
-    """[R] probability of class ``cls`` from the model run on the tokens ``idx`` [R, k] of the state's row."""
-    sub = dataclasses.replace(state, tokens=state.tokens[row][idx], protected=state.protected[row][idx],
-                              valid=torch.ones_like(idx, dtype=torch.bool), positions=idx, dense=True)
-    return backbone.head(backbone.run_blocks(sub, 0, backbone.depth)).float().softmax(-1)[:, cls]
+        keep = base / eligible.sum(1).min().item()
+        tables.append(occlusion_values(backbone, state, 0, -redundancy(state.tokens, eligible), value, keep))
+        done += len(state.tokens)
+    return torch.cat(tables)
 
 
 @dataclasses.dataclass

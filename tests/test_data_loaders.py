@@ -175,9 +175,9 @@ def test_every_shipped_env_preset_parses() -> None:
 def test_env_readme_documents_every_key() -> None:
     import dataclasses
 
-    from policy_prune.config import BackboneConfig, RewardConfig
+    from policy_prune.config import AgentConfig, BackboneConfig, RewardConfig, WarmStartConfig
 
     readme = (Path(__file__).parents[1] / "envs" / "README.md").read_text()
-    for cls in (EnvConfig, BackboneConfig, DataConfig, RewardConfig):
+    for cls in (EnvConfig, BackboneConfig, DataConfig, RewardConfig, AgentConfig, WarmStartConfig):
         for f in dataclasses.fields(cls):
             assert f"`{f.name}`" in readme, f"envs/README.md does not document {cls.__name__}.{f.name}"

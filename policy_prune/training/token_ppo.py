@@ -65,6 +65,10 @@ class TokenCreditPPO(PPO):
         self.normalize_returns = normalize_returns
         self.return_scale: float | None = None
         """Running standard deviation of the rollouts' returns (saved with the model, so a resumed run goes on with it)."""
+        self.ranking: Any = None
+        """A supervised ranking of the first site (training/warm_start.py) whose loss, times ``ranking_coef``, is
+        added to every minibatch's; never saved (the run computes it again on resume)."""
+        self.ranking_coef = 0.0
         super().__init__(*args, **kwargs)
 
     def scaled_returns(self, returns: torch.Tensor) -> torch.Tensor:
@@ -74,6 +78,9 @@ class TokenCreditPPO(PPO):
         std = float(returns.std()) if len(returns) > 1 else 0.0
         self.return_scale = std if self.return_scale is None else 0.9 * self.return_scale + 0.1 * std
         return returns / max(self.return_scale, 1e-6)
+
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "ranking"]
 
     def _setup_model(self) -> None:
         super()._setup_model()  # runs at construction and after ``load`` restored the saved settings
@@ -107,7 +114,7 @@ class TokenCreditPPO(PPO):
             old_logp = -F.binary_cross_entropy_with_logits(old_logits, actions, reduction="none")
             advantages = token_advantages(returns, values, actions, p_keep, gains, free)
 
-        pg_losses, value_losses, entropy_losses, clip_fractions, kls = [], [], [], [], []
+        pg_losses, value_losses, entropy_losses, clip_fractions, kls, ranking_losses = [], [], [], [], [], []
         loss = torch.zeros(())
         continue_training = True
         for _ in range(self.n_epochs):
@@ -128,6 +135,10 @@ class TokenCreditPPO(PPO):
                 value_loss = F.mse_loss(returns[idx], predicted)
                 entropy = (dist.entropy().sum() / n_free) if self.ent_coef else torch.zeros(())
                 loss = policy_loss - self.ent_coef * entropy + self.vf_coef * value_loss
+                if self.ranking is not None and self.ranking_coef:
+                    ranking_loss = self.ranking.loss(self.policy.scorer, self.ranking.draw())
+                    ranking_losses.append(ranking_loss.item())
+                    loss = loss + self.ranking_coef * ranking_loss
                 with torch.no_grad():
                     kl = float((((ratio - 1) - log_ratio) * f).sum() / n_free)
                     clip_fractions.append(float((((ratio - 1).abs() > clip_range).float() * f).sum() / n_free))
@@ -160,6 +171,8 @@ class TokenCreditPPO(PPO):
             "train/explained_variance_tokens": explained_variance(modelled.cpu().numpy(), returns.cpu().numpy()),
             "train/clip_range": clip_range,
         }
+        if ranking_losses:
+            record["train/ranking_loss"] = np.mean(ranking_losses)
         for key, value in record.items():
             self.logger.record(key, value)
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")

@@ -155,6 +155,14 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"agent.credit 'token' needs algo ppo, got {cfg.agent.algo!r}")
     if cfg.train.timesteps <= 0 or cfg.train.eval_every <= 0 or cfg.train.checkpoint_every <= 0:
         raise ConfigError("train.timesteps, train.eval_every and train.checkpoint_every must be positive")
+    w = cfg.agent.warm_start
+    for name, ok, rule in (("samples", w.samples >= 0, ">= 0"), ("keep", 0 < w.keep < 1, "in (0, 1)"),
+                           ("epochs", w.epochs >= 0, ">= 0"), ("lr", w.lr > 0, "> 0"),
+                           ("smoothing", 0 <= w.smoothing < 1, "in [0, 1)"), ("aux_coef", w.aux_coef >= 0, ">= 0")):
+        if not ok:
+            raise ConfigError(f"agent.warm_start.{name} must be {rule}, got {getattr(w, name)!r}")
+    if w.aux_coef and cfg.agent.credit != "token":
+        raise ConfigError("agent.warm_start.aux_coef needs agent.credit: token (its update adds the loss)")
     if cfg.train.dtype not in DTYPE_NAMES:
         raise ConfigError(f"train.dtype must be one of {', '.join(DTYPE_NAMES)}, got {cfg.train.dtype!r}")
     from policy_prune.training.checks import check_run_config
@@ -312,6 +320,8 @@ def _setup(cfg: RunConfig, run_dir: Path, console: Any, backbone: Any, splits: d
     env = VecMonitor(vec)
     ckpt = run_dir / "checkpoints" / "last.zip"
     model = load_agent(cfg, env, ckpt) if resume else make_agent(cfg, env)
+    if cfg.agent.warm_start.samples and (not resume or cfg.agent.warm_start.aux_coef):
+        _warm_start(cfg, model, vec, run_dir, console, fit=not resume)
     if resume:
         truncate_metrics(run_dir / "metrics.jsonl", model.num_timesteps)
         console.print(f"resuming {run_dir.name} at {model.num_timesteps} / {cfg.train.timesteps} timesteps")
@@ -326,6 +336,27 @@ def _setup(cfg: RunConfig, run_dir: Path, console: Any, backbone: Any, splits: d
     controller = vec.core.controller
     callbacks = make_callbacks(cfg, run_dir, backbone, splits["val"], progress, controller)
     return model, callbacks, wandb_run
+
+
+def _warm_start(cfg: RunConfig, model: Any, vec: Any, run_dir: Path, console: Any, fit: bool) -> None:
+    """The occlusion ranking of the first site (agent.warm_start): the new agent's scorer fitted to it (``fit``;
+    its figures go to warm_start.json in the run folder), and its loss added to PPO's with ``aux_coef``."""
+    from policy_prune.training.warm_start import occlusion_ranking, warm_start
+
+    w = cfg.agent.warm_start
+    began = time.perf_counter()
+    with console.status(f"warm start: occlusion values of {w.samples} train samples at site {cfg.env.sites[0]}"):
+        ranking = occlusion_ranking(vec.core, w.samples, w.keep, w.smoothing, cfg.train.seed)
+        stats = warm_start(model.policy.scorer, ranking, w.epochs, w.lr) if fit else None
+    if w.aux_coef:
+        model.ranking, model.ranking_coef = ranking, w.aux_coef
+    if stats is None:
+        return
+    stats = {"samples": len(ranking.free), "seconds": round(time.perf_counter() - began, 1), **stats}
+    write_atomic(run_dir / "warm_start.json", json.dumps(stats, indent=2) + "\n")
+    console.print(f"warm start: site {cfg.env.sites[0]} fitted to the occlusion ranking of {stats['samples']} train "
+                  f"samples in {stats['seconds']:.0f} s (top {w.keep:g} shared with it: {stats['overlap_before']:.2f}"
+                  f" -> {stats['overlap_after']:.2f})")
 
 
 def _wandb_id(run_dir: Path) -> str | None:
