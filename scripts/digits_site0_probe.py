@@ -17,8 +17,8 @@ later site keeps everything):
 - with ``--occlusion``, ``teacher-occlusion``: what each token is worth at the tight end, with no label: around S,
   [CLS] and the 20 patches similarity-pre keeps, the unpruned model's predicted class's probability with the
   token added to S (or removed, for one of S), the model run on those tokens alone; and ``probe-occlusion``, the
-  probe's MLP fitted on the train canvases to the top 20 of that value instead of the digit's location (a
-  training target the env could compute without labels; about 3 minutes more); with ``--run`` too, the run's
+  probe's MLP fitted on the train canvases to the top 20 of that value instead of the digit's location (the
+  target ``agent.warm_start`` trains the scorer on; about 3 minutes more); with ``--run`` too, the run's
   deployed call (``prune(model, scorer, flops=f)``'s rule and values at a few targets) with site 0 ranked by
   ``probe-occlusion`` instead of the scorer, its later sites unchanged: what a warm start of site 0 on that
   target could give the deployed call;
