@@ -27,6 +27,7 @@ SET_BY_TRAIN = {"policy": "agent.scorer_hidden / critic_hidden", "env": "--env",
 
 def check_run_config(cfg: Any, algo_class: type) -> None:
     """Raise ConfigError (one line) for the first mistake in a RunConfig; ``algo_class`` is its SB3 algorithm."""
+    check_warm_start(cfg.agent)
     params = init_parameters(algo_class)
     check_hyperparams(cfg.agent.hyperparams, params, cfg.agent.algo, algo_class.__name__)
     check_rollout(cfg, params)
@@ -147,6 +148,18 @@ def check_env(env: Any) -> None:
     folder = env.data.dataset.removeprefix("imagefolder:")
     if folder != env.data.dataset and not Path(folder).is_dir():
         raise ConfigError(f"env.data.dataset: image folder not found: {folder}")
+
+
+def check_warm_start(agent: Any) -> None:
+    """``agent.warm_start``: its values' ranges, and a ranking loss only where the update adds it (per-token credit)."""
+    w = agent.warm_start
+    for name, ok, rule in (("samples", w.samples >= 0, ">= 0"), ("keep", 0 < w.keep < 1, "in (0, 1)"),
+                           ("epochs", w.epochs >= 0, ">= 0"), ("lr", w.lr > 0, "> 0"),
+                           ("smoothing", 0 <= w.smoothing < 1, "in [0, 1)"), ("aux_coef", w.aux_coef >= 0, ">= 0")):
+        if not ok:
+            raise ConfigError(f"agent.warm_start.{name} must be {rule}, got {getattr(w, name)!r}")
+    if w.aux_coef and agent.credit != "token":
+        raise ConfigError("agent.warm_start.aux_coef needs agent.credit: token (its update adds the loss)")
 
 
 def check_budget(reward: Any) -> None:

@@ -155,14 +155,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"agent.credit 'token' needs algo ppo, got {cfg.agent.algo!r}")
     if cfg.train.timesteps <= 0 or cfg.train.eval_every <= 0 or cfg.train.checkpoint_every <= 0:
         raise ConfigError("train.timesteps, train.eval_every and train.checkpoint_every must be positive")
-    w = cfg.agent.warm_start
-    for name, ok, rule in (("samples", w.samples >= 0, ">= 0"), ("keep", 0 < w.keep < 1, "in (0, 1)"),
-                           ("epochs", w.epochs >= 0, ">= 0"), ("lr", w.lr > 0, "> 0"),
-                           ("smoothing", 0 <= w.smoothing < 1, "in [0, 1)"), ("aux_coef", w.aux_coef >= 0, ">= 0")):
-        if not ok:
-            raise ConfigError(f"agent.warm_start.{name} must be {rule}, got {getattr(w, name)!r}")
-    if w.aux_coef and cfg.agent.credit != "token":
-        raise ConfigError("agent.warm_start.aux_coef needs agent.credit: token (its update adds the loss)")
     if cfg.train.dtype not in DTYPE_NAMES:
         raise ConfigError(f"train.dtype must be one of {', '.join(DTYPE_NAMES)}, got {cfg.train.dtype!r}")
     from policy_prune.training.checks import check_run_config
@@ -347,12 +339,12 @@ def _warm_start(cfg: RunConfig, model: Any, vec: Any, run_dir: Path, console: An
     began = time.perf_counter()
     with console.status(f"warm start: occlusion values of {w.samples} train samples at site {cfg.env.sites[0]}"):
         ranking = occlusion_ranking(vec.core, w.samples, w.keep, w.smoothing, cfg.train.seed)
-        stats = warm_start(model.policy.scorer, ranking, w.epochs, w.lr) if fit else None
+        fitted = warm_start(model.policy.scorer, ranking, w.epochs, w.lr) if fit else {}
     if w.aux_coef:
         model.ranking, model.ranking_coef = ranking, w.aux_coef
-    if stats is None:
+    if not fit:
         return
-    stats = {"samples": len(ranking.free), "seconds": round(time.perf_counter() - began, 1), **stats}
+    stats = {"samples": len(ranking.free), "seconds": round(time.perf_counter() - began, 1), **fitted}
     write_atomic(run_dir / "warm_start.json", json.dumps(stats, indent=2) + "\n")
     console.print(f"warm start: site {cfg.env.sites[0]} fitted to the occlusion ranking of {stats['samples']} train "
                   f"samples in {stats['seconds']:.0f} s (top {w.keep:g} shared with it: {stats['overlap_before']:.2f}"

@@ -32,7 +32,8 @@ import torch
 
 from policy_prune.core.backbones.base import TokenBackbone, TokenState
 from policy_prune.core.features import BASE_FEATURES
-from policy_prune.core.scorer import context_rows, spent_fraction
+from policy_prune.core.ops import masked_mean
+from policy_prune.core.scorer import context_rows, keep_count, spent_fraction
 
 REDUNDANCY_COLUMN = BASE_FEATURES.index("redundancy")
 CHUNK = 256
@@ -63,7 +64,7 @@ def occlusion_values(backbone: TokenBackbone, state: TokenState, start: int, kee
         free = (valid & ~state.protected[row]).nonzero().squeeze(1)
         if len(free) < 2:
             continue
-        k = min(max(1, round(keep * len(free))), len(free) - 1)
+        k = min(int(keep_count(keep, torch.tensor([len(free)]))), len(free) - 1)  # one left outside S at least
         chosen = free[keep_first[row, free].argsort(descending=True)[:k]]
         others = free[~torch.isin(free, chosen)]
         base = torch.cat([fixed, chosen])
@@ -120,7 +121,7 @@ class OcclusionRanking:
         z, m = self.logits(scorer, rows), self.free[rows]
         log_p = z.masked_fill(~m, -torch.inf).log_softmax(dim=1).masked_fill(~m, 0.0)
         loss = -(self.target[rows] * log_p).sum(dim=1).mean()
-        return loss if level is None else loss + (_row_mean(z, m) - level).square().mean()
+        return loss if level is None else loss + (masked_mean(z.unsqueeze(-1), m).squeeze(-1) - level).square().mean()
 
     def draw(self, size: int = 64) -> torch.Tensor:
         """``size`` samples drawn at random (with replacement)."""
@@ -152,8 +153,8 @@ def occlusion_ranking(core: Any, samples: int, keep: float, smoothing: float, se
         for part in idx.split(CHUNK):
             state, f = core.starts.get(part)
             mask = state.valid & ~state.protected
-            keep_first = -f[..., REDUNDANCY_COLUMN].float().masked_fill(~mask, torch.inf)
-            values.append(occlusion_values(backbone, state, sites[0], keep_first,
+            # similarity-pre keeps the least redundant first (occlusion_values reads the prunable slots only)
+            values.append(occlusion_values(backbone, state, sites[0], -f[..., REDUNDANCY_COLUMN].float(),
                                            task_value(backbone, core.teacher(part)), keep))
             feats.append(f.float().cpu())
             free.append(mask.cpu())
@@ -172,7 +173,7 @@ def warm_start(scorer: Any, ranking: OcclusionRanking, epochs: int, lr: float) -
     """Fit ``scorer`` to ``ranking`` for ``epochs``, each row's mean logit held at the scorer's starting level.
     Returns the share of each sample's top occlusion tokens among the scorer's top ones before and after."""
     with torch.no_grad():
-        level = _row_mean(ranking.logits(scorer, torch.arange(len(ranking.free))), ranking.free).mean()
+        level = masked_mean(ranking.logits(scorer, torch.arange(len(ranking.free))).unsqueeze(-1), ranking.free).mean()
     before = ranking.overlap(scorer)
     opt = torch.optim.Adam(scorer.parameters(), lr=lr)
     for _ in range(epochs):
@@ -185,8 +186,8 @@ def warm_start(scorer: Any, ranking: OcclusionRanking, epochs: int, lr: float) -
 
 
 def _top(scores: torch.Tensor, free: torch.Tensor, keep: float) -> torch.Tensor:
-    """[B, N] bool: each row's top ``keep`` share of its free tokens by ``scores`` (at least one)."""
-    k = (free.sum(dim=1).float() * keep).round().clamp_min(1).long()
+    """[B, N] bool: each row's top ``keep`` share of its free tokens by ``scores`` (:func:`keep_count`: at least one)."""
+    k = keep_count(keep, free.sum(dim=1))
     order = scores.masked_fill(~free, -torch.inf).argsort(dim=1, descending=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1]).expand_as(order))
     return (rank < k[:, None]) & free
@@ -198,8 +199,3 @@ def _target(value: torch.Tensor, free: torch.Tensor, keep: float, smoothing: flo
     top = _top(value, free, keep).float()
     n = free.sum(dim=1, keepdim=True).clamp_min(1).float()
     return (1 - smoothing) * top / top.sum(dim=1, keepdim=True).clamp_min(1) + smoothing * free.float() / n
-
-
-def _row_mean(z: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
-    """[B] mean of ``z`` [B, N] over each row's free tokens."""
-    return (z * free).sum(dim=1) / free.sum(dim=1).clamp_min(1)
