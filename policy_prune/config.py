@@ -147,6 +147,9 @@ class EnvConfig:
     """Block indices before which the policy prunes (sorted, within the model's depth)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     """Reward definition."""
+    merge: bool = False
+    """Each dropped token is averaged into its most similar kept token (cosine of the hidden states) instead of
+    discarded: in training, in the scorer it exports and in ``prune``."""
     agent: str | None = None
     """Agent preset this env trains with when ``--agent`` is not given (None: ppo)."""
     train: dict[str, Any] = field(default_factory=dict)

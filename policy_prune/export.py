@@ -221,6 +221,8 @@ def read_run_scorer(run_dir: Path, config: Mapping[str, Any], checkpoint: str) -
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     scorer = load_learned_scorer(path, [int(s) for s in sites])
+    merge = _lookup(config, ("env", "merge"))
+    scorer.merge = merge is True
     if scorer.projection is None:
         raise UserError(f"{path}: no feature projection in this checkpoint (written by an older policy-prune "
                         "with other features); train the run again to export it")

@@ -168,6 +168,7 @@ BREAKAGES = {
     "context size": (lambda a: _edit_json(a / META_FILE, sites=[1, 2, 3]), "do not match the feature spec"),
     "projection width": (lambda a: _edit_json(a / META_FILE, backbone__width=48), "projection has shape"),
     "bad rule": (lambda a: _edit_json(a / META_FILE, default_rule={"rule": "topk", "values": [1]}), "bad default_rule"),
+    "merge not a bool": (lambda a: _edit_json(a / META_FILE, merge="yes"), "merge must be true or false, got 'yes'"),
 }
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from policy_prune.core.backbones import adapt
+from policy_prune.core.scorer import make_keep_fn
 from policy_prune.errors import UserError
 from policy_prune.evaluation.baselines import (
     BASELINES,
@@ -53,7 +54,7 @@ def test_same_counts_at_a_ratio(baseline: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["timm-vit-cls", "hf-bert", "timm-deit-distilled"])
-@pytest.mark.parametrize("baseline", list(BASELINES))
+@pytest.mark.parametrize("baseline", [*BASELINES, "similarity-pre+merge", "cls-attention+merge"])
 def test_predicted_work_equals_the_forward(name: str, baseline: str) -> None:
     """The analytic Work the solver uses is exactly what the forward runs (counts and selection FLOPs),
     text rows of different lengths included."""
@@ -149,3 +150,24 @@ def test_unknown_baseline_is_a_user_error() -> None:
         make_baseline("attention-rollout", [1])
     with pytest.raises(UserError, match="tome-native"):
         make_baseline("tome", [1])
+
+
+@pytest.mark.parametrize("name", ["timm-vit-cls", "hf-bert"])
+def test_a_merge_variant_keeps_the_same_tokens_and_merges_the_dropped_ones(name: str) -> None:
+    """similarity-pre+merge: the counts of similarity-pre, the adapter's merging forward, its cosine product in
+    the selection FLOPs; a baseline that fuses or merges on its own has no variant (one line)."""
+    backbone = adapt(tiny.make(name))
+    x = tiny.inputs(name)
+    point = Point("keep_ratio", [0.4])
+    plain, merged = make_baseline("similarity-pre", [1, 3]), make_baseline("similarity-pre+merge", [1, 3])
+    assert merged.name == "similarity-pre+merge" and merged.merge and not plain.merge
+    with torch.no_grad():
+        a, wa = plain.forward(backbone, x, point)
+        b, wb = merged.forward(backbone, x, point)
+        ref, _, _ = backbone.forward_pruned(x, [0], make_keep_fn(backbone, merged.scorer, "keep_ratio", [0.4]), merge=True)
+    assert torch.equal(wa.attn, wb.attn) and torch.allclose(b, ref, atol=1e-6) and not torch.allclose(a, b, atol=1e-4)
+    assert bool((wb.selection > wa.selection).all())
+    for bad in ("none+merge", "evit+merge", "tome-sites+merge"):
+        with pytest.raises(UserError, match="only the pruning baselines have a [+]merge variant") as exc:
+            make_baseline(bad, [1, 3])
+        assert "\n" not in str(exc.value)

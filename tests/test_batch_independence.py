@@ -51,10 +51,14 @@ def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
 
 
-@pytest.mark.parametrize("rule", [None, "keep_ratio", "threshold"])
-def test_encode_alone_equals_encode_in_a_batch(minilm, val_texts, rule) -> None:
-    """``fast.encode`` at flops=0.5: each text's embedding alone = inside a batch of 32 (cosine > 0.9999)."""
-    fast = policy_prune.prune(minilm, _budget_scorer(minilm), rule=rule, flops=0.5)
+@pytest.mark.parametrize("rule,merge", [(None, False), ("keep_ratio", False), ("threshold", False), (None, True),
+                                        ("threshold", True)])
+def test_encode_alone_equals_encode_in_a_batch(minilm, val_texts, rule, merge) -> None:
+    """``fast.encode`` at flops=0.5: each text's embedding alone = inside a batch of 32 (cosine > 0.9999), also
+    for a scorer that merges its dropped tokens (each merges only within its own row)."""
+    scorer = _budget_scorer(minilm)
+    scorer.merge = merge
+    fast = policy_prune.prune(minilm, scorer, rule=rule, flops=0.5)
     with torch.inference_mode():
         batched = fast.encode(val_texts, batch_size=32, convert_to_tensor=True)
         alone = torch.cat([fast.encode([t], batch_size=1, convert_to_tensor=True) for t in val_texts])

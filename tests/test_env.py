@@ -346,3 +346,24 @@ def test_text_batches_draw_rows_of_similar_length() -> None:
         counts[idx] += 1
     assert counts.min() > 0.6 * counts.mean() and counts.max() < 1.4 * counts.mean()  # every sample about as likely
     assert SampleSampler(8, 80, sequential=False, lengths=np.full(80, 7)).buckets is None  # images / equal lengths
+
+
+def test_a_merging_env_runs_what_the_merging_pruned_model_runs(vit, vit_split) -> None:
+    """merge=True: an episode's state after each site is the adapter's merging prune of the same actions (the
+    plain env's is not), so the policy trains on what ``prune`` runs for a merging scorer."""
+    rng = np.random.default_rng(2)
+    actions = [rng.integers(0, 2, 21).astype(np.int8) for _ in SITES]
+    states = {}
+    for merge in (False, True):
+        env = TokenPruneEnv(vit, vit_split, SITES, lam=0.3, merge=merge)
+        env.reset(seed=4)
+        idx = env.core.idx
+        env.step(actions[0])
+        states[merge] = env.core.state
+    x = vit_split.inputs[torch.as_tensor(idx)]
+    with torch.no_grad():
+        ref = vit.run_blocks(vit.embed(x), 0, SITES[0])
+        keep = torch.as_tensor(actions[0]).bool()[None]
+        ref = vit.run_blocks(ref.prune(keep, merge=True), SITES[0], SITES[1])
+    assert torch.allclose(states[True].tokens, ref.tokens, atol=1e-5)
+    assert not torch.allclose(states[False].tokens, ref.tokens, atol=1e-3)

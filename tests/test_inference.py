@@ -527,3 +527,24 @@ def test_static_text_path_compiles_as_one_graph() -> None:
         expected = pruned(**x)
     torch.testing.assert_close(got.sentence_embedding, expected.sentence_embedding, rtol=1e-5, atol=1e-6)
     assert torch.equal(got.kept_mask, expected.kept_mask)
+
+
+@pytest.mark.parametrize("name", ["timm-vit-cls", "hf-bert", "hf-vit-classifier"])
+@pytest.mark.parametrize("rule,value", [("threshold", 0.0), ("keep_ratio", 0.5)])
+def test_a_merging_scorer_merges_on_every_path_of_the_pruned_model(name: str, rule: str, value: float, tmp_path) -> None:
+    """scorer.merge (saved in scorer.json) makes prune() average dropped tokens into kept ones on its static,
+    top-k and keep-mask paths alike: the adapter's forward_pruned with merge=True, and not the plain output."""
+    model, scorer = _scorer(name)
+    backbone = adapt(model)
+    scorer.merge = True
+    loaded = load_scorer(save_scorer(scorer, tmp_path / "s", backbone.signature()))
+    assert loaded.merge
+    pruned = prune(model, loaded, **{rule: value})
+    x = tiny.inputs(name, batch=4, seed=1)
+    with torch.no_grad():
+        out = _main_output(name, _call(pruned, x))
+        keep_fn = make_keep_fn(backbone, scorer, rule, value)
+        ref, _, _ = backbone.forward_pruned(x, SITES, keep_fn, merge=True)
+        plain, _, _ = backbone.forward_pruned(x, SITES, make_keep_fn(backbone, scorer, rule, value))
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    assert not torch.allclose(out, plain, atol=1e-3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from policy_prune.core import ops
 from policy_prune.core.backbones import adapt
 from tests import tiny
 
@@ -138,3 +139,47 @@ def test_keep_top_refuses_padded_states() -> None:
     assert not state.dense  # text rows carry padding
     with pytest.raises(ValueError, match="dense"):
         state.keep_top(torch.zeros(state.valid.shape), 2)
+
+
+def test_absorb_averages_each_dropped_token_into_its_most_similar_kept_token() -> None:
+    """ops.absorb against a loop over rows and tokens: cosine nearest kept (real) token, plain means."""
+    g = torch.Generator().manual_seed(3)
+    kept, dropped = torch.randn(2, 4, 5, generator=g), torch.randn(2, 6, 5, generator=g)
+    kept_ok = torch.tensor([[True, True, False, True], [True, True, True, True]])
+    dropped_ok = torch.tensor([[True] * 6, [True, False, True, True, False, True]])
+    out = ops.absorb(kept, kept_ok, dropped, dropped_ok)
+    for b in range(2):
+        sums, counts = kept[b].clone(), torch.ones(4)
+        for j in range(6):
+            if not dropped_ok[b, j]:
+                continue
+            cos = torch.nn.functional.cosine_similarity(dropped[b, j][None], kept[b], dim=-1).masked_fill(~kept_ok[b], -2)
+            sums[int(cos.argmax())] += dropped[b, j]
+            counts[int(cos.argmax())] += 1
+        assert torch.allclose(out[b], sums / counts[:, None], atol=1e-6)
+    assert torch.equal(ops.absorb(kept, kept_ok, dropped[:, :0], dropped_ok[:, :0]), kept)
+
+
+@pytest.mark.parametrize("name", ["timm-vit-cls", "hf-bert"])
+def test_merging_prune_paths_agree(name: str) -> None:
+    """keep_top, the keep-mask prune and a fixed-width prune give the same merged tokens; without merge
+    nothing changes, with it the dropped tokens' content reaches the kept ones."""
+    from dataclasses import replace
+
+    from policy_prune.core.scorer import decide
+
+    backbone = adapt(tiny.make(name))
+    with torch.no_grad():
+        state = backbone.run_blocks(backbone.embed(tiny.inputs(name, batch=3)), 0, 1)
+    scores = torch.randn(state.valid.shape, generator=torch.Generator().manual_seed(1))
+    keep = decide(scores, state, "keep_ratio", 0.4)
+    plain, merged = state.prune(keep), state.prune(keep, merge=True)
+    k = merged.tokens.shape[1]
+    fixed = replace(state, static=True).prune(keep, width=state.n_full, merge=True)
+    assert torch.equal(fixed.valid[:, :k], merged.valid)
+    assert torch.allclose(fixed.tokens[:, :k][merged.valid], merged.tokens[merged.valid], atol=1e-5)
+    assert not torch.allclose(merged.tokens[merged.valid], plain.tokens[plain.valid])
+    if state.dense:  # images: the static top-k path
+        top = state.keep_top(scores, k, merge=True)
+        assert torch.equal(top.positions, merged.positions) and torch.allclose(top.tokens, merged.tokens, atol=1e-5)
+        assert torch.equal(state.keep_top(scores, state.tokens.shape[1], merge=True).tokens, state.tokens)

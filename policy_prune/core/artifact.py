@@ -16,6 +16,8 @@ the file and the problem.
                     older artifacts, which are then not checked for it)
     default_rule    {"rule": "threshold" | "keep_ratio", "values": [one per site]} (a threshold of null: -inf,
                     every token kept at that site, no scorer run there)
+    merge           true where the scorer's dropped tokens are averaged into their most similar kept token
+                    (absent in older artifacts: false)
     budget          null, or the budget input of a budget-conditioned scorer (``core.budget.BudgetInput``):
                     {"input": "flops", "low", "high", "default", "calibration": [{"flops", "threshold",
                     "keep_ratio", "reached"}, ...]} ("reached" absent in older artifacts: true); its
@@ -151,6 +153,7 @@ def artifact_json(
         "backbone": json_safe(dict(signature)),
         "default_rule": json_safe(dict(rule)),  # a keep-all threshold (-inf) is written as null
         "budget": None if scorer.budget is None else scorer.budget.to_json(),
+        "merge": bool(scorer.merge),
         "lam": None if lam is None else float(lam),
         "metrics": json_safe(dict(metrics or {})),
         "created": {"time": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -275,6 +278,9 @@ def load_scorer(path: str | Path) -> LearnedScorer:
         spec = _spec_from_json(meta["feature_spec"], where)
         sites = _sites(meta["sites"], where)
         budget = _budget(meta.get("budget"), where, len(sites))
+        merge = meta.get("merge", False)
+        if not isinstance(merge, bool):
+            raise ScorerFileError(f"{where}: merge must be true or false, got {merge!r}")
     except ScorerFileError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
@@ -291,7 +297,7 @@ def load_scorer(path: str | Path) -> LearnedScorer:
     info = {**extra, "backbone": meta["backbone"], "default_rule": rule, "lam": meta.get("lam"),
             "metrics": meta.get("metrics") or {}, "created": meta.get("created"),
             "format_version": meta["format_version"], "path": str(root)}
-    return LearnedScorer(net.eval(), sites, spec, projection, info, budget)
+    return LearnedScorer(net.eval(), sites, spec, projection, info, budget, merge=merge)
 
 
 def read_meta(path: Path) -> dict[str, Any]:

@@ -70,7 +70,8 @@ def measure(backbone: TokenBackbone, scorer: Any, inputs: Sequence[Any], rule: s
     for x in inputs:
         batch = BatchCounts.of(backbone.embed(x))
         n0, prot = batch.counts.n0, batch.counts.protected
-        out, _, counts = backbone.forward_pruned(x, sites, make_keep_fn(backbone, scorer, rule, values))
+        out, _, counts = backbone.forward_pruned(x, sites, make_keep_fn(backbone, scorer, rule, values),
+                                                 merge=isinstance(scorer, LearnedScorer) and scorer.merge)
         if outputs:
             outs.append(out.float().cpu())
         counts = [c.cpu() for c in counts]

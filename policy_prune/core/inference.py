@@ -111,7 +111,7 @@ class PrunedModel(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return f"sites={self.sites}, rule={self.rule!r}, values={self.values}"
+        return f"sites={self.sites}, rule={self.rule!r}, values={self.values}" + (", merge=True" if self.scorer.merge else "")
 
     def keep_fn(self) -> KeepFn:
         """A fresh KeepFn for one forward pass (it tracks the pass's compute spent)."""
@@ -129,7 +129,7 @@ class PrunedModel(nn.Module):
         ``keep_fn`` packed to the largest row. All give the same decisions.
         """
         fn = keep_fn or self.keep_fn()
-        static = keep_fn is None and self.rule == "keep_ratio"
+        static, merge = keep_fn is None and self.rule == "keep_ratio", self.scorer.merge
         idle = [keep_fn is None and site for site in self.idle_sites()]
         # Whether a scored site follows each site: its context (compute spent) needs this site's counts.
         counted = [not all(idle[i + 1:]) for i in range(len(idle))]
@@ -150,9 +150,10 @@ class PrunedModel(nn.Module):
                 return state if state.dense or state.static or site_index else state.prune(keep)
             if static and state.dense:
                 count, context = self._plan(state.n_full)[site_index]  # one context row [1, G] for every row
-                return state.keep_top(self.scorer.logits(self.backbone, state, layer, context.to(state.tokens.device)), count)
+                return state.keep_top(self.scorer.logits(self.backbone, state, layer, context.to(state.tokens.device)), count,
+                                      merge)
             width = self.text_widths(state.n_full)[site_index] if state.static else None
-            return state.prune(fn(state, site_index, layer), width)
+            return state.prune(fn(state, site_index, layer), width, merge)
 
         return step
 

@@ -1,4 +1,4 @@
-"""Pure tensor ops: keep-mask normalisation, gather/pack, masked pooling and analytic FLOPs.
+"""Pure tensor ops: keep-mask normalisation, gather/pack, merging dropped tokens, masked pooling and analytic FLOPs.
 
 No module state lives here; adapters and the env call these. Shapes are in the docstrings:
 B batch rows, N tokens, D width.
@@ -49,6 +49,33 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     # gather with an index expanded over them.
     rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
     return x[rows, index]
+
+
+def absorb(kept: torch.Tensor, kept_ok: torch.Tensor, dropped: torch.Tensor, dropped_ok: torch.Tensor) -> torch.Tensor:
+    """Each dropped token averaged into its most similar kept token (cosine of the hidden states).
+
+    kept: [B, M, D] the tokens a prune keeps, kept_ok [B, M] bool the real ones (protected included);
+    dropped: [B, K, D] the tokens it drops, dropped_ok [B, K] bool the real ones. A kept token that
+    receives j dropped tokens becomes the plain mean of itself and them; others are unchanged. Returns
+    [B, M, D]. Costs :func:`absorb_flops`.
+    """
+    if dropped.shape[1] == 0 or kept.shape[1] == 0:
+        return kept
+    unit_k = torch.nn.functional.normalize(kept.float(), dim=-1)
+    unit_d = torch.nn.functional.normalize(dropped.float(), dim=-1)
+    sim = torch.bmm(unit_d, unit_k.transpose(1, 2)).masked_fill(~kept_ok.unsqueeze(1), float("-inf"))  # [B, K, M]
+    dst = sim.argmax(dim=-1)  # [B, K]
+    w = (dropped_ok & kept_ok.any(dim=1, keepdim=True)).to(kept.dtype)
+    count = torch.zeros_like(kept_ok, dtype=kept.dtype).scatter_add(1, dst, w)
+    total = torch.zeros_like(kept).scatter_add(1, dst.unsqueeze(-1).expand_as(dropped), dropped * w.unsqueeze(-1))
+    return (kept + total) / (1.0 + count).unsqueeze(-1)
+
+
+def absorb_flops(n: int, width: int) -> int:
+    """Matmul FLOPs of :func:`absorb` per row at a site entered by n tokens: its K x M cosine product, at most
+    n/2 dropped against n/2 kept (the bound: the split is known only after the rule runs). Normalising and the
+    sums are elementwise, not counted, like the other selection costs."""
+    return 2 * (n // 2) * (n - n // 2) * width
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:

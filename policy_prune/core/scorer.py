@@ -166,6 +166,9 @@ class LearnedScorer:
     """The budget input of a budget-conditioned scorer (None: trained at one lambda)."""
     target: float | None = None
     """The target FLOPs ratio this scorer is told (budget-conditioned scorers; see :meth:`at`)."""
+    merge: bool = False
+    """Dropped tokens are averaged into their most similar kept token (``TokenState.prune(merge=True)``),
+    as the env this scorer trained in did (``env.merge``)."""
 
     def at(self, flops: float | None) -> LearnedScorer:
         """This scorer told to run at ``flops`` (a shallow copy; the weights are shared).

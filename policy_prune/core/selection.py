@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from policy_prune.core import ops
 from policy_prune.core.backbones.base import TokenBackbone
 from policy_prune.core.features import token_layout
 from policy_prune.core.scorer import LearnedScorer
@@ -48,7 +49,7 @@ def learned_flops(backbone: TokenBackbone, scorer: LearnedScorer, layer: int, n:
     to CLS, dot with the unit sum, the ones column for the mean); without a folded query the CLS row
     comes from :func:`cls_row_flops` and the product has P + 3 columns. The neighbourhood mean is
     pooling (not counted). MLP: the token half of the first layer on n rows, its context half once per
-    row, then every later Linear on n rows.
+    row, then every later Linear on n rows. A merging scorer adds :func:`ops.absorb_flops`.
     """
     d = backbone.block_shape.width
     p = scorer.spec.projection_dim
@@ -59,7 +60,8 @@ def learned_flops(backbone: TokenBackbone, scorer: LearnedScorer, layer: int, n:
     else:
         attn = cls_row_flops(backbone, layer, n) if has_cls else mean_query_flops(backbone, n)
         features += attn + 2 * n * d * (p + 3)
-    return features + mlp_flops(scorer, n)
+    merge = ops.absorb_flops(n, d) if scorer.merge else 0
+    return features + mlp_flops(scorer, n) + merge
 
 
 def mlp_flops(scorer: LearnedScorer, n: int) -> int:

@@ -322,9 +322,11 @@ class ScorerMethod(Method):
     skips_idle = True  # make_keep_fn runs no scorer where the rule keeps every token
 
     def __init__(self, name: str, scorer: Scorer | LearnedScorer, sites: Sequence[int], solver: str = "keep_ratio",
-                 own_points: Sequence[Point] = (), run: str | None = None) -> None:
+                 own_points: Sequence[Point] = (), run: str | None = None, merge: bool | None = None) -> None:
         super().__init__(name, sites)
         self.scorer, self.solver, self.own_points, self.run = scorer, solver, list(own_points), run
+        # Dropped tokens averaged into their most similar kept one: a learned scorer's own setting by default.
+        self.merge = bool(getattr(scorer, "merge", False)) if merge is None else merge
         self.counts_only = solver != "threshold"  # a threshold's FLOPs are measured by running the scorer
 
     def told(self, target: float) -> float | None:
@@ -336,7 +338,13 @@ class ScorerMethod(Method):
         return self.scorer if point.budget is None else self.scorer.at(point.budget)  # type: ignore[union-attr]
 
     def site_flops(self, backbone: TokenBackbone, layer: int, n: int) -> float:
-        return scorer_flops(self.scorer, backbone, layer, n, model_has_cls(backbone))
+        return self._flops(self.scorer, backbone, layer, n, model_has_cls(backbone))
+
+    def _flops(self, scorer: Any, backbone: TokenBackbone, layer: int, n: int, cls: bool) -> float:
+        """Selection FLOPs per row at a site on n slots: the scorer's, and a baseline's merge (a learned
+        scorer counts its own, see ``learned_flops``)."""
+        merging = self.merge and not isinstance(scorer, LearnedScorer)
+        return scorer_flops(scorer, backbone, layer, n, cls) + (ops.absorb_flops(n, backbone.block_shape.width) if merging else 0)
 
     def forward(self, backbone: TokenBackbone, inputs: Any, point: Point, watch: Watch | None = None) -> tuple[torch.Tensor, Work]:
         scorer = self.scorer_at(point)
@@ -344,15 +352,16 @@ class ScorerMethod(Method):
         idle = idle_sites(point.rule, point.values, len(self.sites))
 
         def reduce(state: TokenState, i: int, layer: int) -> tuple[TokenState, float]:  # idle: nothing scored
-            flops = 0.0 if idle[i] else scorer_flops(scorer, backbone, layer, state.tokens.shape[1], has_cls(state))
-            return state.prune(keep_fn(state, i, layer)), flops
+            flops = 0.0 if idle[i] else self._flops(scorer, backbone, layer, state.tokens.shape[1], has_cls(state))
+            return state.prune(keep_fn(state, i, layer), merge=self.merge), flops
 
         return run_sites(backbone, inputs, self.sites, reduce, watch)
 
     def timed(self, backbone: TokenBackbone, inputs: Any, point: Point) -> Callable[[], Any]:
         """The scorer and rule alone (``forward_pruned``), without eval's bookkeeping, as the deployed row is timed."""
         scorer = self.scorer_at(point)
-        return lambda: backbone.forward_pruned(inputs, self.sites, make_keep_fn(backbone, scorer, point.rule, point.values))
+        return lambda: backbone.forward_pruned(inputs, self.sites, make_keep_fn(backbone, scorer, point.rule, point.values),
+                                               self.merge)
 
     def solve(self, ctx: SolveContext, target: float) -> Point:
         budget = self.told(target)
@@ -682,8 +691,20 @@ BASELINES: dict[str, Callable[[BaselineOptions, list[int]], Method]] = {
 }
 
 
+MERGE_SUFFIX = "+merge"
+"""A pruning baseline's name with this suffix (``similarity-pre+merge``): the same tokens kept, each dropped
+token averaged into its most similar kept one, as a scorer trained with ``env.merge`` runs."""
+
+
 def make_baseline(name: str, sites: Sequence[int], options: BaselineOptions | None = None) -> Method:
-    """The baseline registered under ``name`` at ``sites``; UserError listing the choices otherwise."""
+    """The baseline registered under ``name`` at ``sites`` (a ``+merge`` variant of a pruning baseline: merging);
+    UserError listing the choices otherwise."""
+    base = name.removesuffix(MERGE_SUFFIX)
+    if base != name and base in BASELINES:
+        method = BASELINES[base](options or BaselineOptions(), list(sites))
+        if not isinstance(method, ScorerMethod):
+            raise UserError(f"{name!r}: only the pruning baselines have a {MERGE_SUFFIX} variant (not {base})")
+        return ScorerMethod(name, method.scorer, method.sites, merge=True)
     if name not in BASELINES:
         hint = " (ToMe is tome-native, as its authors run it, or tome-sites)" if name == "tome" else ""
         raise UserError(f"unknown baseline {name!r}{hint} (available: {', '.join(BASELINES)})")

@@ -80,6 +80,7 @@ class PruneCore:
         budget: Sequence[float] | None = None,
         controller: BudgetController | None = None,
         cache_bytes: int = 4 << 30,
+        merge: bool = False,
     ) -> None:
         sites = [int(s) for s in sites]
         if not sites:
@@ -99,6 +100,7 @@ class PruneCore:
         if len(split) == 0:
             raise UserError("the dataset split is empty")
         self.backbone = backbone.to(device)
+        self.merge = merge
         self.split = split
         self.sites = sites
         self.lam = float(lam)
@@ -227,7 +229,7 @@ class PruneCore:
         keep_grid = torch.as_tensor(self.check_actions(actions), device=self.device).bool()
         before = self.state.alive_counts
         keep_slots = ops.gather_rows(keep_grid, self.state.positions) & self.state.valid
-        self.state = self.state.prune(keep_slots)
+        self.state = self.state.prune(keep_slots, merge=self.merge)
         counts = self.state.alive_counts
         self.keep_ratios.append((counts.float() / before.float()).cpu())
         site = self.sites[self.t]
@@ -398,8 +400,9 @@ class TokenPruneEnv(gym.Env[dict[str, Any], np.ndarray]):
         device: str = "cpu",
         budget: Sequence[float] | None = None,
         controller: BudgetController | None = None,
+        merge: bool = False,
     ) -> None:
-        self.core = PruneCore(backbone, split, sites, lam, task, feature_spec, device, budget, controller)
+        self.core = PruneCore(backbone, split, sites, lam, task, feature_spec, device, budget, controller, merge=merge)
         self.observation_space = self.core.observation_space  # type: ignore[assignment]
         self.action_space = self.core.action_space
         self.sequential = sequential
@@ -451,10 +454,12 @@ class PruneVecEnv(VecEnv):
         target: float | None = None,
         controller: BudgetController | None = None,
         cache_bytes: int = 4 << 30,
+        merge: bool = False,
     ) -> None:
         if group_size < 1 or n_envs % group_size:
             raise UserError(f"group_size {group_size} must be a positive divisor of n_envs {n_envs}")
-        self.core = PruneCore(backbone, split, sites, lam, task, feature_spec, device, budget, controller, cache_bytes)
+        self.core = PruneCore(backbone, split, sites, lam, task, feature_spec, device, budget, controller, cache_bytes,
+                              merge)
         self.target = target
         """Fixed target FLOPs ratio of every row (evaluation); None draws one per group (training)."""
         self.group_size = group_size

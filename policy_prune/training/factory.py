@@ -46,6 +46,7 @@ def make_vec_env(
         budget=reward.budget,
         target=target,
         controller=controller,
+        merge=env_cfg.merge,
     )
 
 
@@ -83,5 +84,5 @@ def make_env(preset: str | None = None, split: Any = "train", seed: int = 0, dev
     # The preset's multipliers and target draw, at the budget range and starting lambda the env gets.
     reward = dataclasses.replace(reward, **{k: kwargs[k] for k in ("budget", "lam") if k in kwargs})
     args: dict[str, Any] = {"lam": reward.lam, "task": reward.task, "device": device, "budget": reward.budget,
-                            "controller": budget_controller(reward)}
+                            "controller": budget_controller(reward), "merge": env_cfg.merge}
     return TokenPruneEnv(backbone, splits[split], env_cfg.sites, **{**args, **kwargs})

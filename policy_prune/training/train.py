@@ -446,6 +446,7 @@ def export_run_scorer(cfg: RunConfig, model: Any, backbone: Any, run_dir: Path, 
 
     reward = cfg.env.reward
     scorer = model.policy.learned_scorer(cfg.env.sites)
+    scorer.merge = cfg.env.merge
     rule = {"rule": "threshold", "values": [0.0] * len(cfg.env.sites)}
     if reward.budget is not None:
         scorer, rule = calibrated_scorer(cfg, scorer, backbone, val)

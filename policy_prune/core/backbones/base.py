@@ -82,26 +82,33 @@ class TokenState:
         """The same slots holding new hidden states (after running blocks)."""
         return replace(self, tokens=tokens)
 
-    def prune(self, keep: torch.Tensor, width: int | None = None) -> TokenState:
+    def prune(self, keep: torch.Tensor, width: int | None = None, merge: bool = False) -> TokenState:
         """Keep the tokens where ``keep`` [B, N] is True (protected forced on, dead forced off).
 
         Kept tokens are gathered, so later blocks really run on fewer tokens. Rows are packed to the
         largest count, or to ``width`` slots (at least every row's count: a static shape, no sync).
+        ``merge``: each dropped token is first averaged into its most similar kept one (:func:`ops.absorb`).
         """
         if self.static and width is None:
             raise ValueError("a static state is pruned to a fixed width: prune(keep, width)")
         keep = ops.normalize_keep(keep, self.valid, self.protected)
         index, valid = ops.pack_indices(keep, width)
+        tokens = ops.gather_rows(self.tokens, index)
+        if merge:
+            gone = self.valid & ~keep
+            # The dropped rows packed like the kept ones (a static state takes every slot: no sync).
+            d_index, d_valid = ops.pack_indices(gone, self.tokens.shape[1] if self.static else None)
+            tokens = ops.absorb(tokens, valid, ops.gather_rows(self.tokens, d_index), d_valid)
         return replace(
             self,
-            tokens=ops.gather_rows(self.tokens, index),
+            tokens=tokens,
             protected=ops.gather_rows(self.protected, index) & valid,
             valid=valid,
             positions=ops.gather_rows(self.positions, index),
             dense=False,
         )
 
-    def keep_top(self, scores: torch.Tensor, count: int) -> TokenState:
+    def keep_top(self, scores: torch.Tensor, count: int, merge: bool = False) -> TokenState:
         """Keep ``count`` slots of every row: the protected tokens, then the best-scored others.
 
         Only for dense states whose rows have the same number of protected tokens (images; unpadded text
@@ -109,7 +116,8 @@ class TokenState:
         (a stable descending sort: ties go to the earlier slot) and kept tokens stay in their original
         order, so this equals ``self.prune(decide(...))`` without its count sync; the state stays dense.
         Scores are clamped to the finite range first, so a protected token ranks above any score, an
-        infinite or NaN one too (text's [SEP] is the last slot and would lose a tie at +inf).
+        infinite or NaN one too (text's [SEP] is the last slot and would lose a tie at +inf). ``merge`` as in
+        :meth:`prune`.
         """
         if not self.dense:
             raise ValueError("keep_top needs a dense state (no padding); use prune(keep) instead")
@@ -117,9 +125,14 @@ class TokenState:
         finite = scores.nan_to_num(nan=big, posinf=big, neginf=-big)
         ranked = finite.masked_fill(self.protected, float("inf")).argsort(dim=1, descending=True, stable=True)
         index = ranked[:, :count].sort(dim=1).values
+        tokens = ops.gather_rows(self.tokens, index)
+        if merge:  # the rest of the ranking is what is dropped (every slot real: nothing to mask)
+            gone = ranked[:, count:]
+            tokens = ops.absorb(tokens, torch.ones_like(index, dtype=torch.bool), ops.gather_rows(self.tokens, gone),
+                                torch.ones_like(gone, dtype=torch.bool))
         return replace(
             self,
-            tokens=ops.gather_rows(self.tokens, index),
+            tokens=tokens,
             protected=ops.gather_rows(self.protected, index),
             valid=self.valid[:, : index.shape[1]],
             positions=ops.gather_rows(self.positions, index),
@@ -388,15 +401,17 @@ class TokenBackbone(ABC, nn.Module):
         return blocks + self.embed_flops(n_tokens) + self.head_flops()
 
     def forward_pruned(
-        self, inputs: Any, sites: Sequence[int], keep_fn: KeepFn | None = None
+        self, inputs: Any, sites: Sequence[int], keep_fn: KeepFn | None = None, merge: bool = False
     ) -> tuple[torch.Tensor, TokenState, list[torch.Tensor]]:
-        """Run the whole model, pruning before each block in ``sites`` with ``keep_fn``.
+        """Run the whole model, pruning before each block in ``sites`` with ``keep_fn`` (``merge``: see
+        :meth:`TokenState.prune`).
 
         Returns (output, final state, per-site alive counts [B]). With keep_fn None nothing is pruned.
         """
         if keep_fn is None:
             return self.forward_sites(inputs, sites, lambda state, i, layer: state)
-        return self.forward_sites(inputs, sites, lambda state, i, layer: state.prune(keep_fn(state, i, layer)))
+        return self.forward_sites(inputs, sites,
+                                  lambda state, i, layer: state.prune(keep_fn(state, i, layer), merge=merge))
 
     def forward_sites(
         self, inputs: Any, sites: Sequence[int], step: Callable[[TokenState, int, int], TokenState],
