@@ -651,7 +651,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: RUN_DIR/eval, RUN_DIR/eval-val for --split val; several runs or --env: "
                         "runs/eval__<env>__<time>/eval)")
-    p.add_argument("--methods", nargs="+", default=list(BASELINES), help=f"baselines to compare ({', '.join(BASELINES)})")
+    p.add_argument("--methods", nargs="+", default=list(BASELINES), help=f"baselines to compare ({', '.join(BASELINES)}; a pruning baseline's name + '+merge', e.g. "
+                        "similarity-pre+merge: its dropped tokens averaged into their most similar kept ones)")
     p.add_argument("--learned", nargs="+", choices=LEARNED, default=list(DEFAULT_LEARNED),
                    help="how the runs' scorers are evaluated: learned-deployed (prune(model, scorer, flops=f), the "
                         "headline), learned-deployed-threshold (the same call with rule='threshold'; not by default), "
