@@ -453,9 +453,10 @@ def test_each_kind_of_retrieval_input_gets_a_plan_that_meets_the_target_on_it(tm
 def test_one_total_is_split_between_queries_and_documents_where_it_retrieves_best(tmp_path) -> None:
     """Retrieval under one total: at each target f, queries asked q = f, f + step, ... and documents the rest of f at
     the bound on the queries' share, the pair that retrieved best on val among those whose documents stay within the
-    allowed loss of fidelity (ties: the smaller q; pairs whose plans cannot run are skipped; where (f, f) cannot, no
-    split). prune(flops=f, task=...) runs that pair by default (split="total"), split="each" the
-    plan of each kind at f; the split round-trips through scorer.json and malformed ones are refused."""
+    allowed loss of fidelity (ties: the smaller q; pairs whose plans cannot run are skipped, and the search stops at
+    the first pair past that loss; where (f, f) cannot, no split). prune(flops=f, task=...) runs that pair by
+    default (split="total"), split="each" the plan of each kind at f; the split round-trips through scorer.json and
+    malformed ones are refused."""
     from policy_prune.core.calibration import batch_counts, solve_splits
     from policy_prune.training.train import calibration_batches
 
@@ -481,6 +482,8 @@ def test_one_total_is_split_between_queries_and_documents_where_it_retrieves_bes
     assert budget.splits and budget.query_share == 0.3 and not scorer.budget.splits  # a new budget
     by_f = {p.flops: p.split for p in budget.calibration}
     assert by_f[0.5] == {"query": 0.6, "document": pytest.approx((0.5 - 0.3 * 0.6) / 0.7)}  # 0.7 loses too much
+    # ... and the search stops there: fuller queries leave the documents fewer tokens still (0.8 and 0.9 not run).
+    assert not [q for q, d in tried if q > 0.75 and 0.3 * q + 0.7 * d == pytest.approx(0.5)]
     assert by_f[0.7]["query"] == 0.7 and (0.8, pytest.approx((0.7 - 0.24) / 0.7)) in tried  # 0.8 cannot run
     assert (0.9, pytest.approx((0.7 - 0.27) / 0.7)) in tried  # ... and 0.9 loses too much
     assert by_f[0.4] == {"query": 0.4, "document": 0.4} and not [t for t in tried if t[0] == 0.5 and t[1] < 0.4]
