@@ -163,11 +163,12 @@ class SimilarityScorer:
         return 2 * n * n * backbone.block_shape.width  # the n x n cosine matrix (diversity is elementwise)
 
 
-def scorer_flops(scorer: Any, backbone: TokenBackbone, layer: int, n: int, cls: bool) -> int:
-    """Selection FLOPs per row of ``scorer`` on n slots before block ``layer``."""
+def scorer_flops(scorer: Any, backbone: TokenBackbone, layer: int, n: int, cls: bool, merge: bool = False) -> int:
+    """Selection FLOPs per row of ``scorer`` on n slots before block ``layer``; ``merge``: a baseline that merges
+    what it drops adds :func:`ops.absorb_flops` (a learned scorer counts its own merge, ``cost.learned_flops``)."""
     if isinstance(scorer, LearnedScorer):
         return cost.learned_flops(backbone, scorer, layer, n, cls)
-    return int(scorer.flops(backbone, layer, n, cls))
+    return int(scorer.flops(backbone, layer, n, cls)) + (ops.absorb_flops(n, backbone.block_shape.width) if merge else 0)
 
 
 def per_batch(fn: Callable[[int], float], padded: torch.Tensor) -> torch.Tensor:
@@ -338,13 +339,7 @@ class ScorerMethod(Method):
         return self.scorer if point.budget is None else self.scorer.at(point.budget)  # type: ignore[union-attr]
 
     def site_flops(self, backbone: TokenBackbone, layer: int, n: int) -> float:
-        return self._flops(self.scorer, backbone, layer, n, model_has_cls(backbone))
-
-    def _flops(self, scorer: Any, backbone: TokenBackbone, layer: int, n: int, cls: bool) -> float:
-        """Selection FLOPs per row at a site on n slots: the scorer's, and a baseline's merge (a learned
-        scorer counts its own, see ``learned_flops``)."""
-        merging = self.merge and not isinstance(scorer, LearnedScorer)
-        return scorer_flops(scorer, backbone, layer, n, cls) + (ops.absorb_flops(n, backbone.block_shape.width) if merging else 0)
+        return scorer_flops(self.scorer, backbone, layer, n, model_has_cls(backbone), self.merge)
 
     def forward(self, backbone: TokenBackbone, inputs: Any, point: Point, watch: Watch | None = None) -> tuple[torch.Tensor, Work]:
         scorer = self.scorer_at(point)
@@ -352,7 +347,8 @@ class ScorerMethod(Method):
         idle = idle_sites(point.rule, point.values, len(self.sites))
 
         def reduce(state: TokenState, i: int, layer: int) -> tuple[TokenState, float]:  # idle: nothing scored
-            flops = 0.0 if idle[i] else self._flops(scorer, backbone, layer, state.tokens.shape[1], has_cls(state))
+            flops = 0.0 if idle[i] else scorer_flops(scorer, backbone, layer, state.tokens.shape[1], has_cls(state),
+                                                     self.merge)
             return state.prune(keep_fn(state, i, layer), merge=self.merge), flops
 
         return run_sites(backbone, inputs, self.sites, reduce, watch)
