@@ -211,8 +211,11 @@ def check_onnx(net: TokenScorer, path: Path, log: Log | None = None, shapes: Seq
 
 # ---- reading a run folder ----------------------------------------------------------------------------------
 def read_run_scorer(run_dir: Path, config: Mapping[str, Any], checkpoint: str) -> LearnedScorer:
-    """The actor of the run's SB3 checkpoint as a LearnedScorer (read without unpickling)."""
+    """The actor of the run's SB3 checkpoint as a LearnedScorer (read without unpickling), with the steps it was
+    saved at in its meta, as ``train`` records them (so a finished run whose scorer was exported again still refuses
+    a resume that would only redo its end)."""
     from policy_prune.training.policy import load_learned_scorer
+    from policy_prune.training.train import checkpoint_timesteps
 
     sites = _lookup(config, ("env", "sites"), ("sites",))
     if not isinstance(sites, list) or not sites:
@@ -221,6 +224,8 @@ def read_run_scorer(run_dir: Path, config: Mapping[str, Any], checkpoint: str) -
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     scorer = load_learned_scorer(path, [int(s) for s in sites])
+    if (steps := checkpoint_timesteps(path)) is not None:
+        scorer.meta["timesteps"] = steps
     merge = _lookup(config, ("env", "merge"))
     scorer.merge = merge is True
     if scorer.projection is None:

@@ -31,6 +31,7 @@ from policy_prune.training.budget import BudgetController
 from policy_prune.training.checks import check_budget
 from policy_prune.training.env import PruneVecEnv, TokenPruneEnv
 from policy_prune.training.factory import make_env, make_vec_env
+from policy_prune.training.train import checkpoint_timesteps
 from tests import tiny
 from tests.test_train import TINY_AGENT, TINY_ENV
 
@@ -721,6 +722,10 @@ def test_budget_run_validates_calibrates_and_resumes(tmp_path, capsys, monkeypat
     assert all(p.plan is not None and set(p.spent) == {"threshold", "keep_ratio"} for p in again.budget.calibration)
     # ... and the metadata train wrote: no one lambda for a budget-conditioned scorer, the same headline metrics
     assert again.meta["lam"] is None is own.meta["lam"] and again.meta["metrics"] == own.meta["metrics"] != {}
+    # ... and the checkpoint's steps, so that the finished run still refuses a resume that would only redo its end
+    assert again.meta["timesteps"] == own.meta["timesteps"] == checkpoint_timesteps(run / "checkpoints" / "last.zip")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--timesteps", "96"]) != 0 and "is finished" in capsys.readouterr().err
 
 
 def test_env_preset_recommends_agent_and_train_settings(tmp_path) -> None:
