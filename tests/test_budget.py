@@ -451,6 +451,21 @@ def test_each_kind_of_retrieval_input_gets_a_plan_that_meets_the_target_on_it(tm
         one_kind.plan(0.6, "query")
 
 
+def test_a_task_plan_between_points_with_other_idle_sites_moves_with_the_target() -> None:
+    """Between two calibration points whose idle sites differ (0.30 scores sites 0 and 1, 0.35 site 0 alone), a
+    kind's plan follows its target from the nearer point's (its offset kept): it used to stay at that point's plan,
+    so documents asked 0.33 ran 0.35's plan (more than asked) and documents asked 0.31 ran 0.30's."""
+    def point(f: float, idle: list[int], doc: float) -> CalibrationPoint:
+        return CalibrationPoint(f, 0.0, [0.5, 1.0 if 1 in idle else 0.7, 1.0], idle=idle, plan=f - 0.002,
+                                plans={"document": doc, "query": doc - 0.01})
+    budget = BudgetInput(0.3, 0.4, 0.35, [point(0.3, [2], 0.298), point(0.35, [1, 2], 0.346), point(0.4, [1, 2], 0.395)])
+    assert budget.plan(0.33, "document") == pytest.approx(0.33 - 0.004)  # 0.35's offset, not its plan 0.346
+    assert budget.plan(0.31, "document") == pytest.approx(0.31 - 0.002)  # 0.30's offset, not its plan 0.298
+    assert budget.plan(0.375, "document") == pytest.approx((0.346 + 0.395) / 2)  # linear between points of a regime
+    assert budget.plan(0.35, "query") == pytest.approx(0.336)  # at a point, its own plan
+    assert budget.idle(0.33, 3, "keep_ratio") == [False, True, True]
+
+
 def test_one_total_is_split_between_queries_and_documents_where_it_retrieves_best(tmp_path) -> None:
     """Retrieval under one total: at each target f, queries asked q = f, f + step, ... and documents the rest of f at
     the bound on the queries' share, the pair that retrieved best on val among those whose documents stay within the

@@ -237,7 +237,10 @@ class BudgetInput:
         without calibration or for points calibrated before plans were measured). ``task``: the scale solved
         on that kind of input alone (:attr:`tasks`; UserError for one the calibration has no plan for), linear
         between the points of keep_ratio's :meth:`regime` at ``flops``: at most ``flops`` on that kind's
-        calibration batches at a calibration point, about ``flops`` between two."""
+        calibration batches at a calibration point, about ``flops`` between two. Between two points whose idle sites
+        differ, ``flops`` lies beyond its regime's points: there the nearest point's plan moves with ``flops`` (its
+        offset from its target kept), rather than staying at that point's plan (which ran the target of the point,
+        0.35, for a document part asked 0.33)."""
         f = self.check(flops)
         if task is not None:
             self._check_task(task)
@@ -246,7 +249,7 @@ class BudgetInput:
         xs = [p.flops for p in self.calibration]
         if task is not None:  # between the points solved with the idle sites that run at f (a plan is solved for them)
             run = self.regime(f, "keep_ratio")
-            return float(np.interp(f, [p.flops for p in run], [p.plans[task] for p in run]))
+            return f + float(np.interp(f, [p.flops for p in run], [p.plans[task] - p.flops for p in run]))
         return float(np.interp(f, xs, [p.flops if p.plan is None else p.plan for p in self.calibration]))
 
     def _check_task(self, task: str) -> None:
