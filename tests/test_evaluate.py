@@ -665,6 +665,42 @@ def test_deployed_call_splits_one_total_between_queries_and_passages(bert, text_
     assert "one total" not in row["point"]
 
 
+def test_split_pairs_script_scores_every_pair_and_chooses_as_calibration(bert, text_splits) -> None:
+    """scripts/split_pairs.py scores every pair of each target once and, at any loss, chooses what calibration's
+    solve_splits chooses there (at SPLIT_LOSS: the split retrieval_splits writes); a larger loss allows more pairs, so
+    its split retrieves at least as well, and every split keeps the passages within its loss of fidelity."""
+    import importlib.util
+    import math
+    from pathlib import Path
+
+    from policy_prune.core.calibration import SPLIT_LOSS
+    from policy_prune.training.train import retrieval_splits, split_score
+
+    spec = importlib.util.spec_from_file_location("split_pairs", Path(__file__).parents[1] / "scripts" / "split_pairs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    val_split = text_splits["val"]
+    scorer = _retrieval_scorer(bert, val_split, 5)
+    targets = [p.flops for p in scorer.budget.calibration]
+    calls = []
+    score = split_score(scorer, bert, val_split, "cpu", batch_size=5)
+    pairs = module.scored_pairs(scorer.budget, lambda q, d: calls.append((q, d)) or score(q, d), 0.3, targets)
+    # every pair once (those whose plans cannot run raise, as in calibration), more than (f, f) alone
+    assert len(calls) == len(set(calls)) >= len(pairs) > len(targets)
+    written = retrieval_splits(scorer, bert, val_split, 0.3, "cpu", batch_size=5)
+    chosen = {loss: module.splits_at(scorer.budget, pairs, 0.3, targets, loss) for loss in (0.0, SPLIT_LOSS, 1.0)}
+    for p in written.calibration:
+        assert chosen[SPLIT_LOSS][p.flops][:2] == (p.split["query"], p.split["document"])
+        each = pairs.get((p.flops, p.flops))
+        if each is None:  # (f, f) cannot run: no split
+            continue
+        for loss, splits in chosen.items():
+            recall, fidelity = splits[p.flops][2:]
+            assert 1 - fidelity <= (1 + loss) * (1 - each[1]) + 1e-9 and recall >= each[0] - 1e-9
+        assert chosen[1.0][p.flops][2] >= chosen[SPLIT_LOSS][p.flops][2] >= chosen[0.0][p.flops][2] - 1e-9
+        assert not math.isnan(chosen[0.0][p.flops][2])
+
+
 def test_deployed_call_on_one_kind_of_input_alone_runs_the_plan_for_it(bert) -> None:
     """A plan calibrated for a mix of long and short rows runs above its target on the short rows alone
     (retrieval queries with a budget of their own keep [CLS], [SEP] and a word): there the deployed row is

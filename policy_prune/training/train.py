@@ -502,16 +502,23 @@ def calibrated_budget(cfg: RunConfig, scorer: Any, backbone: Any, val: Any) -> A
 
 
 def retrieval_splits(scorer: Any, backbone: Any, val: Any, share: float, device: str, batch_size: int = 64) -> Any:
-    """``scorer``'s calibrated budget with its split of one total (:func:`~policy_prune.core.calibration.solve_splits`):
-    each pair scored by recall@10 of every val passage, encoded through the documents' plan, for every val query,
-    encoded through the queries' (the PrunedModel ``prune(..., flops=..., task=..., split="each")`` builds, run on
-    ``backbone`` itself, in length-sorted batches as deployed), and the passages' fidelity: their mean cosine to
-    their unpruned embeddings."""
+    """``scorer``'s calibrated budget with its split of one total (:func:`~policy_prune.core.calibration.solve_splits`),
+    each pair scored by :func:`split_score`."""
+    from policy_prune.core.calibration import solve_splits
+
+    return solve_splits(scorer.budget, split_score(scorer, backbone, val, device, batch_size), share)
+
+
+def split_score(scorer: Any, backbone: Any, val: Any, device: str, batch_size: int = 64) -> Any:
+    """``score(q, d)`` of :func:`~policy_prune.core.calibration.solve_splits`: recall@10 of every val passage, encoded
+    through the documents' plan at ``d``, for every val query, encoded through the queries' at ``q`` (the PrunedModel
+    ``prune(..., flops=..., task=..., split="each")`` builds, run on ``backbone`` itself, in length-sorted batches as
+    deployed), and the passages' fidelity: their mean cosine to their unpruned embeddings. Each kind's embeddings
+    are computed once per FLOPs ratio."""
     import functools
 
     import torch
 
-    from policy_prune.core.calibration import solve_splits
     from policy_prune.core.inference import PrunedModel, rule_for_flops
     from policy_prune.evaluation.metrics import retrieval_scores
     from policy_prune.evaluation.retrieval import embed_rows
@@ -532,7 +539,7 @@ def retrieval_splits(scorer: Any, backbone: Any, val: Any, share: float, device:
         recall = float(retrieval_scores(embedded("query", q), docs, val.relevant, 10)["recall@10"].mean())
         return recall, float(torch.nn.functional.cosine_similarity(docs, embedded("document", None)).mean())
 
-    return solve_splits(scorer.budget, score, share)
+    return score
 
 
 def deployed_backbone(cfg: RunConfig, backbone: Any) -> Any:
