@@ -275,11 +275,7 @@ def calibrate_run_scorer(run_dir: Path, scorer: LearnedScorer, signature: Mappin
     """(scorer, default rule) calibrated as ``train`` calibrates at its end: on the run's val split, with
     its calibration settings, on the run's backbone in fp32 (refused if its weights are not the ones the
     scorer was trained on)."""
-    import dataclasses
-
-    from policy_prune.core.artifact import check_signature
     from policy_prune.core.scorer import context_width
-    from policy_prune.embedded import resolve
     from policy_prune.training.train import calibrated_scorer, load_run_config
 
     if scorer.net.context_dim != context_width(len(scorer.sites), True):
@@ -287,13 +283,25 @@ def calibrate_run_scorer(run_dir: Path, scorer: LearnedScorer, signature: Mappin
     cfg = load_run_config(run_dir)
     if cfg.env.reward.budget is None:
         raise UserError(f"--calibrate: {run_dir}'s config has no env.reward.budget")
-    torch.manual_seed(cfg.train.seed)  # as train seeds before it builds the backbone (a random-init model: the same)
-    backbone, splits = resolve(cfg.env, seed=cfg.train.seed, device=cfg.train.device)
-    check_signature(dataclasses.replace(scorer, meta={**scorer.meta, "backbone": dict(signature)}),
-                    backbone.signature(), strict=False, weights=True)
+    backbone, splits = run_backbone(cfg, scorer, signature)
     if log is not None:
         log(f"calibrating on {cfg.train.calibration_samples} val samples of {cfg.env.name} ...")
     return calibrated_scorer(cfg, scorer, backbone, splits["val"])
+
+
+def run_backbone(cfg: Any, scorer: LearnedScorer, signature: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """(backbone, splits) of a run's config, built as ``train`` built them (seeded first: a random-init model is the
+    same), refused if the backbone's weights are not the ones ``scorer`` was trained on (``signature``)."""
+    import dataclasses
+
+    from policy_prune.core.artifact import check_signature
+    from policy_prune.embedded import resolve
+
+    torch.manual_seed(cfg.train.seed)
+    backbone, splits = resolve(cfg.env, seed=cfg.train.seed, device=cfg.train.device)
+    check_signature(dataclasses.replace(scorer, meta={**scorer.meta, "backbone": dict(signature)}),
+                    backbone.signature(), strict=False, weights=True)
+    return backbone, splits
 
 
 def run_signature(run_dir: Path, config: Mapping[str, Any], scorer: LearnedScorer) -> dict[str, Any]:

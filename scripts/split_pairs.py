@@ -28,6 +28,12 @@ import numpy as np
 Pairs = dict[tuple[float, float], tuple[float, float]]
 
 
+def _at_targets(budget: Any, targets: Sequence[float]) -> Any:
+    """``budget`` with only its calibration points at ``targets``."""
+    return dataclasses.replace(budget, calibration=[p for p in budget.calibration
+                                                    if any(math.isclose(p.flops, t) for t in targets)])
+
+
 def scored_pairs(budget: Any, score: Callable[[float, float], tuple[float, float]], share: float,
                  targets: Sequence[float]) -> Pairs:
     """{(q, d): (recall, fidelity)} of every pair ``solve_splits`` could try at ``targets`` (no loss bound)."""
@@ -39,8 +45,7 @@ def scored_pairs(budget: Any, score: Callable[[float, float], tuple[float, float
         pairs[(q, d)] = score(q, d)
         return pairs[(q, d)]
 
-    points = [p for p in budget.calibration if any(math.isclose(p.flops, t) for t in targets)]
-    solve_splits(dataclasses.replace(budget, calibration=points), logged, share, loss=math.inf)
+    solve_splits(_at_targets(budget, targets), logged, share, loss=math.inf)
     return pairs
 
 
@@ -54,8 +59,7 @@ def splits_at(budget: Any, pairs: Pairs, share: float, targets: Sequence[float],
             raise UserError(f"no plan for ({q}, {d})")
         return pairs[(q, d)]
 
-    points = [p for p in budget.calibration if any(math.isclose(p.flops, t) for t in targets)]
-    solved = solve_splits(dataclasses.replace(budget, calibration=points), lookup, share, loss=loss)
+    solved = solve_splits(_at_targets(budget, targets), lookup, share, loss=loss)
     out = {}
     for p in solved.calibration:
         q, d = p.split["query"], p.split["document"]
@@ -64,18 +68,17 @@ def splits_at(budget: Any, pairs: Pairs, share: float, targets: Sequence[float],
 
 
 def run_pairs(run_dir: Path, targets: Sequence[float]) -> tuple[Any, Pairs, float]:
-    """(the run's budget, its scored pairs, its bound on the queries' share), on its val split as calibrated."""
-    import torch
-
+    """(the run's budget, its scored pairs, its bound on the queries' share), on its val split as calibrated (the
+    backbone built and checked as ``export --calibrate`` builds it, in fp32)."""
+    from policy_prune.config import read_run_config
     from policy_prune.core.artifact import load_scorer
-    from policy_prune.embedded import resolve
+    from policy_prune.export import run_backbone, run_signature
     from policy_prune.training.train import deployed_backbone, load_run_config, split_score
 
     cfg = load_run_config(run_dir)
-    torch.manual_seed(cfg.train.seed)  # as train and export --calibrate build the backbone
-    backbone, splits = resolve(cfg.env, seed=cfg.train.seed, device=cfg.train.device)
-    backbone = deployed_backbone(cfg, backbone)
     scorer = load_scorer(run_dir / "scorer")
+    backbone, splits = run_backbone(cfg, scorer, run_signature(run_dir, read_run_config(run_dir), scorer))
+    backbone = deployed_backbone(cfg, backbone)
     if scorer.budget is None or not scorer.budget.tasks or splits["val"].queries is None:
         raise SystemExit(f"error: {run_dir}'s scorer has no calibrated plans per task (a retrieval run's): no split")
     share = cfg.train.query_share
