@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import pytest
@@ -97,6 +98,27 @@ def test_image_graph_breaks_ties_like_pytorch(image_export) -> None:
     check = compare_on_split(session, GraphModel(fast), x, labels, batch_size=4)
     assert check["onnx_accuracy"] == check["torch_accuracy"] == pytest.approx(4 / 6)
     assert check["agreement"] == 1.0 and check["max_abs_diff"] <= 1e-4 and check["rows_over_atol"] == 0
+
+
+@pytest.mark.parametrize("family", ["hf-bert", "timm-vit-cls"])
+def test_a_merging_scorer_exports_with_its_merge_in_the_graph(tmp_path, family) -> None:
+    """A scorer trained with ``env.merge`` (minilm-text's preset): the graph averages each dropped token into
+    its most similar kept one as ``prune`` does, at batch sizes other than the traced one."""
+    model = tiny.make(family)
+    scorer = dataclasses.replace(random_scorer(adapt(model), SITES, seed=3), merge=True)
+    fast = prune(model, scorer, keep_ratio=[0.6, 0.5])
+    text = family == "hf-bert"
+    x = _text(3, seed=0) if text else tiny.inputs(family, batch=1, seed=0)
+    assert export_onnx(fast, x, tmp_path / "model.onnx") <= 1e-4
+    session, module = onnx_session(tmp_path / "model.onnx"), GraphModel(fast)
+    unmerged = GraphModel(prune(model, dataclasses.replace(scorer, merge=False), keep_ratio=[0.6, 0.5]))
+    for batch, seed in ((1, 5), (6, 6)):
+        args = graph_args(module, _text(batch, seed) if text else tiny.inputs(family, batch=batch, seed=seed))
+        got = torch.from_numpy(run_onnx(session, args)[0])
+        with torch.no_grad():
+            want, plain = module(*args)[0] if text else module(*args), unmerged(*args)[0] if text else unmerged(*args)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+        assert (want - plain).abs().max() > 1e-3, "the merge changes the output"
 
 
 def test_example_inputs_may_be_a_tuple_as_torch_onnx_takes_them(text_export, image_export) -> None:
