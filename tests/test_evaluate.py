@@ -371,6 +371,34 @@ def test_groupings_show_merges_and_drops(vit, splits, results) -> None:
             assert bool((last == -1).any()) and min(alive) <= 17
 
 
+def test_groupings_of_a_merging_method_are_the_groups_it_averaged() -> None:
+    """similarity-pre+merge and a merging scorer: every real token lives in a slot (none struck out as dropped),
+    and at site 0 each slot's token is the mean of the embedded tokens grouped into it."""
+    from policy_prune.core.scorer import make_keep_fn
+    from policy_prune.evaluation.baselines import ScorerMethod, SimilarityScorer
+    from policy_prune.evaluation.solve import Point
+
+    backbone = adapt(tiny.make("hf-bert"))
+    x = _split("hf-bert", 4, 3, "val", labels=False).inputs  # rows of different lengths, right-padded
+    real = x["attention_mask"].bool()
+    (groups,) = vis.groupings(backbone, make_baseline("similarity-pre+merge", SITES), Point("keep_ratio", [0.4]), x, [0])
+    assert torch.equal(groups >= 0, real) and any(bool((vis.group_sizes(g) > 1).any()) for g in groups)
+    b, j = next((b, int(j)) for b, g in enumerate(groups) for j in torch.nonzero(vis.group_sizes(g) > 1).flatten())
+    words = " ".join(str(i) for i in x["input_ids"][b][groups[b] == j].tolist())
+    assert f"title='one token: {words}'" in vis.text_page(x, [("similarity-pre+merge", [groups])], [0], None, 0.4)
+    embedded = backbone.embed(x)
+    merged = embedded.prune(make_keep_fn(backbone, SimilarityScorer(), "keep_ratio", [0.4])(embedded, 0, 0), merge=True)
+    for b in range(len(groups)):
+        for j in range(int(merged.valid[b].sum())):
+            torch.testing.assert_close(merged.tokens[b, j], embedded.tokens[b, groups[b] == j].mean(dim=0))
+    scorer = dataclasses.replace(random_scorer(backbone, SITES, seed=4), merge=True)
+    first, last = vis.groupings(backbone, ScorerMethod("learned-topk", scorer, SITES, "keep_ratio"),
+                                Point("keep_ratio", [0.6, 0.5]), x, SITES)
+    assert torch.equal(last >= 0, real) and all(int(g.max()) + 1 < int(r.sum()) for g, r in zip(last, real, strict=True))
+    pruned, _ = vis.groupings(backbone, make_baseline("similarity-pre", SITES), Point("keep_ratio", [0.4]), x, [0, 1])
+    assert bool((pruned[real] == -1).any())  # without merging a dropped token is gone
+
+
 def test_classifier_output_is_unchanged(results) -> None:
     """No retrieval task: the classifier's table keeps its columns and one comparison (accuracy)."""
     header, _ = report.main_table(results)

@@ -51,6 +51,15 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x[rows, index]
 
 
+def nearest_kept(kept: torch.Tensor, kept_ok: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """[B, K] the real kept slot (of kept [B, M, D], kept_ok [B, M]) most similar by cosine to each of the
+    tokens ``dropped`` [B, K, D]: where :func:`absorb` sends each dropped token."""
+    unit_k = torch.nn.functional.normalize(kept.float(), dim=-1)
+    unit_d = torch.nn.functional.normalize(dropped.float(), dim=-1)
+    sim = torch.bmm(unit_d, unit_k.transpose(1, 2)).masked_fill(~kept_ok.unsqueeze(1), float("-inf"))  # [B, K, M]
+    return sim.argmax(dim=-1)
+
+
 def absorb(kept: torch.Tensor, kept_ok: torch.Tensor, dropped: torch.Tensor, dropped_ok: torch.Tensor) -> torch.Tensor:
     """Each dropped token averaged into its most similar kept token (cosine of the hidden states).
 
@@ -61,10 +70,7 @@ def absorb(kept: torch.Tensor, kept_ok: torch.Tensor, dropped: torch.Tensor, dro
     """
     if dropped.shape[1] == 0 or kept.shape[1] == 0:
         return kept
-    unit_k = torch.nn.functional.normalize(kept.float(), dim=-1)
-    unit_d = torch.nn.functional.normalize(dropped.float(), dim=-1)
-    sim = torch.bmm(unit_d, unit_k.transpose(1, 2)).masked_fill(~kept_ok.unsqueeze(1), float("-inf"))  # [B, K, M]
-    dst = sim.argmax(dim=-1)  # [B, K]
+    dst = nearest_kept(kept, kept_ok, dropped)
     w = (dropped_ok & kept_ok.any(dim=1, keepdim=True)).to(kept.dtype)
     count = torch.zeros_like(kept_ok, dtype=kept.dtype).scatter_add(1, dst, w)
     total = torch.zeros_like(kept).scatter_add(1, dst.unsqueeze(-1).expand_as(dropped), dropped * w.unsqueeze(-1))

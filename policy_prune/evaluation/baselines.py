@@ -264,19 +264,26 @@ class Method:
 def run_sites(backbone: TokenBackbone, inputs: Any, sites: Sequence[int],
               reduce: Callable[[TokenState, int, int], tuple[TokenState, float]],
               watch: Watch | None = None, snapshot: Callable[[TokenState], torch.Tensor] | None = None,
-              static: bool = False) -> tuple[torch.Tensor, Work]:
+              static: bool = False, merged: bool = False) -> tuple[torch.Tensor, Work]:
     """The whole model with ``reduce(state, site_index, layer) -> (state, selection FLOPs per row)``
     before each site; ``watch`` gets ``snapshot(state)`` (default: which slot holds each token) per site.
-    ``static``: a padded text state takes the static path (``TokenBackbone.forward_sites``)."""
+    ``static``: a padded text state takes the static path (``TokenBackbone.forward_sites``). ``merged``:
+    ``reduce`` averages each dropped token into a kept one (``prune(..., merge=True)``), and ``watch`` gets
+    each token's group (:func:`merged_slots`) instead of -1 for the merged ones."""
     n0: list[torch.Tensor] = []
     spent = [0.0]
+    groups: list[torch.Tensor] = []
 
     def step(state: TokenState, i: int, layer: int) -> TokenState:
         if i == 0:
             n0.append(state.alive_counts)
+        before = state
         state, flops = reduce(state, i, layer)
         spent[0] += flops
-        if watch is not None:
+        if watch is not None and merged:
+            groups[:] = [merged_slots(groups[0] if groups else tome.initial_slots(before), before, state)]
+            watch[layer] = groups[0]
+        elif watch is not None:
             watch[layer] = (snapshot or slots_from_state)(state)
         return state
 
@@ -285,6 +292,21 @@ def run_sites(backbone: TokenBackbone, inputs: Any, sites: Sequence[int],
     b = len(first)
     return out, site_work(backbone.depth, list(sites), first, counts, torch.full((b,), spent[0], dtype=torch.float64),
                           torch.zeros(b, dtype=torch.long), state.n_full)
+
+
+def merged_slots(slot_of: torch.Tensor, before: TokenState, after: TokenState) -> torch.Tensor:
+    """[B, n_full] the slot of ``after`` each embedded token lives in once ``before`` was pruned with merging
+    (``slot_of``: its slot in ``before``, -1 none): a kept token its own, a dropped one the kept slot
+    :func:`ops.absorb` averaged it into (its nearest by cosine)."""
+    b, n = before.valid.shape
+    rows = torch.arange(b, device=slot_of.device).unsqueeze(1)
+    at = torch.full((b, before.n_full), -1, dtype=torch.long, device=slot_of.device)  # before's slot of each token
+    at[rows.expand(b, n)[before.valid], before.positions[before.valid]] = torch.arange(n, device=at.device).expand(b, n)[before.valid]
+    index = at.gather(1, after.positions.clamp_min(0)).clamp_min(0)  # [B, M]: before's slot of each slot of after
+    to_after = ops.nearest_kept(ops.gather_rows(before.tokens, index), after.valid, before.tokens)  # [B, N]
+    m = index.shape[1]
+    to_after[rows.expand(b, m)[after.valid], index[after.valid]] = torch.arange(m, device=at.device).expand(b, m)[after.valid]
+    return torch.where(slot_of >= 0, to_after.gather(1, slot_of.clamp_min(0)), slot_of)
 
 
 def slots_from_state(state: TokenState) -> torch.Tensor:
@@ -351,7 +373,7 @@ class ScorerMethod(Method):
                                                      self.merge)
             return state.prune(keep_fn(state, i, layer), merge=self.merge), flops
 
-        return run_sites(backbone, inputs, self.sites, reduce, watch)
+        return run_sites(backbone, inputs, self.sites, reduce, watch, merged=self.merge)
 
     def timed(self, backbone: TokenBackbone, inputs: Any, point: Point) -> Callable[[], Any]:
         """The scorer and rule alone (``forward_pruned``), without eval's bookkeeping, as the deployed row is timed."""
@@ -751,7 +773,8 @@ class DeployedMethod(Method):
             n = state.tokens.shape[1]
             return step(state, i, layer), 0.0 if idle[i] else cost.learned_flops(fast.backbone, fast.scorer, layer, n, cls)
 
-        return run_sites(fast.backbone, inputs, self.sites, reduce, watch, static=fast.static_text(inputs))
+        return run_sites(fast.backbone, inputs, self.sites, reduce, watch, static=fast.static_text(inputs),
+                         merged=fast.scorer.merge)
 
     def timed(self, backbone: TokenBackbone, inputs: Any, point: Point) -> Callable[[], Any]:
         """The public call itself (the PrunedModel on the adapter's inputs), without eval's bookkeeping."""

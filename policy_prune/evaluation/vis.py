@@ -142,7 +142,7 @@ def text_page(inputs: dict[str, torch.Tensor], maps: Sequence[tuple[str, list[to
     palette = ["#8dd3c7", "#bebada", "#fb8072", "#80b1d3", "#fdb462", "#b3de69", "#fccde5", "#bc80bd", "#ccebc5", "#ffed6f"]
     out = [f"<html><body style='font-family:sans-serif'><h3>Tokens entering each site's block at total FLOPs {target:g}</h3>",
            "<p>plain: kept; <span style='color:#aaa;text-decoration:line-through'>dropped</span>; "
-           "<span style='background:#8dd3c7'>merged (one colour per group)</span>; "
+           "<span style='background:#8dd3c7'>merged (one colour per group; hover: the group's words)</span>; "
            "<span style='background:orange'>fused into EViT's extra token</span></p>"]
     for b in range(ids.shape[0]):
         words = tokenizer.convert_ids_to_tokens(ids[b][inputs["attention_mask"][b].bool().cpu()].tolist()) if tokenizer else \
@@ -152,6 +152,9 @@ def text_page(inputs: dict[str, torch.Tensor], maps: Sequence[tuple[str, list[to
             for j, slots in enumerate(per_site):
                 s = slots[b][: len(words)]
                 size = group_sizes(s)
+                members: dict[int, list[str]] = {}
+                for word, slot in zip(words, s.tolist(), strict=True):
+                    members.setdefault(slot, []).append(word)
                 spans = []
                 for word, slot in zip(words, s.tolist(), strict=True):
                     text = html.escape(word)
@@ -159,8 +162,9 @@ def text_page(inputs: dict[str, torch.Tensor], maps: Sequence[tuple[str, list[to
                         spans.append(f"<span style='color:#aaa;text-decoration:line-through'>{text}</span>")
                     elif slot == -2:
                         spans.append(f"<span style='background:orange'>{text}</span>")
-                    elif size[slot] > 1:
-                        spans.append(f"<span style='background:{palette[slot % len(palette)]}'>{text}</span>")
+                    elif size[slot] > 1:  # its group's words on hover: colours repeat across groups
+                        group = html.escape(" ".join(members[slot]), quote=True)
+                        spans.append(f"<span style='background:{palette[slot % len(palette)]}' title='one token: {group}'>{text}</span>")
                     else:
                         spans.append(text)
                 out.append(f"<tr><td><b>{html.escape(name)}</b> block {sites[j]}</td><td>{' '.join(spans)}</td></tr>")
