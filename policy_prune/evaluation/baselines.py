@@ -298,14 +298,12 @@ def merged_slots(slot_of: torch.Tensor, before: TokenState, after: TokenState) -
     """[B, n_full] the slot of ``after`` each embedded token lives in once ``before`` was pruned with merging
     (``slot_of``: its slot in ``before``, -1 none): a kept token its own, a dropped one the kept slot
     :func:`ops.absorb` averaged it into (its nearest by cosine)."""
-    b, n = before.valid.shape
-    rows = torch.arange(b, device=slot_of.device).unsqueeze(1)
-    at = torch.full((b, before.n_full), -1, dtype=torch.long, device=slot_of.device)  # before's slot of each token
-    at[rows.expand(b, n)[before.valid], before.positions[before.valid]] = torch.arange(n, device=at.device).expand(b, n)[before.valid]
-    index = at.gather(1, after.positions.clamp_min(0)).clamp_min(0)  # [B, M]: before's slot of each slot of after
+    # [B, M]: before's slot of each slot of after (the token kept there keeps its position).
+    index = slots_from_state(before).gather(1, after.positions.clamp_min(0)).clamp_min(0)
     to_after = ops.nearest_kept(ops.gather_rows(before.tokens, index), after.valid, before.tokens)  # [B, N]
-    m = index.shape[1]
-    to_after[rows.expand(b, m)[after.valid], index[after.valid]] = torch.arange(m, device=at.device).expand(b, m)[after.valid]
+    b, m = index.shape
+    rows = torch.arange(b, device=index.device).unsqueeze(1).expand(b, m)
+    to_after[rows[after.valid], index[after.valid]] = torch.arange(m, device=index.device).expand(b, m)[after.valid]
     return torch.where(slot_of >= 0, to_after.gather(1, slot_of.clamp_min(0)), slot_of)
 
 
