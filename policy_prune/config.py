@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -208,32 +209,56 @@ class AgentConfig:
 T = TypeVar("T")
 
 
-def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
-    """Build a dataclass from a nested dict, rejecting unknown keys and wrong scalar types."""
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "", overridden: Mapping[str, str] | None = None,
+              key: str = "") -> T:
+    """Build a dataclass from a nested dict, rejecting unknown keys and wrong scalar types.
+
+    Errors name a key where it was written: in ``where`` (a file, ``envs/x.yaml: reward.lam``, or a section,
+    ``data.options.min_words``), or in the ``--set`` that gave it: ``overridden`` maps a dotted key of ``data``
+    to what the user typed for it (:func:`override_labels`). ``key``: ``data``'s own dotted key (nested calls).
+    """
     data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{_label(where, key, overridden) or cls.__name__}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown key {unknown[0]!r} in {where or cls.__name__} (allowed: {', '.join(sorted(names))})")
+        allowed = f"(allowed: {', '.join(sorted(names))})"
+        if given := _given(_join(key, unknown[0]), overridden):
+            raise ConfigError(f"{given}: unknown key {unknown[0]!r} {allowed}")
+        raise ConfigError(f"unknown key {unknown[0]!r} in {_label(where, key, overridden) or cls.__name__} {allowed}")
     kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        hint = hints[key]
-        path = _child(where, key)
+    for name, value in data.items():
+        hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = from_dict(hint, value, path)  # type: ignore[arg-type]
+            kwargs[name] = from_dict(hint, value, where, overridden, _join(key, name))  # type: ignore[arg-type]
         else:
-            kwargs[key] = _check_type(value, hint, path)
+            kwargs[name] = _check_type(value, hint, _label(where, _join(key, name), overridden))
     return cls(**kwargs)
 
 
-def _child(where: str, key: str) -> str:
-    """Where a key of ``where`` is: ``file.yaml: reward.lam`` from a file, ``reward.lam`` from a section."""
-    if not where:
-        return key
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+def _label(where: str, key: str, overridden: Mapping[str, str] | None) -> str:
+    """How an error names ``key``: as the override that gave it (or a mapping above it) was written, else where it
+    is written: ``file.yaml: reward.lam`` in a file, ``reward.lam`` in a section."""
+    if (given := _given(key, overridden)) is not None:
+        return given
+    if not where or not key:
+        return where or key
     return f"{where}: {key}" if where.endswith((".yaml", ".yml")) else f"{where}.{key}"
+
+
+def _given(key: str, overridden: Mapping[str, str] | None) -> str | None:
+    """``key`` as the override that set it (or a mapping above it) was written; None where no override did."""
+    parts = key.split(".") if key and overridden else []
+    for i in range(len(parts), 0, -1):
+        if (given := overridden.get(".".join(parts[:i]))) is not None:  # type: ignore[union-attr]
+            return given + "".join(f".{p}" for p in parts[i:])
+    return None
 
 
 def _check_type(value: Any, hint: Any, path: str) -> Any:
@@ -318,6 +343,12 @@ def read_preset(kind: str, name_or_path: str) -> tuple[dict[str, Any], str]:
     return data, where
 
 
+def override_labels(overrides: list[str], scope: str) -> dict[str, str]:
+    """{dotted key: how an error names it} of ``key=value`` overrides of one section, for :func:`from_dict`
+    (``scope``: what comes before the key, ``--set env.`` on the command line)."""
+    return {item.split("=", 1)[0]: scope + item.split("=", 1)[0] for item in overrides}
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key.sub=value`` overrides (values parsed as YAML) to a nested mapping, in place."""
     import yaml
@@ -347,8 +378,9 @@ def dataset_kind(dataset: str) -> str:
     return prefix + sep if sep else dataset
 
 
-def load_env_config(name_or_path: str, overrides: list[str] | None = None) -> EnvConfig:
-    """Resolve an env preset (shipped name or YAML path) plus ``--set`` overrides.
+def load_env_config(name_or_path: str, overrides: list[str] | None = None, scope: str = "--set env.") -> EnvConfig:
+    """Resolve an env preset (shipped name or YAML path) plus ``--set`` overrides (``scope``: how an error names
+    an overridden key, before the key itself).
 
     A preset's ``data.options`` are written for its dataset: overrides that move ``data.dataset`` to
     another kind of dataset (``--env minilm-text --set data.dataset=hf:my-corpus``) drop them (the hf
@@ -359,7 +391,7 @@ def load_env_config(name_or_path: str, overrides: list[str] | None = None) -> En
     after = _dataset_of(apply_overrides(copy.deepcopy(data), overrides or []))
     if dataset_kind(after) != dataset_kind(_dataset_of(data)) and isinstance(data.get("data"), dict):
         data["data"].pop("options", None)
-    return from_dict(EnvConfig, apply_overrides(data, overrides or []), where)
+    return from_dict(EnvConfig, apply_overrides(data, overrides or []), where, override_labels(overrides or [], scope))
 
 
 def _dataset_of(data: dict[str, Any]) -> str:
@@ -371,7 +403,7 @@ def _dataset_of(data: dict[str, Any]) -> str:
 def load_agent_config(name_or_path: str, overrides: list[str] | None = None) -> AgentConfig:
     """Resolve an agent preset (shipped name or YAML path) plus ``--set`` overrides."""
     data, where = read_preset("agents", name_or_path)
-    return from_dict(AgentConfig, apply_overrides(data, overrides or []), where)
+    return from_dict(AgentConfig, apply_overrides(data, overrides or []), where, override_labels(overrides or [], "--set agent."))
 
 
 # ---- run folders ---------------------------------------------------------------------------------
@@ -395,7 +427,8 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     return data
 
 
-def run_env_config(run_dir: str | Path) -> EnvConfig:
-    """The env config a run was trained with (its ``config.yaml``'s ``env`` mapping)."""
-    data = read_run_config(run_dir)
-    return from_dict(EnvConfig, data.get("env", data), str(Path(run_dir) / RUN_CONFIG_FILE))
+def run_env_config(data: Mapping[str, Any], run_dir: str | Path) -> EnvConfig:
+    """The env config a run was trained with, from its ``config.yaml`` mapping ``data`` (:func:`read_run_config`):
+    its ``env`` section (the whole mapping where there is none), errors named ``runs/x/config.yaml: env.reward.lam``."""
+    where = str(Path(run_dir) / RUN_CONFIG_FILE)
+    return from_dict(EnvConfig, data["env"], where, key="env") if "env" in data else from_dict(EnvConfig, dict(data), where)

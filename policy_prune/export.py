@@ -91,10 +91,10 @@ def _run(args: argparse.Namespace) -> int:
     config = read_run_config(run_dir)
     scorer = read_run_scorer(run_dir, config, args.checkpoint)
     if args.onnx_model:  # the model, data and output folder are checked before calibrating or writing anything
-        from policy_prune.config import EnvConfig, from_dict
+        from policy_prune.config import run_env_config
         from policy_prune.model_export import check_run_model, export_run_model, prepare_run_model
 
-        env = from_dict(EnvConfig, _lookup(config, ("env",)) or {}, "env")
+        env = run_env_config(config, run_dir)
         prepared = prepare_run_model(env, args)
     own_rule: dict[str, Any] | None
     if args.calibrate:
@@ -310,9 +310,9 @@ def run_signature(run_dir: Path, config: Mapping[str, Any], scorer: LearnedScore
         or _lookup(config, ("backbone_signature",))
     if isinstance(recorded, Mapping):
         return dict(recorded)
-    from policy_prune.config import EnvConfig, from_dict
+    from policy_prune.config import run_env_config
 
-    env = from_dict(EnvConfig, _lookup(config, ("env",)) or {}, "env")
+    env = run_env_config(config, run_dir)
     return _backbone_for(env, _lookup(config, ("train", "seed")) or 0).signature()
 
 

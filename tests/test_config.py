@@ -83,3 +83,29 @@ def test_bad_preset_names_and_files(tmp_path) -> None:
         load_env_config(str(own))
     with pytest.raises(ConfigError, match="key=value"):
         apply_overrides({}, ["reward.lam"])
+
+
+def test_errors_name_the_override_or_the_file_that_gave_the_value(tmp_path) -> None:
+    """A value from --set is named as the user typed it, not as a line of the preset file it never was in; one
+    from a run's config.yaml is named with its section (``env.``), as the file has it."""
+    from policy_prune.config import AgentConfig, load_agent_config, run_env_config
+
+    with pytest.raises(ConfigError, match=r"^--set env\.reward\.lam: expected float, got 'abc'$"):
+        load_env_config("digits-vit", ["reward.lam=abc"])
+    with pytest.raises(ConfigError, match=r"^--set env\.reward\.lamda: unknown key 'lamda' \(allowed: budget"):
+        load_env_config("digits-vit", ["reward={lamda: 1}"])  # a whole mapping set: its keys are the override's
+    with pytest.raises(ConfigError, match=r"^overrides: sites: expected a list"):
+        load_env_config("digits-vit", ["sites=1"], scope="overrides: ")
+    with pytest.raises(ConfigError, match=r"^--set agent\.group_size: expected int, got 'x'$"):
+        load_agent_config("ppo", ["group_size=x"])
+    own = tmp_path / "mine.yaml"
+    own.write_text("backbone: {spec: vit_tiny_patch16_224}\nsites: [2]\nreward: {lam: high}\n")
+    with pytest.raises(ConfigError, match=r"mine\.yaml: reward\.lam: expected float"):  # not overridden: the file
+        load_env_config(str(own), ["sites=[3]"])
+    with pytest.raises(ConfigError, match=r"^unknown key 'lamda' in envs/digits-vit\.yaml: reward \(allowed"):
+        from_dict(EnvConfig, {"reward": {"lamda": 1}}, "envs/digits-vit.yaml")
+    run = {"env": {"reward": {"lam": "high"}}, "train": {"seed": 0}}
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}/config\.yaml: env\.reward\.lam: expected float"):
+        run_env_config(run, tmp_path)
+    assert run_env_config({"env": {"reward": {"lam": 0.2}}}, tmp_path).reward.lam == 0.2
+    assert from_dict(AgentConfig, {"group_size": 4}, "x.yaml", {"n_envs": "--set agent.n_envs"}).group_size == 4

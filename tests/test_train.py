@@ -145,7 +145,9 @@ def test_no_track_never_touches_wandb(presets, tmp_path) -> None:
 
 @pytest.mark.parametrize("extra,match", [
     (["--set", "reward.lam=0.1"], "env., agent. or train."),
-    (["--set", "env.reward.lamda=0.1"], "unknown key 'lamda'"),
+    (["--set", "env.reward.lamda=0.1"], "--set env.reward.lamda: unknown key 'lamda'"),
+    (["--set", "env.reward.lam=abc"], "--set env.reward.lam: expected float, got 'abc'"),  # not the preset file's
+    (["--set", "train.threads=abc"], "--set train.threads: 'abc' is not a valid"),
     (["--set", "agent.hyperparams.n_steps=5"], "multiple of the number of sites"),
     pytest.param(["--device", "cuda"], "no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the message of a machine without CUDA")),

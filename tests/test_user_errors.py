@@ -218,3 +218,16 @@ def test_file_system_refusals_are_one_line(tmp_path, capsys, no_backbone_work) -
         assert len(err) == 1 and err[0].startswith(f"policy-prune {argv[0]}: error: ") and "afile" in err[0], err
         if argv[0] == "train":
             assert "cannot make the run folder" in err[0] and "Not a directory" in err[0] and "[Errno" not in err[0]
+
+
+@pytest.mark.parametrize("verb", [["eval"], ["train", "--resume"]])
+def test_a_bad_value_in_a_run_config_is_named_by_its_file_and_section(verb, tmp_path, capsys, no_backbone_work) -> None:
+    """The run's config.yaml holds the env under ``env:``: the error names that key path, not the preset's."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("env:\n  reward: {lam: high}\ntrain: {seed: 0}\nagent: {}\n")
+    before = sorted(p.name for p in run.iterdir())
+    assert main([*verb, str(run)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and f"{run}/config.yaml: env.reward.lam: expected float, got 'high'" in err[0], err
+    assert sorted(p.name for p in run.iterdir()) == before

@@ -595,13 +595,13 @@ def parse_run_arg(arg: str) -> tuple[str | None, Path]:
 
 def load_run(run_dir: Path, group: str | None = None) -> RunInfo:
     """The env config (config.yaml) and scorer (scorer/) of a run folder; one clear line when it is not one."""
-    from policy_prune.config import EnvConfig, from_dict, read_run_config
+    from policy_prune.config import read_run_config, run_env_config
     from policy_prune.core.artifact import load_scorer
 
     if not run_dir.is_dir():
         raise UserError(f"run folder not found: {run_dir}")
     data = read_run_config(run_dir)
-    env = from_dict(EnvConfig, data.get("env", data), str(run_dir / "config.yaml"))
+    env = run_env_config(data, run_dir)
     train = data.get("train")
     seed = train.get("seed") if isinstance(train, dict) else None
     label = f"seed {seed}" if seed is not None else run_dir.name

@@ -78,7 +78,7 @@ def make_env(preset: str | None = None, split: Any = "train", seed: int = 0, dev
 
     if split not in ("train", "val", "test"):
         raise UserError(f"split={split!r}: a preset's env runs on 'train', 'val' or 'test'")
-    env_cfg = load_env_config(preset, list(overrides))
+    env_cfg = load_env_config(preset, list(overrides), scope="overrides: ")
     backbone, splits = resolve(env_cfg, seed=seed, device=device)
     reward = env_cfg.reward
     # The preset's multipliers and target draw, at the budget range and starting lambda the env gets.

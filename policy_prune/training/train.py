@@ -30,6 +30,7 @@ from policy_prune.config import (
     from_dict,
     load_agent_config,
     load_env_config,
+    override_labels,
     read_run_config,
     to_dict,
 )
@@ -138,7 +139,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
                       ("track", "track"), ("name", "name"), ("runs_dir", "runs_dir")):
         if getattr(args, flag, None) is not None:  # a Namespace built by hand may lack newer flags
             train_raw[key] = getattr(args, flag)
-    train_cfg = from_dict(TrainConfig, apply_overrides(train_raw, train_over), "train")
+    train_cfg = from_dict(TrainConfig, apply_overrides(train_raw, train_over), "train", override_labels(train_over, "--set train."))
     if args.lam is not None:
         env_cfg.reward.lam = args.lam
     cfg = RunConfig(env_cfg, agent_cfg, train_cfg, Path(agent_name).stem)
