@@ -120,6 +120,8 @@ def test_library_mistakes_are_value_or_type_errors(tmp_path) -> None:
         (TypeError, "flops must be a number", lambda: policy_prune.prune(model, scorer, flops="0.5")),
         (TypeError, "flops must be a number", lambda: policy_prune.prune(model, scorer, flops=[0.5])),
         (TypeError, "scorer must be a LearnedScorer", lambda: policy_prune.prune(model, 5)),
+        (TypeError, "load_scorer takes the path of a scorer folder (str or Path), got NoneType",
+         lambda: policy_prune.load_scorer(None)),
     ]
     for kind, message, call in cases:
         with pytest.raises(kind) as exc:
@@ -231,3 +233,35 @@ def test_a_bad_value_in_a_run_config_is_named_by_its_file_and_section(verb, tmp_
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and f"{run}/config.yaml: env.reward.lam: expected float, got 'high'" in err[0], err
     assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_a_text_model_with_a_task_head_is_refused_not_run_without_it() -> None:
+    """An HF text model with a head (sequence classification, masked LM) was pruned as its encoder: the call
+    returned hidden states where the caller expected the head's logits, without a word. Image classifiers keep
+    their head (the adapter runs it)."""
+    from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+
+    from policy_prune.core.backbones import adapt
+    from tests.tiny import BERT, make
+
+    for head in (BertForSequenceClassification(BertConfig(**BERT, num_labels=3)), BertForMaskedLM(BertConfig(**BERT))):
+        with pytest.raises(TypeError) as exc:
+            adapt(head)
+        assert isinstance(exc.value, PolicyPruneError)
+        assert f"{type(head).__name__} has a task head" in str(exc.value) and "model.base_model, a BertModel" in str(exc.value)
+        assert adapt(head.base_model).output_kind == "embedding"
+    assert adapt(make("hf-vit-classifier")).output_kind == "logits"
+
+
+def test_load_scorer_expands_the_home_folder(tmp_path, monkeypatch) -> None:
+    from timm.models.vision_transformer import VisionTransformer
+
+    from policy_prune.core.artifact import save_scorer
+    from policy_prune.core.backbones import adapt
+    from policy_prune.core.scorer import random_scorer
+
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
+    backbone = adapt(model)
+    save_scorer(random_scorer(backbone, [1]), tmp_path / "scorer", backbone.signature())
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert policy_prune.load_scorer("~/scorer").sites == [1]

@@ -50,7 +50,7 @@ from policy_prune.core.budget import BudgetInput
 from policy_prune.core.embedded_models import DIGITS_VIT
 from policy_prune.core.features import BASE_FEATURES, FEATURE_VERSION, FeatureSpec
 from policy_prune.core.scorer import LearnedScorer, TokenScorer, context_width
-from policy_prune.errors import UserError
+from policy_prune.errors import UsageError, UserError
 from policy_prune.version import __version__
 
 FORMAT_VERSION = 1
@@ -265,7 +265,9 @@ def load_scorer(path: str | Path) -> LearnedScorer:
     The returned scorer's ``meta`` holds ``backbone`` (signature), ``default_rule``, ``lam``,
     ``metrics``, ``created``, ``format_version`` and ``path``, plus the artifact's own ``meta``.
     """
-    root = Path(path)
+    if not isinstance(path, str | os.PathLike):
+        raise UsageError(f"load_scorer takes the path of a scorer folder (str or Path), got {type(path).__name__}")
+    root = Path(path).expanduser()
     if root.is_file() and root.name in ARTIFACT_FILES:
         root = root.parent
     if not root.is_dir():

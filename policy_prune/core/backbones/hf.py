@@ -74,6 +74,12 @@ class HFEncoderBackbone(TokenBackbone):
             raise UsageError(f"unsupported Hugging Face model type {model_type!r}")
         if pooling not in POOLINGS:
             raise UserError(f"pooling must be {' or '.join(map(repr, POOLINGS))}, got {pooling!r}")
+        if base is not model and (model_type in TEXT_TYPES or getattr(model, "classifier", None) is None):
+            # The adapter runs the encoder (and an image classifier's head): any other head would be dropped
+            # without a word, and the caller read hidden states where they expected its logits.
+            raise UsageError(f"{type(model).__name__} has a task head that token pruning does not run: pass its "
+                             f"encoder (model.base_model, a {type(base).__name__}); the pruned encoder returns "
+                             "the hidden states and the pooled embedding")
         super().__init__(model)
         self.base = base
         self.config = base.config
