@@ -51,7 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"(missing: {', '.join(missing)})", file=sys.stderr)
         return 2
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # "-inf" is a value (a per-site threshold: keep every token there), but argparse reads any word that starts with
+    # "-" and is not a plain number as an option: "--threshold 0.3 -inf" stopped at it. A leading space makes it a
+    # value; float() ignores the space.
+    args = parser.parse_args([" -inf" if a == "-inf" else a for a in (sys.argv[1:] if argv is None else argv)])
     if args.verb is None:
         parser.print_help()
         return 2

@@ -84,8 +84,16 @@ def test_numbers_at_the_edge_of_their_domain_are_taken() -> None:
     parser = build_parser()
     assert parser.parse_args(["export", "run", "--threshold=-inf"]).threshold == [float("-inf")]
     assert parser.parse_args(["export", "run", "--threshold", "-1.5", "2"]).threshold == [-1.5, 2.0]
+    # One per site with -inf among them, as the help writes it: argparse took the bare -inf for an option.
+    with pytest.raises(SystemExit):
+        parser.parse_args(["export", "run", "--threshold", "0.3", "-inf"])
     args = parser.parse_args(["eval", "--env", "digits-vit", "--targets", "1", "0.05", "--repeats", "0"])
     assert args.targets == [1.0, 0.05] and args.repeats == 0
+
+
+def test_a_per_site_threshold_of_minus_inf_reaches_the_verb(tmp_path, capsys) -> None:
+    assert main(["export", str(tmp_path / "no-run"), "--threshold", "0.3", "-inf", "0.1"]) == 2
+    assert capsys.readouterr().err.strip() == f"policy-prune export: error: run folder not found: {tmp_path / 'no-run'}"
 
 
 def test_bench_exec_and_flops_take_the_embedded_model_names(tmp_path) -> None:
