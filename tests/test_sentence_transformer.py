@@ -85,8 +85,12 @@ def test_threshold_rule_and_what_is_refused(st_model, tmp_path) -> None:
     assert fast.encode(texts).shape == (4, 32)
     assert fast.tokenizer.get_vocab() == st_model.tokenizer.get_vocab() and fast.max_seq_length == st_model.max_seq_length
     np.testing.assert_allclose(copy.deepcopy(fast).encode(texts), fast.encode(texts), rtol=1e-6, atol=1e-6)
-    with pytest.raises(UserError, match="save the original model"):
-        fast.save(str(tmp_path / "out"))
+    for save in (fast.save, fast.save_pretrained, copy.deepcopy(fast).save):
+        with pytest.raises(UserError, match="save the original model"):
+            save(str(tmp_path / "out"))
+        assert not (tmp_path / "out").exists()  # refused before sentence-transformers wrote its config files
+    st_model.save(str(tmp_path / "original"))  # the original saves as before
+    assert (tmp_path / "original" / "modules.json").is_file()
 
 
 def test_max_seq_length_is_the_pruned_models_own(st_model) -> None:

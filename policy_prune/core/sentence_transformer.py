@@ -59,8 +59,7 @@ class PrunedTransformer(nn.Module):
         return features
 
     def save(self, *args: Any, **kwargs: Any) -> None:
-        raise UserError("a pruned SentenceTransformer is not saved: save the original model and the scorer, "
-                        "then prune again after loading")
+        refuse_save()
 
     def __setattr__(self, name: str, value: Any) -> None:
         # A setting of ST's input module (max_seq_length, do_lower_case, ...) goes to the wrapped copy, which
@@ -103,6 +102,16 @@ def own_input_module(inner: nn.Module) -> nn.Module:
     return own
 
 
+def refuse_save(*args: Any, **kwargs: Any) -> None:
+    raise UserError("a pruned SentenceTransformer is not saved: save the original model and the scorer, "
+                    "then prune again after loading")
+
+
+SAVING = ("save", "save_pretrained", "push_to_hub", "save_to_hub")
+"""SentenceTransformer's methods that write the model: refused on a pruned copy before they write anything (its
+input module's own ``save`` ran after ST had written its config files into the folder)."""
+
+
 def prune_sentence_transformer(model: Any, prune_encoder: Any) -> Any:
     """A shallow copy of ``model`` whose input module runs what ``prune_encoder(hf_encoder)`` returns: (a
     PrunedModel, {task: the PrunedModel for that task})."""
@@ -116,4 +125,5 @@ def prune_sentence_transformer(model: Any, prune_encoder: Any) -> Any:
     # copy.copy shares the module dict itself: give the copy its own before replacing the input module.
     fast._modules = OrderedDict(model._modules)
     fast._modules[first] = PrunedTransformer(own_input_module(inner), *prune_encoder(encoder))
+    fast.__dict__.update({name: refuse_save for name in SAVING if hasattr(model, name)})
     return fast
