@@ -236,6 +236,23 @@ def test_prune_at_a_flops_target(vit, vit_split) -> None:
         prune(model, scorer, flops=0.5, keep_ratio=0.3, strict=False)
 
 
+def test_bench_times_the_call_users_make_with_a_trained_scorer(vit, vit_split) -> None:
+    """``bench --what model --scorer`` timed one keep_ratio at every site, not the calibrated plan that
+    ``prune(model, scorer, flops=f)`` runs (on digits-vit at 0.5: 81 tokens at site 0 and nothing after it, where the
+    bench kept 114 89 70 55); it now times that call, and refuses a target prune() refuses."""
+    from policy_prune.evaluation.bench import bench_pruned_model
+
+    scorer = _budget_scorer(vit, [vit_split.inputs])
+    (row,) = bench_pruned_model(vit.model, scorer, [2], flops_target=0.6, warmup=0, repeats=1,
+                                inputs=lambda b: vit_split.inputs[:b])
+    assert row["keep_ratio"] == prune(vit.model, scorer, flops=0.6, strict=False).values
+    with pytest.raises(UserError, match="outside the budgets this scorer was trained on"):
+        bench_pruned_model(vit.model, scorer, [2], flops_target=0.2, warmup=0, repeats=1)
+    plain = random_scorer(vit, SITES, seed=0, hidden=(16,))  # no budget input: one keep_ratio at every site
+    (row,) = bench_pruned_model(vit.model, plain, [2], flops_target=0.6, warmup=0, repeats=1)
+    assert isinstance(row["keep_ratio"], float)
+
+
 def _short_texts(n: int = 96, batch: int = 32, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """Length-sorted batches of ``n`` token rows of 8-40 tokens, each cut to its longest row (as deployed)."""
     g = torch.Generator().manual_seed(seed)

@@ -46,7 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="timm name (random init), hf:<id>, model folder, digits-vit (the cached embedded backbone) or "
                         "minilm (all-MiniLM-L6-v2, real weights, on padded python-docs test passages)")
     p.add_argument("--scorer", type=Path, default=None, help="scorer folder for --what model (default: random weights)")
-    p.add_argument("--flops", type=ratio, default=0.5, help="FLOPs ratio of the keep_ratio schedule (--what model)")
+    p.add_argument("--flops", type=ratio, default=0.5,
+                   help="--what model and onnx: the FLOPs ratio asked of prune(model, scorer, flops=F) (a trained "
+                        "--scorer: its calibrated plan; the random scorer: one keep_ratio at every site)")
     p.add_argument("--sites", type=non_negative, nargs="+", default=None,
                    help="pruning sites of the random scorer (--what model and onnx, without --scorer; default 0)")
     p.add_argument("--targets", type=ratio, nargs="+", default=[0.7, 0.5, 0.35],
@@ -388,7 +390,8 @@ def print_exec(args: argparse.Namespace, console: Any) -> list[dict[str, Any]]:
 
 
 def bench_model(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Original model vs PrunedModel (load_scorer + prune, keep_ratio at ``--flops``), per batch size."""
+    """Original model vs PrunedModel (``load_scorer`` + ``prune(model, scorer, flops=--flops)``: a trained scorer's
+    calibrated rule; the random scorer: one keep_ratio at every site), per batch size."""
 
     options = None if args.compile is None else compile_options(args.compile)  # a typo fails before any loading
     scorer = _scorer_arg(args)
@@ -451,7 +454,9 @@ def bench_pruned_model(
     dtype: str = "fp32",
     inputs: Callable[[int], Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Original model vs ``PrunedModel`` (keep_ratio rule at ~``flops_target`` of the FLOPs), per batch size.
+    """Original model vs ``PrunedModel`` at ~``flops_target`` of the FLOPs, per batch size: a budget-conditioned
+    scorer runs ``prune(model, scorer, flops=flops_target)`` (its calibrated default rule and plan, as users call it),
+    any other one keep_ratio at every site.
 
     ``model`` is a timm name (random init, no download) or a module; ``scorer`` defaults to random
     weights. Variants are timed interleaved after warm-up; medians are reported. ``scorer_share`` is
@@ -502,8 +507,12 @@ def _bench_batch(model: nn.Module, backbone: TokenBackbone, scorer: LearnedScore
     """One batch size; ``options`` None = eager, else the inductor options of torch.compile (may be empty)."""
     state = backbone.embed(x)
     n = state.n_full
-    ratio = keep_ratio_for(backbone, scorer.sites, TokenCounts.dense(n, int(state.protected[0].sum())), flops_target)
-    pruned = prune(model, scorer, keep_ratio=ratio, strict=False)
+    if scorer.budget is not None:  # a trained scorer: what prune(model, scorer, flops=f) runs, its calibrated rule and plan
+        pruned = prune(model, scorer, flops=flops_target, strict=False)
+        ratio: Any = pruned.values
+    else:
+        ratio = keep_ratio_for(backbone, scorer.sites, TokenCounts.dense(n, int(state.protected[0].sum())), flops_target)
+        pruned = prune(model, scorer, keep_ratio=ratio, strict=False)
     kept, flops, _ = executed_schedule(pruned, x)
     shares: list[float] = []
     compile = options is not None
