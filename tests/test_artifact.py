@@ -64,6 +64,10 @@ def test_round_trip(artifact, vit) -> None:
     written = json.loads((artifact / META_FILE).read_text())
     assert written["format_version"] == 1 and written["layer_sizes"]["hidden"] == [64, 64]
     assert set(written["created"]) == {"time", "policy_prune", "torch"}
+    # One line that says what it is, not the projection tensor and the backbone's signature (6 kB).
+    arch = backbone.signature()["architecture"]
+    assert repr(scorer) == (f"LearnedScorer(sites=[1, 2], features={scorer.spec.dim}, hidden=[64, 64], "
+                            f"trained_for={arch!r}, path={str(artifact)!r})")
 
 
 def test_the_same_scorer_gives_the_same_bytes_in_every_process(tmp_path) -> None:

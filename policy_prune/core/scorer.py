@@ -170,6 +170,19 @@ class LearnedScorer:
     """Dropped tokens are averaged into their most similar kept token (``TokenState.prune(merge=True)``),
     as the env this scorer trained in did (``env.merge``)."""
 
+    def __repr__(self) -> str:
+        # Not the dataclass's: it printed the projection tensor, the backbone signature and every calibration
+        # point (some 6 kB for a default scorer).
+        trained_for = (self.meta.get("backbone") or {}).get("architecture")
+        parts = [f"sites={self.sites}", f"features={self.spec.dim}", f"hidden={self.net.hidden}"]
+        if self.budget is not None:
+            parts.append(f"budget=[{self.budget.low:g}, {self.budget.high:g}] ({len(self.budget.calibration)} calibrated points)")
+        parts += [f"target={self.target:g}"] if self.target is not None else []
+        parts += ["merge=True"] if self.merge else []
+        parts += [f"trained_for={trained_for!r}"] if trained_for else []
+        parts += [f"path={str(self.meta['path'])!r}"] if self.meta.get("path") else []
+        return f"LearnedScorer({', '.join(parts)})"
+
     def at(self, flops: float | None) -> LearnedScorer:
         """This scorer told to run at ``flops`` (a shallow copy; the weights are shared).
 
