@@ -16,7 +16,7 @@ from policy_prune.errors import PolicyPruneError, missing_train_packages
 VERBS: dict[str, tuple[str, str]] = {
     "info": ("policy_prune.info", "show versions, shipped presets and backbone adapters (proves the install)"),
     "pretrain": ("policy_prune.training.pretrain", "fit and cache the embedded default backbone of an env"),
-    "train": ("policy_prune.training.train", "train a token-pruning policy (default: digits-vit + ppo)"),
+    "train": ("policy_prune.training.train", "train a token-pruning policy (default: digits-vit with its agent preset, ppo-small)"),
     "sweep": ("policy_prune.training.sweep", "many training runs at once on Ray Tune (seeds, budgets, agent settings)"),
     "bench": ("policy_prune.evaluation.bench", "measure wall-clock speed of pruned vs original execution"),
     "eval": ("policy_prune.evaluation.evaluate", "Pareto of a learned scorer vs baselines at equal FLOPs"),

@@ -43,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="default rule: keep this fraction of prunable tokens at each site (static shapes); with "
                            "--onnx-model, the pruned graph's schedule only (not the scorer's default rule)")
     rule.add_argument("--flops", type=ratio, default=None,
-                      help="--onnx-model: the keep_ratio (same at every site) whose schedule runs this FLOPs ratio")
+                      help="--onnx-model: the schedule prune(model, scorer, flops=F, rule='keep_ratio') runs (a trained "
+                           "scorer's calibrated plan; one keep_ratio at every site for a scorer without a budget input)")
     p.add_argument("--calibrate", action="store_true",
                    help="budget-conditioned runs: calibrate the budget input again on the run's val split, as train does "
                         "at its end (for another --checkpoint, or an artifact calibrated by an older version)")

@@ -36,3 +36,24 @@ def test_every_console_comes_from_make_console() -> None:
             if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "Console":
                 built.append(str(path.relative_to(PACKAGE)))
     assert built == ["console.py"]
+
+
+def test_a_long_phase_says_when_it_starts_and_ends_in_a_log() -> None:
+    """No spinner shows in a log: `train > log` printed nothing for the minutes of its final validation."""
+    from policy_prune.console import status
+
+    out = io.StringIO()
+    with status(make_console(out), "final validation and scorer export") as phase:
+        phase.update("calibrating")
+    lines = out.getvalue().splitlines()
+    assert lines[:2] == ["final validation and scorer export ...", "  calibrating"]
+    assert lines[2].startswith("final validation and scorer export: done in ") and len(lines) == 3
+
+
+def test_long_phases_go_through_the_log_aware_status() -> None:
+    """Every spinner of the verbs is console.status's log-aware wrapper (a bare console.status is silent in a log)."""
+    bare = [f"{p.relative_to(PACKAGE)}:{node.lineno}" for p in PACKAGE.rglob("*.py")
+            for node in ast.walk(ast.parse(p.read_text()))
+            if isinstance(node, ast.Attribute) and node.attr == "status" and isinstance(node.value, ast.Name)
+            and node.value.id == "console" and p.name != "console.py"]
+    assert bare == []

@@ -102,6 +102,9 @@ def test_resume_after_sigkill(presets, tmp_path, capsys) -> None:
     before = {p: p.read_bytes() for p in (runs / "killed").rglob("*") if p.is_file()}
     assert main(["train", "--resume", str(runs / "killed"), "--timesteps", "160"]) == 2
     assert "is finished" in capsys.readouterr().err
+    # Fewer steps than one rollout: still "finished" (the reason), not "below one rollout".
+    assert main(["train", "--resume", str(runs / "killed"), "--timesteps", "1"]) == 2
+    assert "is finished" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in (runs / "killed").rglob("*") if p.is_file()} == before
     # A scorer from an earlier checkpoint (a run killed in its final eval after training further): it resumes.
     meta = json.loads(scorer_json.read_text())

@@ -708,7 +708,7 @@ def parse_query_target(text: str) -> float | str:
 
 def run(args: argparse.Namespace) -> int:
     from policy_prune.config import load_env_config
-    from policy_prune.console import make_console
+    from policy_prune.console import make_console, status
     from policy_prune.core.artifact import check_signature
     from policy_prune.data import cap, cap_groups, load_splits
     from policy_prune.embedded import resolve_backbone
@@ -744,9 +744,9 @@ def run(args: argparse.Namespace) -> int:
         splits = {k: cap(s, args.max_samples, args.seed) for k, s in splits.items()}
     if args.max_items is not None:
         splits = {k: cap_groups(s, args.max_items, args.seed) for k, s in splits.items()}
-    with console.status("evaluating") as status:
+    with status(console, "evaluating") as phase:
         results = evaluate(backbone, splits, methods, args.targets, args.split, args.batch_size, args.device,
-                           args.repeats, args.bootstrap, args.seed, progress=lambda t: status.update(t),
+                           args.repeats, args.bootstrap, args.seed, progress=lambda t: phase.update(t),
                            length_sort=not args.no_length_sort, query_target=args.query_target)
     results["env"] = env_cfg.name
     out_dir = output_dir(args, env_cfg.name)

@@ -31,9 +31,11 @@ from policy_prune.config import (
     load_agent_config,
     load_env_config,
     override_labels,
+    preset_names,
     read_run_config,
     to_dict,
 )
+from policy_prune.console import status
 from policy_prune.core.budget import QUERY_SHARE
 from policy_prune.embedded import DTYPE_NAMES
 from policy_prune.errors import UserError
@@ -104,7 +106,7 @@ RESUME_FIXED = {"env": "--env", "agent": "--agent", "lam": "--lam", "seed": "--s
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--env", default=None, help=f"env preset name or YAML path (default {DEFAULT_ENV})")
-    p.add_argument("--agent", default=None, help="agent preset name or YAML path (ppo, a2c; default: the env's own, else ppo)")
+    p.add_argument("--agent", default=None, help=f"agent preset name or YAML path ({', '.join(preset_names('agents'))}; default: the env's own, else ppo)")
     p.add_argument("--lam", type=float, default=None, help="compute penalty lambda (overrides the env preset)")
     p.add_argument("--timesteps", type=positive, default=None, help="total environment steps")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
@@ -214,10 +216,10 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_run_config(run_dir)
         if args.timesteps is not None:
             cfg.train.timesteps = args.timesteps
+        refuse_finished(cfg, run_dir)  # first: a finished run given fewer --timesteps than one rollout is finished
         validate(cfg)
         if not (run_dir / "checkpoints" / "last.zip").is_file():
             raise UserError(f"no checkpoint to resume from in {run_dir / 'checkpoints'}")
-        refuse_finished(cfg, run_dir)
     else:
         cfg = resolve_config(args)
         run_dir = new_run_dir(cfg)
@@ -287,7 +289,7 @@ def train(cfg: RunConfig, run_dir: Path, console: Any, resume: bool = False, cal
         progress.start(model.num_timesteps + math.ceil(remaining / rollout) * rollout, model.num_timesteps)
         model.learn(remaining, callback=[own, *callbacks], reset_num_timesteps=not resume, log_interval=1)
     save_checkpoint(model, run_dir / "checkpoints" / "last.zip")
-    with console.status("final validation and scorer export"):
+    with status(console, "final validation and scorer export"):
         summary = final_evaluation(cfg, model, backbone, splits["val"], run_dir)
         export_run_scorer(cfg, model, backbone, run_dir, summary, splits["val"])
     if wandb_run is not None:
@@ -338,7 +340,7 @@ def _warm_start(cfg: RunConfig, model: Any, vec: Any, run_dir: Path, console: An
 
     w = cfg.agent.warm_start
     began = time.perf_counter()
-    with console.status(f"warm start: occlusion values of {w.samples} train samples at site {cfg.env.sites[0]}"):
+    with status(console, f"warm start: occlusion values of {w.samples} train samples at site {cfg.env.sites[0]}"):
         ranking = occlusion_ranking(vec.core, w.samples, w.keep, w.smoothing, cfg.train.seed)
         fitted = warm_start(model.policy.scorer, ranking, w.epochs, w.lr) if fit else {}
     if w.aux_coef:
