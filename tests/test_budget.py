@@ -795,3 +795,16 @@ def test_bench_counts_what_prune_at_flops_runs(tmp_path, capsys) -> None:
     for r in rows:
         if r["rule"] == "keep_ratio":  # fixed counts: what runs is the target, within one token of this tiny model
             assert r["flops_ratio"] == pytest.approx(r["target"], abs=0.04)
+    # A batch larger than --samples runs (and is labelled) as the one smaller batch it is.
+    assert main(["bench", "--what", "budget", "--scorer", str(tmp_path / "scorer"), "--env", str(tmp_path / "env.yaml"),
+                 "--targets", "0.6", "--batch", "32", "--samples", "8", "--out", str(out)]) == 0
+    assert {r["batch"] for r in json.loads(out.read_text())["budget"]} == {8}
+    # The model is --env's, whatever --model says: a scorer of another model is one line that says so.
+    wider = {**TINY_ENV, "backbone": {**TINY_ENV["backbone"], "model_kwargs": {**TINY_ENV["backbone"]["model_kwargs"],
+                                                                               "embed_dim": 48}}}
+    (tmp_path / "wider.yaml").write_text(yaml.safe_dump(wider))
+    capsys.readouterr()
+    assert main(["bench", "--what", "budget", "--scorer", str(tmp_path / "scorer"), "--env", str(tmp_path / "wider.yaml"),
+                 "--model", "minilm"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"counts on --env {tmp_path / 'wider.yaml'}'s model and test split (not --model's)" in err[0]

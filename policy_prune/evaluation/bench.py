@@ -242,17 +242,25 @@ def bench_budget(args: argparse.Namespace) -> list[dict[str, Any]]:
     """``prune(model, scorer, flops=f)`` for every target and rule: the FLOPs ratio that really runs
     (pruned model, scorer included, over the unpruned model on the same test samples), at each batch size."""
     from policy_prune.config import load_env_config
-    from policy_prune.core.artifact import load_scorer
+    from policy_prune.core.artifact import ScorerMismatchError, check_signature, load_scorer
     from policy_prune.embedded import resolve
 
     if args.scorer is None:
         raise UserError("--what budget needs --scorer SCORER_DIR (a trained scorer)")
     scorer = load_scorer(args.scorer)
     backbone, splits = resolve(load_env_config(args.env), seed=args.seed)
+    try:
+        check_signature(scorer, backbone.signature(), strict=False)
+    except ScorerMismatchError:  # --model does not apply here: the model is --env's
+        trained_for = (scorer.meta.get("backbone") or {}).get("architecture", "another model")
+        raise UserError(f"--what budget counts on --env {args.env}'s model and test split (not --model's), and "
+                        f"{args.scorer} was trained for {trained_for}: give --env the env it was trained in "
+                        "(e.g. --env minilm-text)") from None
     test = splits["test"].select(torch.arange(min(args.samples, len(splits["test"]))))
     model = backbone.model
     rows = []
-    for batch in args.batch:
+    for asked in args.batch:
+        batch = min(asked, len(test))  # what runs: --samples below the batch size make one smaller batch
         batches = [test.select(i).inputs for i in torch.arange(len(test)).split(batch)]
         call = (lambda m: (lambda x: m(**x))) if isinstance(test.inputs, dict) else (lambda m: m)
         full = counted_flops(call(model), batches)
