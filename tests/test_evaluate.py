@@ -935,6 +935,20 @@ def test_eval_env_cli_writes_files(tmp_path) -> None:
     assert payload["n_groups"] < payload["n_samples"] or payload["n_samples"] <= 12  # digits rows share sources
 
 
+def test_a_target_given_twice_is_evaluated_once(tmp_path, fake_env) -> None:
+    """--targets 0.6 0.6 scored the one seed twice and pooled the rows as two seeds (runs: 2, a mean row, the
+    across-seeds interval); it is the same eval as --targets 0.6."""
+    run = _run_dir(tmp_path, fake_env, 0)
+    payloads = []
+    for name, targets in (("twice", ["0.6", "0.6"]), ("once", ["0.6"])):
+        assert _cli([str(run), "--methods", "none", "random", "random", "--targets", *targets, "--repeats", "0",
+                     "--bootstrap", "50", "--out", str(tmp_path / name)]) == 0
+        payloads.append(json.loads((tmp_path / name / "pareto.json").read_text()))
+    rows = [[(r["method"], r["target"], r["run"], r["interval"]) for r in payload["results"]] for payload in payloads]
+    assert rows[0] == rows[1] and payloads[0]["targets"] == [0.6] and payloads[0]["runs"] == ["seed 0"]
+    assert len({row[:3] for row in rows[0]}) == len(rows[0])  # each method once per target
+
+
 def test_eval_max_items_caps_every_split(tmp_path, fake_env) -> None:
     out = tmp_path / "out"
     run = _run_dir(tmp_path, fake_env, 0)

@@ -649,8 +649,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=("val", "test"), default="test",
                    help="split to score on (points are always solved on val); develop on val, report test")
     p.add_argument("--out", type=Path, default=None,
-                   help="output folder (default: RUN_DIR/eval, RUN_DIR/eval-val for --split val; several runs or --env: "
-                        "runs/eval__<env>__<time>/eval)")
+                   help="output folder (default: RUN_DIR/eval; several runs or --env: runs/eval__<env>__<time>/eval; "
+                        "eval-val instead of eval for --split val)")
     p.add_argument("--methods", nargs="+", default=list(BASELINES), help=f"baselines to compare ({', '.join(BASELINES)}; a pruning baseline's name + '+merge', e.g. "
                         "similarity-pre+merge: its dropped tokens averaged into their most similar kept ones)")
     p.add_argument("--learned", nargs="+", choices=LEARNED, default=list(DEFAULT_LEARNED),
@@ -716,6 +716,9 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.run_dirs and args.env is None:
         raise UserError("give a RUN_DIR or --env ENV")
+    # A target given twice was evaluated twice and its rows pooled as if they were two seeds (runs: 2, the
+    # across-seeds interval); each target and method is evaluated once.
+    args.targets, args.methods = list(dict.fromkeys(args.targets)), list(dict.fromkeys(args.methods))
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out} is a file; give a folder for pareto.json, table.md and the pictures")
     if args.vis_target is not None and not any(abs(t - args.vis_target) < 1e-9 for t in args.targets):
