@@ -123,6 +123,16 @@ def test_env_shows_the_target_and_charges_its_multiplier(vit, vit_split) -> None
     assert total == pytest.approx(info["task"] - lam * info["flops_ratio"], abs=1e-5)
     obs, info = env.reset()
     assert 0.3 <= info["target"] <= 0.9
+    # A target outside the range put the observation outside its space; NaN failed deep in the multipliers; an
+    # unknown key was ignored: each is one UserError now, as is a target for an env without a budget range.
+    for options, match in (({"target": 5.0}, r"in the env's budget range \[0.3, 0.9\], got 5.0"),
+                           ({"target": float("nan")}, "got nan"), ({"target": "abc"}, "got 'abc'"),
+                           ({"tgt": 0.3}, "unknown 'tgt'")):
+        with pytest.raises(UserError, match=match):
+            env.reset(options=options)
+    with pytest.raises(UserError, match="this env has no budget range"):
+        TokenPruneEnv(vit, vit_split, SITES).reset(options={"target": 0.5})
+    assert env.reset(options={"target": np.float32(0.5)})[1]["target"] == 0.5
 
 
 def test_groups_share_sample_and_target(vit, vit_split) -> None:

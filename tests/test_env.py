@@ -45,7 +45,9 @@ def test_check_env_passes(name: str, task: str) -> None:
     backbone = adapt(tiny.make(name))
     split = tiny.split(name, n=6)
     env = gym.make(ENV_ID, backbone=backbone, split=split, sites=SITES, task=task)
-    gym_check(env.unwrapped, skip_render_check=True)
+    gym_check(env.unwrapped)  # render included: it returns None, Gymnasium's convention without a render mode
+    with pytest.raises(UserError, match="render_mode='human': this env draws nothing"):
+        gym.make(ENV_ID, backbone=backbone, split=split, sites=SITES, task=task, render_mode="human")
     with pytest.warns(UserWarning, match="unconventional shape"):  # token features are [N, F] by design
         sb3_check(TokenPruneEnv(backbone, split, SITES, task=task))
 

@@ -401,7 +401,11 @@ class TokenPruneEnv(gym.Env[dict[str, Any], np.ndarray]):
         budget: Sequence[float] | None = None,
         controller: BudgetController | None = None,
         merge: bool = False,
+        render_mode: str | None = None,
     ) -> None:
+        if render_mode is not None:  # gym.make passes it: one line, not a TypeError
+            raise UserError(f"render_mode={render_mode!r}: this env draws nothing (render modes: none)")
+        self.render_mode = None
         self.core = PruneCore(backbone, split, sites, lam, task, feature_spec, device, budget, controller, merge=merge)
         self.observation_space = self.core.observation_space  # type: ignore[assignment]
         self.action_space = self.core.action_space
@@ -418,13 +422,35 @@ class TokenPruneEnv(gym.Env[dict[str, Any], np.ndarray]):
         else:
             idx = int(self.np_random.integers(len(self.core.split)))
         targets = None
+        target = self._target_option(options)
         if self.core.budget is not None:  # options={"target": f} fixes the budget of this episode
-            target = (options or {}).get("target")
             assert self.core.controller is not None
-            targets = np.array([self.core.controller.draw(self.np_random) if target is None else float(target)])
+            targets = np.array([self.core.controller.draw(self.np_random) if target is None else target])
         obs = self.core.begin(np.array([idx]), targets)
         info: dict[str, Any] = {"sample": idx} if targets is None else {"sample": idx, "target": float(targets[0])}
         return {k: v[0] for k, v in obs.items()}, info
+
+    def _target_option(self, options: dict[str, Any] | None) -> float | None:
+        """``reset(options={"target": f})``: f checked against the env's budget range (a target outside it put the
+        observation outside its space, NaN failed deep in the multipliers, an unknown key was ignored)."""
+        unknown = sorted(set(options or {}) - {"target"})
+        if unknown:
+            raise UserError(f"reset options: unknown {', '.join(map(repr, unknown))} (this env takes 'target')")
+        target = (options or {}).get("target")
+        if target is None:
+            return None
+        if self.core.budget is None:
+            raise UserError("reset options 'target': this env has no budget range (env.reward.budget, or budget=[low, high])")
+        low, high = self.core.budget
+        if isinstance(target, bool) or not isinstance(target, int | float | np.floating | np.integer) \
+                or not low <= float(target) <= high:
+            raise UserError(f"reset options 'target' must be a FLOPs ratio in the env's budget range [{low:g}, {high:g}], "
+                            f"got {target!r}")
+        return float(target)
+
+    def render(self) -> None:
+        """Nothing to draw (``render_mode`` None, Gymnasium's convention: render returns None)."""
+        return None
 
     def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
         obs, rewards, done, infos = self.core.advance(np.asarray(action)[None])
