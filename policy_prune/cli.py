@@ -8,6 +8,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from policy_prune import __version__
 from policy_prune.errors import PolicyPruneError, missing_train_packages
@@ -30,8 +31,16 @@ FILE_SYSTEM_REFUSALS = frozenset({errno.ENOTDIR, errno.EISDIR, errno.EACCES, err
 a full disk): one line, exit 2, like any user mistake."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line, as every other user mistake here (argparse printed its whole
+    usage block, some 15 lines for eval, before the error). The verbs' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="policy-prune",
         description="Learn which tokens a frozen transformer can skip.",
     )

@@ -71,8 +71,9 @@ def test_numbers_out_of_their_domain_are_one_usage_error(argv, capsys) -> None:
         main(argv)
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    last = err.strip().splitlines()[-1]
+    (last,) = err.strip().splitlines()  # one line: argparse's usage block is not printed before it
     assert last.startswith(f"policy-prune {argv[0]}: error: argument ") and "Traceback" not in err
+    assert last.endswith(f"(see policy-prune {argv[0]} --help)")
     assert any(word in last for word in ("(0, 1]", "[0, 1]", "at least", "above 0", "finite", "[-1, 1]"))
 
 
