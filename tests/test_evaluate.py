@@ -949,6 +949,35 @@ def test_a_target_given_twice_is_evaluated_once(tmp_path, fake_env) -> None:
     assert len({row[:3] for row in rows[0]}) == len(rows[0])  # each method once per target
 
 
+def test_an_eval_that_fails_while_writing_leaves_the_previous_eval_whole(tmp_path, fake_env, monkeypatch) -> None:
+    """Outputs are written beside the folder and moved in at the end: a failure while writing (here the picture)
+    leaves the previous eval's files as they were, not its pictures beside the new pareto.json; a later eval
+    replaces all of them, a picture it does not draw included."""
+    run = _run_dir(tmp_path, fake_env, 0)
+    out = tmp_path / "out"
+    common = ["--repeats", "0", "--bootstrap", "50", "--out", str(out)]
+    argv = [str(run), "--methods", "none", "random", "--targets", "0.6", *common]
+    assert _cli(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"pareto.json", "table.md", "pareto.png", "kept.png"}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the picture failed")
+
+    with monkeypatch.context() as m:
+        m.setattr(vis, "draw_kept", broken)
+        with pytest.raises(RuntimeError, match="the picture failed"):
+            _cli([str(run), "--methods", "none", "random", "--targets", "0.5", *common])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", run.name])  # no staging folder left
+    assert _cli(["--env", "digits-vit", "--methods", "none", "--targets", "0.6", *common]) == 0
+    assert {p.name for p in out.iterdir()} == {"pareto.json", "table.md", "pareto.png"}  # the old kept.png is gone
+    (out / "table.md").unlink()
+    (out / "table.md").mkdir()
+    with pytest.raises(UserError, match="table.md there is a folder"):
+        _cli(argv)
+
+
 def test_eval_max_items_caps_every_split(tmp_path, fake_env) -> None:
     out = tmp_path / "out"
     run = _run_dir(tmp_path, fake_env, 0)

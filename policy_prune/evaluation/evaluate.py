@@ -45,10 +45,14 @@ RUN_DIR/eval (RUN_DIR/eval-val for --split val; runs/eval__<env>__<time>/ for se
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import os
 import re
+import shutil
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -701,6 +705,31 @@ def output_dir(args: argparse.Namespace, env_name: str) -> Path:
     return Path("runs") / f"eval__{env_name}__{time.strftime('%Y%m%d-%H%M%S')}" / leaf
 
 
+EVAL_FILES = ("pareto.json", "table.md", "pareto.png", "kept.png", "kept.html")
+"""What an eval writes in its output folder."""
+
+
+@contextlib.contextmanager
+def staged(out_dir: Path) -> Iterator[Path]:
+    """A hidden folder beside ``out_dir`` to write an eval's files in; on success they replace the previous eval's
+    files in ``out_dir`` (all of them: a kept.png of an earlier eval beside this one's tables would be a mix), on
+    failure or interrupt ``out_dir`` is as it was. They were written in place, one after the other: a failure
+    between two left the new pareto.json beside the old pictures."""
+    if (clash := [name for name in EVAL_FILES if (out_dir / name).is_dir()]):
+        raise UserError(f"--out {out_dir}: {', '.join(clash)} there is a folder; eval writes files of that name")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield stage
+        out_dir.mkdir(exist_ok=True)
+        for name in EVAL_FILES:
+            (out_dir / name).unlink(missing_ok=True)
+        for path in stage.iterdir():
+            os.replace(path, out_dir / path.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 def parse_query_target(text: str) -> float | str:
     """``--query-target``: a FLOPs ratio, or "same" (each target)."""
     return SAME if text == SAME else ratio(text)
@@ -753,10 +782,11 @@ def run(args: argparse.Namespace) -> int:
                            length_sort=not args.no_length_sort, query_target=args.query_target)
     results["env"] = env_cfg.name
     out_dir = output_dir(args, env_cfg.name)
-    report.write_outputs(results, out_dir)
     vis_target = args.vis_target if args.vis_target is not None else min(args.targets, key=lambda t: abs(t - 0.5))
-    picture = vis.draw_kept(backbone, methods, results, splits["val"], vis_target, env_cfg.sites, out_dir,
-                            args.vis_samples, tokenizer, args.device)
+    with staged(out_dir) as stage:
+        report.write_outputs(results, stage)
+        picture = vis.draw_kept(backbone, methods, results, splits["val"], vis_target, env_cfg.sites, stage,
+                                args.vis_samples, tokenizer, args.device)
     report.print_tables(results, console)
     console.print(f"wrote {out_dir}/pareto.json, table.md, pareto.png" + (f", {picture.name}" if picture else ""))
     return 0
