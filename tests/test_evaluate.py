@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -842,6 +843,11 @@ def test_eval_refuses_a_run_given_twice(tmp_path, fake_env) -> None:
     for argv in ([str(run), str(run)], [f"a={run}", f"a={tmp_path / '.' / run.name}"], [str(run), f"b={run}"]):
         with pytest.raises(UserError, match="run folder given twice"):
             _cli([*argv, "--methods", "none", "--targets", "0.6", "--repeats", "0"])
+    # A copy of the folder (or the same seed trained twice: the same scorer) is the same seed too.
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    with pytest.raises(UserError, match=f"{run} and {copy} hold the same scorer"):
+        _cli([str(run), str(copy), "--methods", "none", "--targets", "0.6", "--repeats", "0"])
 
 
 def test_eval_two_runs_writes_one_table(tmp_path, fake_env, monkeypatch) -> None:

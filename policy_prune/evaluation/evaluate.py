@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
 import os
 import re
 import shutil
@@ -623,13 +624,20 @@ def env_key(env: Any) -> dict[str, Any]:
 
 
 def check_same_env(runs: Sequence[RunInfo], env: Any = None) -> None:
-    """One clear error when a run folder is given twice, or runs (or --env) differ in backbone, data or sites, or
-    scorers in sites."""
+    """One clear error when a run folder is given twice, two runs of one group hold the same scorer, or runs (or
+    --env) differ in backbone, data or sites, or scorers in sites."""
     seen: dict[Path, Path] = {}
     for r in runs:  # one scorer counted as two seeds would narrow every interval it is in
         if (real := r.path.resolve()) in seen:
             raise UserError(f"run folder given twice: {seen[real]} and {r.path} (each run is one seed)")
         seen[real] = r.path
+    same: dict[tuple[str | None, bytes], Path] = {}
+    for r in runs:  # in one group: a copied run folder, or a seed trained twice (the same seed gives the same scorer)
+        digest = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in r.scorer.net.state_dict().values()))
+        if (weights := (r.group, digest.digest())) in same:
+            raise UserError(f"{same[weights]} and {r.path} hold the same scorer (a copy, or one seed trained twice): "
+                            "each seed counts once")
+        same[weights] = r.path
     ref_name, ref = (("--env", env_key(env)) if env is not None else (str(runs[0].path), env_key(runs[0].env)))
     for r in runs:
         key = env_key(r.env)
