@@ -175,9 +175,12 @@ def export_scorer_onnx(net: TokenScorer, example: tuple[torch.Tensor, torch.Tens
         return
     batch, tokens = torch.export.Dim("batch"), torch.export.Dim("tokens")
     shapes = ({0: batch, 1: tokens}, {0: batch})
-    # One file: the weights inside (a scorer is a few kB), no scorer.onnx.data beside it.
-    torch.onnx.export(net, example, str(path), dynamo=True, dynamic_shapes=shapes, input_names=inputs,
-                      output_names=outputs, external_data=False)
+    # One file: the weights inside (a scorer is a few kB), no scorer.onnx.data beside it. Quiet: the exporter printed
+    # its progress and a warning about the batch axis shared by both inputs (named "batch" either way).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*axis name: batch will not be used")
+        torch.onnx.export(net, example, str(path), dynamo=True, dynamic_shapes=shapes, input_names=inputs,
+                          output_names=outputs, external_data=False, verbose=False)
 
 
 def export_program(net: TokenScorer, example: tuple[torch.Tensor, torch.Tensor], path: Path) -> Path:

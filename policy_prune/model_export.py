@@ -257,6 +257,8 @@ def prepare_run_model(env: Any, args: Any) -> RunModel:
     from policy_prune.embedded import model_inputs
 
     backbone, tokenizer = _run_backbone(env, args.model, args.seed)
+    if tokenizer is None and args.length is not None:  # it was ignored without a word
+        raise UserError(f"--length is a text graph's token length; {backbone.name} takes images")
     out = Path(args.model_out or Path(args.run_dir) / "onnx")
     _check_model_out(out)
     split = _labelled_split(env, backbone, tokenizer, args.check_split) if args.check_split else None

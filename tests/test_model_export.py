@@ -249,6 +249,18 @@ def test_bench_counts_the_padded_widths_that_run() -> None:
     assert flops == pytest.approx(float(backbone.schedule_flops(SITES, kept, 20)) / backbone.full_flops(20))
 
 
+def test_length_is_refused_for_an_image_model(tmp_path) -> None:
+    """--length sets a text graph's token length; on an image run it was ignored without a word."""
+    from tests.test_artifact import _fake_run
+
+    model = tiny.make("hf-vit-classifier")
+    model.save_pretrained(tmp_path / "vit")
+    run = _fake_run(tmp_path, random_scorer(adapt(model), SITES, seed=0), tmp_path / "vit")
+    with pytest.raises(UserError, match="--length is a text graph's token length; .* takes images"):
+        _export_verb([str(run), "--onnx-model", "--flops", "0.6", "--length", "14"])
+    assert not (run / "onnx").exists()
+
+
 @pytest.mark.expensive
 def test_digits_vit_graph_keeps_the_pytorch_accuracy_on_the_test_split(tmp_path) -> None:
     """export RUN --model digits-vit --onnx-model --check-split test, on a random scorer: the path the
