@@ -135,11 +135,28 @@ def to_onnx(module: GraphModel, program: torch.export.ExportedProgram, path: Pat
             custom_translation_table={torch.ops.aten.sort.stable: aten_sort})
         assert onnx_program is not None
         onnx_program.save(str(path))
+        _name_batch_axis(path)
     except Exception as exc:
         raise ExportError(f"cannot write {_describe(module)} as ONNX: {_reason(exc)}; {INSTEAD}") from exc
     finally:
         for log, level in zip(quiet, levels, strict=True):
             log.setLevel(level)
+
+
+def _name_batch_axis(path: Path) -> None:
+    """The exporter names the dynamic batch dimension after its internal symbol (``s77``): call it ``batch``, as
+    ``Dim("batch")`` did, everywhere that symbol stands (inputs, outputs, intermediate shapes)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    symbol = model.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    if not symbol or symbol == "batch":
+        return
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param == symbol:
+                dim.dim_param = "batch"
+    onnx.save(model, str(path))
 
 
 def onnx_session(path: str | Path, threads: int | None = None) -> Any:

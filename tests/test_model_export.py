@@ -110,6 +110,10 @@ def test_a_merging_scorer_exports_with_its_merge_in_the_graph(tmp_path, family) 
     text = family == "hf-bert"
     x = _text(3, seed=0) if text else tiny.inputs(family, batch=1, seed=0)
     assert export_onnx(fast, x, tmp_path / "model.onnx") <= 1e-4
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "model.onnx")).graph  # the dynamic batch axis is named, not the exporter's s77
+    assert {v.type.tensor_type.shape.dim[0].dim_param for v in [*graph.input, *graph.output]} == {"batch"}
     session, module = onnx_session(tmp_path / "model.onnx"), GraphModel(fast)
     unmerged = GraphModel(prune(model, dataclasses.replace(scorer, merge=False), keep_ratio=[0.6, 0.5]))
     for batch, seed in ((1, 5), (6, 6)):
