@@ -114,12 +114,13 @@ def test_resume_after_sigkill(presets, tmp_path, capsys) -> None:
     assert json.loads(scorer_json.read_text())["meta"]["timesteps"] == steps
 
 
-def test_wandb_offline_run_has_pruning_metrics(presets, tmp_path) -> None:
+def test_wandb_offline_run_has_pruning_metrics(presets, tmp_path, capsys) -> None:
     wandb_dir = Path(os.environ["WANDB_DIR"])
     before = set(wandb_dir.rglob("*.wandb"))
     assert main(_train_args(presets, tmp_path / "runs", "--timesteps", "64", "--track", "wandb")) == 0
     new = set(wandb_dir.rglob("*.wandb")) - before
     assert len(new) == 1
+    assert f"W&B: offline run in {next(iter(new)).parent}" in capsys.readouterr().out  # where the records are
     keys = (b"prune/flops_ratio", b"prune/task", b"eval/return", b"train/value_loss")
     # wandb's service process writes the offline file; on a loaded machine the records can land a moment after
     # finish() returns (a CI run read only the file's header once), so wait for them up to 30 s.
@@ -167,3 +168,39 @@ def test_user_errors_exit_2_and_leave_no_run(presets, tmp_path, capsys, extra, m
 def test_resume_of_non_run_is_user_error(tmp_path, capsys) -> None:
     assert main(["train", "--resume", str(tmp_path)]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+def test_wandb_summary_of_a_budget_run_names_each_target_and_its_split(tmp_path) -> None:
+    """A budget-conditioned run's summary has one learned row per target ("learned@0.5"): log_summary read
+    methods["learned"] and every such run (minilm-text's preset among them) ended in a KeyError under --track wandb;
+    and it labelled train's val numbers "test"."""
+    from policy_prune.training.tracking import log_summary
+
+    class Run:
+        id = "abc"
+
+        def __init__(self) -> None:
+            self.logged: dict = {}
+            self.summary: dict = {}
+            self.artifacts: list = []
+
+        def log(self, data: dict) -> None:
+            self.logged.update(data)
+
+        def log_artifact(self, artifact) -> None:
+            self.artifacts.append(artifact)
+
+    m = {"return": 0.1, "task": 0.9, "flops_ratio": 0.5, "keep_ratio": [0.5, 1.0]}
+    budget = {"split": "val", "lam": {"per": "budget"}, "methods": {"learned@0.5": m, "learned@0.7": {**m, "task": 0.95},
+                                                                      "random-same-ratio@0.5": m}}
+    (tmp_path / "scorer").mkdir()
+    (tmp_path / "scorer" / "scorer.json").write_text("{}")
+    run = Run()
+    log_summary(run, tmp_path, budget)
+    assert set(run.logged) == {"val/table", "val/pareto"}
+    assert run.summary == {"val/learned@0.5/return": 0.1, "val/learned@0.5/task": 0.9, "val/learned@0.5/flops_ratio": 0.5,
+                           "val/learned@0.7/return": 0.1, "val/learned@0.7/task": 0.95, "val/learned@0.7/flops_ratio": 0.5}
+    assert len(run.artifacts) == 1
+    one = Run()
+    log_summary(one, tmp_path, {"split": "val", "lam": 0.3, "methods": {"learned": m}})
+    assert one.summary == {"val/return": 0.1, "val/task": 0.9, "val/flops_ratio": 0.5}

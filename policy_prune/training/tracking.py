@@ -108,10 +108,14 @@ def start_wandb(config: dict[str, Any], run_dir: Path, name: str, console: Any, 
         settings=wandb.Settings(init_timeout=30, silent=True),
     )
     try:
-        return wandb.init(mode=mode, **kwargs)
+        run = wandb.init(mode=mode, **kwargs)
     except Exception as exc:  # network down or service unreachable: never block training on tracking
         console.print(f"[yellow]W&B: cannot reach the server ({type(exc).__name__}); logging offline.[/]")
-        return wandb.init(mode="offline", **kwargs)
+        run = wandb.init(mode="offline", **kwargs)
+    if getattr(run, "offline", False):  # silent=True: say where the records go (the run folder holds only its id)
+        console.print(f"W&B: offline run in {Path(run.dir).parent} (`wandb sync {Path(run.dir).parent}` uploads it)",
+                      markup=False)
+    return run
 
 
 def _has_wandb_login() -> bool:
@@ -126,16 +130,22 @@ def log_summary(run: Any, run_dir: Path, summary: dict[str, Any]) -> None:
     the exported scorer as a model artifact."""
     import wandb
 
+    # The split the summary was measured on (train's final evaluation: val), not "test" as it was labelled.
+    split = summary.get("split", "val")
     columns: list[Any] = ["policy", "return", "task", "flops_ratio", "agreement", "accuracy"]
     table = wandb.Table(columns=columns)
     for name, m in summary["methods"].items():
         table.add_data(name, *(m.get(c) for c in columns[1:]))
-    run.log({"test/table": table,
-             "test/pareto": wandb.plot.scatter(table, "flops_ratio", "task", title="task vs FLOPs ratio (test)")})
-    learned = summary["methods"]["learned"]
-    run.summary.update({f"test/{k}": v for k, v in learned.items() if isinstance(v, (int, float))})
+    run.log({f"{split}/table": table,
+             f"{split}/pareto": wandb.plot.scatter(table, "flops_ratio", "task", title=f"task vs FLOPs ratio ({split})")})
+    # One learned row ("learned") at one lambda, one per target ("learned@0.5") for a budget-conditioned run: the
+    # single-lambda key alone crashed every budget run at its end (minilm-text's preset among them).
+    learned = {name: m for name, m in summary["methods"].items() if name == "learned" or name.startswith("learned@")}
+    prefix = {name: f"{split}/" if name == "learned" else f"{split}/{name}/" for name in learned}
+    headline = {f"{prefix[name]}{k}": v for name, m in learned.items() for k, v in m.items() if isinstance(v, int | float)}
+    run.summary.update(headline)
     scorer_dir = run_dir / "scorer"
     if scorer_dir.is_dir():
-        artifact = wandb.Artifact(f"scorer-{run.id}", type="model", metadata={"lam": summary["lam"], **learned})
+        artifact = wandb.Artifact(f"scorer-{run.id}", type="model", metadata={"lam": summary["lam"], **headline})
         artifact.add_dir(str(scorer_dir))
         run.log_artifact(artifact)
