@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -69,6 +70,29 @@ def test_imagefolder_errors(tmp_path) -> None:
     (tmp_path / "empty" / "cat").mkdir(parents=True)
     with pytest.raises(UserError, match="no images"):
         load_splits(_env(f"imagefolder:{tmp_path / 'empty'}"), seed=0)
+
+
+def test_imagefolder_mistakes_that_gave_wrong_labels_or_a_traceback(tmp_path, backbone) -> None:
+    """An empty class folder shifted every later label (a trained run then scored 0.000 without a word); one class,
+    or more classes than the model's outputs, trained as if fine; a broken image was PIL's traceback."""
+    _write_images(tmp_path / "gap", per_class=4)
+    (tmp_path / "gap" / "amber").mkdir()  # sorts first: every real class's label would move up by one
+    with pytest.raises(UserError, match="class folder without images: amber"):
+        load_splits(_env(f"imagefolder:{tmp_path / 'gap'}"), seed=0, backbone=backbone)
+    _write_images(tmp_path / "one", per_class=4)
+    for name in ("green", "red"):
+        shutil.rmtree(tmp_path / "one" / name)
+    with pytest.raises(UserError, match=r"one class folder \(blue\)"):
+        load_splits(_env(f"imagefolder:{tmp_path / 'one'}"), seed=0, backbone=backbone)
+    _write_images(tmp_path / "many", per_class=4)
+    for extra in ("a", "b", "c"):  # 6 classes for the tiny model's 5 outputs
+        shutil.copytree(tmp_path / "many" / "red", tmp_path / "many" / extra)
+    with pytest.raises(UserError, match="6 class folders, but the model's head has 5 outputs"):
+        load_splits(_env(f"imagefolder:{tmp_path / 'many'}"), seed=0, backbone=backbone)
+    _write_images(tmp_path / "broken", per_class=4)
+    (tmp_path / "broken" / "red" / "9.png").write_text("not an image")
+    with pytest.raises(UserError, match=r"9.png: not a readable image \(UnidentifiedImageError\)"):
+        load_splits(_env(f"imagefolder:{tmp_path / 'broken'}", max_samples=None), seed=0, backbone=backbone)
 
 
 def test_carve_is_stratified_and_disjoint() -> None:

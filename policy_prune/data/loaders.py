@@ -108,7 +108,11 @@ def stack_images(images: Sequence[Any], transform: Callable[[Any], torch.Tensor]
 
     def one(item: Any) -> torch.Tensor:
         if isinstance(item, str | Path):
-            with Image.open(item) as img:
+            try:
+                img = Image.open(item)
+            except (OSError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
+                raise UserError(f"{item}: not a readable image ({type(exc).__name__}); remove it from the folder") from None
+            with img:
                 return transform(img)
         return transform(item)
 
@@ -148,6 +152,14 @@ def imagefolder_files(root: Path, opts: SplitOptions) -> dict[str, tuple[list[Pa
     per_split = {s: _class_files(d, classes) for s, d in dirs.items()}
     if not len(per_split["train"][0]):
         raise UserError(f"{dirs['train']}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in the class folders")
+    # A class folder is a label by its place in the sorted list: an empty one shifted every label after it (a
+    # 3-class model scored 0.000 without a word), and one class is no classification.
+    empty = [c for i, c in enumerate(classes) if not (per_split["train"][1] == i).any()]
+    if empty:
+        raise UserError(f"{dirs['train']}: class folder{'s' if len(empty) > 1 else ''} without images: {', '.join(empty)} "
+                        "(each subfolder is a class, its label its place in sorted order; remove it or add images)")
+    if len(classes) < 2:
+        raise UserError(f"{dirs['train']}: one class folder ({classes[0]}); a classifier's folder holds one subfolder per class")
     missing = [s for s in ("val", "test") if s not in per_split]
     if missing:
         files, labels = per_split["train"]
@@ -159,7 +171,13 @@ def imagefolder_files(root: Path, opts: SplitOptions) -> dict[str, tuple[list[Pa
 def load_imagefolder(cfg: DataConfig, seed: int, backbone: Any = None, tokenizer: Any = None) -> dict[str, Split]:
     """``imagefolder:<path>``: labelled image splits, preprocessed for ``backbone``."""
     opts = split_options(cfg)
-    per_split = imagefolder_files(Path(cfg.dataset.removeprefix("imagefolder:")).expanduser(), opts)
+    root = Path(cfg.dataset.removeprefix("imagefolder:")).expanduser()
+    per_split = imagefolder_files(root, opts)
+    outputs = getattr(getattr(backbone, "model", None), "num_classes", None)
+    classes = int(per_split["train"][1].max()) + 1
+    if isinstance(outputs, int) and 0 < outputs < classes:  # labels past the head's outputs: accuracy is meaningless
+        raise UserError(f"{root}: {classes} class folders, but the model's head has {outputs} outputs "
+                        "(env.backbone.model_kwargs.num_classes)")
     transform = image_transform(cfg, backbone)
     out = {}
     for split in SPLIT_NAMES:
