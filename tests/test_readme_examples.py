@@ -70,7 +70,9 @@ def test_readme_own_text_model_and_jsonl_corpus(tmp_path, monkeypatch) -> None:
     assert main([*args, *SHORT]) == 0
     (run,) = (tmp_path / "runs").iterdir()
     config = yaml.safe_load((run / "config.yaml").read_text())
-    assert config["env"]["backbone"]["spec"] == "my-encoder" and config["env"]["data"]["dataset"] == "hf:my-corpus"
+    # The local paths as typed, made absolute: the run folder is read again from any directory (eval, export, resume).
+    assert config["env"]["backbone"]["spec"] == str(tmp_path / "my-encoder")
+    assert config["env"]["data"]["dataset"] == f"hf:{tmp_path / 'my-corpus'}"
     assert config["env"]["data"]["options"] == {} and config["env"]["reward"]["task"] == "cosine"
     scorer = json.loads((run / "scorer" / "scorer.json").read_text())
     assert scorer["backbone"]["depth"] == 6 and scorer["sites"] == load_env_config("minilm-text").sites
@@ -94,9 +96,17 @@ def test_readme_own_timm_checkpoint_and_image_folder(tmp_path, monkeypatch) -> N
     assert main([*readme_commands()["custom-timm-imagefolder"], *SHORT]) == 0
     (run,) = (tmp_path / "runs").iterdir()
     config = yaml.safe_load((run / "config.yaml").read_text())
-    assert config["env"]["backbone"]["checkpoint"] == "my-vit.safetensors"
-    assert config["env"]["data"]["dataset"] == "imagefolder:my-images"
+    assert config["env"]["backbone"]["checkpoint"] == str(tmp_path / "my-vit.safetensors")
+    assert config["env"]["data"]["dataset"] == f"imagefolder:{tmp_path / 'my-images'}"
     assert (run / "scorer" / "scorer.safetensors").is_file()
+    # From another directory the run's model and data are still its own ("checkpoint not found" before).
+    from policy_prune.embedded import resolve
+    from policy_prune.training.train import load_run_config
+
+    monkeypatch.chdir(tmp_path.parent)
+    backbone, splits = resolve(load_run_config(run).env, seed=0)
+    assert backbone.signature() == json.loads((run / "scorer" / "scorer.json").read_text())["backbone"]
+    assert len(splits["test"]) == 3
 
 
 def test_readme_gymnasium_example_runs_as_written(capsys) -> None:

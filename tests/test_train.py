@@ -204,3 +204,24 @@ def test_wandb_summary_of_a_budget_run_names_each_target_and_its_split(tmp_path)
     one = Run()
     log_summary(one, tmp_path, {"split": "val", "lam": 0.3, "methods": {"learned": m}})
     assert one.summary == {"val/return": 0.1, "val/task": 0.9, "val/flops_ratio": 0.5}
+
+
+def test_local_paths_of_a_new_run_are_made_absolute_and_names_stay(tmp_path, monkeypatch) -> None:
+    from policy_prune.config import load_env_config
+    from policy_prune.training.train import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    for folder in ("corpus", "imgs", "minilm", "enc"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "w.safetensors").write_text("x")
+    env = load_env_config("minilm-text", ["data.dataset=hf:corpus:default:train", "backbone.checkpoint=w.safetensors",
+                                          "backbone.spec=hf:enc"])
+    absolute_paths(env)
+    assert env.data.dataset == f"hf:{tmp_path / 'corpus'}:default:train" and env.backbone.spec == f"hf:{tmp_path / 'enc'}"
+    assert env.backbone.checkpoint == str(tmp_path / "w.safetensors")
+    # Hub ids, embedded and registry names stay as written, even where a folder of that name happens to exist.
+    for spec, dataset in (("minilm", "python-docs"), ("hf:org/no-such-model", "hf:org/no-such-corpus"),
+                          ("vit_tiny_patch16_224", "imagefolder:no-such-folder")):
+        env = load_env_config("minilm-text", [f"backbone.spec={spec}", f"data.dataset={dataset}"])
+        absolute_paths(env)
+        assert (env.backbone.spec, env.data.dataset) == (spec, dataset)

@@ -144,9 +144,35 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     train_cfg = from_dict(TrainConfig, apply_overrides(train_raw, train_over), "train", override_labels(train_over, "--set train."))
     if args.lam is not None:
         env_cfg.reward.lam = args.lam
+    absolute_paths(env_cfg)
     cfg = RunConfig(env_cfg, agent_cfg, train_cfg, Path(agent_name).stem)
     validate(cfg)
     return cfg
+
+
+def absolute_paths(env: EnvConfig) -> None:
+    """The env's local paths (a model folder, a checkpoint, an ``hf:`` or ``imagefolder:`` data folder) made
+    absolute, in place: the run folder's config.yaml is read again by eval, export and --resume from any directory
+    (from another one they said "unknown backbone 'my-encoder'"). Names that are no local path (hub ids, timm and
+    embedded names, registry datasets) stay as written."""
+    from policy_prune.core.embedded_models import DIGITS_VIT, MINILM_SPECS
+
+    if env.backbone.spec not in (DIGITS_VIT, *MINILM_SPECS):
+        env.backbone.spec = _absolute(env.backbone.spec, ("hf:", ""))
+    if env.backbone.checkpoint:
+        env.backbone.checkpoint = _absolute(env.backbone.checkpoint, ("",))
+    env.data.dataset = _absolute(env.data.dataset, ("hf:", "imagefolder:"))
+
+
+def _absolute(ref: str, prefixes: tuple[str, ...]) -> str:
+    """``ref`` with its path (after one of ``prefixes``; for "hf:" up to its ":config:split") made absolute where
+    it exists here; else ``ref``."""
+    prefix = next((p for p in prefixes if ref.startswith(p)), None)
+    if prefix is None:
+        return ref
+    name, sep, tail = ref[len(prefix):].partition(":") if prefix == "hf:" else (ref[len(prefix):], "", "")
+    path = Path(name).expanduser()
+    return f"{prefix}{path.resolve()}{sep}{tail}" if name and path.exists() else ref
 
 
 def validate(cfg: RunConfig) -> None:
