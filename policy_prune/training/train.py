@@ -36,6 +36,7 @@ from policy_prune.config import (
     to_dict,
 )
 from policy_prune.console import status
+from policy_prune.core import hub
 from policy_prune.core.budget import QUERY_SHARE
 from policy_prune.embedded import DTYPE_NAMES
 from policy_prune.errors import UserError
@@ -156,23 +157,26 @@ def absolute_paths(env: EnvConfig) -> None:
     (from another one they said "unknown backbone 'my-encoder'"). Names that are no local path (hub ids, timm and
     embedded names, registry datasets) stay as written."""
     from policy_prune.core.embedded_models import DIGITS_VIT, MINILM_SPECS
+    from policy_prune.data.loaders import parse_hf_spec
 
     if env.backbone.spec not in (DIGITS_VIT, *MINILM_SPECS):
-        env.backbone.spec = _absolute(env.backbone.spec, ("hf:", ""))
+        env.backbone.spec = _absolute(env.backbone.spec)
     if env.backbone.checkpoint:
-        env.backbone.checkpoint = _absolute(env.backbone.checkpoint, ("",))
-    env.data.dataset = _absolute(env.data.dataset, ("hf:", "imagefolder:"))
+        env.backbone.checkpoint = _absolute(env.backbone.checkpoint)
+    dataset = env.data.dataset
+    if dataset.startswith("hf:"):  # hf:<name>[:<config>][:<split>], read by the loader's own parser
+        name, config, split = parse_hf_spec(dataset)
+        env.data.dataset = ":".join([_absolute(f"hf:{name}"), config or "", split or ""]).rstrip(":")
+    elif dataset.startswith("imagefolder:"):
+        env.data.dataset = "imagefolder:" + _absolute(dataset.removeprefix("imagefolder:"))
 
 
-def _absolute(ref: str, prefixes: tuple[str, ...]) -> str:
-    """``ref`` with its path (after one of ``prefixes``; for "hf:" up to its ":config:split") made absolute where
-    it exists here; else ``ref``."""
-    prefix = next((p for p in prefixes if ref.startswith(p)), None)
-    if prefix is None:
+def _absolute(ref: str) -> str:
+    """``ref`` (a path, or ``hf:`` and a path) with its path made absolute where it exists here, else ``ref``."""
+    path = Path(hub.model_ref(ref))
+    if not ref.removeprefix("hf:") or not hub.is_local(path):
         return ref
-    name, sep, tail = ref[len(prefix):].partition(":") if prefix == "hf:" else (ref[len(prefix):], "", "")
-    path = Path(name).expanduser()
-    return f"{prefix}{path.resolve()}{sep}{tail}" if name and path.exists() else ref
+    return ("hf:" if ref.startswith("hf:") else "") + str(path.resolve())
 
 
 def validate(cfg: RunConfig) -> None:
