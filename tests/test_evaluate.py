@@ -1037,3 +1037,13 @@ def test_timing_runs_batches_and_single_rows_spread_over_the_split(vit, splits, 
     assert all(torch.equal(got, want[:1]) for got, want in zip(seen[3:], batches, strict=True))  # every batch's first row
     assert rows[0]["ms_b64"] == pytest.approx(1e3 * 0.012 / 6) and rows[0]["ms_b1"] == pytest.approx(1e3 * 0.012 / 8)
     assert rows[0]["speedup_b64"] == pytest.approx(2.0) and rows[0]["speedup_b1"] == pytest.approx(2.0)
+
+
+def test_runs_that_differ_only_in_their_training_rows_are_compared() -> None:
+    """train_queries changes the train split alone (val and test keep passages as rows): such runs share an env."""
+    from policy_prune.config import load_env_config
+    from policy_prune.evaluation.evaluate import env_key
+
+    plain = env_key(load_env_config("minilm-text"))
+    assert env_key(load_env_config("minilm-text", ["data.options.train_queries=true"])) == plain
+    assert env_key(load_env_config("minilm-text", ["data.options.max_words=48"])) != plain

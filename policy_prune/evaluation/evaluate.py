@@ -616,11 +616,14 @@ def load_run(run_dir: Path, group: str | None = None) -> RunInfo:
 
 
 def env_key(env: Any) -> dict[str, Any]:
-    """What runs must share to be compared as seeds: backbone, data and sites."""
+    """What runs must share to be compared as seeds: backbone, data (but for options that change only the training
+    rows, which no eval reads) and sites."""
     from policy_prune.config import to_dict
+    from policy_prune.data.text import TRAIN_ROWS_ONLY
 
     d = to_dict(env)
-    return {"backbone": d["backbone"], "data": d["data"], "sites": d["sites"]}
+    data = dict(d["data"], options={k: v for k, v in (d["data"].get("options") or {}).items() if k not in TRAIN_ROWS_ONLY})
+    return {"backbone": d["backbone"], "data": data, "sites": d["sites"]}
 
 
 def check_same_env(runs: Sequence[RunInfo], env: Any = None) -> None:

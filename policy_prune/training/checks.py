@@ -109,7 +109,7 @@ def check_env(env: Any) -> None:
     """Reward, sites and data of an env preset; the backbone is described, never loaded."""
     from policy_prune.data import get_builder
     from policy_prune.embedded import describe_backbone
-    from policy_prune.training.env import LOGIT_TASKS, TASKS
+    from policy_prune.training.env import EMBEDDING_TASKS, LOGIT_TASKS, TASKS
 
     lam = env.reward.lam
     if not (math.isfinite(lam) and lam >= 0):
@@ -142,9 +142,12 @@ def check_env(env: Any) -> None:
     task = env.reward.task
     if kind == "embedding" and task in LOGIT_TASKS:
         raise ConfigError(f"env.reward.task {task!r} needs a classifier; {env.backbone.spec} outputs embeddings (use 'cosine')")
-    if kind == "logits" and task == "cosine":
-        raise ConfigError(f"env.reward.task 'cosine' is for embedding models; {env.backbone.spec} is a classifier "
+    if kind == "logits" and task in EMBEDDING_TASKS:
+        raise ConfigError(f"env.reward.task {task!r} is for embedding models; {env.backbone.spec} is a classifier "
                           f"(use one of {', '.join(LOGIT_TASKS)})")
+    if task == "retrieval" and not (env.data.options or {}).get("train_queries"):
+        raise ConfigError("env.reward.task 'retrieval' rewards the retrieval queries among the training rows: "
+                          "set env.data.options.train_queries: true (a text dataset with queries, e.g. python-docs)")
     folder = env.data.dataset.removeprefix("imagefolder:")
     if folder != env.data.dataset and not Path(folder).is_dir():
         raise ConfigError(f"env.data.dataset: image folder not found: {folder}")

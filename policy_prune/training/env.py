@@ -13,6 +13,7 @@ so the compute penalties of an episode sum to exactly lam * (FLOPs used / full F
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,10 +32,15 @@ from policy_prune.errors import UserError
 from policy_prune.training.budget import BudgetController
 
 ENV_ID = "PolicyPrune/TokenPrune-v0"
-TASKS = ("teacher_kl", "teacher_agree", "label_ce", "label_prob", "label_acc", "cosine")
+TASKS = ("teacher_kl", "teacher_agree", "label_ce", "label_prob", "label_acc", "cosine", "retrieval")
 LOGIT_TASKS = ("teacher_kl", "teacher_agree", "label_ce", "label_prob", "label_acc")
 LABEL_TASKS = ("label_ce", "label_prob", "label_acc")
+EMBEDDING_TASKS = ("cosine", "retrieval")
 TASK_FLOOR = -10.0  # KL / CE terms are clipped here so one bad episode cannot dominate a PPO batch
+RETRIEVAL_BANK = 1024
+"""Task ``retrieval``: passages of the split a query's relevant ones compete with (a seeded sample)."""
+RETRIEVAL_TEMPERATURE = 0.05
+"""Task ``retrieval``: the softmax temperature over cosine similarities (a contrastive encoder's usual one)."""
 
 
 def task_term(task: str, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
@@ -99,6 +105,7 @@ class PruneCore:
             raise UserError(f"task {task!r} needs a classifier; this backbone outputs embeddings (use 'cosine')")
         if len(split) == 0:
             raise UserError("the dataset split is empty")
+        self.retrieval = RetrievalTerm(split) if task == "retrieval" else None
         self.backbone = backbone.to(device)
         self.merge = merge
         self.split = split
@@ -257,7 +264,10 @@ class PruneCore:
         out = self.backbone.head(self.state).float()
         teacher = self.teacher(self.idx)
         labels = None if self.split.labels is None else self.split.labels[self.idx].to(self.device)
-        task = task_term(self.task, out, teacher, labels).double().cpu()
+        task = task_term(self.task, out, teacher, labels)
+        if self.retrieval is not None:
+            task = self.retrieval.apply(self.idx, out, teacher, task, self.teacher)
+        task = task.double().cpu()
         agree = (out.argmax(-1) == teacher.argmax(-1)).cpu() if self.backbone.output_kind == "logits" else None
         correct = (out.argmax(-1).cpu() == labels.cpu()) if labels is not None and agree is not None else None
         cosine = torch.nn.functional.cosine_similarity(out, teacher, dim=-1).cpu()
@@ -281,6 +291,51 @@ class PruneCore:
                 info["agreement"] = float(agree[i])
             if correct is not None:
                 info["accuracy"] = float(correct[i])
+        return task
+
+
+class RetrievalTerm:
+    """Task ``retrieval``: the query rows' reward is the probability of their relevant passages gained over the
+    unpruned query (softmax over cosine similarities to the unpruned embeddings of the relevant passages and of
+    a seeded bank of the split's passages, at RETRIEVAL_TEMPERATURE); passage rows keep the cosine.
+
+    The split holds its retrieval queries as rows after its passages (``data.options.train_queries``), ``kinds``
+    naming them, and ``relevant`` pairs (query, passage row). Cosine to the unpruned embedding weighs every
+    direction alike; retrieval needs the directions that tell one passage from another.
+    """
+
+    def __init__(self, split: Any, bank: int = RETRIEVAL_BANK, seed: int = 0) -> None:
+        kinds, relevant = getattr(split, "kinds", None), getattr(split, "relevant", None)
+        if relevant is None:
+            raise UserError(f"task 'retrieval' needs a dataset with a retrieval task (queries and their relevant "
+                            f"passages); split {getattr(split, 'name', '?')!r} has none")
+        # A split whose rows are all passages (val, test: their queries are a task of their own) scores cosine.
+        queries = [i for i, k in enumerate(kinds or []) if k != "passage"] if kinds is not None else []
+        passages = torch.tensor([i for i, k in enumerate(kinds or []) if k == "passage"], dtype=torch.long)
+        self.query_of = torch.full((len(split),), -1, dtype=torch.long)
+        self.query_of[torch.tensor(queries, dtype=torch.long)] = torch.arange(len(queries))
+        order = relevant[:, 0].argsort(stable=True)
+        self.pairs = relevant[order]
+        self.starts = torch.searchsorted(self.pairs[:, 0].contiguous(), torch.arange(len(queries) + 1))
+        g = torch.Generator().manual_seed(seed)
+        self.bank = passages[torch.randperm(len(passages), generator=g)[:bank]].sort().values
+
+    def apply(self, idx: torch.Tensor, out: torch.Tensor, teacher: torch.Tensor, task: torch.Tensor,
+              embed: Any) -> torch.Tensor:
+        """``task`` [B] with its query rows' terms replaced; ``embed(rows)``: the unpruned embeddings of rows."""
+        q = self.query_of[idx.cpu()]
+        if not bool((q >= 0).any()):
+            return task
+        unit = functools.partial(torch.nn.functional.normalize, dim=-1)
+        bank = unit(embed(self.bank).float())
+        task = task.clone()
+        for i in (q >= 0).nonzero().squeeze(1).tolist():
+            rel = self.pairs[self.starts[q[i]]:self.starts[q[i] + 1], 1]
+            rival = bank[~torch.isin(self.bank, rel).to(bank.device)]
+            keys = torch.cat([unit(embed(rel).float()), rival])
+            pair = unit(torch.stack([out[i].float(), teacher[i].float()]))
+            prob = ((pair @ keys.T) / RETRIEVAL_TEMPERATURE).softmax(-1)[:, : len(rel)].sum(-1)
+            task[i] = prob[0] - prob[1]
         return task
 
 
