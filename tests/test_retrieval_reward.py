@@ -94,3 +94,15 @@ def test_env_rewards_query_rows_for_retrieval_on_minilm() -> None:
     # The env that validates on val (rows: passages only) scores cosine with the same task.
     val = PruneCore(backbone, splits["val"], [0, 1], task="retrieval")
     assert val.retrieval is not None and not bool((val.retrieval.query_of >= 0).any())
+
+
+def test_the_minilm_retrieval_preset_is_minilm_text_with_the_retrieval_reward() -> None:
+    from policy_prune.config import to_dict
+    from policy_prune.training.checks import check_env
+
+    text, retrieval = to_dict(load_env_config("minilm-text")), to_dict(load_env_config("minilm-retrieval"))
+    assert retrieval["reward"]["task"] == "retrieval" and retrieval["data"]["options"]["train_queries"] is True
+    check_env(load_env_config("minilm-retrieval"))
+    retrieval["reward"]["task"] = "cosine"
+    del retrieval["data"]["options"]["train_queries"]
+    assert {**retrieval, "name": text["name"]} == text  # the same model, data, sites, merging, budgets and train
