@@ -39,9 +39,9 @@ from policy_prune.errors import UserError
 SOURCES = ("topics", "stdlib")
 QUERY_KINDS = ("title", "summary", "name")
 MAX_SUMMARY_WORDS = 40
+"""A first sentence longer than this is not a summary line: the docstring stays whole, with no summary query."""
 TRAIN_ROWS_ONLY = ("train_queries",)
 """Options that change the train split's rows alone: runs that differ only in these are evaluated side by side."""
-"""A first sentence longer than this is not a summary line: the docstring stays whole, with no summary query."""
 
 
 @dataclass

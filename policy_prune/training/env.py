@@ -310,7 +310,7 @@ class RetrievalTerm:
             raise UserError(f"task 'retrieval' needs a dataset with a retrieval task (queries and their relevant "
                             f"passages); split {getattr(split, 'name', '?')!r} has none")
         # A split whose rows are all passages (val, test: their queries are a task of their own) scores cosine.
-        queries = [i for i, k in enumerate(kinds or []) if k != "passage"] if kinds is not None else []
+        queries = [i for i, k in enumerate(kinds or []) if k != "passage"]
         passages = torch.tensor([i for i, k in enumerate(kinds or []) if k == "passage"], dtype=torch.long)
         self.query_of = torch.full((len(split),), -1, dtype=torch.long)
         self.query_of[torch.tensor(queries, dtype=torch.long)] = torch.arange(len(queries))
