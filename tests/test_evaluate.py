@@ -728,6 +728,31 @@ def test_split_pairs_script_scores_every_pair_and_chooses_as_calibration(bert, t
             assert 1 - fidelity <= (1 + loss) * (1 - each[1]) + 1e-9 and recall >= each[0] - 1e-9
         assert chosen[1.0][p.flops][2] >= chosen[SPLIT_LOSS][p.flops][2] >= chosen[0.0][p.flops][2] - 1e-9
         assert not math.isnan(chosen[0.0][p.flops][2])
+    # retrieval_splits at another loss writes that loss's choice
+    strict = retrieval_splits(scorer, bert, val_split, 0.3, "cpu", batch_size=5, loss=0.0)
+    assert [chosen[0.0][p.flops][:2] for p in strict.calibration] == \
+        [(p.split["query"], p.split["document"]) for p in strict.calibration]
+    assert strict.calibration != written.calibration  # the tiny split's choice moves with the loss
+
+
+def test_calibration_splits_at_the_runs_own_loss(bert, text_splits, monkeypatch) -> None:
+    """A retrieval run's calibration splits one total at its train.split_loss (a preset's own), not at SPLIT_LOSS."""
+    from policy_prune.core.budget import BudgetInput
+    from policy_prune.core.calibration import SPLIT_LOSS
+    from policy_prune.training import train
+
+    seen = []
+    monkeypatch.setattr(train, "retrieval_splits", lambda *a, **k: seen.append(k["loss"]) or a[0].budget)
+    scorer = random_scorer(bert, SITES, seed=0, hidden=(16,), budget=BudgetInput.over(0.4, 0.9))
+    cfg = train.RunConfig()
+    cfg.env.reward.budget = [0.4, 0.9]
+    cfg.train.calibration_samples, cfg.train.calibration_step = 10, 0.5
+    for loss in (None, 0.05):
+        if loss is not None:
+            cfg.train.split_loss = loss
+        budget = train.calibrated_budget(cfg, scorer, bert, text_splits["val"])
+        assert budget.tasks and [p.flops for p in budget.calibration] == [0.4, 0.9]
+    assert seen == [SPLIT_LOSS, 0.05]
 
 
 def test_deployed_call_on_one_kind_of_input_alone_runs_the_plan_for_it(bert) -> None:

@@ -39,6 +39,7 @@ TRAIN_MISTAKES = {
     "validation budget out of range": (["--set", "train.eval_targets=[0.5,2]"], "train.eval_targets must be FLOPs ratios"),
     "learning rate not a number": (["--set", "agent.hyperparams.learning_rate=abc"],
                                    "agent.hyperparams.learning_rate must be a number, got 'abc'"),
+    "negative split loss": (["--set", "train.split_loss=-0.1"], "train.split_loss must be a number of at least 0"),
     "no torch threads": (["--set", "train.threads=0"], "train.threads must be a positive integer or null"),
     "unknown tracker": (["--set", "train.track=mlflow"], "train.track must be null or wandb, got 'mlflow'"),
     "warm start past every token": (["--set", "agent.warm_start.keep=1.5"], "agent.warm_start.keep must be in (0, 1), got 1.5"),

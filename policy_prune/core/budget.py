@@ -61,6 +61,19 @@ below). python-docs' val queries carry 0.21 of them (12 tokens against 50 for a 
 passages carries more, so the bound sits above it: at share s, a split asked q for queries and d for documents
 runs s q + (1 - s) d at most, which is ``flops`` at the bound and less below it."""
 
+SPLIT_LOSS = 0.15
+"""How much more distant from their unpruned embeddings the documents may get to pay for fuller queries in a split
+(training's ``retrieval_splits``; a run sets its own in ``train.split_loss``): 1 - their mean cosine may grow by this
+share of what it is with each kind at the target. Fuller queries retrieve better, and the documents that pay for them
+lose fidelity, which other uses of the same embeddings (clustering, deduplication) need; a cosine budget in
+proportion leaves more room where pruning already costs more (tight targets). The largest share that keeps the
+documents' mean cosine at least every baseline's on val at every target: chosen on minilm-text's val (the merging
+preset's three seeds, every pair of each target scored, with the baselines' val numbers in view; 0 to 0.2 in steps of
+0.025 tried). 0.2 (the previous choice, when no baseline merged) fell below similarity-pre+merge at 0.5 and 0.35
+(-0.005, -0.008) for +0.007 and +0.014 of recall@10; with 0.15 the learned call is +0.000 to +0.004 above it on
+cosine and +0.002 to +0.003 above the best baseline on recall@10 at 0.7 / 0.5 / 0.35 (``scripts/split_pairs.py``),
+and keeps 0.25's queries at 0.30-0.35."""
+
 RULE_MARGIN = 0.005
 """The threshold rule is the default at a target only where its calibration quality beats keep_ratio's by more
 than this (one of 256 calibration samples is 0.0039): keep_ratio runs static shapes, the same counts in any

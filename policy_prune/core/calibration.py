@@ -20,6 +20,7 @@ from policy_prune.core.budget import (
     QUERY_SHARE,
     RULE_MARGIN,
     SLACK,
+    SPLIT_LOSS,
     TASKS,
     BudgetInput,
     CalibrationPoint,
@@ -446,19 +447,6 @@ def _task_plans(backbone: TokenBackbone, told: LearnedScorer, f: float, profile:
 
 SPLIT_STEP = 0.05
 """:func:`solve_splits` tries query ratios from the target up in steps of this much."""
-
-SPLIT_LOSS = 0.15
-"""How much more distant from their unpruned embeddings the documents may get to pay for fuller queries in a split
-(training's ``retrieval_splits``): 1 - their mean cosine may grow by this share of what it is with each kind at the
-target. Fuller queries retrieve better, and the documents that pay for them lose fidelity, which other uses of the
-same embeddings (clustering, deduplication) need; a cosine budget in proportion leaves more room where pruning
-already costs more (tight targets). The largest share that keeps the documents' mean cosine at least every
-baseline's on val at every target: chosen on minilm-text's val (the merging preset's three seeds, every pair of each
-target scored, with the baselines' val numbers in view; 0 to 0.2 in steps of 0.025 tried). 0.2 (the previous choice,
-when no baseline merged) fell below similarity-pre+merge at 0.5 and 0.35 (-0.005, -0.008) for +0.007 and +0.014 of
-recall@10; with 0.15 the learned call is +0.000 to +0.004 above it on cosine and +0.002 to +0.003 above the best
-baseline on recall@10 at 0.7 / 0.5 / 0.35 (``scripts/split_pairs.py``), and keeps 0.25's queries at 0.30-0.35."""
-
 
 def solve_splits(budget: BudgetInput, score: Callable[[float, float], tuple[float, float]], share: float = QUERY_SHARE,
                  step: float = SPLIT_STEP, loss: float = SPLIT_LOSS) -> BudgetInput:

@@ -192,6 +192,8 @@ def check_train(train: Any) -> None:
         raise ConfigError(f"train.calibration_step must lie in (0, 1], got {train.calibration_step}")
     if not (_is_number(train.query_share) and 0.0 < train.query_share < 1.0):
         raise ConfigError(f"train.query_share must lie in (0, 1), got {train.query_share}")
+    if not (_is_number(train.split_loss) and train.split_loss >= 0.0):
+        raise ConfigError(f"train.split_loss must be a number of at least 0, got {train.split_loss}")
     if train.threads is not None and train.threads < 1:
         raise ConfigError(f"train.threads must be a positive integer or null (torch's default), got {train.threads!r}")
     if train.track not in (None, *TRACKERS):

@@ -37,7 +37,7 @@ from policy_prune.config import (
 )
 from policy_prune.console import status
 from policy_prune.core import hub
-from policy_prune.core.budget import QUERY_SHARE
+from policy_prune.core.budget import QUERY_SHARE, SPLIT_LOSS
 from policy_prune.embedded import DTYPE_NAMES
 from policy_prune.errors import UserError
 
@@ -74,6 +74,10 @@ class TrainConfig:
     query_share: float = QUERY_SHARE
     """Budget-conditioned retrieval runs: the queries' share of the unpruned FLOPs up to which ``prune(...,
     flops=f)`` keeps one total over queries and documents at most f (``BudgetInput.query_share``)."""
+    split_loss: float = SPLIT_LOSS
+    """Budget-conditioned retrieval runs: how much further from their unpruned embeddings the documents may get to
+    pay for fuller queries in the calibrated split of one total (``solve_splits``' ``loss``: 1 - their mean cosine
+    may grow by this share of what it is with each kind at the target); 0 gives each kind the target."""
     checkpoint_every: int = 15_000
     """Save checkpoints/last.zip every this many timesteps (a kill loses at most this much)."""
     track: str | None = None
@@ -531,15 +535,16 @@ def calibrated_budget(cfg: RunConfig, scorer: Any, backbone: Any, val: Any) -> A
     if val.queries is None or val.relevant is None or not budget.tasks:
         return budget
     return retrieval_splits(dataclasses.replace(scorer, budget=budget), backbone, val, cfg.train.query_share,
-                            cfg.train.device)
+                            cfg.train.device, loss=cfg.train.split_loss)
 
 
-def retrieval_splits(scorer: Any, backbone: Any, val: Any, share: float, device: str, batch_size: int = 64) -> Any:
-    """``scorer``'s calibrated budget with its split of one total (:func:`~policy_prune.core.calibration.solve_splits`),
-    each pair scored by :func:`split_score`."""
+def retrieval_splits(scorer: Any, backbone: Any, val: Any, share: float, device: str, batch_size: int = 64,
+                     loss: float = SPLIT_LOSS) -> Any:
+    """``scorer``'s calibrated budget with its split of one total (:func:`~policy_prune.core.calibration.solve_splits`
+    at ``loss``), each pair scored by :func:`split_score`."""
     from policy_prune.core.calibration import solve_splits
 
-    return solve_splits(scorer.budget, split_score(scorer, backbone, val, device, batch_size), share)
+    return solve_splits(scorer.budget, split_score(scorer, backbone, val, device, batch_size), share, loss=loss)
 
 
 def split_score(scorer: Any, backbone: Any, val: Any, device: str, batch_size: int = 64) -> Any:
