@@ -98,6 +98,7 @@ def test_env_rewards_query_rows_for_retrieval_on_minilm() -> None:
 
 def test_the_minilm_retrieval_preset_is_minilm_text_with_the_retrieval_reward() -> None:
     from policy_prune.config import to_dict
+    from policy_prune.core.budget import SPLIT_LOSS
     from policy_prune.training.checks import check_env
 
     text, retrieval = to_dict(load_env_config("minilm-text")), to_dict(load_env_config("minilm-retrieval"))
@@ -105,4 +106,6 @@ def test_the_minilm_retrieval_preset_is_minilm_text_with_the_retrieval_reward() 
     check_env(load_env_config("minilm-retrieval"))
     retrieval["reward"]["task"] = "cosine"
     del retrieval["data"]["options"]["train_queries"]
+    # its own split of one total: its queries are trained to retrieve, so fuller ones buy less
+    assert retrieval["train"].pop("split_loss") < SPLIT_LOSS and "split_loss" not in text["train"]
     assert {**retrieval, "name": text["name"]} == text  # the same model, data, sites, merging, budgets and train
