@@ -612,7 +612,8 @@ def test_deployed_call_splits_one_total_between_queries_and_passages(bert, text_
     queries through task="query" (split="total", the default: what a pruned SentenceTransformer's
     encode_document / encode_query run); the val total is each part at its own call, and the chosen pair retrieves
     at least as well on val (recall@10 and the passages' cosine) as each kind at f."""
-    from policy_prune.core.calibration import SPLIT_LOSS, solve_splits
+    from policy_prune.core.budget import SPLIT_LOSS
+    from policy_prune.core.calibration import solve_splits
     from policy_prune.core.inference import prune
     from policy_prune.evaluation.cost import Work, flops_ratios
     from policy_prune.evaluation.metrics import retrieval_scores
@@ -702,7 +703,7 @@ def test_split_pairs_script_scores_every_pair_and_chooses_as_calibration(bert, t
     import math
     from pathlib import Path
 
-    from policy_prune.core.calibration import SPLIT_LOSS
+    from policy_prune.core.budget import SPLIT_LOSS
     from policy_prune.training.train import retrieval_splits, split_score
 
     spec = importlib.util.spec_from_file_location("split_pairs", Path(__file__).parents[1] / "scripts" / "split_pairs.py")
@@ -737,8 +738,7 @@ def test_split_pairs_script_scores_every_pair_and_chooses_as_calibration(bert, t
 
 def test_calibration_splits_at_the_runs_own_loss(bert, text_splits, monkeypatch) -> None:
     """A retrieval run's calibration splits one total at its train.split_loss (a preset's own), not at SPLIT_LOSS."""
-    from policy_prune.core.budget import BudgetInput
-    from policy_prune.core.calibration import SPLIT_LOSS
+    from policy_prune.core.budget import SPLIT_LOSS, BudgetInput
     from policy_prune.training import train
 
     seen = []

@@ -106,6 +106,6 @@ def test_the_minilm_retrieval_preset_is_minilm_text_with_the_retrieval_reward() 
     check_env(load_env_config("minilm-retrieval"))
     retrieval["reward"]["task"] = "cosine"
     del retrieval["data"]["options"]["train_queries"]
-    # its own split of one total: its queries are trained to retrieve, so fuller ones buy less
+    # but its own split of one total, chosen on its runs' val (README, "Pruned for retrieval")
     assert retrieval["train"].pop("split_loss") < SPLIT_LOSS and "split_loss" not in text["train"]
     assert {**retrieval, "name": text["name"]} == text  # the same model, data, sites, merging, budgets and train
