@@ -2,11 +2,11 @@
 
 A retrieval run's calibration splits one FLOPs total between queries (asked q) and passages (asked d): at each
 target f, queries q = f, f + 0.05, ... and passages the rest of f at the bound on the queries' share, the pair that
-retrieves best on val among those whose passages stay within ``SPLIT_LOSS`` of the fidelity they have with each
-kind at f (``policy_prune.core.calibration.solve_splits``). This scores every pair of each target once, on the
+retrieves best on val among those whose passages stay within the run's ``train.split_loss`` (default ``SPLIT_LOSS``)
+of the fidelity they have with each kind at f (``policy_prune.core.calibration.solve_splits``). This scores every pair of each target once, on the
 run's val split as calibration does (its scorer, its calibrated plans, the fp32 backbone), and prints the split
 each loss would choose with its val recall@10 and passages' cosine, per run and averaged over the runs: how
-``SPLIT_LOSS`` was chosen.
+``SPLIT_LOSS`` and minilm-retrieval's ``train.split_loss`` were chosen.
 
     python scripts/split_pairs.py runs/minilm-s0 runs/minilm-s1 runs/minilm-s2 --targets 0.7 0.5 0.35 0.25
 
