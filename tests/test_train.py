@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -62,6 +63,32 @@ def test_tiny_train_writes_complete_run_folder(presets, tmp_path) -> None:
     keep_all = summary["methods"]["keep-all"]
     assert keep_all["flops_ratio"] == pytest.approx(1.0) and keep_all["return"] == pytest.approx(-0.2, abs=1e-4)
     assert not list(run_dir.rglob("*.tmp*")), "no temporary files left behind"
+
+
+def test_linear_schedules_decay_to_zero_over_the_run_and_its_resumed_steps(presets, tmp_path) -> None:
+    """``lin_<value>`` (rl-baselines3-zoo's spelling) for the learning rate and the clip range: value at the first
+    update, falling linearly with the run's steps to 0 at its last, and a resumed run goes on down from where it
+    stopped to 0 at its new length."""
+    runs = tmp_path / "runs"
+    sched = ["--set", "agent.hyperparams.learning_rate=lin_0.002", "--set", "agent.hyperparams.clip_range=lin_0.2"]
+    assert main(_train_args(presets, runs, "--timesteps", "128", "--name", "lin", *sched)) == 0
+    run_dir = runs / "lin"
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["agent"]["hyperparams"]["learning_rate"] == "lin_0.002"
+
+    def trained() -> list[tuple[int, float, float]]:
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [(r["time/total_timesteps"], r["train/learning_rate"], r["train/clip_range"])
+                for r in rows if "train/learning_rate" in r]
+
+    # 4 rollouts of 32 steps, each followed by an update at the steps done (t - 32 of the row that logs it, SB3 logs
+    # an update with the next rollout): 0.0015 after the first rollout, 0 after the last
+    def expected(ts: tuple[int, ...], total: int) -> list[tuple[int, Any, Any]]:
+        return [(t, pytest.approx(0.002 * (1 - (t - 32) / total)), pytest.approx(0.2 * (1 - (t - 32) / total)))
+                for t in ts]
+
+    assert trained() == expected((64, 96, 128), 128)
+    assert main(["train", "--resume", str(run_dir), "--timesteps", "192"]) == 0
+    assert trained()[3:] == expected((192,), 192)
 
 
 def test_same_seed_same_result(presets, tmp_path) -> None:

@@ -52,7 +52,22 @@ def init_parameters(cls: type) -> dict[str, inspect.Parameter]:
 
 NUMERIC_HYPERPARAMS = ("learning_rate", "clip_range", "ent_coef", "vf_coef", "max_grad_norm", "target_kl", "gamma",
                        "gae_lambda")
-"""Hyperparameters that must be numbers in a config (SB3 also takes schedules, which are code; target_kl may be null)."""
+"""Hyperparameters that must be numbers in a config (target_kl may be null; the ``SCHEDULED`` ones may be a linear
+schedule)."""
+SCHEDULED = ("learning_rate", "clip_range")
+"""Hyperparameters a config may write as ``lin_<value>``, rl-baselines3-zoo's spelling: from value at the first step
+linearly to 0 at the last (:func:`linear_start`)."""
+
+
+def linear_start(value: Any) -> float | None:
+    """The start of a ``lin_<value>`` schedule (a positive number), None for anything else."""
+    if not isinstance(value, str) or not value.startswith("lin_"):
+        return None
+    try:
+        start = float(value[len("lin_"):])
+    except ValueError:
+        return None
+    return start if math.isfinite(start) and start > 0 else None
 
 
 def check_hyperparams(hyper: dict[str, Any], params: dict[str, inspect.Parameter], algo: str, algo_name: str) -> None:
@@ -70,12 +85,13 @@ def check_hyperparams(hyper: dict[str, Any], params: dict[str, inspect.Parameter
     for key in ("gamma", "gae_lambda"):
         if key in hyper and not (_is_number(hyper[key]) and 0.0 <= hyper[key] <= 1.0):
             raise ConfigError(f"agent.hyperparams.{key} must lie in [0, 1], got {hyper[key]!r}")
-    for key in ("learning_rate", "clip_range"):
-        if key in hyper and _is_number(hyper[key]) and not hyper[key] > 0:
-            raise ConfigError(f"agent.hyperparams.{key} must be positive, got {hyper[key]!r}")
+    for key in SCHEDULED:
+        if key in hyper and not (_is_number(hyper[key]) and hyper[key] > 0) and linear_start(hyper[key]) is None:
+            raise ConfigError(f"agent.hyperparams.{key} must be a positive number, or lin_<positive number> for a "
+                              f"linear decay to 0 over the run, got {hyper[key]!r}")
     if "normalize_returns" in hyper and not isinstance(hyper["normalize_returns"], bool):
         raise ConfigError(f"agent.hyperparams.normalize_returns must be true or false, got {hyper['normalize_returns']!r}")
-    for key in NUMERIC_HYPERPARAMS:  # numbers (a schedule is code, not a config value)
+    for key in set(NUMERIC_HYPERPARAMS) - set(SCHEDULED):
         if key in hyper and not (key == "target_kl" and hyper[key] is None) and not _is_number(hyper[key]):
             raise ConfigError(f"agent.hyperparams.{key} must be a number, got {hyper[key]!r}")
 

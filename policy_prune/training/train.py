@@ -404,6 +404,9 @@ def algorithm_class(cfg: RunConfig) -> Any:
 
 
 def make_agent(cfg: RunConfig, env: Any) -> Any:
+    from stable_baselines3.common.utils import LinearSchedule
+
+    from policy_prune.training.checks import SCHEDULED, linear_start
     from policy_prune.training.policy import TokenScorerPolicy, resolve_amp
 
     algo = algorithm_class(cfg)
@@ -413,6 +416,9 @@ def make_agent(cfg: RunConfig, env: Any) -> Any:
             hyper.pop(key, None)
     if cfg.agent.credit == "token":
         hyper.setdefault("gae_lambda", 1.0)  # per-token credit models Monte Carlo returns
+    for key in SCHEDULED:  # "lin_<value>": SB3's picklable schedule, from value at the first step to 0 at the last
+        if (start := linear_start(hyper.get(key))) is not None:
+            hyper[key] = LinearSchedule(start, 0.0, 1.0)
     projection = env.unwrapped.core.projection
     policy_kwargs = {"scorer_hidden": cfg.agent.scorer_hidden, "critic_hidden": cfg.agent.critic_hidden,
                      "projection_shape": list(projection.shape), "token_baseline": cfg.agent.credit == "token",
