@@ -91,7 +91,7 @@ def check_hyperparams(hyper: dict[str, Any], params: dict[str, inspect.Parameter
                               f"linear decay to 0 over the run, got {hyper[key]!r}")
     if "normalize_returns" in hyper and not isinstance(hyper["normalize_returns"], bool):
         raise ConfigError(f"agent.hyperparams.normalize_returns must be true or false, got {hyper['normalize_returns']!r}")
-    for key in set(NUMERIC_HYPERPARAMS) - set(SCHEDULED):
+    for key in (k for k in NUMERIC_HYPERPARAMS if k not in SCHEDULED):  # in order: the first mistake reported
         if key in hyper and not (key == "target_kl" and hyper[key] is None) and not _is_number(hyper[key]):
             raise ConfigError(f"agent.hyperparams.{key} must be a number, got {hyper[key]!r}")
 
