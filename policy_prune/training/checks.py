@@ -50,13 +50,11 @@ def init_parameters(cls: type) -> dict[str, inspect.Parameter]:
     return params
 
 
-NUMERIC_HYPERPARAMS = ("learning_rate", "clip_range", "ent_coef", "vf_coef", "max_grad_norm", "target_kl", "gamma",
-                       "gae_lambda")
-"""Hyperparameters that must be numbers in a config (target_kl may be null; the ``SCHEDULED`` ones may be a linear
-schedule)."""
+NUMERIC_HYPERPARAMS = ("ent_coef", "vf_coef", "max_grad_norm", "target_kl", "gamma", "gae_lambda")
+"""Hyperparameters that must be numbers in a config (target_kl may be null)."""
 SCHEDULED = ("learning_rate", "clip_range")
-"""Hyperparameters a config may write as ``lin_<value>``, rl-baselines3-zoo's spelling: from value at the first step
-linearly to 0 at the last (:func:`linear_start`)."""
+"""Hyperparameters a config may write as a positive number or as ``lin_<value>``, rl-baselines3-zoo's spelling: from
+value at the first step linearly to 0 at the last (:func:`linear_start`)."""
 
 
 def linear_start(value: Any) -> float | None:
@@ -91,7 +89,7 @@ def check_hyperparams(hyper: dict[str, Any], params: dict[str, inspect.Parameter
                               f"linear decay to 0 over the run, got {hyper[key]!r}")
     if "normalize_returns" in hyper and not isinstance(hyper["normalize_returns"], bool):
         raise ConfigError(f"agent.hyperparams.normalize_returns must be true or false, got {hyper['normalize_returns']!r}")
-    for key in (k for k in NUMERIC_HYPERPARAMS if k not in SCHEDULED):  # in order: the first mistake reported
+    for key in NUMERIC_HYPERPARAMS:
         if key in hyper and not (key == "target_kl" and hyper[key] is None) and not _is_number(hyper[key]):
             raise ConfigError(f"agent.hyperparams.{key} must be a number, got {hyper[key]!r}")
 
