@@ -109,3 +109,21 @@ def test_errors_name_the_override_or_the_file_that_gave_the_value(tmp_path) -> N
         run_env_config(run, tmp_path)
     assert run_env_config({"env": {"reward": {"lam": 0.2}}}, tmp_path).reward.lam == 0.2
     assert from_dict(AgentConfig, {"group_size": 4}, "x.yaml", {"n_envs": "--set agent.n_envs"}).group_size == 4
+
+
+def test_the_readme_describes_the_default_run_as_shipped() -> None:
+    """The README's digits-vit tables say what the preset trains (sites, budgets, steps, the backbone's dtype in
+    training, PPO's epochs): a preset edit that leaves them describing another run fails here."""
+    from argparse import Namespace
+    from pathlib import Path
+
+    from policy_prune.training.train import resolve_config
+
+    cfg = resolve_config(Namespace(env=None, agent=None, lam=None, timesteps=None, seed=None, name=None, overrides=[],
+                                   device=None, track=None, resume=None, runs_dir=None))
+    low, high = cfg.env.reward.budget  # type: ignore[misc]
+    steps = f"{cfg.train.timesteps // 1_000_000}M" if cfg.train.timesteps % 1_000_000 == 0 else f"{cfg.train.timesteps // 1000}k"
+    epochs = {1: "one", 2: "two", 3: "three", 4: "four"}[cfg.agent.hyperparams["n_epochs"]]
+    shipped = (f"(the preset as shipped: sites {' '.join(map(str, cfg.env.sites))}, budgets {low:g}-{high:g}, {steps} steps "
+               f"with the frozen ViT in {cfg.train.dtype} and {epochs} PPO epochs per rollout)")
+    assert cfg.env.name == "digits-vit" and shipped in (Path(__file__).resolve().parents[1] / "README.md").read_text()
