@@ -114,13 +114,14 @@ def test_errors_name_the_override_or_the_file_that_gave_the_value(tmp_path) -> N
 def test_the_readme_describes_the_default_run_as_shipped() -> None:
     """The README's digits-vit tables say what the preset trains (sites, budgets, steps, the backbone's dtype in
     training, PPO's epochs): a preset edit that leaves them describing another run fails here."""
-    from argparse import Namespace
+    import argparse
     from pathlib import Path
 
-    from policy_prune.training.train import resolve_config
+    from policy_prune.training.train import add_arguments, resolve_config
 
-    cfg = resolve_config(Namespace(env=None, agent=None, lam=None, timesteps=None, seed=None, name=None, overrides=[],
-                                   device=None, track=None, resume=None, runs_dir=None))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = resolve_config(parser.parse_args([]))  # what `policy-prune train` with no flags resolves
     low, high = cfg.env.reward.budget  # type: ignore[misc]
     steps = f"{cfg.train.timesteps // 1_000_000}M" if cfg.train.timesteps % 1_000_000 == 0 else f"{cfg.train.timesteps // 1000}k"
     epochs = {1: "one", 2: "two", 3: "three", 4: "four"}[cfg.agent.hyperparams["n_epochs"]]
